@@ -1,0 +1,148 @@
+//! The demo: every layer of the crate on one small service.
+//!
+//! ```text
+//! cargo run --example demo                                   # in-memory store
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --example demo  # redis-rs store
+//! DEMO_BACKEND=fred REDIS_URL=redis://127.0.0.1:6379 cargo run --example demo --features fred
+//! ```
+//!
+//! Serves on `127.0.0.1:$PORT` (default 3000) and prints `listening on http://127.0.0.1:PORT`
+//! once ready. The rate-limit key is the `x-api-key` header, else the peer IP.
+//!
+//! - `GET /fixed`: fixed window, 5 requests per 10 s
+//! - `GET /sliding`: sliding window log, 5 requests per 10 s
+//! - `GET /bucket`: token bucket, capacity 5, refill 1 token per second
+//! - `GET /stats`: how many times each handler ran in this process (JSON)
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use axum::{extract::State, http::HeaderName, routing::get, Json, Router};
+use serde_json::{json, Value};
+use tower_redis_layers::{
+    backend::{MemoryBackend, RateLimitStore},
+    rate_limit::{Headers, KeyExtractor, RateLimitLayer, Rule},
+};
+
+#[derive(Default)]
+struct Stats {
+    fixed: AtomicU64,
+    sliding: AtomicU64,
+    bucket: AtomicU64,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+
+    let port: u16 = match std::env::var("PORT") {
+        Ok(p) => p
+            .parse()
+            .map_err(|_| format!("PORT must be a port number, got {p:?}"))?,
+        Err(_) => 3000,
+    };
+    let redis_url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
+    let backend_name = std::env::var("DEMO_BACKEND").unwrap_or_default();
+
+    let app = match (backend_name.as_str(), redis_url) {
+        ("fred", url) => fred_app(url.as_deref().unwrap_or("redis://127.0.0.1:6379")).await?,
+        ("" | "redis", Some(url)) => redis_app(&url).await?,
+        ("" | "memory", None) => app(MemoryBackend::new()),
+        (other, _) => {
+            return Err(format!("unknown DEMO_BACKEND {other:?} (memory, redis, fred)").into())
+        }
+    };
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let port = listener.local_addr()?.port();
+    println!("listening on http://127.0.0.1:{port}");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
+
+#[cfg(feature = "redis")]
+async fn redis_app(url: &str) -> Result<Router, Error> {
+    let backend = tower_redis_layers::backend::RedisBackend::connect(url).await?;
+    eprintln!("rate-limit store: redis at {url}");
+    Ok(app(backend))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_app(_url: &str) -> Result<Router, Error> {
+    Err("REDIS_URL is set but the `redis` feature is off".into())
+}
+
+#[cfg(feature = "fred")]
+async fn fred_app(url: &str) -> Result<Router, Error> {
+    let backend = tower_redis_layers::backend::FredBackend::connect(url).await?;
+    eprintln!("rate-limit store: fred at {url}");
+    Ok(app(backend))
+}
+
+#[cfg(not(feature = "fred"))]
+async fn fred_app(_url: &str) -> Result<Router, Error> {
+    Err("DEMO_BACKEND=fred needs `--features fred`".into())
+}
+
+fn app<B: RateLimitStore + Clone>(backend: B) -> Router {
+    let stats = Arc::new(Stats::default());
+    let key =
+        KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
+    let limit = |rule: Rule| {
+        RateLimitLayer::new(backend.clone(), rule)
+            .key(key.clone())
+            .headers(Headers::All)
+    };
+    let ten_s = Duration::from_secs(10);
+    Router::new()
+        .route(
+            "/fixed",
+            get(|State(s): State<Arc<Stats>>| async move { run(&s.fixed, "fixed") })
+                .layer(limit(Rule::fixed_window(5, ten_s).name("fixed"))),
+        )
+        .route(
+            "/sliding",
+            get(|State(s): State<Arc<Stats>>| async move { run(&s.sliding, "sliding") })
+                .layer(limit(Rule::sliding_log(5, ten_s).name("sliding"))),
+        )
+        .route(
+            "/bucket",
+            get(|State(s): State<Arc<Stats>>| async move { run(&s.bucket, "bucket") }).layer(
+                limit(Rule::token_bucket(5, 1, Duration::from_secs(1)).name("bucket")),
+            ),
+        )
+        .route("/stats", get(stats_handler))
+        .with_state(stats)
+}
+
+fn run(counter: &AtomicU64, route: &str) -> Json<Value> {
+    let runs = counter.fetch_add(1, Ordering::Relaxed) + 1;
+    Json(json!({ "route": route, "runs": runs }))
+}
+
+async fn stats_handler(State(s): State<Arc<Stats>>) -> Json<Value> {
+    Json(json!({
+        "fixed": s.fixed.load(Ordering::Relaxed),
+        "sliding": s.sliding.load(Ordering::Relaxed),
+        "bucket": s.bucket.load(Ordering::Relaxed),
+    }))
+}

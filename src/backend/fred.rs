@@ -1,0 +1,136 @@
+//! The `fred` store: fred, standalone or cluster.
+
+use std::{fmt, future::Future, pin::Pin, sync::Arc};
+
+use fred::prelude::{Builder, Client, ClientLike, Config, Error, LuaInterface, Pool};
+
+use super::{
+    rule_keys,
+    script::{decode_decision, rate_limit_args, RATE_LIMIT},
+    BackendError, Decision, RateCheck, RateLimitStore,
+};
+
+/// A store on Redis through [fred](https://docs.rs/fred): a [`Client`] or a [`Pool`] that the
+/// application has already initialised, standalone or cluster as its configuration says.
+///
+/// Each operation is one `EVALSHA` of the same script text as the `redis` store (sent with `EVAL`
+/// on `NOSCRIPT`, which also caches it on that node). Cloning is cheap.
+#[derive(Clone)]
+pub struct FredBackend {
+    client: FredClient,
+    prefix: Arc<str>,
+    rate_limit_sha: Arc<str>,
+}
+
+#[derive(Clone)]
+enum FredClient {
+    Client(Client),
+    Pool(Pool),
+}
+
+impl FredBackend {
+    /// Uses an initialised client (`client.init().await` already called).
+    pub fn from_client(client: Client) -> Self {
+        Self::with(FredClient::Client(client))
+    }
+
+    /// Uses an initialised pool.
+    pub fn from_pool(pool: Pool) -> Self {
+        Self::with(FredClient::Pool(pool))
+    }
+
+    /// Connects a new client from a URL: `redis://host:port` for one server,
+    /// `redis-cluster://host:port?node=host:port` for a cluster (fred's URL syntax), and
+    /// `redis+cluster://host:port,host:port` as the `redis` store accepts it.
+    pub async fn connect(url: &str) -> Result<Self, BackendError> {
+        let url = normalise_cluster_url(url);
+        let config = Config::from_url(&url).map_err(BackendError::store)?;
+        let client = Builder::from_config(config)
+            .build()
+            .map_err(BackendError::store)?;
+        client.init().await.map_err(BackendError::store)?;
+        Ok(Self::from_client(client))
+    }
+
+    /// The prefix of every key this store writes (default `trl`), the same as
+    /// [`RedisBackend::prefix`](super::RedisBackend::prefix) so that both stores can share state.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        let prefix: String = prefix.into().replace(['{', '}'], "");
+        self.prefix = prefix.into();
+        self
+    }
+
+    fn with(client: FredClient) -> Self {
+        Self {
+            client,
+            prefix: Arc::from("trl"),
+            rate_limit_sha: fred::util::sha1_hash(RATE_LIMIT).into(),
+        }
+    }
+}
+
+/// `redis+cluster://a:1,b:2` becomes `redis-cluster://a:1?node=b:2`.
+fn normalise_cluster_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some(base) = scheme.strip_suffix("+cluster") else {
+        return url.to_owned();
+    };
+    let mut nodes = rest.split(',').map(str::trim).filter(|n| !n.is_empty());
+    let first = nodes.next().unwrap_or_default();
+    let extra: Vec<String> = nodes.map(|n| format!("node={n}")).collect();
+    if extra.is_empty() {
+        format!("{base}-cluster://{first}")
+    } else {
+        format!("{base}-cluster://{first}?{}", extra.join("&"))
+    }
+}
+
+impl fmt::Debug for FredBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FredBackend")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+async fn eval_with_reload(
+    client: &FredClient,
+    sha: &str,
+    script: &'static str,
+    keys: Vec<String>,
+    args: Vec<String>,
+) -> Result<Vec<i64>, Error> {
+    let first: Result<Vec<i64>, Error> = match client {
+        FredClient::Client(c) => c.evalsha(sha, keys.clone(), args.clone()).await,
+        FredClient::Pool(p) => p.evalsha(sha, keys.clone(), args.clone()).await,
+    };
+    match first {
+        Err(err) if err.details().starts_with("NOSCRIPT") => match client {
+            FredClient::Client(c) => c.eval(script, keys, args).await,
+            FredClient::Pool(p) => p.eval(script, keys, args).await,
+        },
+        other => other,
+    }
+}
+
+impl RateLimitStore for FredBackend {
+    type Future = BoxFuture<Result<Decision, BackendError>>;
+
+    fn check(&self, check: RateCheck<'_>) -> Self::Future {
+        let keys = rule_keys(&self.prefix, &check);
+        let args = rate_limit_args(&check);
+        let rules = check.rules.len();
+        let client = self.client.clone();
+        let sha = Arc::clone(&self.rate_limit_sha);
+        Box::pin(async move {
+            let reply = eval_with_reload(&client, &sha, RATE_LIMIT, keys, args)
+                .await
+                .map_err(BackendError::store)?;
+            decode_decision(&reply, rules)
+        })
+    }
+}

@@ -1,0 +1,150 @@
+//! Where the state lives: the store traits and their implementations.
+//!
+//! Each concern has one narrow trait at the level of the operation ("check these rules for this
+//! key at cost N"), not a wrapper around Redis commands. The crate ships three stores:
+//!
+//! | store | feature | notes |
+//! |---|---|---|
+//! | [`MemoryBackend`] | always | in process, sharded, forgets expired keys on its own |
+//! | [`RedisBackend`] | `redis` (default) | redis-rs; standalone or cluster |
+//! | [`FredBackend`] | `fred` | fred; standalone or cluster |
+//!
+//! Both Redis stores run the same Lua script text: one `EVALSHA` per operation (loaded again on
+//! `NOSCRIPT`), atomic, with the time read from the Redis server and every key of a call in one
+//! hash slot.
+//!
+//! To plug in a store of your own, implement [`RateLimitStore`] and run the conformance suite
+//! (feature `test-support`, module `conformance`) against it.
+
+use std::{future::Future, time::Duration};
+
+use crate::{key::StoreKey, rate_limit::Rule};
+
+mod memory;
+#[cfg(any(feature = "redis", feature = "fred"))]
+pub(crate) mod script;
+
+#[cfg(feature = "fred")]
+mod fred;
+#[cfg(feature = "redis")]
+mod redis;
+
+#[cfg(feature = "fred")]
+pub use self::fred::FredBackend;
+pub use self::memory::MemoryBackend;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisBackend;
+
+/// What a store answers when it could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The call did not finish in time.
+    #[error("the backend did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store could not be reached or reported an error.
+    #[error("backend error: {0}")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store answered something this crate does not understand (for example a script of
+    /// another version under the same name).
+    #[error("unexpected reply from the backend: {0}")]
+    Reply(String),
+    /// The request cannot be expressed for this store (for example an invalid rule).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl BackendError {
+    /// Wraps any error of a store.
+    pub fn store(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Store(Box::new(err))
+    }
+}
+
+/// One rate-limit check: consume `cost` units for `key` from every rule, or from none.
+#[derive(Debug, Clone, Copy)]
+pub struct RateCheck<'a> {
+    /// The hashed key of the caller (already namespaced by the policy).
+    pub key: &'a StoreKey,
+    /// The rules, each with its own state under the key. All are checked; if any denies,
+    /// nothing is consumed from any.
+    pub rules: &'a [Rule],
+    /// Units to consume (0 only reports the state).
+    pub cost: u64,
+    /// Whether the per-rule state (remaining, reset) is needed in the answer. A store may skip
+    /// work when it is not (the fields are then best effort).
+    pub want_state: bool,
+}
+
+/// A store's answer to a [`RateCheck`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request was admitted (and its cost consumed from every rule).
+    pub allowed: bool,
+    /// When denied: the index (into [`RateCheck::rules`]) of the rule with the longest wait.
+    pub denied_by: Option<usize>,
+    /// When denied: how long until a request of the same cost can be admitted (the longest wait
+    /// over all denying rules). Zero when allowed.
+    pub retry_after: Duration,
+    /// The state of each rule after the decision, in the order of [`RateCheck::rules`].
+    pub rules: Vec<RuleState>,
+}
+
+/// The state of one rule after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleState {
+    /// Units left in the current window or bucket.
+    pub remaining: u64,
+    /// Time until the rule's quota is fully available again (rounded up to whole seconds in the
+    /// HTTP fields).
+    pub reset: Duration,
+}
+
+/// A store that answers rate-limit checks.
+///
+/// Implementations must be atomic per call: two concurrent calls for the same key behave as if
+/// one ran entirely before the other, across every process that shares the store. Time is the
+/// store's own (the Redis stores read `TIME` on the server).
+///
+/// The returned future owns what it needs (`'static`), so the service future that polls it is
+/// a plain, unboxed type for stores whose future type is nameable. A store whose future is an
+/// `async` block can return a boxed future.
+pub trait RateLimitStore: Send + Sync + 'static {
+    /// The future of one check.
+    type Future: Future<Output = Result<Decision, BackendError>> + Send + 'static;
+
+    /// Checks `check.rules` for `check.key`, consuming `check.cost` from all of them or none.
+    fn check(&self, check: RateCheck<'_>) -> Self::Future;
+
+    /// Whether calls leave the process (a network store). The layer puts a timeout and the local
+    /// deny cache only in front of stores that do. Defaults to `true`.
+    fn is_remote(&self) -> bool {
+        true
+    }
+}
+
+impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
+    type Future = T::Future;
+
+    fn check(&self, check: RateCheck<'_>) -> Self::Future {
+        (**self).check(check)
+    }
+
+    fn is_remote(&self) -> bool {
+        (**self).is_remote()
+    }
+}
+
+/// Builds the Redis key of each rule: `<prefix>:{<hashed key>}:<rule signature>`.
+///
+/// Every key of one call carries the same `{...}` hash tag, so the call lands on one cluster
+/// slot.
+#[cfg(any(feature = "redis", feature = "fred"))]
+pub(crate) fn rule_keys(prefix: &str, check: &RateCheck<'_>) -> Vec<String> {
+    let tag = check.key.to_hex();
+    check
+        .rules
+        .iter()
+        .map(|rule| format!("{prefix}:{{{tag}}}:{}", rule.signature()))
+        .collect()
+}

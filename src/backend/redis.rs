@@ -1,0 +1,159 @@
+//! The `redis` store: redis-rs, standalone or cluster.
+
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use redis::{
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+    Script,
+};
+
+use super::{
+    rule_keys,
+    script::{decode_decision, rate_limit_args, RATE_LIMIT},
+    BackendError, Decision, RateCheck, RateLimitStore,
+};
+
+/// A store on Redis through [redis-rs](https://docs.rs/redis): a standalone server through a
+/// [`ConnectionManager`] (which reconnects on its own) or a cluster through a
+/// [`ClusterConnection`].
+///
+/// Each operation is one `EVALSHA` of a script shared with the `fred` store (loaded again on
+/// `NOSCRIPT`). Cloning is cheap: clones share the multiplexed connection.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tower_redis_layers::BackendError> {
+/// use tower_redis_layers::backend::RedisBackend;
+/// let standalone = RedisBackend::connect("redis://127.0.0.1:6379").await?;
+/// let cluster = RedisBackend::connect("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisBackend {
+    conn: Connection,
+    prefix: Arc<str>,
+    rate_limit: Arc<Script>,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// How long connecting and each command may take inside redis-rs; the layers put their own,
+/// usually shorter, timeout around every call.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl RedisBackend {
+    /// Uses a connection manager that the application already has.
+    pub fn from_manager(manager: ConnectionManager) -> Self {
+        Self::with(Connection::Single(manager))
+    }
+
+    /// Uses a cluster connection that the application already has.
+    pub fn from_cluster(cluster: ClusterConnection) -> Self {
+        Self::with(Connection::Cluster(cluster))
+    }
+
+    /// Connects from a URL.
+    ///
+    /// `redis://host:port/db` (or `rediss://`) connects to one server;
+    /// `redis+cluster://host:port,host:port` (or `rediss+cluster://`) to a cluster through any of
+    /// the listed nodes.
+    pub async fn connect(url: &str) -> Result<Self, BackendError> {
+        if let Some((scheme, nodes)) = cluster_nodes(url) {
+            let nodes: Vec<String> = nodes.map(|n| format!("{scheme}://{n}")).collect();
+            let client = ClusterClient::builder(nodes)
+                .connection_timeout(CLIENT_TIMEOUT)
+                .response_timeout(CLIENT_TIMEOUT)
+                .build()
+                .map_err(BackendError::store)?;
+            let conn = client
+                .get_async_connection()
+                .await
+                .map_err(BackendError::store)?;
+            Ok(Self::from_cluster(conn))
+        } else {
+            let client = redis::Client::open(url).map_err(BackendError::store)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CLIENT_TIMEOUT))
+                .set_response_timeout(Some(CLIENT_TIMEOUT))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let manager = ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(BackendError::store)?;
+            Ok(Self::from_manager(manager))
+        }
+    }
+
+    /// The prefix of every key this store writes (default `trl`). Keys look like
+    /// `trl:{<hashed key>}:<rule>`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        let prefix: String = prefix.into().replace(['{', '}'], "");
+        self.prefix = prefix.into();
+        self
+    }
+
+    fn with(conn: Connection) -> Self {
+        Self {
+            conn,
+            prefix: Arc::from("trl"),
+            rate_limit: Arc::new(Script::new(RATE_LIMIT)),
+        }
+    }
+}
+
+/// Splits `redis+cluster://a:1,b:2` into (`redis`, nodes).
+pub(crate) fn cluster_nodes(url: &str) -> Option<(&str, impl Iterator<Item = &str>)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.strip_suffix("+cluster")?;
+    Some((
+        scheme,
+        rest.split(',').map(str::trim).filter(|n| !n.is_empty()),
+    ))
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.conn {
+            Connection::Single(_) => "standalone",
+            Connection::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisBackend")
+            .field("connection", &kind)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl RateLimitStore for RedisBackend {
+    type Future = BoxFuture<Result<Decision, BackendError>>;
+
+    fn check(&self, check: RateCheck<'_>) -> Self::Future {
+        let keys = rule_keys(&self.prefix, &check);
+        let args = rate_limit_args(&check);
+        let rules = check.rules.len();
+        let script = Arc::clone(&self.rate_limit);
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(arg);
+            }
+            let reply: Vec<i64> = match &mut conn {
+                Connection::Single(c) => invocation.invoke_async(c).await,
+                Connection::Cluster(c) => invocation.invoke_async(c).await,
+            }
+            .map_err(BackendError::store)?;
+            decode_decision(&reply, rules)
+        })
+    }
+}

@@ -1,0 +1,316 @@
+//! A conformance suite for [`RateLimitStore`] implementations (feature `test-support`).
+//!
+//! The crate runs it against the memory, `redis` and `fred` stores (standalone and cluster).
+//! Run it against a store of your own from a test:
+//!
+//! ```no_run
+//! # async fn run() {
+//! use tower_redis_layers::{backend::MemoryBackend, conformance};
+//! conformance::rate_limit_suite(&MemoryBackend::new()).await;
+//! # }
+//! ```
+//!
+//! Every check uses fresh random keys, so the suite may run against a store that holds other
+//! data, and the checks run concurrently. Time is real: the suite takes a few seconds. A failed
+//! check panics with a message naming it.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use crate::{
+    backend::{Decision, RateCheck, RateLimitStore},
+    rate_limit::Rule,
+    StoreKey,
+};
+
+/// A fresh random key.
+pub fn random_key() -> StoreKey {
+    let bytes: [u8; 16] = rand::random();
+    StoreKey::from_parts([bytes.as_slice()])
+}
+
+/// One check through `store`, panicking on a store error.
+pub async fn check<S: RateLimitStore>(
+    store: &S,
+    key: &StoreKey,
+    rules: &[Rule],
+    cost: u64,
+) -> Decision {
+    let decision = store
+        .check(RateCheck {
+            key,
+            rules,
+            cost,
+            want_state: true,
+        })
+        .await;
+    match decision {
+        Ok(d) => {
+            assert_eq!(d.rules.len(), rules.len(), "one state per rule");
+            d
+        }
+        Err(e) => panic!("store error: {e}"),
+    }
+}
+
+const MARGIN: Duration = Duration::from_millis(60);
+
+/// Runs every check of the suite against `store`.
+pub async fn rate_limit_suite<S: RateLimitStore>(store: &S) {
+    let window = Duration::from_millis(700);
+    tokio::join!(
+        admits_exactly_the_limit(store, Rule::fixed_window(5, window)),
+        admits_exactly_the_limit(store, Rule::sliding_log(5, window)),
+        admits_exactly_the_limit(store, Rule::sliding_window(5, window)),
+        admits_exactly_the_limit(store, Rule::token_bucket(5, 1, Duration::from_millis(300))),
+        admits_exactly_the_limit(store, Rule::gcra(5, Duration::from_millis(1500), 5)),
+        sliding_log_does_not_record_rejections(store),
+        sliding_log_counts_every_unit_of_one_call(store),
+        sliding_window_weighs_the_previous_window(store),
+        token_bucket_refills_steadily(store),
+        rules_are_all_or_nothing(store),
+        denial_names_the_longest_wait(store),
+        cost_is_weighted(store),
+        cost_above_the_limit_is_always_denied(store),
+        zero_cost_reads_without_consuming(store),
+        keys_are_isolated(store),
+        concurrent_checks_admit_exactly_the_limit(store),
+    );
+}
+
+/// `limit` requests pass with decreasing `remaining`, the next is denied with a wait no longer
+/// than the window, and after that wait a request passes again.
+pub async fn admits_exactly_the_limit<S: RateLimitStore>(store: &S, rule: Rule) {
+    let key = random_key();
+    let rules = [rule.clone()];
+    let limit = rule.quota();
+    for i in 0..limit {
+        let d = check(store, &key, &rules, 1).await;
+        assert!(
+            d.allowed,
+            "{rule:?}: request {} of {limit} denied: {d:?}",
+            i + 1
+        );
+        assert_eq!(
+            d.rules[0].remaining,
+            limit - i - 1,
+            "{rule:?}: remaining after {} requests",
+            i + 1
+        );
+        assert!(d.denied_by.is_none() && d.retry_after.is_zero());
+    }
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed, "{rule:?}: request over the limit admitted");
+    assert_eq!(d.denied_by, Some(0), "{rule:?}");
+    assert_eq!(d.rules[0].remaining, 0, "{rule:?}");
+    assert!(
+        !d.retry_after.is_zero() && d.retry_after <= rule.window() + MARGIN,
+        "{rule:?}: retry after {:?}",
+        d.retry_after
+    );
+    tokio::time::sleep(d.retry_after + MARGIN).await;
+    let d = check(store, &key, &rules, 1).await;
+    assert!(d.allowed, "{rule:?}: still denied after Retry-After: {d:?}");
+}
+
+/// A client that keeps retrying while denied gets through once the window has slid.
+pub async fn sliding_log_does_not_record_rejections<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let rules = [Rule::sliding_log(3, Duration::from_millis(500))];
+    for _ in 0..3 {
+        assert!(check(store, &key, &rules, 1).await.allowed);
+    }
+    let mut wait = Duration::ZERO;
+    for _ in 0..20 {
+        let d = check(store, &key, &rules, 1).await;
+        assert!(!d.allowed);
+        wait = d.retry_after;
+    }
+    tokio::time::sleep(wait + MARGIN).await;
+    let d = check(store, &key, &rules, 1).await;
+    assert!(d.allowed, "rejected requests were counted: {d:?}");
+}
+
+/// A cost of 3 in one call (all in the same microsecond) takes 3 units.
+pub async fn sliding_log_counts_every_unit_of_one_call<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let rules = [Rule::sliding_log(4, Duration::from_secs(5))];
+    let d = check(store, &key, &rules, 3).await;
+    assert!(d.allowed);
+    assert_eq!(d.rules[0].remaining, 1);
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    assert!(
+        !check(store, &key, &rules, 1).await.allowed,
+        "units of one call collapsed"
+    );
+}
+
+/// The approximate window counts the previous window's units, weighted by the overlap.
+pub async fn sliding_window_weighs_the_previous_window<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let window = Duration::from_millis(400);
+    let rules = [Rule::sliding_window(4, window)];
+    for _ in 0..4 {
+        assert!(check(store, &key, &rules, 1).await.allowed);
+    }
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed);
+    assert!(
+        d.retry_after <= 2 * window + MARGIN,
+        "retry after {:?}",
+        d.retry_after
+    );
+    tokio::time::sleep(d.retry_after + MARGIN).await;
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    // Right after, the previous window still weighs: not all 4 units are free.
+    let mut admitted = 1;
+    while check(store, &key, &rules, 1).await.allowed {
+        admitted += 1;
+        assert!(admitted <= 4, "more than the limit admitted");
+    }
+}
+
+/// A drained bucket gives one token per refill period.
+pub async fn token_bucket_refills_steadily<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let every = Duration::from_millis(250);
+    let rules = [Rule::token_bucket(2, 1, every)];
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed);
+    assert!(
+        d.retry_after <= every + MARGIN,
+        "retry after {:?}",
+        d.retry_after
+    );
+    tokio::time::sleep(d.retry_after + MARGIN).await;
+    assert!(check(store, &key, &rules, 1).await.allowed, "no refill");
+    assert!(
+        !check(store, &key, &rules, 1).await.allowed,
+        "refilled more than one token"
+    );
+}
+
+/// A request denied by one rule consumes nothing from the others.
+pub async fn rules_are_all_or_nothing<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    for other in [
+        Rule::fixed_window(10, long),
+        Rule::sliding_log(10, long),
+        Rule::sliding_window(10, long),
+        Rule::token_bucket(10, 1, long),
+        Rule::gcra(1, long, 10),
+    ] {
+        let key = random_key();
+        let rules = [Rule::fixed_window(2, long), other.clone()];
+        assert!(check(store, &key, &rules, 1).await.allowed);
+        assert!(check(store, &key, &rules, 1).await.allowed);
+        for _ in 0..5 {
+            let d = check(store, &key, &rules, 1).await;
+            assert!(!d.allowed);
+            assert_eq!(d.denied_by, Some(0));
+        }
+        let d = check(store, &key, &rules[1..], 0).await;
+        assert_eq!(
+            d.rules[0].remaining, 8,
+            "{other:?}: a denied request consumed from another rule"
+        );
+    }
+}
+
+/// With several denying rules, the answer names the one with the longest wait.
+pub async fn denial_names_the_longest_wait<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let rules = [
+        Rule::fixed_window(1, Duration::from_secs(2)),
+        Rule::fixed_window(1, Duration::from_secs(20)),
+    ];
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed);
+    assert_eq!(d.denied_by, Some(1));
+    assert!(d.retry_after > Duration::from_secs(10), "{d:?}");
+}
+
+/// The cost of a request is taken from the budget.
+pub async fn cost_is_weighted<S: RateLimitStore>(store: &S) {
+    for rule in [
+        Rule::fixed_window(10, Duration::from_secs(30)),
+        Rule::sliding_log(10, Duration::from_secs(30)),
+        Rule::sliding_window(10, Duration::from_secs(30)),
+        Rule::token_bucket(10, 1, Duration::from_secs(30)),
+        Rule::gcra(1, Duration::from_secs(30), 10),
+    ] {
+        let key = random_key();
+        let rules = [rule.clone()];
+        assert!(check(store, &key, &rules, 4).await.allowed);
+        let d = check(store, &key, &rules, 4).await;
+        assert!(d.allowed);
+        assert_eq!(d.rules[0].remaining, 2, "{rule:?}");
+        assert!(!check(store, &key, &rules, 4).await.allowed, "{rule:?}");
+        assert!(
+            check(store, &key, &rules, 2).await.allowed,
+            "{rule:?}: a smaller cost should pass"
+        );
+    }
+}
+
+/// A cost above the limit can never pass; it is denied and consumes nothing.
+pub async fn cost_above_the_limit_is_always_denied<S: RateLimitStore>(store: &S) {
+    for rule in [
+        Rule::fixed_window(5, Duration::from_secs(30)),
+        Rule::sliding_log(5, Duration::from_secs(30)),
+        Rule::sliding_window(5, Duration::from_secs(30)),
+        Rule::token_bucket(5, 1, Duration::from_secs(30)),
+        Rule::gcra(1, Duration::from_secs(30), 5),
+    ] {
+        let key = random_key();
+        let rules = [rule.clone()];
+        let d = check(store, &key, &rules, 6).await;
+        assert!(!d.allowed, "{rule:?}");
+        assert!(!d.retry_after.is_zero(), "{rule:?}");
+        let d = check(store, &key, &rules, 1).await;
+        assert!(d.allowed);
+        assert_eq!(d.rules[0].remaining, 4, "{rule:?}");
+    }
+}
+
+/// A cost of 0 reports the state and consumes nothing.
+pub async fn zero_cost_reads_without_consuming<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let rules = [Rule::fixed_window(3, Duration::from_secs(30))];
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    for _ in 0..5 {
+        let d = check(store, &key, &rules, 0).await;
+        assert!(d.allowed);
+        assert_eq!(d.rules[0].remaining, 2);
+    }
+}
+
+/// Exhausting one key leaves another untouched.
+pub async fn keys_are_isolated<S: RateLimitStore>(store: &S) {
+    let (a, b) = (random_key(), random_key());
+    let rules = [Rule::sliding_log(1, Duration::from_secs(30))];
+    assert!(check(store, &a, &rules, 1).await.allowed);
+    assert!(!check(store, &a, &rules, 1).await.allowed);
+    assert!(check(store, &b, &rules, 1).await.allowed);
+}
+
+/// Many concurrent checks of one key admit exactly the limit, for every exact strategy.
+pub async fn concurrent_checks_admit_exactly_the_limit<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(60);
+    for rule in [
+        Rule::fixed_window(20, long),
+        Rule::sliding_log(20, long),
+        Rule::token_bucket(20, 1, long),
+        Rule::gcra(1, long, 20),
+    ] {
+        let key = random_key();
+        let rules = [rule.clone()];
+        let all = join_all((0..100).map(|_| check(store, &key, &rules, 1))).await;
+        let admitted = all.iter().filter(|d| d.allowed).count();
+        assert_eq!(admitted, 20, "{rule:?}: {admitted} of 100 admitted");
+    }
+}

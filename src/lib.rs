@@ -1,0 +1,55 @@
+//! Tower and axum middleware that keeps its state in Redis, so that limits hold across every
+//! replica of a service behind a load balancer.
+//!
+//! - [`RateLimitLayer`](rate_limit::RateLimitLayer): fixed window, sliding window (exact log and
+//!   approximate counter), token bucket and GCRA; several rules per route checked in one atomic
+//!   call; `429` with `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy` fields.
+//!
+//! State lives in a backend: [`MemoryBackend`](backend::MemoryBackend) (in process, the default
+//! that needs no server), [`RedisBackend`](backend::RedisBackend) (redis-rs, feature `redis`, on by
+//! default) and [`FredBackend`](backend::FredBackend) (feature `fred`). Every Redis operation is one
+//! Lua script call (one round trip, atomic, time read from the Redis server), with every key of a
+//! call in one hash slot so that Redis Cluster works.
+//!
+//! # Quickstart (axum)
+//!
+//! ```no_run
+//! use std::{net::SocketAddr, time::Duration};
+//! use axum::{routing::get, Router};
+//! use tower_redis_layers::{backend::MemoryBackend, rate_limit::{KeyExtractor, RateLimitLayer, Rule}};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let backend = MemoryBackend::new();
+//! let limit = RateLimitLayer::new(backend, Rule::fixed_window(5, Duration::from_secs(10)))
+//!     .key(KeyExtractor::header("x-api-key").or(KeyExtractor::peer_ip()));
+//!
+//! let app = Router::new().route("/", get(|| async { "hello" })).layer(limit);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Failure behaviour
+//!
+//! Every backend call has a timeout (see
+//! [`RateLimitLayer::timeout`](rate_limit::RateLimitLayer::timeout)). When it fails or times out
+//! the rate limiter fails open by default (the request goes through and a warning is logged), or
+//! closed (`503 Service Unavailable`) when configured so.
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    rust_2018_idioms,
+    unreachable_pub,
+    missing_debug_implementations
+)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod backend;
+#[cfg(feature = "test-support")]
+pub mod conformance;
+mod key;
+pub mod rate_limit;
+mod time;
+
+pub use backend::BackendError;
+pub use key::StoreKey;

@@ -1,0 +1,66 @@
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::key::StoreKey;
+
+/// Process-local memory of recent denials: `(policy, key) -> deny until T`.
+///
+/// It only repeats what the store already decided (a request of at least the same cost, before
+/// the store said it could pass), so it never admits more than the store would; it saves the
+/// round trip for clients that keep knocking while over their limit.
+pub(crate) struct DenyCache {
+    shards: Box<[Mutex<Shard>]>,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<(usize, StoreKey), Entry>,
+    len_after_sweep: usize,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Entry {
+    pub(crate) until: Instant,
+    pub(crate) cost: u64,
+    pub(crate) rule: usize,
+}
+
+const SHARDS: usize = 32;
+
+impl DenyCache {
+    pub(crate) fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+        }
+    }
+
+    fn shard(&self, key: &StoreKey) -> Option<&Mutex<Shard>> {
+        self.shards.get(usize::from(key.as_bytes()[0]) % SHARDS)
+    }
+
+    /// The remaining wait when `(policy, key)` at `cost` is known to be denied now.
+    pub(crate) fn get(
+        &self,
+        policy: usize,
+        key: &StoreKey,
+        cost: u64,
+    ) -> Option<(Duration, usize)> {
+        let shard = self.shard(key)?.lock().ok()?;
+        let entry = shard.map.get(&(policy, *key))?;
+        let now = Instant::now();
+        (entry.until > now && cost >= entry.cost).then(|| (entry.until - now, entry.rule))
+    }
+
+    pub(crate) fn insert(&self, policy: usize, key: StoreKey, entry: Entry) {
+        let Some(Ok(mut shard)) = self.shard(&key).map(Mutex::lock) else {
+            return;
+        };
+        if shard.map.len() > 2 * shard.len_after_sweep + 1024 {
+            let now = Instant::now();
+            shard.map.retain(|_, e| e.until > now);
+            shard.len_after_sweep = shard.map.len();
+        }
+        shard.map.insert((policy, key), entry);
+    }
+}

@@ -1,0 +1,183 @@
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use super::{
+    service::{Next, Pending},
+    ResponseBody,
+};
+use crate::backend::{BackendError, Decision, RateLimitStore};
+
+pin_project! {
+    /// Response future of [`RateLimit`](super::RateLimit).
+    pub struct ResponseFuture<S, B, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        B: RateLimitStore,
+    {
+        #[pin]
+        state: State<B::Future, S::Future, S, Request<ReqBody>>,
+        pending: Option<Pending<B>>,
+        headers: Option<HeaderMap>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<C, F, S, R> {
+        Checking {
+            #[pin]
+            check: Deadline<C>,
+            call: Option<(S, R)>,
+        },
+        Running {
+            #[pin]
+            future: F,
+        },
+        Rejected {
+            response: Option<Response<Bytes>>,
+        },
+    }
+}
+
+pin_project! {
+    /// A store call with an optional timeout. The timer is made only for remote stores.
+    struct Deadline<C> {
+        #[pin]
+        call: C,
+        #[pin]
+        sleep: Option<Sleep>,
+        timeout: Duration,
+    }
+}
+
+impl<C> Future for Deadline<C>
+where
+    C: Future<Output = Result<Decision, BackendError>>,
+{
+    type Output = Result<Decision, BackendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.call.poll(cx) {
+            return Poll::Ready(result);
+        }
+        match this.sleep.as_pin_mut() {
+            Some(sleep) => {
+                ready!(sleep.poll(cx));
+                Poll::Ready(Err(BackendError::Timeout(*this.timeout)))
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<S, B, ReqBody> ResponseFuture<S, B, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    B: RateLimitStore,
+{
+    pub(crate) fn running(future: S::Future) -> Self {
+        Self {
+            state: State::Running { future },
+            pending: None,
+            headers: None,
+        }
+    }
+
+    pub(crate) fn rejected(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Rejected {
+                response: Some(response),
+            },
+            pending: None,
+            headers: None,
+        }
+    }
+
+    pub(crate) fn checking(
+        check: B::Future,
+        timeout: Option<Duration>,
+        service: S,
+        request: Request<ReqBody>,
+        pending: Pending<B>,
+    ) -> Self {
+        Self {
+            state: State::Checking {
+                check: Deadline {
+                    call: check,
+                    sleep: timeout.map(tokio::time::sleep),
+                    timeout: timeout.unwrap_or_default(),
+                },
+                call: Some((service, request)),
+            },
+            pending: Some(pending),
+            headers: None,
+        }
+    }
+}
+
+impl<S, B, ReqBody, ResBody> Future for ResponseFuture<S, B, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    B: RateLimitStore,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Checking { check, call } => {
+                    let result = ready!(check.poll(cx));
+                    let next = match this.pending.take() {
+                        Some(pending) => pending.finish(result),
+                        None => Next::Run(None),
+                    };
+                    match next {
+                        Next::Run(headers) => {
+                            // `call` is `Some` until this transition, which happens once.
+                            let Some((mut service, request)) = call.take() else {
+                                return Poll::Pending;
+                            };
+                            *this.headers = headers;
+                            this.state.set(State::Running {
+                                future: service.call(request),
+                            });
+                        }
+                        Next::Reject(response) => {
+                            this.state.set(State::Rejected {
+                                response: Some(response),
+                            });
+                        }
+                    }
+                }
+                StateProj::Running { future } => {
+                    let mut response = ready!(future.poll(cx))?;
+                    if let Some(extra) = this.headers.take() {
+                        for (name, value) in extra {
+                            if let Some(name) = name {
+                                response.headers_mut().insert(name, value);
+                            }
+                        }
+                    }
+                    return Poll::Ready(Ok(response.map(ResponseBody::service)));
+                }
+                StateProj::Rejected { response } => {
+                    // Taken once: a future is not polled again after it returned `Ready`.
+                    let response = response.take().unwrap_or_default();
+                    return Poll::Ready(Ok(response.map(ResponseBody::layer)));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use http::{header::HeaderName, request::Parts};
+
+use crate::key::StoreKey;
+
+/// Where the rate-limit key of a request comes from.
+///
+/// A key source is tried in order with [`or`](KeyExtractor::or) fallbacks; the first that yields
+/// a value wins. Whatever is extracted is hashed (with the source and the policy scope) before it
+/// reaches a store, so a client can neither make a huge or odd store key nor pick another's.
+///
+/// ```
+/// use http::HeaderName;
+/// use tower_redis_layers::rate_limit::KeyExtractor;
+///
+/// // The API key when there is one, else the peer address.
+/// let key = KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
+/// ```
+#[derive(Clone)]
+pub struct KeyExtractor {
+    sources: Vec<Source>,
+}
+
+type CustomFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+
+#[derive(Clone)]
+enum Source {
+    PeerIp,
+    Header(HeaderName),
+    ForwardedFor(usize),
+    Global,
+    Custom(Arc<CustomFn>),
+}
+
+/// A key taken from a request, before hashing.
+pub(crate) struct RawKey<'a> {
+    tag: &'static [u8],
+    value: std::borrow::Cow<'a, [u8]>,
+}
+
+impl RawKey<'_> {
+    pub(crate) fn hash(&self, scope: &str) -> StoreKey {
+        StoreKey::from_parts([scope.as_bytes(), self.tag, &self.value])
+    }
+}
+
+impl KeyExtractor {
+    /// The peer's IP address, from axum's `ConnectInfo<SocketAddr>` (serve with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`) or from a `SocketAddr` that a
+    /// hyper service put in the request extensions.
+    pub fn peer_ip() -> Self {
+        Self::one(Source::PeerIp)
+    }
+
+    /// The value of a request header (for example `x-api-key`). Any bytes are accepted,
+    /// including non-UTF-8; an empty value counts as missing.
+    pub fn header(name: HeaderName) -> Self {
+        Self::one(Source::Header(name))
+    }
+
+    /// The client address from `X-Forwarded-For`, trusting exactly `trusted_proxies` reverse
+    /// proxies in front of this service: the address that the outermost trusted proxy saw, which
+    /// is the `trusted_proxies`-th entry from the right. Entries to its left were written by the
+    /// client and are never used. With fewer entries than trusted proxies, or an entry that is
+    /// not an IP address, the key is missing. `0` never extracts (no proxy is trusted).
+    pub fn forwarded_for(trusted_proxies: usize) -> Self {
+        Self::one(Source::ForwardedFor(trusted_proxies))
+    }
+
+    /// One key for every request: a global limit.
+    pub fn global() -> Self {
+        Self::one(Source::Global)
+    }
+
+    /// A key computed by a closure (for example a tenant from an extension set by an auth layer).
+    /// `None` means the key is missing.
+    pub fn custom<F>(f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        Self::one(Source::Custom(Arc::new(f)))
+    }
+
+    /// Tries `other` when this one finds no key.
+    pub fn or(mut self, other: KeyExtractor) -> Self {
+        self.sources.extend(other.sources);
+        self
+    }
+
+    fn one(source: Source) -> Self {
+        Self {
+            sources: vec![source],
+        }
+    }
+
+    pub(crate) fn extract<'a>(&self, parts: &'a Parts) -> Option<RawKey<'a>> {
+        self.sources.iter().find_map(|s| s.extract(parts))
+    }
+}
+
+impl Default for KeyExtractor {
+    /// The peer IP address.
+    fn default() -> Self {
+        Self::peer_ip()
+    }
+}
+
+impl Source {
+    fn extract<'a>(&self, parts: &'a Parts) -> Option<RawKey<'a>> {
+        match self {
+            Source::PeerIp => peer_addr(parts).map(|ip| ip_key(b"ip", ip)),
+            Source::Header(name) => {
+                let value = parts.headers.get(name)?.as_bytes();
+                if value.is_empty() {
+                    return None;
+                }
+                Some(RawKey {
+                    tag: b"header",
+                    value: std::borrow::Cow::Owned(
+                        [name.as_str().as_bytes(), b":", value].concat(),
+                    ),
+                })
+            }
+            Source::ForwardedFor(trusted) => {
+                forwarded_for(parts, *trusted).map(|ip| ip_key(b"ip", ip))
+            }
+            Source::Global => Some(RawKey {
+                tag: b"global",
+                value: std::borrow::Cow::Borrowed(b""),
+            }),
+            Source::Custom(f) => f(parts).map(|v| RawKey {
+                tag: b"custom",
+                value: std::borrow::Cow::Owned(v.into_bytes()),
+            }),
+        }
+    }
+}
+
+fn ip_key(tag: &'static [u8], ip: IpAddr) -> RawKey<'static> {
+    // The same address reached over IPv4 and IPv4-mapped IPv6 is one client.
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let bytes = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    RawKey {
+        tag,
+        value: std::borrow::Cow::Owned(bytes),
+    }
+}
+
+fn peer_addr(parts: &Parts) -> Option<IpAddr> {
+    #[cfg(feature = "axum")]
+    if let Some(info) = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(info.0.ip());
+    }
+    parts.extensions.get::<SocketAddr>().map(SocketAddr::ip)
+}
+
+fn forwarded_for(parts: &Parts, trusted: usize) -> Option<IpAddr> {
+    if trusted == 0 {
+        return None;
+    }
+    let mut entries: Vec<&[u8]> = Vec::new();
+    for value in parts.headers.get_all("x-forwarded-for") {
+        entries.extend(value.as_bytes().split(|b| *b == b','));
+    }
+    let index = entries.len().checked_sub(trusted)?;
+    parse_ip(entries.get(index)?)
+}
+
+fn parse_ip(entry: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(entry).ok()?.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    // `1.2.3.4:5678` or `[::1]:5678`
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    text.strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .and_then(|t| t.parse().ok())
+}
+
+impl fmt::Debug for KeyExtractor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self
+            .sources
+            .iter()
+            .map(|s| match s {
+                Source::PeerIp => "peer_ip".to_owned(),
+                Source::Header(h) => format!("header({h})"),
+                Source::ForwardedFor(n) => format!("forwarded_for({n})"),
+                Source::Global => "global".to_owned(),
+                Source::Custom(_) => "custom".to_owned(),
+            })
+            .collect();
+        f.debug_tuple("KeyExtractor").field(&names).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(headers: &[(&str, &[u8])]) -> Parts {
+        let mut req = Request::builder();
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn forwarded_for_takes_the_entry_of_the_outermost_trusted_proxy() {
+        let p = parts(&[("x-forwarded-for", b"6.6.6.6, 1.1.1.1, 10.0.0.1")]);
+        let one = KeyExtractor::forwarded_for(1).extract(&p).unwrap().hash("");
+        let two = KeyExtractor::forwarded_for(2).extract(&p).unwrap().hash("");
+        let real = KeyExtractor::forwarded_for(1)
+            .extract(&parts(&[("x-forwarded-for", b"10.0.0.1")]))
+            .unwrap()
+            .hash("");
+        let client = KeyExtractor::forwarded_for(1)
+            .extract(&parts(&[("x-forwarded-for", b"1.1.1.1")]))
+            .unwrap()
+            .hash("");
+        assert_eq!(one, real);
+        assert_eq!(two, client);
+        assert!(KeyExtractor::forwarded_for(4).extract(&p).is_none());
+        assert!(KeyExtractor::forwarded_for(0).extract(&p).is_none());
+    }
+
+    #[test]
+    fn spoofed_garbage_in_forwarded_for_is_missing() {
+        let p = parts(&[("x-forwarded-for", b"not-an-ip")]);
+        assert!(KeyExtractor::forwarded_for(1).extract(&p).is_none());
+    }
+
+    #[test]
+    fn non_utf8_and_huge_headers_hash_to_fixed_size_keys() {
+        let long = vec![b'a'; 64 * 1024];
+        let p = parts(&[("x-api-key", &[0xff, 0xfe, 0x80]), ("x-long", &long)]);
+        let a = KeyExtractor::header(HeaderName::from_static("x-api-key"))
+            .extract(&p)
+            .unwrap()
+            .hash("s");
+        let b = KeyExtractor::header(HeaderName::from_static("x-long"))
+            .extract(&p)
+            .unwrap()
+            .hash("s");
+        assert_eq!(a.to_hex().len(), 32);
+        assert_eq!(b.to_hex().len(), 32);
+    }
+
+    #[test]
+    fn fallback_and_missing() {
+        let p = parts(&[]);
+        assert!(KeyExtractor::peer_ip().extract(&p).is_none());
+        assert!(KeyExtractor::peer_ip()
+            .or(KeyExtractor::global())
+            .extract(&p)
+            .is_some());
+    }
+}

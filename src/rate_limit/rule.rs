@@ -1,0 +1,280 @@
+use std::{fmt, time::Duration};
+
+/// One rate-limit rule: a strategy with its numbers, and a name used in the `RateLimit` fields.
+///
+/// Several rules on one route (for example 10 per second *and* 1000 per hour) are checked in the
+/// same atomic backend call: a request denied by one rule consumes nothing from the others.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub(crate) strategy: Strategy,
+    pub(crate) name: Option<String>,
+}
+
+/// How a [`Rule`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// At most `limit` units per fixed window that starts with the first request (`INCRBY` plus
+    /// an expiry). Cheapest; allows up to twice the limit across a window edge.
+    FixedWindow {
+        /// Units allowed per window.
+        limit: u64,
+        /// Window length.
+        window: Duration,
+    },
+    /// Exact sliding window: a log of every admitted unit (a sorted set). A rejected request is
+    /// not recorded. Memory grows with the limit (one entry per admitted unit in the window): for
+    /// large limits prefer [`Strategy::SlidingWindow`].
+    SlidingLog {
+        /// Units allowed in any window of this length.
+        limit: u64,
+        /// Window length.
+        window: Duration,
+    },
+    /// Approximate sliding window from two fixed windows (O(1) memory):
+    /// `estimate = previous * (1 - elapsed / window) + current`.
+    ///
+    /// Error bound: the estimate is exact when the previous window's requests were spread
+    /// evenly. It never admits more than `limit` within one fixed window, so any sliding window
+    /// sees at most `2 * limit` in the worst case (all of the previous window's requests at its
+    /// very end, then a burst early in the current one). It errs the other way (denies early)
+    /// when the previous window's requests came at its start.
+    SlidingWindow {
+        /// Units allowed per window.
+        limit: u64,
+        /// Window length.
+        window: Duration,
+    },
+    /// Token bucket: holds up to `capacity` tokens, refilled continuously at `refill` tokens
+    /// every `every`. A request takes `cost` tokens.
+    TokenBucket {
+        /// Bucket size (the largest burst).
+        capacity: u64,
+        /// Tokens added per `every`.
+        refill: u64,
+        /// Refill period.
+        every: Duration,
+    },
+    /// Generic cell rate algorithm: `rate` units per `period`, with bursts of up to `burst`
+    /// units. Same admissions as a token bucket of capacity `burst`, stored as one timestamp.
+    Gcra {
+        /// Units per period (sustained rate).
+        rate: u64,
+        /// Period of the rate.
+        period: Duration,
+        /// Largest burst.
+        burst: u64,
+    },
+}
+
+impl Rule {
+    /// `limit` units per fixed `window`.
+    pub fn fixed_window(limit: u64, window: Duration) -> Self {
+        Self::from(Strategy::FixedWindow { limit, window })
+    }
+
+    /// `limit` units in any sliding `window`, exact (a log of admitted units).
+    pub fn sliding_log(limit: u64, window: Duration) -> Self {
+        Self::from(Strategy::SlidingLog { limit, window })
+    }
+
+    /// `limit` units per sliding `window`, approximated from two fixed windows (O(1) memory).
+    pub fn sliding_window(limit: u64, window: Duration) -> Self {
+        Self::from(Strategy::SlidingWindow { limit, window })
+    }
+
+    /// A bucket of `capacity` tokens, refilled with `refill` tokens every `every`.
+    pub fn token_bucket(capacity: u64, refill: u64, every: Duration) -> Self {
+        Self::from(Strategy::TokenBucket {
+            capacity,
+            refill,
+            every,
+        })
+    }
+
+    /// GCRA: `rate` units per `period` with bursts of up to `burst`.
+    pub fn gcra(rate: u64, period: Duration, burst: u64) -> Self {
+        Self::from(Strategy::Gcra {
+            rate,
+            period,
+            burst,
+        })
+    }
+
+    /// Names the rule in the `RateLimit` / `RateLimit-Policy` fields (default: a name made from
+    /// the strategy and its numbers, like `fixed-5-10s`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let name: String = name.into();
+        // Keep what is valid inside a structured-field string.
+        let name: String = name
+            .chars()
+            .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\')
+            .collect();
+        self.name = Some(name);
+        self
+    }
+
+    /// The strategy and its numbers.
+    pub fn strategy(&self) -> &Strategy {
+        &self.strategy
+    }
+
+    /// The name shown in the `RateLimit` fields.
+    pub fn policy_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.default_name())
+    }
+
+    fn default_name(&self) -> String {
+        match self.strategy {
+            Strategy::FixedWindow { limit, window } => format!("fixed-{limit}-{}", dur(window)),
+            Strategy::SlidingLog { limit, window } => {
+                format!("sliding-log-{limit}-{}", dur(window))
+            }
+            Strategy::SlidingWindow { limit, window } => format!("sliding-{limit}-{}", dur(window)),
+            Strategy::TokenBucket {
+                capacity,
+                refill,
+                every,
+            } => format!("bucket-{capacity}-{refill}-{}", dur(every)),
+            Strategy::Gcra {
+                rate,
+                period,
+                burst,
+            } => format!("gcra-{rate}-{}-{burst}", dur(period)),
+        }
+    }
+
+    /// The quota advertised in `RateLimit-Policy` (`q`).
+    pub fn quota(&self) -> u64 {
+        match self.strategy {
+            Strategy::FixedWindow { limit, .. }
+            | Strategy::SlidingLog { limit, .. }
+            | Strategy::SlidingWindow { limit, .. } => limit,
+            Strategy::TokenBucket { capacity, .. } => capacity,
+            Strategy::Gcra { burst, .. } => burst,
+        }
+    }
+
+    /// The window advertised in `RateLimit-Policy` (`w`): the window, or for a bucket the time
+    /// to refill it from empty.
+    pub fn window(&self) -> Duration {
+        match self.strategy {
+            Strategy::FixedWindow { window, .. }
+            | Strategy::SlidingLog { window, .. }
+            | Strategy::SlidingWindow { window, .. } => window,
+            Strategy::TokenBucket {
+                capacity,
+                refill,
+                every,
+            } => every.mul_f64(capacity as f64 / refill.max(1) as f64),
+            Strategy::Gcra {
+                rate,
+                period,
+                burst,
+            } => period.mul_f64(burst as f64 / rate.max(1) as f64),
+        }
+    }
+
+    /// Checks the numbers: every limit and period must be positive, and periods at least 1 ms.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let (a, p, c) = self.encode();
+        if a == 0 {
+            return Err(format!(
+                "rule {}: the limit must be positive",
+                self.policy_name()
+            ));
+        }
+        if p == 0 {
+            return Err(format!(
+                "rule {}: the period must be at least 1 ms",
+                self.policy_name()
+            ));
+        }
+        if matches!(
+            self.strategy,
+            Strategy::TokenBucket { .. } | Strategy::Gcra { .. }
+        ) && c == 0
+        {
+            return Err(format!(
+                "rule {}: refill and burst must be positive",
+                self.policy_name()
+            ));
+        }
+        if a > MAX_NUMBER || c > MAX_NUMBER || p > MAX_NUMBER / 1000 {
+            return Err(format!(
+                "rule {}: numbers are too large",
+                self.policy_name()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The wire form shared by the script and the memory backend: kind, a, b (ms), c.
+    pub(crate) fn kind(&self) -> u8 {
+        match self.strategy {
+            Strategy::FixedWindow { .. } => 1,
+            Strategy::SlidingLog { .. } => 2,
+            Strategy::SlidingWindow { .. } => 3,
+            Strategy::TokenBucket { .. } => 4,
+            Strategy::Gcra { .. } => 5,
+        }
+    }
+
+    pub(crate) fn encode(&self) -> (u64, u64, u64) {
+        match self.strategy {
+            Strategy::FixedWindow { limit, window }
+            | Strategy::SlidingLog { limit, window }
+            | Strategy::SlidingWindow { limit, window } => (limit, ms(window), 0),
+            Strategy::TokenBucket {
+                capacity,
+                refill,
+                every,
+            } => (capacity, ms(every), refill),
+            Strategy::Gcra {
+                rate,
+                period,
+                burst,
+            } => (rate, ms(period), burst),
+        }
+    }
+
+    /// A short signature of the strategy and numbers, used in store key names so that changing a
+    /// rule starts from fresh state.
+    pub(crate) fn signature(&self) -> String {
+        let (a, b, c) = self.encode();
+        format!("{}.{a}.{b}.{c}", self.kind())
+    }
+}
+
+/// Numbers stay well below 2^53 so Lua's doubles hold them exactly.
+const MAX_NUMBER: u64 = 1 << 50;
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn dur(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+impl From<Strategy> for Rule {
+    fn from(strategy: Strategy) -> Self {
+        Self {
+            strategy,
+            name: None,
+        }
+    }
+}
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rule")
+            .field("name", &self.policy_name())
+            .field("strategy", &self.strategy)
+            .finish()
+    }
+}
