@@ -165,6 +165,13 @@ fn peer_addr(parts: &Parts) -> Option<IpAddr> {
     {
         return Some(info.0.ip());
     }
+    #[cfg(feature = "axum")]
+    if let Some(mock) = parts
+        .extensions
+        .get::<axum::extract::connect_info::MockConnectInfo<SocketAddr>>()
+    {
+        return Some(mock.0.ip());
+    }
     parts.extensions.get::<SocketAddr>().map(SocketAddr::ip)
 }
 
