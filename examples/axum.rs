@@ -21,16 +21,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(url) => app(RedisBackend::connect(&url).await?),
         Err(_) => app(MemoryBackend::new()),
     };
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3001);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3001);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    println!("listening on http://127.0.0.1:{}", listener.local_addr()?.port());
+    println!(
+        "listening on http://127.0.0.1:{}",
+        listener.local_addr()?.port()
+    );
     // ConnectInfo gives the layer the peer address.
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
     Ok(())
 }
 
 fn app<B: RateLimitStore + Clone>(store: B) -> Router {
-    let key = KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
+    let key =
+        KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
     // 10 per second AND 1000 per hour, checked in one atomic call.
     let api = Policy::new(Rule::gcra(10, Duration::from_secs(1), 10).name("per-second"))
         .rule(Rule::fixed_window(1000, Duration::from_secs(3600)).name("per-hour"));
@@ -38,8 +49,8 @@ fn app<B: RateLimitStore + Clone>(store: B) -> Router {
         .key(key.clone())
         .headers(Headers::All);
     // A stricter, exact limit on one route only.
-    let login_limit = RateLimitLayer::new(store, Rule::sliding_log(5, Duration::from_secs(60)))
-        .key(key);
+    let login_limit =
+        RateLimitLayer::new(store, Rule::sliding_log(5, Duration::from_secs(60))).key(key);
 
     Router::new()
         .route("/", get(|| async { "hello" }))

@@ -19,7 +19,11 @@ use tower_redis_layers::{
 };
 
 async fn handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::from(format!("{} {}\n", req.method(), req.uri().path()))))
+    Ok(Response::new(Full::from(format!(
+        "{} {}\n",
+        req.method(),
+        req.uri().path()
+    ))))
 }
 
 #[tokio::main]
@@ -27,13 +31,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt::init();
     let limit = RateLimitLayer::routed(MemoryBackend::new())
         .key(KeyExtractor::peer_ip())
-        .route(Some(Method::POST), "/login", Rule::sliding_log(5, Duration::from_secs(60)))
+        .route(
+            Some(Method::POST),
+            "/login",
+            Rule::sliding_log(5, Duration::from_secs(60)),
+        )
         .route(None, "/api/*", Rule::gcra(100, Duration::from_secs(1), 50));
     let service = ServiceBuilder::new().layer(limit).service_fn(handler);
 
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3002);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3002);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    println!("listening on http://127.0.0.1:{}", listener.local_addr()?.port());
+    println!(
+        "listening on http://127.0.0.1:{}",
+        listener.local_addr()?.port()
+    );
     loop {
         let (stream, peer) = listener.accept().await?;
         let service = service.clone();

@@ -58,13 +58,14 @@ const MARGIN: Duration = Duration::from_millis(60);
 
 /// Runs every check of the suite against `store`.
 pub async fn rate_limit_suite<S: RateLimitStore>(store: &S) {
-    let window = Duration::from_millis(700);
+    // Windows long enough that nothing refills while a check counts, even on a loaded machine.
+    let window = Duration::from_millis(1500);
     tokio::join!(
         admits_exactly_the_limit(store, Rule::fixed_window(5, window)),
         admits_exactly_the_limit(store, Rule::sliding_log(5, window)),
         admits_exactly_the_limit(store, Rule::sliding_window(5, window)),
-        admits_exactly_the_limit(store, Rule::token_bucket(5, 1, Duration::from_millis(300))),
-        admits_exactly_the_limit(store, Rule::gcra(5, Duration::from_millis(1500), 5)),
+        admits_exactly_the_limit(store, Rule::token_bucket(5, 1, window)),
+        admits_exactly_the_limit(store, Rule::gcra(5, 5 * window, 5)),
         sliding_log_does_not_record_rejections(store),
         sliding_log_counts_every_unit_of_one_call(store),
         sliding_window_weighs_the_previous_window(store),
@@ -104,8 +105,13 @@ pub async fn admits_exactly_the_limit<S: RateLimitStore>(store: &S, rule: Rule) 
     assert!(!d.allowed, "{rule:?}: request over the limit admitted");
     assert_eq!(d.denied_by, Some(0), "{rule:?}");
     assert_eq!(d.rules[0].remaining, 0, "{rule:?}");
+    // The approximate window may have to wait into the next window.
+    let bound = match rule.strategy() {
+        crate::rate_limit::Strategy::SlidingWindow { window, .. } => 2 * *window,
+        _ => rule.window(),
+    };
     assert!(
-        !d.retry_after.is_zero() && d.retry_after <= rule.window() + MARGIN,
+        !d.retry_after.is_zero() && d.retry_after <= bound + MARGIN,
         "{rule:?}: retry after {:?}",
         d.retry_after
     );
@@ -149,7 +155,7 @@ pub async fn sliding_log_counts_every_unit_of_one_call<S: RateLimitStore>(store:
 /// The approximate window counts the previous window's units, weighted by the overlap.
 pub async fn sliding_window_weighs_the_previous_window<S: RateLimitStore>(store: &S) {
     let key = random_key();
-    let window = Duration::from_millis(400);
+    let window = Duration::from_millis(1000);
     let rules = [Rule::sliding_window(4, window)];
     for _ in 0..4 {
         assert!(check(store, &key, &rules, 1).await.allowed);
@@ -174,7 +180,7 @@ pub async fn sliding_window_weighs_the_previous_window<S: RateLimitStore>(store:
 /// A drained bucket gives one token per refill period.
 pub async fn token_bucket_refills_steadily<S: RateLimitStore>(store: &S) {
     let key = random_key();
-    let every = Duration::from_millis(250);
+    let every = Duration::from_millis(800);
     let rules = [Rule::token_bucket(2, 1, every)];
     assert!(check(store, &key, &rules, 1).await.allowed);
     assert!(check(store, &key, &rules, 1).await.allowed);

@@ -16,14 +16,17 @@ use http_body_util::{BodyExt, Full};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
     backend::MemoryBackend,
-    rate_limit::{FailureMode, Headers, KeyExtractor, MissingKey, Policy, RateLimitLayer, Rejection, Rule},
+    rate_limit::{
+        FailureMode, Headers, KeyExtractor, MissingKey, Policy, RateLimitLayer, Rejection, Rule,
+    },
 };
 
 type Req = Request<Full<Bytes>>;
 
 fn request(path: &str) -> Req {
     let mut req = Request::builder().uri(path).body(Full::default()).unwrap();
-    req.extensions_mut().insert::<SocketAddr>("10.1.2.3:4567".parse().unwrap());
+    req.extensions_mut()
+        .insert::<SocketAddr>("10.1.2.3:4567".parse().unwrap());
     req
 }
 
@@ -57,23 +60,39 @@ fn header<'a, B>(res: &'a Response<B>, name: &str) -> Option<&'a str> {
 #[tokio::test]
 async fn denies_over_the_limit_with_retry_after_and_ratelimit_fields() {
     let (runs, inner) = counting();
-    let layer = RateLimitLayer::new(MemoryBackend::new(), Rule::fixed_window(2, Duration::from_secs(10)).name("per10s"));
+    let layer = RateLimitLayer::new(
+        MemoryBackend::new(),
+        Rule::fixed_window(2, Duration::from_secs(10)).name("per10s"),
+    );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     for _ in 0..2 {
         let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
-        assert!(res.headers().get("ratelimit").is_none(), "fields only on rejections by default");
+        assert!(
+            res.headers().get("ratelimit").is_none(),
+            "fields only on rejections by default"
+        );
     }
     let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(header(&res, "retry-after"), Some("10"));
     assert_eq!(header(&res, "ratelimit"), Some("\"per10s\";r=0;t=10"));
-    assert_eq!(header(&res, "ratelimit-policy"), Some("\"per10s\";q=2;w=10"));
-    assert_eq!(header(&res, "content-type"), Some("application/problem+json"));
+    assert_eq!(
+        header(&res, "ratelimit-policy"),
+        Some("\"per10s\";q=2;w=10")
+    );
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
     let body = body_of(res).await;
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(json["status"], 429);
-    assert_eq!(runs.load(Ordering::SeqCst), 2, "the handler must not run for a denied request");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the handler must not run for a denied request"
+    );
 }
 
 #[tokio::test]
@@ -87,8 +106,14 @@ async fn fields_on_every_response_and_legacy_fields() {
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(header(&res, "ratelimit"), Some("\"a\";r=4;t=10, \"b\";r=2;t=60"));
-    assert_eq!(header(&res, "ratelimit-policy"), Some("\"a\";q=5;w=10, \"b\";q=3;w=60"));
+    assert_eq!(
+        header(&res, "ratelimit"),
+        Some("\"a\";r=4;t=10, \"b\";r=2;t=60")
+    );
+    assert_eq!(
+        header(&res, "ratelimit-policy"),
+        Some("\"a\";q=5;w=10, \"b\";q=3;w=60")
+    );
     assert_eq!(header(&res, "x-ratelimit-limit"), Some("3"));
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some("2"));
     assert_eq!(header(&res, "x-ratelimit-reset"), Some("60"));
@@ -98,7 +123,12 @@ async fn fields_on_every_response_and_legacy_fields() {
 async fn missing_key_is_rejected_allowed_or_shared() {
     let key = KeyExtractor::header(HeaderName::from_static("x-api-key"));
     let rule = Rule::fixed_window(1, Duration::from_secs(10));
-    let no_key = || Request::builder().uri("/").body(Full::<Bytes>::default()).unwrap();
+    let no_key = || {
+        Request::builder()
+            .uri("/")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
 
     let (runs, inner) = counting();
     let mut svc = ServiceBuilder::new()
@@ -109,25 +139,73 @@ async fn missing_key_is_rejected_allowed_or_shared() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 
     let mut svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(MemoryBackend::new(), rule.clone()).key(key.clone()).on_missing_key(MissingKey::Allow))
+        .layer(
+            RateLimitLayer::new(MemoryBackend::new(), rule.clone())
+                .key(key.clone())
+                .on_missing_key(MissingKey::Allow),
+        )
         .service(inner.clone());
     for _ in 0..3 {
-        assert_eq!(svc.ready().await.unwrap().call(no_key()).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            svc.ready()
+                .await
+                .unwrap()
+                .call(no_key())
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
     }
 
     let mut svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(MemoryBackend::new(), rule).key(key).on_missing_key(MissingKey::Shared))
+        .layer(
+            RateLimitLayer::new(MemoryBackend::new(), rule)
+                .key(key)
+                .on_missing_key(MissingKey::Shared),
+        )
         .service(inner);
-    assert_eq!(svc.ready().await.unwrap().call(no_key()).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(svc.ready().await.unwrap().call(no_key()).await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(no_key())
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(no_key())
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 #[tokio::test]
 async fn shadow_mode_reports_but_never_rejects() {
     let (runs, inner) = counting();
-    let layer = RateLimitLayer::new(MemoryBackend::new(), Rule::fixed_window(1, Duration::from_secs(10))).shadow(true);
+    let layer = RateLimitLayer::new(
+        MemoryBackend::new(),
+        Rule::fixed_window(1, Duration::from_secs(10)),
+    )
+    .shadow(true);
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
-    assert_eq!(svc.ready().await.unwrap().call(request("/")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
     let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(header(&res, "ratelimit").unwrap().contains(";r=0;"));
@@ -137,33 +215,77 @@ async fn shadow_mode_reports_but_never_rejects() {
 #[tokio::test]
 async fn custom_rejection_and_cost() {
     let (_, inner) = counting();
-    let layer = RateLimitLayer::new(MemoryBackend::new(), Rule::fixed_window(10, Duration::from_secs(10)))
-        .cost(|parts| if parts.uri.path() == "/expensive" { 6 } else { 1 })
-        .rejection(|why| {
-            let text = match why {
-                Rejection::Limited { rule, .. } => format!("slow down ({rule})"),
-                _ => "nope".to_owned(),
-            };
-            let mut res = Response::new(Bytes::from(text));
-            *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-            res
-        });
+    let layer = RateLimitLayer::new(
+        MemoryBackend::new(),
+        Rule::fixed_window(10, Duration::from_secs(10)),
+    )
+    .cost(|parts| {
+        if parts.uri.path() == "/expensive" {
+            6
+        } else {
+            1
+        }
+    })
+    .rejection(|why| {
+        let text = match why {
+            Rejection::Limited { rule, .. } => format!("slow down ({rule})"),
+            _ => "nope".to_owned(),
+        };
+        let mut res = Response::new(Bytes::from(text));
+        *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        res
+    });
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
-    assert_eq!(svc.ready().await.unwrap().call(request("/expensive")).await.unwrap().status(), StatusCode::OK);
-    let res = svc.ready().await.unwrap().call(request("/expensive")).await.unwrap();
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(request("/expensive"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request("/expensive"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert!(res.headers().contains_key("retry-after"), "the layer adds Retry-After to a custom rejection");
+    assert!(
+        res.headers().contains_key("retry-after"),
+        "the layer adds Retry-After to a custom rejection"
+    );
     assert_eq!(body_of(res).await, Bytes::from("slow down (fixed-10-10s)"));
     // The cheaper request still fits (4 left).
-    assert_eq!(svc.ready().await.unwrap().call(request("/cheap")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(request("/cheap"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn routed_policies_match_method_and_path() {
     let (_, inner) = counting();
     let layer = RateLimitLayer::routed(MemoryBackend::new())
-        .route(Some(Method::POST), "/login", Rule::fixed_window(1, Duration::from_secs(60)))
-        .route(None, "/api/*", Rule::fixed_window(2, Duration::from_secs(60)));
+        .route(
+            Some(Method::POST),
+            "/login",
+            Rule::fixed_window(1, Duration::from_secs(60)),
+        )
+        .route(
+            None,
+            "/api/*",
+            Rule::fixed_window(2, Duration::from_secs(60)),
+        );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     let call = |method: Method, path: &str| {
         let mut req = request(path);
@@ -182,7 +304,16 @@ async fn routed_policies_match_method_and_path() {
         (Method::GET, "/free"),
         (Method::GET, "/free"),
     ] {
-        statuses.push(svc.ready().await.unwrap().call(call(m, p)).await.unwrap().status().as_u16());
+        statuses.push(
+            svc.ready()
+                .await
+                .unwrap()
+                .call(call(m, p))
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
     }
     assert_eq!(statuses, [200, 429, 200, 200, 200, 429, 200, 200, 200]);
 }
@@ -192,11 +323,45 @@ async fn separate_scopes_have_separate_budgets() {
     let (_, inner) = counting();
     let rule = Rule::fixed_window(1, Duration::from_secs(60));
     let store = MemoryBackend::new();
-    let mut a = ServiceBuilder::new().layer(RateLimitLayer::new(store.clone(), Policy::new(rule.clone()).scope("a"))).service(inner.clone());
-    let mut b = ServiceBuilder::new().layer(RateLimitLayer::new(store, Policy::new(rule).scope("b"))).service(inner);
-    assert_eq!(a.ready().await.unwrap().call(request("/")).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(b.ready().await.unwrap().call(request("/")).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(a.ready().await.unwrap().call(request("/")).await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    let mut a = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(
+            store.clone(),
+            Policy::new(rule.clone()).scope("a"),
+        ))
+        .service(inner.clone());
+    let mut b = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(store, Policy::new(rule).scope("b")))
+        .service(inner);
+    assert_eq!(
+        a.ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        b.ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        a.ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 #[tokio::test]
@@ -204,9 +369,18 @@ async fn inner_errors_pass_through_unchanged() {
     #[derive(Debug, PartialEq)]
     struct Boom;
     let inner = service_fn(|_req: Req| async { Err::<Response<Full<Bytes>>, _>(Boom) });
-    let layer = RateLimitLayer::new(MemoryBackend::new(), Rule::fixed_window(5, Duration::from_secs(10)));
+    let layer = RateLimitLayer::new(
+        MemoryBackend::new(),
+        Rule::fixed_window(5, Duration::from_secs(10)),
+    );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
-    let err = svc.ready().await.unwrap().call(request("/")).await.unwrap_err();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request("/"))
+        .await
+        .unwrap_err();
     assert_eq!(err, Boom);
 }
 
@@ -214,12 +388,29 @@ async fn inner_errors_pass_through_unchanged() {
 async fn invalid_rule_fails_open_or_closed() {
     let (runs, inner) = counting();
     let bad = Rule::fixed_window(0, Duration::from_secs(10));
-    let mut open = ServiceBuilder::new().layer(RateLimitLayer::new(MemoryBackend::new(), bad.clone())).service(inner.clone());
-    assert_eq!(open.ready().await.unwrap().call(request("/")).await.unwrap().status(), StatusCode::OK);
+    let mut open = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(MemoryBackend::new(), bad.clone()))
+        .service(inner.clone());
+    assert_eq!(
+        open.ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
     let mut closed = ServiceBuilder::new()
         .layer(RateLimitLayer::new(MemoryBackend::new(), bad).on_backend_error(FailureMode::Closed))
         .service(inner);
-    let res = closed.ready().await.unwrap().call(request("/")).await.unwrap();
+    let res = closed
+        .ready()
+        .await
+        .unwrap()
+        .call(request("/"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(header(&res, "retry-after"), Some("1"));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -231,47 +422,111 @@ async fn bad_input_never_panics() {
     let key = KeyExtractor::header(HeaderName::from_static("x-api-key"))
         .or(KeyExtractor::forwarded_for(1))
         .or(KeyExtractor::peer_ip());
-    let layer = RateLimitLayer::new(MemoryBackend::new(), Rule::fixed_window(1, Duration::from_secs(60))).key(key);
+    let layer = RateLimitLayer::new(
+        MemoryBackend::new(),
+        Rule::fixed_window(1, Duration::from_secs(60)),
+    )
+    .key(key);
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
 
     // Non-UTF-8 key, and a huge key: each is its own (hashed) key, limited as usual.
-    for value in [HeaderValue::from_bytes(&[0xff, 0xfe, 0x80]).unwrap(), HeaderValue::from_str(&"k".repeat(32 * 1024)).unwrap()] {
+    for value in [
+        HeaderValue::from_bytes(&[0xff, 0xfe, 0x80]).unwrap(),
+        HeaderValue::from_str(&"k".repeat(32 * 1024)).unwrap(),
+    ] {
         let mut req = request("/");
         req.headers_mut().insert("x-api-key", value);
         let mut again = request("/");
         again.headers_mut().clone_from(req.headers());
-        assert_eq!(svc.ready().await.unwrap().call(req).await.unwrap().status(), StatusCode::OK);
-        assert_eq!(svc.ready().await.unwrap().call(again).await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            svc.ready().await.unwrap().call(req).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            svc.ready()
+                .await
+                .unwrap()
+                .call(again)
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
     }
 
     // A spoofed X-Forwarded-For: the left entries change, the trusted right one does not, so
     // the client is still limited.
     for spoof in ["1.1.1.1, 9.9.9.9", "2.2.2.2, 9.9.9.9", "garbage, 9.9.9.9"] {
         let mut req = request("/");
-        req.headers_mut().insert("x-forwarded-for", HeaderValue::from_str(spoof).unwrap());
+        req.headers_mut()
+            .insert("x-forwarded-for", HeaderValue::from_str(spoof).unwrap());
         let status = svc.ready().await.unwrap().call(req).await.unwrap().status();
         let first = spoof.starts_with("1.1.1.1");
-        assert_eq!(status, if first { StatusCode::OK } else { StatusCode::TOO_MANY_REQUESTS }, "{spoof}");
+        assert_eq!(
+            status,
+            if first {
+                StatusCode::OK
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            },
+            "{spoof}"
+        );
     }
 
     // No peer address and no other key: a 400, not a panic.
-    let req = Request::builder().uri("/").body(Full::<Bytes>::default()).unwrap();
-    assert_eq!(svc.ready().await.unwrap().call(req).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    let req = Request::builder()
+        .uri("/")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    assert_eq!(
+        svc.ready().await.unwrap().call(req).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(start_paused = true)]
 async fn token_bucket_refills_with_paused_time() {
     let (_, inner) = counting();
-    let layer = RateLimitLayer::new(MemoryBackend::new(), Rule::token_bucket(2, 1, Duration::from_secs(1)));
+    let layer = RateLimitLayer::new(
+        MemoryBackend::new(),
+        Rule::token_bucket(2, 1, Duration::from_secs(1)),
+    );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        statuses.push(svc.ready().await.unwrap().call(request("/")).await.unwrap().status().as_u16());
+        statuses.push(
+            svc.ready()
+                .await
+                .unwrap()
+                .call(request("/"))
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
     }
     tokio::time::advance(Duration::from_millis(1001)).await;
-    statuses.push(svc.ready().await.unwrap().call(request("/")).await.unwrap().status().as_u16());
-    statuses.push(svc.ready().await.unwrap().call(request("/")).await.unwrap().status().as_u16());
+    statuses.push(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+    );
+    statuses.push(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+    );
     assert_eq!(statuses, [200, 200, 429, 200, 429]);
 }
 
@@ -280,14 +535,34 @@ async fn axum_route_layer_with_connect_info() {
     use axum::{extract::connect_info::MockConnectInfo, routing::get, Router};
     let app = Router::new()
         .route("/limited", get(|| async { "limited" }))
-        .route_layer(RateLimitLayer::new(MemoryBackend::new(), Rule::sliding_log(1, Duration::from_secs(60))))
+        .route_layer(RateLimitLayer::new(
+            MemoryBackend::new(),
+            Rule::sliding_log(1, Duration::from_secs(60)),
+        ))
         .route("/open", get(|| async { "open" }))
         .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 9999))));
-    let get = |path: &str| Request::builder().uri(path).body(axum::body::Body::empty()).unwrap();
-    assert_eq!(app.clone().oneshot(get("/limited")).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(app.clone().oneshot(get("/limited")).await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(app.clone().oneshot(get("/open")).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(app.clone().oneshot(get("/open")).await.unwrap().status(), StatusCode::OK);
+    let get = |path: &str| {
+        Request::builder()
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        app.clone().oneshot(get("/limited")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.clone().oneshot(get("/limited")).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        app.clone().oneshot(get("/open")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.clone().oneshot(get("/open")).await.unwrap().status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test(start_paused = true)]

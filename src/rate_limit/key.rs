@@ -57,10 +57,25 @@ impl KeyExtractor {
         Self::one(Source::PeerIp)
     }
 
-    /// The value of a request header (for example `x-api-key`). Any bytes are accepted,
-    /// including non-UTF-8; an empty value counts as missing.
-    pub fn header(name: HeaderName) -> Self {
-        Self::one(Source::Header(name))
+    /// The value of a request header (for example `"x-api-key"` or a [`HeaderName`]). Any bytes
+    /// are accepted, including non-UTF-8; an empty value counts as missing.
+    ///
+    /// An invalid header name is logged as an error and never extracts a key (so requests are
+    /// handled as [`MissingKey`](super::MissingKey) says).
+    pub fn header<N>(name: N) -> Self
+    where
+        N: TryInto<HeaderName>,
+        N::Error: fmt::Display,
+    {
+        match name.try_into() {
+            Ok(name) => Self::one(Source::Header(name)),
+            Err(error) => {
+                tracing::error!(%error, "invalid header name for a rate-limit key");
+                Self {
+                    sources: Vec::new(),
+                }
+            }
+        }
     }
 
     /// The client address from `X-Forwarded-For`, trusting exactly `trusted_proxies` reverse
