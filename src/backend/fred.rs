@@ -1,12 +1,14 @@
 //! The `fred` store: fred, standalone or cluster.
 
-use std::{fmt, future::Future, pin::Pin, sync::Arc};
+use std::{fmt, sync::Arc};
 
-use fred::prelude::{Builder, Client, ClientLike, Config, Error, LuaInterface, Pool};
+use fred::{
+    prelude::{Builder, Client, ClientLike, Config, Error, LuaInterface, Pool},
+    types::Value,
+};
 
 use super::{
-    rule_keys,
-    script::{decode_decision, rate_limit_args, RATE_LIMIT},
+    script::{check_rate, BoxFuture, Lua, Reply, ScriptRunner},
     BackendError, Decision, RateCheck, RateLimitStore,
 };
 
@@ -19,7 +21,6 @@ use super::{
 pub struct FredBackend {
     client: FredClient,
     prefix: Arc<str>,
-    rate_limit_sha: Arc<str>,
 }
 
 #[derive(Clone)]
@@ -64,7 +65,6 @@ impl FredBackend {
         Self {
             client,
             prefix: Arc::from("trl"),
-            rate_limit_sha: fred::util::sha1_hash(RATE_LIMIT).into(),
         }
     }
 }
@@ -95,25 +95,60 @@ impl fmt::Debug for FredBackend {
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+impl FredClient {
+    async fn eval(
+        &self,
+        lua: &'static Lua,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, Error> {
+        let first = match self {
+            FredClient::Client(c) => c.evalsha(lua.sha(), keys.clone(), args.clone()).await,
+            FredClient::Pool(p) => p.evalsha(lua.sha(), keys.clone(), args.clone()).await,
+        };
+        match first {
+            Err(err) if err.details().starts_with("NOSCRIPT") => match self {
+                FredClient::Client(c) => c.eval(lua.text, keys, args).await,
+                FredClient::Pool(p) => p.eval(lua.text, keys, args).await,
+            },
+            other => other,
+        }
+    }
+}
 
-async fn eval_with_reload(
-    client: &FredClient,
-    sha: &str,
-    script: &'static str,
-    keys: Vec<String>,
-    args: Vec<String>,
-) -> Result<Vec<i64>, Error> {
-    let first: Result<Vec<i64>, Error> = match client {
-        FredClient::Client(c) => c.evalsha(sha, keys.clone(), args.clone()).await,
-        FredClient::Pool(p) => p.evalsha(sha, keys.clone(), args.clone()).await,
-    };
-    match first {
-        Err(err) if err.details().starts_with("NOSCRIPT") => match client {
-            FredClient::Client(c) => c.eval(script, keys, args).await,
-            FredClient::Pool(p) => p.eval(script, keys, args).await,
-        },
-        other => other,
+fn reply(value: Value) -> Result<Reply, BackendError> {
+    Ok(match value {
+        Value::Null => Reply::Nil,
+        Value::Integer(i) => Reply::Int(i),
+        Value::Bytes(b) => Reply::Bytes(b.to_vec()),
+        Value::String(s) => Reply::Bytes(s.as_bytes().to_vec()),
+        Value::Array(items) => {
+            Reply::Array(items.into_iter().map(reply).collect::<Result<_, _>>()?)
+        }
+        other => return Err(BackendError::Reply(format!("unexpected value {other:?}"))),
+    })
+}
+
+impl ScriptRunner for FredBackend {
+    fn run(
+        &self,
+        lua: &'static Lua,
+        keys: Vec<String>,
+        args: Vec<Vec<u8>>,
+    ) -> BoxFuture<Result<Reply, BackendError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let args: Vec<Value> = args.into_iter().map(|a| Value::Bytes(a.into())).collect();
+            let value = client
+                .eval(lua, keys, args)
+                .await
+                .map_err(BackendError::store)?;
+            reply(value)
+        })
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
     }
 }
 
@@ -121,16 +156,6 @@ impl RateLimitStore for FredBackend {
     type Future = BoxFuture<Result<Decision, BackendError>>;
 
     fn check(&self, check: RateCheck<'_>) -> Self::Future {
-        let keys = rule_keys(&self.prefix, &check);
-        let args = rate_limit_args(&check);
-        let rules = check.rules.len();
-        let client = self.client.clone();
-        let sha = Arc::clone(&self.rate_limit_sha);
-        Box::pin(async move {
-            let reply = eval_with_reload(&client, &sha, RATE_LIMIT, keys, args)
-                .await
-                .map_err(BackendError::store)?;
-            decode_decision(&reply, rules)
-        })
+        check_rate(self, check)
     }
 }

@@ -134,17 +134,3 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
         (**self).is_remote()
     }
 }
-
-/// Builds the Redis key of each rule: `<prefix>:{<hashed key>}:<rule signature>`.
-///
-/// Every key of one call carries the same `{...}` hash tag, so the call lands on one cluster
-/// slot.
-#[cfg(any(feature = "redis", feature = "fred"))]
-pub(crate) fn rule_keys(prefix: &str, check: &RateCheck<'_>) -> Vec<String> {
-    let tag = check.key.to_hex();
-    check
-        .rules
-        .iter()
-        .map(|rule| format!("{prefix}:{{{tag}}}:{}", rule.signature()))
-        .collect()
-}

@@ -1,17 +1,16 @@
 //! The `redis` store: redis-rs, standalone or cluster.
 
-use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
-    Script,
+    Cmd, RedisResult, Value,
 };
 
 use super::{
-    rule_keys,
-    script::{decode_decision, rate_limit_args, RATE_LIMIT},
+    script::{check_rate, BoxFuture, Lua, Reply, ScriptRunner},
     BackendError, Decision, RateCheck, RateLimitStore,
 };
 
@@ -33,7 +32,6 @@ use super::{
 pub struct RedisBackend {
     conn: Connection,
     prefix: Arc<str>,
-    rate_limit: Arc<Script>,
 }
 
 #[derive(Clone)]
@@ -101,7 +99,6 @@ impl RedisBackend {
         Self {
             conn,
             prefix: Arc::from("trl"),
-            rate_limit: Arc::new(Script::new(RATE_LIMIT)),
         }
     }
 }
@@ -129,31 +126,68 @@ impl fmt::Debug for RedisBackend {
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+impl Connection {
+    async fn query(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        let value = match self {
+            Connection::Single(c) => c.req_packed_command(cmd).await?,
+            Connection::Cluster(c) => c.req_packed_command(cmd).await?,
+        };
+        // A server error can arrive as a value; make it an error.
+        value.extract_error()
+    }
+}
+
+fn script_cmd(name: &str, body: &str, keys: &[String], args: &[Vec<u8>]) -> Cmd {
+    let mut cmd = redis::cmd(name);
+    cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
+    cmd
+}
+
+fn reply(value: Value) -> Result<Reply, BackendError> {
+    Ok(match value {
+        Value::Nil => Reply::Nil,
+        Value::Int(i) => Reply::Int(i),
+        Value::BulkString(b) => Reply::Bytes(b),
+        Value::SimpleString(s) => Reply::Bytes(s.into_bytes()),
+        Value::Okay => Reply::Bytes(b"OK".to_vec()),
+        Value::Array(items) | Value::Set(items) => {
+            Reply::Array(items.into_iter().map(reply).collect::<Result<_, _>>()?)
+        }
+        other => return Err(BackendError::Reply(format!("unexpected value {other:?}"))),
+    })
+}
+
+impl ScriptRunner for RedisBackend {
+    fn run(
+        &self,
+        lua: &'static Lua,
+        keys: Vec<String>,
+        args: Vec<Vec<u8>>,
+    ) -> BoxFuture<Result<Reply, BackendError>> {
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let evalsha = script_cmd("EVALSHA", lua.sha(), &keys, &args);
+            let value = match conn.query(&evalsha).await {
+                Err(err) if err.code() == Some("NOSCRIPT") => {
+                    conn.query(&script_cmd("EVAL", lua.text, &keys, &args))
+                        .await
+                }
+                other => other,
+            }
+            .map_err(BackendError::store)?;
+            reply(value)
+        })
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
 
 impl RateLimitStore for RedisBackend {
     type Future = BoxFuture<Result<Decision, BackendError>>;
 
     fn check(&self, check: RateCheck<'_>) -> Self::Future {
-        let keys = rule_keys(&self.prefix, &check);
-        let args = rate_limit_args(&check);
-        let rules = check.rules.len();
-        let script = Arc::clone(&self.rate_limit);
-        let mut conn = self.conn.clone();
-        Box::pin(async move {
-            let mut invocation = script.prepare_invoke();
-            for key in &keys {
-                invocation.key(key);
-            }
-            for arg in &args {
-                invocation.arg(arg);
-            }
-            let reply: Vec<i64> = match &mut conn {
-                Connection::Single(c) => invocation.invoke_async(c).await,
-                Connection::Cluster(c) => invocation.invoke_async(c).await,
-            }
-            .map_err(BackendError::store)?;
-            decode_decision(&reply, rules)
-        })
+        check_rate(self, check)
     }
 }

@@ -1,31 +1,135 @@
-//! The Lua scripts shared by the `redis` and `fred` stores, and the encoding of their arguments
-//! and replies.
+//! What the `redis` and `fred` stores share: the Lua scripts, the encoding of their arguments and
+//! replies, and the store operations written once over a [`ScriptRunner`].
 
-use std::time::Duration;
+use std::{future::Future, pin::Pin, sync::OnceLock, time::Duration};
 
 use super::{BackendError, Decision, RateCheck, RuleState};
 
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A Lua script, sent with `EVALSHA` (and `EVAL` on `NOSCRIPT`).
+pub(crate) struct Lua {
+    pub(crate) text: &'static str,
+    sha: OnceLock<String>,
+}
+
+impl Lua {
+    const fn new(text: &'static str) -> Self {
+        Self {
+            text,
+            sha: OnceLock::new(),
+        }
+    }
+
+    /// The SHA-1 of the text, as `EVALSHA` wants it.
+    pub(crate) fn sha(&self) -> &str {
+        self.sha
+            .get_or_init(|| sha1_smol::Sha1::from(self.text).digest().to_string())
+    }
+}
+
 /// Checks and consumes every rule of one request; see the header of the file for its contract.
-pub(crate) const RATE_LIMIT: &str = include_str!("../scripts/rate_limit.lua");
+pub(crate) static RATE_LIMIT: Lua = Lua::new(include_str!("../scripts/rate_limit.lua"));
+
+/// A script reply, the same whichever client read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reply {
+    Nil,
+    Int(i64),
+    Bytes(Vec<u8>),
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    pub(crate) fn int(&self) -> Result<i64, BackendError> {
+        match self {
+            Reply::Int(i) => Ok(*i),
+            Reply::Bytes(b) => std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| BackendError::Reply("expected an integer".into())),
+            other => Err(BackendError::Reply(format!(
+                "expected an integer, got {other:?}"
+            ))),
+        }
+    }
+
+    pub(crate) fn array(self) -> Result<Vec<Reply>, BackendError> {
+        match self {
+            Reply::Array(items) => Ok(items),
+            other => Err(BackendError::Reply(format!(
+                "expected an array, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Runs a script on one Redis client.
+pub(crate) trait ScriptRunner: Send + Sync + 'static {
+    /// Runs `lua` with `keys` (all in one hash slot) and `args`: one round trip.
+    fn run(
+        &self,
+        lua: &'static Lua,
+        keys: Vec<String>,
+        args: Vec<Vec<u8>>,
+    ) -> BoxFuture<Result<Reply, BackendError>>;
+
+    /// The prefix of every key.
+    fn prefix(&self) -> &str;
+}
+
+/// Builds the Redis key of each rule: `<prefix>:{<hashed key>}:<rule signature>`.
+///
+/// Every key of one call carries the same `{...}` hash tag, so the call lands on one cluster
+/// slot.
+fn rule_keys(prefix: &str, check: &RateCheck<'_>) -> Vec<String> {
+    let tag = check.key.to_hex();
+    check
+        .rules
+        .iter()
+        .map(|rule| format!("{prefix}:{{{tag}}}:{}", rule.signature()))
+        .collect()
+}
 
 /// `ARGV` of [`RATE_LIMIT`]: cost, nonce, want-state flag, then kind, a, b, c per rule.
-pub(crate) fn rate_limit_args(check: &RateCheck<'_>) -> Vec<String> {
+fn rate_limit_args(check: &RateCheck<'_>) -> Vec<Vec<u8>> {
     let mut args = Vec::with_capacity(3 + 4 * check.rules.len());
-    args.push(check.cost.to_string());
-    args.push(format!("{:016x}", rand::random::<u64>()));
-    args.push(if check.want_state { "1" } else { "0" }.to_owned());
+    args.push(check.cost.to_string().into_bytes());
+    args.push(format!("{:016x}", rand::random::<u64>()).into_bytes());
+    args.push(if check.want_state {
+        b"1".to_vec()
+    } else {
+        b"0".to_vec()
+    });
     for rule in check.rules {
         let (a, b, c) = rule.encode();
-        args.push(rule.kind().to_string());
-        args.push(a.to_string());
-        args.push(b.to_string());
-        args.push(c.to_string());
+        args.push(rule.kind().to_string().into_bytes());
+        args.push(a.to_string().into_bytes());
+        args.push(b.to_string().into_bytes());
+        args.push(c.to_string().into_bytes());
     }
     args
 }
 
+/// One rate-limit check over any client: one script call.
+pub(crate) fn check_rate<R: ScriptRunner>(
+    runner: &R,
+    check: RateCheck<'_>,
+) -> BoxFuture<Result<Decision, BackendError>> {
+    let keys = rule_keys(runner.prefix(), &check);
+    let args = rate_limit_args(&check);
+    let rules = check.rules.len();
+    let call = runner.run(&RATE_LIMIT, keys, args);
+    Box::pin(async move { decode_decision(call.await?, rules) })
+}
+
 /// Turns the script's reply into a [`Decision`].
-pub(crate) fn decode_decision(reply: &[i64], rules: usize) -> Result<Decision, BackendError> {
+fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, BackendError> {
+    let reply = reply
+        .array()?
+        .iter()
+        .map(Reply::int)
+        .collect::<Result<Vec<i64>, _>>()?;
     if reply.len() != 3 + 2 * rules {
         return Err(BackendError::Reply(format!(
             "rate-limit script returned {} values for {rules} rules",
