@@ -12,6 +12,8 @@
 //! - `GET /fixed`: fixed window, 5 requests per 10 s
 //! - `GET /sliding`: sliding window log, 5 requests per 10 s
 //! - `GET /bucket`: token bucket, capacity 5, refill 1 token per second
+//! - `POST /orders`: idempotent with an `Idempotency-Key` header; the handler takes 300 ms and
+//!   answers `201` with an order number and the echoed request body
 //! - `GET /stats`: how many times each handler ran in this process (JSON)
 
 use std::{
@@ -23,10 +25,16 @@ use std::{
     time::Duration,
 };
 
-use axum::{extract::State, http::HeaderName, routing::get, Json, Router};
+use axum::{
+    extract::State,
+    http::{HeaderName, StatusCode},
+    routing::{get, post},
+    Json, Router,
+};
 use serde_json::{json, Value};
 use tower_redis_layers::{
-    backend::{MemoryBackend, RateLimitStore},
+    backend::{IdempotencyStore, MemoryBackend, RateLimitStore},
+    idempotency::IdempotencyLockLayer,
     rate_limit::{Headers, KeyExtractor, RateLimitLayer, Rule},
 };
 
@@ -35,6 +43,7 @@ struct Stats {
     fixed: AtomicU64,
     sliding: AtomicU64,
     bucket: AtomicU64,
+    orders: AtomicU64,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -103,7 +112,7 @@ async fn fred_app(_url: &str) -> Result<Router, Error> {
     Err("DEMO_BACKEND=fred needs `--features fred`".into())
 }
 
-fn app<B: RateLimitStore + Clone>(backend: B) -> Router {
+fn app<B: RateLimitStore + IdempotencyStore + Clone>(backend: B) -> Router {
     let stats = Arc::new(Stats::default());
     let key =
         KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
@@ -130,6 +139,10 @@ fn app<B: RateLimitStore + Clone>(backend: B) -> Router {
                 limit(Rule::token_bucket(5, 1, Duration::from_secs(1)).name("bucket")),
             ),
         )
+        .route(
+            "/orders",
+            post(create_order).layer(IdempotencyLockLayer::new(backend.clone())),
+        )
         .route("/stats", get(stats_handler))
         .with_state(stats)
 }
@@ -139,10 +152,21 @@ fn run(counter: &AtomicU64, route: &str) -> Json<Value> {
     Json(json!({ "route": route, "runs": runs }))
 }
 
+async fn create_order(State(s): State<Arc<Stats>>, body: String) -> (StatusCode, Json<Value>) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let order = s.orders.fetch_add(1, Ordering::Relaxed) + 1;
+    let echoed = serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body));
+    (
+        StatusCode::CREATED,
+        Json(json!({ "order": order, "body": echoed })),
+    )
+}
+
 async fn stats_handler(State(s): State<Arc<Stats>>) -> Json<Value> {
     Json(json!({
         "fixed": s.fixed.load(Ordering::Relaxed),
         "sliding": s.sliding.load(Ordering::Relaxed),
         "bucket": s.bucket.load(Ordering::Relaxed),
+        "orders": s.orders.load(Ordering::Relaxed),
     }))
 }

@@ -47,7 +47,10 @@
 pub mod backend;
 #[cfg(feature = "test-support")]
 pub mod conformance;
+pub mod idempotency;
 mod key;
+pub mod lock;
+mod problem;
 pub mod rate_limit;
 mod time;
 

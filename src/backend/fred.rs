@@ -159,3 +159,5 @@ impl RateLimitStore for FredBackend {
         check_rate(self, check)
     }
 }
+
+super::records::impl_record_stores!(FredBackend);

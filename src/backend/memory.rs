@@ -28,6 +28,7 @@ pub struct MemoryBackend {
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
     clock: Clock,
+    records: super::memory_records::Records,
 }
 
 type SlotKey = (StoreKey, u8, u64, u64, u64);
@@ -78,6 +79,7 @@ impl MemoryBackend {
         let inner = Arc::new(Inner {
             shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
             clock: Clock::new(),
+            records: super::memory_records::Records::new(shards),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweeper(Arc::downgrade(&inner)));
@@ -102,6 +104,14 @@ impl MemoryBackend {
     /// Whether the store holds no entries.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub(crate) fn now_us(&self) -> u64 {
+        self.inner.clock.now_us()
+    }
+
+    pub(crate) fn records(&self) -> &super::memory_records::Records {
+        &self.inner.records
     }
 
     fn decide(&self, check: &RateCheck<'_>) -> Result<Decision, BackendError> {
@@ -199,6 +209,7 @@ impl Inner {
                 shard.sweep(now);
             }
         }
+        self.records.sweep(now);
     }
 }
 

@@ -21,6 +21,9 @@ use std::{future::Future, time::Duration};
 use crate::{key::StoreKey, rate_limit::Rule};
 
 mod memory;
+mod memory_records;
+#[cfg(any(feature = "redis", feature = "fred"))]
+pub(crate) mod records;
 #[cfg(any(feature = "redis", feature = "fred"))]
 pub(crate) mod script;
 
@@ -132,5 +135,120 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
 
     fn is_remote(&self) -> bool {
         (**self).is_remote()
+    }
+}
+
+/// The boxed future of a lock or idempotency store operation.
+pub type StoreFuture<T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'static>>;
+
+/// A store of leases with fencing tokens: the safe distributed lock.
+///
+/// Only the holder of the random token can extend or release a lock (compare-and-extend,
+/// compare-and-delete), so a slow holder whose lease ran out cannot release the next holder's
+/// lock. Each acquisition returns a fencing token that grows per resource; storage guarded by the
+/// lock should reject writes that carry an older token. The per-resource fence counter is kept
+/// without expiry (a few bytes per resource ever locked).
+pub trait LockStore: Send + Sync + 'static {
+    /// Takes the lock on `resource` for `lease` if it is free (`SET NX PX`). Returns the fencing
+    /// token, or `None` when someone holds it.
+    fn acquire_lock(
+        &self,
+        resource: &StoreKey,
+        token: &str,
+        lease: Duration,
+    ) -> StoreFuture<Option<u64>>;
+
+    /// Extends the lease if `token` still holds the lock; `false` when it does not.
+    fn extend_lock(&self, resource: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool>;
+
+    /// Releases the lock if `token` still holds it; `false` (and nothing changes) otherwise.
+    fn release_lock(&self, resource: &StoreKey, token: &str) -> StoreFuture<bool>;
+}
+
+/// What a claim of an idempotency record found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The record was free: the caller holds it now, with this fencing token.
+    Claimed {
+        /// Grows with every claim of the same record.
+        fence: u64,
+    },
+    /// Another request holds the record and is still running.
+    InFlight {
+        /// Time left on its lease.
+        lease_left: Duration,
+    },
+    /// The record is complete: the stored response, as given to
+    /// [`IdempotencyStore::complete`].
+    Completed(Vec<u8>),
+    /// The record was made by a request with another fingerprint (another body).
+    Mismatch,
+}
+
+/// A claim request: who claims, for which request, for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    /// Random token of the claimant.
+    pub token: &'a str,
+    /// Fingerprint of the request (SHA-256 of the body).
+    pub fingerprint: &'a [u8],
+    /// Lease of the in-flight claim; renewed while the request runs.
+    pub lease: Duration,
+    /// How long completed records are kept (the fence counter lives as long).
+    pub retention: Duration,
+}
+
+/// A store of idempotency records: absent, then in flight (a lease with a token), then
+/// completed (the stored response).
+///
+/// Every operation is atomic; `complete`, `extend_claim` and `release_claim` act only while the
+/// token still holds the in-flight claim, so a request whose lease was lost stores nothing.
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims the record `key`, or reports what holds it.
+    fn claim(&self, key: &StoreKey, request: ClaimRequest<'_>) -> StoreFuture<Claim>;
+
+    /// Stores `response` and keeps the record for `retention`, if `token` still holds the claim.
+    fn complete(
+        &self,
+        key: &StoreKey,
+        token: &str,
+        response: Vec<u8>,
+        retention: Duration,
+    ) -> StoreFuture<bool>;
+
+    /// Extends the in-flight lease, if `token` still holds the claim.
+    fn extend_claim(&self, key: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool>;
+
+    /// Deletes the in-flight record, if `token` still holds the claim, so the request may be
+    /// retried.
+    fn release_claim(&self, key: &StoreKey, token: &str) -> StoreFuture<bool>;
+}
+
+impl<T: LockStore> LockStore for std::sync::Arc<T> {
+    fn acquire_lock(&self, r: &StoreKey, t: &str, l: Duration) -> StoreFuture<Option<u64>> {
+        (**self).acquire_lock(r, t, l)
+    }
+    fn extend_lock(&self, r: &StoreKey, t: &str, l: Duration) -> StoreFuture<bool> {
+        (**self).extend_lock(r, t, l)
+    }
+    fn release_lock(&self, r: &StoreKey, t: &str) -> StoreFuture<bool> {
+        (**self).release_lock(r, t)
+    }
+}
+
+impl<T: IdempotencyStore> IdempotencyStore for std::sync::Arc<T> {
+    fn claim(&self, k: &StoreKey, r: ClaimRequest<'_>) -> StoreFuture<Claim> {
+        (**self).claim(k, r)
+    }
+    fn complete(&self, k: &StoreKey, t: &str, r: Vec<u8>, d: Duration) -> StoreFuture<bool> {
+        (**self).complete(k, t, r, d)
+    }
+    fn extend_claim(&self, k: &StoreKey, t: &str, l: Duration) -> StoreFuture<bool> {
+        (**self).extend_claim(k, t, l)
+    }
+    fn release_claim(&self, k: &StoreKey, t: &str) -> StoreFuture<bool> {
+        (**self).release_claim(k, t)
     }
 }

@@ -191,3 +191,5 @@ impl RateLimitStore for RedisBackend {
         check_rate(self, check)
     }
 }
+
+super::records::impl_record_stores!(RedisBackend);

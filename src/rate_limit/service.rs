@@ -378,18 +378,7 @@ pub(crate) fn rejection(config: &Config, why: &Rejection) -> Response<Bytes> {
             "the request carries no rate-limit key",
         ),
     };
-    let body = format!(
-        "{{\"type\":\"about:blank\",\"title\":\"{}\",\"status\":{},\"detail\":\"{detail}\"}}",
-        status.canonical_reason().unwrap_or(""),
-        status.as_u16()
-    );
-    let mut response = Response::new(Bytes::from(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    response
+    crate::problem::problem(status, detail)
 }
 
 #[inline]
