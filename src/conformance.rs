@@ -320,3 +320,270 @@ pub async fn concurrent_checks_admit_exactly_the_limit<S: RateLimitStore>(store:
         assert_eq!(admitted, 20, "{rule:?}: {admitted} of 100 admitted");
     }
 }
+
+/// Runs every check of the lock suite against `store`.
+pub async fn lock_suite<S: crate::backend::LockStore>(store: &S) {
+    tokio::join!(
+        lock_is_exclusive_and_fenced(store),
+        lock_release_and_extend_need_the_token(store),
+        expired_lock_is_free_and_safe_from_its_old_holder(store),
+    );
+}
+
+fn token() -> String {
+    crate::lock::new_token()
+}
+
+/// Only one holder at a time; each acquisition gets a larger fencing token.
+pub async fn lock_is_exclusive_and_fenced<S: crate::backend::LockStore>(store: &S) {
+    let key = random_key();
+    let lease = Duration::from_secs(10);
+    let (a, b) = (token(), token());
+    let first = store.acquire_lock(&key, &a, lease).await.unwrap();
+    assert!(first.is_some(), "a free lock was not taken");
+    assert_eq!(
+        store.acquire_lock(&key, &b, lease).await.unwrap(),
+        None,
+        "lock taken twice"
+    );
+    assert!(store.release_lock(&key, &a).await.unwrap());
+    let second = store.acquire_lock(&key, &b, lease).await.unwrap();
+    assert!(
+        second > first,
+        "fencing tokens must grow: {first:?} then {second:?}"
+    );
+}
+
+/// Release and extend with a foreign token do nothing.
+pub async fn lock_release_and_extend_need_the_token<S: crate::backend::LockStore>(store: &S) {
+    let key = random_key();
+    let lease = Duration::from_secs(10);
+    let (a, b) = (token(), token());
+    assert!(store.acquire_lock(&key, &a, lease).await.unwrap().is_some());
+    assert!(
+        !store.release_lock(&key, &b).await.unwrap(),
+        "a foreign token released the lock"
+    );
+    assert!(
+        !store.extend_lock(&key, &b, lease).await.unwrap(),
+        "a foreign token extended the lock"
+    );
+    assert!(store.extend_lock(&key, &a, lease).await.unwrap());
+    assert_eq!(
+        store.acquire_lock(&key, &b, lease).await.unwrap(),
+        None,
+        "still held"
+    );
+}
+
+/// A lease that ran out frees the lock; the old holder cannot release the new holder's lock.
+pub async fn expired_lock_is_free_and_safe_from_its_old_holder<S: crate::backend::LockStore>(
+    store: &S,
+) {
+    let key = random_key();
+    let (a, b) = (token(), token());
+    let first = store
+        .acquire_lock(&key, &a, Duration::from_millis(200))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = store
+        .acquire_lock(&key, &b, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        second > first,
+        "an expired lock must be free, with a larger fence"
+    );
+    assert!(
+        !store.release_lock(&key, &a).await.unwrap(),
+        "the old holder released the new lock"
+    );
+    assert!(!store
+        .extend_lock(&key, &a, Duration::from_secs(10))
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .acquire_lock(&key, &token(), Duration::from_secs(1))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+/// Runs every check of the idempotency suite against `store`.
+pub async fn idempotency_suite<S: crate::backend::IdempotencyStore>(store: &S) {
+    tokio::join!(
+        claim_complete_and_replay(store),
+        foreign_token_changes_nothing(store),
+        killed_holder_expires_and_its_late_completion_stores_nothing(store),
+        extended_claim_stays_exclusive(store),
+    );
+}
+
+fn claim_request<'a>(
+    token: &'a str,
+    fingerprint: &'a [u8],
+    lease: Duration,
+) -> crate::backend::ClaimRequest<'a> {
+    crate::backend::ClaimRequest {
+        token,
+        fingerprint,
+        lease,
+        retention: Duration::from_secs(60),
+    }
+}
+
+/// absent -> in flight -> completed, with mismatches detected at every stage.
+pub async fn claim_complete_and_replay<S: crate::backend::IdempotencyStore>(store: &S) {
+    use crate::backend::Claim;
+    let key = random_key();
+    let lease = Duration::from_secs(10);
+    let (a, b) = (token(), token());
+    let claimed = store
+        .claim(&key, claim_request(&a, b"fp-1", lease))
+        .await
+        .unwrap();
+    assert!(matches!(claimed, Claim::Claimed { .. }), "{claimed:?}");
+    let dup = store
+        .claim(&key, claim_request(&b, b"fp-1", lease))
+        .await
+        .unwrap();
+    assert!(matches!(dup, Claim::InFlight { .. }), "{dup:?}");
+    let other = store
+        .claim(&key, claim_request(&b, b"fp-2", lease))
+        .await
+        .unwrap();
+    assert_eq!(other, Claim::Mismatch);
+    let retention = Duration::from_secs(60);
+    assert!(!store
+        .complete(&key, &b, b"theirs".to_vec(), retention)
+        .await
+        .unwrap());
+    assert!(store
+        .complete(&key, &a, b"response \x00\xff".to_vec(), retention)
+        .await
+        .unwrap());
+    let replay = store
+        .claim(&key, claim_request(&b, b"fp-1", lease))
+        .await
+        .unwrap();
+    assert_eq!(replay, Claim::Completed(b"response \x00\xff".to_vec()));
+    let other = store
+        .claim(&key, claim_request(&b, b"fp-2", lease))
+        .await
+        .unwrap();
+    assert_eq!(other, Claim::Mismatch);
+    assert!(
+        !store.release_claim(&key, &a).await.unwrap(),
+        "a completed record is not released"
+    );
+}
+
+/// Release and extend with a foreign token do nothing; a released key can be claimed again
+/// with a larger fence.
+pub async fn foreign_token_changes_nothing<S: crate::backend::IdempotencyStore>(store: &S) {
+    use crate::backend::Claim;
+    let key = random_key();
+    let lease = Duration::from_secs(10);
+    let (a, b) = (token(), token());
+    let Claim::Claimed { fence: first } = store
+        .claim(&key, claim_request(&a, b"fp", lease))
+        .await
+        .unwrap()
+    else {
+        panic!("not claimed");
+    };
+    assert!(!store.release_claim(&key, &b).await.unwrap());
+    assert!(!store.extend_claim(&key, &b, lease).await.unwrap());
+    let dup = store
+        .claim(&key, claim_request(&b, b"fp", lease))
+        .await
+        .unwrap();
+    assert!(
+        matches!(dup, Claim::InFlight { .. }),
+        "a foreign release freed the key: {dup:?}"
+    );
+    assert!(store.release_claim(&key, &a).await.unwrap());
+    match store
+        .claim(&key, claim_request(&b, b"fp", lease))
+        .await
+        .unwrap()
+    {
+        Claim::Claimed { fence } => assert!(fence > first, "fence {fence} after {first}"),
+        other => panic!("a released key must be claimable: {other:?}"),
+    }
+}
+
+/// A holder that stops renewing loses the key when its lease ends; its late completion stores
+/// nothing and the new holder's result wins.
+pub async fn killed_holder_expires_and_its_late_completion_stores_nothing<
+    S: crate::backend::IdempotencyStore,
+>(
+    store: &S,
+) {
+    use crate::backend::Claim;
+    let key = random_key();
+    let (a, b) = (token(), token());
+    let retention = Duration::from_secs(60);
+    let Claim::Claimed { fence: first } = store
+        .claim(&key, claim_request(&a, b"fp", Duration::from_millis(200)))
+        .await
+        .unwrap()
+    else {
+        panic!("not claimed");
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Claim::Claimed { fence: second } = store
+        .claim(&key, claim_request(&b, b"fp", Duration::from_secs(10)))
+        .await
+        .unwrap()
+    else {
+        panic!("an expired claim must be claimable again");
+    };
+    assert!(second > first);
+    assert!(
+        !store
+            .complete(&key, &a, b"late".to_vec(), retention)
+            .await
+            .unwrap(),
+        "a lost claim stored its response"
+    );
+    assert!(store
+        .complete(&key, &b, b"winner".to_vec(), retention)
+        .await
+        .unwrap());
+    let replay = store
+        .claim(&key, claim_request(&token(), b"fp", Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(replay, Claim::Completed(b"winner".to_vec()));
+}
+
+/// Extending the lease keeps the claim past its first lease.
+pub async fn extended_claim_stays_exclusive<S: crate::backend::IdempotencyStore>(store: &S) {
+    use crate::backend::Claim;
+    let key = random_key();
+    let lease = Duration::from_millis(300);
+    let a = token();
+    assert!(matches!(
+        store
+            .claim(&key, claim_request(&a, b"fp", lease))
+            .await
+            .unwrap(),
+        Claim::Claimed { .. }
+    ));
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(
+            store.extend_claim(&key, &a, lease).await.unwrap(),
+            "renewal failed"
+        );
+    }
+    let dup = store
+        .claim(&key, claim_request(&token(), b"fp", lease))
+        .await
+        .unwrap();
+    assert!(matches!(dup, Claim::InFlight { .. }), "{dup:?}");
+}

@@ -4,11 +4,23 @@
 mod common;
 
 use common::{RedisCluster, RedisServer};
-use tower_redis_layers::{backend::MemoryBackend, conformance::rate_limit_suite};
+use tower_redis_layers::{
+    backend::{IdempotencyStore, LockStore, MemoryBackend, RateLimitStore},
+    conformance::{idempotency_suite, lock_suite, rate_limit_suite},
+};
+
+/// Every suite, concurrently.
+async fn all_suites<S: RateLimitStore + LockStore + IdempotencyStore>(store: &S) {
+    tokio::join!(
+        rate_limit_suite(store),
+        lock_suite(store),
+        idempotency_suite(store)
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store() {
-    rate_limit_suite(&MemoryBackend::new()).await;
+    all_suites(&MemoryBackend::new()).await;
 }
 
 #[cfg(feature = "redis")]
@@ -18,12 +30,12 @@ async fn redis_store_standalone_and_cluster() {
     let server = RedisServer::start();
     let store = RedisBackend::connect(&server.url()).await.unwrap();
     let before = server.command_calls("evalsha");
-    rate_limit_suite(&store).await;
+    all_suites(&store).await;
     assert!(server.command_calls("evalsha") > before);
 
     let cluster = RedisCluster::start();
     let store = RedisBackend::connect(&cluster.url()).await.unwrap();
-    rate_limit_suite(&store).await;
+    all_suites(&store).await;
     // The calls were spread over the masters: the key's hash tag picks the slot.
     let busy = cluster
         .nodes
@@ -39,10 +51,10 @@ async fn fred_store_standalone_and_cluster() {
     use tower_redis_layers::backend::FredBackend;
     let server = RedisServer::start();
     let store = FredBackend::connect(&server.url()).await.unwrap();
-    rate_limit_suite(&store).await;
+    all_suites(&store).await;
     assert!(server.command_calls("evalsha") > 0);
 
     let cluster = RedisCluster::start();
     let store = FredBackend::connect(&cluster.url()).await.unwrap();
-    rate_limit_suite(&store).await;
+    all_suites(&store).await;
 }
