@@ -68,13 +68,27 @@ fn start_demo(envs: &[(&str, String)]) -> Demo {
 
 /// A minimal HTTP/1.1 GET; returns the status and the body.
 async fn get(port: u16, path: &str, api_key: Option<&str>) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
     let key = api_key
         .map(|k| format!("x-api-key: {k}\r\n"))
         .unwrap_or_default();
     let req = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{key}connection: close\r\n\r\n");
+    exchange(port, &req).await
+}
+
+/// A minimal HTTP/1.1 POST with an `Idempotency-Key`.
+async fn post(port: u16, path: &str, idempotency_key: &str, body: &str) -> (u16, String) {
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\nidempotency-key: {idempotency_key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(port, &req).await
+}
+
+async fn exchange(port: u16, req: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     stream.write_all(req.as_bytes()).await.unwrap();
     let mut raw = String::new();
     stream.read_to_string(&mut raw).await.unwrap();
@@ -115,6 +129,26 @@ async fn check_routes(demo: &Demo) {
     // The bucket refills one token per second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(statuses(demo.port, "/bucket", 2, None).await, [200, 429]);
+
+    // Orders: one execution per Idempotency-Key, the same answer to the retry.
+    let key = format!("order-{}", demo.port);
+    let (first, second) = tokio::join!(
+        post(demo.port, "/orders", &key, "{\"item\":\"book\"}"),
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            post(demo.port, "/orders", &key, "{\"item\":\"book\"}").await
+        }
+    );
+    assert_eq!(first.0, 201);
+    let order: serde_json::Value = serde_json::from_str(&first.1).unwrap();
+    assert_eq!(order["body"]["item"], "book");
+    assert_eq!(second.0, 409, "a duplicate while the first runs");
+    let replay = post(demo.port, "/orders", &key, "{\"item\":\"book\"}").await;
+    assert_eq!(replay, first);
+    assert_eq!(post(demo.port, "/orders", &key, "{}").await.0, 422);
+    let (_, body) = get(demo.port, "/stats", None).await;
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["orders"], 1);
 }
 
 #[tokio::test]

@@ -80,9 +80,10 @@ impl RedisBackend {
                 .set_response_timeout(Some(CLIENT_TIMEOUT))
                 .set_number_of_retries(2)
                 .set_max_delay(Duration::from_millis(500));
-            let manager = ConnectionManager::new_with_config(client, config)
+            let mut manager = ConnectionManager::new_with_config(client, config)
                 .await
                 .map_err(BackendError::store)?;
+            warn_on_eviction(&mut manager).await;
             Ok(Self::from_manager(manager))
         }
     }
@@ -99,6 +100,35 @@ impl RedisBackend {
         Self {
             conn,
             prefix: Arc::from("trl"),
+        }
+    }
+}
+
+/// Warns when the server may evict this crate's keys (limits and idempotency records).
+async fn warn_on_eviction(conn: &mut ConnectionManager) {
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET").arg("maxmemory-policy");
+    // CONFIG may be disabled (managed services): then nothing is said.
+    let Ok(value) = conn.req_packed_command(&cmd).await else {
+        return;
+    };
+    let items: Vec<Value> = match value {
+        Value::Array(items) | Value::Set(items) => items,
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        _ => return,
+    };
+    {
+        let policy = items.iter().rev().find_map(|v| match v {
+            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        });
+        if let Some(policy) = policy.filter(|p| p.starts_with("allkeys-")) {
+            tracing::warn!(
+                %policy,
+                "Redis may evict rate-limit state and idempotency records under memory pressure; \
+                 use maxmemory-policy noeviction or a volatile-* policy"
+            );
         }
     }
 }

@@ -1,0 +1,489 @@
+//! IdempotencyLockLayer over HTTP, on every store: memory, redis-rs and fred, standalone and on
+//! a 3-master cluster. Two services that share a store stand for two replicas.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use common::{RedisCluster, RedisServer};
+use futures_util::future::join_all;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{service_fn, util::BoxCloneSyncService, ServiceBuilder, ServiceExt};
+use tower_redis_layers::{
+    backend::{IdempotencyStore, MemoryBackend},
+    idempotency::{FencingToken, IdempotencyBody, IdempotencyLockLayer},
+};
+
+type Req = Request<Full<Bytes>>;
+type Svc = BoxCloneSyncService<Req, Response<IdempotencyBody<Full<Bytes>>>, Infallible>;
+
+struct Handler {
+    runs: Arc<AtomicUsize>,
+    delay: Duration,
+    fail_first: bool,
+}
+
+/// A handler that counts its runs, sleeps, and answers 201 with the fence and the body.
+fn service<B: IdempotencyStore>(layer: IdempotencyLockLayer<B>, h: Handler) -> Svc {
+    let runs = h.runs.clone();
+    let inner = service_fn(move |req: Req| {
+        let runs = runs.clone();
+        let (delay, fail_first) = (h.delay, h.fail_first);
+        async move {
+            let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(delay).await;
+            let fence = req.extensions().get::<FencingToken>().map_or(0, |f| f.0);
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let mut res = Response::new(Full::from(format!(
+                "run={n} fence={fence} body={}",
+                String::from_utf8_lossy(&body)
+            )));
+            *res.status_mut() = if fail_first && n == 1 {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::CREATED
+            };
+            res.headers_mut().insert("x-order", HeaderValue::from(n));
+            res.headers_mut()
+                .append("x-multi", HeaderValue::from_static("a"));
+            res.headers_mut()
+                .append("x-multi", HeaderValue::from_static("b"));
+            Ok::<_, Infallible>(res)
+        }
+    });
+    BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service(inner))
+}
+
+fn handler(delay_ms: u64) -> (Arc<AtomicUsize>, Handler) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let h = Handler {
+        runs: runs.clone(),
+        delay: Duration::from_millis(delay_ms),
+        fail_first: false,
+    };
+    (runs, h)
+}
+
+fn post(path: &str, key: Option<&str>, body: &str) -> Req {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .body(Full::from(body.to_owned()))
+        .unwrap();
+    if let Some(key) = key {
+        req.headers_mut()
+            .insert("idempotency-key", HeaderValue::from_str(key).unwrap());
+    }
+    req
+}
+
+struct Answer {
+    status: u16,
+    replayed: bool,
+    retry_after: Option<String>,
+    order: Option<String>,
+    multi: usize,
+    body: String,
+}
+
+async fn send(svc: &Svc, req: Req) -> Answer {
+    let res = svc.clone().oneshot(req).await.unwrap();
+    let h = res.headers();
+    let answer = Answer {
+        status: res.status().as_u16(),
+        replayed: h.get("idempotent-replayed").is_some_and(|v| v == "true"),
+        retry_after: h.get("retry-after").map(|v| v.to_str().unwrap().to_owned()),
+        order: h.get("x-order").map(|v| v.to_str().unwrap().to_owned()),
+        multi: h.get_all("x-multi").iter().count(),
+        body: String::new(),
+    };
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        body: String::from_utf8_lossy(&body).into_owned(),
+        ..answer
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:x}", rand_id())
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// Every scenario, against two handles on one store (two replicas).
+async fn scenarios<B: IdempotencyStore + Clone>(a: B, b: B) {
+    tokio::join!(
+        concurrent_duplicates_on_two_services_run_once(a.clone(), b.clone()),
+        duplicate_in_flight_gets_409_then_the_replay(a.clone()),
+        another_body_gets_422(a.clone()),
+        bad_keys_get_400(a.clone()),
+        routes_and_tenants_are_isolated(a.clone()),
+        renewal_keeps_a_long_handler_exclusive(a.clone(), b.clone()),
+        dropped_request_releases_the_key(a.clone()),
+        server_errors_are_not_stored_and_fences_grow(a.clone()),
+        large_bodies(a),
+    );
+}
+
+async fn concurrent_duplicates_on_two_services_run_once<B: IdempotencyStore + Clone>(a: B, b: B) {
+    let (runs, h1) = handler(300);
+    let h2 = Handler {
+        runs: runs.clone(),
+        delay: h1.delay,
+        fail_first: false,
+    };
+    let wait = Duration::from_secs(10);
+    let services = [
+        service(IdempotencyLockLayer::new(a).in_flight_wait(wait), h1),
+        service(IdempotencyLockLayer::new(b).in_flight_wait(wait), h2),
+    ];
+    let key = unique("dup");
+    let calls = (0..20).map(|i| send(&services[i % 2], post("/orders", Some(&key), "{\"n\":1}")));
+    let answers = join_all(calls).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the handler ran more than once"
+    );
+    let first = &answers[0].body;
+    assert!(
+        answers.iter().all(|a| a.status == 201 && &a.body == first),
+        "not the same response"
+    );
+    assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1);
+}
+
+async fn duplicate_in_flight_gets_409_then_the_replay<B: IdempotencyStore + Clone>(store: B) {
+    let (runs, h) = handler(500);
+    let svc = service(IdempotencyLockLayer::new(store), h);
+    let key = unique("inflight");
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        let key = key.clone();
+        async move { send(&svc, post("/orders", Some(&key), "x")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let dup = send(&svc, post("/orders", Some(&key), "x")).await;
+    assert_eq!(dup.status, 409);
+    assert_eq!(dup.retry_after.as_deref(), Some("1"));
+    assert!(dup.body.contains("\"status\":409"));
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 201);
+    assert!(!first.replayed);
+    // The replay keeps status, headers (repeated ones too) and body.
+    let replay = send(&svc, post("/orders", Some(&key), "x")).await;
+    assert!(replay.replayed);
+    assert_eq!(
+        (replay.status, &replay.body, &replay.order),
+        (201, &first.body, &first.order)
+    );
+    assert_eq!(replay.multi, 2);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+async fn another_body_gets_422<B: IdempotencyStore + Clone>(store: B) {
+    let (runs, h) = handler(0);
+    let svc = service(IdempotencyLockLayer::new(store), h);
+    let key = unique("body");
+    assert_eq!(
+        send(&svc, post("/orders", Some(&key), "one")).await.status,
+        201
+    );
+    let other = send(&svc, post("/orders", Some(&key), "two")).await;
+    assert_eq!(other.status, 422);
+    assert!(other.body.contains("problem") || other.body.contains("\"status\":422"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+async fn bad_keys_get_400<B: IdempotencyStore + Clone>(store: B) {
+    let (runs, h) = handler(0);
+    let svc = service(IdempotencyLockLayer::new(store.clone()), h);
+    let long = "k".repeat(256);
+    for key in ["", long.as_str(), "has space", "tab\tkey"] {
+        let mut req = post("/orders", None, "x");
+        req.headers_mut()
+            .insert("idempotency-key", HeaderValue::from_str(key).unwrap());
+        assert_eq!(send(&svc, req).await.status, 400, "{key:?}");
+    }
+    let mut req = post("/orders", None, "x");
+    req.headers_mut().insert(
+        "idempotency-key",
+        HeaderValue::from_bytes(&[0xc3, 0xa9]).unwrap(),
+    );
+    assert_eq!(send(&svc, req).await.status, 400, "non-ASCII");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    // Without a key: passes through, or 400 when required. GET is not concerned.
+    assert_eq!(send(&svc, post("/orders", None, "x")).await.status, 201);
+    let (_, h) = handler(0);
+    let required = service(IdempotencyLockLayer::new(store).required(true), h);
+    assert_eq!(
+        send(&required, post("/orders", None, "x")).await.status,
+        400
+    );
+    let get = Request::builder()
+        .uri("/orders")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&required, get).await.status, 201);
+}
+
+async fn routes_and_tenants_are_isolated<B: IdempotencyStore + Clone>(store: B) {
+    let (runs, h) = handler(0);
+    let layer = IdempotencyLockLayer::new(store).scope(|parts| {
+        parts
+            .headers
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    let svc = service(layer, h);
+    let key = unique("iso");
+    let tenant = |t: &str, path: &str| {
+        let mut req = post(path, Some(&key), "x");
+        req.headers_mut()
+            .insert("x-tenant", HeaderValue::from_str(t).unwrap());
+        req
+    };
+    for (t, path) in [("a", "/orders"), ("b", "/orders"), ("a", "/refunds")] {
+        let answer = send(&svc, tenant(t, path)).await;
+        assert_eq!((answer.status, answer.replayed), (201, false), "{t} {path}");
+    }
+    assert!(send(&svc, tenant("a", "/orders")).await.replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+async fn renewal_keeps_a_long_handler_exclusive<B: IdempotencyStore + Clone>(a: B, b: B) {
+    // The handler takes over 3 leases; the renewal keeps the claim, so a duplicate on another
+    // replica is refused instead of running again.
+    let (runs, h1) = handler(1000);
+    let h2 = Handler {
+        runs: runs.clone(),
+        delay: h1.delay,
+        fail_first: false,
+    };
+    let lease = Duration::from_millis(300);
+    let first = service(IdempotencyLockLayer::new(a).lease(lease), h1);
+    let second = service(IdempotencyLockLayer::new(b).lease(lease), h2);
+    let key = unique("renew");
+    let running = tokio::spawn({
+        let key = key.clone();
+        async move { send(&first, post("/orders", Some(&key), "x")).await }
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            send(&second, post("/orders", Some(&key), "x")).await.status,
+            409
+        );
+    }
+    assert_eq!(running.await.unwrap().status, 201);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        send(&second, post("/orders", Some(&key), "x"))
+            .await
+            .replayed
+    );
+}
+
+async fn dropped_request_releases_the_key<B: IdempotencyStore + Clone>(store: B) {
+    let (runs, h) = handler(400);
+    let svc = service(IdempotencyLockLayer::new(store), h);
+    let key = unique("drop");
+    // The client goes away while the handler runs: the future is dropped.
+    let gone = tokio::time::timeout(
+        Duration::from_millis(100),
+        send(&svc, post("/orders", Some(&key), "x")),
+    )
+    .await;
+    assert!(gone.is_err());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retry = send(&svc, post("/orders", Some(&key), "x")).await;
+    assert_eq!(
+        (retry.status, retry.replayed),
+        (201, false),
+        "the claim leaked"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+async fn server_errors_are_not_stored_and_fences_grow<B: IdempotencyStore + Clone>(store: B) {
+    let (runs, mut h) = handler(0);
+    h.fail_first = true;
+    let svc = service(IdempotencyLockLayer::new(store), h);
+    let key = unique("5xx");
+    let first = send(&svc, post("/orders", Some(&key), "x")).await;
+    assert_eq!(first.status, 500);
+    let second = send(&svc, post("/orders", Some(&key), "x")).await;
+    assert_eq!(
+        (second.status, second.replayed),
+        (201, false),
+        "a 5xx must not be replayed"
+    );
+    let fence = |body: &str| -> u64 {
+        body.split("fence=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        fence(&second.body) > fence(&first.body),
+        "fencing tokens must grow"
+    );
+    assert!(send(&svc, post("/orders", Some(&key), "x")).await.replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+async fn large_bodies<B: IdempotencyStore + Clone>(store: B) {
+    let (runs, h) = handler(0);
+    let svc = service(IdempotencyLockLayer::new(store).max_body(64), h);
+    // A request body over the cap: 413, and the handler does not run.
+    let big = "b".repeat(65);
+    assert_eq!(
+        send(&svc, post("/orders", Some(&unique("big")), &big))
+            .await
+            .status,
+        413
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    // A response over the cap is streamed whole; the request is done and not run again.
+    let key = unique("bigresp");
+    let body = "r".repeat(60);
+    let first = send(&svc, post("/orders", Some(&key), &body)).await;
+    assert_eq!(first.status, 201);
+    assert!(first.body.ends_with(&body), "the large response was cut");
+    assert_eq!(
+        send(&svc, post("/orders", Some(&key), &body)).await.status,
+        409
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store() {
+    let store = MemoryBackend::new();
+    scenarios(store.clone(), store).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_standalone_and_cluster() {
+    use tower_redis_layers::backend::RedisBackend;
+    let server = RedisServer::start();
+    let url = server.url();
+    let connect = || RedisBackend::connect(&url);
+    scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
+
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let connect = || RedisBackend::connect(&url);
+    scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fred_store_standalone_and_cluster() {
+    use tower_redis_layers::backend::FredBackend;
+    let server = RedisServer::start();
+    let url = server.url();
+    let connect = || FredBackend::connect(&url);
+    scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
+
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let connect = || FredBackend::connect(&url);
+    scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_answers_503_or_runs_when_failing_open() {
+    use tower_redis_layers::backend::RedisBackend;
+    let mut server = RedisServer::start();
+    let store = RedisBackend::connect(&server.url()).await.unwrap();
+    let (runs, h) = handler(0);
+    let closed = service(
+        IdempotencyLockLayer::new(store.clone()).timeout(Duration::from_millis(300)),
+        h,
+    );
+    let h = Handler {
+        runs: runs.clone(),
+        delay: Duration::ZERO,
+        fail_first: false,
+    };
+    let open = service(
+        IdempotencyLockLayer::new(store)
+            .timeout(Duration::from_millis(300))
+            .fail_open(true),
+        h,
+    );
+    server.stop();
+    let answer = send(&closed, post("/orders", Some("k1"), "x")).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.retry_after.as_deref(), Some("1"));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the request ran unprotected"
+    );
+    assert_eq!(
+        send(&open, post("/orders", Some("k1"), "x")).await.status,
+        201
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Back: protected again.
+    server.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = send(&closed, post("/orders", Some("k2"), "x")).await;
+        if answer.status == 201 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        send(&closed, post("/orders", Some("k2"), "x"))
+            .await
+            .replayed
+    );
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_first_execution_and_per_replay() {
+    use tower_redis_layers::backend::RedisBackend;
+    let server = RedisServer::start();
+    let store = RedisBackend::connect(&server.url()).await.unwrap();
+    let (_, h) = handler(0);
+    let svc = service(IdempotencyLockLayer::new(store), h);
+    // Warm up: load the scripts.
+    send(&svc, post("/orders", Some("warm"), "x")).await;
+    let calls = || server.command_calls("evalsha") + server.command_calls("eval");
+    let before = calls();
+    assert!(!send(&svc, post("/orders", Some("rt"), "x")).await.replayed);
+    let first = calls() - before;
+    let before = calls();
+    assert!(send(&svc, post("/orders", Some("rt"), "x")).await.replayed);
+    let replay = calls() - before;
+    println!("round trips: first execution {first}, replay {replay}");
+    assert_eq!(first, 2, "claim + complete");
+    assert_eq!(replay, 1, "claim only");
+}
