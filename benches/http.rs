@@ -74,8 +74,16 @@ fn script_args(rule: &Rule) -> Vec<String> {
         FixedWindow { limit, window } => (1, limit, ms(window), 0),
         SlidingLog { limit, window } => (2, limit, ms(window), 0),
         SlidingWindow { limit, window } => (3, limit, ms(window), 0),
-        TokenBucket { capacity, refill, every } => (4, capacity, ms(every), refill),
-        Gcra { rate, period, burst } => (5, rate, ms(period), burst),
+        TokenBucket {
+            capacity,
+            refill,
+            every,
+        } => (4, capacity, ms(every), refill),
+        Gcra {
+            rate,
+            period,
+            burst,
+        } => (5, rate, ms(period), burst),
         _ => unreachable!(),
     };
     vec![kind.to_string(), a.to_string(), b, c.to_string()]
@@ -92,11 +100,18 @@ async fn ok() -> &'static str {
 }
 
 /// Hand-written best case: the handler runs one EVALSHA of the layer's script itself.
-async fn evalsha(State((shared, key, args)): State<(Shared, Arc<str>, Arc<Vec<String>>)>) -> &'static str {
+async fn evalsha(
+    State((shared, key, args)): State<(Shared, Arc<str>, Arc<Vec<String>>)>,
+) -> &'static str {
     let mut conn = shared.conn.clone();
     let mut cmd = redis::cmd("EVALSHA");
     let nonce = format!("{:016x}", rand::random::<u64>());
-    cmd.arg(&shared.sha).arg(1).arg(&*key).arg(1).arg(nonce).arg(0);
+    cmd.arg(&shared.sha)
+        .arg(1)
+        .arg(&*key)
+        .arg(1)
+        .arg(nonce)
+        .arg(0);
     cmd.arg(&args[..]);
     let _: redis::RedisResult<redis::Value> = cmd.query_async(&mut conn).await;
     "ok"
@@ -146,22 +161,37 @@ async fn app(redis: &RedisServer) -> Router {
         .route("/bare", get(ok))
         .route(
             "/memory",
-            get(ok).layer(RateLimitLayer::new(memory.clone(), Rule::gcra(HUGE, Duration::from_secs(1), HUGE))),
+            get(ok).layer(RateLimitLayer::new(
+                memory.clone(),
+                Rule::gcra(HUGE, Duration::from_secs(1), HUGE),
+            )),
         )
-        .route("/governor", get(ok).layer(tower_governor::GovernorLayer::new(governor)))
+        .route(
+            "/governor",
+            get(ok).layer(tower_governor::GovernorLayer::new(governor)),
+        )
         .route("/blog", get(blog).with_state(shared.clone()))
         .route(
             "/keys",
             get(ok).layer(
-                RateLimitLayer::new(redis_store.clone(), Rule::gcra(HUGE, Duration::from_secs(1), HUGE))
-                    .key(KeyExtractor::header(HeaderName::from_static("x-api-key")))
-                    .on_missing_key(MissingKey::Shared),
+                RateLimitLayer::new(
+                    redis_store.clone(),
+                    Rule::gcra(HUGE, Duration::from_secs(1), HUGE),
+                )
+                .key(KeyExtractor::header(HeaderName::from_static("x-api-key")))
+                .on_missing_key(MissingKey::Shared),
             ),
         );
     for (name, rule) in strategies() {
         router = router
-            .route(&format!("/redis/{name}"), get(ok).layer(RateLimitLayer::new(redis_store.clone(), rule.clone())))
-            .route(&format!("/fred/{name}"), get(ok).layer(RateLimitLayer::new(fred_store.clone(), rule.clone())))
+            .route(
+                &format!("/redis/{name}"),
+                get(ok).layer(RateLimitLayer::new(redis_store.clone(), rule.clone())),
+            )
+            .route(
+                &format!("/fred/{name}"),
+                get(ok).layer(RateLimitLayer::new(fred_store.clone(), rule.clone())),
+            )
             .route(
                 &format!("/evalsha/{name}"),
                 get(evalsha).with_state((
@@ -174,8 +204,14 @@ async fn app(redis: &RedisServer) -> Router {
     // A flood from one key that is over its limit.
     let over = Rule::fixed_window(1, Duration::from_secs(600));
     router
-        .route("/flood/deny-cache", get(ok).layer(RateLimitLayer::new(redis_store.clone(), over.clone())))
-        .route("/flood/no-deny-cache", get(ok).layer(RateLimitLayer::new(redis_store, over).no_deny_cache()))
+        .route(
+            "/flood/deny-cache",
+            get(ok).layer(RateLimitLayer::new(redis_store.clone(), over.clone())),
+        )
+        .route(
+            "/flood/no-deny-cache",
+            get(ok).layer(RateLimitLayer::new(redis_store, over).no_deny_cache()),
+        )
 }
 
 struct Run {
@@ -214,9 +250,15 @@ fn wrk(url: &str, connections: usize, seconds: u64, script: Option<&str>) -> Run
         cmd.arg("-s").arg(&script_file);
     }
     cmd.arg(url);
-    let out = cmd.output().expect("wrk must be installed (apt-get install wrk)");
+    let out = cmd
+        .output()
+        .expect("wrk must be installed (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut run = Run { rps: 0.0, p50_us: f64::NAN, p99_us: f64::NAN };
+    let mut run = Run {
+        rps: 0.0,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+    };
     for line in text.lines() {
         let line = line.trim();
         if let Some(v) = line.strip_prefix("Requests/sec:") {
@@ -240,8 +282,13 @@ fn calls(redis: &RedisServer) -> Calls {
     let mut scripts = 0;
     let mut total = 0;
     for line in info.lines() {
-        let Some((name, rest)) = line.split_once(':') else { continue };
-        let Some(n) = rest.strip_prefix("calls=").and_then(|r| r.split(',').next()).and_then(|n| n.parse::<u64>().ok())
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let Some(n) = rest
+            .strip_prefix("calls=")
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
         else {
             continue;
         };
@@ -274,7 +321,13 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn measure(&mut self, label: &str, path: &str, connections: usize, script: Option<&str>) -> f64 {
+    fn measure(
+        &mut self,
+        label: &str,
+        path: &str,
+        connections: usize,
+        script: Option<&str>,
+    ) -> f64 {
         let url = format!("http://127.0.0.1:{}{path}", self.port);
         // Warm up (connections, script cache), then measure.
         wrk(&url, connections, 1, script);
@@ -288,7 +341,11 @@ impl Bench<'_> {
         if path == "/bare" && connections == 64 && script.is_none() {
             self.baseline = run.rps;
         }
-        let ratio = if self.baseline > 0.0 { run.rps / self.baseline } else { f64::NAN };
+        let ratio = if self.baseline > 0.0 {
+            run.rps / self.baseline
+        } else {
+            f64::NAN
+        };
         let row = format!(
             "| {label} | {connections} | {:.0} | {ratio:.2} | {} | {} | {scripts:.2} | {total:.2} |",
             run.rps,
@@ -315,24 +372,31 @@ async fn allocations_per_request() -> (f64, f64) {
         Ok::<_, Infallible>(http::Response::new(String::from("ok")))
     });
     let limited = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(MemoryBackend::new(), Rule::gcra(HUGE, Duration::from_secs(1), HUGE)))
-        .service(bare.clone());
+        .layer(RateLimitLayer::new(
+            MemoryBackend::new(),
+            Rule::gcra(HUGE, Duration::from_secs(1), HUGE),
+        ))
+        .service(bare);
     let request = || {
         let mut req = http::Request::new(String::new());
-        req.extensions_mut().insert::<SocketAddr>("10.0.0.1:1234".parse().unwrap_or_else(|_| unreachable!()));
+        req.extensions_mut()
+            .insert::<SocketAddr>("10.0.0.1:1234".parse().unwrap_or_else(|_| unreachable!()));
         req
     };
     let n = 20_000u64;
     let before = ALLOCS.load(Ordering::Relaxed);
     for _ in 0..n {
-        let _ = bare.clone().oneshot(request()).await;
+        let _ = bare.oneshot(request()).await;
     }
     let mid = ALLOCS.load(Ordering::Relaxed);
     for _ in 0..n {
         let _ = limited.clone().oneshot(request()).await;
     }
     let after = ALLOCS.load(Ordering::Relaxed);
-    ((mid - before) as f64 / n as f64, (after - mid) as f64 / n as f64)
+    (
+        (mid - before) as f64 / n as f64,
+        (after - mid) as f64 / n as f64,
+    )
 }
 
 async fn memory_backend_rss() -> (u64, u64, u64, usize, usize) {
@@ -341,7 +405,14 @@ async fn memory_backend_rss() -> (u64, u64, u64, usize, usize) {
     let before = rss_kib();
     for i in 0u32..1_000_000 {
         let key = StoreKey::from_parts([i.to_le_bytes().as_slice()]);
-        let _ = store.check(RateCheck { key: &key, rules: &rules, cost: 1, want_state: false }).await;
+        let _ = store
+            .check(RateCheck {
+                key: &key,
+                rules: &rules,
+                cost: 1,
+                want_state: false,
+            })
+            .await;
     }
     let full = rss_kib();
     let len_full = store.len();
@@ -355,19 +426,40 @@ async fn redis_memory_per_key(redis: &RedisServer) -> Vec<String> {
     let store = RedisBackend::connect(&redis.url()).await.expect("store");
     let mut rows = Vec::new();
     for (name, rule) in [
-        ("fixed window", Rule::fixed_window(100, Duration::from_secs(600))),
-        ("sliding log", Rule::sliding_log(100, Duration::from_secs(600))),
-        ("sliding window", Rule::sliding_window(100, Duration::from_secs(600))),
-        ("token bucket", Rule::token_bucket(100, 1, Duration::from_secs(600))),
+        (
+            "fixed window",
+            Rule::fixed_window(100, Duration::from_secs(600)),
+        ),
+        (
+            "sliding log",
+            Rule::sliding_log(100, Duration::from_secs(600)),
+        ),
+        (
+            "sliding window",
+            Rule::sliding_window(100, Duration::from_secs(600)),
+        ),
+        (
+            "token bucket",
+            Rule::token_bucket(100, 1, Duration::from_secs(600)),
+        ),
         ("GCRA", Rule::gcra(100, Duration::from_secs(600), 100)),
     ] {
         let key = StoreKey::from_parts([name.as_bytes()]);
         let rules = [rule];
         for _ in 0..100 {
-            let _ = store.check(RateCheck { key: &key, rules: &rules, cost: 1, want_state: false }).await;
+            let _ = store
+                .check(RateCheck {
+                    key: &key,
+                    rules: &rules,
+                    cost: 1,
+                    want_state: false,
+                })
+                .await;
         }
         let pattern = format!("trl:{{{}}}:*", key.to_hex());
-        let found = redis.cli(&["--scan", "--pattern", &pattern]).unwrap_or_default();
+        let found = redis
+            .cli(&["--scan", "--pattern", &pattern])
+            .unwrap_or_default();
         let bytes: u64 = found
             .lines()
             .filter(|k| !k.is_empty())
@@ -403,23 +495,63 @@ fn main() {
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     server_rt.spawn(async move {
-        let _ = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
     });
 
-    let mut b = Bench { redis: &redis, port, seconds, baseline: 0.0, rows: Vec::new() };
+    let mut b = Bench {
+        redis: &redis,
+        port,
+        seconds,
+        baseline: 0.0,
+        rows: Vec::new(),
+    };
     b.measure("1. bare axum handler (baseline)", "/bare", 64, None);
     b.measure("2. RateLimitLayer, memory (GCRA)", "/memory", 64, None);
     b.measure("3. tower_governor (GCRA, in memory)", "/governor", 64, None);
     for (name, _) in strategies() {
-        b.measure(&format!("4. RateLimitLayer, redis: {name}"), &format!("/redis/{name}"), 64, None);
-        b.measure(&format!("6. hand-written EVALSHA: {name}"), &format!("/evalsha/{name}"), 64, None);
+        b.measure(
+            &format!("4. RateLimitLayer, redis: {name}"),
+            &format!("/redis/{name}"),
+            64,
+            None,
+        );
+        b.measure(
+            &format!("6. hand-written EVALSHA: {name}"),
+            &format!("/evalsha/{name}"),
+            64,
+            None,
+        );
     }
     for (name, _) in strategies() {
-        b.measure(&format!("4. RateLimitLayer, fred: {name}"), &format!("/fred/{name}"), 64, None);
+        b.measure(
+            &format!("4. RateLimitLayer, fred: {name}"),
+            &format!("/fred/{name}"),
+            64,
+            None,
+        );
     }
-    b.measure("5. blog pipeline (ZREMRANGEBYSCORE+ZADD+ZCARD+EXPIRE)", "/blog", 64, None);
-    b.measure("7. flood over the limit, deny cache on", "/flood/deny-cache", 64, None);
-    b.measure("7. flood over the limit, deny cache off", "/flood/no-deny-cache", 64, None);
+    b.measure(
+        "5. blog pipeline (ZREMRANGEBYSCORE+ZADD+ZCARD+EXPIRE)",
+        "/blog",
+        64,
+        None,
+    );
+    b.measure(
+        "7. flood over the limit, deny cache on",
+        "/flood/deny-cache",
+        64,
+        None,
+    );
+    b.measure(
+        "7. flood over the limit, deny cache off",
+        "/flood/no-deny-cache",
+        64,
+        None,
+    );
     for c in [1, 16, 64, 256] {
         b.measure("scaling: bare", "/bare", c, None);
         b.measure("scaling: redis gcra", "/redis/gcra", c, None);
@@ -429,10 +561,18 @@ fn main() {
             "request = function()\n  return wrk.format(nil, nil, {{[\"x-api-key\"] = \"k\" .. math.random(0, {})}})\nend\n",
             keys - 1
         );
-        b.measure(&format!("keys: redis gcra, {keys} distinct"), "/keys", 64, Some(&script));
+        b.measure(
+            &format!("keys: redis gcra, {keys} distinct"),
+            "/keys",
+            64,
+            Some(&script),
+        );
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let (bare_allocs, layer_allocs) = rt.block_on(allocations_per_request());
     let (rss0, rss1, rss2, len1, len2) = rt.block_on(memory_backend_rss());
     let per_key = rt.block_on(redis_memory_per_key(&redis));

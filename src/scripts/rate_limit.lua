@@ -15,12 +15,48 @@
 --          then per rule: remaining, reset ms }
 -- Time comes from the server (TIME), in microseconds. Every number returned is an integer.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cost = tonumber(ARGV[1])
 local nonce = ARGV[2]
 local want_state = ARGV[3] == '1'
 local n = #KEYS
+
+-- Fast path: one fixed-window rule needs no clock, and one command when the request passes.
+-- INCRBY first; a request over the limit is taken back at once, inside this atomic call.
+if n == 1 and ARGV[4] == '1' and cost > 0 then
+  local key = KEYS[1]
+  local limit = tonumber(ARGV[5])
+  local window = tonumber(ARGV[6])
+  if cost > limit then
+    local used = tonumber(redis.call('GET', key) or '0')
+    return { 0, 1, window, math.max(limit - used, 0), window }
+  end
+  local used = redis.call('INCRBY', key, cost)
+  if used == cost then
+    redis.call('PEXPIRE', key, window)
+  end
+  if used <= limit then
+    local reset = window
+    if want_state and used ~= cost then reset = math.max(redis.call('PTTL', key), 0) end
+    return { 1, 0, 0, limit - used, reset }
+  end
+  redis.call('DECRBY', key, cost)
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then
+    redis.call('PEXPIRE', key, window)
+    ttl = window
+  end
+  return { 0, 1, ttl, math.max(limit - used + cost, 0), ttl }
+end
+
+-- Server time in microseconds, read only when a rule needs it.
+local now = 0
+for i = 1, n do
+  if ARGV[3 + (i - 1) * 4 + 1] ~= '1' then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    break
+  end
+end
 
 local allowed = 1
 local denied_by = 0
@@ -40,15 +76,12 @@ for i = 1, n do
   if kind == 1 then
     local used = tonumber(redis.call('GET', key) or '0')
     local ttl = period
-    local fresh = true
-    if used > 0 then
-      local pttl = redis.call('PTTL', key)
-      if pttl > 0 then
-        ttl = pttl * 1000
-        fresh = false
-      end
-    end
+    local fresh = used == 0
     ok = used + cost <= a
+    if not fresh and (want_state or not ok) then
+      local pttl = redis.call('PTTL', key)
+      if pttl > 0 then ttl = pttl * 1000 else fresh = true end
+    end
     if ok then
       remaining = a - used - cost
       plan = fresh
