@@ -275,31 +275,41 @@ fn wrk(url: &str, connections: usize, seconds: u64, script: Option<&str>) -> Run
 struct Calls {
     scripts: u64,
     total: u64,
+    /// Microseconds Redis spent in scripts.
+    script_usec: u64,
+    /// Microseconds Redis spent in all commands (a script's inner commands count twice).
+    all_usec: u64,
 }
 
 fn calls(redis: &RedisServer) -> Calls {
     let info = redis.cli(&["INFO", "commandstats"]).unwrap_or_default();
-    let mut scripts = 0;
-    let mut total = 0;
+    let (mut scripts, mut total, mut script_usec, mut all_usec) = (0, 0, 0, 0);
     for line in info.lines() {
         let Some((name, rest)) = line.split_once(':') else {
             continue;
         };
-        let Some(n) = rest
-            .strip_prefix("calls=")
-            .and_then(|r| r.split(',').next())
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
+        let field = |f: &str| {
+            rest.split(',')
+                .find_map(|kv| kv.strip_prefix(f))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
         };
-        if name == "cmdstat_evalsha" || name == "cmdstat_eval" {
-            scripts += n;
+        if name == "cmdstat_info" {
+            continue;
         }
-        if name != "cmdstat_info" {
-            total += n;
+        total += field("calls=");
+        all_usec += field("usec=");
+        if name == "cmdstat_evalsha" || name == "cmdstat_eval" {
+            scripts += field("calls=");
+            script_usec += field("usec=");
         }
     }
-    Calls { scripts, total }
+    Calls {
+        scripts,
+        total,
+        script_usec,
+        all_usec,
+    }
 }
 
 fn ms(us: f64) -> String {
@@ -338,6 +348,14 @@ impl Bench<'_> {
         // The INFO call itself is excluded; CLI connections add a COMMAND DOCS or two at most.
         let scripts = (after.scripts - before.scripts) as f64 / requests;
         let total = (after.total - before.total) as f64 / requests;
+        // Commands run by a script are counted on their own too: with scripts, the scripts'
+        // time already holds theirs.
+        let usec = if after.scripts > before.scripts {
+            after.script_usec - before.script_usec
+        } else {
+            after.all_usec - before.all_usec
+        } as f64
+            / requests;
         if path == "/bare" && connections == 64 && script.is_none() {
             self.baseline = run.rps;
         }
@@ -347,7 +365,7 @@ impl Bench<'_> {
             f64::NAN
         };
         let row = format!(
-            "| {label} | {connections} | {:.0} | {ratio:.2} | {} | {} | {scripts:.2} | {total:.2} |",
+            "| {label} | {connections} | {:.0} | {ratio:.2} | {} | {} | {scripts:.2} | {total:.2} | {usec:.1} |",
             run.rps,
             ms(run.p50_us),
             ms(run.p99_us)
@@ -577,8 +595,8 @@ fn main() {
     let (rss0, rss1, rss2, len1, len2) = rt.block_on(memory_backend_rss());
     let per_key = rt.block_on(redis_memory_per_key(&redis));
 
-    println!("| configuration | conns | req/s | vs bare | p50 | p99 | scripts/req | cmds/req |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| configuration | conns | req/s | vs bare | p50 | p99 | scripts/req | cmds/req | Redis µs/req |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in &b.rows {
         println!("{row}");
     }
