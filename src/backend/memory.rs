@@ -127,11 +127,12 @@ impl MemoryBackend {
         shard.maybe_sweep(now);
 
         let cost = check.cost;
-        let mut plans = Vec::with_capacity(check.rules.len());
         let mut states = Vec::with_capacity(check.rules.len());
         let mut allowed = true;
         let mut denied_by = None;
         let mut wait = 0.0_f64;
+        // One rule (the common case): decide and write in one pass.
+        let mut single_plan = None;
         for (i, rule) in check.rules.iter().enumerate() {
             let slot_key = slot_key(check.key, rule);
             let slot = shard.map.get(&slot_key).filter(|s| s.expires_at > now);
@@ -147,18 +148,21 @@ impl MemoryBackend {
                 remaining: eval.remaining,
                 reset: us_to_duration(eval.reset),
             });
-            plans.push((slot_key, eval.plan));
+            if check.rules.len() == 1 {
+                single_plan = Some((slot_key, eval.plan));
+            }
         }
         if allowed && cost > 0 {
-            for (slot_key, plan) in plans {
-                match plan {
-                    Some(Plan::Replace(slot)) => {
-                        shard.map.insert(slot_key, slot);
-                    }
-                    Some(Plan::LogPush { period }) => {
-                        push_log(&mut shard.map, slot_key, now, cost, period);
-                    }
-                    None => {}
+            if let Some((slot_key, plan)) = single_plan {
+                apply(&mut shard.map, slot_key, plan, now, cost);
+            } else {
+                // Several rules: every one allowed, so evaluate each again (the state did not
+                // change under the lock) and write it. No list of plans is kept.
+                for rule in check.rules {
+                    let slot_key = slot_key(check.key, rule);
+                    let slot = shard.map.get(&slot_key).filter(|s| s.expires_at > now);
+                    let plan = evaluate(rule, slot, now, cost).plan;
+                    apply(&mut shard.map, slot_key, plan, now, cost);
                 }
             }
         }
@@ -252,6 +256,16 @@ fn shard_of(key: &StoreKey, shards: usize) -> usize {
 fn slot_key(key: &StoreKey, rule: &Rule) -> SlotKey {
     let (a, b, c) = rule.encode();
     (*key, rule.kind(), a, b, c)
+}
+
+fn apply(map: &mut HashMap<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
+    match plan {
+        Some(Plan::Replace(slot)) => {
+            map.insert(key, slot);
+        }
+        Some(Plan::LogPush { period }) => push_log(map, key, now, cost, period),
+        None => {}
+    }
 }
 
 fn push_log(map: &mut HashMap<SlotKey, Slot>, key: SlotKey, now: u64, cost: u64, period: u64) {

@@ -40,12 +40,29 @@ enum Source {
 /// A key taken from a request, before hashing.
 pub(crate) struct RawKey<'a> {
     tag: &'static [u8],
-    value: std::borrow::Cow<'a, [u8]>,
+    value: Value<'a>,
+}
+
+/// The raw bytes of a key; an address is kept inline (no allocation on the request path).
+enum Value<'a> {
+    Inline([u8; 16], usize),
+    Header(&'a [u8], &'a [u8]),
+    Owned(Vec<u8>),
 }
 
 impl RawKey<'_> {
     pub(crate) fn hash(&self, scope: &str) -> StoreKey {
-        StoreKey::from_parts([scope.as_bytes(), self.tag, &self.value])
+        match &self.value {
+            Value::Inline(bytes, len) => StoreKey::from_parts([
+                scope.as_bytes(),
+                self.tag,
+                bytes.get(..*len).unwrap_or(bytes),
+            ]),
+            Value::Header(name, value) => {
+                StoreKey::from_parts([scope.as_bytes(), self.tag, name, value])
+            }
+            Value::Owned(v) => StoreKey::from_parts([scope.as_bytes(), self.tag, v]),
+        }
     }
 }
 
@@ -113,7 +130,7 @@ impl KeyExtractor {
         }
     }
 
-    pub(crate) fn extract<'a>(&self, parts: &'a Parts) -> Option<RawKey<'a>> {
+    pub(crate) fn extract<'a>(&'a self, parts: &'a Parts) -> Option<RawKey<'a>> {
         self.sources.iter().find_map(|s| s.extract(parts))
     }
 }
@@ -126,7 +143,7 @@ impl Default for KeyExtractor {
 }
 
 impl Source {
-    fn extract<'a>(&self, parts: &'a Parts) -> Option<RawKey<'a>> {
+    fn extract<'a>(&'a self, parts: &'a Parts) -> Option<RawKey<'a>> {
         match self {
             Source::PeerIp => peer_addr(parts).map(|ip| ip_key(b"ip", ip)),
             Source::Header(name) => {
@@ -136,9 +153,7 @@ impl Source {
                 }
                 Some(RawKey {
                     tag: b"header",
-                    value: std::borrow::Cow::Owned(
-                        [name.as_str().as_bytes(), b":", value].concat(),
-                    ),
+                    value: Value::Header(name.as_str().as_bytes(), value),
                 })
             }
             Source::ForwardedFor(trusted) => {
@@ -146,11 +161,11 @@ impl Source {
             }
             Source::Global => Some(RawKey {
                 tag: b"global",
-                value: std::borrow::Cow::Borrowed(b""),
+                value: Value::Inline([0; 16], 0),
             }),
             Source::Custom(f) => f(parts).map(|v| RawKey {
                 tag: b"custom",
-                value: std::borrow::Cow::Owned(v.into_bytes()),
+                value: Value::Owned(v.into_bytes()),
             }),
         }
     }
@@ -162,13 +177,20 @@ fn ip_key(tag: &'static [u8], ip: IpAddr) -> RawKey<'static> {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    let bytes = match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
+    let mut bytes = [0u8; 16];
+    let len = match ip {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        IpAddr::V6(v6) => {
+            bytes.copy_from_slice(&v6.octets());
+            16
+        }
     };
     RawKey {
         tag,
-        value: std::borrow::Cow::Owned(bytes),
+        value: Value::Inline(bytes, len),
     }
 }
 
