@@ -2,13 +2,14 @@
 //!
 //! ```text
 //! bash scripts/install-redis.sh && apt-get install -y wrk   # once
-//! cargo bench --bench http                                  # the whole table (about 4 minutes)
-//! cargo bench --bench http -- --seconds 2                   # shorter runs
+//! cargo bench --bench http                                  # the whole report (about 5 minutes)
+//! cargo bench --bench http -- --seconds 5                   # longer runs
 //! ```
 //!
 //! It starts its own `redis-server` on a free loopback port and one axum server (one route per
-//! configuration), drives each route with `wrk -t2 -c64 --latency`, and prints one Markdown
-//! table: requests/s, the ratio to the bare handler of the same run, p50 and p99 latency, and
+//! configuration), drives each route with `wrk -t2 -c64 --latency` three times in alternating
+//! order (the median run is kept), and prints Markdown tables: requests/s, the ratio to the bare
+//! handler of the same run, p50 and p99 latency, and
 //! Redis calls per request from `INFO commandstats` deltas: `scripts/req` counts client round
 //! trips that ran a script (`EVALSHA` + `EVAL`), `cmds/req` every command Redis executed
 //! (including the ones a script runs inside Redis).
@@ -322,58 +323,107 @@ fn ms(us: f64) -> String {
     }
 }
 
+struct Sample {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    scripts: f64,
+    total: f64,
+    usec: f64,
+}
+
 struct Bench<'a> {
     redis: &'a RedisServer,
     port: u16,
     seconds: u64,
-    baseline: f64,
-    rows: Vec<String>,
+}
+
+struct Config {
+    label: String,
+    path: &'static str,
+    connections: usize,
+    script: Option<String>,
+}
+
+fn config(label: impl Into<String>, path: &'static str) -> Config {
+    Config {
+        label: label.into(),
+        path,
+        connections: 64,
+        script: None,
+    }
 }
 
 impl Bench<'_> {
-    fn measure(
-        &mut self,
-        label: &str,
-        path: &str,
-        connections: usize,
-        script: Option<&str>,
-    ) -> f64 {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
-        // Warm up (connections, script cache), then measure.
-        wrk(&url, connections, 1, script);
+    fn sample(&self, c: &Config) -> Sample {
+        let url = format!("http://127.0.0.1:{}{}", self.port, c.path);
         let before = calls(self.redis);
-        let run = wrk(&url, connections, self.seconds, script);
+        let run = wrk(&url, c.connections, self.seconds, c.script.as_deref());
         let after = calls(self.redis);
         let requests = (run.rps * self.seconds as f64).max(1.0);
-        // The INFO call itself is excluded; CLI connections add a COMMAND DOCS or two at most.
-        let scripts = (after.scripts - before.scripts) as f64 / requests;
-        let total = (after.total - before.total) as f64 / requests;
         // Commands run by a script are counted on their own too: with scripts, the scripts'
         // time already holds theirs.
         let usec = if after.scripts > before.scripts {
             after.script_usec - before.script_usec
         } else {
             after.all_usec - before.all_usec
-        } as f64
-            / requests;
-        if path == "/bare" && connections == 64 && script.is_none() {
-            self.baseline = run.rps;
-        }
-        let ratio = if self.baseline > 0.0 {
-            run.rps / self.baseline
-        } else {
-            f64::NAN
         };
-        let row = format!(
-            "| {label} | {connections} | {:.0} | {ratio:.2} | {} | {} | {scripts:.2} | {total:.2} | {usec:.1} |",
-            run.rps,
-            ms(run.p50_us),
-            ms(run.p99_us)
-        );
-        eprintln!("{row}");
-        self.rows.push(row);
-        run.rps
+        Sample {
+            rps: run.rps,
+            p50_us: run.p50_us,
+            p99_us: run.p99_us,
+            scripts: (after.scripts - before.scripts) as f64 / requests,
+            total: (after.total - before.total) as f64 / requests,
+            usec: usec as f64 / requests,
+        }
     }
+
+    /// Measures every configuration `rounds` times, in alternating order (A B C, C B A, ...),
+    /// and keeps each one's median run, so that drift during the run favours no one.
+    fn group(&self, configs: &[Config], rounds: usize) -> Vec<Sample> {
+        for c in configs {
+            let url = format!("http://127.0.0.1:{}{}", self.port, c.path);
+            wrk(&url, c.connections, 1, c.script.as_deref()); // warm up
+        }
+        let mut samples: Vec<Vec<Sample>> = configs.iter().map(|_| Vec::new()).collect();
+        for round in 0..rounds {
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..configs.len()).collect()
+            } else {
+                (0..configs.len()).rev().collect()
+            };
+            for i in order {
+                let s = self.sample(&configs[i]);
+                eprintln!(
+                    "  {} (c={}): {:.0} req/s",
+                    configs[i].label, configs[i].connections, s.rps
+                );
+                samples[i].push(s);
+            }
+        }
+        samples
+            .into_iter()
+            .map(|mut runs| {
+                runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+                runs.swap_remove(runs.len() / 2)
+            })
+            .collect()
+    }
+}
+
+fn row(c: &Config, s: &Sample, baseline: f64) -> String {
+    format!(
+        "| {} | {} | {:.0} | {:.2} | {} | {} | {:.2} | {:.2} | {:.1} |",
+        c.label,
+        c.connections,
+        s.rps,
+        s.rps / baseline,
+        ms(s.p50_us),
+        ms(s.p99_us),
+        s.scripts,
+        s.total,
+        s.usec
+    )
 }
 
 fn rss_kib() -> u64 {
@@ -490,7 +540,7 @@ async fn redis_memory_per_key(redis: &RedisServer) -> Vec<String> {
 }
 
 fn main() {
-    let mut seconds = 5;
+    let mut seconds = 2;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--seconds" {
@@ -520,72 +570,81 @@ fn main() {
         .await;
     });
 
-    let mut b = Bench {
+    let bench = Bench {
         redis: &redis,
         port,
         seconds,
-        baseline: 0.0,
-        rows: Vec::new(),
     };
-    b.measure("1. bare axum handler (baseline)", "/bare", 64, None);
-    b.measure("2. RateLimitLayer, memory (GCRA)", "/memory", 64, None);
-    b.measure("3. tower_governor (GCRA, in memory)", "/governor", 64, None);
-    for (name, _) in strategies() {
-        b.measure(
-            &format!("4. RateLimitLayer, redis: {name}"),
-            &format!("/redis/{name}"),
-            64,
-            None,
-        );
-        b.measure(
-            &format!("6. hand-written EVALSHA: {name}"),
-            &format!("/evalsha/{name}"),
-            64,
-            None,
-        );
+    let names = [
+        "fixed",
+        "sliding-log",
+        "sliding-window",
+        "token-bucket",
+        "gcra",
+    ];
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let mut main = vec![
+        config("1. bare axum handler (baseline)", "/bare"),
+        config("2. RateLimitLayer, memory store (GCRA)", "/memory"),
+        config("3. tower_governor (GCRA, in memory)", "/governor"),
+        config(
+            "5. blog pipeline: ZREMRANGEBYSCORE+ZADD+ZCARD+EXPIRE",
+            "/blog",
+        ),
+    ];
+    for name in names {
+        main.push(config(
+            format!("4. RateLimitLayer, redis-rs: {name}"),
+            leak(format!("/redis/{name}")),
+        ));
+        main.push(config(
+            format!("4. RateLimitLayer, fred: {name}"),
+            leak(format!("/fred/{name}")),
+        ));
+        main.push(config(
+            format!("6. hand-written EVALSHA: {name}"),
+            leak(format!("/evalsha/{name}")),
+        ));
     }
-    for (name, _) in strategies() {
-        b.measure(
-            &format!("4. RateLimitLayer, fred: {name}"),
-            &format!("/fred/{name}"),
-            64,
-            None,
-        );
-    }
-    b.measure(
-        "5. blog pipeline (ZREMRANGEBYSCORE+ZADD+ZCARD+EXPIRE)",
-        "/blog",
-        64,
-        None,
-    );
-    b.measure(
-        "7. flood over the limit, deny cache on",
+    main.push(config(
+        "7. one key over its limit, deny cache on",
         "/flood/deny-cache",
-        64,
-        None,
-    );
-    b.measure(
-        "7. flood over the limit, deny cache off",
+    ));
+    main.push(config(
+        "7. one key over its limit, deny cache off",
         "/flood/no-deny-cache",
-        64,
-        None,
-    );
+    ));
+    let rounds = 3;
+    let samples = bench.group(&main, rounds);
+    let baseline = samples[0].rps;
+    let rps_of = |label: &str| {
+        main.iter()
+            .position(|c| c.label == label)
+            .map_or(f64::NAN, |i| samples[i].rps)
+    };
+
+    let mut scaling = Vec::new();
     for c in [1, 16, 64, 256] {
-        b.measure("scaling: bare", "/bare", c, None);
-        b.measure("scaling: redis gcra", "/redis/gcra", c, None);
+        for (label, path) in [
+            ("bare", "/bare"),
+            ("RateLimitLayer, redis-rs gcra", "/redis/gcra"),
+        ] {
+            scaling.push(Config {
+                connections: c,
+                ..config(format!("{label}, {c} connections"), path)
+            });
+        }
     }
     for keys in [1u64, 10_000, 1_000_000] {
-        let script = format!(
-            "request = function()\n  return wrk.format(nil, nil, {{[\"x-api-key\"] = \"k\" .. math.random(0, {})}})\nend\n",
-            keys - 1
-        );
-        b.measure(
-            &format!("keys: redis gcra, {keys} distinct"),
-            "/keys",
-            64,
-            Some(&script),
-        );
+        scaling.push(Config {
+            script: Some(format!(
+                "request = function()\n  return wrk.format(nil, nil, {{[\"x-api-key\"] = \"k\" .. math.random(0, {})}})\nend\n",
+                keys - 1
+            )),
+            ..config(format!("RateLimitLayer, redis-rs gcra, {keys} distinct keys"), "/keys")
+        });
     }
+    let scaling_samples = bench.group(&scaling, 1);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -595,10 +654,62 @@ fn main() {
     let (rss0, rss1, rss2, len1, len2) = rt.block_on(memory_backend_rss());
     let per_key = rt.block_on(redis_memory_per_key(&redis));
 
+    println!("Each configuration ran {rounds} times for {seconds} s, in alternating order; the median run is shown.");
+    println!();
     println!("| configuration | conns | req/s | vs bare | p50 | p99 | scripts/req | cmds/req | Redis µs/req |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for row in &b.rows {
-        println!("{row}");
+    for (c, s) in main.iter().zip(&samples) {
+        println!("{}", row(c, s, baseline));
+    }
+    println!();
+    println!("| ratio (same run) | value | goal |");
+    println!("|---|---|---|");
+    let ratio = |a: &str, b: &str| rps_of(a) / rps_of(b);
+    let bare = "1. bare axum handler (baseline)";
+    let memory = "2. RateLimitLayer, memory store (GCRA)";
+    let blog = "5. blog pipeline: ZREMRANGEBYSCORE+ZADD+ZCARD+EXPIRE";
+    println!(
+        "| memory store / bare | {:.2} | >= 0.90 |",
+        ratio(memory, bare)
+    );
+    println!(
+        "| memory store / tower_governor | {:.2} | >= 1.00 |",
+        ratio(memory, "3. tower_governor (GCRA, in memory)")
+    );
+    for name in names {
+        let layer = format!("4. RateLimitLayer, redis-rs: {name}");
+        println!(
+            "| redis-rs layer / hand-written EVALSHA, {name} | {:.2} | >= 0.95 |",
+            ratio(&layer, &format!("6. hand-written EVALSHA: {name}"))
+        );
+        println!(
+            "| fred layer / hand-written EVALSHA, {name} | {:.2} | >= 0.95 |",
+            ratio(
+                &format!("4. RateLimitLayer, fred: {name}"),
+                &format!("6. hand-written EVALSHA: {name}")
+            )
+        );
+    }
+    for (name, goal) in [
+        ("fixed", "1.30"),
+        ("gcra", "1.30"),
+        ("token-bucket", "1.30"),
+        ("sliding-log", "1.00"),
+    ] {
+        println!(
+            "| redis-rs layer / blog pipeline, {name} | {:.2} | >= {goal} |",
+            ratio(&format!("4. RateLimitLayer, redis-rs: {name}"), blog)
+        );
+    }
+    println!(
+        "| one key over its limit, deny cache on / bare | {:.2} | >= 0.90 |",
+        ratio("7. one key over its limit, deny cache on", bare)
+    );
+    println!();
+    println!("| how cost grows | conns | req/s | vs bare (64 conns) | p50 | p99 | scripts/req | cmds/req | Redis µs/req |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (c, s) in scaling.iter().zip(&scaling_samples) {
+        println!("{}", row(c, s, baseline));
     }
     println!();
     println!("Allocations per request, in process (no network): bare service {bare_allocs:.1}, with RateLimitLayer on the memory store {layer_allocs:.1}.");
