@@ -541,10 +541,13 @@ async fn redis_memory_per_key(redis: &RedisServer) -> Vec<String> {
 
 fn main() {
     let mut seconds = 2;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--seconds" {
             seconds = args.next().and_then(|s| s.parse().ok()).unwrap_or(seconds);
+        } else if arg == "--only" {
+            only = args.next();
         }
     }
     if Command::new("wrk").arg("--version").output().is_err() {
@@ -614,6 +617,14 @@ fn main() {
         "7. one key over its limit, deny cache off",
         "/flood/no-deny-cache",
     ));
+    if let Some(only) = &only {
+        // A quick look at some configurations (the baseline is always kept).
+        let mut i = 0;
+        main.retain(|c| {
+            i += 1;
+            i == 1 || c.label.contains(only.as_str())
+        });
+    }
     let rounds = 3;
     let samples = bench.group(&main, rounds);
     let baseline = samples[0].rps;
@@ -643,6 +654,9 @@ fn main() {
             )),
             ..config(format!("RateLimitLayer, redis-rs gcra, {keys} distinct keys"), "/keys")
         });
+    }
+    if only.is_some() {
+        scaling.clear();
     }
     let scaling_samples = bench.group(&scaling, 1);
 
