@@ -202,6 +202,13 @@ async fn app(redis: &RedisServer) -> Router {
                 )),
             );
     }
+    // Idempotency: a first execution per key, and replays of one key.
+    router = router.route(
+        "/orders",
+        axum::routing::post(|| async { (http::StatusCode::CREATED, "order") }).layer(
+            tower_redis_layers::idempotency::IdempotencyLockLayer::new(redis_store.clone()),
+        ),
+    );
     // A flood from one key that is over its limit.
     let over = Rule::fixed_window(1, Duration::from_secs(600));
     router
@@ -247,6 +254,8 @@ fn wrk(url: &str, connections: usize, seconds: u64, script: Option<&str>) -> Run
     let script_file;
     if let Some(script) = script {
         script_file = std::env::temp_dir().join(format!("trl-wrk-{}.lua", std::process::id()));
+        // `RUN` is replaced by a fresh number on every run (unique idempotency keys).
+        let script = script.replace("RUN", &rand::random::<u64>().to_string());
         std::fs::write(&script_file, script).expect("write wrk script");
         cmd.arg("-s").arg(&script_file);
     }
@@ -609,6 +618,17 @@ fn main() {
             leak(format!("/evalsha/{name}")),
         ));
     }
+    main.push(Config {
+        script: Some(
+            "local n = 0\nlocal counter = 0\nfunction setup(thread) n = n + 1; thread:set(\"tid\", n) end\nrequest = function()\n  counter = counter + 1\n  return wrk.format(\"POST\", nil, {[\"Idempotency-Key\"] = \"RUN-\" .. tid .. \"-\" .. counter}, \"{}\")\nend\n"
+                .to_owned(),
+        ),
+        ..config("8. IdempotencyLockLayer, redis-rs: first execution (unique keys)", "/orders")
+    });
+    main.push(Config {
+        script: Some("request = function()\n  return wrk.format(\"POST\", nil, {[\"Idempotency-Key\"] = \"replayed\"}, \"{}\")\nend\n".to_owned()),
+        ..config("8. IdempotencyLockLayer, redis-rs: replay (one key)", "/orders")
+    });
     main.push(config(
         "7. one key over its limit, deny cache on",
         "/flood/deny-cache",
