@@ -28,6 +28,8 @@ pub struct MemoryBackend {
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
     clock: Clock,
+    /// The response cache's state (see `memory_cache.rs`).
+    cache: cache::CacheState,
 }
 
 type SlotKey = (StoreKey, u8, u64, u64, u64);
@@ -78,6 +80,7 @@ impl MemoryBackend {
         let inner = Arc::new(Inner {
             shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
             clock: Clock::new(),
+            cache: cache::CacheState::default(),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweeper(Arc::downgrade(&inner)));
@@ -498,3 +501,6 @@ fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, cost: u64) -> Eval {
         }
     }
 }
+
+#[path = "memory_cache.rs"]
+mod cache;

@@ -14,7 +14,7 @@ pub(crate) struct Lua {
 }
 
 impl Lua {
-    const fn new(text: &'static str) -> Self {
+    pub(crate) const fn new(text: &'static str) -> Self {
         Self {
             text,
             sha: OnceLock::new(),
