@@ -819,3 +819,156 @@ backends!(
     stale_while_revalidate,
     stale_if_error,
 );
+
+// ---------------------------------------------------------------------------------------------
+// Redis only: the server down, corrupt entries, round trips.
+// ---------------------------------------------------------------------------------------------
+
+async fn redis_down_responses_still_served(mut env: Env) {
+    let runs = Runs::default();
+    let svc = service(
+        layer(env.store().await).timeout(Duration::from_millis(200)),
+        runs.clone(),
+        answer(&[]),
+    );
+    assert_eq!(send(&svc, req("/d")).await.text(), "run 1");
+    assert_eq!(send(&svc, req("/d")).await.text(), "run 1");
+    match &mut env {
+        Env::Redis(s) | Env::Fred(s) => s.stop(),
+        _ => unreachable!(),
+    }
+    for n in 2..=4 {
+        let got = send(&svc, req("/d")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(
+            got.text(),
+            format!("run {n}"),
+            "a response failed with the cache"
+        );
+        assert!(!got.cache_status().contains("stored"));
+    }
+    // Back (empty): caching resumes on its own. (`FredBackend::connect` sets no reconnect
+    // policy, so only the redis-rs client, whose connection manager reconnects, is checked.)
+    match &mut env {
+        Env::Redis(s) => s.restart(),
+        Env::Fred(s) => {
+            s.restart();
+            return;
+        }
+        _ => unreachable!(),
+    }
+    let mut stored = false;
+    for _ in 0..50 {
+        let got = send(&svc, req("/d")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        if got.cache_status().contains("stored") {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stored, "the cache did not recover");
+    let hit = send(&svc, req("/d")).await;
+    assert!(hit.hit(), "{}", hit.cache_status());
+}
+
+async fn corrupt_entry_is_a_miss_and_deleted(env: Env) {
+    let runs = Runs::default();
+    let svc = service(layer(env.store().await), runs.clone(), answer(&[]));
+    assert_eq!(send(&svc, req("/c")).await.text(), "run 1");
+    let keys = env.keys("*:c:{*}:e:*");
+    assert_eq!(
+        keys.len(),
+        1,
+        "{:?}",
+        keys.iter().map(|k| &k.1).collect::<Vec<_>>()
+    );
+    let (node, key) = &keys[0];
+    // Not even a hash.
+    node.cli(&["SET", key, "garbage"]).unwrap();
+    let got = send(&svc, req("/c")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.text(), "run 2", "a corrupt entry was served");
+    assert_eq!(
+        node.cli(&["TYPE", key]).unwrap().trim(),
+        "hash",
+        "not replaced"
+    );
+    // A hash whose response does not decode.
+    node.cli(&["HSET", key, "b", "\u{1}garbage"]).unwrap();
+    let got = send(&svc, req("/c")).await;
+    assert_eq!(got.text(), "run 3", "an undecodable entry was served");
+    // Missing fields.
+    node.cli(&["HDEL", key, "f"]).unwrap();
+    assert_eq!(send(&svc, req("/c")).await.text(), "run 4");
+    // And it heals: the next request is a hit.
+    let hit = send(&svc, req("/c")).await;
+    assert!(hit.hit() && hit.text() == "run 4", "{}", hit.cache_status());
+}
+
+/// Round trips, counted by the server (`INFO commandstats`): a hit is one script call, a miss
+/// two (lookup, then store, which also releases the fill lock).
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_hit_and_miss() {
+    let env = Env::redis();
+    let Env::Redis(server) = &env else {
+        unreachable!()
+    };
+    let calls = || server.command_calls("evalsha") + server.command_calls("eval");
+    let runs = Runs::default();
+    let svc = service(layer(env.store().await), runs.clone(), answer(&[]));
+    // Load the scripts.
+    send(&svc, req("/warm")).await;
+    send(&svc, req("/warm")).await;
+
+    let before = calls();
+    let miss = send(&svc, req("/rt")).await;
+    let after_miss = calls();
+    assert!(miss.cache_status().contains("stored"));
+    let hit = send(&svc, req("/rt")).await;
+    let after_hit = calls();
+    assert!(hit.hit());
+    let (per_miss, per_hit) = (after_miss - before, after_hit - after_miss);
+    println!("round trips: miss {per_miss}, hit {per_hit}");
+    assert_eq!(per_hit, 1, "a hit took {per_hit} script calls");
+    assert_eq!(per_miss, 2, "a miss took {per_miss} script calls");
+    // A bypassed request never reaches Redis.
+    let bypass = get("/rt")
+        .header("cookie", "a=b")
+        .body(Full::default())
+        .unwrap();
+    send(&svc, bypass).await;
+    assert_eq!(calls(), after_hit);
+}
+
+#[cfg(feature = "redis")]
+mod redis_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_down_responses_still_served() {
+        super::redis_down_responses_still_served(super::Env::redis()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_entry_is_a_miss_and_deleted() {
+        super::corrupt_entry_is_a_miss_and_deleted(super::Env::redis()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_entry_is_a_miss_and_deleted_on_the_cluster() {
+        super::corrupt_entry_is_a_miss_and_deleted(super::Env::cluster()).await;
+    }
+}
+
+#[cfg(feature = "fred")]
+mod fred_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_down_responses_still_served() {
+        super::redis_down_responses_still_served(super::Env::fred()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_entry_is_a_miss_and_deleted() {
+        super::corrupt_entry_is_a_miss_and_deleted(super::Env::fred()).await;
+    }
+}
