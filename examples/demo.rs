@@ -12,6 +12,9 @@
 //! - `GET /fixed`: fixed window, 5 requests per 10 s
 //! - `GET /sliding`: sliding window log, 5 requests per 10 s
 //! - `GET /bucket`: token bucket, capacity 5, refill 1 token per second
+//! - `GET /cached/{id}`: cached for 30 s; the handler sleeps 200 ms and answers JSON with the
+//!   `id` and how many times it has run in this process
+//! - `POST /cached/invalidate`: invalidates every `/cached/{id}` entry (one segment)
 //! - `GET /stats`: how many times each handler ran in this process (JSON)
 
 use std::{
@@ -23,10 +26,16 @@ use std::{
     time::Duration,
 };
 
-use axum::{extract::State, http::HeaderName, routing::get, Json, Router};
+use axum::{
+    extract::{Path, State},
+    http::{HeaderName, StatusCode},
+    routing::{get, post},
+    Json, Router,
+};
 use serde_json::{json, Value};
 use tower_redis_layers::{
-    backend::{MemoryBackend, RateLimitStore},
+    backend::{CacheStore, MemoryBackend, RateLimitStore},
+    cache::CacheLayer,
     rate_limit::{Headers, KeyExtractor, RateLimitLayer, Rule},
 };
 
@@ -35,6 +44,7 @@ struct Stats {
     fixed: AtomicU64,
     sliding: AtomicU64,
     bucket: AtomicU64,
+    cached: AtomicU64,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -103,7 +113,7 @@ async fn fred_app(_url: &str) -> Result<Router, Error> {
     Err("DEMO_BACKEND=fred needs `--features fred`".into())
 }
 
-fn app<B: RateLimitStore + Clone>(backend: B) -> Router {
+fn app<B: RateLimitStore + CacheStore + Clone>(backend: B) -> Router {
     let stats = Arc::new(Stats::default());
     let key =
         KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
@@ -113,6 +123,10 @@ fn app<B: RateLimitStore + Clone>(backend: B) -> Router {
             .headers(Headers::All)
     };
     let ten_s = Duration::from_secs(10);
+    let cache = CacheLayer::new(backend.clone())
+        .scope("demo-cached")
+        .ttl(Duration::from_secs(30));
+    let cache_handle = cache.handle();
     Router::new()
         .route(
             "/fixed",
@@ -130,6 +144,19 @@ fn app<B: RateLimitStore + Clone>(backend: B) -> Router {
                 limit(Rule::token_bucket(5, 1, Duration::from_secs(1)).name("bucket")),
             ),
         )
+        .route("/cached/{id}", get(cached_handler).layer(cache))
+        .route(
+            "/cached/invalidate",
+            post(move || async move {
+                match cache_handle.invalidate().await {
+                    Ok(()) => (StatusCode::OK, Json(json!({ "invalidated": true }))),
+                    Err(error) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({ "invalidated": false, "error": error.to_string() })),
+                    ),
+                }
+            }),
+        )
         .route("/stats", get(stats_handler))
         .with_state(stats)
 }
@@ -139,10 +166,17 @@ fn run(counter: &AtomicU64, route: &str) -> Json<Value> {
     Json(json!({ "route": route, "runs": runs }))
 }
 
+async fn cached_handler(State(s): State<Arc<Stats>>, Path(id): Path<String>) -> Json<Value> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let runs = s.cached.fetch_add(1, Ordering::Relaxed) + 1;
+    Json(json!({ "id": id, "runs": runs }))
+}
+
 async fn stats_handler(State(s): State<Arc<Stats>>) -> Json<Value> {
     Json(json!({
         "fixed": s.fixed.load(Ordering::Relaxed),
         "sliding": s.sliding.load(Ordering::Relaxed),
         "bucket": s.bucket.load(Ordering::Relaxed),
+        "cached": s.cached.load(Ordering::Relaxed),
     }))
 }
