@@ -31,6 +31,7 @@ type Store = Arc<dyn CacheStore>;
 
 /// Where a scenario's store lives; `store()` makes a new client each time (for the Redis
 /// stores), as a separate replica would have.
+#[allow(dead_code)] // `Fred` without the `fred` feature.
 enum Env {
     Memory(MemoryBackend),
     Redis(RedisServer),

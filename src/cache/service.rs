@@ -226,6 +226,9 @@ where
                     )
                     .await;
             }
+            (Freshness::StaleIfError, Some(_)) if lookup.fill == FillState::Held => {
+                // Only usable on error, and another request is refreshing it: wait below.
+            }
             (Freshness::Stale | Freshness::StaleIfError, Some(entry)) => {
                 return ctx
                     .forward(
