@@ -825,7 +825,7 @@ backends!(
 // Redis only: the server down, corrupt entries, round trips.
 // ---------------------------------------------------------------------------------------------
 
-async fn redis_down_responses_still_served(mut env: Env) {
+async fn redis_slow_or_down_responses_still_served(mut env: Env) {
     let runs = Runs::default();
     let svc = service(
         layer(env.store().await).timeout(Duration::from_millis(200)),
@@ -834,11 +834,28 @@ async fn redis_down_responses_still_served(mut env: Env) {
     );
     assert_eq!(send(&svc, req("/d")).await.text(), "run 1");
     assert_eq!(send(&svc, req("/d")).await.text(), "run 1");
+    // Slow: every client paused longer than the timeout. The lookup times out: a miss.
+    let pause = Duration::from_millis(1500);
+    match &env {
+        Env::Redis(s) | Env::Fred(s) => {
+            s.cli(&["CLIENT", "PAUSE", "1500", "ALL"]).unwrap();
+        }
+        _ => unreachable!(),
+    }
+    let started = tokio::time::Instant::now();
+    let got = send(&svc, req("/d")).await;
+    assert_eq!((got.status, got.text().as_str()), (StatusCode::OK, "run 2"));
+    assert!(
+        started.elapsed() < pause,
+        "waited for Redis instead of timing out"
+    );
+    tokio::time::sleep(pause).await;
+    // Down.
     match &mut env {
         Env::Redis(s) | Env::Fred(s) => s.stop(),
         _ => unreachable!(),
     }
-    for n in 2..=4 {
+    for n in 3..=5 {
         let got = send(&svc, req("/d")).await;
         assert_eq!(got.status, StatusCode::OK);
         assert_eq!(
@@ -934,6 +951,27 @@ async fn round_trips_per_hit_and_miss() {
     println!("round trips: miss {per_miss}, hit {per_hit}");
     assert_eq!(per_hit, 1, "a hit took {per_hit} script calls");
     assert_eq!(per_miss, 2, "a miss took {per_miss} script calls");
+    // What a stampede costs: 20 concurrent requests on a cold key, handler 200 ms; the waiters
+    // poll every 25 ms. Reported, not asserted (it depends on timing).
+    let runs = Runs::default();
+    let slow_svc = service(
+        layer(env.store().await).scope("stampede"),
+        runs.clone(),
+        slow(Duration::from_millis(200)),
+    );
+    let before_stampede = calls();
+    let all = join_all((0..20).map(|_| {
+        let svc = slow_svc.clone();
+        tokio::spawn(async move { send(&svc, req("/cold")).await })
+    }))
+    .await;
+    assert!(all.iter().all(|g| g.as_ref().unwrap().text() == "run 1"));
+    println!(
+        "stampede: 20 requests, handler runs {}, script calls {}",
+        runs.get(),
+        calls() - before_stampede
+    );
+    let after_hit = calls();
     // A bypassed request never reaches Redis.
     let bypass = get("/rt")
         .header("cookie", "a=b")
@@ -946,8 +984,8 @@ async fn round_trips_per_hit_and_miss() {
 #[cfg(feature = "redis")]
 mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn redis_down_responses_still_served() {
-        super::redis_down_responses_still_served(super::Env::redis()).await;
+    async fn redis_slow_or_down_responses_still_served() {
+        super::redis_slow_or_down_responses_still_served(super::Env::redis()).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -964,8 +1002,8 @@ mod redis_only {
 #[cfg(feature = "fred")]
 mod fred_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn redis_down_responses_still_served() {
-        super::redis_down_responses_still_served(super::Env::fred()).await;
+    async fn redis_slow_or_down_responses_still_served() {
+        super::redis_slow_or_down_responses_still_served(super::Env::fred()).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

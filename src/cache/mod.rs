@@ -76,6 +76,13 @@
 //! On Redis, a hit is one script call (the lookup reads the version, the entry and takes the
 //! lock when needed); a miss is two (lookup, then store, which also releases the lock).
 //!
+//! # Observability
+//!
+//! Events go to `tracing` (target `tower_redis_layers::cache`): warnings for store failures and
+//! corrupt entries, debug events for responses not stored. With the `metrics` feature,
+//! `tower_redis_layers_cache_requests_total{outcome}` counts `hit`, `stale`, `stale_if_error`,
+//! `miss`, `miss_stored` and `bypass`.
+//!
 //! # When the store fails
 //!
 //! Every store call has a timeout ([`CacheLayer::timeout`], 250 ms by default). A failed lookup

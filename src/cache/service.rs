@@ -305,6 +305,7 @@ where
 }
 
 fn set_status<T>(response: &mut Response<T>, params: &str) {
+    count(outcome_of(params));
     if let Ok(v) = HeaderValue::from_str(&format!("{CACHE_NAME}; {params}")) {
         response.headers_mut().insert(CACHE_STATUS, v);
     }
@@ -572,7 +573,34 @@ impl<B: CacheStore> Ctx<'_, B> {
     }
 }
 
+/// The metric label of a `Cache-Status` value.
+fn outcome_of(params: &str) -> &'static str {
+    if params.starts_with("hit; detail=stale") {
+        "stale"
+    } else if params.starts_with("hit") {
+        "hit"
+    } else if params.contains("stale-if-error") {
+        "stale_if_error"
+    } else if params.starts_with("fwd=bypass") {
+        "bypass"
+    } else if params.contains("stored") {
+        "miss_stored"
+    } else {
+        "miss"
+    }
+}
+
+/// Counts a request's outcome (feature `metrics`).
+#[inline]
+fn count(outcome: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tower_redis_layers_cache_requests_total", "outcome" => outcome).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = outcome;
+}
+
 fn set_status_parts(head: &mut http::response::Parts, params: &str) {
+    count(outcome_of(params));
     if let Ok(v) = HeaderValue::from_str(&format!("{CACHE_NAME}; {params}")) {
         head.headers.insert(CACHE_STATUS, v);
     }
