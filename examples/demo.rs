@@ -14,6 +14,9 @@
 //! - `GET /bucket`: token bucket, capacity 5, refill 1 token per second
 //! - `POST /orders`: idempotent with an `Idempotency-Key` header; the handler takes 300 ms and
 //!   answers `201` with an order number and the echoed request body
+//! - `GET /cached/{id}`: cached for 30 s; the handler sleeps 200 ms and answers JSON with the
+//!   `id` and how many times it has run in this process
+//! - `POST /cached/invalidate`: invalidates every `/cached/{id}` entry (one segment)
 //! - `GET /stats`: how many times each handler ran in this process (JSON)
 
 use std::{
@@ -26,14 +29,15 @@ use std::{
 };
 
 use axum::{
-    extract::State,
+    extract::{Path, State},
     http::{HeaderName, StatusCode},
     routing::{get, post},
     Json, Router,
 };
 use serde_json::{json, Value};
 use tower_redis_layers::{
-    backend::{IdempotencyStore, MemoryBackend, RateLimitStore},
+    backend::{CacheStore, IdempotencyStore, MemoryBackend, RateLimitStore},
+    cache::CacheLayer,
     idempotency::IdempotencyLockLayer,
     rate_limit::{Headers, KeyExtractor, RateLimitLayer, Rule},
 };
@@ -44,6 +48,7 @@ struct Stats {
     sliding: AtomicU64,
     bucket: AtomicU64,
     orders: AtomicU64,
+    cached: AtomicU64,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -112,7 +117,7 @@ async fn fred_app(_url: &str) -> Result<Router, Error> {
     Err("DEMO_BACKEND=fred needs `--features fred`".into())
 }
 
-fn app<B: RateLimitStore + IdempotencyStore + Clone>(backend: B) -> Router {
+fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(backend: B) -> Router {
     let stats = Arc::new(Stats::default());
     let key =
         KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
@@ -122,6 +127,10 @@ fn app<B: RateLimitStore + IdempotencyStore + Clone>(backend: B) -> Router {
             .headers(Headers::All)
     };
     let ten_s = Duration::from_secs(10);
+    let cache = CacheLayer::new(backend.clone())
+        .scope("demo-cached")
+        .ttl(Duration::from_secs(30));
+    let cache_handle = cache.handle();
     Router::new()
         .route(
             "/fixed",
@@ -143,6 +152,19 @@ fn app<B: RateLimitStore + IdempotencyStore + Clone>(backend: B) -> Router {
             "/orders",
             post(create_order).layer(IdempotencyLockLayer::new(backend.clone())),
         )
+        .route("/cached/{id}", get(cached_handler).layer(cache))
+        .route(
+            "/cached/invalidate",
+            post(move || async move {
+                match cache_handle.invalidate().await {
+                    Ok(()) => (StatusCode::OK, Json(json!({ "invalidated": true }))),
+                    Err(error) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({ "invalidated": false, "error": error.to_string() })),
+                    ),
+                }
+            }),
+        )
         .route("/stats", get(stats_handler))
         .with_state(stats)
 }
@@ -162,11 +184,18 @@ async fn create_order(State(s): State<Arc<Stats>>, body: String) -> (StatusCode,
     )
 }
 
+async fn cached_handler(State(s): State<Arc<Stats>>, Path(id): Path<String>) -> Json<Value> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let runs = s.cached.fetch_add(1, Ordering::Relaxed) + 1;
+    Json(json!({ "id": id, "runs": runs }))
+}
+
 async fn stats_handler(State(s): State<Arc<Stats>>) -> Json<Value> {
     Json(json!({
         "fixed": s.fixed.load(Ordering::Relaxed),
         "sliding": s.sliding.load(Ordering::Relaxed),
         "bucket": s.bucket.load(Ordering::Relaxed),
         "orders": s.orders.load(Ordering::Relaxed),
+        "cached": s.cached.load(Ordering::Relaxed),
     }))
 }

@@ -4,6 +4,9 @@
 //! - [`RateLimitLayer`](rate_limit::RateLimitLayer): fixed window, sliding window (exact log and
 //!   approximate counter), token bucket and GCRA; several rules per route checked in one atomic
 //!   call; `429` with `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy` fields.
+//! - [`CacheLayer`](cache::CacheLayer): a response cache shared by every replica, safe by default
+//!   for a shared cache (RFC 9111), with O(1) segment invalidation and three kinds of stampede
+//!   protection (fill lock, early recompute, stale serving).
 //!
 //! State lives in a backend: [`MemoryBackend`](backend::MemoryBackend) (in process, the default
 //! that needs no server), [`RedisBackend`](backend::RedisBackend) (redis-rs, feature `redis`, on by
@@ -45,6 +48,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod backend;
+pub mod cache;
 #[cfg(feature = "test-support")]
 pub mod conformance;
 pub mod idempotency;

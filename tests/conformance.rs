@@ -1,20 +1,24 @@
-//! The conformance suite against every store: memory, redis-rs and fred, standalone and on a
+//! The conformance suites against every store: memory, redis-rs and fred, standalone and on a
 //! 3-master cluster, each with its own servers.
 
 mod common;
 
 use common::{RedisCluster, RedisServer};
 use tower_redis_layers::{
-    backend::{IdempotencyStore, LockStore, MemoryBackend, RateLimitStore},
-    conformance::{idempotency_suite, lock_suite, rate_limit_suite},
+    backend::{CacheStore, IdempotencyStore, LockStore, MemoryBackend, RateLimitStore},
+    conformance::{cache_suite, idempotency_suite, lock_suite, rate_limit_suite},
 };
 
 /// Every suite, concurrently.
-async fn all_suites<S: RateLimitStore + LockStore + IdempotencyStore>(store: &S) {
+async fn all_suites<S>(store: &S)
+where
+    S: RateLimitStore + LockStore + IdempotencyStore + CacheStore,
+{
     tokio::join!(
         rate_limit_suite(store),
         lock_suite(store),
-        idempotency_suite(store)
+        idempotency_suite(store),
+        cache_suite(store),
     );
 }
 

@@ -101,6 +101,55 @@ async fn exchange(port: u16, req: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A minimal HTTP/1.1 request; returns the status, the raw head and the body.
+async fn request(port: u16, method: &str, path: &str) -> (u16, String, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// `GET /cached/{id}`: a miss, a hit (the handler does not run again), and a miss after
+/// `POST /cached/invalidate`. Returns the handler's run count after the last call.
+async fn check_cached(demo: &Demo, expect_first_runs: u64) -> u64 {
+    let (status, head, body) = request(demo.port, "GET", "/cached/7").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["id"], "7");
+    let runs = json["runs"].as_u64().unwrap();
+    assert_eq!(runs, expect_first_runs, "{head}");
+    let (_, head, body) = request(demo.port, "GET", "/cached/7").await;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json["runs"].as_u64(),
+        Some(runs),
+        "the second GET ran the handler"
+    );
+    assert!(
+        head.contains("cache-status: tower-redis-layers; hit"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nage: "), "{head}");
+    let (status, _, _) = request(demo.port, "POST", "/cached/invalidate").await;
+    assert_eq!(status, 200);
+    let (_, head, body) = request(demo.port, "GET", "/cached/7").await;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(head.contains("fwd=miss"), "{head}");
+    json["runs"].as_u64().unwrap()
+}
+
 async fn statuses(port: u16, path: &str, n: usize, key: Option<&str>) -> Vec<u16> {
     let mut out = Vec::new();
     for _ in 0..n {
@@ -155,6 +204,10 @@ async fn check_routes(demo: &Demo) {
 async fn demo_in_memory() {
     let demo = start_demo(&[]);
     check_routes(&demo).await;
+    assert_eq!(check_cached(&demo, 1).await, 2);
+    let (_, body) = get(demo.port, "/stats", None).await;
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["cached"], 2);
 }
 
 #[cfg(feature = "redis")]
@@ -172,6 +225,15 @@ async fn demo_on_redis_limits_hold_across_two_replicas() {
         [200, 200, 200, 200]
     );
     assert_eq!(statuses(b.port, "/sliding", 1, Some("bob")).await, [429]);
+    // The cache is shared too: replica b is served what replica a computed.
+    assert_eq!(check_cached(&a, 1).await, 2);
+    let (_, head, body) = request(b.port, "GET", "/cached/7").await;
+    assert!(head.contains("; hit"), "{head}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["runs"], 2);
+    let (_, body) = get(b.port, "/stats", None).await;
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["cached"], 0, "replica b ran the cached handler");
 }
 
 #[cfg(feature = "fred")]
@@ -180,4 +242,5 @@ async fn demo_on_fred() {
     let server = RedisServer::start();
     let demo = start_demo(&[("REDIS_URL", server.url()), ("DEMO_BACKEND", "fred".into())]);
     check_routes(&demo).await;
+    assert_eq!(check_cached(&demo, 1).await, 2);
 }

@@ -29,6 +29,8 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     clock: Clock,
     records: super::memory_records::Records,
+    /// The response cache's state (see `memory_cache.rs`).
+    cache: cache::CacheState,
 }
 
 type SlotKey = (StoreKey, u8, u64, u64, u64);
@@ -80,6 +82,7 @@ impl MemoryBackend {
             shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
             clock: Clock::new(),
             records: super::memory_records::Records::new(shards),
+            cache: cache::CacheState::default(),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(sweeper(Arc::downgrade(&inner)));
@@ -523,3 +526,6 @@ fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, cost: u64) -> Eval {
         }
     }
 }
+
+#[path = "memory_cache.rs"]
+mod cache;

@@ -13,13 +13,17 @@
 //! `NOSCRIPT`), atomic, with the time read from the Redis server and every key of a call in one
 //! hash slot.
 //!
-//! To plug in a store of your own, implement [`RateLimitStore`] and run the conformance suite
+//! To plug in a store of your own, implement [`RateLimitStore`] (and [`CacheStore`] for the
+//! response cache) and run the conformance suite
 //! (feature `test-support`, module `conformance`) against it.
 
 use std::{future::Future, time::Duration};
 
 use crate::{key::StoreKey, rate_limit::Rule};
 
+mod cache;
+#[cfg(any(feature = "redis", feature = "fred"))]
+mod cache_scripts;
 mod memory;
 mod memory_records;
 #[cfg(any(feature = "redis", feature = "fred"))]
@@ -32,6 +36,10 @@ mod fred;
 #[cfg(feature = "redis")]
 mod redis;
 
+pub use self::cache::{
+    CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreOutcome,
+    StoreRequest,
+};
 #[cfg(feature = "fred")]
 pub use self::fred::FredBackend;
 pub use self::memory::MemoryBackend;

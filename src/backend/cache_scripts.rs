@@ -1,0 +1,221 @@
+//! The response-cache operations over any Redis client, written once over a [`ScriptRunner`].
+//!
+//! Key layout (every key of one call shares the segment's hash tag, so one cluster slot):
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `<prefix>:c:{<segment>}:v` | string | the segment version (INCR to invalidate) |
+//! | `<prefix>:c:{<segment>}:e:<key>` | hash | one entry (see `cache_lookup.lua`) |
+//! | `<prefix>:c:{<segment>}:l:<key>` | string | the fill lock: a random token, `PX` |
+//!
+//! `<segment>` and `<key>` are hashes ([`StoreKey`]): no request text reaches a key.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{
+    cache::{FillState, FillToken, Freshness, Lookup, LookupRequest, StoreOutcome, StoreRequest},
+    script::{Lua, Reply, ScriptRunner},
+    BackendError, StoreFuture,
+};
+use crate::key::StoreKey;
+
+pub(crate) static CACHE_LOOKUP: Lua = Lua::new(include_str!("../scripts/cache_lookup.lua"));
+pub(crate) static CACHE_STORE: Lua = Lua::new(include_str!("../scripts/cache_store.lua"));
+pub(crate) static CACHE_RELEASE: Lua = Lua::new(include_str!("../scripts/cache_release.lua"));
+pub(crate) static CACHE_INVALIDATE: Lua = Lua::new(include_str!("../scripts/cache_invalidate.lua"));
+pub(crate) static CACHE_DELETE: Lua = Lua::new(include_str!("../scripts/cache_delete.lua"));
+
+fn base(prefix: &str, segment: &StoreKey) -> String {
+    format!("{prefix}:c:{{{}}}", segment.to_hex())
+}
+
+fn version_key(prefix: &str, segment: &StoreKey) -> String {
+    format!("{}:v", base(prefix, segment))
+}
+
+fn entry_key(prefix: &str, segment: &StoreKey, key: &StoreKey) -> String {
+    format!("{}:e:{}", base(prefix, segment), key.to_hex())
+}
+
+fn lock_key(prefix: &str, segment: &StoreKey, key: &StoreKey) -> String {
+    format!("{}:l:{}", base(prefix, segment), key.to_hex())
+}
+
+fn millis(d: Duration) -> Vec<u8> {
+    d.as_millis().to_string().into_bytes()
+}
+
+pub(crate) fn lookup<R: ScriptRunner>(runner: &R, req: LookupRequest) -> StoreFuture<Lookup> {
+    let p = runner.prefix();
+    let keys = vec![
+        version_key(p, &req.segment),
+        entry_key(p, &req.segment, &req.key),
+        lock_key(p, &req.segment, &req.key),
+    ];
+    let (ttl, token) = match req.fill {
+        Some(fill) => (fill.ttl.max(Duration::from_millis(1)), fill.token.to_hex()),
+        None => (Duration::ZERO, String::new()),
+    };
+    let args = vec![
+        millis(ttl),
+        token.into_bytes(),
+        format!("{}", req.early_beta.max(0.0)).into_bytes(),
+        format!("{}", req.random).into_bytes(),
+    ];
+    let call = runner.run(&CACHE_LOOKUP, keys, args);
+    Box::pin(async move { decode_lookup(call.await?) })
+}
+
+fn decode_lookup(reply: Reply) -> Result<Lookup, BackendError> {
+    let mut items = reply.array()?.into_iter();
+    let mut next_int = || -> Result<i64, BackendError> {
+        items
+            .next()
+            .ok_or_else(|| BackendError::Reply("cache lookup: short reply".into()))?
+            .int()
+    };
+    let state = next_int()?;
+    let version = u64::try_from(next_int()?).unwrap_or(0);
+    let age = Duration::from_millis(u64::try_from(next_int()?).unwrap_or(0));
+    let lock = next_int()?;
+    let body = match items.next() {
+        Some(Reply::Bytes(b)) => Some(Bytes::from(b)),
+        _ => None,
+    };
+    let freshness = match state {
+        1 => Freshness::Fresh,
+        2 => Freshness::Early,
+        3 => Freshness::Stale,
+        4 => Freshness::StaleIfError,
+        _ => Freshness::Miss,
+    };
+    let fill = match lock {
+        1 => FillState::Acquired,
+        2 => FillState::Held,
+        _ => FillState::NotTried,
+    };
+    Ok(Lookup {
+        entry: if freshness == Freshness::Miss {
+            None
+        } else {
+            body
+        },
+        freshness,
+        version,
+        age,
+        fill,
+        corrupt: state == 5,
+    })
+}
+
+pub(crate) fn store<R: ScriptRunner>(runner: &R, req: StoreRequest) -> StoreFuture<StoreOutcome> {
+    let p = runner.prefix();
+    let (lock, token) = match &req.fill {
+        Some((lock, token)) => (lock_key(p, &req.segment, lock), token.to_hex()),
+        None => (lock_key(p, &req.segment, &req.key), String::new()),
+    };
+    let keys = vec![
+        version_key(p, &req.segment),
+        entry_key(p, &req.segment, &req.key),
+        lock,
+    ];
+    let args = vec![
+        req.version.to_string().into_bytes(),
+        token.into_bytes(),
+        millis(req.ttl.max(Duration::from_millis(1))),
+        millis(req.stale_while_revalidate),
+        millis(req.stale_if_error),
+        req.compute_time.as_micros().to_string().into_bytes(),
+        req.entry.to_vec(),
+    ];
+    let call = runner.run(&CACHE_STORE, keys, args);
+    Box::pin(async move {
+        Ok(match call.await?.int()? {
+            1 => StoreOutcome::Stored,
+            0 => StoreOutcome::VersionChanged,
+            _ => StoreOutcome::LockLost,
+        })
+    })
+}
+
+pub(crate) fn release_fill<R: ScriptRunner>(
+    runner: &R,
+    segment: StoreKey,
+    key: StoreKey,
+    token: FillToken,
+) -> StoreFuture<bool> {
+    let keys = vec![lock_key(runner.prefix(), &segment, &key)];
+    let call = runner.run(&CACHE_RELEASE, keys, vec![token.to_hex().into_bytes()]);
+    Box::pin(async move { Ok(call.await?.int()? == 1) })
+}
+
+pub(crate) fn invalidate_segment<R: ScriptRunner>(
+    runner: &R,
+    segment: StoreKey,
+) -> StoreFuture<u64> {
+    let keys = vec![version_key(runner.prefix(), &segment)];
+    let call = runner.run(&CACHE_INVALIDATE, keys, Vec::new());
+    Box::pin(async move { Ok(u64::try_from(call.await?.int()?).unwrap_or(0)) })
+}
+
+pub(crate) fn invalidate_key<R: ScriptRunner>(
+    runner: &R,
+    segment: StoreKey,
+    key: StoreKey,
+) -> StoreFuture<bool> {
+    let keys = vec![entry_key(runner.prefix(), &segment, &key)];
+    let call = runner.run(&CACHE_DELETE, keys, Vec::new());
+    Box::pin(async move { Ok(call.await?.int()? == 1) })
+}
+
+/// `impl CacheStore` for a [`ScriptRunner`] type: every operation one script call.
+macro_rules! impl_cache_store {
+    ($ty:ty) => {
+        impl $crate::backend::CacheStore for $ty {
+            fn lookup(
+                &self,
+                request: $crate::backend::LookupRequest,
+            ) -> $crate::backend::StoreFuture<$crate::backend::Lookup> {
+                $crate::backend::cache_scripts::lookup(self, request)
+            }
+
+            fn store(
+                &self,
+                request: $crate::backend::StoreRequest,
+            ) -> $crate::backend::StoreFuture<$crate::backend::StoreOutcome> {
+                $crate::backend::cache_scripts::store(self, request)
+            }
+
+            fn release_fill(
+                &self,
+                segment: $crate::StoreKey,
+                key: $crate::StoreKey,
+                token: $crate::backend::FillToken,
+            ) -> $crate::backend::StoreFuture<bool> {
+                $crate::backend::cache_scripts::release_fill(self, segment, key, token)
+            }
+
+            fn invalidate_segment(
+                &self,
+                segment: $crate::StoreKey,
+            ) -> $crate::backend::StoreFuture<u64> {
+                $crate::backend::cache_scripts::invalidate_segment(self, segment)
+            }
+
+            fn invalidate_key(
+                &self,
+                segment: $crate::StoreKey,
+                key: $crate::StoreKey,
+            ) -> $crate::backend::StoreFuture<bool> {
+                $crate::backend::cache_scripts::invalidate_key(self, segment, key)
+            }
+        }
+    };
+}
+
+#[cfg(feature = "redis")]
+impl_cache_store!(super::RedisBackend);
+#[cfg(feature = "fred")]
+impl_cache_store!(super::FredBackend);

@@ -1,0 +1,256 @@
+//! The response cache in the in-process store: the same semantics as the Redis scripts
+//! (`cache_*.lua`), on sharded maps. A child module of `memory`, so it reaches `Inner`.
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use bytes::Bytes;
+
+use super::MemoryBackend;
+use crate::{
+    backend::{
+        BackendError, CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest,
+        StoreFuture, StoreOutcome, StoreRequest,
+    },
+    key::StoreKey,
+    time::Clock,
+};
+
+/// The cache state of a [`MemoryBackend`], sharded by segment (like Redis, a segment lives in
+/// one place).
+pub(super) struct CacheState {
+    shards: Box<[Mutex<CacheShard>]>,
+    clock: Clock,
+}
+
+#[derive(Default)]
+struct CacheShard {
+    versions: HashMap<StoreKey, u64>,
+    entries: HashMap<(StoreKey, StoreKey), MemEntry>,
+    locks: HashMap<(StoreKey, StoreKey), (FillToken, u64)>,
+    next_sweep: u64,
+}
+
+struct MemEntry {
+    version: u64,
+    stored_at: u64,
+    fresh_until: u64,
+    swr_until: u64,
+    sie_until: u64,
+    delta: u64,
+    body: Bytes,
+}
+
+impl MemEntry {
+    fn expires_at(&self) -> u64 {
+        self.swr_until.max(self.sie_until)
+    }
+}
+
+const SHARDS: usize = 16;
+const SWEEP_EVERY_US: u64 = 1_000_000;
+
+impl Default for CacheState {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(CacheShard::default()))
+                .collect(),
+            clock: Clock::new(),
+        }
+    }
+}
+
+impl CacheState {
+    fn shard(&self, segment: &StoreKey) -> Result<MutexGuard<'_, CacheShard>, BackendError> {
+        let idx = usize::from(segment.as_bytes()[0]) % self.shards.len();
+        let shard = self
+            .shards
+            .get(idx)
+            .ok_or_else(|| BackendError::Invalid("no shard".into()))?
+            .lock()
+            .map_err(|_| BackendError::Invalid("a memory store shard was poisoned".into()))?;
+        Ok(shard)
+    }
+
+    fn lookup(&self, req: &LookupRequest) -> Result<Lookup, BackendError> {
+        let now = self.clock.now_us();
+        let mut shard = self.shard(&req.segment)?;
+        shard.maybe_sweep(now);
+        let version = shard.versions.get(&req.segment).copied().unwrap_or(0);
+        let id = (req.segment, req.key);
+        let mut freshness = Freshness::Miss;
+        let mut entry = None;
+        let mut age = Duration::ZERO;
+        if let Some(e) = shard.entries.get(&id) {
+            if e.version == version && now < e.expires_at() {
+                freshness = if now < e.fresh_until {
+                    let rnd = if req.random > 0.0 && req.random <= 1.0 {
+                        req.random
+                    } else {
+                        1.0
+                    };
+                    let early = req.early_beta > 0.0
+                        && e.delta > 0
+                        && (now as f64 - e.delta as f64 * req.early_beta * rnd.ln())
+                            >= e.fresh_until as f64;
+                    if early {
+                        Freshness::Early
+                    } else {
+                        Freshness::Fresh
+                    }
+                } else if now < e.swr_until {
+                    Freshness::Stale
+                } else if now < e.sie_until {
+                    Freshness::StaleIfError
+                } else {
+                    Freshness::Miss
+                };
+                if freshness != Freshness::Miss {
+                    entry = Some(e.body.clone());
+                    age = Duration::from_millis(now.saturating_sub(e.stored_at) / 1000);
+                }
+            }
+        }
+        let mut fill = FillState::NotTried;
+        if let Some(request) = req.fill.filter(|_| freshness != Freshness::Fresh) {
+            let held = shard.locks.get(&id).is_some_and(|(_, until)| *until > now);
+            if held {
+                fill = FillState::Held;
+            } else {
+                let ttl = u64::try_from(request.ttl.as_micros()).unwrap_or(u64::MAX / 4);
+                shard
+                    .locks
+                    .insert(id, (request.token, now.saturating_add(ttl.max(1000))));
+                fill = FillState::Acquired;
+            }
+        }
+        Ok(Lookup {
+            freshness,
+            entry,
+            version,
+            age,
+            fill,
+            corrupt: false,
+        })
+    }
+
+    fn store(&self, req: &StoreRequest) -> Result<StoreOutcome, BackendError> {
+        let now = self.clock.now_us();
+        let mut shard = self.shard(&req.segment)?;
+        if let Some((lock, token)) = &req.fill {
+            let id = (req.segment, *lock);
+            let holds = shard
+                .locks
+                .get(&id)
+                .is_some_and(|(t, until)| t == token && *until > now);
+            if !holds {
+                return Ok(StoreOutcome::LockLost);
+            }
+            shard.locks.remove(&id);
+        }
+        let version = shard.versions.get(&req.segment).copied().unwrap_or(0);
+        if version != req.version {
+            return Ok(StoreOutcome::VersionChanged);
+        }
+        let us = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4) * 1000;
+        let fresh_until = now + us(req.ttl.max(Duration::from_millis(1)));
+        shard.entries.insert(
+            (req.segment, req.key),
+            MemEntry {
+                version,
+                stored_at: now,
+                fresh_until,
+                swr_until: fresh_until + us(req.stale_while_revalidate),
+                sie_until: fresh_until + us(req.stale_if_error),
+                delta: u64::try_from(req.compute_time.as_micros()).unwrap_or(0),
+                body: req.entry.clone(),
+            },
+        );
+        Ok(StoreOutcome::Stored)
+    }
+
+    fn release(
+        &self,
+        segment: StoreKey,
+        key: StoreKey,
+        token: FillToken,
+    ) -> Result<bool, BackendError> {
+        let now = self.clock.now_us();
+        let mut shard = self.shard(&segment)?;
+        let id = (segment, key);
+        let holds = shard
+            .locks
+            .get(&id)
+            .is_some_and(|(t, until)| *t == token && *until > now);
+        if holds {
+            shard.locks.remove(&id);
+        }
+        Ok(holds)
+    }
+
+    fn invalidate_segment(&self, segment: StoreKey) -> Result<u64, BackendError> {
+        let mut shard = self.shard(&segment)?;
+        let version = shard.versions.entry(segment).or_insert(0);
+        *version += 1;
+        Ok(*version)
+    }
+
+    fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> Result<bool, BackendError> {
+        let now = self.clock.now_us();
+        let mut shard = self.shard(&segment)?;
+        Ok(shard
+            .entries
+            .remove(&(segment, key))
+            .is_some_and(|e| e.expires_at() > now))
+    }
+}
+
+impl CacheShard {
+    fn maybe_sweep(&mut self, now: u64) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.entries.retain(|_, e| e.expires_at() > now);
+        self.locks.retain(|_, (_, until)| *until > now);
+        self.next_sweep = now + SWEEP_EVERY_US;
+    }
+}
+
+fn done<T: Send + 'static>(result: Result<T, BackendError>) -> StoreFuture<T> {
+    Box::pin(std::future::ready(result))
+}
+
+impl CacheStore for MemoryBackend {
+    fn lookup(&self, request: LookupRequest) -> StoreFuture<Lookup> {
+        done(self.inner.cache.lookup(&request))
+    }
+
+    fn store(&self, request: StoreRequest) -> StoreFuture<StoreOutcome> {
+        done(self.inner.cache.store(&request))
+    }
+
+    fn release_fill(
+        &self,
+        segment: StoreKey,
+        key: StoreKey,
+        token: FillToken,
+    ) -> StoreFuture<bool> {
+        done(self.inner.cache.release(segment, key, token))
+    }
+
+    fn invalidate_segment(&self, segment: StoreKey) -> StoreFuture<u64> {
+        done(self.inner.cache.invalidate_segment(segment))
+    }
+
+    fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool> {
+        done(self.inner.cache.invalidate_key(segment, key))
+    }
+
+    fn is_remote(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,149 @@
+//! The stored entry: a response (status, end-to-end headers, body) and the request header
+//! values it was selected by (`Vary`), encoded with `postcard`.
+//!
+//! Layout: one format byte ([`FORMAT`]), the length of the head (u32, big endian), the head
+//! (postcard), then the raw body. Anything else decodes to an error, and the layer treats the
+//! entry as a miss and deletes it.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+
+/// The version of the encoding; bump it when the head changes.
+const FORMAT: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Head {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    vary: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// A decoded entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    /// The request header values (lowercase name, value) the response varies on.
+    pub(crate) vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    pub(crate) body: Bytes,
+}
+
+/// Why an entry could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EntryError {
+    #[error("unknown entry format {0}")]
+    Format(u8),
+    #[error("truncated entry")]
+    Truncated,
+    #[error("undecodable entry head: {0}")]
+    Head(#[from] postcard::Error),
+    #[error("invalid field in entry: {0}")]
+    Field(&'static str),
+}
+
+impl Entry {
+    pub(crate) fn encode(&self) -> Result<Bytes, postcard::Error> {
+        let head = Head {
+            status: self.status.as_u16(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+            vary: self
+                .vary
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        v.as_ref().map(|v| v.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+        };
+        let head = postcard::to_stdvec(&head)?;
+        let mut out = BytesMut::with_capacity(5 + head.len() + self.body.len());
+        out.put_u8(FORMAT);
+        out.put_u32(u32::try_from(head.len()).map_err(|_| postcard::Error::SerializeBufferFull)?);
+        out.put_slice(&head);
+        out.put_slice(&self.body);
+        Ok(out.freeze())
+    }
+
+    pub(crate) fn decode(raw: &Bytes) -> Result<Self, EntryError> {
+        let (&format, rest) = raw.split_first().ok_or(EntryError::Truncated)?;
+        if format != FORMAT {
+            return Err(EntryError::Format(format));
+        }
+        let len_bytes: [u8; 4] = rest
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(EntryError::Truncated)?;
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        let head_bytes = rest.get(4..4 + len).ok_or(EntryError::Truncated)?;
+        let head: Head = postcard::from_bytes(head_bytes)?;
+        let status = StatusCode::from_u16(head.status).map_err(|_| EntryError::Field("status"))?;
+        let mut headers = HeaderMap::with_capacity(head.headers.len());
+        for (name, value) in head.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| EntryError::Field("header name"))?;
+            let value =
+                HeaderValue::from_bytes(&value).map_err(|_| EntryError::Field("header value"))?;
+            headers.append(name, value);
+        }
+        let mut vary = Vec::with_capacity(head.vary.len());
+        for (name, value) in head.vary {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| EntryError::Field("vary name"))?;
+            let value = value
+                .map(|v| HeaderValue::from_bytes(&v))
+                .transpose()
+                .map_err(|_| EntryError::Field("vary value"))?;
+            vary.push((name, value));
+        }
+        Ok(Self {
+            status,
+            headers,
+            vary,
+            body: raw.slice(1 + 4 + len..),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        let entry = Entry {
+            status: StatusCode::NOT_FOUND,
+            headers,
+            vary: vec![(
+                HeaderName::from_static("accept-language"),
+                Some(HeaderValue::from_static("fr")),
+            )],
+            body: Bytes::from_static(b"hello"),
+        };
+        let raw = entry.encode().unwrap();
+        let back = Entry::decode(&raw).unwrap();
+        assert_eq!(back.status, StatusCode::NOT_FOUND);
+        assert_eq!(back.headers.get_all("x-multi").iter().count(), 2);
+        assert_eq!(back.body, "hello");
+        assert_eq!(back.vary, entry.vary);
+        for bad in [
+            &b""[..],
+            b"\x01",
+            b"\x02abc",
+            b"\x01\x00\x00\x00\x09abc",
+            b"garbage",
+        ] {
+            assert!(Entry::decode(&Bytes::copy_from_slice(bad)).is_err());
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! A response cache in a store shared by every replica, safe by default for a shared cache and
+//! protected against stampedes.
+//!
+//! A [`CacheLayer`] stores responses to `GET` (and serves `HEAD` from them), keyed by host, path,
+//! query (parameters in a canonical order), the request headers named by the response's `Vary`,
+//! and an optional [partition](CacheLayer::partition). Keys are hashed: a Redis key never holds
+//! request text.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{extract::Path, routing::{get, post}, Router};
+//! use tower_redis_layers::{backend::MemoryBackend, cache::CacheLayer};
+//!
+//! let cache = CacheLayer::new(MemoryBackend::new())
+//!     .scope("users")
+//!     .ttl(Duration::from_secs(30))
+//!     .stale_while_revalidate(Duration::from_secs(10))
+//!     .stale_if_error(Duration::from_secs(300));
+//! let handle = cache.handle();
+//!
+//! let app: Router = Router::new()
+//!     .route("/users/{id}", get(|Path(id): Path<u64>| async move { format!("user {id}") }).layer(cache))
+//!     .route("/users/invalidate", post(move || async move {
+//!         // One version bump: every entry of the segment is gone at once.
+//!         let _ = handle.invalidate().await;
+//!     }));
+//! ```
+//!
+//! # What is stored, and what is not
+//!
+//! - Statuses 200, 203, 204, 300, 301, 404, 405, 410, 414 and 501 by default
+//!   ([`CacheLayer::statuses`]), for `s-maxage`, else `max-age`, else [`CacheLayer::ttl`], with a
+//!   random jitter (±10% by default).
+//! - Never stored: responses with `Set-Cookie`, `Cache-Control: private`, `no-store` or
+//!   `no-cache`, `Vary: *`, or a body larger than [`CacheLayer::max_body`] (1 MiB by default; such a
+//!   body is streamed through, and the layer never buffers more than the cap). Hop-by-hop headers
+//!   are not stored.
+//! - Requests with `Authorization` or `Cookie` bypass the cache unless
+//!   [`CacheLayer::allow_authorized`] says otherwise. A request's `Cache-Control: no-store`
+//!   bypasses it; `no-cache` skips the lookup but stores the fresh response.
+//!
+//! # Stampedes
+//!
+//! Three mechanisms, each switchable:
+//!
+//! 1. **Fill lock** ([`CacheLayer::fill_lock`], on by default): on a miss, one request across
+//!    every replica takes a short lock (`SET NX PX`, in the same script as the lookup) and runs the
+//!    handler; the others poll for the entry up to a bound, then run the handler without storing.
+//!    The store script writes only while the lock holds and releases it (compare and delete).
+//! 2. **Early recompute** ([`CacheLayer::early_recompute`], XFetch, on with `beta = 1`): a
+//!    lookup recomputes a still-fresh entry with a probability that grows as its expiry nears,
+//!    weighted by how long the handler took; the others keep getting the entry meanwhile.
+//! 3. **Stale serving** ([`CacheLayer::stale_while_revalidate`],
+//!    [`CacheLayer::stale_if_error`], off by default): the stale entry is served while one request
+//!    refreshes it, or when the handler fails (an error or a 5xx).
+//!
+//! The refresh runs inside the request that took the lock (it gets the new response).
+//!
+//! # Invalidation
+//!
+//! Every entry belongs to a segment (one per layer by default, or named by
+//! [`CacheLayer::segment`]). A segment has a version; entries record the version they were
+//! written under and a lookup ignores older ones, so [`CacheHandle::invalidate_segment`] is one
+//! increment whatever the segment's size. [`CacheHandle::invalidate_request`] deletes one entry.
+//! All entries of a segment share one Redis Cluster hash slot: a huge segment is one hot node,
+//! so choose finer segments for very large caches.
+//!
+//! # Headers and round trips
+//!
+//! Served entries carry `Age` and every response of a `GET`/`HEAD` carries `Cache-Status`
+//! (RFC 9211), for example `tower-redis-layers; hit`, `tower-redis-layers; fwd=miss; stored`,
+//! `tower-redis-layers; hit; detail=stale`, `tower-redis-layers; fwd=bypass; detail=cookie`.
+//!
+//! On Redis, a hit is one script call (the lookup reads the version, the entry and takes the
+//! lock when needed); a miss is two (lookup, then store, which also releases the lock).
+//!
+//! # Observability
+//!
+//! Events go to `tracing` (target `tower_redis_layers::cache`): warnings for store failures and
+//! corrupt entries, debug events for responses not stored. With the `metrics` feature,
+//! `tower_redis_layers_cache_requests_total{outcome}` counts `hit`, `stale`, `stale_if_error`,
+//! `miss`, `miss_stored` and `bypass`.
+//!
+//! # When the store fails
+//!
+//! Every store call has a timeout ([`CacheLayer::timeout`], 250 ms by default). A failed lookup
+//! is a miss (the handler runs; nothing is stored), a failed store is logged and dropped, and a
+//! corrupt or undecodable entry is a miss and is deleted. The response never fails because the
+//! cache did.
+
+mod body;
+mod entry;
+mod future;
+mod key;
+mod layer;
+mod policy;
+mod service;
+
+pub use self::{
+    body::ResponseBody,
+    future::ResponseFuture,
+    layer::{CacheHandle, CacheLayer},
+    service::Cache,
+};
