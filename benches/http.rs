@@ -202,6 +202,19 @@ async fn app(redis: &RedisServer) -> Router {
                 )),
             );
     }
+    // The cache: a handler doing 5 ms of work, uncached and behind the cache (all hits).
+    async fn slow() -> &'static str {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        "computed"
+    }
+    router = router.route("/cache/uncached", get(slow)).route(
+        "/cache/hit",
+        get(slow).layer(
+            tower_redis_layers::cache::CacheLayer::new(redis_store.clone())
+                .scope("bench")
+                .ttl(Duration::from_secs(3600)),
+        ),
+    );
     // Idempotency: a first execution per key, and replays of one key.
     router = router.route(
         "/orders",
@@ -618,6 +631,14 @@ fn main() {
             leak(format!("/evalsha/{name}")),
         ));
     }
+    main.push(config(
+        "8. handler doing 5 ms of work, uncached",
+        "/cache/uncached",
+    ));
+    main.push(config(
+        "8. the same behind CacheLayer, redis-rs (hits)",
+        "/cache/hit",
+    ));
     main.push(Config {
         script: Some(
             "local n = 0\nlocal counter = 0\nfunction setup(thread) n = n + 1; thread:set(\"tid\", n) end\nrequest = function()\n  counter = counter + 1\n  return wrk.format(\"POST\", nil, {[\"Idempotency-Key\"] = \"RUN-\" .. tid .. \"-\" .. counter}, \"{}\")\nend\n"
@@ -738,6 +759,13 @@ fn main() {
     println!(
         "| one key over its limit, deny cache on / bare | {:.2} | >= 0.90 |",
         ratio("7. one key over its limit, deny cache on", bare)
+    );
+    println!(
+        "| CacheLayer hit / uncached 5 ms handler | {:.2} | (report) |",
+        ratio(
+            "8. the same behind CacheLayer, redis-rs (hits)",
+            "8. handler doing 5 ms of work, uncached"
+        )
     );
     println!();
     println!("| how cost grows | conns | req/s | vs bare (64 conns) | p50 | p99 | scripts/req | cmds/req | Redis µs/req |");
