@@ -195,6 +195,9 @@ where
         }
     };
     let wait_until = config.fill_lock.map(|l| Instant::now() + l.wait);
+    // Waiters poll with a growing interval (x1.5, up to 4x the base): fewer calls while a
+    // slow handler runs, little delay for a fast one.
+    let mut poll = config.fill_lock.map_or(Duration::ZERO, |l| l.poll);
     loop {
         let entry = ctx.usable_entry(&lookup, &parts).await;
         let holds = lookup.fill == FillState::Acquired;
@@ -264,7 +267,8 @@ where
         if Instant::now() >= until {
             break;
         }
-        tokio::time::sleep(lock_cfg.poll.min(until - Instant::now())).await;
+        tokio::time::sleep(poll.min(until - Instant::now())).await;
+        poll = poll.mul_f64(1.5).min(lock_cfg.poll * 4);
         lookup = match ctx.lookup(fill).await {
             Ok(l) => l,
             Err(error) => {
