@@ -201,8 +201,8 @@ impl<B> CacheLayer<B> {
         self
     }
 
-    /// Serves an entry up to `window` past its freshness when the handler fails (an error or a
-    /// 5xx response) (default: off).
+    /// Serves an entry up to `window` past its freshness when the handler fails: an error, or a
+    /// 500, 502, 503 or 504 response, as RFC 5861 defines it (default: off).
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.config_mut().stale_if_error = window;
         self

@@ -427,9 +427,10 @@ impl<B: CacheStore> Ctx<'_, B> {
         let vary_request = parts.clone();
         let started = Instant::now();
         let result = inner.call(Request::from_parts(parts, body)).await;
+        // The errors of RFC 5861 section 4: an error, or 500, 502, 503, 504.
         let failed = match &result {
             Err(_) => true,
-            Ok(r) => r.status().is_server_error(),
+            Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504),
         };
         if failed {
             if let Some((entry, age)) = stale {
