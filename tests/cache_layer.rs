@@ -979,6 +979,18 @@ async fn round_trips_per_hit_and_miss() {
         .unwrap();
     send(&svc, bypass).await;
     assert_eq!(calls(), after_hit);
+    // No key lives forever: version keys expire after the entries written under them.
+    let l = layer(env.store().await).scope("versions");
+    let handle = l.handle();
+    let svc = service(l, Runs::default(), answer(&[]));
+    send(&svc, req("/v")).await;
+    handle.invalidate().await.unwrap();
+    let keys = env.keys("*:c:{*}:*");
+    assert!(!keys.is_empty());
+    for (node, key) in keys {
+        let ttl: i64 = node.cli(&["PTTL", &key]).unwrap().trim().parse().unwrap();
+        assert!(ttl > 0, "{key} has no expiry ({ttl})");
+    }
 }
 
 #[cfg(feature = "redis")]

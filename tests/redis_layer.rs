@@ -260,3 +260,37 @@ async fn redis_down_slow_and_back() {
         .collect();
     assert_eq!(after, [200, 200, 429]);
 }
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fred_store_recovers_after_a_restart() {
+    use tower_redis_layers::backend::FredBackend;
+    let mut server = RedisServer::start();
+    let store = FredBackend::connect(&server.url()).await.unwrap();
+    let closed = service(
+        RateLimitLayer::new(store, Rule::fixed_window(2, Duration::from_secs(60)))
+            .timeout(Duration::from_millis(300))
+            .on_backend_error(FailureMode::Closed),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    assert_eq!(status(&closed).await, StatusCode::OK);
+    server.stop();
+    assert_eq!(status(&closed).await, StatusCode::SERVICE_UNAVAILABLE);
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    loop {
+        let s = status(&closed).await;
+        seen.push(s.as_u16());
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fred did not come back: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after: Vec<u16> = seen.into_iter().filter(|s| *s != 503).collect();
+    assert_eq!(after, [200, 200, 429]);
+}

@@ -13,6 +13,10 @@ use bytes::Bytes;
 use super::StoreFuture;
 use crate::key::StoreKey;
 
+/// How long a segment version made by an invalidation lives when no entry extends it: longer
+/// than any fill in flight, so that a fill that read the old version is always rejected.
+pub(crate) const VERSION_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
 /// A random token proving who holds a fill lock (128 bits).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FillToken(pub u128);
@@ -160,6 +164,9 @@ pub trait CacheStore: Send + Sync + 'static {
         -> StoreFuture<bool>;
 
     /// Invalidates every entry of a segment (bumps its version). Answers the new version.
+    ///
+    /// A store may forget a version once every entry written under it has expired (and a day
+    /// has passed since the bump): the version then reads 0 again.
     fn invalidate_segment(&self, segment: StoreKey) -> StoreFuture<u64>;
 
     /// Deletes one entry. Answers whether it existed.

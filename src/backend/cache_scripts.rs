@@ -4,7 +4,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `<prefix>:c:{<segment>}:v` | string | the segment version (INCR to invalidate) |
+//! | `<prefix>:c:{<segment>}:v` | string | the segment version (INCR to invalidate); expires after its last entry |
 //! | `<prefix>:c:{<segment>}:e:<key>` | hash | one entry (see `cache_lookup.lua`) |
 //! | `<prefix>:c:{<segment>}:l:<key>` | string | the fill lock: a random token, `PX` |
 //!
@@ -156,7 +156,8 @@ pub(crate) fn invalidate_segment<R: ScriptRunner>(
     segment: StoreKey,
 ) -> StoreFuture<u64> {
     let keys = vec![version_key(runner.prefix(), &segment)];
-    let call = runner.run(&CACHE_INVALIDATE, keys, Vec::new());
+    let args = vec![millis(super::cache::VERSION_RETENTION)];
+    let call = runner.run(&CACHE_INVALIDATE, keys, args);
     Box::pin(async move { Ok(u64::try_from(call.await?.int()?).unwrap_or(0)) })
 }
 

@@ -1,9 +1,9 @@
 //! The `fred` store: fred, standalone or cluster.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use fred::{
-    prelude::{Builder, Client, ClientLike, Config, Error, LuaInterface, Pool},
+    prelude::{Builder, Client, ClientLike, Config, Error, LuaInterface, Pool, ReconnectPolicy},
     types::Value,
 };
 
@@ -46,7 +46,16 @@ impl FredBackend {
     pub async fn connect(url: &str) -> Result<Self, BackendError> {
         let url = normalise_cluster_url(url);
         let config = Config::from_url(&url).map_err(BackendError::store)?;
+        // Reconnect forever (100 ms doubling to 2 s) so that the store comes back by itself
+        // after a Redis restart; connecting and each command are bounded too, under the
+        // layers' own, usually shorter, timeouts.
         let client = Builder::from_config(config)
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(2);
+                c.internal_command_timeout = Duration::from_secs(2);
+            })
+            .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(2))
             .build()
             .map_err(BackendError::store)?;
         client.init().await.map_err(BackendError::store)?;

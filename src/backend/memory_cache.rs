@@ -12,8 +12,8 @@ use bytes::Bytes;
 use super::MemoryBackend;
 use crate::{
     backend::{
-        BackendError, CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest,
-        StoreFuture, StoreOutcome, StoreRequest,
+        cache::VERSION_RETENTION, BackendError, CacheStore, FillState, FillToken, Freshness,
+        Lookup, LookupRequest, StoreFuture, StoreOutcome, StoreRequest,
     },
     key::StoreKey,
     time::Clock,
@@ -28,7 +28,8 @@ pub(super) struct CacheState {
 
 #[derive(Default)]
 struct CacheShard {
-    versions: HashMap<StoreKey, u64>,
+    /// Version and when it may be forgotten (after every entry written under it).
+    versions: HashMap<StoreKey, (u64, u64)>,
     entries: HashMap<(StoreKey, StoreKey), MemEntry>,
     locks: HashMap<(StoreKey, StoreKey), (FillToken, u64)>,
     next_sweep: u64,
@@ -80,7 +81,7 @@ impl CacheState {
         let now = self.clock.now_us();
         let mut shard = self.shard(&req.segment)?;
         shard.maybe_sweep(now);
-        let version = shard.versions.get(&req.segment).copied().unwrap_or(0);
+        let version = shard.version(&req.segment, now);
         let id = (req.segment, req.key);
         let mut freshness = Freshness::Miss;
         let mut entry = None;
@@ -152,12 +153,15 @@ impl CacheState {
             }
             shard.locks.remove(&id);
         }
-        let version = shard.versions.get(&req.segment).copied().unwrap_or(0);
+        let version = shard.version(&req.segment, now);
         if version != req.version {
             return Ok(StoreOutcome::VersionChanged);
         }
         let us = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4) * 1000;
         let fresh_until = now + us(req.ttl.max(Duration::from_millis(1)));
+        let keep_until = fresh_until + us(req.stale_while_revalidate.max(req.stale_if_error));
+        let slot = shard.versions.entry(req.segment).or_insert((version, 0));
+        slot.1 = slot.1.max(keep_until);
         shard.entries.insert(
             (req.segment, req.key),
             MemEntry {
@@ -193,10 +197,17 @@ impl CacheState {
     }
 
     fn invalidate_segment(&self, segment: StoreKey) -> Result<u64, BackendError> {
+        let now = self.clock.now_us();
         let mut shard = self.shard(&segment)?;
-        let version = shard.versions.entry(segment).or_insert(0);
-        *version += 1;
-        Ok(*version)
+        let version = shard.version(&segment, now) + 1;
+        let retention = u64::try_from(VERSION_RETENTION.as_micros()).unwrap_or(u64::MAX / 4);
+        let slot = shard
+            .versions
+            .entry(segment)
+            .or_insert((0, now + retention));
+        slot.1 = slot.1.max(now + retention);
+        slot.0 = version;
+        Ok(version)
     }
 
     fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> Result<bool, BackendError> {
@@ -210,12 +221,20 @@ impl CacheState {
 }
 
 impl CacheShard {
+    fn version(&self, segment: &StoreKey, now: u64) -> u64 {
+        match self.versions.get(segment) {
+            Some((v, until)) if *until > now => *v,
+            _ => 0,
+        }
+    }
+
     fn maybe_sweep(&mut self, now: u64) {
         if now < self.next_sweep {
             return;
         }
         self.entries.retain(|_, e| e.expires_at() > now);
         self.locks.retain(|_, (_, until)| *until > now);
+        self.versions.retain(|_, (_, until)| *until > now);
         self.next_sweep = now + SWEEP_EVERY_US;
     }
 }

@@ -166,8 +166,10 @@ impl<B> CacheLayer<B> {
     }
 
     /// The fill lock taken on a miss (on by default: `ttl` 5 s, `wait` 3 s): one request across
-    /// every replica runs the handler while the others poll the store for the entry, up to
-    /// `wait`, then run the handler themselves without storing. `ttl` must outlast the handler.
+    /// every replica runs the handler while the others poll the store for the entry (every
+    /// 25 ms at first, the interval growing to 100 ms), up to `wait`, then run the handler
+    /// themselves without storing. `ttl` must outlast the handler: a fill that outlives its lock
+    /// is not stored.
     pub fn fill_lock(mut self, ttl: Duration, wait: Duration) -> Self {
         let poll = self
             .config
@@ -199,8 +201,8 @@ impl<B> CacheLayer<B> {
         self
     }
 
-    /// Serves an entry up to `window` past its freshness when the handler fails (an error or a
-    /// 5xx response) (default: off).
+    /// Serves an entry up to `window` past its freshness when the handler fails: an error, or a
+    /// 500, 502, 503 or 504 response, as RFC 5861 defines it (default: off).
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.config_mut().stale_if_error = window;
         self

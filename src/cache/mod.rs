@@ -54,7 +54,7 @@
 //!    weighted by how long the handler took; the others keep getting the entry meanwhile.
 //! 3. **Stale serving** ([`CacheLayer::stale_while_revalidate`],
 //!    [`CacheLayer::stale_if_error`], off by default): the stale entry is served while one request
-//!    refreshes it, or when the handler fails (an error or a 5xx).
+//!    refreshes it, or when the handler fails (an error, or 500, 502, 503, 504).
 //!
 //! The refresh runs inside the request that took the lock (it gets the new response).
 //!

@@ -195,6 +195,9 @@ where
         }
     };
     let wait_until = config.fill_lock.map(|l| Instant::now() + l.wait);
+    // Waiters poll with a growing interval (x1.5, up to 4x the base): fewer calls while a
+    // slow handler runs, little delay for a fast one.
+    let mut poll = config.fill_lock.map_or(Duration::ZERO, |l| l.poll);
     loop {
         let entry = ctx.usable_entry(&lookup, &parts).await;
         let holds = lookup.fill == FillState::Acquired;
@@ -264,7 +267,8 @@ where
         if Instant::now() >= until {
             break;
         }
-        tokio::time::sleep(lock_cfg.poll.min(until - Instant::now())).await;
+        tokio::time::sleep(poll.min(until - Instant::now())).await;
+        poll = poll.mul_f64(1.5).min(lock_cfg.poll * 4);
         lookup = match ctx.lookup(fill).await {
             Ok(l) => l,
             Err(error) => {
@@ -423,9 +427,10 @@ impl<B: CacheStore> Ctx<'_, B> {
         let vary_request = parts.clone();
         let started = Instant::now();
         let result = inner.call(Request::from_parts(parts, body)).await;
+        // The errors of RFC 5861 section 4: an error, or 500, 502, 503, 504.
         let failed = match &result {
             Err(_) => true,
-            Ok(r) => r.status().is_server_error(),
+            Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504),
         };
         if failed {
             if let Some((entry, age)) = stale {

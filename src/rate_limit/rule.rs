@@ -240,6 +240,7 @@ impl Rule {
 
     /// A short signature of the strategy and numbers, used in store key names so that changing a
     /// rule starts from fresh state.
+    #[cfg_attr(not(any(feature = "redis", feature = "fred")), allow(dead_code))]
     pub(crate) fn signature(&self) -> String {
         let (a, b, c) = self.encode();
         format!("{}.{a}.{b}.{c}", self.kind())

@@ -33,6 +33,14 @@ local swr = tonumber(ARGV[4])
 local sie = tonumber(ARGV[5])
 local f = now + fresh * 1000
 local keep = fresh + math.max(swr, sie)
+-- The version key must outlive every entry written under it (so that when it expires, and the
+-- version reads 0 again, no entry of an older version is left).
+local vttl = redis.call('PTTL', KEYS[1])
+if vttl == -2 then
+  redis.call('SET', KEYS[1], version, 'PX', math.max(keep, 1))
+elseif vttl >= 0 and vttl < keep then
+  redis.call('PEXPIRE', KEYS[1], keep)
+end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'v', version, 't', now, 'f', f, 'w', f + swr * 1000,
   'e', f + sie * 1000, 'd', tonumber(ARGV[6]), 'b', ARGV[7])
