@@ -47,15 +47,14 @@ impl FredBackend {
         let url = normalise_cluster_url(url);
         let config = Config::from_url(&url).map_err(BackendError::store)?;
         // Reconnect forever (100 ms doubling to 2 s) so that the store comes back by itself
-        // after a Redis restart; connecting and each command are bounded too, under the
-        // layers' own, usually shorter, timeouts.
+        // after a Redis restart. Connecting is bounded here; each call is bounded by the
+        // layers' own timeouts (no per-command client timeout: it costs throughput).
         let client = Builder::from_config(config)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(2);
                 c.internal_command_timeout = Duration::from_secs(2);
             })
-            .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(2))
             .build()
             .map_err(BackendError::store)?;
         client.init().await.map_err(BackendError::store)?;

@@ -75,9 +75,10 @@ impl RedisBackend {
             Ok(Self::from_cluster(conn))
         } else {
             let client = redis::Client::open(url).map_err(BackendError::store)?;
+            // No response timeout here: the layers bound every call themselves, and a
+            // client-side response timeout costs throughput (measured in BENCHMARKS.md).
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CLIENT_TIMEOUT))
-                .set_response_timeout(Some(CLIENT_TIMEOUT))
                 .set_number_of_retries(2)
                 .set_max_delay(Duration::from_millis(500));
             let mut manager = ConnectionManager::new_with_config(client, config)
