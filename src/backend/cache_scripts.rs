@@ -215,8 +215,4 @@ macro_rules! impl_cache_store {
         }
     };
 }
-
-#[cfg(feature = "redis")]
-impl_cache_store!(super::RedisBackend);
-#[cfg(feature = "fred")]
-impl_cache_store!(super::FredBackend);
+pub(crate) use impl_cache_store;

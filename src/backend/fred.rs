@@ -8,8 +8,8 @@ use fred::{
 };
 
 use super::{
-    script::{check_rate, BoxFuture, Lua, Reply, ScriptRunner},
-    BackendError, Decision, RateCheck, RateLimitStore,
+    script::{BoxFuture, Lua, Reply, ScriptRunner},
+    BackendError,
 };
 
 /// A store on Redis through [fred](https://docs.rs/fred): a [`Client`] or a [`Pool`] that the
@@ -160,12 +160,4 @@ impl ScriptRunner for FredBackend {
     }
 }
 
-impl RateLimitStore for FredBackend {
-    type Future = BoxFuture<Result<Decision, BackendError>>;
-
-    fn check(&self, check: RateCheck<'_>) -> Self::Future {
-        check_rate(self, check)
-    }
-}
-
-super::records::impl_record_stores!(FredBackend);
+super::script::impl_script_stores!(FredBackend);

@@ -23,7 +23,7 @@ use crate::{key::StoreKey, rate_limit::Rule};
 
 mod cache;
 #[cfg(any(feature = "redis", feature = "fred"))]
-mod cache_scripts;
+pub(crate) mod cache_scripts;
 mod memory;
 mod memory_records;
 #[cfg(any(feature = "redis", feature = "fred"))]

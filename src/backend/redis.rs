@@ -10,8 +10,8 @@ use redis::{
 };
 
 use super::{
-    script::{check_rate, BoxFuture, Lua, Reply, ScriptRunner},
-    BackendError, Decision, RateCheck, RateLimitStore,
+    script::{BoxFuture, Lua, Reply, ScriptRunner},
+    BackendError,
 };
 
 /// A store on Redis through [redis-rs](https://docs.rs/redis): a standalone server through a
@@ -215,12 +215,4 @@ impl ScriptRunner for RedisBackend {
     }
 }
 
-impl RateLimitStore for RedisBackend {
-    type Future = BoxFuture<Result<Decision, BackendError>>;
-
-    fn check(&self, check: RateCheck<'_>) -> Self::Future {
-        check_rate(self, check)
-    }
-}
-
-super::records::impl_record_stores!(RedisBackend);
+super::script::impl_script_stores!(RedisBackend);

@@ -160,3 +160,22 @@ fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, BackendError>
         rules: states,
     })
 }
+
+/// Implements every store trait for a client type that is a [`ScriptRunner`]: each operation is
+/// one script call, written once in this module, `records` and `cache_scripts`.
+macro_rules! impl_script_stores {
+    ($t:ty) => {
+        impl $crate::backend::RateLimitStore for $t {
+            type Future = $crate::backend::script::BoxFuture<
+                Result<$crate::backend::Decision, $crate::backend::BackendError>,
+            >;
+
+            fn check(&self, check: $crate::backend::RateCheck<'_>) -> Self::Future {
+                $crate::backend::script::check_rate(self, check)
+            }
+        }
+        $crate::backend::records::impl_record_stores!($t);
+        $crate::backend::cache_scripts::impl_cache_store!($t);
+    };
+}
+pub(crate) use impl_script_stores;
