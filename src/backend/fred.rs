@@ -4,7 +4,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use fred::{
     prelude::{Builder, Client, ClientLike, Config, Error, LuaInterface, Pool, ReconnectPolicy},
-    types::Value,
+    types::{Key, Value},
 };
 
 use super::{
@@ -107,9 +107,11 @@ impl FredClient {
     async fn eval(
         &self,
         lua: &'static Lua,
-        keys: Vec<String>,
+        keys: Vec<Key>,
         args: Vec<Value>,
     ) -> Result<Value, Error> {
+        // Keys and values hold `Bytes`: the copies kept for a NOSCRIPT retry share their
+        // buffers.
         let first = match self {
             FredClient::Client(c) => c.evalsha(lua.sha(), keys.clone(), args.clone()).await,
             FredClient::Pool(p) => p.evalsha(lua.sha(), keys.clone(), args.clone()).await,
@@ -146,6 +148,7 @@ impl ScriptRunner for FredBackend {
     ) -> BoxFuture<Result<Reply, BackendError>> {
         let client = self.client.clone();
         Box::pin(async move {
+            let keys: Vec<Key> = keys.into_iter().map(Key::from).collect();
             let args: Vec<Value> = args.into_iter().map(|a| Value::Bytes(a.into())).collect();
             let value = client
                 .eval(lua, keys, args)

@@ -46,6 +46,14 @@ pub use self::memory::MemoryBackend;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisBackend;
 
+/// The Lua source that the `redis` and `fred` stores run to check `rules`: one script per
+/// strategy for a single rule, one for several rules. For auditing, or for loading it with
+/// `SCRIPT LOAD` ahead of time (the stores load it themselves on `NOSCRIPT`).
+#[cfg(any(feature = "redis", feature = "fred"))]
+pub fn rate_limit_script(rules: &[Rule]) -> &'static str {
+    script::rate_limit_script(rules).text
+}
+
 /// What a store answers when it could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

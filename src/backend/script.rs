@@ -28,8 +28,77 @@ impl Lua {
     }
 }
 
-/// Checks and consumes every rule of one request; see the header of the file for its contract.
-pub(crate) static RATE_LIMIT: Lua = Lua::new(include_str!("../scripts/rate_limit.lua"));
+/// The fragments of the rate-limit scripts (see `src/scripts/rate_limit/README.md`).
+macro_rules! rl {
+    ($($file:expr),+) => {
+        include_str!(concat!("../scripts/rate_limit/", $($file,)+ ".lua"))
+    };
+}
+
+/// A single rule of one strategy: the strategy's check and commit fragments between the common
+/// head, middle and tail.
+macro_rules! single_rule {
+    ($strategy:literal) => {
+        Lua::new(concat!(
+            rl!("single_head"),
+            rl!($strategy, "_check"),
+            rl!("single_mid"),
+            rl!($strategy, "_commit"),
+            rl!("single_tail"),
+        ))
+    };
+}
+
+/// A single fixed-window rule: increments first, no clock.
+static FIXED_WINDOW: Lua = Lua::new(rl!("fixed_window"));
+static SLIDING_LOG: Lua = single_rule!("sliding_log");
+static SLIDING_WINDOW: Lua = single_rule!("sliding_window");
+static TOKEN_BUCKET: Lua = single_rule!("token_bucket");
+static GCRA: Lua = single_rule!("gcra");
+
+/// Several rules, all or nothing.
+pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
+    rl!("multi_head"),
+    "  if kind == '1' then\n",
+    rl!("fixed_window_check"),
+    "  elseif kind == '2' then\n",
+    rl!("sliding_log_check"),
+    "  elseif kind == '3' then\n",
+    rl!("sliding_window_check"),
+    "  elseif kind == '4' then\n",
+    rl!("token_bucket_check"),
+    "  else\n",
+    rl!("gcra_check"),
+    "  end\n",
+    rl!("multi_mid"),
+    "    if kind == '1' then\n",
+    rl!("fixed_window_commit"),
+    "    elseif kind == '2' then\n",
+    rl!("sliding_log_commit"),
+    "    elseif kind == '3' then\n",
+    rl!("sliding_window_commit"),
+    "    elseif kind == '4' then\n",
+    rl!("token_bucket_commit"),
+    "    else\n",
+    rl!("gcra_commit"),
+    "    end\n",
+    rl!("multi_tail"),
+));
+
+/// The script that checks `rules`: one per strategy for a single rule (the fewest commands and
+/// the least Lua), [`MULTI_RULE`] for several.
+pub(crate) fn rate_limit_script(rules: &[crate::rate_limit::Rule]) -> &'static Lua {
+    match rules {
+        [rule] => match rule.kind() {
+            1 => &FIXED_WINDOW,
+            2 => &SLIDING_LOG,
+            3 => &SLIDING_WINDOW,
+            4 => &TOKEN_BUCKET,
+            _ => &GCRA,
+        },
+        _ => &MULTI_RULE,
+    }
+}
 
 /// A script reply, the same whichever client read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,22 +160,39 @@ fn rule_keys(prefix: &str, check: &RateCheck<'_>) -> Vec<String> {
         .collect()
 }
 
-/// `ARGV` of [`RATE_LIMIT`]: cost, nonce, want-state flag, then kind, a, b, c per rule.
+/// `ARGV` of the rate-limit scripts: cost, want-state flag, then for a single rule its a, b, c
+/// (and a nonce for a sliding log); for several rules a nonce, then kind, a, b, c per rule.
 fn rate_limit_args(check: &RateCheck<'_>) -> Vec<Vec<u8>> {
+    let nonce = || format!("{:016x}", rand::random::<u64>()).into_bytes();
     let mut args = Vec::with_capacity(3 + 4 * check.rules.len());
     args.push(check.cost.to_string().into_bytes());
-    args.push(format!("{:016x}", rand::random::<u64>()).into_bytes());
     args.push(if check.want_state {
         b"1".to_vec()
     } else {
         b"0".to_vec()
     });
-    for rule in check.rules {
-        let (a, b, c) = rule.encode();
-        args.push(rule.kind().to_string().into_bytes());
-        args.push(a.to_string().into_bytes());
-        args.push(b.to_string().into_bytes());
-        args.push(c.to_string().into_bytes());
+    match check.rules {
+        [rule] => {
+            let (a, b, c) = rule.encode();
+            args.push(a.to_string().into_bytes());
+            args.push(b.to_string().into_bytes());
+            if rule.kind() != 1 {
+                args.push(c.to_string().into_bytes());
+            }
+            if rule.kind() == 2 {
+                args.push(nonce());
+            }
+        }
+        rules => {
+            args.push(nonce());
+            for rule in rules {
+                let (a, b, c) = rule.encode();
+                args.push(rule.kind().to_string().into_bytes());
+                args.push(a.to_string().into_bytes());
+                args.push(b.to_string().into_bytes());
+                args.push(c.to_string().into_bytes());
+            }
+        }
     }
     args
 }
@@ -119,7 +205,7 @@ pub(crate) fn check_rate<R: ScriptRunner>(
     let keys = rule_keys(runner.prefix(), &check);
     let args = rate_limit_args(&check);
     let rules = check.rules.len();
-    let call = runner.run(&RATE_LIMIT, keys, args);
+    let call = runner.run(rate_limit_script(check.rules), keys, args);
     Box::pin(async move { decode_decision(call.await?, rules) })
 }
 

@@ -1,0 +1,16 @@
+    local used = tonumber(redis.call('GET', key) or '0')
+    local ttl = period
+    local fresh = used == 0
+    ok = used + cost <= a
+    if not fresh and (want_state or not ok) then
+      local pttl = redis.call('PTTL', key)
+      if pttl > 0 then ttl = pttl * 1000 else fresh = true end
+    end
+    if ok then
+      remaining = a - used - cost
+      plan = fresh
+    else
+      remaining = math.max(a - used, 0)
+      if cost > a then retry = period else retry = ttl end
+    end
+    reset = ttl

@@ -1,0 +1,46 @@
+-- Checks every rate-limit rule of one request and consumes from all of them, or from none
+-- (assembled from fragments, see src/scripts/rate_limit/README.md).
+--
+-- KEYS[i]   the state key of rule i (all keys share one hash tag, so one slot)
+-- ARGV[1]   cost of the request (non-negative integer)
+-- ARGV[2]   1 when the per-rule state (remaining, reset) is wanted, else 0
+-- ARGV[3]   a random nonce, to make sliding-log members unique
+-- then four arguments per rule: kind, a, b, c
+--   kind 1  fixed window      a = limit,    b = window ms
+--   kind 2  sliding log       a = limit,    b = window ms
+--   kind 3  sliding counter   a = limit,    b = window ms
+--   kind 4  token bucket      a = capacity, b = refill period ms, c = tokens per period
+--   kind 5  GCRA              a = rate,     b = period ms,        c = burst
+--
+-- Reply: { allowed (0/1), denying rule (1-based, 0 when allowed), retry after ms,
+--          then per rule: remaining, reset ms }
+-- Time comes from the server (TIME), in microseconds. Every number returned is an integer.
+
+local cost = tonumber(ARGV[1])
+local want_state = ARGV[2] == '1'
+local nonce = ARGV[3]
+local n = #KEYS
+
+-- Server time in microseconds, read only when a rule needs it.
+local now = 0
+for i = 1, n do
+  if ARGV[3 + (i - 1) * 4 + 1] ~= '1' then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    break
+  end
+end
+
+local allowed, denied_by, wait = 1, 0, 0
+local reply = { 0, 0, 0 }
+local plans = {}
+
+for i = 1, n do
+  local key = KEYS[i]
+  local base = 3 + (i - 1) * 4
+  local kind = ARGV[base + 1]
+  local a = tonumber(ARGV[base + 2])
+  local period_ms = tonumber(ARGV[base + 3])
+  local period = period_ms * 1000
+  local c = tonumber(ARGV[base + 4])
+  local ok, remaining, reset, retry, plan

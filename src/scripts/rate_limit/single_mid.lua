@@ -1,0 +1,2 @@
+if ok then
+  if cost > 0 then

@@ -1,0 +1,4 @@
+  end
+  return { 1, 0, 0, remaining, math.ceil(math.max(reset, 0) / 1000) }
+end
+return { 0, 1, math.ceil(math.max(retry, 0) / 1000), remaining, math.ceil(math.max(reset, 0) / 1000) }
