@@ -4,6 +4,7 @@
 //! bash scripts/install-redis.sh && apt-get install -y wrk   # once
 //! cargo bench --bench http                                  # the whole report (about 5 minutes)
 //! cargo bench --bench http -- --seconds 5                   # longer runs
+//! cargo bench --bench http -- --serve                       # only serve, for profiling
 //! ```
 //!
 //! It starts its own `redis-server` on a free loopback port and one axum server (one route per
@@ -390,6 +391,34 @@ struct Sample {
     scripts: f64,
     total: f64,
     usec: f64,
+    /// CPU time of this process (the axum server) per request, µs.
+    app_cpu: f64,
+    /// CPU time of `redis-server` per request (commands, I/O, event loop), µs.
+    redis_cpu: f64,
+}
+
+/// CPU seconds (user + system, all threads) this process has used.
+fn own_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime and stime are the 12th
+    // and 13th, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds `redis-server` has used (`INFO cpu`).
+fn redis_cpu(redis: &RedisServer) -> f64 {
+    let info = redis.cli(&["INFO", "cpu"]).unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| *k == "used_cpu_sys" || *k == "used_cpu_user")
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum()
 }
 
 struct Bench<'a> {
@@ -418,7 +447,9 @@ impl Bench<'_> {
     fn sample(&self, c: &Config) -> Sample {
         let url = format!("http://127.0.0.1:{}{}", self.port, c.path);
         let before = calls(self.redis);
+        let (app_before, redis_before) = (own_cpu(), redis_cpu(self.redis));
         let run = wrk(&url, c.connections, self.seconds, c.script.as_deref());
+        let (app_after, redis_after) = (own_cpu(), redis_cpu(self.redis));
         let after = calls(self.redis);
         let requests = (run.rps * self.seconds as f64).max(1.0);
         // Commands run by a script are counted on their own too: with scripts, the scripts'
@@ -435,6 +466,8 @@ impl Bench<'_> {
             scripts: (after.scripts - before.scripts) as f64 / requests,
             total: (after.total - before.total) as f64 / requests,
             usec: usec as f64 / requests,
+            app_cpu: (app_after - app_before) * 1e6 / requests,
+            redis_cpu: (redis_after - redis_before) * 1e6 / requests,
         }
     }
 
@@ -473,7 +506,7 @@ impl Bench<'_> {
 
 fn row(c: &Config, s: &Sample, baseline: f64) -> String {
     format!(
-        "| {} | {} | {:.0} | {:.2} | {} | {} | {:.2} | {:.2} | {:.1} |",
+        "| {} | {} | {:.0} | {:.2} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
         c.label,
         c.connections,
         s.rps,
@@ -482,7 +515,9 @@ fn row(c: &Config, s: &Sample, baseline: f64) -> String {
         ms(s.p99_us),
         s.scripts,
         s.total,
-        s.usec
+        s.usec,
+        s.app_cpu,
+        s.redis_cpu
     )
 }
 
@@ -602,12 +637,15 @@ async fn redis_memory_per_key(redis: &RedisServer) -> Vec<String> {
 fn main() {
     let mut seconds = 2;
     let mut only: Option<String> = None;
+    let mut serve = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--seconds" {
             seconds = args.next().and_then(|s| s.parse().ok()).unwrap_or(seconds);
         } else if arg == "--only" {
             only = args.next();
+        } else if arg == "--serve" {
+            serve = true;
         }
     }
     if Command::new("wrk").arg("--version").output().is_err() {
@@ -633,6 +671,18 @@ fn main() {
         .await;
     });
 
+    if serve {
+        // For profiling: the server and Redis stay up, to be driven by hand.
+        println!(
+            "serving on http://127.0.0.1:{port} (routes /bare, /memory, /governor, /blog, \
+             /redis/<strategy>, /fred/<strategy>, /evalsha/<strategy>, /evalsha-fred/<strategy>, \
+             ...), Redis at {}; Ctrl-C to stop",
+            redis.url()
+        );
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     let bench = Bench {
         redis: &redis,
         port,
@@ -753,8 +803,8 @@ fn main() {
 
     println!("Each configuration ran {rounds} times for {seconds} s, in alternating order; the median run is shown.");
     println!();
-    println!("| configuration | conns | req/s | vs bare | p50 | p99 | scripts/req | cmds/req | Redis µs/req |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| configuration | conns | req/s | vs bare | p50 | p99 | scripts/req | cmds/req | Redis µs/req | app CPU µs/req | Redis CPU µs/req |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (c, s) in main.iter().zip(&samples) {
         println!("{}", row(c, s, baseline));
     }
@@ -810,8 +860,8 @@ fn main() {
         )
     );
     println!();
-    println!("| how cost grows | conns | req/s | vs bare (64 conns) | p50 | p99 | scripts/req | cmds/req | Redis µs/req |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| how cost grows | conns | req/s | vs bare (64 conns) | p50 | p99 | scripts/req | cmds/req | Redis µs/req | app CPU µs/req | Redis CPU µs/req |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (c, s) in scaling.iter().zip(&scaling_samples) {
         println!("{}", row(c, s, baseline));
     }

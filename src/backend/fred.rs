@@ -2,13 +2,15 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+
 use fred::{
     prelude::{Builder, Client, ClientLike, Config, Error, LuaInterface, Pool, ReconnectPolicy},
     types::{Key, Value},
 };
 
 use super::{
-    script::{BoxFuture, Lua, Reply, ScriptRunner},
+    script::{Lua, Reply, ScriptCall, ScriptRunner},
     BackendError,
 };
 
@@ -140,22 +142,35 @@ fn reply(value: Value) -> Result<Reply, BackendError> {
 }
 
 impl ScriptRunner for FredBackend {
-    fn run(
+    fn call(
         &self,
-        lua: &'static Lua,
-        keys: Vec<String>,
-        args: Vec<Vec<u8>>,
-    ) -> BoxFuture<Result<Reply, BackendError>> {
+        call: ScriptCall,
+    ) -> impl std::future::Future<Output = Result<Reply, BackendError>> + Send + 'static {
         let client = self.client.clone();
-        Box::pin(async move {
-            let keys: Vec<Key> = keys.into_iter().map(Key::from).collect();
-            let args: Vec<Value> = args.into_iter().map(|a| Value::Bytes(a.into())).collect();
+        let lua = call.lua;
+        // Keys and arguments are slices of one shared buffer: no copies.
+        let (keys, args) = {
+            let (key_ranges, arg_ranges) = call.key_and_arg_ranges();
+            let key_ranges: Vec<_> = key_ranges.collect();
+            let arg_ranges: Vec<_> = arg_ranges.collect();
+            let buf = Bytes::from(call.into_buffer());
+            let keys: Vec<Key> = key_ranges
+                .into_iter()
+                .map(|r| Key::from(buf.slice(r)))
+                .collect();
+            let args: Vec<Value> = arg_ranges
+                .into_iter()
+                .map(|r| Value::Bytes(buf.slice(r)))
+                .collect();
+            (keys, args)
+        };
+        async move {
             let value = client
                 .eval(lua, keys, args)
                 .await
                 .map_err(BackendError::store)?;
             reply(value)
-        })
+        }
     }
 
     fn prefix(&self) -> &str {

@@ -36,7 +36,9 @@ fn record_keys(prefix: &str, key: &StoreKey) -> [String; 2] {
     ]
 }
 
-fn flag(reply: BoxFuture<Result<Reply, BackendError>>) -> BoxFuture<Result<bool, BackendError>> {
+fn flag(
+    reply: impl std::future::Future<Output = Result<Reply, BackendError>> + Send + 'static,
+) -> BoxFuture<Result<bool, BackendError>> {
     Box::pin(async move { Ok(reply.await?.int()? == 1) })
 }
 

@@ -10,7 +10,7 @@ use redis::{
 };
 
 use super::{
-    script::{BoxFuture, Lua, Reply, ScriptRunner},
+    script::{Reply, ScriptCall, ScriptRunner},
     BackendError,
 };
 
@@ -168,9 +168,17 @@ impl Connection {
     }
 }
 
-fn script_cmd(name: &str, body: &str, keys: &[String], args: &[Vec<u8>]) -> Cmd {
-    let mut cmd = redis::cmd(name);
-    cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
+fn script_cmd(name: &str, body: &str, call: &ScriptCall) -> Cmd {
+    let buf = call.buffer();
+    let mut cmd = Cmd::with_capacity(
+        3 + call.key_count() + call.arg_count(),
+        name.len() + body.len() + buf.len() + 4,
+    );
+    cmd.arg(name).arg(body).arg(call.key_count());
+    let (keys, args) = call.key_and_arg_ranges();
+    for range in keys.chain(args) {
+        cmd.arg(buf.get(range).unwrap_or_default());
+    }
     cmd
 }
 
@@ -189,25 +197,23 @@ fn reply(value: Value) -> Result<Reply, BackendError> {
 }
 
 impl ScriptRunner for RedisBackend {
-    fn run(
+    fn call(
         &self,
-        lua: &'static Lua,
-        keys: Vec<String>,
-        args: Vec<Vec<u8>>,
-    ) -> BoxFuture<Result<Reply, BackendError>> {
+        call: ScriptCall,
+    ) -> impl std::future::Future<Output = Result<Reply, BackendError>> + Send + 'static {
         let mut conn = self.conn.clone();
-        Box::pin(async move {
-            let evalsha = script_cmd("EVALSHA", lua.sha(), &keys, &args);
+        async move {
+            let lua = call.lua;
+            let evalsha = script_cmd("EVALSHA", lua.sha(), &call);
             let value = match conn.query(&evalsha).await {
                 Err(err) if err.code() == Some("NOSCRIPT") => {
-                    conn.query(&script_cmd("EVAL", lua.text, &keys, &args))
-                        .await
+                    conn.query(&script_cmd("EVAL", lua.text, &call)).await
                 }
                 other => other,
             }
             .map_err(BackendError::store)?;
             reply(value)
-        })
+        }
     }
 
     fn prefix(&self) -> &str {

@@ -133,68 +133,170 @@ impl Reply {
     }
 }
 
+/// The keys and arguments of one script call, packed in one buffer: building a call costs two
+/// allocations whatever the number of arguments, and the `fred` store hands out slices of the
+/// buffer without copying.
+pub(crate) struct ScriptCall {
+    pub(crate) lua: &'static Lua,
+    buf: Vec<u8>,
+    /// Where each key, then each argument, ends in `buf`.
+    ends: Vec<usize>,
+    keys: usize,
+}
+
+impl ScriptCall {
+    pub(crate) fn new(lua: &'static Lua, keys: usize, args: usize, bytes: usize) -> Self {
+        Self {
+            lua,
+            buf: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(keys + args),
+            keys: 0,
+        }
+    }
+
+    /// A call from owned keys and arguments (for the operations off the hot path).
+    pub(crate) fn from_vecs(lua: &'static Lua, keys: Vec<String>, args: Vec<Vec<u8>>) -> Self {
+        let bytes = keys.iter().map(String::len).sum::<usize>()
+            + args.iter().map(Vec::len).sum::<usize>();
+        let mut call = Self::new(lua, keys.len(), args.len(), bytes);
+        for key in keys {
+            call.key(|buf| buf.extend_from_slice(key.as_bytes()));
+        }
+        for arg in args {
+            call.arg(|buf| buf.extend_from_slice(&arg));
+        }
+        call
+    }
+
+    /// Appends a key, written by `write`. Every key comes before the first argument.
+    pub(crate) fn key(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        debug_assert_eq!(self.keys, self.ends.len(), "keys come first");
+        write(&mut self.buf);
+        self.ends.push(self.buf.len());
+        self.keys += 1;
+    }
+
+    /// Appends an argument, written by `write`.
+    pub(crate) fn arg(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.buf);
+        self.ends.push(self.buf.len());
+    }
+
+    /// Appends a number argument.
+    pub(crate) fn int(&mut self, n: u64) {
+        self.arg(|buf| buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()));
+    }
+
+    fn ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(s, e)| s..e)
+    }
+
+    /// The byte ranges of the keys, then of the arguments, in the buffer.
+    pub(crate) fn key_and_arg_ranges(
+        &self,
+    ) -> (
+        impl Iterator<Item = std::ops::Range<usize>> + '_,
+        impl Iterator<Item = std::ops::Range<usize>> + '_,
+    ) {
+        (self.ranges().take(self.keys), self.ranges().skip(self.keys))
+    }
+
+    pub(crate) fn key_count(&self) -> usize {
+        self.keys
+    }
+
+    pub(crate) fn arg_count(&self) -> usize {
+        self.ends.len() - self.keys
+    }
+
+    pub(crate) fn buffer(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub(crate) fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
 /// Runs a script on one Redis client.
 pub(crate) trait ScriptRunner: Send + Sync + 'static {
-    /// Runs `lua` with `keys` (all in one hash slot) and `args`: one round trip.
+    /// Runs `call.lua` with the call's keys (all in one hash slot) and arguments: one round trip
+    /// (`EVALSHA`, then `EVAL` on `NOSCRIPT`).
+    fn call(
+        &self,
+        call: ScriptCall,
+    ) -> impl Future<Output = Result<Reply, BackendError>> + Send + 'static;
+
+    /// [`ScriptRunner::call`] with owned keys and arguments.
     fn run(
         &self,
         lua: &'static Lua,
         keys: Vec<String>,
         args: Vec<Vec<u8>>,
-    ) -> BoxFuture<Result<Reply, BackendError>>;
+    ) -> impl Future<Output = Result<Reply, BackendError>> + Send + 'static {
+        self.call(ScriptCall::from_vecs(lua, keys, args))
+    }
 
     /// The prefix of every key.
     fn prefix(&self) -> &str;
 }
 
-/// Builds the Redis key of each rule: `<prefix>:{<hashed key>}:<rule signature>`.
-///
-/// Every key of one call carries the same `{...}` hash tag, so the call lands on one cluster
-/// slot.
-fn rule_keys(prefix: &str, check: &RateCheck<'_>) -> Vec<String> {
-    let tag = check.key.to_hex();
-    check
-        .rules
-        .iter()
-        .map(|rule| format!("{prefix}:{{{tag}}}:{}", rule.signature()))
-        .collect()
-}
-
-/// `ARGV` of the rate-limit scripts: cost, want-state flag, then for a single rule its a, b, c
-/// (and a nonce for a sliding log); for several rules a nonce, then kind, a, b, c per rule.
-fn rate_limit_args(check: &RateCheck<'_>) -> Vec<Vec<u8>> {
-    let nonce = || format!("{:016x}", rand::random::<u64>()).into_bytes();
-    let mut args = Vec::with_capacity(3 + 4 * check.rules.len());
-    args.push(check.cost.to_string().into_bytes());
-    args.push(if check.want_state {
-        b"1".to_vec()
-    } else {
-        b"0".to_vec()
-    });
+/// The call that checks `check`: keys `<prefix>:{<hashed key>}:<rule signature>` (one hash tag,
+/// so one cluster slot), and the arguments of [`rate_limit_script`]: cost, want-state flag, then
+/// for a single rule its a, b, c (no c for a fixed window, and a nonce for a sliding log); for
+/// several rules a nonce, then kind, a, b, c per rule.
+fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
+    let n = check.rules.len();
+    let mut call = ScriptCall::new(
+        rate_limit_script(check.rules),
+        n,
+        3 + 4 * n,
+        n * (prefix.len() + 96) + 16 + 32 * n + 24,
+    );
+    let mut tag = [0u8; 32];
+    // 16 bytes always fit in 32 hex digits.
+    let _ = hex::encode_to_slice(check.key.as_bytes(), &mut tag);
+    for rule in check.rules {
+        call.key(|buf| {
+            buf.extend_from_slice(prefix.as_bytes());
+            buf.extend_from_slice(b":{");
+            buf.extend_from_slice(&tag);
+            buf.extend_from_slice(b"}:");
+            rule.write_signature(buf);
+        });
+    }
+    call.int(check.cost);
+    call.arg(|buf| buf.push(if check.want_state { b'1' } else { b'0' }));
+    let nonce = |call: &mut ScriptCall| {
+        let mut hex = [0u8; 16];
+        let _ = hex::encode_to_slice(rand::random::<u64>().to_be_bytes(), &mut hex);
+        call.arg(|buf| buf.extend_from_slice(&hex));
+    };
     match check.rules {
         [rule] => {
             let (a, b, c) = rule.encode();
-            args.push(a.to_string().into_bytes());
-            args.push(b.to_string().into_bytes());
+            call.int(a);
+            call.int(b);
             if rule.kind() != 1 {
-                args.push(c.to_string().into_bytes());
+                call.int(c);
             }
             if rule.kind() == 2 {
-                args.push(nonce());
+                nonce(&mut call);
             }
         }
         rules => {
-            args.push(nonce());
+            nonce(&mut call);
             for rule in rules {
                 let (a, b, c) = rule.encode();
-                args.push(rule.kind().to_string().into_bytes());
-                args.push(a.to_string().into_bytes());
-                args.push(b.to_string().into_bytes());
-                args.push(c.to_string().into_bytes());
+                call.int(u64::from(rule.kind()));
+                call.int(a);
+                call.int(b);
+                call.int(c);
             }
         }
     }
-    args
+    call
 }
 
 /// One rate-limit check over any client: one script call.
@@ -202,47 +304,40 @@ pub(crate) fn check_rate<R: ScriptRunner>(
     runner: &R,
     check: RateCheck<'_>,
 ) -> BoxFuture<Result<Decision, BackendError>> {
-    let keys = rule_keys(runner.prefix(), &check);
-    let args = rate_limit_args(&check);
     let rules = check.rules.len();
-    let call = runner.run(rate_limit_script(check.rules), keys, args);
+    let call = runner.call(rate_limit_call(runner.prefix(), &check));
     Box::pin(async move { decode_decision(call.await?, rules) })
 }
 
 /// Turns the script's reply into a [`Decision`].
 fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, BackendError> {
-    let reply = reply
-        .array()?
-        .iter()
-        .map(Reply::int)
-        .collect::<Result<Vec<i64>, _>>()?;
+    let reply = reply.array()?;
     if reply.len() != 3 + 2 * rules {
         return Err(BackendError::Reply(format!(
             "rate-limit script returned {} values for {rules} rules",
             reply.len()
         )));
     }
+    let int = |i: usize| reply.get(i).map_or(Ok(0), Reply::int);
     let non_negative = |v: i64| u64::try_from(v).unwrap_or(0);
-    let allowed = reply[0] == 1;
-    let denied_by = usize::try_from(reply[1])
+    let allowed = int(0)? == 1;
+    let denied_by = usize::try_from(int(1)?)
         .ok()
         .filter(|i| *i >= 1 && *i <= rules)
         .map(|i| i - 1);
-    let states = reply[3..]
-        .chunks_exact(2)
-        .map(|pair| RuleState {
-            remaining: non_negative(pair[0]),
-            reset: Duration::from_millis(non_negative(pair[1])),
+    let retry_after = Duration::from_millis(non_negative(int(2)?));
+    let states = (0..rules)
+        .map(|r| {
+            Ok(RuleState {
+                remaining: non_negative(int(3 + 2 * r)?),
+                reset: Duration::from_millis(non_negative(int(4 + 2 * r)?)),
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, BackendError>>()?;
     Ok(Decision {
         allowed,
         denied_by: if allowed { None } else { denied_by },
-        retry_after: if allowed {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(non_negative(reply[2]))
-        },
+        retry_after: if allowed { Duration::ZERO } else { retry_after },
         rules: states,
     })
 }

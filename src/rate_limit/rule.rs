@@ -238,12 +238,17 @@ impl Rule {
         }
     }
 
-    /// A short signature of the strategy and numbers, used in store key names so that changing a
-    /// rule starts from fresh state.
+    /// Writes a short signature of the strategy and numbers to `buf`, for store key names, so
+    /// that changing a rule starts from fresh state.
     #[cfg_attr(not(any(feature = "redis", feature = "fred")), allow(dead_code))]
-    pub(crate) fn signature(&self) -> String {
+    pub(crate) fn write_signature(&self, buf: &mut Vec<u8>) {
         let (a, b, c) = self.encode();
-        format!("{}.{a}.{b}.{c}", self.kind())
+        let mut n = itoa::Buffer::new();
+        buf.extend_from_slice(n.format(self.kind()).as_bytes());
+        for v in [a, b, c] {
+            buf.push(b'.');
+            buf.extend_from_slice(n.format(v).as_bytes());
+        }
     }
 }
 
