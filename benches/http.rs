@@ -118,7 +118,10 @@ async fn ok() -> &'static str {
 async fn evalsha(State(hand): State<Hand>) -> &'static str {
     let mut conn = hand.conn.clone();
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(&*hand.sha).arg(1).arg(&*hand.key).arg(&hand.args[..]);
+    cmd.arg(&*hand.sha)
+        .arg(1)
+        .arg(&*hand.key)
+        .arg(&hand.args[..]);
     if hand.nonce {
         cmd.arg(format!("{:016x}", rand::random::<u64>()));
     }
@@ -133,8 +136,7 @@ async fn evalsha_fred(State(hand): State<Hand>) -> &'static str {
     if hand.nonce {
         args.push(format!("{:016x}", rand::random::<u64>()));
     }
-    let _: Result<fred::types::Value, _> =
-        hand.fred.evalsha(&*hand.sha, &*hand.key, args).await;
+    let _: Result<fred::types::Value, _> = hand.fred.evalsha(&*hand.sha, &*hand.key, args).await;
     "ok"
 }
 
@@ -173,6 +175,7 @@ async fn app(redis: &RedisServer) -> Router {
         client
     };
     let shared = Shared { conn: conn.clone() };
+    let fred_plain = FredBackend::from_client(fred_client.clone());
 
     let governor = tower_governor::governor::GovernorConfigBuilder::default()
         .per_nanosecond(1)
@@ -212,10 +215,13 @@ async fn app(redis: &RedisServer) -> Router {
                 get(ok).layer(RateLimitLayer::new(redis_store.clone(), rule.clone())),
             )
             .route(
+                &format!("/fred-plain/{name}"),
+                get(ok).layer(RateLimitLayer::new(fred_plain.clone(), rule.clone())),
+            )
+            .route(
                 &format!("/fred/{name}"),
                 get(ok).layer(RateLimitLayer::new(fred_store.clone(), rule.clone())),
-            )
-            ;
+            );
         let script = tower_redis_layers::backend::rate_limit_script(std::slice::from_ref(&rule));
         let sha: String = redis::cmd("SCRIPT")
             .arg("LOAD")
@@ -407,7 +413,12 @@ fn own_cpu() -> f64 {
         .map_or("", |(_, rest)| rest)
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -676,12 +687,11 @@ fn main() {
         println!(
             "serving on http://127.0.0.1:{port} (routes /bare, /memory, /governor, /blog, \
              /redis/<strategy>, /fred/<strategy>, /evalsha/<strategy>, /evalsha-fred/<strategy>, \
-             ...), Redis at {}; Ctrl-C to stop",
+             ...), Redis at {}; stops when standard input closes (Enter)",
             redis.url()
         );
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
+        let _ = std::io::stdin().read_line(&mut String::new());
+        return;
     }
     let bench = Bench {
         redis: &redis,
@@ -827,7 +837,10 @@ fn main() {
         let layer = format!("4. RateLimitLayer, redis-rs: {name}");
         println!(
             "| redis-rs layer / hand-written EVALSHA, {name} | {:.2} | >= 0.95 |",
-            ratio(&layer, &format!("6. hand-written EVALSHA, redis-rs: {name}"))
+            ratio(
+                &layer,
+                &format!("6. hand-written EVALSHA, redis-rs: {name}")
+            )
         );
         println!(
             "| fred layer / hand-written EVALSHA, {name} | {:.2} | >= 0.95 |",

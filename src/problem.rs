@@ -22,3 +22,27 @@ pub(crate) fn problem(status: StatusCode, detail: &str) -> Response<Bytes> {
     );
     response
 }
+
+/// [`problem`] for a body known at compile time (no formatting per response).
+pub(crate) fn problem_static(status: StatusCode, body: &'static str) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from_static(body.as_bytes()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_bodies_match_the_formatted_ones() {
+        for (status, detail, body) in crate::rate_limit::default_rejection_bodies() {
+            let formatted = problem(status, detail).into_body();
+            assert_eq!(formatted, Bytes::from_static(body.as_bytes()), "{status}");
+        }
+    }
+}

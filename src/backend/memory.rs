@@ -203,6 +203,10 @@ impl RateLimitStore for MemoryBackend {
         ready(self.decide(&check))
     }
 
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, BackendError>> {
+        Some(self.decide(&check))
+    }
+
     fn is_remote(&self) -> bool {
         false
     }

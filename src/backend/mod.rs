@@ -135,6 +135,14 @@ pub trait RateLimitStore: Send + Sync + 'static {
     /// Checks `check.rules` for `check.key`, consuming `check.cost` from all of them or none.
     fn check(&self, check: RateCheck<'_>) -> Self::Future;
 
+    /// Answers at once when the store can decide without waiting (an in-process store), so the
+    /// layer calls the inner service directly instead of from its own future. `None` (the
+    /// default) sends the check through [`RateLimitStore::check`].
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, BackendError>> {
+        let _ = check;
+        None
+    }
+
     /// Whether calls leave the process (a network store). The layer puts a timeout and the local
     /// deny cache only in front of stores that do. Defaults to `true`.
     fn is_remote(&self) -> bool {
@@ -147,6 +155,10 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
 
     fn check(&self, check: RateCheck<'_>) -> Self::Future {
         (**self).check(check)
+    }
+
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, BackendError>> {
+        (**self).check_now(check)
     }
 
     fn is_remote(&self) -> bool {

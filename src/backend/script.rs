@@ -156,8 +156,8 @@ impl ScriptCall {
 
     /// A call from owned keys and arguments (for the operations off the hot path).
     pub(crate) fn from_vecs(lua: &'static Lua, keys: Vec<String>, args: Vec<Vec<u8>>) -> Self {
-        let bytes = keys.iter().map(String::len).sum::<usize>()
-            + args.iter().map(Vec::len).sum::<usize>();
+        let bytes =
+            keys.iter().map(String::len).sum::<usize>() + args.iter().map(Vec::len).sum::<usize>();
         let mut call = Self::new(lua, keys.len(), args.len(), bytes);
         for key in keys {
             call.key(|buf| buf.extend_from_slice(key.as_bytes()));

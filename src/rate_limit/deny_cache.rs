@@ -1,4 +1,4 @@
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{collections::HashMap, sync::RwLock, time::Duration};
 
 use tokio::time::Instant;
 
@@ -10,7 +10,7 @@ use crate::key::StoreKey;
 /// the store said it could pass), so it never admits more than the store would; it saves the
 /// round trip for clients that keep knocking while over their limit.
 pub(crate) struct DenyCache {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[RwLock<Shard>]>,
 }
 
 #[derive(Default)]
@@ -31,11 +31,11 @@ const SHARDS: usize = 32;
 impl DenyCache {
     pub(crate) fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
         }
     }
 
-    fn shard(&self, key: &StoreKey) -> Option<&Mutex<Shard>> {
+    fn shard(&self, key: &StoreKey) -> Option<&RwLock<Shard>> {
         self.shards.get(usize::from(key.as_bytes()[0]) % SHARDS)
     }
 
@@ -46,14 +46,15 @@ impl DenyCache {
         key: &StoreKey,
         cost: u64,
     ) -> Option<(Duration, usize)> {
-        let shard = self.shard(key)?.lock().ok()?;
+        // A read lock: a flood from one key is answered from all threads at once.
+        let shard = self.shard(key)?.read().ok()?;
         let entry = shard.map.get(&(policy, *key))?;
         let now = Instant::now();
         (entry.until > now && cost >= entry.cost).then(|| (entry.until - now, entry.rule))
     }
 
     pub(crate) fn insert(&self, policy: usize, key: StoreKey, entry: Entry) {
-        let Some(Ok(mut shard)) = self.shard(&key).map(Mutex::lock) else {
+        let Some(Ok(mut shard)) = self.shard(&key).map(RwLock::write) else {
             return;
         };
         if shard.map.len() > 2 * shard.len_after_sweep + 1024 {

@@ -87,10 +87,15 @@ where
     B: RateLimitStore,
 {
     pub(crate) fn running(future: S::Future) -> Self {
+        Self::running_with(future, None)
+    }
+
+    /// Runs the inner service's `future`, then adds `headers` to its response.
+    pub(crate) fn running_with(future: S::Future, headers: Option<HeaderMap>) -> Self {
         Self {
             state: State::Running { future },
             pending: None,
-            headers: None,
+            headers,
         }
     }
 

@@ -65,3 +65,8 @@ pub use self::{
     rule::{Rule, Strategy},
     service::RateLimit,
 };
+
+#[cfg(test)]
+pub(crate) fn default_rejection_bodies() -> [(http::StatusCode, &'static str, &'static str); 3] {
+    service::DEFAULT_BODIES
+}

@@ -96,7 +96,8 @@ pub(crate) struct Pending<B> {
     pub(crate) cost: u64,
     pub(crate) remote: bool,
     #[cfg(feature = "metrics")]
-    pub(crate) started: std::time::Instant,
+    /// When a remote store was called (its latency is recorded; an in-process store's is not).
+    pub(crate) started: Option<std::time::Instant>,
 }
 
 impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, B>
@@ -181,30 +182,38 @@ where
         }
 
         let want_state = config.headers == Headers::All || config.legacy_headers;
-        let check = shared.backend.check(RateCheck {
+        let check = RateCheck {
             key: &key,
             rules: &policy.rules,
             cost,
             want_state,
-        });
+        };
+        let pending = Pending {
+            shared: Arc::clone(shared),
+            policy: index,
+            key,
+            cost,
+            remote,
+            #[cfg(feature = "metrics")]
+            started: remote.then(std::time::Instant::now),
+        };
+        // An in-process store answers at once: call the inner service from here, as a
+        // synchronous limiter would (no clone of it, no state machine around the check).
+        if !remote {
+            if let Some(result) = shared.backend.check_now(check) {
+                return match pending.finish(result) {
+                    Next::Run(headers) => {
+                        ResponseFuture::running_with(self.inner.call(req), headers)
+                    }
+                    Next::Reject(response) => ResponseFuture::rejected(response),
+                };
+            }
+        }
+        let check = shared.backend.check(check);
         let timeout = remote.then_some(config.timeout);
         let inner = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, inner);
-        ResponseFuture::checking(
-            check,
-            timeout,
-            ready,
-            req,
-            Pending {
-                shared: Arc::clone(shared),
-                policy: index,
-                key,
-                cost,
-                remote,
-                #[cfg(feature = "metrics")]
-                started: std::time::Instant::now(),
-            },
-        )
+        ResponseFuture::checking(check, timeout, ready, req, pending)
     }
 }
 
@@ -234,8 +243,10 @@ pub(crate) enum Next {
 impl<B> Pending<B> {
     pub(crate) fn finish(self, result: Result<Decision, crate::BackendError>) -> Next {
         #[cfg(feature = "metrics")]
-        metrics::histogram!("tower_redis_layers_rate_limit_backend_seconds")
-            .record(self.started.elapsed().as_secs_f64());
+        if let Some(started) = self.started {
+            metrics::histogram!("tower_redis_layers_rate_limit_backend_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
         let shared = &self.shared;
         let config = &shared.config;
         let Some(policy) = shared.policy(self.policy) else {
@@ -364,22 +375,34 @@ pub(crate) fn rejection(config: &Config, why: &Rejection) -> Response<Bytes> {
     if let Some(f) = &config.rejection {
         return f(why);
     }
-    let (status, detail) = match why {
-        Rejection::Limited { .. } => (
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate limit exceeded; retry after the time in Retry-After",
-        ),
-        Rejection::Unavailable => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the rate limiter is unavailable; retry shortly",
-        ),
-        Rejection::MissingKey => (
-            StatusCode::BAD_REQUEST,
-            "the request carries no rate-limit key",
-        ),
+    let [limited, unavailable, missing] = DEFAULT_BODIES;
+    let (status, _, body) = match why {
+        Rejection::Limited { .. } => limited,
+        Rejection::Unavailable => unavailable,
+        Rejection::MissingKey => missing,
     };
-    crate::problem::problem(status, detail)
+    crate::problem::problem_static(status, body)
 }
+
+/// The default rejections: status, detail, and the problem details body (written out, so that
+/// a flood of rejections formats nothing).
+pub(crate) const DEFAULT_BODIES: [(StatusCode, &str, &str); 3] = [
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate limit exceeded; retry after the time in Retry-After",
+        r#"{"type":"about:blank","title":"Too Many Requests","status":429,"detail":"rate limit exceeded; retry after the time in Retry-After"}"#,
+    ),
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the rate limiter is unavailable; retry shortly",
+        r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"the rate limiter is unavailable; retry shortly"}"#,
+    ),
+    (
+        StatusCode::BAD_REQUEST,
+        "the request carries no rate-limit key",
+        r#"{"type":"about:blank","title":"Bad Request","status":400,"detail":"the request carries no rate-limit key"}"#,
+    ),
+];
 
 #[inline]
 fn count(outcome: &'static str) {
