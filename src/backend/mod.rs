@@ -91,7 +91,8 @@ pub struct RateCheck<'a> {
     /// Units to consume (0 only reports the state).
     pub cost: u64,
     /// Whether the per-rule state (remaining, reset) is needed in the answer. A store may skip
-    /// work when it is not (the fields are then best effort).
+    /// work when it is not: the per-rule fields of an admitted request may then be zero (the
+    /// Redis stores skip building them).
     pub want_state: bool,
 }
 

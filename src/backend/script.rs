@@ -311,6 +311,21 @@ pub(crate) fn check_rate<R: ScriptRunner>(
 
 /// Turns the script's reply into a [`Decision`].
 fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, BackendError> {
+    if reply == Reply::Int(1) {
+        // Allowed, and the state was not asked for.
+        return Ok(Decision {
+            allowed: true,
+            denied_by: None,
+            retry_after: Duration::ZERO,
+            rules: vec![
+                RuleState {
+                    remaining: 0,
+                    reset: Duration::ZERO,
+                };
+                rules
+            ],
+        });
+    }
     let reply = reply.array()?;
     if reply.len() != 3 + 2 * rules {
         return Err(BackendError::Reply(format!(

@@ -2,7 +2,8 @@
 -- INCRBY first; a request over the limit is taken back at once, inside this atomic call.
 --
 -- KEYS[1] the counter; ARGV: cost, want-state flag (1/0), limit, window ms.
--- Reply: { allowed (0/1), denying rule (1 or 0), retry after ms, remaining, reset ms }
+-- Reply: { allowed (0/1), denying rule (1 or 0), retry after ms, remaining, reset ms }, or 1
+-- when allowed and the state is not wanted.
 local key = KEYS[1]
 local cost = tonumber(ARGV[1])
 local limit = tonumber(ARGV[3])
@@ -22,6 +23,7 @@ if used == cost then
   redis.call('PEXPIRE', key, window)
 end
 if used <= limit then
+  if ARGV[2] ~= '1' then return 1 end
   local reset = window
   if used ~= cost and ARGV[2] == '1' then reset = math.max(redis.call('PTTL', key), 0) end
   return { 1, 0, 0, limit - used, reset }

@@ -13,7 +13,7 @@
 --   kind 5  GCRA              a = rate,     b = period ms,        c = burst
 --
 -- Reply: { allowed (0/1), denying rule (1-based, 0 when allowed), retry after ms,
---          then per rule: remaining, reset ms }
+--          then per rule: remaining, reset ms }, or 1 when allowed and the state is not wanted
 -- Time comes from the server (TIME), in microseconds. Every number returned is an integer.
 
 local cost = tonumber(ARGV[1])

@@ -2,7 +2,8 @@
 --
 -- KEYS[1] the rule's state; ARGV: cost, want-state flag (1/0), a, b (period ms), c[, nonce]
 -- (see the rule kinds in multi_head.lua).
--- Reply: { allowed (0/1), denying rule (1 or 0), retry after ms, remaining, reset ms }
+-- Reply: { allowed (0/1), denying rule (1 or 0), retry after ms, remaining, reset ms }, or 1
+-- when allowed and the state is not wanted.
 local key = KEYS[1]
 local cost = tonumber(ARGV[1])
 local want_state = ARGV[2] == '1'
