@@ -175,7 +175,6 @@ async fn app(redis: &RedisServer) -> Router {
         client
     };
     let shared = Shared { conn: conn.clone() };
-    let fred_plain = FredBackend::from_client(fred_client.clone());
 
     let governor = tower_governor::governor::GovernorConfigBuilder::default()
         .per_nanosecond(1)
@@ -213,10 +212,6 @@ async fn app(redis: &RedisServer) -> Router {
             .route(
                 &format!("/redis/{name}"),
                 get(ok).layer(RateLimitLayer::new(redis_store.clone(), rule.clone())),
-            )
-            .route(
-                &format!("/fred-plain/{name}"),
-                get(ok).layer(RateLimitLayer::new(fred_plain.clone(), rule.clone())),
             )
             .route(
                 &format!("/fred/{name}"),
