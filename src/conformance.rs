@@ -77,6 +77,7 @@ pub async fn rate_limit_suite<S: RateLimitStore>(store: &S) {
         cost_is_weighted(store),
         cost_above_the_limit_is_always_denied(store),
         zero_cost_reads_without_consuming(store),
+        decides_the_same_without_state(store),
         keys_are_isolated(store),
         concurrent_checks_admit_exactly_the_limit(store),
     );
@@ -294,6 +295,57 @@ pub async fn zero_cost_reads_without_consuming<S: RateLimitStore>(store: &S) {
         let d = check(store, &key, &rules, 0).await;
         assert!(d.allowed);
         assert_eq!(d.rules[0].remaining, 2);
+    }
+}
+
+/// Without the per-rule state asked for (`want_state: false`, what the layer asks when no
+/// response carries `RateLimit` fields), a store still admits exactly the limit, for one rule and
+/// for several, and a denial still names the rule and the wait.
+pub async fn decides_the_same_without_state<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    let policies = [
+        vec![Rule::fixed_window(2, long)],
+        vec![Rule::sliding_log(2, long)],
+        vec![Rule::sliding_window(2, long)],
+        vec![Rule::token_bucket(2, 1, long)],
+        vec![Rule::gcra(1, long, 2)],
+        vec![Rule::fixed_window(5, long), Rule::gcra(1, long, 2)],
+    ];
+    for rules in policies {
+        let key = random_key();
+        let mut last = None;
+        for _ in 0..3 {
+            let decision = store
+                .check(RateCheck {
+                    key: &key,
+                    rules: &rules,
+                    cost: 1,
+                    want_state: false,
+                })
+                .await;
+            match decision {
+                Ok(d) => {
+                    assert_eq!(d.rules.len(), rules.len(), "one state per rule: {rules:?}");
+                    last = Some(d);
+                }
+                Err(e) => panic!("store error: {e}"),
+            }
+            if let Some(d) = &last {
+                if !d.allowed {
+                    break;
+                }
+            }
+        }
+        let Some(denied) = last else {
+            panic!("no decision for {rules:?}");
+        };
+        assert!(!denied.allowed, "the third request is denied: {rules:?}");
+        assert_eq!(denied.denied_by, Some(rules.len() - 1), "{rules:?}");
+        assert!(denied.retry_after > Duration::ZERO, "{rules:?}");
+        let Some(d) = check(store, &key, &rules, 0).await.rules.last().copied() else {
+            panic!("no state for {rules:?}");
+        };
+        assert_eq!(d.remaining, 0, "two admitted, nothing left: {rules:?}");
     }
 }
 

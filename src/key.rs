@@ -38,7 +38,10 @@ impl StoreKey {
 
 impl fmt::Display for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        let mut hex = [0u8; 32];
+        // 16 bytes always fit in 32 hex digits, which are ASCII.
+        let _ = hex::encode_to_slice(self.0, &mut hex);
+        f.write_str(std::str::from_utf8(&hex).unwrap_or_default())
     }
 }
 

@@ -171,14 +171,18 @@ impl ScriptCall {
     /// Appends a key, written by `write`. Every key comes before the first argument.
     pub(crate) fn key(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
         debug_assert_eq!(self.keys, self.ends.len(), "keys come first");
+        let start = self.buf.len();
         write(&mut self.buf);
+        debug_assert!(self.buf.len() >= start, "a key only appends");
         self.ends.push(self.buf.len());
         self.keys += 1;
     }
 
     /// Appends an argument, written by `write`.
     pub(crate) fn arg(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.buf.len();
         write(&mut self.buf);
+        debug_assert!(self.buf.len() >= start, "an argument only appends");
         self.ends.push(self.buf.len());
     }
 
@@ -375,3 +379,36 @@ macro_rules! impl_script_stores {
     };
 }
 pub(crate) use impl_script_stores;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_one_is_an_admission_without_state() {
+        let decision = decode_decision(Reply::Int(1), 2).expect("decodes");
+        assert!(decision.allowed);
+        assert_eq!(decision.denied_by, None);
+        assert_eq!(decision.rules.len(), 2);
+        // Anything else that is not the full array is an error, never an admission.
+        assert!(decode_decision(Reply::Int(0), 1).is_err());
+        assert!(decode_decision(Reply::Array(vec![Reply::Int(1)]), 1).is_err());
+    }
+
+    #[test]
+    fn call_ranges_split_keys_from_arguments() {
+        let mut call = ScriptCall::from_vecs(
+            &MULTI_RULE,
+            vec!["k1".into(), "key2".into()],
+            vec![b"a".to_vec(), Vec::new(), b"ccc".to_vec()],
+        );
+        call.int(42);
+        let buf = call.buffer().to_vec();
+        let (keys, args) = call.key_and_arg_ranges();
+        let keys: Vec<&[u8]> = keys.map(|r| &buf[r]).collect();
+        let args: Vec<&[u8]> = args.map(|r| &buf[r]).collect();
+        assert_eq!(keys, [b"k1".as_slice(), b"key2"]);
+        assert_eq!(args, [b"a".as_slice(), b"", b"ccc", b"42"]);
+        assert_eq!((call.key_count(), call.arg_count()), (2, 4));
+    }
+}

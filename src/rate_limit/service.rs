@@ -275,7 +275,12 @@ impl<B> Pending<B> {
             .unwrap_or(0);
         if decision.allowed {
             count("allowed");
-            tracing::debug!(target: TARGET, key = %self.key, outcome = "allowed", remaining);
+            if config.headers == Headers::All || config.legacy_headers {
+                tracing::debug!(target: TARGET, key = %self.key, outcome = "allowed", remaining);
+            } else {
+                // The store was not asked for the state: `remaining` means nothing here.
+                tracing::debug!(target: TARGET, key = %self.key, outcome = "allowed");
+            }
             let headers = (config.headers == Headers::All || config.legacy_headers).then(|| {
                 let mut h = HeaderMap::new();
                 if config.headers == Headers::All {
