@@ -161,6 +161,25 @@ async fn one_round_trip_per_decision_and_none_when_the_deny_cache_answers() {
         before,
         "the deny cache answered without Redis"
     );
+    // A deny-cache answer is the same 429 as Redis's: problem details, Retry-After, RateLimit.
+    let res = svc.clone().oneshot(request()).await.unwrap();
+    let field = |name: &str| {
+        res.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        field("content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    let wait: u64 = field("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    let ratelimit = field("ratelimit").unwrap();
+    assert!(
+        ratelimit.ends_with(&format!(";r=0;t={wait}")) && ratelimit.starts_with('"'),
+        "{ratelimit}"
+    );
 
     // Without the deny cache every request asks Redis.
     let svc = service(RateLimitLayer::new(store, policy).no_deny_cache(), runs);

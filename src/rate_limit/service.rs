@@ -154,23 +154,23 @@ where
         if remote && config.deny_cache && !config.shadow {
             if let Some((wait, rule)) = shared.deny_cache.get(index, &key, cost) {
                 count("denied_local");
-                tracing::debug!(target: TARGET, key = %key, rule = policy.names.get(rule).map(String::as_str), outcome = "denied_local", retry_after_ms = wait.as_millis() as u64);
-                let mut response = rejection(
-                    config,
-                    &Rejection::Limited {
-                        rule: policy.names.get(rule).cloned().unwrap_or_default(),
-                        retry_after: wait,
-                    },
-                );
+                let name = policy.names.get(rule).map_or("", String::as_str);
+                tracing::debug!(target: TARGET, key = %key, rule = name, outcome = "denied_local", retry_after_ms = wait.as_millis() as u64);
+                let mut response = limited(config, name, wait);
                 let headers = response.headers_mut();
                 if !headers.contains_key(http::header::RETRY_AFTER) {
                     insert_retry_after(headers, wait);
                 }
                 if !headers.contains_key(&RATELIMIT) {
-                    let name = policy.names.get(rule).map_or("", String::as_str);
-                    if let Ok(v) =
-                        HeaderValue::from_str(&format!("\"{name}\";r=0;t={}", secs_up(wait)))
-                    {
+                    // `"name";r=0;t=N`, built in one exact allocation (this is the flood path).
+                    let mut secs = itoa::Buffer::new();
+                    let secs = secs.format(secs_up(wait)).as_bytes();
+                    let mut value = Vec::with_capacity(name.len() + 9 + secs.len());
+                    value.push(b'"');
+                    value.extend_from_slice(name.as_bytes());
+                    value.extend_from_slice(b"\";r=0;t=");
+                    value.extend_from_slice(secs);
+                    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
                         headers.insert(RATELIMIT.clone(), v);
                     }
                     if let Some(p) = &policy.policy_header {
@@ -327,13 +327,7 @@ impl<B> Pending<B> {
                 },
             );
         }
-        let mut response = rejection(
-            config,
-            &Rejection::Limited {
-                rule: rule.unwrap_or_default().to_owned(),
-                retry_after: decision.retry_after,
-            },
-        );
+        let mut response = limited(config, rule.unwrap_or_default(), decision.retry_after);
         let headers = response.headers_mut();
         if !headers.contains_key(http::header::RETRY_AFTER) {
             insert_retry_after(headers, decision.retry_after);
@@ -372,6 +366,20 @@ fn unavailable(config: &Config) -> Response<Bytes> {
         insert_retry_after(response.headers_mut(), std::time::Duration::from_secs(1));
     }
     response
+}
+
+/// The `429` for `rule`: the rule's name is copied only for a configured rejection builder.
+fn limited(config: &Config, rule: &str, retry_after: std::time::Duration) -> Response<Bytes> {
+    match &config.rejection {
+        Some(f) => f(&Rejection::Limited {
+            rule: rule.to_owned(),
+            retry_after,
+        }),
+        None => {
+            let (status, _, body) = DEFAULT_BODIES[0];
+            crate::problem::problem_static(status, body)
+        }
+    }
 }
 
 /// The response for `why`, from the configured rejection builder or the default problem
