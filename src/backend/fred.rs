@@ -105,24 +105,51 @@ impl fmt::Debug for FredBackend {
     }
 }
 
+/// A script call's keys and arguments as slices of one shared buffer: made into fred's vectors
+/// for `EVALSHA`, and again only on `NOSCRIPT`.
+struct Packed {
+    buf: Bytes,
+    ranges: Vec<std::ops::Range<usize>>,
+    keys: usize,
+}
+
+impl Packed {
+    fn new(call: ScriptCall) -> Self {
+        let keys = call.key_count();
+        let (key_ranges, arg_ranges) = call.key_and_arg_ranges();
+        let ranges = key_ranges.chain(arg_ranges).collect();
+        Self {
+            buf: Bytes::from(call.into_buffer()),
+            ranges,
+            keys,
+        }
+    }
+
+    fn parts(&self) -> (Vec<Key>, Vec<Value>) {
+        let (keys, args) = self.ranges.split_at(self.keys.min(self.ranges.len()));
+        let slice = |r: &std::ops::Range<usize>| self.buf.slice(r.clone());
+        (
+            keys.iter().map(|r| Key::from(slice(r))).collect(),
+            args.iter().map(|r| Value::Bytes(slice(r))).collect(),
+        )
+    }
+}
+
 impl FredClient {
-    async fn eval(
-        &self,
-        lua: &'static Lua,
-        keys: Vec<Key>,
-        args: Vec<Value>,
-    ) -> Result<Value, Error> {
-        // Keys and values hold `Bytes`: the copies kept for a NOSCRIPT retry share their
-        // buffers.
+    async fn eval(&self, lua: &'static Lua, call: Packed) -> Result<Value, Error> {
+        let (keys, args) = call.parts();
         let first = match self {
-            FredClient::Client(c) => c.evalsha(lua.sha(), keys.clone(), args.clone()).await,
-            FredClient::Pool(p) => p.evalsha(lua.sha(), keys.clone(), args.clone()).await,
+            FredClient::Client(c) => c.evalsha(lua.sha(), keys, args).await,
+            FredClient::Pool(p) => p.evalsha(lua.sha(), keys, args).await,
         };
         match first {
-            Err(err) if err.details().starts_with("NOSCRIPT") => match self {
-                FredClient::Client(c) => c.eval(lua.text, keys, args).await,
-                FredClient::Pool(p) => p.eval(lua.text, keys, args).await,
-            },
+            Err(err) if err.details().starts_with("NOSCRIPT") => {
+                let (keys, args) = call.parts();
+                match self {
+                    FredClient::Client(c) => c.eval(lua.text, keys, args).await,
+                    FredClient::Pool(p) => p.eval(lua.text, keys, args).await,
+                }
+            }
             other => other,
         }
     }
@@ -149,24 +176,10 @@ impl ScriptRunner for FredBackend {
         let client = self.client.clone();
         let lua = call.lua;
         // Keys and arguments are slices of one shared buffer: no copies.
-        let (keys, args) = {
-            let (key_ranges, arg_ranges) = call.key_and_arg_ranges();
-            let key_ranges: Vec<_> = key_ranges.collect();
-            let arg_ranges: Vec<_> = arg_ranges.collect();
-            let buf = Bytes::from(call.into_buffer());
-            let keys: Vec<Key> = key_ranges
-                .into_iter()
-                .map(|r| Key::from(buf.slice(r)))
-                .collect();
-            let args: Vec<Value> = arg_ranges
-                .into_iter()
-                .map(|r| Value::Bytes(buf.slice(r)))
-                .collect();
-            (keys, args)
-        };
+        let packed = Packed::new(call);
         async move {
             let value = client
-                .eval(lua, keys, args)
+                .eval(lua, packed)
                 .await
                 .map_err(BackendError::store)?;
             reply(value)
