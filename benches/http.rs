@@ -3,12 +3,12 @@
 //! ```text
 //! bash scripts/install-redis.sh && apt-get install -y wrk   # once
 //! cargo bench --bench http                                  # the whole report (about 5 minutes)
-//! cargo bench --bench http -- --seconds 5                   # longer runs
+//! cargo bench --bench http -- --seconds 5 --rounds 3       # longer runs, fewer rounds
 //! cargo bench --bench http -- --serve                       # only serve, for profiling
 //! ```
 //!
 //! It starts its own `redis-server` on a free loopback port and one axum server (one route per
-//! configuration), drives each route with `wrk -t2 -c64 --latency` three times in alternating
+//! configuration), drives each route with `wrk -t2 -c64 --latency` five times in alternating
 //! order (the median run is kept), and prints Markdown tables: requests/s, the ratio to the bare
 //! handler of the same run, p50 and p99 latency, and
 //! Redis calls per request from `INFO commandstats` deltas: `scripts/req` counts client round
@@ -644,12 +644,17 @@ fn main() {
     let mut seconds = 2;
     let mut only: Option<String> = None;
     let mut serve = false;
+    // Five alternating rounds: the median of five resists the machine's own drift (pairs moved
+    // by up to 10% between back-to-back runs of three).
+    let mut rounds = 5;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--seconds" {
             seconds = args.next().and_then(|s| s.parse().ok()).unwrap_or(seconds);
         } else if arg == "--only" {
             only = args.next();
+        } else if arg == "--rounds" {
+            rounds = args.next().and_then(|s| s.parse().ok()).unwrap_or(rounds);
         } else if arg == "--serve" {
             serve = true;
         }
@@ -763,7 +768,6 @@ fn main() {
             i == 1 || c.label.contains(only.as_str())
         });
     }
-    let rounds = 3;
     let samples = bench.group(&main, rounds);
     let baseline = samples[0].rps;
     let rps_of = |label: &str| {
