@@ -171,6 +171,11 @@ pub(crate) struct Config {
 pub(crate) const DEFAULT_POLICY: usize = usize::MAX;
 
 impl Config {
+    /// Whether responses carry the rules' state, so the store must report it.
+    pub(crate) fn wants_state(&self) -> bool {
+        self.headers == Headers::All || self.legacy_headers
+    }
+
     /// The policy for a request, with its index for the deny cache.
     pub(crate) fn select(&self, parts: &Parts) -> Option<(usize, &CompiledPolicy)> {
         self.policies

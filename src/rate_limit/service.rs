@@ -181,12 +181,11 @@ where
             }
         }
 
-        let want_state = config.headers == Headers::All || config.legacy_headers;
         let check = RateCheck {
             key: &key,
             rules: &policy.rules,
             cost,
-            want_state,
+            want_state: config.wants_state(),
         };
         let pending = Pending {
             shared: Arc::clone(shared),
@@ -275,13 +274,13 @@ impl<B> Pending<B> {
             .unwrap_or(0);
         if decision.allowed {
             count("allowed");
-            if config.headers == Headers::All || config.legacy_headers {
+            if config.wants_state() {
                 tracing::debug!(target: TARGET, key = %self.key, outcome = "allowed", remaining);
             } else {
                 // The store was not asked for the state: `remaining` means nothing here.
                 tracing::debug!(target: TARGET, key = %self.key, outcome = "allowed");
             }
-            let headers = (config.headers == Headers::All || config.legacy_headers).then(|| {
+            let headers = config.wants_state().then(|| {
                 let mut h = HeaderMap::new();
                 if config.headers == Headers::All {
                     insert_state(
