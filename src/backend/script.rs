@@ -210,14 +210,17 @@ impl ScriptCall {
         self.keys
     }
 
+    #[cfg(any(feature = "redis", test))]
     pub(crate) fn arg_count(&self) -> usize {
         self.ends.len() - self.keys
     }
 
+    #[cfg(any(feature = "redis", test))]
     pub(crate) fn buffer(&self) -> &[u8] {
         &self.buf
     }
 
+    #[cfg(feature = "fred")]
     pub(crate) fn into_buffer(self) -> Vec<u8> {
         self.buf
     }
