@@ -9,30 +9,19 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/strategies.rs"]
+mod strategies;
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::future::join_all;
+use strategies::strategies;
 use tower_redis_layers::{
     backend::{FredBackend, MemoryBackend, RateCheck, RateLimitStore, RedisBackend},
     rate_limit::Rule,
     StoreKey,
 };
-
-const HUGE: u64 = 1_000_000_000_000;
-
-fn strategies() -> Vec<(&'static str, Rule)> {
-    let minute = Duration::from_secs(60);
-    let second = Duration::from_secs(1);
-    vec![
-        ("fixed", Rule::fixed_window(HUGE, minute)),
-        ("sliding-log", Rule::sliding_log(HUGE, second)),
-        ("sliding-window", Rule::sliding_window(HUGE, minute)),
-        ("token-bucket", Rule::token_bucket(HUGE, HUGE, second)),
-        ("gcra", Rule::gcra(HUGE, second, HUGE)),
-    ]
-}
 
 async fn one<S: RateLimitStore>(store: &S, key: &StoreKey, rules: &[Rule]) {
     let _ = store

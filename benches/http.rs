@@ -17,6 +17,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/strategies.rs"]
+mod strategies;
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -31,6 +33,7 @@ use std::{
 use axum::{extract::State, http::HeaderName, routing::get, Router};
 use common::RedisServer;
 use redis::aio::ConnectionManager;
+use strategies::{strategies, HUGE};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
     backend::{FredBackend, MemoryBackend, RateCheck, RateLimitStore, RedisBackend},
@@ -52,20 +55,6 @@ unsafe impl GlobalAlloc for Counting {
 }
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-const HUGE: u64 = 1_000_000_000_000;
-
-fn strategies() -> Vec<(&'static str, Rule)> {
-    let minute = Duration::from_secs(60);
-    let second = Duration::from_secs(1);
-    vec![
-        ("fixed", Rule::fixed_window(HUGE, minute)),
-        ("sliding-log", Rule::sliding_log(HUGE, second)),
-        ("sliding-window", Rule::sliding_window(HUGE, minute)),
-        ("token-bucket", Rule::token_bucket(HUGE, HUGE, second)),
-        ("gcra", Rule::gcra(HUGE, second, HUGE)),
-    ]
-}
 
 /// The script's arguments for a single rule, as the layer sends them (cost 1, no state wanted;
 /// the nonce of a sliding log is added per call).
