@@ -18,8 +18,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use futures_util::future::join_all;
 use strategies::strategies;
 use tower_redis_layers::{
-    backend::{FredBackend, MemoryBackend, RateCheck, RateLimitStore, RedisBackend},
     rate_limit::Rule,
+    store::{FredStore, MemoryStore, RateCheck, RateLimitStore, RedisStore},
     StoreKey,
 };
 
@@ -63,12 +63,12 @@ fn decision(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let server = common::RedisServer::start();
-    let memory = MemoryBackend::new();
+    let memory = MemoryStore::new();
     let redis = rt
-        .block_on(RedisBackend::connect(&server.url()))
+        .block_on(RedisStore::connect(&server.url()))
         .expect("redis");
     let fred = rt
-        .block_on(FredBackend::connect(&server.url()))
+        .block_on(FredStore::connect(&server.url()))
         .expect("fred");
     bench_store(c, &rt, "memory", &memory);
     bench_store(c, &rt, "redis", &redis);

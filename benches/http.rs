@@ -36,8 +36,8 @@ use redis::aio::ConnectionManager;
 use strategies::{strategies, HUGE};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    backend::{FredBackend, MemoryBackend, RateCheck, RateLimitStore, RedisBackend},
     rate_limit::{KeyExtractor, MissingKey, RateLimitLayer, Rule},
+    store::{FredStore, MemoryStore, RateCheck, RateLimitStore, RedisStore},
     StoreKey,
 };
 
@@ -150,9 +150,9 @@ async fn blog(State(shared): State<Shared>) -> &'static str {
 
 async fn app(redis: &RedisServer) -> Router {
     let url = redis.url();
-    let redis_store = RedisBackend::connect(&url).await.expect("redis store");
-    let fred_store = FredBackend::connect(&url).await.expect("fred store");
-    let memory = MemoryBackend::new();
+    let redis_store = RedisStore::connect(&url).await.expect("redis store");
+    let fred_store = FredStore::connect(&url).await.expect("fred store");
+    let memory = MemoryStore::new();
     let client = redis::Client::open(url.as_str()).expect("client");
     let conn = ConnectionManager::new(client).await.expect("connection");
     let fred_client = {
@@ -206,7 +206,7 @@ async fn app(redis: &RedisServer) -> Router {
                 &format!("/fred/{name}"),
                 get(ok).layer(RateLimitLayer::new(fred_store.clone(), rule.clone())),
             );
-        let script = tower_redis_layers::backend::rate_limit_script(std::slice::from_ref(&rule));
+        let script = tower_redis_layers::store::rate_limit_script(std::slice::from_ref(&rule));
         let sha: String = redis::cmd("SCRIPT")
             .arg("LOAD")
             .arg(script)
@@ -531,7 +531,7 @@ async fn allocations_per_request() -> (f64, f64) {
     });
     let limited = ServiceBuilder::new()
         .layer(RateLimitLayer::new(
-            MemoryBackend::new(),
+            MemoryStore::new(),
             Rule::gcra(HUGE, Duration::from_secs(1), HUGE),
         ))
         .service(bare);
@@ -557,8 +557,8 @@ async fn allocations_per_request() -> (f64, f64) {
     )
 }
 
-async fn memory_backend_rss() -> (u64, u64, u64, usize, usize) {
-    let store = MemoryBackend::new();
+async fn memory_store_rss() -> (u64, u64, u64, usize, usize) {
+    let store = MemoryStore::new();
     let rules = [Rule::fixed_window(10, Duration::from_secs(2))];
     let before = rss_kib();
     for i in 0u32..1_000_000 {
@@ -581,7 +581,7 @@ async fn memory_backend_rss() -> (u64, u64, u64, usize, usize) {
 }
 
 async fn redis_memory_per_key(redis: &RedisServer) -> Vec<String> {
-    let store = RedisBackend::connect(&redis.url()).await.expect("store");
+    let store = RedisStore::connect(&redis.url()).await.expect("store");
     let mut rows = Vec::new();
     for (name, rule) in [
         (
@@ -796,7 +796,7 @@ fn main() {
         .build()
         .expect("runtime");
     let (bare_allocs, layer_allocs) = rt.block_on(allocations_per_request());
-    let (rss0, rss1, rss2, len1, len2) = rt.block_on(memory_backend_rss());
+    let (rss0, rss1, rss2, len1, len2) = rt.block_on(memory_store_rss());
     let per_key = rt.block_on(redis_memory_per_key(&redis));
 
     println!("Each configuration ran {rounds} times for {seconds} s, in alternating order; the median run is shown.");

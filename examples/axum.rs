@@ -10,16 +10,16 @@ use std::{net::SocketAddr, time::Duration};
 
 use axum::{http::HeaderName, routing::get, Router};
 use tower_redis_layers::{
-    backend::{MemoryBackend, RateLimitStore, RedisBackend},
     rate_limit::{Headers, KeyExtractor, Policy, RateLimitLayer, Rule},
+    store::{MemoryStore, RateLimitStore, RedisStore},
 };
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt::init();
     let app = match std::env::var("REDIS_URL") {
-        Ok(url) => app(RedisBackend::connect(&url).await?),
-        Err(_) => app(MemoryBackend::new()),
+        Ok(url) => app(RedisStore::connect(&url).await?),
+        Err(_) => app(MemoryStore::new()),
     };
     let port: u16 = std::env::var("PORT")
         .ok()

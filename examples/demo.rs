@@ -36,10 +36,10 @@ use axum::{
 };
 use serde_json::{json, Value};
 use tower_redis_layers::{
-    backend::{CacheStore, IdempotencyStore, MemoryBackend, RateLimitStore},
     cache::CacheLayer,
     idempotency::IdempotencyLockLayer,
     rate_limit::{Headers, KeyExtractor, RateLimitLayer, Rule},
+    store::{CacheStore, IdempotencyStore, MemoryStore, RateLimitStore},
 };
 
 #[derive(Default)]
@@ -68,12 +68,12 @@ async fn main() -> Result<(), Error> {
         Err(_) => 3000,
     };
     let redis_url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
-    let backend_name = std::env::var("DEMO_BACKEND").unwrap_or_default();
+    let store_name = std::env::var("DEMO_BACKEND").unwrap_or_default();
 
-    let app = match (backend_name.as_str(), redis_url) {
+    let app = match (store_name.as_str(), redis_url) {
         ("fred", url) => fred_app(url.as_deref().unwrap_or("redis://127.0.0.1:6379")).await?,
         ("" | "redis", Some(url)) => redis_app(&url).await?,
-        ("" | "memory", None) => app(MemoryBackend::new()),
+        ("" | "memory", None) => app(MemoryStore::new()),
         (other, _) => {
             return Err(format!("unknown DEMO_BACKEND {other:?} (memory, redis, fred)").into())
         }
@@ -95,9 +95,9 @@ async fn main() -> Result<(), Error> {
 
 #[cfg(feature = "redis")]
 async fn redis_app(url: &str) -> Result<Router, Error> {
-    let backend = tower_redis_layers::backend::RedisBackend::connect(url).await?;
+    let store = tower_redis_layers::store::RedisStore::connect(url).await?;
     eprintln!("rate-limit store: redis at {url}");
-    Ok(app(backend))
+    Ok(app(store))
 }
 
 #[cfg(not(feature = "redis"))]
@@ -107,9 +107,9 @@ async fn redis_app(_url: &str) -> Result<Router, Error> {
 
 #[cfg(feature = "fred")]
 async fn fred_app(url: &str) -> Result<Router, Error> {
-    let backend = tower_redis_layers::backend::FredBackend::connect(url).await?;
+    let store = tower_redis_layers::store::FredStore::connect(url).await?;
     eprintln!("rate-limit store: fred at {url}");
-    Ok(app(backend))
+    Ok(app(store))
 }
 
 #[cfg(not(feature = "fred"))]
@@ -117,17 +117,17 @@ async fn fred_app(_url: &str) -> Result<Router, Error> {
     Err("DEMO_BACKEND=fred needs `--features fred`".into())
 }
 
-fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(backend: B) -> Router {
+fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(store: B) -> Router {
     let stats = Arc::new(Stats::default());
     let key =
         KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
     let limit = |rule: Rule| {
-        RateLimitLayer::new(backend.clone(), rule)
+        RateLimitLayer::new(store.clone(), rule)
             .key(key.clone())
             .headers(Headers::All)
     };
     let ten_s = Duration::from_secs(10);
-    let cache = CacheLayer::new(backend.clone())
+    let cache = CacheLayer::new(store.clone())
         .scope("demo-cached")
         .ttl(Duration::from_secs(30));
     let cache_handle = cache.handle();
@@ -150,7 +150,7 @@ fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(backend: B) ->
         )
         .route(
             "/orders",
-            post(create_order).layer(IdempotencyLockLayer::new(backend.clone())),
+            post(create_order).layer(IdempotencyLockLayer::new(store.clone())),
         )
         .route("/cached/{id}", get(cached_handler).layer(cache))
         .route(

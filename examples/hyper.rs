@@ -14,8 +14,8 @@ use hyper::body::Incoming;
 use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    backend::MemoryBackend,
     rate_limit::{KeyExtractor, RateLimitLayer, Rule},
+    store::MemoryStore,
 };
 
 async fn handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -29,7 +29,7 @@ async fn handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt::init();
-    let limit = RateLimitLayer::routed(MemoryBackend::new())
+    let limit = RateLimitLayer::routed(MemoryStore::new())
         .key(KeyExtractor::peer_ip())
         .route(
             Some(Method::POST),

@@ -6,9 +6,9 @@
 //!
 //! ```no_run
 //! # async fn run() {
-//! use tower_redis_layers::{backend::MemoryBackend, conformance};
-//! conformance::rate_limit_suite(&MemoryBackend::new()).await;
-//! conformance::cache_suite(&MemoryBackend::new()).await;
+//! use tower_redis_layers::{store::MemoryStore, conformance};
+//! conformance::rate_limit_suite(&MemoryStore::new()).await;
+//! conformance::cache_suite(&MemoryStore::new()).await;
 //! # }
 //! ```
 //!
@@ -21,8 +21,8 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use crate::{
-    backend::{Decision, RateCheck, RateLimitStore},
     rate_limit::Rule,
+    store::{Decision, RateCheck, RateLimitStore},
     StoreKey,
 };
 
@@ -366,7 +366,7 @@ pub async fn concurrent_checks_admit_exactly_the_limit<S: RateLimitStore>(store:
 }
 
 /// Runs every check of the lock suite against `store`.
-pub async fn lock_suite<S: crate::backend::LockStore>(store: &S) {
+pub async fn lock_suite<S: crate::store::LockStore>(store: &S) {
     tokio::join!(
         lock_is_exclusive_and_fenced(store),
         lock_release_and_extend_need_the_token(store),
@@ -379,7 +379,7 @@ fn token() -> String {
 }
 
 /// Only one holder at a time; each acquisition gets a larger fencing token.
-pub async fn lock_is_exclusive_and_fenced<S: crate::backend::LockStore>(store: &S) {
+pub async fn lock_is_exclusive_and_fenced<S: crate::store::LockStore>(store: &S) {
     let key = random_key();
     let lease = Duration::from_secs(10);
     let (a, b) = (token(), token());
@@ -399,7 +399,7 @@ pub async fn lock_is_exclusive_and_fenced<S: crate::backend::LockStore>(store: &
 }
 
 /// Release and extend with a foreign token do nothing.
-pub async fn lock_release_and_extend_need_the_token<S: crate::backend::LockStore>(store: &S) {
+pub async fn lock_release_and_extend_need_the_token<S: crate::store::LockStore>(store: &S) {
     let key = random_key();
     let lease = Duration::from_secs(10);
     let (a, b) = (token(), token());
@@ -421,7 +421,7 @@ pub async fn lock_release_and_extend_need_the_token<S: crate::backend::LockStore
 }
 
 /// A lease that ran out frees the lock; the old holder cannot release the new holder's lock.
-pub async fn expired_lock_is_free_and_safe_from_its_old_holder<S: crate::backend::LockStore>(
+pub async fn expired_lock_is_free_and_safe_from_its_old_holder<S: crate::store::LockStore>(
     store: &S,
 ) {
     let key = random_key();
@@ -457,7 +457,7 @@ pub async fn expired_lock_is_free_and_safe_from_its_old_holder<S: crate::backend
 }
 
 /// Runs every check of the idempotency suite against `store`.
-pub async fn idempotency_suite<S: crate::backend::IdempotencyStore>(store: &S) {
+pub async fn idempotency_suite<S: crate::store::IdempotencyStore>(store: &S) {
     tokio::join!(
         claim_complete_and_replay(store),
         foreign_token_changes_nothing(store),
@@ -470,8 +470,8 @@ fn claim_request<'a>(
     token: &'a str,
     fingerprint: &'a [u8],
     lease: Duration,
-) -> crate::backend::ClaimRequest<'a> {
-    crate::backend::ClaimRequest {
+) -> crate::store::ClaimRequest<'a> {
+    crate::store::ClaimRequest {
         token,
         fingerprint,
         lease,
@@ -480,8 +480,8 @@ fn claim_request<'a>(
 }
 
 /// absent -> in flight -> completed, with mismatches detected at every stage.
-pub async fn claim_complete_and_replay<S: crate::backend::IdempotencyStore>(store: &S) {
-    use crate::backend::Claim;
+pub async fn claim_complete_and_replay<S: crate::store::IdempotencyStore>(store: &S) {
+    use crate::store::Claim;
     let key = random_key();
     let lease = Duration::from_secs(10);
     let (a, b) = (token(), token());
@@ -527,8 +527,8 @@ pub async fn claim_complete_and_replay<S: crate::backend::IdempotencyStore>(stor
 
 /// Release and extend with a foreign token do nothing; a released key can be claimed again
 /// with a larger fence.
-pub async fn foreign_token_changes_nothing<S: crate::backend::IdempotencyStore>(store: &S) {
-    use crate::backend::Claim;
+pub async fn foreign_token_changes_nothing<S: crate::store::IdempotencyStore>(store: &S) {
+    use crate::store::Claim;
     let key = random_key();
     let lease = Duration::from_secs(10);
     let (a, b) = (token(), token());
@@ -563,11 +563,11 @@ pub async fn foreign_token_changes_nothing<S: crate::backend::IdempotencyStore>(
 /// A holder that stops renewing loses the key when its lease ends; its late completion stores
 /// nothing and the new holder's result wins.
 pub async fn killed_holder_expires_and_its_late_completion_stores_nothing<
-    S: crate::backend::IdempotencyStore,
+    S: crate::store::IdempotencyStore,
 >(
     store: &S,
 ) {
-    use crate::backend::Claim;
+    use crate::store::Claim;
     let key = random_key();
     let (a, b) = (token(), token());
     let retention = Duration::from_secs(60);
@@ -606,8 +606,8 @@ pub async fn killed_holder_expires_and_its_late_completion_stores_nothing<
 }
 
 /// Extending the lease keeps the claim past its first lease.
-pub async fn extended_claim_stays_exclusive<S: crate::backend::IdempotencyStore>(store: &S) {
-    use crate::backend::Claim;
+pub async fn extended_claim_stays_exclusive<S: crate::store::IdempotencyStore>(store: &S) {
+    use crate::store::Claim;
     let key = random_key();
     let lease = Duration::from_millis(300);
     let a = token();
@@ -636,7 +636,7 @@ pub async fn extended_claim_stays_exclusive<S: crate::backend::IdempotencyStore>
 // The response-cache store.
 // ---------------------------------------------------------------------------------------------
 
-use crate::backend::{
+use crate::store::{
     CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreOutcome,
     StoreRequest,
 };

@@ -8,9 +8,9 @@
 //!   for a shared cache (RFC 9111), with O(1) segment invalidation and three kinds of stampede
 //!   protection (fill lock, early recompute, stale serving).
 //!
-//! State lives in a backend: [`MemoryBackend`](backend::MemoryBackend) (in process, the default
-//! that needs no server), [`RedisBackend`](backend::RedisBackend) (redis-rs, feature `redis`, on by
-//! default) and [`FredBackend`](backend::FredBackend) (feature `fred`). Every Redis operation is one
+//! State lives in a store: [`MemoryStore`](store::MemoryStore) (in process, the default
+//! that needs no server), [`RedisStore`](store::RedisStore) (redis-rs, feature `redis`, on by
+//! default) and [`FredStore`](store::FredStore) (feature `fred`). Every Redis operation is one
 //! Lua script call (one round trip, atomic, time read from the Redis server), with every key of a
 //! call in one hash slot so that Redis Cluster works.
 //!
@@ -19,11 +19,11 @@
 //! ```no_run
 //! use std::{net::SocketAddr, time::Duration};
 //! use axum::{routing::get, Router};
-//! use tower_redis_layers::{backend::MemoryBackend, rate_limit::{KeyExtractor, RateLimitLayer, Rule}};
+//! use tower_redis_layers::{store::MemoryStore, rate_limit::{KeyExtractor, RateLimitLayer, Rule}};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let backend = MemoryBackend::new();
-//! let limit = RateLimitLayer::new(backend, Rule::fixed_window(5, Duration::from_secs(10)))
+//! let store = MemoryStore::new();
+//! let limit = RateLimitLayer::new(store, Rule::fixed_window(5, Duration::from_secs(10)))
 //!     .key(KeyExtractor::header("x-api-key").or(KeyExtractor::peer_ip()));
 //!
 //! let app = Router::new().route("/", get(|| async { "hello" })).layer(limit);
@@ -34,7 +34,7 @@
 //!
 //! # Failure behaviour
 //!
-//! Every backend call has a timeout (see
+//! Every store call has a timeout (see
 //! [`RateLimitLayer::timeout`](rate_limit::RateLimitLayer::timeout)). When it fails or times out
 //! the rate limiter fails open by default (the request goes through and a warning is logged), or
 //! closed (`503 Service Unavailable`) when configured so.
@@ -47,7 +47,6 @@
 )]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
-pub mod backend;
 pub mod cache;
 #[cfg(feature = "test-support")]
 pub mod conformance;
@@ -56,7 +55,8 @@ mod key;
 pub mod lock;
 mod problem;
 pub mod rate_limit;
+pub mod store;
 mod time;
 
-pub use backend::BackendError;
 pub use key::StoreKey;
+pub use store::StoreError;

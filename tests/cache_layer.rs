@@ -1,5 +1,5 @@
 //! `CacheLayer` over HTTP, against every store: memory, redis-rs and fred on one server, and
-//! redis-rs on a 3-master cluster. Each scenario runs once per store (see `backends!` at the end).
+//! redis-rs on a 3-master cluster. Each scenario runs once per store (see `stores!` at the end).
 
 mod common;
 
@@ -19,8 +19,8 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use tower::{service_fn, util::BoxCloneService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    backend::{CacheStore, MemoryBackend},
     cache::{CacheLayer, ResponseBody},
+    store::{CacheStore, MemoryStore},
 };
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -33,7 +33,7 @@ type Store = Arc<dyn CacheStore>;
 /// stores), as a separate replica would have.
 #[allow(dead_code)] // `Fred` without the `fred` feature.
 enum Env {
-    Memory(MemoryBackend),
+    Memory(MemoryStore),
     Redis(RedisServer),
     Fred(RedisServer),
     Cluster(RedisCluster),
@@ -41,7 +41,7 @@ enum Env {
 
 impl Env {
     fn memory() -> Self {
-        Env::Memory(MemoryBackend::new())
+        Env::Memory(MemoryStore::new())
     }
     fn redis() -> Self {
         Env::Redis(RedisServer::start())
@@ -58,19 +58,19 @@ impl Env {
             Env::Memory(m) => Arc::new(m.clone()),
             #[cfg(feature = "redis")]
             Env::Redis(s) => Arc::new(
-                tower_redis_layers::backend::RedisBackend::connect(&s.url())
+                tower_redis_layers::store::RedisStore::connect(&s.url())
                     .await
                     .unwrap(),
             ),
             #[cfg(feature = "redis")]
             Env::Cluster(c) => Arc::new(
-                tower_redis_layers::backend::RedisBackend::connect(&c.url())
+                tower_redis_layers::store::RedisStore::connect(&c.url())
                     .await
                     .unwrap(),
             ),
             #[cfg(feature = "fred")]
             Env::Fred(s) => Arc::new(
-                tower_redis_layers::backend::FredBackend::connect(&s.url())
+                tower_redis_layers::store::FredStore::connect(&s.url())
                     .await
                     .unwrap(),
             ),
@@ -758,7 +758,7 @@ async fn stale_if_error(env: Env) {
 // Every scenario against every store.
 // ---------------------------------------------------------------------------------------------
 
-macro_rules! backends {
+macro_rules! stores {
     ($($name:ident),* $(,)?) => {
         mod memory {
             $(
@@ -798,7 +798,7 @@ macro_rules! backends {
     };
 }
 
-backends!(
+stores!(
     hit_miss_expiry,
     response_max_age_sets_the_ttl,
     only_configured_statuses_are_stored,
@@ -865,7 +865,7 @@ async fn redis_slow_or_down_responses_still_served(mut env: Env) {
         );
         assert!(!got.cache_status().contains("stored"));
     }
-    // Back (empty): caching resumes on its own. (`FredBackend::connect` sets no reconnect
+    // Back (empty): caching resumes on its own. (`FredStore::connect` sets no reconnect
     // policy, so only the redis-rs client, whose connection manager reconnects, is checked.)
     match &mut env {
         Env::Redis(s) => s.restart(),

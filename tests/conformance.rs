@@ -5,8 +5,8 @@ mod common;
 
 use common::{RedisCluster, RedisServer};
 use tower_redis_layers::{
-    backend::{CacheStore, IdempotencyStore, LockStore, MemoryBackend, RateLimitStore},
     conformance::{cache_suite, idempotency_suite, lock_suite, rate_limit_suite},
+    store::{CacheStore, IdempotencyStore, LockStore, MemoryStore, RateLimitStore},
 };
 
 /// Every suite, concurrently.
@@ -24,21 +24,21 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store() {
-    all_suites(&MemoryBackend::new()).await;
+    all_suites(&MemoryStore::new()).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_standalone_and_cluster() {
-    use tower_redis_layers::backend::RedisBackend;
+    use tower_redis_layers::store::RedisStore;
     let server = RedisServer::start();
-    let store = RedisBackend::connect(&server.url()).await.unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
     let before = server.command_calls("evalsha");
     all_suites(&store).await;
     assert!(server.command_calls("evalsha") > before);
 
     let cluster = RedisCluster::start();
-    let store = RedisBackend::connect(&cluster.url()).await.unwrap();
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
     all_suites(&store).await;
     // The calls were spread over the masters: the key's hash tag picks the slot.
     let busy = cluster
@@ -52,13 +52,13 @@ async fn redis_store_standalone_and_cluster() {
 #[cfg(feature = "fred")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fred_store_standalone_and_cluster() {
-    use tower_redis_layers::backend::FredBackend;
+    use tower_redis_layers::store::FredStore;
     let server = RedisServer::start();
-    let store = FredBackend::connect(&server.url()).await.unwrap();
+    let store = FredStore::connect(&server.url()).await.unwrap();
     all_suites(&store).await;
     assert!(server.command_calls("evalsha") > 0);
 
     let cluster = RedisCluster::start();
-    let store = FredBackend::connect(&cluster.url()).await.unwrap();
+    let store = FredStore::connect(&cluster.url()).await.unwrap();
     all_suites(&store).await;
 }

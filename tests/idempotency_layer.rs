@@ -19,8 +19,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{service_fn, util::BoxCloneSyncService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    backend::{IdempotencyStore, MemoryBackend},
     idempotency::{FencingToken, IdempotencyBody, IdempotencyLockLayer},
+    store::{IdempotencyStore, MemoryStore},
 };
 
 type Req = Request<Full<Bytes>>;
@@ -378,46 +378,46 @@ async fn large_bodies<B: IdempotencyStore + Clone>(store: B) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store() {
-    let store = MemoryBackend::new();
+    let store = MemoryStore::new();
     scenarios(store.clone(), store).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_standalone_and_cluster() {
-    use tower_redis_layers::backend::RedisBackend;
+    use tower_redis_layers::store::RedisStore;
     let server = RedisServer::start();
     let url = server.url();
-    let connect = || RedisBackend::connect(&url);
+    let connect = || RedisStore::connect(&url);
     scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
 
     let cluster = RedisCluster::start();
     let url = cluster.url();
-    let connect = || RedisBackend::connect(&url);
+    let connect = || RedisStore::connect(&url);
     scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
 }
 
 #[cfg(feature = "fred")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fred_store_standalone_and_cluster() {
-    use tower_redis_layers::backend::FredBackend;
+    use tower_redis_layers::store::FredStore;
     let server = RedisServer::start();
     let url = server.url();
-    let connect = || FredBackend::connect(&url);
+    let connect = || FredStore::connect(&url);
     scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
 
     let cluster = RedisCluster::start();
     let url = cluster.url();
-    let connect = || FredBackend::connect(&url);
+    let connect = || FredStore::connect(&url);
     scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_answers_503_or_runs_when_failing_open() {
-    use tower_redis_layers::backend::RedisBackend;
+    use tower_redis_layers::store::RedisStore;
     let mut server = RedisServer::start();
-    let store = RedisBackend::connect(&server.url()).await.unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
     let (runs, h) = handler(0);
     let closed = service(
         IdempotencyLockLayer::new(store.clone()).timeout(Duration::from_millis(300)),
@@ -469,9 +469,9 @@ async fn redis_down_answers_503_or_runs_when_failing_open() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_per_first_execution_and_per_replay() {
-    use tower_redis_layers::backend::RedisBackend;
+    use tower_redis_layers::store::RedisStore;
     let server = RedisServer::start();
-    let store = RedisBackend::connect(&server.url()).await.unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
     let (_, h) = handler(0);
     let svc = service(IdempotencyLockLayer::new(store), h);
     // Warm up: load the scripts.

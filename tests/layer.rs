@@ -15,10 +15,10 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    backend::MemoryBackend,
     rate_limit::{
         FailureMode, Headers, KeyExtractor, MissingKey, Policy, RateLimitLayer, Rejection, Rule,
     },
+    store::MemoryStore,
 };
 
 type Req = Request<Full<Bytes>>;
@@ -61,7 +61,7 @@ fn header<'a, B>(res: &'a Response<B>, name: &str) -> Option<&'a str> {
 async fn denies_over_the_limit_with_retry_after_and_ratelimit_fields() {
     let (runs, inner) = counting();
     let layer = RateLimitLayer::new(
-        MemoryBackend::new(),
+        MemoryStore::new(),
         Rule::fixed_window(2, Duration::from_secs(10)).name("per10s"),
     );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
@@ -100,7 +100,7 @@ async fn fields_on_every_response_and_legacy_fields() {
     let (_, inner) = counting();
     let policy = Policy::new(Rule::fixed_window(5, Duration::from_secs(10)).name("a"))
         .rule(Rule::fixed_window(3, Duration::from_secs(60)).name("b"));
-    let layer = RateLimitLayer::new(MemoryBackend::new(), policy)
+    let layer = RateLimitLayer::new(MemoryStore::new(), policy)
         .headers(Headers::All)
         .legacy_headers(true);
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
@@ -132,7 +132,7 @@ async fn missing_key_is_rejected_allowed_or_shared() {
 
     let (runs, inner) = counting();
     let mut svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(MemoryBackend::new(), rule.clone()).key(key.clone()))
+        .layer(RateLimitLayer::new(MemoryStore::new(), rule.clone()).key(key.clone()))
         .service(inner.clone());
     let res = svc.ready().await.unwrap().call(no_key()).await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
@@ -140,7 +140,7 @@ async fn missing_key_is_rejected_allowed_or_shared() {
 
     let mut svc = ServiceBuilder::new()
         .layer(
-            RateLimitLayer::new(MemoryBackend::new(), rule.clone())
+            RateLimitLayer::new(MemoryStore::new(), rule.clone())
                 .key(key.clone())
                 .on_missing_key(MissingKey::Allow),
         )
@@ -160,7 +160,7 @@ async fn missing_key_is_rejected_allowed_or_shared() {
 
     let mut svc = ServiceBuilder::new()
         .layer(
-            RateLimitLayer::new(MemoryBackend::new(), rule)
+            RateLimitLayer::new(MemoryStore::new(), rule)
                 .key(key)
                 .on_missing_key(MissingKey::Shared),
         )
@@ -191,7 +191,7 @@ async fn missing_key_is_rejected_allowed_or_shared() {
 async fn shadow_mode_reports_but_never_rejects() {
     let (runs, inner) = counting();
     let layer = RateLimitLayer::new(
-        MemoryBackend::new(),
+        MemoryStore::new(),
         Rule::fixed_window(1, Duration::from_secs(10)),
     )
     .shadow(true);
@@ -216,7 +216,7 @@ async fn shadow_mode_reports_but_never_rejects() {
 async fn custom_rejection_and_cost() {
     let (_, inner) = counting();
     let layer = RateLimitLayer::new(
-        MemoryBackend::new(),
+        MemoryStore::new(),
         Rule::fixed_window(10, Duration::from_secs(10)),
     )
     .cost(|parts| {
@@ -275,7 +275,7 @@ async fn custom_rejection_and_cost() {
 #[tokio::test]
 async fn routed_policies_match_method_and_path() {
     let (_, inner) = counting();
-    let layer = RateLimitLayer::routed(MemoryBackend::new())
+    let layer = RateLimitLayer::routed(MemoryStore::new())
         .route(
             Some(Method::POST),
             "/login",
@@ -322,7 +322,7 @@ async fn routed_policies_match_method_and_path() {
 async fn separate_scopes_have_separate_budgets() {
     let (_, inner) = counting();
     let rule = Rule::fixed_window(1, Duration::from_secs(60));
-    let store = MemoryBackend::new();
+    let store = MemoryStore::new();
     let mut a = ServiceBuilder::new()
         .layer(RateLimitLayer::new(
             store.clone(),
@@ -370,7 +370,7 @@ async fn inner_errors_pass_through_unchanged() {
     struct Boom;
     let inner = service_fn(|_req: Req| async { Err::<Response<Full<Bytes>>, _>(Boom) });
     let layer = RateLimitLayer::new(
-        MemoryBackend::new(),
+        MemoryStore::new(),
         Rule::fixed_window(5, Duration::from_secs(10)),
     );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
@@ -389,7 +389,7 @@ async fn invalid_rule_fails_open_or_closed() {
     let (runs, inner) = counting();
     let bad = Rule::fixed_window(0, Duration::from_secs(10));
     let mut open = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(MemoryBackend::new(), bad.clone()))
+        .layer(RateLimitLayer::new(MemoryStore::new(), bad.clone()))
         .service(inner.clone());
     assert_eq!(
         open.ready()
@@ -402,7 +402,7 @@ async fn invalid_rule_fails_open_or_closed() {
         StatusCode::OK
     );
     let mut closed = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(MemoryBackend::new(), bad).on_backend_error(FailureMode::Closed))
+        .layer(RateLimitLayer::new(MemoryStore::new(), bad).on_store_error(FailureMode::Closed))
         .service(inner);
     let res = closed
         .ready()
@@ -423,7 +423,7 @@ async fn bad_input_never_panics() {
         .or(KeyExtractor::forwarded_for(1))
         .or(KeyExtractor::peer_ip());
     let layer = RateLimitLayer::new(
-        MemoryBackend::new(),
+        MemoryStore::new(),
         Rule::fixed_window(1, Duration::from_secs(60)),
     )
     .key(key);
@@ -489,7 +489,7 @@ async fn bad_input_never_panics() {
 async fn token_bucket_refills_with_paused_time() {
     let (_, inner) = counting();
     let layer = RateLimitLayer::new(
-        MemoryBackend::new(),
+        MemoryStore::new(),
         Rule::token_bucket(2, 1, Duration::from_secs(1)),
     );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
@@ -536,7 +536,7 @@ async fn axum_route_layer_with_connect_info() {
     let app = Router::new()
         .route("/limited", get(|| async { "limited" }))
         .route_layer(RateLimitLayer::new(
-            MemoryBackend::new(),
+            MemoryStore::new(),
             Rule::sliding_log(1, Duration::from_secs(60)),
         ))
         .route("/open", get(|| async { "open" }))
@@ -567,7 +567,7 @@ async fn axum_route_layer_with_connect_info() {
 
 #[tokio::test(start_paused = true)]
 async fn memory_store_forgets_expired_keys() {
-    let store = MemoryBackend::new();
+    let store = MemoryStore::new();
     let (_, inner) = counting();
     let layer = RateLimitLayer::new(store.clone(), Rule::fixed_window(5, Duration::from_secs(1)))
         .key(KeyExtractor::header(HeaderName::from_static("x-api-key")));

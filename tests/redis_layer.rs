@@ -21,8 +21,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::{service_fn, util::BoxCloneService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    backend::{RateLimitStore, RedisBackend},
     rate_limit::{FailureMode, KeyExtractor, Policy, RateLimitLayer, Rule},
+    store::{RateLimitStore, RedisStore},
 };
 
 type Req = Request<Full<Bytes>>;
@@ -80,7 +80,7 @@ async fn exact_across_two_services(url: &str, scope: &str) {
         let policy = Policy::new(rule).scope(format!("{scope}-{name}"));
         let mut services = Vec::new();
         for _ in 0..2 {
-            let store = RedisBackend::connect(url).await.unwrap();
+            let store = RedisStore::connect(url).await.unwrap();
             let layer = RateLimitLayer::new(store, policy.clone())
                 .key(KeyExtractor::global())
                 .timeout(Duration::from_secs(5));
@@ -107,17 +107,17 @@ async fn exactly_the_limit_passes_across_two_services_cluster() {
 #[cfg(feature = "fred")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_rs_and_fred_services_share_one_budget() {
-    use tower_redis_layers::backend::FredBackend;
+    use tower_redis_layers::store::FredStore;
     let server = RedisServer::start();
     let runs = Arc::new(AtomicUsize::new(0));
     let rule = Rule::sliding_log(30, Duration::from_secs(60));
     let a = RateLimitLayer::new(
-        RedisBackend::connect(&server.url()).await.unwrap(),
+        RedisStore::connect(&server.url()).await.unwrap(),
         rule.clone(),
     )
     .key(KeyExtractor::global())
     .timeout(Duration::from_secs(5));
-    let b = RateLimitLayer::new(FredBackend::connect(&server.url()).await.unwrap(), rule)
+    let b = RateLimitLayer::new(FredStore::connect(&server.url()).await.unwrap(), rule)
         .key(KeyExtractor::global())
         .timeout(Duration::from_secs(5));
     let services = [service(a, runs.clone()), service(b, runs.clone())];
@@ -127,7 +127,7 @@ async fn redis_rs_and_fred_services_share_one_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_round_trip_per_decision_and_none_when_the_deny_cache_answers() {
     let server = RedisServer::start();
-    let store = RedisBackend::connect(&server.url()).await.unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
     // Three rules, one call.
     let policy = Policy::new(Rule::fixed_window(10, Duration::from_secs(60)))
         .rule(Rule::sliding_log(10, Duration::from_secs(60)))
@@ -198,7 +198,7 @@ async fn redis_down_slow_and_back() {
     let timeout = Duration::from_millis(300);
     let open = service(
         RateLimitLayer::new(
-            RedisBackend::connect(&server.url()).await.unwrap(),
+            RedisStore::connect(&server.url()).await.unwrap(),
             Policy::new(rule.clone()).scope("open"),
         )
         .timeout(timeout),
@@ -206,11 +206,11 @@ async fn redis_down_slow_and_back() {
     );
     let closed = service(
         RateLimitLayer::new(
-            RedisBackend::connect(&server.url()).await.unwrap(),
+            RedisStore::connect(&server.url()).await.unwrap(),
             Policy::new(rule).scope("closed"),
         )
         .timeout(timeout)
-        .on_backend_error(FailureMode::Closed),
+        .on_store_error(FailureMode::Closed),
         runs.clone(),
     );
     assert_eq!(status(&open).await, StatusCode::OK);
@@ -283,13 +283,13 @@ async fn redis_down_slow_and_back() {
 #[cfg(feature = "fred")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fred_store_recovers_after_a_restart() {
-    use tower_redis_layers::backend::FredBackend;
+    use tower_redis_layers::store::FredStore;
     let mut server = RedisServer::start();
-    let store = FredBackend::connect(&server.url()).await.unwrap();
+    let store = FredStore::connect(&server.url()).await.unwrap();
     let closed = service(
         RateLimitLayer::new(store, Rule::fixed_window(2, Duration::from_secs(60)))
             .timeout(Duration::from_millis(300))
-            .on_backend_error(FailureMode::Closed),
+            .on_store_error(FailureMode::Closed),
         Arc::new(AtomicUsize::new(0)),
     );
     assert_eq!(status(&closed).await, StatusCode::OK);

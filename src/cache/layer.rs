@@ -7,7 +7,7 @@ use super::{
     key::{self, VaryRegistry},
     Cache,
 };
-use crate::backend::{BackendError, CacheStore};
+use crate::store::{CacheStore, StoreError};
 
 type PartitionFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 type SegmentFn = dyn Fn(&Parts) -> String + Send + Sync;
@@ -283,13 +283,13 @@ pub struct CacheHandle {
 impl CacheHandle {
     /// Invalidates every entry of the layer's default segment (the one used when no
     /// [`CacheLayer::segment`] closure is set): one version bump, O(1).
-    pub async fn invalidate(&self) -> Result<(), BackendError> {
+    pub async fn invalidate(&self) -> Result<(), StoreError> {
         self.invalidate_segment(DEFAULT_SEGMENT).await
     }
 
     /// Invalidates every entry of the segment `name` (as returned by the
     /// [`CacheLayer::segment`] closure): one version bump, O(1).
-    pub async fn invalidate_segment(&self, name: &str) -> Result<(), BackendError> {
+    pub async fn invalidate_segment(&self, name: &str) -> Result<(), StoreError> {
         let segment = key::segment_key(&self.config.scope, name);
         self.bounded(self.store.invalidate_segment(segment))
             .await
@@ -298,7 +298,7 @@ impl CacheHandle {
 
     /// Deletes the entry that `request` would be served from (its segment, partition and `Vary`
     /// values are computed as the layer does). Answers whether there was one.
-    pub async fn invalidate_request<T>(&self, request: &Request<T>) -> Result<bool, BackendError> {
+    pub async fn invalidate_request<T>(&self, request: &Request<T>) -> Result<bool, StoreError> {
         let mut builder = Request::builder()
             .method(request.method())
             .uri(request.uri())
@@ -308,7 +308,7 @@ impl CacheHandle {
         }
         let parts = builder
             .body(())
-            .map_err(|e| BackendError::Invalid(e.to_string()))?
+            .map_err(|e| StoreError::Invalid(e.to_string()))?
             .into_parts()
             .0;
         let config = &self.config;
@@ -334,13 +334,13 @@ impl CacheHandle {
         .await
     }
 
-    async fn bounded<T>(&self, call: crate::backend::StoreFuture<T>) -> Result<T, BackendError> {
+    async fn bounded<T>(&self, call: crate::store::StoreFuture<T>) -> Result<T, StoreError> {
         if !self.store.is_remote() {
             return call.await;
         }
         match tokio::time::timeout(self.config.timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(BackendError::Timeout(self.config.timeout)),
+            Err(_) => Err(StoreError::Timeout(self.config.timeout)),
         }
     }
 }

@@ -11,9 +11,9 @@
 //! ```
 //! use std::time::Duration;
 //! use axum::{extract::Path, routing::{get, post}, Router};
-//! use tower_redis_layers::{backend::MemoryBackend, cache::CacheLayer};
+//! use tower_redis_layers::{store::MemoryStore, cache::CacheLayer};
 //!
-//! let cache = CacheLayer::new(MemoryBackend::new())
+//! let cache = CacheLayer::new(MemoryStore::new())
 //!     .scope("users")
 //!     .ttl(Duration::from_secs(30))
 //!     .stale_while_revalidate(Duration::from_secs(10))

@@ -20,11 +20,11 @@ use super::{
     CacheLayer, ResponseBody,
 };
 use crate::{
-    backend::{
-        BackendError, CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup,
-        LookupRequest, StoreFuture, StoreOutcome, StoreRequest,
-    },
     key::StoreKey,
+    store::{
+        CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest,
+        StoreError, StoreFuture, StoreOutcome, StoreRequest,
+    },
 };
 
 pub(crate) const TARGET: &str = "tower_redis_layers::cache";
@@ -339,18 +339,18 @@ struct Ctx<'a, B> {
 }
 
 impl<B: CacheStore> Ctx<'_, B> {
-    async fn bounded<T>(&self, call: StoreFuture<T>) -> Result<T, BackendError> {
+    async fn bounded<T>(&self, call: StoreFuture<T>) -> Result<T, StoreError> {
         if !self.shared.store.is_remote() {
             return call.await;
         }
         let timeout = self.shared.config.timeout;
         match tokio::time::timeout(timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(BackendError::Timeout(timeout)),
+            Err(_) => Err(StoreError::Timeout(timeout)),
         }
     }
 
-    async fn lookup(&self, fill: Option<FillRequest>) -> Result<Lookup, BackendError> {
+    async fn lookup(&self, fill: Option<FillRequest>) -> Result<Lookup, StoreError> {
         let config = &self.shared.config;
         let request = LookupRequest {
             segment: self.target.segment,

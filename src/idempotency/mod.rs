@@ -31,14 +31,14 @@
 //! ```
 //! use std::time::Duration;
 //! use axum::{routing::post, Router, Extension};
-//! use tower_redis_layers::backend::MemoryBackend;
+//! use tower_redis_layers::store::MemoryStore;
 //! use tower_redis_layers::idempotency::{FencingToken, IdempotencyLockLayer};
 //!
 //! async fn create_order(Extension(fence): Extension<FencingToken>, body: String) -> String {
 //!     format!("order made under fence {}: {body}", fence.0)
 //! }
 //!
-//! let layer = IdempotencyLockLayer::new(MemoryBackend::new())
+//! let layer = IdempotencyLockLayer::new(MemoryStore::new())
 //!     .lease(Duration::from_secs(10))
 //!     .retention(Duration::from_secs(24 * 3600));
 //! let app: Router = Router::new().route("/orders", post(create_order)).layer(layer);

@@ -17,9 +17,9 @@ use super::{
     ResponseFuture,
 };
 use crate::{
-    backend::{Claim, ClaimRequest, IdempotencyStore},
     lock::{new_token, spawn_detached, Lease},
     problem::problem,
+    store::{Claim, ClaimRequest, IdempotencyStore},
     StoreKey,
 };
 

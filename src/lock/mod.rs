@@ -2,11 +2,11 @@
 //! compare-and-extend renewal while held, and a fencing token per acquisition.
 //!
 //! ```no_run
-//! # async fn run() -> Result<(), tower_redis_layers::BackendError> {
+//! # async fn run() -> Result<(), tower_redis_layers::StoreError> {
 //! use std::time::Duration;
-//! use tower_redis_layers::{backend::RedisBackend, lock::Lock};
+//! use tower_redis_layers::{store::RedisStore, lock::Lock};
 //!
-//! let lock = Lock::new(RedisBackend::connect("redis://127.0.0.1:6379").await?)
+//! let lock = Lock::new(RedisStore::connect("redis://127.0.0.1:6379").await?)
 //!     .lease(Duration::from_secs(10));
 //! if let Some(guard) = lock.try_acquire("invoice-42").await? {
 //!     // Pass the fencing token to the storage you protect; it rejects older tokens.
@@ -34,7 +34,7 @@ use std::{fmt, future::Future, sync::Arc, time::Duration};
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::{
-    backend::{BackendError, LockStore, StoreFuture},
+    store::{LockStore, StoreError, StoreFuture},
     StoreKey,
 };
 
@@ -78,7 +78,7 @@ impl<B: LockStore> Lock<B> {
     }
 
     /// Takes the lock on `resource` if it is free.
-    pub async fn try_acquire(&self, resource: &str) -> Result<Option<LockGuard>, BackendError> {
+    pub async fn try_acquire(&self, resource: &str) -> Result<Option<LockGuard>, StoreError> {
         let key = StoreKey::from_parts([b"lock".as_slice(), resource.as_bytes()]);
         let token = new_token();
         let Some(fence) = self.store.acquire_lock(&key, &token, self.lease).await? else {
@@ -105,7 +105,7 @@ impl<B: LockStore> Lock<B> {
         &self,
         resource: &str,
         wait: Duration,
-    ) -> Result<Option<LockGuard>, BackendError> {
+    ) -> Result<Option<LockGuard>, StoreError> {
         let deadline = Instant::now() + wait;
         let mut pause = Duration::from_millis(10);
         loop {
@@ -151,7 +151,7 @@ impl LockGuard {
     }
 
     /// Releases the lock now. `Ok(false)` when it was no longer ours (nothing changed).
-    pub async fn release(mut self) -> Result<bool, BackendError> {
+    pub async fn release(mut self) -> Result<bool, StoreError> {
         self.released = true;
         self.lease.stop();
         self.store.release_lock(&self.key, &self.token).await

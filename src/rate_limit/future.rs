@@ -15,7 +15,7 @@ use super::{
     service::{Next, Pending},
     ResponseBody,
 };
-use crate::backend::{BackendError, Decision, RateLimitStore};
+use crate::store::{Decision, RateLimitStore, StoreError};
 
 pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
@@ -62,9 +62,9 @@ pin_project! {
 
 impl<C> Future for Deadline<C>
 where
-    C: Future<Output = Result<Decision, BackendError>>,
+    C: Future<Output = Result<Decision, StoreError>>,
 {
-    type Output = Result<Decision, BackendError>;
+    type Output = Result<Decision, StoreError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -74,7 +74,7 @@ where
         match this.sleep.as_pin_mut() {
             Some(sleep) => {
                 ready!(sleep.poll(cx));
-                Poll::Ready(Err(BackendError::Timeout(*this.timeout)))
+                Poll::Ready(Err(StoreError::Timeout(*this.timeout)))
             }
             None => Poll::Pending,
         }

@@ -6,7 +6,7 @@ use std::{fmt::Write, time::Duration};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::Rule;
-use crate::backend::Decision;
+use crate::store::Decision;
 
 pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");

@@ -11,7 +11,7 @@ use super::{deny_cache::DenyCache, headers::policy_value, Headers, KeyExtractor,
 /// Holds the configuration and the store. Cloning is cheap, and every service made by one layer
 /// (and its clones) shares the store and the local deny cache.
 pub struct RateLimitLayer<B> {
-    pub(crate) backend: Arc<B>,
+    pub(crate) store: Arc<B>,
     pub(crate) config: Arc<Config>,
     pub(crate) deny_cache: Arc<DenyCache>,
 }
@@ -189,8 +189,8 @@ impl Config {
 impl<B> RateLimitLayer<B> {
     /// Limits every request with `policy` (a [`Rule`] or a [`Policy`] of several rules), keyed by
     /// the peer IP address unless [`key`](Self::key) says otherwise.
-    pub fn new(backend: B, policy: impl Into<Policy>) -> Self {
-        let mut layer = Self::routed(backend);
+    pub fn new(store: B, policy: impl Into<Policy>) -> Self {
+        let mut layer = Self::routed(store);
         layer.config_mut().default =
             Some(Arc::new(CompiledPolicy::new(policy.into(), String::new())));
         layer
@@ -198,9 +198,9 @@ impl<B> RateLimitLayer<B> {
 
     /// A layer with no default policy: only requests that match a [`route`](Self::route) are
     /// limited, each by its own policy. For a plain hyper or tower service that has no router.
-    pub fn routed(backend: B) -> Self {
+    pub fn routed(store: B) -> Self {
         Self {
-            backend: Arc::new(backend),
+            store: Arc::new(store),
             config: Arc::new(Config {
                 policies: Arc::new(Vec::new()),
                 default: None,
@@ -267,7 +267,7 @@ impl<B> RateLimitLayer<B> {
     }
 
     /// What to do when the store fails or times out (default [`FailureMode::Open`]).
-    pub fn on_backend_error(mut self, mode: FailureMode) -> Self {
+    pub fn on_store_error(mut self, mode: FailureMode) -> Self {
         self.config_mut().failure_mode = mode;
         self
     }
@@ -323,7 +323,7 @@ impl<B> RateLimitLayer<B> {
 impl<B> Clone for RateLimitLayer<B> {
     fn clone(&self) -> Self {
         Self {
-            backend: Arc::clone(&self.backend),
+            store: Arc::clone(&self.store),
             config: Arc::clone(&self.config),
             deny_cache: Arc::clone(&self.deny_cache),
         }
@@ -334,7 +334,7 @@ impl<B: fmt::Debug> fmt::Debug for RateLimitLayer<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
         f.debug_struct("RateLimitLayer")
-            .field("backend", &self.backend)
+            .field("store", &self.store)
             .field("default", &c.default.as_ref().map(|p| &p.rules))
             .field("routes", &c.policies.len())
             .field("key", &c.key)

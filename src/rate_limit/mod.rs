@@ -21,14 +21,14 @@
 //! use std::time::Duration;
 //! use axum::{routing::get, Router};
 //! use http::HeaderName;
-//! use tower_redis_layers::backend::MemoryBackend;
+//! use tower_redis_layers::store::MemoryStore;
 //! use tower_redis_layers::rate_limit::{KeyExtractor, Policy, RateLimitLayer, Rule};
 //!
-//! let backend = MemoryBackend::new();
+//! let store = MemoryStore::new();
 //! // 10 per second AND 1000 per hour, per API key (else per peer IP).
 //! let policy = Policy::new(Rule::gcra(10, Duration::from_secs(1), 10))
 //!     .rule(Rule::fixed_window(1000, Duration::from_secs(3600)));
-//! let layer = RateLimitLayer::new(backend, policy)
+//! let layer = RateLimitLayer::new(store, policy)
 //!     .key(KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip()))
 //!     .timeout(Duration::from_millis(100));
 //!

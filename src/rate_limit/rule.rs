@@ -3,7 +3,7 @@ use std::{fmt, time::Duration};
 /// One rate-limit rule: a strategy with its numbers, and a name used in the `RateLimit` fields.
 ///
 /// Several rules on one route (for example 10 per second *and* 1000 per hour) are checked in the
-/// same atomic backend call: a request denied by one rule consumes nothing from the others.
+/// same atomic store call: a request denied by one rule consumes nothing from the others.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Rule {
     pub(crate) strategy: Strategy,
@@ -209,7 +209,7 @@ impl Rule {
         Ok(())
     }
 
-    /// The wire form shared by the script and the memory backend: kind, a, b (ms), c.
+    /// The wire form shared by the script and the memory store: kind, a, b (ms), c.
     pub(crate) fn kind(&self) -> u8 {
         match self.strategy {
             Strategy::FixedWindow { .. } => 1,

@@ -15,8 +15,8 @@ use super::{
     Headers, MissingKey, RateLimitLayer, Rejection,
 };
 use crate::{
-    backend::{Decision, RateCheck, RateLimitStore},
     key::StoreKey,
+    store::{Decision, RateCheck, RateLimitStore},
 };
 
 pub(crate) const TARGET: &str = "tower_redis_layers::rate_limit";
@@ -28,7 +28,7 @@ pub struct RateLimit<S, B> {
 }
 
 pub(crate) struct Shared<B> {
-    pub(crate) backend: Arc<B>,
+    pub(crate) store: Arc<B>,
     pub(crate) config: Arc<Config>,
     pub(crate) deny_cache: Arc<DenyCache>,
 }
@@ -48,7 +48,7 @@ impl<S, B> RateLimit<S, B> {
         Self {
             inner,
             shared: Arc::new(Shared {
-                backend: Arc::clone(&layer.backend),
+                store: Arc::clone(&layer.store),
                 config: Arc::clone(&layer.config),
                 deny_cache: Arc::clone(&layer.deny_cache),
             }),
@@ -123,7 +123,7 @@ where
         };
         if let Some(problem) = &policy.invalid {
             tracing::error!(target: TARGET, %problem, "invalid rate-limit policy");
-            return on_backend_failure(&mut self.inner, config, Request::from_parts(parts, body));
+            return on_store_failure(&mut self.inner, config, Request::from_parts(parts, body));
         }
         let key = match config.key.extract(&parts) {
             Some(raw) => raw.hash(&policy.scope),
@@ -150,7 +150,7 @@ where
         let cost = config.cost.as_ref().map_or(1, |f| f(&parts));
         let req = Request::from_parts(parts, body);
 
-        let remote = shared.backend.is_remote();
+        let remote = shared.store.is_remote();
         if remote && config.deny_cache && !config.shadow {
             if let Some((wait, rule)) = shared.deny_cache.get(index, &key, cost) {
                 count("denied_local");
@@ -199,7 +199,7 @@ where
         // An in-process store answers at once: call the inner service from here, as a
         // synchronous limiter would (no clone of it, no state machine around the check).
         if !remote {
-            if let Some(result) = shared.backend.check_now(check) {
+            if let Some(result) = shared.store.check_now(check) {
                 return match pending.finish(result) {
                     Next::Run(headers) => {
                         ResponseFuture::running_with(self.inner.call(req), headers)
@@ -208,7 +208,7 @@ where
                 };
             }
         }
-        let check = shared.backend.check(check);
+        let check = shared.store.check(check);
         let timeout = remote.then_some(config.timeout);
         let inner = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, inner);
@@ -216,7 +216,7 @@ where
     }
 }
 
-fn on_backend_failure<S, B, ReqBody, ResBody>(
+fn on_store_failure<S, B, ReqBody, ResBody>(
     inner: &mut S,
     config: &Config,
     req: Request<ReqBody>,
@@ -240,10 +240,10 @@ pub(crate) enum Next {
 }
 
 impl<B> Pending<B> {
-    pub(crate) fn finish(self, result: Result<Decision, crate::BackendError>) -> Next {
+    pub(crate) fn finish(self, result: Result<Decision, crate::StoreError>) -> Next {
         #[cfg(feature = "metrics")]
         if let Some(started) = self.started {
-            metrics::histogram!("tower_redis_layers_rate_limit_backend_seconds")
+            metrics::histogram!("tower_redis_layers_rate_limit_store_seconds")
                 .record(started.elapsed().as_secs_f64());
         }
         let shared = &self.shared;
@@ -254,7 +254,7 @@ impl<B> Pending<B> {
         let decision = match result {
             Ok(decision) => decision,
             Err(error) => {
-                count("backend_error");
+                count("store_error");
                 tracing::warn!(target: TARGET, key = %self.key, %error, fail_open = matches!(config.failure_mode, super::FailureMode::Open), "rate-limit store failed");
                 return match config.failure_mode {
                     super::FailureMode::Open => Next::Run(None),

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    BackendError, Claim, ClaimRequest, IdempotencyStore, LockStore, MemoryBackend, StoreFuture,
+    Claim, ClaimRequest, IdempotencyStore, LockStore, MemoryStore, StoreError, StoreFuture,
 };
 use crate::StoreKey;
 
@@ -56,13 +56,13 @@ impl Records {
         }
     }
 
-    fn shard(&self, key: &StoreKey) -> Result<MutexGuard<'_, Map>, BackendError> {
+    fn shard(&self, key: &StoreKey) -> Result<MutexGuard<'_, Map>, StoreError> {
         let i = usize::from(key.as_bytes()[1]) % self.shards.len();
         self.shards
             .get(i)
-            .ok_or_else(|| BackendError::Invalid("no shard".into()))?
+            .ok_or_else(|| StoreError::Invalid("no shard".into()))?
             .lock()
-            .map_err(|_| BackendError::Invalid("a memory store shard was poisoned".into()))
+            .map_err(|_| StoreError::Invalid("a memory store shard was poisoned".into()))
     }
 
     pub(crate) fn sweep(&self, now: u64) {
@@ -109,23 +109,23 @@ fn next_fence(map: &mut Map, key: (Kind, StoreKey), now: u64, ttl: Option<Durati
     fence
 }
 
-fn done<T: Send + 'static>(result: Result<T, BackendError>) -> StoreFuture<T> {
+fn done<T: Send + 'static>(result: Result<T, StoreError>) -> StoreFuture<T> {
     Box::pin(ready(result))
 }
 
-impl MemoryBackend {
+impl MemoryStore {
     fn with_records<T>(
         &self,
         key: &StoreKey,
         f: impl FnOnce(&mut Map, u64) -> T,
-    ) -> Result<T, BackendError> {
+    ) -> Result<T, StoreError> {
         let now = self.now_us();
         let mut map = self.records().shard(key)?;
         Ok(f(&mut map, now))
     }
 }
 
-impl LockStore for MemoryBackend {
+impl LockStore for MemoryStore {
     fn acquire_lock(
         &self,
         resource: &StoreKey,
@@ -174,7 +174,7 @@ impl LockStore for MemoryBackend {
     }
 }
 
-impl IdempotencyStore for MemoryBackend {
+impl IdempotencyStore for MemoryStore {
     fn claim(&self, key: &StoreKey, req: ClaimRequest<'_>) -> StoreFuture<Claim> {
         done(
             self.with_records(key, |map, now| match live(map, (Kind::Record, *key), now) {

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use super::{
     cache::{FillState, FillToken, Freshness, Lookup, LookupRequest, StoreOutcome, StoreRequest},
     script::{Lua, Reply, ScriptRunner},
-    BackendError, StoreFuture,
+    StoreError, StoreFuture,
 };
 use crate::key::StoreKey;
 
@@ -68,12 +68,12 @@ pub(crate) fn lookup<R: ScriptRunner>(runner: &R, req: LookupRequest) -> StoreFu
     Box::pin(async move { decode_lookup(call.await?) })
 }
 
-fn decode_lookup(reply: Reply) -> Result<Lookup, BackendError> {
+fn decode_lookup(reply: Reply) -> Result<Lookup, StoreError> {
     let mut items = reply.array()?.into_iter();
-    let mut next_int = || -> Result<i64, BackendError> {
+    let mut next_int = || -> Result<i64, StoreError> {
         items
             .next()
-            .ok_or_else(|| BackendError::Reply("cache lookup: short reply".into()))?
+            .ok_or_else(|| StoreError::Reply("cache lookup: short reply".into()))?
             .int()
     };
     let state = next_int()?;
@@ -174,43 +174,43 @@ pub(crate) fn invalidate_key<R: ScriptRunner>(
 /// `impl CacheStore` for a [`ScriptRunner`] type: every operation one script call.
 macro_rules! impl_cache_store {
     ($ty:ty) => {
-        impl $crate::backend::CacheStore for $ty {
+        impl $crate::store::CacheStore for $ty {
             fn lookup(
                 &self,
-                request: $crate::backend::LookupRequest,
-            ) -> $crate::backend::StoreFuture<$crate::backend::Lookup> {
-                $crate::backend::cache_scripts::lookup(self, request)
+                request: $crate::store::LookupRequest,
+            ) -> $crate::store::StoreFuture<$crate::store::Lookup> {
+                $crate::store::cache_scripts::lookup(self, request)
             }
 
             fn store(
                 &self,
-                request: $crate::backend::StoreRequest,
-            ) -> $crate::backend::StoreFuture<$crate::backend::StoreOutcome> {
-                $crate::backend::cache_scripts::store(self, request)
+                request: $crate::store::StoreRequest,
+            ) -> $crate::store::StoreFuture<$crate::store::StoreOutcome> {
+                $crate::store::cache_scripts::store(self, request)
             }
 
             fn release_fill(
                 &self,
                 segment: $crate::StoreKey,
                 key: $crate::StoreKey,
-                token: $crate::backend::FillToken,
-            ) -> $crate::backend::StoreFuture<bool> {
-                $crate::backend::cache_scripts::release_fill(self, segment, key, token)
+                token: $crate::store::FillToken,
+            ) -> $crate::store::StoreFuture<bool> {
+                $crate::store::cache_scripts::release_fill(self, segment, key, token)
             }
 
             fn invalidate_segment(
                 &self,
                 segment: $crate::StoreKey,
-            ) -> $crate::backend::StoreFuture<u64> {
-                $crate::backend::cache_scripts::invalidate_segment(self, segment)
+            ) -> $crate::store::StoreFuture<u64> {
+                $crate::store::cache_scripts::invalidate_segment(self, segment)
             }
 
             fn invalidate_key(
                 &self,
                 segment: $crate::StoreKey,
                 key: $crate::StoreKey,
-            ) -> $crate::backend::StoreFuture<bool> {
-                $crate::backend::cache_scripts::invalidate_key(self, segment, key)
+            ) -> $crate::store::StoreFuture<bool> {
+                $crate::store::cache_scripts::invalidate_key(self, segment, key)
             }
         }
     };

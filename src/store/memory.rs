@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use super::{BackendError, Decision, RateCheck, RateLimitStore, RuleState};
+use super::{Decision, RateCheck, RateLimitStore, RuleState, StoreError};
 use crate::{key::StoreKey, rate_limit::Rule, time::Clock};
 
 /// An in-process store with the same semantics as the Redis scripts.
@@ -21,7 +21,7 @@ use crate::{key::StoreKey, rate_limit::Rule, time::Clock};
 /// State is per process: with several replicas, use a Redis store so that limits hold across all
 /// of them. Cloning is cheap and shares the state.
 #[derive(Clone)]
-pub struct MemoryBackend {
+pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
@@ -68,7 +68,7 @@ enum State {
 
 const SWEEP_EVERY_US: u64 = 1_000_000;
 
-impl MemoryBackend {
+impl MemoryStore {
     /// A new, empty store with one shard per 4 threads of parallelism (at least 16).
     pub fn new() -> Self {
         let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
@@ -117,15 +117,15 @@ impl MemoryBackend {
         &self.inner.records
     }
 
-    fn decide(&self, check: &RateCheck<'_>) -> Result<Decision, BackendError> {
+    fn decide(&self, check: &RateCheck<'_>) -> Result<Decision, StoreError> {
         let shard_idx = shard_of(check.key, self.inner.shards.len());
         let mut shard = self
             .inner
             .shards
             .get(shard_idx)
-            .ok_or_else(|| BackendError::Invalid("no shard".into()))?
+            .ok_or_else(|| StoreError::Invalid("no shard".into()))?
             .lock()
-            .map_err(|_| BackendError::Invalid("a memory store shard was poisoned".into()))?;
+            .map_err(|_| StoreError::Invalid("a memory store shard was poisoned".into()))?;
         let now = self.inner.clock.now_us();
         shard.maybe_sweep(now);
 
@@ -182,28 +182,28 @@ impl MemoryBackend {
     }
 }
 
-impl Default for MemoryBackend {
+impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl std::fmt::Debug for MemoryBackend {
+impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryBackend")
+        f.debug_struct("MemoryStore")
             .field("shards", &self.inner.shards.len())
             .finish_non_exhaustive()
     }
 }
 
-impl RateLimitStore for MemoryBackend {
-    type Future = Ready<Result<Decision, BackendError>>;
+impl RateLimitStore for MemoryStore {
+    type Future = Ready<Result<Decision, StoreError>>;
 
     fn check(&self, check: RateCheck<'_>) -> Self::Future {
         ready(self.decide(&check))
     }
 
-    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, BackendError>> {
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, StoreError>> {
         Some(self.decide(&check))
     }
 

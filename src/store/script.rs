@@ -3,7 +3,7 @@
 
 use std::{future::Future, pin::Pin, sync::OnceLock, time::Duration};
 
-use super::{BackendError, Decision, RateCheck, RuleState};
+use super::{Decision, RateCheck, RuleState, StoreError};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -110,23 +110,23 @@ pub(crate) enum Reply {
 }
 
 impl Reply {
-    pub(crate) fn int(&self) -> Result<i64, BackendError> {
+    pub(crate) fn int(&self) -> Result<i64, StoreError> {
         match self {
             Reply::Int(i) => Ok(*i),
             Reply::Bytes(b) => std::str::from_utf8(b)
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .ok_or_else(|| BackendError::Reply("expected an integer".into())),
-            other => Err(BackendError::Reply(format!(
+                .ok_or_else(|| StoreError::Reply("expected an integer".into())),
+            other => Err(StoreError::Reply(format!(
                 "expected an integer, got {other:?}"
             ))),
         }
     }
 
-    pub(crate) fn array(self) -> Result<Vec<Reply>, BackendError> {
+    pub(crate) fn array(self) -> Result<Vec<Reply>, StoreError> {
         match self {
             Reply::Array(items) => Ok(items),
-            other => Err(BackendError::Reply(format!(
+            other => Err(StoreError::Reply(format!(
                 "expected an array, got {other:?}"
             ))),
         }
@@ -233,7 +233,7 @@ pub(crate) trait ScriptRunner: Send + Sync + 'static {
     fn call(
         &self,
         call: ScriptCall,
-    ) -> impl Future<Output = Result<Reply, BackendError>> + Send + 'static;
+    ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static;
 
     /// [`ScriptRunner::call`] with owned keys and arguments.
     fn run(
@@ -241,7 +241,7 @@ pub(crate) trait ScriptRunner: Send + Sync + 'static {
         lua: &'static Lua,
         keys: Vec<String>,
         args: Vec<Vec<u8>>,
-    ) -> impl Future<Output = Result<Reply, BackendError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static {
         self.call(ScriptCall::from_vecs(lua, keys, args))
     }
 
@@ -310,14 +310,14 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
 pub(crate) fn check_rate<R: ScriptRunner>(
     runner: &R,
     check: RateCheck<'_>,
-) -> BoxFuture<Result<Decision, BackendError>> {
+) -> BoxFuture<Result<Decision, StoreError>> {
     let rules = check.rules.len();
     let call = runner.call(rate_limit_call(runner.prefix(), &check));
     Box::pin(async move { decode_decision(call.await?, rules) })
 }
 
 /// Turns the script's reply into a [`Decision`].
-fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, BackendError> {
+fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, StoreError> {
     if reply == Reply::Int(1) {
         // Allowed, and the state was not asked for.
         return Ok(Decision {
@@ -335,7 +335,7 @@ fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, BackendError>
     }
     let reply = reply.array()?;
     if reply.len() != 3 + 2 * rules {
-        return Err(BackendError::Reply(format!(
+        return Err(StoreError::Reply(format!(
             "rate-limit script returned {} values for {rules} rules",
             reply.len()
         )));
@@ -355,7 +355,7 @@ fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, BackendError>
                 reset: Duration::from_millis(non_negative(int(4 + 2 * r)?)),
             })
         })
-        .collect::<Result<Vec<_>, BackendError>>()?;
+        .collect::<Result<Vec<_>, StoreError>>()?;
     Ok(Decision {
         allowed,
         denied_by: if allowed { None } else { denied_by },
@@ -368,17 +368,17 @@ fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, BackendError>
 /// one script call, written once in this module, `records` and `cache_scripts`.
 macro_rules! impl_script_stores {
     ($t:ty) => {
-        impl $crate::backend::RateLimitStore for $t {
-            type Future = $crate::backend::script::BoxFuture<
-                Result<$crate::backend::Decision, $crate::backend::BackendError>,
+        impl $crate::store::RateLimitStore for $t {
+            type Future = $crate::store::script::BoxFuture<
+                Result<$crate::store::Decision, $crate::store::StoreError>,
             >;
 
-            fn check(&self, check: $crate::backend::RateCheck<'_>) -> Self::Future {
-                $crate::backend::script::check_rate(self, check)
+            fn check(&self, check: $crate::store::RateCheck<'_>) -> Self::Future {
+                $crate::store::script::check_rate(self, check)
             }
         }
-        $crate::backend::records::impl_record_stores!($t);
-        $crate::backend::cache_scripts::impl_cache_store!($t);
+        $crate::store::records::impl_record_stores!($t);
+        $crate::store::cache_scripts::impl_cache_store!($t);
     };
 }
 pub(crate) use impl_script_stores;

@@ -11,7 +11,7 @@ use fred::{
 
 use super::{
     script::{Lua, Reply, ScriptCall, ScriptRunner},
-    BackendError,
+    StoreError,
 };
 
 /// A store on Redis through [fred](https://docs.rs/fred): a [`Client`] or a [`Pool`] that the
@@ -20,7 +20,7 @@ use super::{
 /// Each operation is one `EVALSHA` of the same script text as the `redis` store (sent with `EVAL`
 /// on `NOSCRIPT`, which also caches it on that node). Cloning is cheap.
 #[derive(Clone)]
-pub struct FredBackend {
+pub struct FredStore {
     client: FredClient,
     prefix: Arc<str>,
 }
@@ -31,7 +31,7 @@ enum FredClient {
     Pool(Pool),
 }
 
-impl FredBackend {
+impl FredStore {
     /// Uses an initialised client (`client.init().await` already called).
     pub fn from_client(client: Client) -> Self {
         Self::with(FredClient::Client(client))
@@ -45,9 +45,9 @@ impl FredBackend {
     /// Connects a new client from a URL: `redis://host:port` for one server,
     /// `redis-cluster://host:port?node=host:port` for a cluster (fred's URL syntax), and
     /// `redis+cluster://host:port,host:port` as the `redis` store accepts it.
-    pub async fn connect(url: &str) -> Result<Self, BackendError> {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let url = normalise_cluster_url(url);
-        let config = Config::from_url(&url).map_err(BackendError::store)?;
+        let config = Config::from_url(&url).map_err(StoreError::store)?;
         // Reconnect forever (100 ms doubling to 2 s) so that the store comes back by itself
         // after a Redis restart. Connecting is bounded here; each call is bounded by the
         // layers' own timeouts (no per-command client timeout: it costs throughput).
@@ -58,13 +58,13 @@ impl FredBackend {
                 c.internal_command_timeout = Duration::from_secs(2);
             })
             .build()
-            .map_err(BackendError::store)?;
-        client.init().await.map_err(BackendError::store)?;
+            .map_err(StoreError::store)?;
+        client.init().await.map_err(StoreError::store)?;
         Ok(Self::from_client(client))
     }
 
     /// The prefix of every key this store writes (default `trl`), the same as
-    /// [`RedisBackend::prefix`](super::RedisBackend::prefix) so that both stores can share state.
+    /// [`RedisStore::prefix`](super::RedisStore::prefix) so that both stores can share state.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         let prefix: String = prefix.into().replace(['{', '}'], "");
         self.prefix = prefix.into();
@@ -97,9 +97,9 @@ fn normalise_cluster_url(url: &str) -> String {
     }
 }
 
-impl fmt::Debug for FredBackend {
+impl fmt::Debug for FredStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FredBackend")
+        f.debug_struct("FredStore")
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
@@ -155,7 +155,7 @@ impl FredClient {
     }
 }
 
-fn reply(value: Value) -> Result<Reply, BackendError> {
+fn reply(value: Value) -> Result<Reply, StoreError> {
     Ok(match value {
         Value::Null => Reply::Nil,
         Value::Integer(i) => Reply::Int(i),
@@ -164,24 +164,21 @@ fn reply(value: Value) -> Result<Reply, BackendError> {
         Value::Array(items) => {
             Reply::Array(items.into_iter().map(reply).collect::<Result<_, _>>()?)
         }
-        other => return Err(BackendError::Reply(format!("unexpected value {other:?}"))),
+        other => return Err(StoreError::Reply(format!("unexpected value {other:?}"))),
     })
 }
 
-impl ScriptRunner for FredBackend {
+impl ScriptRunner for FredStore {
     fn call(
         &self,
         call: ScriptCall,
-    ) -> impl std::future::Future<Output = Result<Reply, BackendError>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
         let client = self.client.clone();
         let lua = call.lua;
         // Keys and arguments are slices of one shared buffer: no copies.
         let packed = Packed::new(call);
         async move {
-            let value = client
-                .eval(lua, packed)
-                .await
-                .map_err(BackendError::store)?;
+            let value = client.eval(lua, packed).await.map_err(StoreError::store)?;
             reply(value)
         }
     }
@@ -191,4 +188,4 @@ impl ScriptRunner for FredBackend {
     }
 }
 
-super::script::impl_script_stores!(FredBackend);
+super::script::impl_script_stores!(FredStore);

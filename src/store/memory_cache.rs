@@ -9,17 +9,17 @@ use std::{
 
 use bytes::Bytes;
 
-use super::MemoryBackend;
+use super::MemoryStore;
 use crate::{
-    backend::{
-        cache::VERSION_RETENTION, BackendError, CacheStore, FillState, FillToken, Freshness,
-        Lookup, LookupRequest, StoreFuture, StoreOutcome, StoreRequest,
-    },
     key::StoreKey,
+    store::{
+        cache::VERSION_RETENTION, CacheStore, FillState, FillToken, Freshness, Lookup,
+        LookupRequest, StoreError, StoreFuture, StoreOutcome, StoreRequest,
+    },
     time::Clock,
 };
 
-/// The cache state of a [`MemoryBackend`], sharded by segment (like Redis, a segment lives in
+/// The cache state of a [`MemoryStore`], sharded by segment (like Redis, a segment lives in
 /// one place).
 pub(super) struct CacheState {
     shards: Box<[Mutex<CacheShard>]>,
@@ -66,18 +66,18 @@ impl Default for CacheState {
 }
 
 impl CacheState {
-    fn shard(&self, segment: &StoreKey) -> Result<MutexGuard<'_, CacheShard>, BackendError> {
+    fn shard(&self, segment: &StoreKey) -> Result<MutexGuard<'_, CacheShard>, StoreError> {
         let idx = usize::from(segment.as_bytes()[0]) % self.shards.len();
         let shard = self
             .shards
             .get(idx)
-            .ok_or_else(|| BackendError::Invalid("no shard".into()))?
+            .ok_or_else(|| StoreError::Invalid("no shard".into()))?
             .lock()
-            .map_err(|_| BackendError::Invalid("a memory store shard was poisoned".into()))?;
+            .map_err(|_| StoreError::Invalid("a memory store shard was poisoned".into()))?;
         Ok(shard)
     }
 
-    fn lookup(&self, req: &LookupRequest) -> Result<Lookup, BackendError> {
+    fn lookup(&self, req: &LookupRequest) -> Result<Lookup, StoreError> {
         let now = self.clock.now_us();
         let mut shard = self.shard(&req.segment)?;
         shard.maybe_sweep(now);
@@ -139,7 +139,7 @@ impl CacheState {
         })
     }
 
-    fn store(&self, req: &StoreRequest) -> Result<StoreOutcome, BackendError> {
+    fn store(&self, req: &StoreRequest) -> Result<StoreOutcome, StoreError> {
         let now = self.clock.now_us();
         let mut shard = self.shard(&req.segment)?;
         if let Some((lock, token)) = &req.fill {
@@ -182,7 +182,7 @@ impl CacheState {
         segment: StoreKey,
         key: StoreKey,
         token: FillToken,
-    ) -> Result<bool, BackendError> {
+    ) -> Result<bool, StoreError> {
         let now = self.clock.now_us();
         let mut shard = self.shard(&segment)?;
         let id = (segment, key);
@@ -196,7 +196,7 @@ impl CacheState {
         Ok(holds)
     }
 
-    fn invalidate_segment(&self, segment: StoreKey) -> Result<u64, BackendError> {
+    fn invalidate_segment(&self, segment: StoreKey) -> Result<u64, StoreError> {
         let now = self.clock.now_us();
         let mut shard = self.shard(&segment)?;
         let version = shard.version(&segment, now) + 1;
@@ -210,7 +210,7 @@ impl CacheState {
         Ok(version)
     }
 
-    fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> Result<bool, BackendError> {
+    fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> Result<bool, StoreError> {
         let now = self.clock.now_us();
         let mut shard = self.shard(&segment)?;
         Ok(shard
@@ -239,11 +239,11 @@ impl CacheShard {
     }
 }
 
-fn done<T: Send + 'static>(result: Result<T, BackendError>) -> StoreFuture<T> {
+fn done<T: Send + 'static>(result: Result<T, StoreError>) -> StoreFuture<T> {
     Box::pin(std::future::ready(result))
 }
 
-impl CacheStore for MemoryBackend {
+impl CacheStore for MemoryStore {
     fn lookup(&self, request: LookupRequest) -> StoreFuture<Lookup> {
         done(self.inner.cache.lookup(&request))
     }

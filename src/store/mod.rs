@@ -5,9 +5,9 @@
 //!
 //! | store | feature | notes |
 //! |---|---|---|
-//! | [`MemoryBackend`] | always | in process, sharded, forgets expired keys on its own |
-//! | [`RedisBackend`] | `redis` (default) | redis-rs; standalone or cluster |
-//! | [`FredBackend`] | `fred` | fred; standalone or cluster |
+//! | [`MemoryStore`] | always | in process, sharded, forgets expired keys on its own |
+//! | [`RedisStore`] | `redis` (default) | redis-rs; standalone or cluster |
+//! | [`FredStore`] | `fred` | fred; standalone or cluster |
 //!
 //! Both Redis stores run the same Lua script text: one `EVALSHA` per operation (loaded again on
 //! `NOSCRIPT`), atomic, with the time read from the Redis server and every key of a call in one
@@ -41,10 +41,10 @@ pub use self::cache::{
     StoreRequest,
 };
 #[cfg(feature = "fred")]
-pub use self::fred::FredBackend;
-pub use self::memory::MemoryBackend;
+pub use self::fred::FredStore;
+pub use self::memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use self::redis::RedisBackend;
+pub use self::redis::RedisStore;
 
 /// The Lua source that the `redis` and `fred` stores run to check `rules`: one script per
 /// strategy for a single rule, one for several rules. For auditing, or for loading it with
@@ -57,23 +57,23 @@ pub fn rate_limit_script(rules: &[Rule]) -> &'static str {
 /// What a store answers when it could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum BackendError {
+pub enum StoreError {
     /// The call did not finish in time.
-    #[error("the backend did not answer within {0:?}")]
+    #[error("the store did not answer within {0:?}")]
     Timeout(Duration),
     /// The store could not be reached or reported an error.
-    #[error("backend error: {0}")]
+    #[error("store error: {0}")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store answered something this crate does not understand (for example a script of
     /// another version under the same name).
-    #[error("unexpected reply from the backend: {0}")]
+    #[error("unexpected reply from the store: {0}")]
     Reply(String),
     /// The request cannot be expressed for this store (for example an invalid rule).
     #[error("invalid request: {0}")]
     Invalid(String),
 }
 
-impl BackendError {
+impl StoreError {
     /// Wraps any error of a store.
     pub fn store(err: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::Store(Box::new(err))
@@ -131,7 +131,7 @@ pub struct RuleState {
 /// `async` block can return a boxed future.
 pub trait RateLimitStore: Send + Sync + 'static {
     /// The future of one check.
-    type Future: Future<Output = Result<Decision, BackendError>> + Send + 'static;
+    type Future: Future<Output = Result<Decision, StoreError>> + Send + 'static;
 
     /// Checks `check.rules` for `check.key`, consuming `check.cost` from all of them or none.
     fn check(&self, check: RateCheck<'_>) -> Self::Future;
@@ -139,7 +139,7 @@ pub trait RateLimitStore: Send + Sync + 'static {
     /// Answers at once when the store can decide without waiting (an in-process store), so the
     /// layer calls the inner service directly instead of from its own future. `None` (the
     /// default) sends the check through [`RateLimitStore::check`].
-    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, BackendError>> {
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, StoreError>> {
         let _ = check;
         None
     }
@@ -158,7 +158,7 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
         (**self).check(check)
     }
 
-    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, BackendError>> {
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, StoreError>> {
         (**self).check_now(check)
     }
 
@@ -169,7 +169,7 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
 
 /// The boxed future of a lock or idempotency store operation.
 pub type StoreFuture<T> =
-    std::pin::Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'static>>;
+    std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
 /// A store of leases with fencing tokens: the safe distributed lock.
 ///

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{
     script::{BoxFuture, Lua, Reply, ScriptRunner},
-    BackendError, Claim, ClaimRequest,
+    Claim, ClaimRequest, StoreError,
 };
 use crate::StoreKey;
 
@@ -37,8 +37,8 @@ fn record_keys(prefix: &str, key: &StoreKey) -> [String; 2] {
 }
 
 fn flag(
-    reply: impl std::future::Future<Output = Result<Reply, BackendError>> + Send + 'static,
-) -> BoxFuture<Result<bool, BackendError>> {
+    reply: impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static,
+) -> BoxFuture<Result<bool, StoreError>> {
     Box::pin(async move { Ok(reply.await?.int()? == 1) })
 }
 
@@ -51,7 +51,7 @@ pub(crate) fn acquire_lock<R: ScriptRunner>(
     resource: &StoreKey,
     token: &str,
     lease: Duration,
-) -> BoxFuture<Result<Option<u64>, BackendError>> {
+) -> BoxFuture<Result<Option<u64>, StoreError>> {
     let call = r.run(
         &LOCK_ACQUIRE,
         lock_keys(r.prefix(), resource).to_vec(),
@@ -62,7 +62,7 @@ pub(crate) fn acquire_lock<R: ScriptRunner>(
         match reply.as_slice() {
             [taken, fence] if taken.int()? == 1 => Ok(Some(positive(fence.int()?))),
             [_, _] => Ok(None),
-            other => Err(BackendError::Reply(format!("lock acquire: {other:?}"))),
+            other => Err(StoreError::Reply(format!("lock acquire: {other:?}"))),
         }
     })
 }
@@ -72,7 +72,7 @@ pub(crate) fn extend_lock<R: ScriptRunner>(
     resource: &StoreKey,
     token: &str,
     lease: Duration,
-) -> BoxFuture<Result<bool, BackendError>> {
+) -> BoxFuture<Result<bool, StoreError>> {
     let [lock, _] = lock_keys(r.prefix(), resource);
     flag(r.run(
         &LOCK_EXTEND,
@@ -85,7 +85,7 @@ pub(crate) fn release_lock<R: ScriptRunner>(
     r: &R,
     resource: &StoreKey,
     token: &str,
-) -> BoxFuture<Result<bool, BackendError>> {
+) -> BoxFuture<Result<bool, StoreError>> {
     let [lock, _] = lock_keys(r.prefix(), resource);
     flag(r.run(&LOCK_RELEASE, vec![lock], vec![token.as_bytes().to_vec()]))
 }
@@ -94,7 +94,7 @@ pub(crate) fn claim<R: ScriptRunner>(
     r: &R,
     key: &StoreKey,
     req: ClaimRequest<'_>,
-) -> BoxFuture<Result<Claim, BackendError>> {
+) -> BoxFuture<Result<Claim, StoreError>> {
     let call = r.run(
         &CLAIM,
         record_keys(r.prefix(), key).to_vec(),
@@ -109,7 +109,7 @@ pub(crate) fn claim<R: ScriptRunner>(
         let mut reply = call.await?.array()?.into_iter();
         let kind = reply
             .next()
-            .ok_or_else(|| BackendError::Reply("empty claim reply".into()))?;
+            .ok_or_else(|| StoreError::Reply("empty claim reply".into()))?;
         let value = reply.next();
         Ok(match (kind.int()?, value) {
             (1, Some(fence)) => Claim::Claimed {
@@ -121,7 +121,7 @@ pub(crate) fn claim<R: ScriptRunner>(
             (3, Some(Reply::Bytes(response))) => Claim::Completed(response),
             (4, None) => Claim::Mismatch,
             (kind, value) => {
-                return Err(BackendError::Reply(format!("claim: {kind} {value:?}")));
+                return Err(StoreError::Reply(format!("claim: {kind} {value:?}")));
             }
         })
     })
@@ -133,7 +133,7 @@ pub(crate) fn complete<R: ScriptRunner>(
     token: &str,
     response: Vec<u8>,
     retention: Duration,
-) -> BoxFuture<Result<bool, BackendError>> {
+) -> BoxFuture<Result<bool, StoreError>> {
     let [record, _] = record_keys(r.prefix(), key);
     flag(r.run(
         &COMPLETE,
@@ -148,7 +148,7 @@ pub(crate) fn lease<R: ScriptRunner>(
     key: &StoreKey,
     token: &str,
     lease: Option<Duration>,
-) -> BoxFuture<Result<bool, BackendError>> {
+) -> BoxFuture<Result<bool, StoreError>> {
     let [record, _] = record_keys(r.prefix(), key);
     let lease = lease.map_or_else(|| b"0".to_vec(), ms);
     flag(r.run(&LEASE, vec![record], vec![token.as_bytes().to_vec(), lease]))
@@ -158,39 +158,39 @@ pub(crate) fn lease<R: ScriptRunner>(
 /// for a client type that is a [`ScriptRunner`].
 macro_rules! impl_record_stores {
     ($t:ty) => {
-        impl $crate::backend::LockStore for $t {
+        impl $crate::store::LockStore for $t {
             fn acquire_lock(
                 &self,
                 resource: &$crate::StoreKey,
                 token: &str,
                 lease: std::time::Duration,
-            ) -> $crate::backend::StoreFuture<Option<u64>> {
-                $crate::backend::records::acquire_lock(self, resource, token, lease)
+            ) -> $crate::store::StoreFuture<Option<u64>> {
+                $crate::store::records::acquire_lock(self, resource, token, lease)
             }
             fn extend_lock(
                 &self,
                 resource: &$crate::StoreKey,
                 token: &str,
                 lease: std::time::Duration,
-            ) -> $crate::backend::StoreFuture<bool> {
-                $crate::backend::records::extend_lock(self, resource, token, lease)
+            ) -> $crate::store::StoreFuture<bool> {
+                $crate::store::records::extend_lock(self, resource, token, lease)
             }
             fn release_lock(
                 &self,
                 resource: &$crate::StoreKey,
                 token: &str,
-            ) -> $crate::backend::StoreFuture<bool> {
-                $crate::backend::records::release_lock(self, resource, token)
+            ) -> $crate::store::StoreFuture<bool> {
+                $crate::store::records::release_lock(self, resource, token)
             }
         }
 
-        impl $crate::backend::IdempotencyStore for $t {
+        impl $crate::store::IdempotencyStore for $t {
             fn claim(
                 &self,
                 key: &$crate::StoreKey,
-                request: $crate::backend::ClaimRequest<'_>,
-            ) -> $crate::backend::StoreFuture<$crate::backend::Claim> {
-                $crate::backend::records::claim(self, key, request)
+                request: $crate::store::ClaimRequest<'_>,
+            ) -> $crate::store::StoreFuture<$crate::store::Claim> {
+                $crate::store::records::claim(self, key, request)
             }
             fn complete(
                 &self,
@@ -198,23 +198,23 @@ macro_rules! impl_record_stores {
                 token: &str,
                 response: Vec<u8>,
                 retention: std::time::Duration,
-            ) -> $crate::backend::StoreFuture<bool> {
-                $crate::backend::records::complete(self, key, token, response, retention)
+            ) -> $crate::store::StoreFuture<bool> {
+                $crate::store::records::complete(self, key, token, response, retention)
             }
             fn extend_claim(
                 &self,
                 key: &$crate::StoreKey,
                 token: &str,
                 lease: std::time::Duration,
-            ) -> $crate::backend::StoreFuture<bool> {
-                $crate::backend::records::lease(self, key, token, Some(lease))
+            ) -> $crate::store::StoreFuture<bool> {
+                $crate::store::records::lease(self, key, token, Some(lease))
             }
             fn release_claim(
                 &self,
                 key: &$crate::StoreKey,
                 token: &str,
-            ) -> $crate::backend::StoreFuture<bool> {
-                $crate::backend::records::lease(self, key, token, None)
+            ) -> $crate::store::StoreFuture<bool> {
+                $crate::store::records::lease(self, key, token, None)
             }
         }
     };

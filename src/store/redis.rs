@@ -11,7 +11,7 @@ use redis::{
 
 use super::{
     script::{Reply, ScriptCall, ScriptRunner},
-    BackendError,
+    StoreError,
 };
 
 /// A store on Redis through [redis-rs](https://docs.rs/redis): a standalone server through a
@@ -22,14 +22,14 @@ use super::{
 /// `NOSCRIPT`). Cloning is cheap: clones share the multiplexed connection.
 ///
 /// ```no_run
-/// # async fn run() -> Result<(), tower_redis_layers::BackendError> {
-/// use tower_redis_layers::backend::RedisBackend;
-/// let standalone = RedisBackend::connect("redis://127.0.0.1:6379").await?;
-/// let cluster = RedisBackend::connect("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").await?;
+/// # async fn run() -> Result<(), tower_redis_layers::StoreError> {
+/// use tower_redis_layers::store::RedisStore;
+/// let standalone = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// let cluster = RedisStore::connect("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
-pub struct RedisBackend {
+pub struct RedisStore {
     conn: Connection,
     prefix: Arc<str>,
 }
@@ -44,7 +44,7 @@ enum Connection {
 /// usually shorter, timeout around every call.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
-impl RedisBackend {
+impl RedisStore {
     /// Uses a connection manager that the application already has.
     pub fn from_manager(manager: ConnectionManager) -> Self {
         Self::with(Connection::Single(manager))
@@ -60,21 +60,21 @@ impl RedisBackend {
     /// `redis://host:port/db` (or `rediss://`) connects to one server;
     /// `redis+cluster://host:port,host:port` (or `rediss+cluster://`) to a cluster through any of
     /// the listed nodes.
-    pub async fn connect(url: &str) -> Result<Self, BackendError> {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
         if let Some((scheme, nodes)) = cluster_nodes(url) {
             let nodes: Vec<String> = nodes.map(|n| format!("{scheme}://{n}")).collect();
             let client = ClusterClient::builder(nodes)
                 .connection_timeout(CLIENT_TIMEOUT)
                 .response_timeout(CLIENT_TIMEOUT)
                 .build()
-                .map_err(BackendError::store)?;
+                .map_err(StoreError::store)?;
             let conn = client
                 .get_async_connection()
                 .await
-                .map_err(BackendError::store)?;
+                .map_err(StoreError::store)?;
             Ok(Self::from_cluster(conn))
         } else {
-            let client = redis::Client::open(url).map_err(BackendError::store)?;
+            let client = redis::Client::open(url).map_err(StoreError::store)?;
             // No response timeout here: the layers bound every call themselves, and a
             // client-side response timeout costs throughput (measured in BENCHMARKS.md).
             let config = ConnectionManagerConfig::new()
@@ -83,7 +83,7 @@ impl RedisBackend {
                 .set_max_delay(Duration::from_millis(500));
             let mut manager = ConnectionManager::new_with_config(client, config)
                 .await
-                .map_err(BackendError::store)?;
+                .map_err(StoreError::store)?;
             warn_on_eviction(&mut manager).await;
             Ok(Self::from_manager(manager))
         }
@@ -144,13 +144,13 @@ pub(crate) fn cluster_nodes(url: &str) -> Option<(&str, impl Iterator<Item = &st
     ))
 }
 
-impl fmt::Debug for RedisBackend {
+impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.conn {
             Connection::Single(_) => "standalone",
             Connection::Cluster(_) => "cluster",
         };
-        f.debug_struct("RedisBackend")
+        f.debug_struct("RedisStore")
             .field("connection", &kind)
             .field("prefix", &self.prefix)
             .finish()
@@ -182,7 +182,7 @@ fn script_cmd(name: &str, body: &str, call: &ScriptCall) -> Cmd {
     cmd
 }
 
-fn reply(value: Value) -> Result<Reply, BackendError> {
+fn reply(value: Value) -> Result<Reply, StoreError> {
     Ok(match value {
         Value::Nil => Reply::Nil,
         Value::Int(i) => Reply::Int(i),
@@ -192,15 +192,15 @@ fn reply(value: Value) -> Result<Reply, BackendError> {
         Value::Array(items) | Value::Set(items) => {
             Reply::Array(items.into_iter().map(reply).collect::<Result<_, _>>()?)
         }
-        other => return Err(BackendError::Reply(format!("unexpected value {other:?}"))),
+        other => return Err(StoreError::Reply(format!("unexpected value {other:?}"))),
     })
 }
 
-impl ScriptRunner for RedisBackend {
+impl ScriptRunner for RedisStore {
     fn call(
         &self,
         call: ScriptCall,
-    ) -> impl std::future::Future<Output = Result<Reply, BackendError>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
         let mut conn = self.conn.clone();
         async move {
             let lua = call.lua;
@@ -211,7 +211,7 @@ impl ScriptRunner for RedisBackend {
                 }
                 other => other,
             }
-            .map_err(BackendError::store)?;
+            .map_err(StoreError::store)?;
             reply(value)
         }
     }
@@ -221,4 +221,4 @@ impl ScriptRunner for RedisBackend {
     }
 }
 
-super::script::impl_script_stores!(RedisBackend);
+super::script::impl_script_stores!(RedisStore);
