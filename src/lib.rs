@@ -47,6 +47,7 @@
 )]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod body;
 pub mod cache;
 #[cfg(feature = "test-support")]
 pub mod conformance;
@@ -58,5 +59,6 @@ pub mod rate_limit;
 pub mod store;
 mod time;
 
+pub use body::ResponseBody;
 pub use key::StoreKey;
-pub use store::StoreError;
+pub use store::{FailureMode, StoreError};

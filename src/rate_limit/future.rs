@@ -8,14 +8,13 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::{
     service::{Next, Pending},
     ResponseBody,
 };
-use crate::store::{Decision, RateLimitStore, StoreError};
+use crate::store::RateLimitStore;
 
 pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
@@ -36,7 +35,7 @@ pin_project! {
     enum State<C, F, S, R> {
         Checking {
             #[pin]
-            check: Deadline<C>,
+            check: crate::store::Bounded<C>,
             call: Option<(S, R)>,
         },
         Running {
@@ -46,38 +45,6 @@ pin_project! {
         Rejected {
             response: Option<Response<Bytes>>,
         },
-    }
-}
-
-pin_project! {
-    /// A store call with an optional timeout. The timer is made only for remote stores.
-    struct Deadline<C> {
-        #[pin]
-        call: C,
-        #[pin]
-        sleep: Option<Sleep>,
-        timeout: Duration,
-    }
-}
-
-impl<C> Future for Deadline<C>
-where
-    C: Future<Output = Result<Decision, StoreError>>,
-{
-    type Output = Result<Decision, StoreError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(result) = this.call.poll(cx) {
-            return Poll::Ready(result);
-        }
-        match this.sleep.as_pin_mut() {
-            Some(sleep) => {
-                ready!(sleep.poll(cx));
-                Poll::Ready(Err(StoreError::Timeout(*this.timeout)))
-            }
-            None => Poll::Pending,
-        }
     }
 }
 
@@ -118,11 +85,7 @@ where
     ) -> Self {
         Self {
             state: State::Checking {
-                check: Deadline {
-                    call: check,
-                    sleep: timeout.map(tokio::time::sleep),
-                    timeout: timeout.unwrap_or_default(),
-                },
+                check: crate::store::bounded(timeout, check),
                 call: Some((service, request)),
             },
             pending: Some(pending),
@@ -135,6 +98,7 @@ impl<S, B, ReqBody, ResBody> Future for ResponseFuture<S, B, ReqBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     B: RateLimitStore,
+    ResBody: http_body::Body,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
@@ -180,7 +144,7 @@ where
                 StateProj::Rejected { response } => {
                     // Taken once: a future is not polled again after it returned `Ready`.
                     let response = response.take().unwrap_or_default();
-                    return Poll::Ready(Ok(response.map(ResponseBody::layer)));
+                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
                 }
             }
         }

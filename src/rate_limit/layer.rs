@@ -4,6 +4,8 @@ use bytes::Bytes;
 use http::{request::Parts, HeaderValue, Method, Response};
 use tower_layer::Layer;
 
+use crate::store::FailureMode;
+
 use super::{deny_cache::DenyCache, headers::policy_value, Headers, KeyExtractor, RateLimit, Rule};
 
 /// Applies rate limits to requests; see the [module docs](super) for an example.
@@ -54,18 +56,6 @@ impl From<Rule> for Policy {
     fn from(rule: Rule) -> Self {
         Self::new(rule)
     }
-}
-
-/// What to do when the store fails or does not answer in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum FailureMode {
-    /// Let the request through without a limit and log a warning (the default): an outage of
-    /// Redis does not become an outage of the service.
-    #[default]
-    Open,
-    /// Answer `503 Service Unavailable` with `Retry-After: 1`.
-    Closed,
 }
 
 /// What to do with a request whose key cannot be extracted (for example no `x-api-key` header
@@ -207,7 +197,7 @@ impl<B> RateLimitLayer<B> {
                 key: KeyExtractor::default(),
                 cost: None,
                 timeout: Duration::from_millis(250),
-                failure_mode: FailureMode::default(),
+                failure_mode: FailureMode::Open,
                 missing_key: MissingKey::default(),
                 deny_cache: true,
                 shadow: false,

@@ -47,7 +47,6 @@
 //! Nothing is cached about the failure: the next request asks the store again, so the layer
 //! recovers by itself when Redis comes back.
 
-mod body;
 mod deny_cache;
 mod future;
 mod headers;
@@ -57,14 +56,14 @@ mod rule;
 mod service;
 
 pub use self::{
-    body::ResponseBody,
     future::ResponseFuture,
     headers::Headers,
     key::KeyExtractor,
-    layer::{FailureMode, MissingKey, Policy, RateLimitLayer, Rejection},
+    layer::{MissingKey, Policy, RateLimitLayer, Rejection},
     rule::{Rule, Strategy},
     service::RateLimit,
 };
+pub use crate::{store::FailureMode, ResponseBody};
 
 #[cfg(test)]
 pub(crate) fn default_rejection_bodies() -> [(http::StatusCode, &'static str, &'static str); 3] {

@@ -104,6 +104,7 @@ impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, B>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     B: RateLimitStore,
+    ResBody: http_body::Body,
 {
     type Response = Response<super::ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -226,8 +227,8 @@ where
     B: RateLimitStore,
 {
     match config.failure_mode {
-        super::FailureMode::Open => ResponseFuture::running(inner.call(req)),
-        super::FailureMode::Closed => ResponseFuture::rejected(unavailable(config)),
+        crate::store::FailureMode::Open => ResponseFuture::running(inner.call(req)),
+        crate::store::FailureMode::Closed => ResponseFuture::rejected(unavailable(config)),
     }
 }
 
@@ -255,10 +256,10 @@ impl<B> Pending<B> {
             Ok(decision) => decision,
             Err(error) => {
                 count("store_error");
-                tracing::warn!(target: TARGET, key = %self.key, %error, fail_open = matches!(config.failure_mode, super::FailureMode::Open), "rate-limit store failed");
+                tracing::warn!(target: TARGET, key = %self.key, %error, fail_open = matches!(config.failure_mode, crate::store::FailureMode::Open), "rate-limit store failed");
                 return match config.failure_mode {
-                    super::FailureMode::Open => Next::Run(None),
-                    super::FailureMode::Closed => Next::Reject(unavailable(config)),
+                    crate::store::FailureMode::Open => Next::Run(None),
+                    crate::store::FailureMode::Closed => Next::Reject(unavailable(config)),
                 };
             }
         };

@@ -24,6 +24,7 @@ use crate::{key::StoreKey, rate_limit::Rule};
 mod cache;
 #[cfg(any(feature = "redis", feature = "fred"))]
 pub(crate) mod cache_scripts;
+mod call;
 mod memory;
 mod memory_records;
 #[cfg(any(feature = "redis", feature = "fred"))]
@@ -40,6 +41,8 @@ pub use self::cache::{
     CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreOutcome,
     StoreRequest,
 };
+pub use self::call::FailureMode;
+pub(crate) use self::call::{bounded, Bounded};
 #[cfg(feature = "fred")]
 pub use self::fred::FredStore;
 pub use self::memory::MemoryStore;
