@@ -21,8 +21,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use crate::{
-    rate_limit::Rule,
-    store::{Decision, RateCheck, RateLimitStore},
+    store::{Decision, RateCheck, RateLimitStore, Rule},
     StoreKey,
 };
 

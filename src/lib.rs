@@ -57,7 +57,6 @@ pub mod lock;
 mod problem;
 pub mod rate_limit;
 pub mod store;
-mod time;
 
 pub use body::ResponseBody;
 pub use key::StoreKey;

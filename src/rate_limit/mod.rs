@@ -52,7 +52,6 @@ mod future;
 mod headers;
 mod key;
 mod layer;
-mod rule;
 mod service;
 
 pub use self::{
@@ -60,10 +59,12 @@ pub use self::{
     headers::Headers,
     key::KeyExtractor,
     layer::{MissingKey, Policy, RateLimitLayer, Rejection},
-    rule::{Rule, Strategy},
     service::RateLimit,
 };
-pub use crate::{store::FailureMode, ResponseBody};
+pub use crate::{
+    store::{FailureMode, Rule, Strategy},
+    ResponseBody,
+};
 
 #[cfg(test)]
 pub(crate) fn default_rejection_bodies() -> [(http::StatusCode, &'static str, &'static str); 3] {

@@ -10,9 +10,10 @@ use fred::{
 };
 
 use super::{
-    script::{Lua, Reply, ScriptCall, ScriptRunner},
-    StoreError,
+    script::{Lua, Reply, ScriptCall},
+    sealed::Runner,
 };
+use crate::store::StoreError;
 
 /// A store on Redis through [fred](https://docs.rs/fred): a [`Client`] or a [`Pool`] that the
 /// application has already initialised, standalone or cluster as its configuration says.
@@ -64,7 +65,7 @@ impl FredStore {
     }
 
     /// The prefix of every key this store writes (default `trl`), the same as
-    /// [`RedisStore::prefix`](super::RedisStore::prefix) so that both stores can share state.
+    /// [`RedisStore::prefix`](crate::store::RedisStore::prefix) so that both stores can share state.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         let prefix: String = prefix.into().replace(['{', '}'], "");
         self.prefix = prefix.into();
@@ -168,7 +169,7 @@ fn reply(value: Value) -> Result<Reply, StoreError> {
     })
 }
 
-impl ScriptRunner for FredStore {
+impl Runner for FredStore {
     fn call(
         &self,
         call: ScriptCall,
@@ -187,5 +188,3 @@ impl ScriptRunner for FredStore {
         &self.prefix
     }
 }
-
-super::script::impl_script_stores!(FredStore);

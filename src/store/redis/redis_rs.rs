@@ -10,9 +10,10 @@ use redis::{
 };
 
 use super::{
-    script::{Reply, ScriptCall, ScriptRunner},
-    StoreError,
+    script::{Reply, ScriptCall},
+    sealed::Runner,
 };
+use crate::store::StoreError;
 
 /// A store on Redis through [redis-rs](https://docs.rs/redis): a standalone server through a
 /// [`ConnectionManager`] (which reconnects on its own) or a cluster through a
@@ -196,7 +197,7 @@ fn reply(value: Value) -> Result<Reply, StoreError> {
     })
 }
 
-impl ScriptRunner for RedisStore {
+impl Runner for RedisStore {
     fn call(
         &self,
         call: ScriptCall,
@@ -220,5 +221,3 @@ impl ScriptRunner for RedisStore {
         &self.prefix
     }
 }
-
-super::script::impl_script_stores!(RedisStore);

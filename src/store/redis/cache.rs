@@ -1,4 +1,5 @@
-//! The response-cache operations over any Redis client, written once over a [`ScriptRunner`].
+//! The response cache on Redis: the `cache_*.lua` scripts, and [`CacheStore`] for every
+//! [`ScriptRunner`].
 //!
 //! Key layout (every key of one call shares the segment's hash tag, so one cluster slot):
 //!
@@ -15,17 +16,23 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{
-    cache::{FillState, FillToken, Freshness, Lookup, LookupRequest, StoreOutcome, StoreRequest},
-    script::{Lua, Reply, ScriptRunner},
-    StoreError, StoreFuture,
+    script::{Lua, Reply},
+    sealed::Runner,
+    ScriptRunner,
 };
-use crate::key::StoreKey;
+use crate::{
+    store::{
+        CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreError,
+        StoreFuture, StoreOutcome, StoreRequest, VERSION_RETENTION,
+    },
+    StoreKey,
+};
 
-pub(crate) static CACHE_LOOKUP: Lua = Lua::new(include_str!("../scripts/cache_lookup.lua"));
-pub(crate) static CACHE_STORE: Lua = Lua::new(include_str!("../scripts/cache_store.lua"));
-pub(crate) static CACHE_RELEASE: Lua = Lua::new(include_str!("../scripts/cache_release.lua"));
-pub(crate) static CACHE_INVALIDATE: Lua = Lua::new(include_str!("../scripts/cache_invalidate.lua"));
-pub(crate) static CACHE_DELETE: Lua = Lua::new(include_str!("../scripts/cache_delete.lua"));
+static CACHE_LOOKUP: Lua = Lua::new(include_str!("../../scripts/cache_lookup.lua"));
+static CACHE_STORE: Lua = Lua::new(include_str!("../../scripts/cache_store.lua"));
+static CACHE_RELEASE: Lua = Lua::new(include_str!("../../scripts/cache_release.lua"));
+static CACHE_INVALIDATE: Lua = Lua::new(include_str!("../../scripts/cache_invalidate.lua"));
+static CACHE_DELETE: Lua = Lua::new(include_str!("../../scripts/cache_delete.lua"));
 
 fn base(prefix: &str, segment: &StoreKey) -> String {
     format!("{prefix}:c:{{{}}}", segment.to_hex())
@@ -47,7 +54,7 @@ fn millis(d: Duration) -> Vec<u8> {
     d.as_millis().to_string().into_bytes()
 }
 
-pub(crate) fn lookup<R: ScriptRunner>(runner: &R, req: LookupRequest) -> StoreFuture<Lookup> {
+fn lookup<R: Runner + ?Sized>(runner: &R, req: LookupRequest) -> StoreFuture<Lookup> {
     let p = runner.prefix();
     let keys = vec![
         version_key(p, &req.segment),
@@ -110,7 +117,7 @@ fn decode_lookup(reply: Reply) -> Result<Lookup, StoreError> {
     })
 }
 
-pub(crate) fn store<R: ScriptRunner>(runner: &R, req: StoreRequest) -> StoreFuture<StoreOutcome> {
+fn store<R: Runner + ?Sized>(runner: &R, req: StoreRequest) -> StoreFuture<StoreOutcome> {
     let p = runner.prefix();
     let (lock, token) = match &req.fill {
         Some((lock, token)) => (lock_key(p, &req.segment, lock), token.to_hex()),
@@ -140,7 +147,7 @@ pub(crate) fn store<R: ScriptRunner>(runner: &R, req: StoreRequest) -> StoreFutu
     })
 }
 
-pub(crate) fn release_fill<R: ScriptRunner>(
+fn release_fill<R: Runner + ?Sized>(
     runner: &R,
     segment: StoreKey,
     key: StoreKey,
@@ -151,17 +158,14 @@ pub(crate) fn release_fill<R: ScriptRunner>(
     Box::pin(async move { Ok(call.await?.int()? == 1) })
 }
 
-pub(crate) fn invalidate_segment<R: ScriptRunner>(
-    runner: &R,
-    segment: StoreKey,
-) -> StoreFuture<u64> {
+fn invalidate_segment<R: Runner + ?Sized>(runner: &R, segment: StoreKey) -> StoreFuture<u64> {
     let keys = vec![version_key(runner.prefix(), &segment)];
-    let args = vec![millis(super::cache::VERSION_RETENTION)];
+    let args = vec![millis(VERSION_RETENTION)];
     let call = runner.run(&CACHE_INVALIDATE, keys, args);
     Box::pin(async move { Ok(u64::try_from(call.await?.int()?).unwrap_or(0)) })
 }
 
-pub(crate) fn invalidate_key<R: ScriptRunner>(
+fn invalidate_key<R: Runner + ?Sized>(
     runner: &R,
     segment: StoreKey,
     key: StoreKey,
@@ -171,48 +175,29 @@ pub(crate) fn invalidate_key<R: ScriptRunner>(
     Box::pin(async move { Ok(call.await?.int()? == 1) })
 }
 
-/// `impl CacheStore` for a [`ScriptRunner`] type: every operation one script call.
-macro_rules! impl_cache_store {
-    ($ty:ty) => {
-        impl $crate::store::CacheStore for $ty {
-            fn lookup(
-                &self,
-                request: $crate::store::LookupRequest,
-            ) -> $crate::store::StoreFuture<$crate::store::Lookup> {
-                $crate::store::cache_scripts::lookup(self, request)
-            }
+impl<R: ScriptRunner> CacheStore for R {
+    fn lookup(&self, request: LookupRequest) -> StoreFuture<Lookup> {
+        lookup(self, request)
+    }
 
-            fn store(
-                &self,
-                request: $crate::store::StoreRequest,
-            ) -> $crate::store::StoreFuture<$crate::store::StoreOutcome> {
-                $crate::store::cache_scripts::store(self, request)
-            }
+    fn store(&self, request: StoreRequest) -> StoreFuture<StoreOutcome> {
+        store(self, request)
+    }
 
-            fn release_fill(
-                &self,
-                segment: $crate::StoreKey,
-                key: $crate::StoreKey,
-                token: $crate::store::FillToken,
-            ) -> $crate::store::StoreFuture<bool> {
-                $crate::store::cache_scripts::release_fill(self, segment, key, token)
-            }
+    fn release_fill(
+        &self,
+        segment: StoreKey,
+        key: StoreKey,
+        token: FillToken,
+    ) -> StoreFuture<bool> {
+        release_fill(self, segment, key, token)
+    }
 
-            fn invalidate_segment(
-                &self,
-                segment: $crate::StoreKey,
-            ) -> $crate::store::StoreFuture<u64> {
-                $crate::store::cache_scripts::invalidate_segment(self, segment)
-            }
+    fn invalidate_segment(&self, segment: StoreKey) -> StoreFuture<u64> {
+        invalidate_segment(self, segment)
+    }
 
-            fn invalidate_key(
-                &self,
-                segment: $crate::StoreKey,
-                key: $crate::StoreKey,
-            ) -> $crate::store::StoreFuture<bool> {
-                $crate::store::cache_scripts::invalidate_key(self, segment, key)
-            }
-        }
-    };
+    fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool> {
+        invalidate_key(self, segment, key)
+    }
 }
-pub(crate) use impl_cache_store;

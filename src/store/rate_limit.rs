@@ -1,4 +1,12 @@
-use std::{fmt, time::Duration};
+//! The rate-limit store: the trait, what it is asked ([`RateCheck`]) and what it answers
+//! ([`Decision`]), and the rules it enforces ([`Rule`], [`Strategy`]) with their wire form (the
+//! strategy codes and numbers that the scripts and the memory store read, and the signature that
+//! names a rule's state in a store key). The rate-limit layer re-exports `Rule` and `Strategy`.
+
+use std::{fmt, future::Future, time::Duration};
+
+use super::StoreError;
+use crate::StoreKey;
 
 /// One rate-limit rule: a strategy with its numbers, and a name used in the `RateLimit` fields.
 ///
@@ -282,5 +290,92 @@ impl fmt::Debug for Rule {
             .field("name", &self.policy_name())
             .field("strategy", &self.strategy)
             .finish()
+    }
+}
+
+/// One rate-limit check: consume `cost` units for `key` from every rule, or from none.
+#[derive(Debug, Clone, Copy)]
+pub struct RateCheck<'a> {
+    /// The hashed key of the caller (already namespaced by the policy).
+    pub key: &'a StoreKey,
+    /// The rules, each with its own state under the key. All are checked; if any denies,
+    /// nothing is consumed from any.
+    pub rules: &'a [Rule],
+    /// Units to consume (0 only reports the state).
+    pub cost: u64,
+    /// Whether the per-rule state (remaining, reset) is needed in the answer. A store may skip
+    /// work when it is not: the per-rule fields of an admitted request may then be zero (the
+    /// Redis stores skip building them).
+    pub want_state: bool,
+}
+
+/// A store's answer to a [`RateCheck`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request was admitted (and its cost consumed from every rule).
+    pub allowed: bool,
+    /// When denied: the index (into [`RateCheck::rules`]) of the rule with the longest wait.
+    pub denied_by: Option<usize>,
+    /// When denied: how long until a request of the same cost can be admitted (the longest wait
+    /// over all denying rules). Zero when allowed.
+    pub retry_after: Duration,
+    /// The state of each rule after the decision, in the order of [`RateCheck::rules`].
+    pub rules: Vec<RuleState>,
+}
+
+/// The state of one rule after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleState {
+    /// Units left in the current window or bucket.
+    pub remaining: u64,
+    /// Time until the rule's quota is fully available again (rounded up to whole seconds in the
+    /// HTTP fields).
+    pub reset: Duration,
+}
+
+/// A store that answers rate-limit checks.
+///
+/// Implementations must be atomic per call: two concurrent calls for the same key behave as if
+/// one ran entirely before the other, across every process that shares the store. Time is the
+/// store's own (the Redis stores read `TIME` on the server).
+///
+/// The returned future owns what it needs (`'static`), so the service future that polls it is
+/// a plain, unboxed type for stores whose future type is nameable. A store whose future is an
+/// `async` block can return a boxed future.
+pub trait RateLimitStore: Send + Sync + 'static {
+    /// The future of one check.
+    type Future: Future<Output = Result<Decision, StoreError>> + Send + 'static;
+
+    /// Checks `check.rules` for `check.key`, consuming `check.cost` from all of them or none.
+    fn check(&self, check: RateCheck<'_>) -> Self::Future;
+
+    /// Answers at once when the store can decide without waiting (an in-process store), so the
+    /// layer calls the inner service directly instead of from its own future. `None` (the
+    /// default) sends the check through [`RateLimitStore::check`].
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, StoreError>> {
+        let _ = check;
+        None
+    }
+
+    /// Whether calls leave the process (a network store). The layer puts a timeout and the local
+    /// deny cache only in front of stores that do. Defaults to `true`.
+    fn is_remote(&self) -> bool {
+        true
+    }
+}
+
+impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
+    type Future = T::Future;
+
+    fn check(&self, check: RateCheck<'_>) -> Self::Future {
+        (**self).check(check)
+    }
+
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, StoreError>> {
+        (**self).check_now(check)
+    }
+
+    fn is_remote(&self) -> bool {
+        (**self).is_remote()
     }
 }

@@ -1,0 +1,82 @@
+//! The idempotency store: records that go from absent to in flight to completed, the ground of
+//! [`IdempotencyLockLayer`](crate::idempotency::IdempotencyLockLayer).
+
+use std::time::Duration;
+
+use super::StoreFuture;
+use crate::StoreKey;
+
+/// What a claim of an idempotency record found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The record was free: the caller holds it now, with this fencing token.
+    Claimed {
+        /// Grows with every claim of the same record.
+        fence: u64,
+    },
+    /// Another request holds the record and is still running.
+    InFlight {
+        /// Time left on its lease.
+        lease_left: Duration,
+    },
+    /// The record is complete: the stored response, as given to
+    /// [`IdempotencyStore::complete`].
+    Completed(Vec<u8>),
+    /// The record was made by a request with another fingerprint (another body).
+    Mismatch,
+}
+
+/// A claim request: who claims, for which request, for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    /// Random token of the claimant.
+    pub token: &'a str,
+    /// Fingerprint of the request (SHA-256 of the body).
+    pub fingerprint: &'a [u8],
+    /// Lease of the in-flight claim; renewed while the request runs.
+    pub lease: Duration,
+    /// How long completed records are kept (the fence counter lives as long).
+    pub retention: Duration,
+}
+
+/// A store of idempotency records: absent, then in flight (a lease with a token), then
+/// completed (the stored response).
+///
+/// Every operation is atomic; `complete`, `extend_claim` and `release_claim` act only while the
+/// token still holds the in-flight claim, so a request whose lease was lost stores nothing.
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims the record `key`, or reports what holds it.
+    fn claim(&self, key: &StoreKey, request: ClaimRequest<'_>) -> StoreFuture<Claim>;
+
+    /// Stores `response` and keeps the record for `retention`, if `token` still holds the claim.
+    fn complete(
+        &self,
+        key: &StoreKey,
+        token: &str,
+        response: Vec<u8>,
+        retention: Duration,
+    ) -> StoreFuture<bool>;
+
+    /// Extends the in-flight lease, if `token` still holds the claim.
+    fn extend_claim(&self, key: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool>;
+
+    /// Deletes the in-flight record, if `token` still holds the claim, so the request may be
+    /// retried.
+    fn release_claim(&self, key: &StoreKey, token: &str) -> StoreFuture<bool>;
+}
+
+impl<T: IdempotencyStore> IdempotencyStore for std::sync::Arc<T> {
+    fn claim(&self, k: &StoreKey, r: ClaimRequest<'_>) -> StoreFuture<Claim> {
+        (**self).claim(k, r)
+    }
+    fn complete(&self, k: &StoreKey, t: &str, r: Vec<u8>, d: Duration) -> StoreFuture<bool> {
+        (**self).complete(k, t, r, d)
+    }
+    fn extend_claim(&self, k: &StoreKey, t: &str, l: Duration) -> StoreFuture<bool> {
+        (**self).extend_claim(k, t, l)
+    }
+    fn release_claim(&self, k: &StoreKey, t: &str) -> StoreFuture<bool> {
+        (**self).release_claim(k, t)
+    }
+}

@@ -1,0 +1,248 @@
+//! The response cache in the in-process store: the same semantics as the Redis scripts
+//! (`cache_*.lua`), sharded by segment (like Redis, a segment lives in one place).
+
+use std::{collections::HashMap, time::Duration};
+
+use bytes::Bytes;
+
+use super::{done, MemoryStore, SWEEP_EVERY_US};
+use crate::{
+    store::{
+        CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreError,
+        StoreFuture, StoreOutcome, StoreRequest, VERSION_RETENTION,
+    },
+    StoreKey,
+};
+
+#[derive(Default)]
+pub(super) struct Shard {
+    /// Version and when it may be forgotten (after every entry written under it).
+    versions: HashMap<StoreKey, (u64, u64)>,
+    entries: HashMap<(StoreKey, StoreKey), MemEntry>,
+    locks: HashMap<(StoreKey, StoreKey), (FillToken, u64)>,
+    next_sweep: u64,
+}
+
+struct MemEntry {
+    version: u64,
+    stored_at: u64,
+    fresh_until: u64,
+    swr_until: u64,
+    sie_until: u64,
+    delta: u64,
+    body: Bytes,
+}
+
+impl MemEntry {
+    fn expires_at(&self) -> u64 {
+        self.swr_until.max(self.sie_until)
+    }
+}
+
+fn lookup(shard: &mut Shard, now: u64, req: &LookupRequest) -> Result<Lookup, StoreError> {
+    shard.maybe_sweep(now);
+    let version = shard.version(&req.segment, now);
+    let id = (req.segment, req.key);
+    let mut freshness = Freshness::Miss;
+    let mut entry = None;
+    let mut age = Duration::ZERO;
+    if let Some(e) = shard.entries.get(&id) {
+        if e.version == version && now < e.expires_at() {
+            freshness = if now < e.fresh_until {
+                let rnd = if req.random > 0.0 && req.random <= 1.0 {
+                    req.random
+                } else {
+                    1.0
+                };
+                let early = req.early_beta > 0.0
+                    && e.delta > 0
+                    && (now as f64 - e.delta as f64 * req.early_beta * rnd.ln())
+                        >= e.fresh_until as f64;
+                if early {
+                    Freshness::Early
+                } else {
+                    Freshness::Fresh
+                }
+            } else if now < e.swr_until {
+                Freshness::Stale
+            } else if now < e.sie_until {
+                Freshness::StaleIfError
+            } else {
+                Freshness::Miss
+            };
+            if freshness != Freshness::Miss {
+                entry = Some(e.body.clone());
+                age = Duration::from_millis(now.saturating_sub(e.stored_at) / 1000);
+            }
+        }
+    }
+    let mut fill = FillState::NotTried;
+    if let Some(request) = req.fill.filter(|_| freshness != Freshness::Fresh) {
+        let held = shard.locks.get(&id).is_some_and(|(_, until)| *until > now);
+        if held {
+            fill = FillState::Held;
+        } else {
+            let ttl = u64::try_from(request.ttl.as_micros()).unwrap_or(u64::MAX / 4);
+            shard
+                .locks
+                .insert(id, (request.token, now.saturating_add(ttl.max(1000))));
+            fill = FillState::Acquired;
+        }
+    }
+    Ok(Lookup {
+        freshness,
+        entry,
+        version,
+        age,
+        fill,
+        corrupt: false,
+    })
+}
+
+fn store(shard: &mut Shard, now: u64, req: &StoreRequest) -> Result<StoreOutcome, StoreError> {
+    if let Some((lock, token)) = &req.fill {
+        let id = (req.segment, *lock);
+        let holds = shard
+            .locks
+            .get(&id)
+            .is_some_and(|(t, until)| t == token && *until > now);
+        if !holds {
+            return Ok(StoreOutcome::LockLost);
+        }
+        shard.locks.remove(&id);
+    }
+    let version = shard.version(&req.segment, now);
+    if version != req.version {
+        return Ok(StoreOutcome::VersionChanged);
+    }
+    let us = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4) * 1000;
+    let fresh_until = now + us(req.ttl.max(Duration::from_millis(1)));
+    let keep_until = fresh_until + us(req.stale_while_revalidate.max(req.stale_if_error));
+    let slot = shard.versions.entry(req.segment).or_insert((version, 0));
+    slot.1 = slot.1.max(keep_until);
+    shard.entries.insert(
+        (req.segment, req.key),
+        MemEntry {
+            version,
+            stored_at: now,
+            fresh_until,
+            swr_until: fresh_until + us(req.stale_while_revalidate),
+            sie_until: fresh_until + us(req.stale_if_error),
+            delta: u64::try_from(req.compute_time.as_micros()).unwrap_or(0),
+            body: req.entry.clone(),
+        },
+    );
+    Ok(StoreOutcome::Stored)
+}
+
+fn release(
+    shard: &mut Shard,
+    now: u64,
+    segment: StoreKey,
+    key: StoreKey,
+    token: FillToken,
+) -> Result<bool, StoreError> {
+    let id = (segment, key);
+    let holds = shard
+        .locks
+        .get(&id)
+        .is_some_and(|(t, until)| *t == token && *until > now);
+    if holds {
+        shard.locks.remove(&id);
+    }
+    Ok(holds)
+}
+
+fn invalidate_segment(shard: &mut Shard, now: u64, segment: StoreKey) -> Result<u64, StoreError> {
+    let version = shard.version(&segment, now) + 1;
+    let retention = u64::try_from(VERSION_RETENTION.as_micros()).unwrap_or(u64::MAX / 4);
+    let slot = shard
+        .versions
+        .entry(segment)
+        .or_insert((0, now + retention));
+    slot.1 = slot.1.max(now + retention);
+    slot.0 = version;
+    Ok(version)
+}
+
+fn invalidate_key(
+    shard: &mut Shard,
+    now: u64,
+    segment: StoreKey,
+    key: StoreKey,
+) -> Result<bool, StoreError> {
+    Ok(shard
+        .entries
+        .remove(&(segment, key))
+        .is_some_and(|e| e.expires_at() > now))
+}
+
+impl Shard {
+    fn version(&self, segment: &StoreKey, now: u64) -> u64 {
+        match self.versions.get(segment) {
+            Some((v, until)) if *until > now => *v,
+            _ => 0,
+        }
+    }
+
+    fn maybe_sweep(&mut self, now: u64) {
+        if now >= self.next_sweep {
+            self.sweep(now);
+        }
+    }
+
+    pub(super) fn sweep(&mut self, now: u64) {
+        self.entries.retain(|_, e| e.expires_at() > now);
+        self.locks.retain(|_, (_, until)| *until > now);
+        self.versions.retain(|_, (_, until)| *until > now);
+        self.next_sweep = now + SWEEP_EVERY_US;
+    }
+}
+
+impl MemoryStore {
+    /// Runs `f` on the cache shard of `segment`, with the store's time.
+    fn with_cache<T: Send + 'static>(
+        &self,
+        segment: &StoreKey,
+        f: impl FnOnce(&mut Shard, u64) -> Result<T, StoreError>,
+    ) -> StoreFuture<T> {
+        let now = self.now_us();
+        done(
+            self.inner
+                .cache
+                .lock(segment)
+                .and_then(|mut shard| f(&mut shard, now)),
+        )
+    }
+}
+
+impl CacheStore for MemoryStore {
+    fn lookup(&self, request: LookupRequest) -> StoreFuture<Lookup> {
+        self.with_cache(&request.segment, |s, now| lookup(s, now, &request))
+    }
+
+    fn store(&self, request: StoreRequest) -> StoreFuture<StoreOutcome> {
+        self.with_cache(&request.segment, |s, now| store(s, now, &request))
+    }
+
+    fn release_fill(
+        &self,
+        segment: StoreKey,
+        key: StoreKey,
+        token: FillToken,
+    ) -> StoreFuture<bool> {
+        self.with_cache(&segment, |s, now| release(s, now, segment, key, token))
+    }
+
+    fn invalidate_segment(&self, segment: StoreKey) -> StoreFuture<u64> {
+        self.with_cache(&segment, |s, now| invalidate_segment(s, now, segment))
+    }
+
+    fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool> {
+        self.with_cache(&segment, |s, now| invalidate_key(s, now, segment, key))
+    }
+
+    fn is_remote(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,105 @@
+//! Idempotency records in the in-process store, with the same semantics as the
+//! `idempotency_*.lua` scripts.
+
+use std::time::Duration;
+
+use super::{done, us, Kind, MemoryStore, Slot, Value};
+use crate::{
+    store::{Claim, ClaimRequest, IdempotencyStore, StoreFuture},
+    StoreKey,
+};
+
+impl IdempotencyStore for MemoryStore {
+    fn claim(&self, key: &StoreKey, req: ClaimRequest<'_>) -> StoreFuture<Claim> {
+        done(self.with_records(
+            key,
+            |records, now| match records.live((Kind::Record, *key), now) {
+                None => {
+                    records.map.insert(
+                        (Kind::Record, *key),
+                        Slot {
+                            value: Value::InFlight {
+                                token: req.token.to_owned(),
+                                fingerprint: req.fingerprint.to_vec(),
+                            },
+                            expires_at: now + us(req.lease),
+                        },
+                    );
+                    let fence = records.next_fence(
+                        (Kind::RecordFence, *key),
+                        now,
+                        Some(req.retention + req.lease),
+                    );
+                    Claim::Claimed { fence }
+                }
+                Some(slot) => match &slot.value {
+                    Value::InFlight { fingerprint, .. } | Value::Completed { fingerprint, .. }
+                        if fingerprint.as_slice() != req.fingerprint =>
+                    {
+                        Claim::Mismatch
+                    }
+                    Value::InFlight { .. } => Claim::InFlight {
+                        lease_left: Duration::from_micros(slot.expires_at.saturating_sub(now)),
+                    },
+                    Value::Completed { response, .. } => Claim::Completed(response.clone()),
+                    _ => Claim::Mismatch,
+                },
+            },
+        ))
+    }
+
+    fn complete(
+        &self,
+        key: &StoreKey,
+        token: &str,
+        response: Vec<u8>,
+        retention: Duration,
+    ) -> StoreFuture<bool> {
+        done(self.with_records(key, |records, now| {
+            let Some(slot) = records.live((Kind::Record, *key), now) else {
+                return false;
+            };
+            let Value::InFlight {
+                token: t,
+                fingerprint,
+            } = &mut slot.value
+            else {
+                return false;
+            };
+            if t != token {
+                return false;
+            }
+            let fingerprint = std::mem::take(fingerprint);
+            slot.value = Value::Completed {
+                fingerprint,
+                response,
+            };
+            slot.expires_at = now + us(retention);
+            true
+        }))
+    }
+
+    fn extend_claim(&self, key: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool> {
+        done(self.with_records(key, |records, now| {
+            match records.live((Kind::Record, *key), now) {
+                Some(slot) if matches!(&slot.value, Value::InFlight { token: t, .. } if t == token) => {
+                    slot.expires_at = now + us(lease);
+                    true
+                }
+                _ => false,
+            }
+        }))
+    }
+
+    fn release_claim(&self, key: &StoreKey, token: &str) -> StoreFuture<bool> {
+        done(self.with_records(key, |records, now| {
+            match records.live((Kind::Record, *key), now) {
+                Some(slot) if matches!(&slot.value, Value::InFlight { token: t, .. } if t == token) => {
+                    records.map.remove(&(Kind::Record, *key));
+                    true
+                }
+                _ => false,
+            }
+        }))
+    }
+}

@@ -1,0 +1,58 @@
+//! Locks in the in-process store, with the same semantics as the `lock_*.lua` scripts.
+
+use std::time::Duration;
+
+use super::{done, us, Kind, MemoryStore, Slot, Value};
+use crate::{
+    store::{LockStore, StoreFuture},
+    StoreKey,
+};
+
+impl LockStore for MemoryStore {
+    fn acquire_lock(
+        &self,
+        resource: &StoreKey,
+        token: &str,
+        lease: Duration,
+    ) -> StoreFuture<Option<u64>> {
+        done(self.with_records(resource, |records, now| {
+            if records.live((Kind::Lock, *resource), now).is_some() {
+                return None;
+            }
+            records.map.insert(
+                (Kind::Lock, *resource),
+                Slot {
+                    value: Value::Lock {
+                        token: token.to_owned(),
+                    },
+                    expires_at: now + us(lease),
+                },
+            );
+            Some(records.next_fence((Kind::LockFence, *resource), now, None))
+        }))
+    }
+
+    fn extend_lock(&self, resource: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool> {
+        done(self.with_records(resource, |records, now| {
+            match records.live((Kind::Lock, *resource), now) {
+                Some(slot) if matches!(&slot.value, Value::Lock { token: t } if t == token) => {
+                    slot.expires_at = now + us(lease);
+                    true
+                }
+                _ => false,
+            }
+        }))
+    }
+
+    fn release_lock(&self, resource: &StoreKey, token: &str) -> StoreFuture<bool> {
+        done(self.with_records(resource, |records, now| {
+            match records.live((Kind::Lock, *resource), now) {
+                Some(slot) if matches!(&slot.value, Value::Lock { token: t } if t == token) => {
+                    records.map.remove(&(Kind::Lock, *resource));
+                    true
+                }
+                _ => false,
+            }
+        }))
+    }
+}

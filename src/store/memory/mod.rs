@@ -1,0 +1,289 @@
+//! The in-process store: the default, needs no server.
+//!
+//! One file per concern (`rate_limit.rs`, `cache.rs`, `lock.rs`, `idempotency.rs`), each with
+//! the same semantics as the Redis scripts; this file holds what they share: the store itself,
+//! its one clock, sharded state behind one lock helper, and the record map that locks and
+//! idempotency records both live in.
+
+use std::{
+    collections::HashMap,
+    future::ready,
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use super::{StoreError, StoreFuture};
+use crate::StoreKey;
+
+mod cache;
+mod idempotency;
+mod lock;
+mod rate_limit;
+
+/// An in-process store with the same semantics as the Redis scripts.
+///
+/// It is sharded (a request locks one shard, never the whole map) and forgets expired state on
+/// its own: each shard sweeps itself at most once a second and whenever it has doubled since its
+/// last sweep, and a background task (started when the store is made inside a Tokio runtime)
+/// sweeps idle shards, so memory stays bounded under a flood of distinct keys and falls back once
+/// they expire.
+///
+/// State is per process: with several replicas, use a Redis store so that limits hold across all
+/// of them. Cloning is cheap and shares the state.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    clock: Clock,
+    rate_limit: Shards<rate_limit::Shard>,
+    /// Locks and idempotency records (see [`Records`]).
+    records: Shards<Records>,
+    cache: Shards<cache::Shard>,
+}
+
+/// How often state is swept at the latest.
+const SWEEP_EVERY_US: u64 = 1_000_000;
+
+impl MemoryStore {
+    /// A new, empty store with one shard per 4 threads of parallelism (at least 16).
+    pub fn new() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+        Self::with_shards((cpus * 4).max(16))
+    }
+
+    /// A new, empty store with `shards` shards (rounded up to a power of two).
+    pub fn with_shards(shards: usize) -> Self {
+        let inner = Arc::new(Inner {
+            clock: Clock::new(),
+            rate_limit: Shards::new(shards),
+            records: Shards::new(shards),
+            cache: Shards::new(shards),
+        });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(sweeper(Arc::downgrade(&inner)));
+        }
+        Self { inner }
+    }
+
+    /// Forgets every expired entry now (the store also does this on its own).
+    pub fn sweep(&self) {
+        self.inner.sweep_all();
+    }
+
+    /// How many rate-limit entries (key and rule pairs) the store holds, expired ones not yet
+    /// swept included.
+    pub fn len(&self) -> usize {
+        self.inner.rate_limit.iter().map(|s| s.len()).sum()
+    }
+
+    /// Whether the store holds no rate-limit entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn now_us(&self) -> u64 {
+        self.inner.clock.now_us()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.inner.rate_limit.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn sweep_all(&self) {
+        let now = self.clock.now_us();
+        for mut shard in self.rate_limit.iter() {
+            shard.sweep(now);
+        }
+        for mut shard in self.records.iter() {
+            shard.sweep(now);
+        }
+        for mut shard in self.cache.iter() {
+            shard.sweep(now);
+        }
+    }
+}
+
+async fn sweeper(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_micros(SWEEP_EVERY_US));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match inner.upgrade() {
+            Some(inner) => inner.sweep_all(),
+            None => return,
+        }
+    }
+}
+
+/// The store's one clock: microseconds since an origin taken when the store was made, offset by
+/// one hour so that "zero" state is always in the past. It follows `tokio::time::pause()` in
+/// tests.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    origin: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        let elapsed = Instant::now().saturating_duration_since(self.origin);
+        u64::try_from(elapsed.as_micros())
+            .unwrap_or(u64::MAX / 2)
+            .saturating_add(3_600_000_000)
+    }
+}
+
+/// State split in shards by key, each behind its own lock: a request locks one shard.
+struct Shards<T> {
+    shards: Box<[Mutex<T>]>,
+}
+
+impl<T: Default> Shards<T> {
+    /// `count` shards, rounded up to a power of two.
+    fn new(count: usize) -> Self {
+        let count = count.max(1).next_power_of_two();
+        Self {
+            shards: (0..count).map(|_| Mutex::new(T::default())).collect(),
+        }
+    }
+}
+
+impl<T> Shards<T> {
+    /// Locks the shard of `key`. A shard whose lock was poisoned (a thread panicked while
+    /// holding it) answers [`StoreError::Poisoned`].
+    fn lock(&self, key: &StoreKey) -> Result<MutexGuard<'_, T>, StoreError> {
+        let b = key.as_bytes();
+        let v = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        // The number of shards is a power of two.
+        let index = (v as usize) & (self.shards.len() - 1);
+        self.shards
+            .get(index)
+            .ok_or(StoreError::Poisoned)?
+            .lock()
+            .map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Every shard that is not poisoned, locked in turn.
+    fn iter(&self) -> impl Iterator<Item = MutexGuard<'_, T>> {
+        self.shards.iter().filter_map(|s| s.lock().ok())
+    }
+}
+
+/// An answer that is ready at once, as a store future.
+fn done<T: Send + 'static>(result: Result<T, StoreError>) -> StoreFuture<T> {
+    Box::pin(ready(result))
+}
+
+/// Microseconds of `d`, at least one millisecond (the scripts' smallest expiry).
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX / 4)
+        .max(1000)
+}
+
+/// Locks and idempotency records, keyed by kind and key, so that both keys of one operation (a
+/// lock and its fence counter, a record and its fence counter) are in one shard.
+#[derive(Default)]
+struct Records {
+    map: HashMap<(Kind, StoreKey), Slot>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Lock,
+    LockFence,
+    Record,
+    RecordFence,
+}
+
+enum Value {
+    Lock {
+        token: String,
+    },
+    Fence(u64),
+    InFlight {
+        token: String,
+        fingerprint: Vec<u8>,
+    },
+    Completed {
+        fingerprint: Vec<u8>,
+        response: Vec<u8>,
+    },
+}
+
+struct Slot {
+    value: Value,
+    /// Microseconds on the store clock; `u64::MAX` for no expiry.
+    expires_at: u64,
+}
+
+impl Records {
+    /// The slot at `key` unless it expired (an expired slot is removed).
+    fn live(&mut self, key: (Kind, StoreKey), now: u64) -> Option<&mut Slot> {
+        if self.map.get(&key).is_some_and(|s| s.expires_at <= now) {
+            self.map.remove(&key);
+        }
+        self.map.get_mut(&key)
+    }
+
+    /// Increments the fence counter at `key` (from 1), kept for `ttl` (`None`: for ever).
+    fn next_fence(&mut self, key: (Kind, StoreKey), now: u64, ttl: Option<Duration>) -> u64 {
+        let expires_at = ttl.map_or(u64::MAX, |t| now.saturating_add(us(t)));
+        let fence = match self.live(key, now) {
+            Some(Slot {
+                value: Value::Fence(n),
+                ..
+            }) => *n + 1,
+            _ => 1,
+        };
+        self.map.insert(
+            key,
+            Slot {
+                value: Value::Fence(fence),
+                expires_at,
+            },
+        );
+        fence
+    }
+
+    fn sweep(&mut self, now: u64) {
+        self.map.retain(|_, slot| slot.expires_at > now);
+        if self.map.capacity() > 4 * self.map.len() + 64 {
+            self.map.shrink_to_fit();
+        }
+    }
+}
+
+impl MemoryStore {
+    /// Runs `f` on the records shard of `key`, with the store's time.
+    fn with_records<T>(
+        &self,
+        key: &StoreKey,
+        f: impl FnOnce(&mut Records, u64) -> T,
+    ) -> Result<T, StoreError> {
+        let now = self.now_us();
+        let mut records = self.inner.records.lock(key)?;
+        Ok(f(&mut records, now))
+    }
+}

@@ -1,0 +1,221 @@
+//! Rate limiting on Redis: the scripts (assembled from the per-strategy fragments in
+//! `src/scripts/rate_limit/`), the call that checks a [`RateCheck`], the decoding of its reply,
+//! and [`RateLimitStore`] for every [`ScriptRunner`].
+
+use std::time::Duration;
+
+use super::{
+    script::{BoxFuture, Lua, Reply, ScriptCall},
+    ScriptRunner,
+};
+use crate::store::{Decision, RateCheck, RateLimitStore, Rule, RuleState, StoreError};
+
+/// The fragments of the rate-limit scripts (see `src/scripts/rate_limit/README.md`).
+macro_rules! rl {
+    ($($file:expr),+) => {
+        include_str!(concat!("../../scripts/rate_limit/", $($file,)+ ".lua"))
+    };
+}
+
+/// A single rule of one strategy: the strategy's check and commit fragments between the common
+/// head, middle and tail.
+macro_rules! single_rule {
+    ($strategy:literal) => {
+        Lua::new(concat!(
+            rl!("single_head"),
+            rl!($strategy, "_check"),
+            rl!("single_mid"),
+            rl!($strategy, "_commit"),
+            rl!("single_tail"),
+        ))
+    };
+}
+
+/// A single fixed-window rule: increments first, no clock.
+static FIXED_WINDOW: Lua = Lua::new(rl!("fixed_window"));
+static SLIDING_LOG: Lua = single_rule!("sliding_log");
+static SLIDING_WINDOW: Lua = single_rule!("sliding_window");
+static TOKEN_BUCKET: Lua = single_rule!("token_bucket");
+static GCRA: Lua = single_rule!("gcra");
+
+/// Several rules, all or nothing.
+pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
+    rl!("multi_head"),
+    "  if kind == '1' then\n",
+    rl!("fixed_window_check"),
+    "  elseif kind == '2' then\n",
+    rl!("sliding_log_check"),
+    "  elseif kind == '3' then\n",
+    rl!("sliding_window_check"),
+    "  elseif kind == '4' then\n",
+    rl!("token_bucket_check"),
+    "  else\n",
+    rl!("gcra_check"),
+    "  end\n",
+    rl!("multi_mid"),
+    "    if kind == '1' then\n",
+    rl!("fixed_window_commit"),
+    "    elseif kind == '2' then\n",
+    rl!("sliding_log_commit"),
+    "    elseif kind == '3' then\n",
+    rl!("sliding_window_commit"),
+    "    elseif kind == '4' then\n",
+    rl!("token_bucket_commit"),
+    "    else\n",
+    rl!("gcra_commit"),
+    "    end\n",
+    rl!("multi_tail"),
+));
+
+/// The script that checks `rules`: one per strategy for a single rule (the fewest commands and
+/// the least Lua), [`MULTI_RULE`] for several.
+fn script_for(rules: &[Rule]) -> &'static Lua {
+    match rules {
+        [rule] => match rule.kind() {
+            1 => &FIXED_WINDOW,
+            2 => &SLIDING_LOG,
+            3 => &SLIDING_WINDOW,
+            4 => &TOKEN_BUCKET,
+            _ => &GCRA,
+        },
+        _ => &MULTI_RULE,
+    }
+}
+
+/// The Lua source that the `redis` and `fred` stores run to check `rules`: one script per
+/// strategy for a single rule, one for several rules. For auditing, or for loading it with
+/// `SCRIPT LOAD` ahead of time (the stores load it themselves on `NOSCRIPT`).
+pub fn rate_limit_script(rules: &[Rule]) -> &'static str {
+    script_for(rules).text
+}
+
+/// The call that checks `check`: keys `<prefix>:{<hashed key>}:<rule signature>` (one hash tag,
+/// so one cluster slot), and the arguments of [`rate_limit_script`]: cost, want-state flag, then
+/// for a single rule its a, b, c (no c for a fixed window, and a nonce for a sliding log); for
+/// several rules a nonce, then kind, a, b, c per rule.
+fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
+    let n = check.rules.len();
+    let mut call = ScriptCall::new(
+        script_for(check.rules),
+        n,
+        3 + 4 * n,
+        n * (prefix.len() + 96) + 16 + 32 * n + 24,
+    );
+    let mut tag = [0u8; 32];
+    // 16 bytes always fit in 32 hex digits.
+    let _ = hex::encode_to_slice(check.key.as_bytes(), &mut tag);
+    for rule in check.rules {
+        call.key(|buf| {
+            buf.extend_from_slice(prefix.as_bytes());
+            buf.extend_from_slice(b":{");
+            buf.extend_from_slice(&tag);
+            buf.extend_from_slice(b"}:");
+            rule.write_signature(buf);
+        });
+    }
+    call.int(check.cost);
+    call.arg(|buf| buf.push(if check.want_state { b'1' } else { b'0' }));
+    let nonce = |call: &mut ScriptCall| {
+        let mut hex = [0u8; 16];
+        let _ = hex::encode_to_slice(rand::random::<u64>().to_be_bytes(), &mut hex);
+        call.arg(|buf| buf.extend_from_slice(&hex));
+    };
+    match check.rules {
+        [rule] => {
+            let (a, b, c) = rule.encode();
+            call.int(a);
+            call.int(b);
+            if rule.kind() != 1 {
+                call.int(c);
+            }
+            if rule.kind() == 2 {
+                nonce(&mut call);
+            }
+        }
+        rules => {
+            nonce(&mut call);
+            for rule in rules {
+                let (a, b, c) = rule.encode();
+                call.int(u64::from(rule.kind()));
+                call.int(a);
+                call.int(b);
+                call.int(c);
+            }
+        }
+    }
+    call
+}
+
+/// Turns the script's reply into a [`Decision`].
+fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, StoreError> {
+    if reply == Reply::Int(1) {
+        // Allowed, and the state was not asked for.
+        return Ok(Decision {
+            allowed: true,
+            denied_by: None,
+            retry_after: Duration::ZERO,
+            rules: vec![
+                RuleState {
+                    remaining: 0,
+                    reset: Duration::ZERO,
+                };
+                rules
+            ],
+        });
+    }
+    let reply = reply.array()?;
+    if reply.len() != 3 + 2 * rules {
+        return Err(StoreError::Reply(format!(
+            "rate-limit script returned {} values for {rules} rules",
+            reply.len()
+        )));
+    }
+    let int = |i: usize| reply.get(i).map_or(Ok(0), Reply::int);
+    let non_negative = |v: i64| u64::try_from(v).unwrap_or(0);
+    let allowed = int(0)? == 1;
+    let denied_by = usize::try_from(int(1)?)
+        .ok()
+        .filter(|i| *i >= 1 && *i <= rules)
+        .map(|i| i - 1);
+    let retry_after = Duration::from_millis(non_negative(int(2)?));
+    let states = (0..rules)
+        .map(|r| {
+            Ok(RuleState {
+                remaining: non_negative(int(3 + 2 * r)?),
+                reset: Duration::from_millis(non_negative(int(4 + 2 * r)?)),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Decision {
+        allowed,
+        denied_by: if allowed { None } else { denied_by },
+        retry_after: if allowed { Duration::ZERO } else { retry_after },
+        rules: states,
+    })
+}
+
+impl<R: ScriptRunner> RateLimitStore for R {
+    type Future = BoxFuture<Result<Decision, StoreError>>;
+
+    fn check(&self, check: RateCheck<'_>) -> Self::Future {
+        let rules = check.rules.len();
+        let call = self.call(rate_limit_call(self.prefix(), &check));
+        Box::pin(async move { decode_decision(call.await?, rules) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_one_is_an_admission_without_state() {
+        let decision = decode_decision(Reply::Int(1), 2).expect("decodes");
+        assert!(decision.allowed);
+        assert_eq!(decision.denied_by, None);
+        assert_eq!(decision.rules.len(), 2);
+        // Anything else that is not the full array is an error, never an admission.
+        assert!(decode_decision(Reply::Int(0), 1).is_err());
+        assert!(decode_decision(Reply::Array(vec![Reply::Int(1)]), 1).is_err());
+    }
+}

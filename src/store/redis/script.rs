@@ -1,0 +1,199 @@
+//! What every script call shares: the script text and its SHA-1 ([`Lua`]), the keys and
+//! arguments packed in one buffer ([`ScriptCall`]), and the reply as either client reads it
+//! ([`Reply`]).
+
+use std::{future::Future, pin::Pin, sync::OnceLock, time::Duration};
+
+use crate::store::StoreError;
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A Lua script, sent with `EVALSHA` (and `EVAL` on `NOSCRIPT`).
+#[derive(Debug)]
+pub struct Lua {
+    pub(crate) text: &'static str,
+    sha: OnceLock<String>,
+}
+
+impl Lua {
+    pub(crate) const fn new(text: &'static str) -> Self {
+        Self {
+            text,
+            sha: OnceLock::new(),
+        }
+    }
+
+    /// The SHA-1 of the text, as `EVALSHA` wants it.
+    pub(crate) fn sha(&self) -> &str {
+        self.sha
+            .get_or_init(|| sha1_smol::Sha1::from(self.text).digest().to_string())
+    }
+}
+
+/// A script reply, the same whichever client read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Nil,
+    Int(i64),
+    Bytes(Vec<u8>),
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    pub(crate) fn int(&self) -> Result<i64, StoreError> {
+        match self {
+            Reply::Int(i) => Ok(*i),
+            Reply::Bytes(b) => std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| StoreError::Reply("expected an integer".into())),
+            other => Err(StoreError::Reply(format!(
+                "expected an integer, got {other:?}"
+            ))),
+        }
+    }
+
+    pub(crate) fn array(self) -> Result<Vec<Reply>, StoreError> {
+        match self {
+            Reply::Array(items) => Ok(items),
+            other => Err(StoreError::Reply(format!(
+                "expected an array, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The keys and arguments of one script call, packed in one buffer: building a call costs two
+/// allocations whatever the number of arguments, and the `fred` store hands out slices of the
+/// buffer without copying.
+#[derive(Debug)]
+pub struct ScriptCall {
+    pub(crate) lua: &'static Lua,
+    buf: Vec<u8>,
+    /// Where each key, then each argument, ends in `buf`.
+    ends: Vec<usize>,
+    keys: usize,
+}
+
+impl ScriptCall {
+    pub(crate) fn new(lua: &'static Lua, keys: usize, args: usize, bytes: usize) -> Self {
+        Self {
+            lua,
+            buf: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(keys + args),
+            keys: 0,
+        }
+    }
+
+    /// A call from owned keys and arguments (for the operations off the hot path).
+    pub(crate) fn from_vecs(lua: &'static Lua, keys: Vec<String>, args: Vec<Vec<u8>>) -> Self {
+        let bytes =
+            keys.iter().map(String::len).sum::<usize>() + args.iter().map(Vec::len).sum::<usize>();
+        let mut call = Self::new(lua, keys.len(), args.len(), bytes);
+        for key in keys {
+            call.key(|buf| buf.extend_from_slice(key.as_bytes()));
+        }
+        for arg in args {
+            call.arg(|buf| buf.extend_from_slice(&arg));
+        }
+        call
+    }
+
+    /// Appends a key, written by `write`. Every key comes before the first argument.
+    pub(crate) fn key(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        debug_assert_eq!(self.keys, self.ends.len(), "keys come first");
+        let start = self.buf.len();
+        write(&mut self.buf);
+        debug_assert!(self.buf.len() >= start, "a key only appends");
+        self.ends.push(self.buf.len());
+        self.keys += 1;
+    }
+
+    /// Appends an argument, written by `write`.
+    pub(crate) fn arg(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.buf.len();
+        write(&mut self.buf);
+        debug_assert!(self.buf.len() >= start, "an argument only appends");
+        self.ends.push(self.buf.len());
+    }
+
+    /// Appends a number argument.
+    pub(crate) fn int(&mut self, n: u64) {
+        self.arg(|buf| buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()));
+    }
+
+    fn ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(s, e)| s..e)
+    }
+
+    /// The byte ranges of the keys, then of the arguments, in the buffer.
+    pub(crate) fn key_and_arg_ranges(
+        &self,
+    ) -> (
+        impl Iterator<Item = std::ops::Range<usize>> + '_,
+        impl Iterator<Item = std::ops::Range<usize>> + '_,
+    ) {
+        (self.ranges().take(self.keys), self.ranges().skip(self.keys))
+    }
+
+    pub(crate) fn key_count(&self) -> usize {
+        self.keys
+    }
+
+    #[cfg(any(feature = "redis", test))]
+    pub(crate) fn arg_count(&self) -> usize {
+        self.ends.len() - self.keys
+    }
+
+    #[cfg(any(feature = "redis", test))]
+    pub(crate) fn buffer(&self) -> &[u8] {
+        &self.buf
+    }
+
+    #[cfg(feature = "fred")]
+    pub(crate) fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// A duration as whole milliseconds, at least 1 (the smallest expiry Redis takes).
+pub(crate) fn ms(d: Duration) -> Vec<u8> {
+    d.as_millis().max(1).to_string().into_bytes()
+}
+
+/// A reply of `1` (done) or `0` (not done, for example the token no longer holds).
+pub(crate) fn flag(
+    reply: impl Future<Output = Result<Reply, StoreError>> + Send + 'static,
+) -> BoxFuture<Result<bool, StoreError>> {
+    Box::pin(async move { Ok(reply.await?.int()? == 1) })
+}
+
+/// A non-negative integer reply (negative ones read as 0).
+pub(crate) fn positive(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static TEST: Lua = Lua::new("return 1");
+
+    #[test]
+    fn call_ranges_split_keys_from_arguments() {
+        let mut call = ScriptCall::from_vecs(
+            &TEST,
+            vec!["k1".into(), "key2".into()],
+            vec![b"a".to_vec(), Vec::new(), b"ccc".to_vec()],
+        );
+        call.int(42);
+        let buf = call.buffer().to_vec();
+        let (keys, args) = call.key_and_arg_ranges();
+        let keys: Vec<&[u8]> = keys.map(|r| &buf[r]).collect();
+        let args: Vec<&[u8]> = args.map(|r| &buf[r]).collect();
+        assert_eq!(keys, [b"k1".as_slice(), b"key2"]);
+        assert_eq!(args, [b"a".as_slice(), b"", b"ccc", b"42"]);
+        assert_eq!((call.key_count(), call.arg_count()), (2, 4));
+    }
+}
