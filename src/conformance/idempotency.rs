@@ -1,0 +1,176 @@
+//! The idempotency store suite: [`idempotency_suite`].
+
+use std::time::Duration;
+
+use super::{random_key, token};
+use crate::store::{ClaimRequest, IdempotencyStore};
+
+/// Runs every check of the idempotency suite against `store`.
+pub async fn idempotency_suite<S: IdempotencyStore>(store: &S) {
+    tokio::join!(
+        claim_complete_and_replay(store),
+        foreign_token_changes_nothing(store),
+        killed_holder_expires_and_its_late_completion_stores_nothing(store),
+        extended_claim_stays_exclusive(store),
+    );
+}
+
+fn claim_request<'a>(token: &'a str, fingerprint: &'a [u8], lease: Duration) -> ClaimRequest<'a> {
+    ClaimRequest {
+        token,
+        fingerprint,
+        lease,
+        retention: Duration::from_secs(60),
+    }
+}
+
+/// absent -> in flight -> completed, with mismatches detected at every stage.
+async fn claim_complete_and_replay<S: IdempotencyStore>(store: &S) {
+    use crate::store::Claim;
+    let key = random_key();
+    let lease = Duration::from_secs(10);
+    let (a, b) = (token(), token());
+    let claimed = store
+        .claim(&key, claim_request(&a, b"fp-1", lease))
+        .await
+        .unwrap();
+    assert!(matches!(claimed, Claim::Claimed { .. }), "{claimed:?}");
+    let dup = store
+        .claim(&key, claim_request(&b, b"fp-1", lease))
+        .await
+        .unwrap();
+    assert!(matches!(dup, Claim::InFlight { .. }), "{dup:?}");
+    let other = store
+        .claim(&key, claim_request(&b, b"fp-2", lease))
+        .await
+        .unwrap();
+    assert_eq!(other, Claim::Mismatch);
+    let retention = Duration::from_secs(60);
+    assert!(!store
+        .complete(&key, &b, b"theirs".to_vec(), retention)
+        .await
+        .unwrap());
+    assert!(store
+        .complete(&key, &a, b"response \x00\xff".to_vec(), retention)
+        .await
+        .unwrap());
+    let replay = store
+        .claim(&key, claim_request(&b, b"fp-1", lease))
+        .await
+        .unwrap();
+    assert_eq!(replay, Claim::Completed(b"response \x00\xff".to_vec()));
+    let other = store
+        .claim(&key, claim_request(&b, b"fp-2", lease))
+        .await
+        .unwrap();
+    assert_eq!(other, Claim::Mismatch);
+    assert!(
+        !store.release_claim(&key, &a).await.unwrap(),
+        "a completed record is not released"
+    );
+}
+
+/// Release and extend with a foreign token do nothing; a released key can be claimed again
+/// with a larger fence.
+async fn foreign_token_changes_nothing<S: IdempotencyStore>(store: &S) {
+    use crate::store::Claim;
+    let key = random_key();
+    let lease = Duration::from_secs(10);
+    let (a, b) = (token(), token());
+    let Claim::Claimed { fence: first } = store
+        .claim(&key, claim_request(&a, b"fp", lease))
+        .await
+        .unwrap()
+    else {
+        panic!("not claimed");
+    };
+    assert!(!store.release_claim(&key, &b).await.unwrap());
+    assert!(!store.extend_claim(&key, &b, lease).await.unwrap());
+    let dup = store
+        .claim(&key, claim_request(&b, b"fp", lease))
+        .await
+        .unwrap();
+    assert!(
+        matches!(dup, Claim::InFlight { .. }),
+        "a foreign release freed the key: {dup:?}"
+    );
+    assert!(store.release_claim(&key, &a).await.unwrap());
+    match store
+        .claim(&key, claim_request(&b, b"fp", lease))
+        .await
+        .unwrap()
+    {
+        Claim::Claimed { fence } => assert!(fence > first, "fence {fence} after {first}"),
+        other => panic!("a released key must be claimable: {other:?}"),
+    }
+}
+
+/// A holder that stops renewing loses the key when its lease ends; its late completion stores
+/// nothing and the new holder's result wins.
+async fn killed_holder_expires_and_its_late_completion_stores_nothing<S: IdempotencyStore>(
+    store: &S,
+) {
+    use crate::store::Claim;
+    let key = random_key();
+    let (a, b) = (token(), token());
+    let retention = Duration::from_secs(60);
+    let Claim::Claimed { fence: first } = store
+        .claim(&key, claim_request(&a, b"fp", Duration::from_millis(200)))
+        .await
+        .unwrap()
+    else {
+        panic!("not claimed");
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Claim::Claimed { fence: second } = store
+        .claim(&key, claim_request(&b, b"fp", Duration::from_secs(10)))
+        .await
+        .unwrap()
+    else {
+        panic!("an expired claim must be claimable again");
+    };
+    assert!(second > first);
+    assert!(
+        !store
+            .complete(&key, &a, b"late".to_vec(), retention)
+            .await
+            .unwrap(),
+        "a lost claim stored its response"
+    );
+    assert!(store
+        .complete(&key, &b, b"winner".to_vec(), retention)
+        .await
+        .unwrap());
+    let replay = store
+        .claim(&key, claim_request(&token(), b"fp", Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(replay, Claim::Completed(b"winner".to_vec()));
+}
+
+/// Extending the lease keeps the claim past its first lease.
+async fn extended_claim_stays_exclusive<S: IdempotencyStore>(store: &S) {
+    use crate::store::Claim;
+    let key = random_key();
+    let lease = Duration::from_millis(300);
+    let a = token();
+    assert!(matches!(
+        store
+            .claim(&key, claim_request(&a, b"fp", lease))
+            .await
+            .unwrap(),
+        Claim::Claimed { .. }
+    ));
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(
+            store.extend_claim(&key, &a, lease).await.unwrap(),
+            "renewal failed"
+        );
+    }
+    let dup = store
+        .claim(&key, claim_request(&token(), b"fp", lease))
+        .await
+        .unwrap();
+    assert!(matches!(dup, Claim::InFlight { .. }), "{dup:?}");
+}

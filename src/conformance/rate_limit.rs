@@ -1,0 +1,344 @@
+//! The rate-limit store suite: [`rate_limit_suite`].
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use super::random_key;
+use crate::{
+    store::{Decision, RateCheck, RateLimitStore, Rule},
+    StoreKey,
+};
+
+/// One check through `store`, with the per-rule state asked for, panicking on a store error.
+async fn check<S: RateLimitStore>(
+    store: &S,
+    key: &StoreKey,
+    rules: &[Rule],
+    cost: u64,
+) -> Decision {
+    check_with(store, key, rules, cost, true).await
+}
+
+/// [`check`], saying whether the per-rule state is wanted.
+async fn check_with<S: RateLimitStore>(
+    store: &S,
+    key: &StoreKey,
+    rules: &[Rule],
+    cost: u64,
+    want_state: bool,
+) -> Decision {
+    let decision = store
+        .check(RateCheck {
+            key,
+            rules,
+            cost,
+            want_state,
+        })
+        .await;
+    match decision {
+        Ok(d) => {
+            assert_eq!(d.rules.len(), rules.len(), "one state per rule");
+            d
+        }
+        Err(e) => panic!("store error: {e}"),
+    }
+}
+
+const MARGIN: Duration = Duration::from_millis(60);
+
+/// Runs every check of the suite against `store`.
+pub async fn rate_limit_suite<S: RateLimitStore>(store: &S) {
+    // Windows long enough that nothing refills while a check counts, even on a loaded machine.
+    let window = Duration::from_millis(1500);
+    tokio::join!(
+        admits_exactly_the_limit(store, Rule::fixed_window(5, window)),
+        admits_exactly_the_limit(store, Rule::sliding_log(5, window)),
+        admits_exactly_the_limit(store, Rule::sliding_window(5, window)),
+        admits_exactly_the_limit(store, Rule::token_bucket(5, 1, window)),
+        admits_exactly_the_limit(store, Rule::gcra(5, 5 * window, 5)),
+        sliding_log_does_not_record_rejections(store),
+        sliding_log_counts_every_unit_of_one_call(store),
+        sliding_window_weighs_the_previous_window(store),
+        token_bucket_refills_steadily(store),
+        rules_are_all_or_nothing(store),
+        denial_names_the_longest_wait(store),
+        cost_is_weighted(store),
+        cost_above_the_limit_is_always_denied(store),
+        zero_cost_reads_without_consuming(store),
+        decides_the_same_without_state(store),
+        keys_are_isolated(store),
+        concurrent_checks_admit_exactly_the_limit(store),
+    );
+}
+
+/// `limit` requests pass with decreasing `remaining`, the next is denied with a wait no longer
+/// than the window, and after that wait a request passes again.
+async fn admits_exactly_the_limit<S: RateLimitStore>(store: &S, rule: Rule) {
+    let key = random_key();
+    let rules = [rule.clone()];
+    let limit = rule.quota();
+    for i in 0..limit {
+        let d = check(store, &key, &rules, 1).await;
+        assert!(
+            d.allowed,
+            "{rule:?}: request {} of {limit} denied: {d:?}",
+            i + 1
+        );
+        assert_eq!(
+            d.rules[0].remaining,
+            limit - i - 1,
+            "{rule:?}: remaining after {} requests",
+            i + 1
+        );
+        assert!(d.denied_by.is_none() && d.retry_after.is_zero());
+    }
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed, "{rule:?}: request over the limit admitted");
+    assert_eq!(d.denied_by, Some(0), "{rule:?}");
+    assert_eq!(d.rules[0].remaining, 0, "{rule:?}");
+    // The approximate window may have to wait into the next window.
+    let bound = match rule.strategy() {
+        crate::rate_limit::Strategy::SlidingWindow { window, .. } => 2 * *window,
+        _ => rule.window(),
+    };
+    assert!(
+        !d.retry_after.is_zero() && d.retry_after <= bound + MARGIN,
+        "{rule:?}: retry after {:?}",
+        d.retry_after
+    );
+    tokio::time::sleep(d.retry_after + MARGIN).await;
+    let d = check(store, &key, &rules, 1).await;
+    assert!(d.allowed, "{rule:?}: still denied after Retry-After: {d:?}");
+}
+
+/// A client that keeps retrying while denied gets through once the window has slid.
+async fn sliding_log_does_not_record_rejections<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let rules = [Rule::sliding_log(3, Duration::from_millis(500))];
+    for _ in 0..3 {
+        assert!(check(store, &key, &rules, 1).await.allowed);
+    }
+    let mut wait = Duration::ZERO;
+    for _ in 0..20 {
+        let d = check(store, &key, &rules, 1).await;
+        assert!(!d.allowed);
+        wait = d.retry_after;
+    }
+    tokio::time::sleep(wait + MARGIN).await;
+    let d = check(store, &key, &rules, 1).await;
+    assert!(d.allowed, "rejected requests were counted: {d:?}");
+}
+
+/// A cost of 3 in one call (all in the same microsecond) takes 3 units.
+async fn sliding_log_counts_every_unit_of_one_call<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let rules = [Rule::sliding_log(4, Duration::from_secs(5))];
+    let d = check(store, &key, &rules, 3).await;
+    assert!(d.allowed);
+    assert_eq!(d.rules[0].remaining, 1);
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    assert!(
+        !check(store, &key, &rules, 1).await.allowed,
+        "units of one call collapsed"
+    );
+}
+
+/// The approximate window counts the previous window's units, weighted by the overlap.
+async fn sliding_window_weighs_the_previous_window<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let window = Duration::from_millis(1000);
+    let rules = [Rule::sliding_window(4, window)];
+    for _ in 0..4 {
+        assert!(check(store, &key, &rules, 1).await.allowed);
+    }
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed);
+    assert!(
+        d.retry_after <= 2 * window + MARGIN,
+        "retry after {:?}",
+        d.retry_after
+    );
+    tokio::time::sleep(d.retry_after + MARGIN).await;
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    // Right after, the previous window still weighs: not all 4 units are free.
+    let mut admitted = 1;
+    while check(store, &key, &rules, 1).await.allowed {
+        admitted += 1;
+        assert!(admitted <= 4, "more than the limit admitted");
+    }
+}
+
+/// A drained bucket gives one token per refill period.
+async fn token_bucket_refills_steadily<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let every = Duration::from_millis(800);
+    let rules = [Rule::token_bucket(2, 1, every)];
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed);
+    assert!(
+        d.retry_after <= every + MARGIN,
+        "retry after {:?}",
+        d.retry_after
+    );
+    tokio::time::sleep(d.retry_after + MARGIN).await;
+    assert!(check(store, &key, &rules, 1).await.allowed, "no refill");
+    assert!(
+        !check(store, &key, &rules, 1).await.allowed,
+        "refilled more than one token"
+    );
+}
+
+/// A request denied by one rule consumes nothing from the others.
+async fn rules_are_all_or_nothing<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    for other in [
+        Rule::fixed_window(10, long),
+        Rule::sliding_log(10, long),
+        Rule::sliding_window(10, long),
+        Rule::token_bucket(10, 1, long),
+        Rule::gcra(1, long, 10),
+    ] {
+        let key = random_key();
+        let rules = [Rule::fixed_window(2, long), other.clone()];
+        assert!(check(store, &key, &rules, 1).await.allowed);
+        assert!(check(store, &key, &rules, 1).await.allowed);
+        for _ in 0..5 {
+            let d = check(store, &key, &rules, 1).await;
+            assert!(!d.allowed);
+            assert_eq!(d.denied_by, Some(0));
+        }
+        let d = check(store, &key, &rules[1..], 0).await;
+        assert_eq!(
+            d.rules[0].remaining, 8,
+            "{other:?}: a denied request consumed from another rule"
+        );
+    }
+}
+
+/// With several denying rules, the answer names the one with the longest wait.
+async fn denial_names_the_longest_wait<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let rules = [
+        Rule::fixed_window(1, Duration::from_secs(2)),
+        Rule::fixed_window(1, Duration::from_secs(20)),
+    ];
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed);
+    assert_eq!(d.denied_by, Some(1));
+    assert!(d.retry_after > Duration::from_secs(10), "{d:?}");
+}
+
+/// The cost of a request is taken from the budget.
+async fn cost_is_weighted<S: RateLimitStore>(store: &S) {
+    for rule in [
+        Rule::fixed_window(10, Duration::from_secs(30)),
+        Rule::sliding_log(10, Duration::from_secs(30)),
+        Rule::sliding_window(10, Duration::from_secs(30)),
+        Rule::token_bucket(10, 1, Duration::from_secs(30)),
+        Rule::gcra(1, Duration::from_secs(30), 10),
+    ] {
+        let key = random_key();
+        let rules = [rule.clone()];
+        assert!(check(store, &key, &rules, 4).await.allowed);
+        let d = check(store, &key, &rules, 4).await;
+        assert!(d.allowed);
+        assert_eq!(d.rules[0].remaining, 2, "{rule:?}");
+        assert!(!check(store, &key, &rules, 4).await.allowed, "{rule:?}");
+        assert!(
+            check(store, &key, &rules, 2).await.allowed,
+            "{rule:?}: a smaller cost should pass"
+        );
+    }
+}
+
+/// A cost above the limit can never pass; it is denied and consumes nothing.
+async fn cost_above_the_limit_is_always_denied<S: RateLimitStore>(store: &S) {
+    for rule in [
+        Rule::fixed_window(5, Duration::from_secs(30)),
+        Rule::sliding_log(5, Duration::from_secs(30)),
+        Rule::sliding_window(5, Duration::from_secs(30)),
+        Rule::token_bucket(5, 1, Duration::from_secs(30)),
+        Rule::gcra(1, Duration::from_secs(30), 5),
+    ] {
+        let key = random_key();
+        let rules = [rule.clone()];
+        let d = check(store, &key, &rules, 6).await;
+        assert!(!d.allowed, "{rule:?}");
+        assert!(!d.retry_after.is_zero(), "{rule:?}");
+        let d = check(store, &key, &rules, 1).await;
+        assert!(d.allowed);
+        assert_eq!(d.rules[0].remaining, 4, "{rule:?}");
+    }
+}
+
+/// A cost of 0 reports the state and consumes nothing.
+async fn zero_cost_reads_without_consuming<S: RateLimitStore>(store: &S) {
+    let key = random_key();
+    let rules = [Rule::fixed_window(3, Duration::from_secs(30))];
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    for _ in 0..5 {
+        let d = check(store, &key, &rules, 0).await;
+        assert!(d.allowed);
+        assert_eq!(d.rules[0].remaining, 2);
+    }
+}
+
+/// Without the per-rule state asked for (`want_state: false`, what the layer asks when no
+/// response carries `RateLimit` fields), a store still admits exactly the limit, for one rule and
+/// for several, and a denial still names the rule and the wait.
+async fn decides_the_same_without_state<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    let policies = [
+        vec![Rule::fixed_window(2, long)],
+        vec![Rule::sliding_log(2, long)],
+        vec![Rule::sliding_window(2, long)],
+        vec![Rule::token_bucket(2, 1, long)],
+        vec![Rule::gcra(1, long, 2)],
+        vec![Rule::fixed_window(5, long), Rule::gcra(1, long, 2)],
+    ];
+    for rules in policies {
+        let key = random_key();
+        for _ in 0..2 {
+            let d = check_with(store, &key, &rules, 1, false).await;
+            assert!(d.allowed, "within the limit: {rules:?}");
+        }
+        let denied = check_with(store, &key, &rules, 1, false).await;
+        assert!(!denied.allowed, "the third request is denied: {rules:?}");
+        assert_eq!(denied.denied_by, Some(rules.len() - 1), "{rules:?}");
+        assert!(denied.retry_after > Duration::ZERO, "{rules:?}");
+        let Some(d) = check(store, &key, &rules, 0).await.rules.last().copied() else {
+            panic!("no state for {rules:?}");
+        };
+        assert_eq!(d.remaining, 0, "two admitted, nothing left: {rules:?}");
+    }
+}
+
+/// Exhausting one key leaves another untouched.
+async fn keys_are_isolated<S: RateLimitStore>(store: &S) {
+    let (a, b) = (random_key(), random_key());
+    let rules = [Rule::sliding_log(1, Duration::from_secs(30))];
+    assert!(check(store, &a, &rules, 1).await.allowed);
+    assert!(!check(store, &a, &rules, 1).await.allowed);
+    assert!(check(store, &b, &rules, 1).await.allowed);
+}
+
+/// Many concurrent checks of one key admit exactly the limit, for every exact strategy.
+async fn concurrent_checks_admit_exactly_the_limit<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(60);
+    for rule in [
+        Rule::fixed_window(20, long),
+        Rule::sliding_log(20, long),
+        Rule::token_bucket(20, 1, long),
+        Rule::gcra(1, long, 20),
+    ] {
+        let key = random_key();
+        let rules = [rule.clone()];
+        let all = join_all((0..100).map(|_| check(store, &key, &rules, 1))).await;
+        let admitted = all.iter().filter(|d| d.allowed).count();
+        assert_eq!(admitted, 20, "{rule:?}: {admitted} of 100 admitted");
+    }
+}
