@@ -2,6 +2,8 @@
 //! the tests themselves.
 #![allow(dead_code)]
 
+pub mod stores;
+
 use std::{
     net::TcpListener,
     path::PathBuf,
