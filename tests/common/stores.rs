@@ -4,6 +4,7 @@
 //! A scenario is an `async fn name(env: Env)`; `env.store().await` makes a new client each time
 //! (for the Redis stores), as a separate replica would have, and `AnyStore` implements every
 //! store trait, so one scenario body serves every store.
+#![allow(unused_macros)] // not every test crate (or bench) that includes the harness uses them
 
 use std::{future::Future, pin::Pin, time::Duration};
 
