@@ -225,12 +225,8 @@ impl CacheStore for MemoryStore {
         self.with_cache(&request.segment, |s, now| store(s, now, &request))
     }
 
-    fn release_fill(
-        &self,
-        segment: StoreKey,
-        key: StoreKey,
-        token: FillToken,
-    ) -> StoreFuture<bool> {
+    fn release_fill(&self, segment: StoreKey, key: StoreKey, t: FillToken) -> StoreFuture<bool> {
+        let token = t;
         self.with_cache(&segment, |s, now| release(s, now, segment, key, token))
     }
 

@@ -48,13 +48,8 @@ impl IdempotencyStore for MemoryStore {
         ))
     }
 
-    fn complete(
-        &self,
-        key: &StoreKey,
-        token: &str,
-        response: Vec<u8>,
-        retention: Duration,
-    ) -> StoreFuture<bool> {
+    fn complete(&self, key: &StoreKey, t: &str, r: Vec<u8>, d: Duration) -> StoreFuture<bool> {
+        let (token, response, retention) = (t, r, d);
         done(self.with_records(key, |records, now| {
             let Some(slot) = records.live((Kind::Record, *key), now) else {
                 return false;
@@ -80,26 +75,12 @@ impl IdempotencyStore for MemoryStore {
     }
 
     fn extend_claim(&self, key: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool> {
-        done(self.with_records(key, |records, now| {
-            match records.live((Kind::Record, *key), now) {
-                Some(slot) if matches!(&slot.value, Value::InFlight { token: t, .. } if t == token) => {
-                    slot.expires_at = now + us(lease);
-                    true
-                }
-                _ => false,
-            }
-        }))
+        let record = (Kind::Record, *key);
+        done(self.with_records(key, |r, now| r.renew(record, token, now, lease)))
     }
 
     fn release_claim(&self, key: &StoreKey, token: &str) -> StoreFuture<bool> {
-        done(self.with_records(key, |records, now| {
-            match records.live((Kind::Record, *key), now) {
-                Some(slot) if matches!(&slot.value, Value::InFlight { token: t, .. } if t == token) => {
-                    records.map.remove(&(Kind::Record, *key));
-                    true
-                }
-                _ => false,
-            }
-        }))
+        let record = (Kind::Record, *key);
+        done(self.with_records(key, |r, now| r.release(record, token, now)))
     }
 }

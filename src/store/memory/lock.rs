@@ -9,12 +9,8 @@ use crate::{
 };
 
 impl LockStore for MemoryStore {
-    fn acquire_lock(
-        &self,
-        resource: &StoreKey,
-        token: &str,
-        lease: Duration,
-    ) -> StoreFuture<Option<u64>> {
+    fn acquire_lock(&self, r: &StoreKey, token: &str, lease: Duration) -> StoreFuture<Option<u64>> {
+        let resource = r;
         done(self.with_records(resource, |records, now| {
             if records.live((Kind::Lock, *resource), now).is_some() {
                 return None;
@@ -33,26 +29,12 @@ impl LockStore for MemoryStore {
     }
 
     fn extend_lock(&self, resource: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool> {
-        done(self.with_records(resource, |records, now| {
-            match records.live((Kind::Lock, *resource), now) {
-                Some(slot) if matches!(&slot.value, Value::Lock { token: t } if t == token) => {
-                    slot.expires_at = now + us(lease);
-                    true
-                }
-                _ => false,
-            }
-        }))
+        let key = (Kind::Lock, *resource);
+        done(self.with_records(resource, |r, now| r.renew(key, token, now, lease)))
     }
 
     fn release_lock(&self, resource: &StoreKey, token: &str) -> StoreFuture<bool> {
-        done(self.with_records(resource, |records, now| {
-            match records.live((Kind::Lock, *resource), now) {
-                Some(slot) if matches!(&slot.value, Value::Lock { token: t } if t == token) => {
-                    records.map.remove(&(Kind::Lock, *resource));
-                    true
-                }
-                _ => false,
-            }
-        }))
+        let key = (Kind::Lock, *resource);
+        done(self.with_records(resource, |r, now| r.release(key, token, now)))
     }
 }

@@ -267,6 +267,30 @@ impl Records {
         fence
     }
 
+    /// The live lock or in-flight record at `key`, if `token` holds it.
+    fn held(&mut self, key: (Kind, StoreKey), token: &str, now: u64) -> Option<&mut Slot> {
+        self.live(key, now).filter(|slot| match &slot.value {
+            Value::Lock { token: t } | Value::InFlight { token: t, .. } => t == token,
+            Value::Fence(_) | Value::Completed { .. } => false,
+        })
+    }
+
+    /// Renews the lease of what `token` holds at `key`; `false` when it holds nothing.
+    fn renew(&mut self, key: (Kind, StoreKey), token: &str, now: u64, lease: Duration) -> bool {
+        self.held(key, token, now)
+            .map(|slot| slot.expires_at = now + us(lease))
+            .is_some()
+    }
+
+    /// Deletes what `token` holds at `key`; `false` when it holds nothing.
+    fn release(&mut self, key: (Kind, StoreKey), token: &str, now: u64) -> bool {
+        let held = self.held(key, token, now).is_some();
+        if held {
+            self.map.remove(&key);
+        }
+        held
+    }
+
     fn sweep(&mut self, now: u64) {
         self.map.retain(|_, slot| slot.expires_at > now);
         if self.map.capacity() > 4 * self.map.len() + 64 {

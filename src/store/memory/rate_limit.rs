@@ -198,43 +198,75 @@ struct Eval {
     plan: Option<Plan>,
 }
 
+impl Eval {
+    /// Admitted: `remaining` left after this call, `plan` writes the new state.
+    fn allow(remaining: u64, reset: f64, plan: Plan) -> Self {
+        Self {
+            ok: true,
+            remaining,
+            reset,
+            retry: 0.0,
+            plan: Some(plan),
+        }
+    }
+
+    /// Denied: `remaining` left, and a call of the same cost may pass after `retry`.
+    fn deny(remaining: u64, reset: f64, retry: f64) -> Self {
+        Self {
+            ok: false,
+            remaining,
+            reset,
+            retry,
+            plan: None,
+        }
+    }
+}
+
 enum Plan {
     Replace(Slot),
     LogPush { period: u64 },
 }
 
-/// What a strategy decides from: the rule's numbers in wire form (microseconds for the period),
-/// the slot's state and the call.
-#[derive(Clone, Copy)]
+/// The new state of a slot, expiring at `expires_at`.
+fn replace(state: State, expires_at: u64) -> Plan {
+    Plan::Replace(Slot { state, expires_at })
+}
+
+/// What a strategy decides from: the rule's numbers in wire form (`a` and `c`, and the period
+/// in microseconds), the slot, and the call (time in microseconds, cost). Times are `f64`
+/// where the strategy divides them.
 struct Input<'a> {
-    state: Option<&'a State>,
     slot: Option<&'a Slot>,
     a: u64,
     c: u64,
     period: u64,
-    af: f64,
-    pf: f64,
-    cf: f64,
-    costf: f64,
-    nowf: f64,
     now: u64,
     cost: u64,
 }
 
+impl Input<'_> {
+    fn state(&self) -> Option<&State> {
+        self.slot.map(|s| &s.state)
+    }
+
+    /// The period, as `f64` microseconds.
+    fn pf(&self) -> f64 {
+        self.period as f64
+    }
+
+    /// A call that costs more than the limit never passes: it is told to wait a whole period.
+    fn over_limit(&self, limit: u64) -> bool {
+        self.cost > limit
+    }
+}
+
 fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, cost: u64) -> Eval {
     let (a, period_ms, c) = rule.encode();
-    let period = period_ms * 1000;
     let input = Input {
-        state: slot.map(|s| &s.state),
         slot,
         a,
         c,
-        period,
-        af: a as f64,
-        pf: period as f64,
-        cf: c as f64,
-        costf: cost as f64,
-        nowf: now as f64,
+        period: period_ms * 1000,
         now,
         cost,
     };
@@ -249,58 +281,29 @@ fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, cost: u64) -> Eval {
 
 /// A fixed window: a counter that expires with its window.
 fn fixed_window(i: &Input<'_>) -> Eval {
-    let Input {
-        slot,
-        a,
-        period,
-        pf,
-        now,
-        cost,
-        ..
-    } = *i;
-    let (used, end) = match slot {
+    let (used, end) = match i.slot {
         Some(Slot {
             state: State::Counter(n),
             expires_at,
         }) => (*n, Some(*expires_at)),
         _ => (0, None),
     };
-    let ttl = end.map_or(pf, |e| e.saturating_sub(now) as f64);
-    if used + cost <= a {
-        Eval {
-            ok: true,
-            remaining: a - used - cost,
-            reset: ttl,
-            retry: 0.0,
-            plan: Some(Plan::Replace(Slot {
-                state: State::Counter(used + cost),
-                expires_at: end.unwrap_or(now + period),
-            })),
-        }
+    let ttl = end.map_or(i.pf(), |e| e.saturating_sub(i.now) as f64);
+    if used + i.cost <= i.a {
+        let expires_at = end.unwrap_or(i.now + i.period);
+        let plan = replace(State::Counter(used + i.cost), expires_at);
+        Eval::allow(i.a - used - i.cost, ttl, plan)
     } else {
-        Eval {
-            ok: false,
-            remaining: a.saturating_sub(used),
-            reset: ttl,
-            retry: if cost > a { pf } else { ttl },
-            plan: None,
-        }
+        let retry = if i.over_limit(i.a) { i.pf() } else { ttl };
+        Eval::deny(i.a.saturating_sub(used), ttl, retry)
     }
 }
 
 /// The exact sliding log: one entry per admitted request, oldest first.
 fn sliding_log(i: &Input<'_>) -> Eval {
-    let Input {
-        state,
-        a,
-        period,
-        pf,
-        now,
-        cost,
-        ..
-    } = *i;
+    let (a, period, now, cost) = (i.a, i.period, i.now, i.cost);
     let empty = VecDeque::new();
-    let (entries, total) = match state {
+    let (entries, total) = match i.state() {
         Some(State::Log { entries, total }) => (entries, *total),
         _ => (&empty, 0),
     };
@@ -308,203 +311,122 @@ fn sliding_log(i: &Input<'_>) -> Eval {
     let expired = entries.iter().take_while(|(t, _)| t + period <= now);
     let (gone, gone_units) = expired.fold((0usize, 0u64), |(k, u), (_, n)| (k + 1, u + n));
     let count = total - gone_units;
-    let live = entries.iter().skip(gone);
     let ok = count + cost <= a;
-    let oldest = entries.get(gone).map(|(t, _)| *t);
-    let reset = match oldest {
-        Some(t) => (t + period - now) as f64,
-        None if ok && cost > 0 => pf,
+    let reset = match entries.get(gone) {
+        Some((t, _)) => (t + period - now) as f64,
+        None if ok && cost > 0 => i.pf(),
         None => 0.0,
     };
     if ok {
-        Eval {
-            ok,
-            remaining: a - count - cost,
-            reset,
-            retry: 0.0,
-            plan: Some(Plan::LogPush { period }),
-        }
-    } else {
-        let retry = if cost > a {
-            pf
-        } else {
-            // The (count + cost - a)-th oldest unit must leave the window.
-            let mut need = count + cost - a;
-            let mut at = now;
-            for (t, n) in live {
-                at = *t;
-                if *n >= need {
-                    break;
-                }
-                need -= n;
-            }
-            (at + period - now) as f64
-        };
-        Eval {
-            ok,
-            remaining: a.saturating_sub(count),
-            reset,
-            retry,
-            plan: None,
-        }
+        return Eval::allow(a - count - cost, reset, Plan::LogPush { period });
     }
+    let retry = if i.over_limit(a) {
+        i.pf()
+    } else {
+        // The (count + cost - a)-th oldest unit must leave the window.
+        let mut need = count + cost - a;
+        let mut at = now;
+        for (t, n) in entries.iter().skip(gone) {
+            at = *t;
+            if *n >= need {
+                break;
+            }
+            need -= n;
+        }
+        (at + period - now) as f64
+    };
+    Eval::deny(a.saturating_sub(count), reset, retry)
 }
 
 /// The approximate sliding window: the current and the previous fixed window.
 fn sliding_window(i: &Input<'_>) -> Eval {
-    let Input {
-        state,
-        a,
-        period,
-        af,
-        pf,
-        costf,
-        now,
-        cost,
-        ..
-    } = *i;
-    let idx = now / period;
-    let elapsed = (now - idx * period) as f64;
-    let (cur, prev) = match state {
+    let (af, pf, costf) = (i.a as f64, i.pf(), i.cost as f64);
+    let idx = i.now / i.period;
+    let elapsed = (i.now - idx * i.period) as f64;
+    let (cur, prev) = match i.state() {
         Some(State::Window { idx: w, cur, prev }) if *w == idx => (*cur, *prev),
         Some(State::Window { idx: w, cur, .. }) if *w + 1 == idx => (0, *cur),
         _ => (0, 0),
     };
     let est = prev as f64 * (1.0 - elapsed / pf) + cur as f64;
-    let ok = est + costf <= af;
     let reset = pf - elapsed;
-    if ok {
-        Eval {
-            ok,
-            remaining: (af - est - costf).floor().max(0.0) as u64,
-            reset,
-            retry: 0.0,
-            plan: Some(Plan::Replace(Slot {
-                state: State::Window {
-                    idx,
-                    cur: cur + cost,
-                    prev,
-                },
-                expires_at: (idx + 2) * period,
-            })),
-        }
-    } else {
-        let retry = if cost > a {
-            pf
-        } else if cur + cost <= a {
-            pf * (1.0 - (af - cur as f64 - costf) / prev as f64) - elapsed
-        } else {
-            let into_next = if cur > 0 {
-                pf * (1.0 - (af - costf) / cur as f64)
-            } else {
-                0.0
-            };
-            (pf - elapsed) + into_next.max(0.0)
+    if est + costf <= af {
+        let window = State::Window {
+            idx,
+            cur: cur + i.cost,
+            prev,
         };
-        Eval {
-            ok,
-            remaining: (af - est).floor().max(0.0) as u64,
-            reset,
-            retry,
-            plan: None,
-        }
+        let plan = replace(window, (idx + 2) * i.period);
+        return Eval::allow((af - est - costf).floor().max(0.0) as u64, reset, plan);
     }
+    let retry = if i.over_limit(i.a) {
+        pf
+    } else if cur + i.cost <= i.a {
+        pf * (1.0 - (af - cur as f64 - costf) / prev as f64) - elapsed
+    } else {
+        let into_next = if cur > 0 {
+            pf * (1.0 - (af - costf) / cur as f64)
+        } else {
+            0.0
+        };
+        (pf - elapsed) + into_next.max(0.0)
+    };
+    Eval::deny((af - est).floor().max(0.0) as u64, reset, retry)
 }
 
 /// A token bucket: tokens and the time they were counted.
 fn token_bucket(i: &Input<'_>) -> Eval {
-    let Input {
-        state,
-        a,
-        af,
-        pf,
-        cf,
-        costf,
-        now,
-        cost,
-        ..
-    } = *i;
-    let per_us = cf / pf;
-    let tokens = match state {
+    let (capacity, costf) = (i.a as f64, i.cost as f64);
+    let per_us = i.c as f64 / i.pf();
+    let tokens = match i.state() {
         Some(State::Bucket { tokens, ts }) => {
-            af.min(tokens + now.saturating_sub(*ts) as f64 * per_us)
+            capacity.min(tokens + i.now.saturating_sub(*ts) as f64 * per_us)
         }
-        _ => af,
+        _ => capacity,
     };
-    let ok = tokens >= costf;
-    if ok {
+    if tokens >= costf {
         let left = tokens - costf;
-        let full = (af - left) / per_us;
-        Eval {
-            ok,
-            remaining: left.floor() as u64,
-            reset: full,
-            retry: 0.0,
-            plan: Some(Plan::Replace(Slot {
-                state: State::Bucket {
-                    tokens: left,
-                    ts: now,
-                },
-                expires_at: now + (full.ceil() as u64).max(1000),
-            })),
-        }
-    } else {
-        Eval {
-            ok,
-            remaining: tokens.floor() as u64,
-            reset: (af - tokens) / per_us,
-            retry: if cost > a {
-                pf
-            } else {
-                (costf - tokens) / per_us
-            },
-            plan: None,
-        }
+        let full = (capacity - left) / per_us;
+        let bucket = State::Bucket {
+            tokens: left,
+            ts: i.now,
+        };
+        let plan = replace(bucket, i.now + (full.ceil() as u64).max(1000));
+        return Eval::allow(left.floor() as u64, full, plan);
     }
+    let retry = if i.over_limit(i.a) {
+        i.pf()
+    } else {
+        (costf - tokens) / per_us
+    };
+    Eval::deny(tokens.floor() as u64, (capacity - tokens) / per_us, retry)
 }
 
 /// GCRA: the theoretical arrival time.
 fn gcra(i: &Input<'_>) -> Eval {
-    let Input {
-        state,
-        c,
-        af,
-        pf,
-        cf,
-        costf,
-        nowf,
-        now,
-        cost,
-        ..
-    } = *i;
-    let interval = pf / af;
-    let burst = cf * interval;
-    let tat = match state {
-        Some(State::Tat(t)) => (*t as f64).max(nowf),
-        _ => nowf,
+    let now = i.now as f64;
+    let interval = i.pf() / i.a as f64;
+    let burst = i.c as f64 * interval;
+    let tat = match i.state() {
+        Some(State::Tat(t)) => (*t as f64).max(now),
+        _ => now,
     };
-    let new_tat = tat + costf * interval;
+    let new_tat = tat + i.cost as f64 * interval;
     let allow_at = new_tat - burst;
-    let ok = allow_at <= nowf;
-    if ok {
+    if allow_at <= now {
         let stored = new_tat.ceil() as u64;
-        Eval {
-            ok,
-            remaining: ((nowf - allow_at) / interval).floor() as u64,
-            reset: new_tat - nowf,
-            retry: 0.0,
-            plan: Some(Plan::Replace(Slot {
-                state: State::Tat(stored),
-                expires_at: stored.max(now + 1000),
-            })),
-        }
-    } else {
-        Eval {
-            ok,
-            remaining: ((nowf - (tat - burst)) / interval).floor().max(0.0) as u64,
-            reset: tat - nowf,
-            retry: if cost > c { pf } else { allow_at - nowf },
-            plan: None,
-        }
+        let plan = replace(State::Tat(stored), stored.max(i.now + 1000));
+        return Eval::allow(
+            ((now - allow_at) / interval).floor() as u64,
+            new_tat - now,
+            plan,
+        );
     }
+    let retry = if i.over_limit(i.c) {
+        i.pf()
+    } else {
+        allow_at - now
+    };
+    let remaining = ((now - (tat - burst)) / interval).floor().max(0.0) as u64;
+    Eval::deny(remaining, tat - now, retry)
 }

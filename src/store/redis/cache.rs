@@ -147,34 +147,6 @@ fn store<R: Runner + ?Sized>(runner: &R, req: StoreRequest) -> StoreFuture<Store
     })
 }
 
-fn release_fill<R: Runner + ?Sized>(
-    runner: &R,
-    segment: StoreKey,
-    key: StoreKey,
-    token: FillToken,
-) -> StoreFuture<bool> {
-    let keys = vec![lock_key(runner.prefix(), &segment, &key)];
-    let call = runner.run(&CACHE_RELEASE, keys, vec![token.to_hex().into_bytes()]);
-    Box::pin(async move { Ok(call.await?.int()? == 1) })
-}
-
-fn invalidate_segment<R: Runner + ?Sized>(runner: &R, segment: StoreKey) -> StoreFuture<u64> {
-    let keys = vec![version_key(runner.prefix(), &segment)];
-    let args = vec![millis(VERSION_RETENTION)];
-    let call = runner.run(&CACHE_INVALIDATE, keys, args);
-    Box::pin(async move { Ok(u64::try_from(call.await?.int()?).unwrap_or(0)) })
-}
-
-fn invalidate_key<R: Runner + ?Sized>(
-    runner: &R,
-    segment: StoreKey,
-    key: StoreKey,
-) -> StoreFuture<bool> {
-    let keys = vec![entry_key(runner.prefix(), &segment, &key)];
-    let call = runner.run(&CACHE_DELETE, keys, Vec::new());
-    Box::pin(async move { Ok(call.await?.int()? == 1) })
-}
-
 impl<R: ScriptRunner> CacheStore for R {
     fn lookup(&self, request: LookupRequest) -> StoreFuture<Lookup> {
         lookup(self, request)
@@ -184,20 +156,21 @@ impl<R: ScriptRunner> CacheStore for R {
         store(self, request)
     }
 
-    fn release_fill(
-        &self,
-        segment: StoreKey,
-        key: StoreKey,
-        token: FillToken,
-    ) -> StoreFuture<bool> {
-        release_fill(self, segment, key, token)
+    fn release_fill(&self, segment: StoreKey, key: StoreKey, t: FillToken) -> StoreFuture<bool> {
+        let keys = vec![lock_key(self.prefix(), &segment, &key)];
+        let call = self.run(&CACHE_RELEASE, keys, vec![t.to_hex().into_bytes()]);
+        Box::pin(async move { Ok(call.await?.int()? == 1) })
     }
 
     fn invalidate_segment(&self, segment: StoreKey) -> StoreFuture<u64> {
-        invalidate_segment(self, segment)
+        let keys = vec![version_key(self.prefix(), &segment)];
+        let call = self.run(&CACHE_INVALIDATE, keys, vec![millis(VERSION_RETENTION)]);
+        Box::pin(async move { Ok(u64::try_from(call.await?.int()?).unwrap_or(0)) })
     }
 
     fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool> {
-        invalidate_key(self, segment, key)
+        let keys = vec![entry_key(self.prefix(), &segment, &key)];
+        let call = self.run(&CACHE_DELETE, keys, Vec::new());
+        Box::pin(async move { Ok(call.await?.int()? == 1) })
     }
 }

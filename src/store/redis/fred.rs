@@ -1,6 +1,6 @@
 //! The `fred` store: fred, standalone or cluster.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, time::Duration};
 
 use bytes::Bytes;
 
@@ -10,8 +10,10 @@ use fred::{
 };
 
 use super::{
+    cluster_nodes,
     script::{Lua, Reply, ScriptCall},
     sealed::Runner,
+    KeyPrefix,
 };
 use crate::store::StoreError;
 
@@ -23,7 +25,7 @@ use crate::store::StoreError;
 #[derive(Clone)]
 pub struct FredStore {
     client: FredClient,
-    prefix: Arc<str>,
+    prefix: KeyPrefix,
 }
 
 #[derive(Clone)]
@@ -67,28 +69,23 @@ impl FredStore {
     /// The prefix of every key this store writes (default `trl`), the same as
     /// [`RedisStore::prefix`](crate::store::RedisStore::prefix) so that both stores can share state.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        let prefix: String = prefix.into().replace(['{', '}'], "");
-        self.prefix = prefix.into();
+        self.prefix = KeyPrefix::new(prefix);
         self
     }
 
     fn with(client: FredClient) -> Self {
         Self {
             client,
-            prefix: Arc::from("trl"),
+            prefix: KeyPrefix::default(),
         }
     }
 }
 
 /// `redis+cluster://a:1,b:2` becomes `redis-cluster://a:1?node=b:2`.
 fn normalise_cluster_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Some((base, mut nodes)) = cluster_nodes(url) else {
         return url.to_owned();
     };
-    let Some(base) = scheme.strip_suffix("+cluster") else {
-        return url.to_owned();
-    };
-    let mut nodes = rest.split(',').map(str::trim).filter(|n| !n.is_empty());
     let first = nodes.next().unwrap_or_default();
     let extra: Vec<String> = nodes.map(|n| format!("node={n}")).collect();
     if extra.is_empty() {
@@ -185,6 +182,6 @@ impl Runner for FredStore {
     }
 
     fn prefix(&self) -> &str {
-        &self.prefix
+        self.prefix.as_str()
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! Every key of a call carries one hash tag, so each call runs on one Redis Cluster slot.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 mod cache;
 mod idempotency;
@@ -69,4 +69,46 @@ pub(crate) mod sealed {
         /// The prefix of every key.
         fn prefix(&self) -> &str;
     }
+}
+
+/// The prefix of every key a Redis store writes (default `trl`), without `{` or `}` so that it
+/// can never become a hash tag.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyPrefix(Arc<str>);
+
+impl KeyPrefix {
+    pub(crate) fn new(prefix: impl Into<String>) -> Self {
+        Self(prefix.into().replace(['{', '}'], "").into())
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for KeyPrefix {
+    fn default() -> Self {
+        Self(Arc::from("trl"))
+    }
+}
+
+/// The two keys of a lock or an idempotency record, under one hash tag: the value and its fence
+/// counter (`<prefix>:<kind>:{<key>}` and `<prefix>:<kind>-fence:{<key>}`).
+pub(crate) fn fenced_keys(prefix: &str, kind: &str, key: &crate::StoreKey) -> [String; 2] {
+    let tag = key.to_hex();
+    [
+        format!("{prefix}:{kind}:{{{tag}}}"),
+        format!("{prefix}:{kind}-fence:{{{tag}}}"),
+    ]
+}
+
+/// Splits `redis+cluster://a:1,b:2` (or `rediss+cluster://`) into the scheme without `+cluster`
+/// and the nodes; `None` for a URL of one server.
+pub(crate) fn cluster_nodes(url: &str) -> Option<(&str, impl Iterator<Item = &str>)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.strip_suffix("+cluster")?;
+    Some((
+        scheme,
+        rest.split(',').map(str::trim).filter(|n| !n.is_empty()),
+    ))
 }

@@ -1,6 +1,6 @@
 //! The `redis` store: redis-rs, standalone or cluster.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, time::Duration};
 
 use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
@@ -10,8 +10,10 @@ use redis::{
 };
 
 use super::{
+    cluster_nodes,
     script::{Reply, ScriptCall},
     sealed::Runner,
+    KeyPrefix,
 };
 use crate::store::StoreError;
 
@@ -32,7 +34,7 @@ use crate::store::StoreError;
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Connection,
-    prefix: Arc<str>,
+    prefix: KeyPrefix,
 }
 
 #[derive(Clone)]
@@ -93,15 +95,14 @@ impl RedisStore {
     /// The prefix of every key this store writes (default `trl`). Keys look like
     /// `trl:{<hashed key>}:<rule>`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        let prefix: String = prefix.into().replace(['{', '}'], "");
-        self.prefix = prefix.into();
+        self.prefix = KeyPrefix::new(prefix);
         self
     }
 
     fn with(conn: Connection) -> Self {
         Self {
             conn,
-            prefix: Arc::from("trl"),
+            prefix: KeyPrefix::default(),
         }
     }
 }
@@ -133,16 +134,6 @@ async fn warn_on_eviction(conn: &mut ConnectionManager) {
             );
         }
     }
-}
-
-/// Splits `redis+cluster://a:1,b:2` into (`redis`, nodes).
-pub(crate) fn cluster_nodes(url: &str) -> Option<(&str, impl Iterator<Item = &str>)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let scheme = scheme.strip_suffix("+cluster")?;
-    Some((
-        scheme,
-        rest.split(',').map(str::trim).filter(|n| !n.is_empty()),
-    ))
 }
 
 impl fmt::Debug for RedisStore {
@@ -218,6 +209,6 @@ impl Runner for RedisStore {
     }
 
     fn prefix(&self) -> &str {
-        &self.prefix
+        self.prefix.as_str()
     }
 }
