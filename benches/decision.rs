@@ -24,14 +24,7 @@ use tower_redis_layers::{
 };
 
 async fn one<S: RateLimitStore>(store: &S, key: &StoreKey, rules: &[Rule]) {
-    let _ = store
-        .check(RateCheck {
-            key,
-            rules,
-            cost: 1,
-            want_state: false,
-        })
-        .await;
+    let _ = store.check(RateCheck::new(key, rules, 1, false)).await;
 }
 
 fn bench_store<S: RateLimitStore>(

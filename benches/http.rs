@@ -563,14 +563,7 @@ async fn memory_store_rss() -> (u64, u64, u64, usize, usize) {
     let before = rss_kib();
     for i in 0u32..1_000_000 {
         let key = StoreKey::from_parts([i.to_le_bytes().as_slice()]);
-        let _ = store
-            .check(RateCheck {
-                key: &key,
-                rules: &rules,
-                cost: 1,
-                want_state: false,
-            })
-            .await;
+        let _ = store.check(RateCheck::new(&key, &rules, 1, false)).await;
     }
     let full = rss_kib();
     let len_full = store.len();
@@ -605,14 +598,7 @@ async fn redis_memory_per_key(redis: &RedisServer) -> Vec<String> {
         let key = StoreKey::from_parts([name.as_bytes()]);
         let rules = [rule];
         for _ in 0..100 {
-            let _ = store
-                .check(RateCheck {
-                    key: &key,
-                    rules: &rules,
-                    cost: 1,
-                    want_state: false,
-                })
-                .await;
+            let _ = store.check(RateCheck::new(&key, &rules, 1, false)).await;
         }
         let pattern = format!("trl:{{{}}}:*", key.to_hex());
         let found = redis

@@ -24,6 +24,20 @@ fn claim_request<'a>(token: &'a str, fingerprint: &'a [u8], lease: Duration) -> 
     }
 }
 
+/// Claims `key` for `token` (fingerprint `fp`), which must succeed: the fencing token.
+async fn claimed<S: IdempotencyStore>(
+    store: &S,
+    key: &crate::StoreKey,
+    token: &str,
+    lease: Duration,
+    why: &str,
+) -> u64 {
+    match store.claim(key, claim_request(token, b"fp", lease)).await {
+        Ok(crate::store::Claim::Claimed { fence }) => fence,
+        other => panic!("{why}: {other:?}"),
+    }
+}
+
 /// absent -> in flight -> completed, with mismatches detected at every stage.
 async fn claim_complete_and_replay<S: IdempotencyStore>(store: &S) {
     use crate::store::Claim;
@@ -114,21 +128,10 @@ async fn killed_holder_expires_and_its_late_completion_stores_nothing<S: Idempot
     let key = random_key();
     let (a, b) = (token(), token());
     let retention = Duration::from_secs(60);
-    let Claim::Claimed { fence: first } = store
-        .claim(&key, claim_request(&a, b"fp", Duration::from_millis(200)))
-        .await
-        .unwrap()
-    else {
-        panic!("not claimed");
-    };
+    let first = claimed(store, &key, &a, Duration::from_millis(200), "not claimed").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let Claim::Claimed { fence: second } = store
-        .claim(&key, claim_request(&b, b"fp", Duration::from_secs(10)))
-        .await
-        .unwrap()
-    else {
-        panic!("an expired claim must be claimable again");
-    };
+    let expired = "an expired claim must be claimable again";
+    let second = claimed(store, &key, &b, Duration::from_secs(10), expired).await;
     assert!(second > first);
     assert!(
         !store

@@ -47,6 +47,18 @@ async fn check_with<S: RateLimitStore>(
 
 const MARGIN: Duration = Duration::from_millis(60);
 
+/// One rule of every strategy, each admitting `limit` units at once and refilling slowly (one
+/// unit per `window` for the bucket and GCRA).
+fn every_strategy(limit: u64, window: Duration) -> [Rule; 5] {
+    [
+        Rule::fixed_window(limit, window),
+        Rule::sliding_log(limit, window),
+        Rule::sliding_window(limit, window),
+        Rule::token_bucket(limit, 1, window),
+        Rule::gcra(1, window, limit),
+    ]
+}
+
 /// Runs every check of the suite against `store`.
 pub async fn rate_limit_suite<S: RateLimitStore>(store: &S) {
     // Windows long enough that nothing refills while a check counts, even on a loaded machine.
@@ -234,13 +246,7 @@ async fn denial_names_the_longest_wait<S: RateLimitStore>(store: &S) {
 
 /// The cost of a request is taken from the budget.
 async fn cost_is_weighted<S: RateLimitStore>(store: &S) {
-    for rule in [
-        Rule::fixed_window(10, Duration::from_secs(30)),
-        Rule::sliding_log(10, Duration::from_secs(30)),
-        Rule::sliding_window(10, Duration::from_secs(30)),
-        Rule::token_bucket(10, 1, Duration::from_secs(30)),
-        Rule::gcra(1, Duration::from_secs(30), 10),
-    ] {
+    for rule in every_strategy(10, Duration::from_secs(30)) {
         let key = random_key();
         let rules = [rule.clone()];
         assert!(check(store, &key, &rules, 4).await.allowed);
@@ -257,13 +263,7 @@ async fn cost_is_weighted<S: RateLimitStore>(store: &S) {
 
 /// A cost above the limit can never pass; it is denied and consumes nothing.
 async fn cost_above_the_limit_is_always_denied<S: RateLimitStore>(store: &S) {
-    for rule in [
-        Rule::fixed_window(5, Duration::from_secs(30)),
-        Rule::sliding_log(5, Duration::from_secs(30)),
-        Rule::sliding_window(5, Duration::from_secs(30)),
-        Rule::token_bucket(5, 1, Duration::from_secs(30)),
-        Rule::gcra(1, Duration::from_secs(30), 5),
-    ] {
+    for rule in every_strategy(5, Duration::from_secs(30)) {
         let key = random_key();
         let rules = [rule.clone()];
         let d = check(store, &key, &rules, 6).await;

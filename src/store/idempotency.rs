@@ -29,15 +29,34 @@ pub enum Claim {
 
 /// A claim request: who claims, for which request, for how long.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct ClaimRequest<'a> {
     /// Random token of the claimant.
     pub token: &'a str,
-    /// Fingerprint of the request (SHA-256 of the body).
-    pub fingerprint: &'a [u8],
     /// Lease of the in-flight claim; renewed while the request runs.
     pub lease: Duration,
+    /// Fingerprint of the request (SHA-256 of the body).
+    pub fingerprint: &'a [u8],
     /// How long completed records are kept (the fence counter lives as long).
     pub retention: Duration,
+}
+
+impl<'a> ClaimRequest<'a> {
+    /// A claim by `token` for a request of `fingerprint`, leased for `lease`, the completed
+    /// record kept for `retention`.
+    pub fn new(
+        token: &'a str,
+        fingerprint: &'a [u8],
+        lease: Duration,
+        retention: Duration,
+    ) -> Self {
+        Self {
+            token,
+            fingerprint,
+            lease,
+            retention,
+        }
+    }
 }
 
 /// A store of idempotency records: absent, then in flight (a lease with a token), then

@@ -295,6 +295,7 @@ impl fmt::Debug for Rule {
 
 /// One rate-limit check: consume `cost` units for `key` from every rule, or from none.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct RateCheck<'a> {
     /// The hashed key of the caller (already namespaced by the policy).
     pub key: &'a StoreKey,
@@ -307,6 +308,19 @@ pub struct RateCheck<'a> {
     /// work when it is not: the per-rule fields of an admitted request may then be zero (the
     /// Redis stores skip building them).
     pub want_state: bool,
+}
+
+impl<'a> RateCheck<'a> {
+    /// A check of `rules` for `key` at `cost`, with the per-rule state in the answer when
+    /// `want_state`.
+    pub fn new(key: &'a StoreKey, rules: &'a [Rule], cost: u64, want_state: bool) -> Self {
+        Self {
+            key,
+            rules,
+            cost,
+            want_state,
+        }
+    }
 }
 
 /// A store's answer to a [`RateCheck`].

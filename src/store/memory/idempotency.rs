@@ -75,12 +75,10 @@ impl IdempotencyStore for MemoryStore {
     }
 
     fn extend_claim(&self, key: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool> {
-        let record = (Kind::Record, *key);
-        done(self.with_records(key, |r, now| r.renew(record, token, now, lease)))
+        self.renew(Kind::Record, key, token, lease)
     }
 
     fn release_claim(&self, key: &StoreKey, token: &str) -> StoreFuture<bool> {
-        let record = (Kind::Record, *key);
-        done(self.with_records(key, |r, now| r.release(record, token, now)))
+        self.release(Kind::Record, key, token)
     }
 }

@@ -29,12 +29,10 @@ impl LockStore for MemoryStore {
     }
 
     fn extend_lock(&self, resource: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool> {
-        let key = (Kind::Lock, *resource);
-        done(self.with_records(resource, |r, now| r.renew(key, token, now, lease)))
+        self.renew(Kind::Lock, resource, token, lease)
     }
 
     fn release_lock(&self, resource: &StoreKey, token: &str) -> StoreFuture<bool> {
-        let key = (Kind::Lock, *resource);
-        done(self.with_records(resource, |r, now| r.release(key, token, now)))
+        self.release(Kind::Lock, resource, token)
     }
 }

@@ -300,6 +300,16 @@ impl Records {
 }
 
 impl MemoryStore {
+    /// Renews the lease of what `token` holds at (`kind`, `key`).
+    fn renew(&self, kind: Kind, key: &StoreKey, token: &str, lease: Duration) -> StoreFuture<bool> {
+        done(self.with_records(key, |r, now| r.renew((kind, *key), token, now, lease)))
+    }
+
+    /// Deletes what `token` holds at (`kind`, `key`).
+    fn release(&self, kind: Kind, key: &StoreKey, token: &str) -> StoreFuture<bool> {
+        done(self.with_records(key, |r, now| r.release((kind, *key), token, now)))
+    }
+
     /// Runs `f` on the records shard of `key`, with the store's time.
     fn with_records<T>(
         &self,
