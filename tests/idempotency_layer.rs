@@ -19,12 +19,13 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{service_fn, util::BoxCloneSyncService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    idempotency::{FencingToken, IdempotencyBody, IdempotencyLockLayer},
+    idempotency::{FencingToken, IdempotencyLockLayer, ResponseBody},
     store::{IdempotencyStore, MemoryStore},
+    FailureMode,
 };
 
 type Req = Request<Full<Bytes>>;
-type Svc = BoxCloneSyncService<Req, Response<IdempotencyBody<Full<Bytes>>>, Infallible>;
+type Svc = BoxCloneSyncService<Req, Response<ResponseBody<Full<Bytes>>>, Infallible>;
 
 struct Handler {
     runs: Arc<AtomicUsize>,
@@ -41,7 +42,10 @@ fn service<B: IdempotencyStore>(layer: IdempotencyLockLayer<B>, h: Handler) -> S
         async move {
             let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(delay).await;
-            let fence = req.extensions().get::<FencingToken>().map_or(0, |f| f.0);
+            let fence = req
+                .extensions()
+                .get::<FencingToken>()
+                .map_or(0, |f| f.get());
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let mut res = Response::new(Full::from(format!(
                 "run={n} fence={fence} body={}",
@@ -243,7 +247,7 @@ async fn bad_keys_get_400<B: IdempotencyStore + Clone>(store: B) {
 
 async fn routes_and_tenants_are_isolated<B: IdempotencyStore + Clone>(store: B) {
     let (runs, h) = handler(0);
-    let layer = IdempotencyLockLayer::new(store).scope(|parts| {
+    let layer = IdempotencyLockLayer::new(store).partition(|parts| {
         parts
             .headers
             .get("x-tenant")
@@ -420,7 +424,7 @@ async fn redis_down_answers_503_or_runs_when_failing_open() {
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let (runs, h) = handler(0);
     let closed = service(
-        IdempotencyLockLayer::new(store.clone()).timeout(Duration::from_millis(300)),
+        IdempotencyLockLayer::new(store.clone()).store_timeout(Duration::from_millis(300)),
         h,
     );
     let h = Handler {
@@ -430,8 +434,8 @@ async fn redis_down_answers_503_or_runs_when_failing_open() {
     };
     let open = service(
         IdempotencyLockLayer::new(store)
-            .timeout(Duration::from_millis(300))
-            .fail_open(true),
+            .store_timeout(Duration::from_millis(300))
+            .on_store_error(FailureMode::Open),
         h,
     );
     server.stop();
