@@ -79,6 +79,15 @@ fn handler(delay_ms: u64) -> (Arc<AtomicUsize>, Handler) {
     (runs, h)
 }
 
+/// Another handler that counts its runs on `runs`, without delay.
+fn sharing(runs: &Arc<AtomicUsize>) -> Handler {
+    Handler {
+        runs: runs.clone(),
+        delay: Duration::ZERO,
+        fail_first: false,
+    }
+}
+
 fn post(path: &str, key: Option<&str>, body: &str) -> Req {
     let mut req = Request::builder()
         .method(Method::POST)
@@ -362,22 +371,10 @@ async fn server_errors_are_not_stored_and_fences_grow<B: IdempotencyStore + Clon
 
 async fn scopes_keep_two_layers_apart<B: IdempotencyStore + Clone>(store: B) {
     let (runs, h) = handler(0);
-    let h2 = Handler {
-        runs: runs.clone(),
-        delay: Duration::ZERO,
-        fail_first: false,
-    };
-    let h3 = Handler {
-        runs: runs.clone(),
-        delay: Duration::ZERO,
-        fail_first: false,
-    };
-    let orders = service(IdempotencyLockLayer::new(store.clone()).scope("orders"), h);
-    let refunds = service(
-        IdempotencyLockLayer::new(store.clone()).scope("refunds"),
-        h2,
-    );
-    let orders_replica = service(IdempotencyLockLayer::new(store).scope("orders"), h3);
+    let layer = |scope: &str| IdempotencyLockLayer::new(store.clone()).scope(scope);
+    let orders = service(layer("orders"), h);
+    let refunds = service(layer("refunds"), sharing(&runs));
+    let orders_replica = service(layer("orders"), sharing(&runs));
     let key = unique("scope");
     let first = send(&orders, post("/pay", Some(&key), "x")).await;
     assert_eq!((first.status, first.replayed), (201, false));
@@ -709,17 +706,10 @@ async fn a_stalled_store_answers_503_within_the_store_timeout_or_runs_when_open(
         "the request ran unprotected"
     );
 
-    let h = Handler {
-        runs: runs.clone(),
-        delay: Duration::ZERO,
-        fail_first: false,
-    };
-    let open = service(
-        IdempotencyLockLayer::new(store)
-            .store_timeout(Duration::from_millis(200))
-            .on_store_error(FailureMode::Open),
-        h,
-    );
+    let open = IdempotencyLockLayer::new(store)
+        .store_timeout(Duration::from_millis(200))
+        .on_store_error(FailureMode::Open);
+    let open = service(open, sharing(&runs));
     let start = tokio::time::Instant::now();
     let answer = send(&open, post("/orders", Some("k1"), "x")).await;
     assert_eq!((answer.status, answer.replayed), (201, false));

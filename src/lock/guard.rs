@@ -9,35 +9,16 @@ use crate::{
 /// A held lock. Renews its lease in the background; dropping it releases the lock. See the
 /// [module docs](super) for an example.
 pub struct LockGuard {
-    store: Arc<dyn LockStore>,
-    key: StoreKey,
-    token: String,
-    fence: u64,
-    lease: Lease,
-    store_timeout: Duration,
-    released: bool,
+    pub(super) store: Arc<dyn LockStore>,
+    pub(super) key: StoreKey,
+    pub(super) token: String,
+    pub(super) fence: u64,
+    pub(super) lease: Lease,
+    pub(super) store_timeout: Duration,
+    pub(super) released: bool,
 }
 
 impl LockGuard {
-    pub(super) fn new(
-        store: Arc<dyn LockStore>,
-        key: StoreKey,
-        token: String,
-        fence: u64,
-        lease: Lease,
-        store_timeout: Duration,
-    ) -> Self {
-        Self {
-            store,
-            key,
-            token,
-            fence,
-            lease,
-            store_timeout,
-            released: false,
-        }
-    }
-
     /// The fencing token of this acquisition: larger than every earlier one for the resource.
     pub fn fence(&self) -> u64 {
         self.fence

@@ -74,14 +74,15 @@ impl<B: LockStore> Lock<B> {
                 store.extend_lock(&key, &token, lease)
             })
         };
-        Ok(Some(LockGuard::new(
+        Ok(Some(LockGuard {
             store,
             key,
             token,
             fence,
-            renewal,
-            self.store_timeout,
-        )))
+            lease: renewal,
+            store_timeout: self.store_timeout,
+            released: false,
+        }))
     }
 
     /// Takes the lock on `resource`, retrying with jittered backoff for up to `wait`. A store
