@@ -7,9 +7,6 @@
 //! One rule for trailers, in every layer: a body that ends with trailers is passed on whole,
 //! trailers included, and is never stored (a stored body could not replay them).
 
-// TEMPORARY until the cache and idempotency layers read through it.
-#![allow(dead_code)]
-
 use std::{
     pin::Pin,
     task::{Context, Poll},

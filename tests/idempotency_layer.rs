@@ -5,6 +5,7 @@ mod common;
 
 use std::{
     convert::Infallible,
+    io,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -16,15 +17,17 @@ use bytes::Bytes;
 use common::{RedisCluster, RedisServer};
 use futures_util::future::join_all;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use tower::{service_fn, util::BoxCloneSyncService, ServiceBuilder, ServiceExt};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tower::{service_fn, util::BoxCloneSyncService, Service, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    idempotency::{FencingToken, IdempotencyBody, IdempotencyLockLayer},
-    store::{IdempotencyStore, MemoryStore},
+    idempotency::{FencingToken, IdempotencyLockLayer, ResponseBody},
+    store::{Claim, ClaimRequest, IdempotencyStore, MemoryStore, StoreFuture},
+    FailureMode, StoreKey,
 };
 
 type Req = Request<Full<Bytes>>;
-type Svc = BoxCloneSyncService<Req, Response<IdempotencyBody<Full<Bytes>>>, Infallible>;
+type Svc = BoxCloneSyncService<Req, Response<ResponseBody<Full<Bytes>>>, Infallible>;
 
 struct Handler {
     runs: Arc<AtomicUsize>,
@@ -41,7 +44,10 @@ fn service<B: IdempotencyStore>(layer: IdempotencyLockLayer<B>, h: Handler) -> S
         async move {
             let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(delay).await;
-            let fence = req.extensions().get::<FencingToken>().map_or(0, |f| f.0);
+            let fence = req
+                .extensions()
+                .get::<FencingToken>()
+                .map_or(0, |f| f.get());
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let mut res = Response::new(Full::from(format!(
                 "run={n} fence={fence} body={}",
@@ -71,6 +77,15 @@ fn handler(delay_ms: u64) -> (Arc<AtomicUsize>, Handler) {
         fail_first: false,
     };
     (runs, h)
+}
+
+/// Another handler that counts its runs on `runs`, without delay.
+fn sharing(runs: &Arc<AtomicUsize>) -> Handler {
+    Handler {
+        runs: runs.clone(),
+        delay: Duration::ZERO,
+        fail_first: false,
+    }
 }
 
 fn post(path: &str, key: Option<&str>, body: &str) -> Req {
@@ -135,6 +150,9 @@ async fn scenarios<B: IdempotencyStore + Clone>(a: B, b: B) {
         renewal_keeps_a_long_handler_exclusive(a.clone(), b.clone()),
         dropped_request_releases_the_key(a.clone()),
         server_errors_are_not_stored_and_fences_grow(a.clone()),
+        scopes_keep_two_layers_apart(a.clone()),
+        trailers_are_passed_on_and_not_replayed(a.clone()),
+        a_failed_response_body_releases_the_key(a.clone()),
         large_bodies(a),
     );
 }
@@ -243,7 +261,7 @@ async fn bad_keys_get_400<B: IdempotencyStore + Clone>(store: B) {
 
 async fn routes_and_tenants_are_isolated<B: IdempotencyStore + Clone>(store: B) {
     let (runs, h) = handler(0);
-    let layer = IdempotencyLockLayer::new(store).scope(|parts| {
+    let layer = IdempotencyLockLayer::new(store).partition(|parts| {
         parts
             .headers
             .get("x-tenant")
@@ -351,6 +369,104 @@ async fn server_errors_are_not_stored_and_fences_grow<B: IdempotencyStore + Clon
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
+async fn scopes_keep_two_layers_apart<B: IdempotencyStore + Clone>(store: B) {
+    let (runs, h) = handler(0);
+    let layer = |scope: &str| IdempotencyLockLayer::new(store.clone()).scope(scope);
+    let orders = service(layer("orders"), h);
+    let refunds = service(layer("refunds"), sharing(&runs));
+    let orders_replica = service(layer("orders"), sharing(&runs));
+    let key = unique("scope");
+    let first = send(&orders, post("/pay", Some(&key), "x")).await;
+    assert_eq!((first.status, first.replayed), (201, false));
+    // Another scope: another record, the handler runs.
+    let other = send(&refunds, post("/pay", Some(&key), "x")).await;
+    assert_eq!((other.status, other.replayed), (201, false));
+    // The same scope on another replica: the same record, replayed.
+    let replay = send(&orders_replica, post("/pay", Some(&key), "x")).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+type FrameStream =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, io::Error>>>>;
+
+/// A layer over a handler that answers `201` with `frames` as its body.
+fn streaming<B: IdempotencyStore>(
+    layer: IdempotencyLockLayer<B>,
+    runs: Arc<AtomicUsize>,
+    frames: fn() -> Vec<Result<Frame<Bytes>, io::Error>>,
+) -> impl Service<Req, Response = Response<ResponseBody<FrameStream>>, Error = Infallible> + Clone {
+    let inner = service_fn(move |_req: Req| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        let mut res = Response::new(StreamBody::new(futures_util::stream::iter(frames())));
+        *res.status_mut() = StatusCode::CREATED;
+        async move { Ok::<_, Infallible>(res) }
+    });
+    ServiceBuilder::new().layer(layer).service(inner)
+}
+
+fn with_trailers() -> Vec<Result<Frame<Bytes>, io::Error>> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    vec![
+        Ok(Frame::data(Bytes::from_static(b"made"))),
+        Ok(Frame::trailers(trailers)),
+    ]
+}
+
+fn failing() -> Vec<Result<Frame<Bytes>, io::Error>> {
+    vec![
+        Ok(Frame::data(Bytes::from_static(b"half"))),
+        Err(io::Error::other("the handler's body failed")),
+    ]
+}
+
+async fn trailers_are_passed_on_and_not_replayed<B: IdempotencyStore + Clone>(store: B) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = streaming(
+        IdempotencyLockLayer::new(store),
+        runs.clone(),
+        with_trailers,
+    );
+    let key = unique("trailers");
+    let first = svc
+        .clone()
+        .oneshot(post("/orders", Some(&key), "x"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let body = first.into_body().collect().await.unwrap();
+    assert_eq!(
+        body.trailers().map(|t| &t["grpc-status"]),
+        Some(&HeaderValue::from_static("0")),
+        "the trailers were dropped"
+    );
+    assert_eq!(body.to_bytes(), Bytes::from_static(b"made"));
+    // Recorded as done but not replayable, like a response over the cap.
+    let dup = svc.oneshot(post("/orders", Some(&key), "x")).await.unwrap();
+    assert_eq!(dup.status(), 409);
+    assert!(dup.headers().get("retry-after").is_none());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+async fn a_failed_response_body_releases_the_key<B: IdempotencyStore + Clone>(store: B) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = streaming(IdempotencyLockLayer::new(store), runs.clone(), failing);
+    let key = unique("failed");
+    let first = svc
+        .clone()
+        .oneshot(post("/orders", Some(&key), "x"))
+        .await
+        .unwrap();
+    assert!(first.into_body().collect().await.is_err());
+    // The key was released: the retry runs.
+    let retry = svc.oneshot(post("/orders", Some(&key), "x")).await.unwrap();
+    assert_eq!(retry.status(), 201);
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
 async fn large_bodies<B: IdempotencyStore + Clone>(store: B) {
     let (runs, h) = handler(0);
     let svc = service(IdempotencyLockLayer::new(store).max_body(64), h);
@@ -420,7 +536,7 @@ async fn redis_down_answers_503_or_runs_when_failing_open() {
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let (runs, h) = handler(0);
     let closed = service(
-        IdempotencyLockLayer::new(store.clone()).timeout(Duration::from_millis(300)),
+        IdempotencyLockLayer::new(store.clone()).store_timeout(Duration::from_millis(300)),
         h,
     );
     let h = Handler {
@@ -430,8 +546,8 @@ async fn redis_down_answers_503_or_runs_when_failing_open() {
     };
     let open = service(
         IdempotencyLockLayer::new(store)
-            .timeout(Duration::from_millis(300))
-            .fail_open(true),
+            .store_timeout(Duration::from_millis(300))
+            .on_store_error(FailureMode::Open),
         h,
     );
     server.stop();
@@ -486,4 +602,163 @@ async fn round_trips_per_first_execution_and_per_replay() {
     println!("round trips: first execution {first}, replay {replay}");
     assert_eq!(first, 2, "claim + complete");
     assert_eq!(replay, 1, "claim only");
+}
+
+#[tokio::test]
+async fn a_rejection_builder_shapes_the_layers_own_responses() {
+    use tower_redis_layers::idempotency::Rejection;
+    let (runs, h) = handler(300);
+    let layer = IdempotencyLockLayer::new(MemoryStore::new())
+        .required(true)
+        .max_body(8)
+        .rejection(|why: &Rejection| {
+            let mut res = Response::new(Bytes::from(format!("custom {why:?}")));
+            *res.status_mut() = why.status();
+            if *why == Rejection::MissingKey {
+                res.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("7"));
+            }
+            res
+        });
+    let svc = service(layer, h);
+    let missing = send(&svc, post("/orders", None, "x")).await;
+    assert_eq!(
+        (missing.status, missing.body.as_str()),
+        (400, "custom MissingKey")
+    );
+    assert_eq!(missing.retry_after.as_deref(), Some("7"));
+    let invalid = send(&svc, post("/orders", Some("has space"), "x")).await;
+    assert_eq!(
+        (invalid.status, invalid.body.as_str()),
+        (400, "custom InvalidKey")
+    );
+    let large = send(&svc, post("/orders", Some("big"), "123456789")).await;
+    assert_eq!(
+        (large.status, large.body.as_str()),
+        (413, "custom TooLarge")
+    );
+    // In flight: the layer adds `Retry-After: 1` since the builder gave none.
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, post("/orders", Some("k"), "one")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let dup = send(&svc, post("/orders", Some("k"), "one")).await;
+    assert_eq!((dup.status, dup.body.as_str()), (409, "custom InFlight"));
+    assert_eq!(dup.retry_after.as_deref(), Some("1"));
+    assert_eq!(first.await.unwrap().status, 201);
+    let other = send(&svc, post("/orders", Some("k"), "two")).await;
+    assert_eq!(
+        (other.status, other.body.as_str()),
+        (422, "custom Mismatch")
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A memory store whose idempotency calls never answer while `stalled` is set (a stopped
+/// server).
+#[derive(Clone, Default)]
+struct Stalling {
+    store: MemoryStore,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stalling {
+    fn call<T: Send + 'static>(&self, call: StoreFuture<T>) -> StoreFuture<T> {
+        if self.stalled.load(Ordering::SeqCst) {
+            Box::pin(std::future::pending())
+        } else {
+            call
+        }
+    }
+}
+
+impl IdempotencyStore for Stalling {
+    fn claim(&self, k: &StoreKey, r: ClaimRequest<'_>) -> StoreFuture<Claim> {
+        self.call(self.store.claim(k, r))
+    }
+    fn complete(&self, k: &StoreKey, t: &str, r: Vec<u8>, d: Duration) -> StoreFuture<bool> {
+        self.call(self.store.complete(k, t, r, d))
+    }
+    fn extend_claim(&self, k: &StoreKey, t: &str, l: Duration) -> StoreFuture<bool> {
+        self.call(self.store.extend_claim(k, t, l))
+    }
+    fn release_claim(&self, k: &StoreKey, t: &str) -> StoreFuture<bool> {
+        self.call(self.store.release_claim(k, t))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_store_answers_503_within_the_store_timeout_or_runs_when_open() {
+    let store = Stalling::default();
+    store.stalled.store(true, Ordering::SeqCst);
+    let (runs, h) = handler(0);
+    let closed = service(IdempotencyLockLayer::new(store.clone()), h);
+    let start = tokio::time::Instant::now();
+    let answer = send(&closed, post("/orders", Some("k1"), "x")).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.retry_after.as_deref(), Some("1"));
+    assert!(answer.body.contains("\"status\":503"));
+    assert_eq!(start.elapsed(), Duration::from_secs(1), "the default bound");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the request ran unprotected"
+    );
+
+    let open = IdempotencyLockLayer::new(store)
+        .store_timeout(Duration::from_millis(200))
+        .on_store_error(FailureMode::Open);
+    let open = service(open, sharing(&runs));
+    let start = tokio::time::Instant::now();
+    let answer = send(&open, post("/orders", Some("k1"), "x")).await;
+    assert_eq!((answer.status, answer.replayed), (201, false));
+    assert_eq!(start.elapsed(), Duration::from_millis(200));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn storing_the_response_is_bounded_by_the_store_timeout() {
+    // Storing the response and renewing the lease time out; the response is still passed on.
+    let store = Stalling::default();
+    let stalled = store.stalled.clone();
+    let inner = service_fn(move |_req: Req| {
+        stalled.store(true, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Full::from("made"))) }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLockLayer::new(store).store_timeout(Duration::from_millis(300)))
+        .service(inner);
+    let start = tokio::time::Instant::now();
+    let res = svc.oneshot(post("/orders", Some("k"), "x")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, Bytes::from_static(b"made"));
+}
+
+#[tokio::test]
+async fn the_service_is_built_and_taken_apart_like_tower_http_services() {
+    use tower_redis_layers::idempotency::IdempotencyLock;
+    let (runs, h) = handler(0);
+    let inner = service(IdempotencyLockLayer::new(MemoryStore::new()), h);
+    // `new` with the default options, or `layer` for a layer to configure.
+    let mut svc = IdempotencyLock::new(inner, MemoryStore::new());
+    let _: &Svc = svc.get_ref();
+    let _: &mut Svc = svc.get_mut();
+    let answer = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(post("/orders", Some("k"), "x"))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 201);
+    let inner: Svc = svc.into_inner();
+    assert_eq!(send(&inner, post("/other", None, "x")).await.status, 201);
+    let layer = IdempotencyLock::<Svc, _>::layer(MemoryStore::new()).required(true);
+    let wrapped = ServiceBuilder::new().layer(layer).service(inner);
+    let answer = wrapped.oneshot(post("/orders", None, "x")).await.unwrap();
+    assert_eq!(answer.status(), 400);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
 }

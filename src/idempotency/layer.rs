@@ -1,15 +1,21 @@
 use std::{fmt, sync::Arc, time::Duration};
 
-use http::{request::Parts, HeaderName, Method, StatusCode};
+use bytes::Bytes;
+use http::{request::Parts, HeaderName, Method, Response, StatusCode};
 use tower_layer::Layer;
 
-use super::IdempotencyLock;
+use super::{IdempotencyLock, Rejection};
+use crate::store::FailureMode;
 
-type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+type PartitionFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 type StoreIfFn = dyn Fn(StatusCode) -> bool + Send + Sync;
+pub(crate) type RejectionFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 
-/// Runs each request with an `Idempotency-Key` once and replays its response to duplicates;
-/// see the [module docs](super) for an example.
+/// The namespace of the records when no [scope](IdempotencyLockLayer::scope) is given.
+pub(crate) const DEFAULT_SCOPE: &str = "idempotency";
+
+/// Runs each request with an `Idempotency-Key` once and replays its response to duplicates.
+/// See the [module docs](super) for an example.
 pub struct IdempotencyLockLayer<B> {
     pub(crate) store: Arc<B>,
     pub(crate) config: Arc<Config>,
@@ -20,14 +26,36 @@ pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) header: HeaderName,
     pub(crate) required: bool,
-    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) scope: String,
+    pub(crate) partition: Option<Arc<PartitionFn>>,
     pub(crate) max_body: usize,
     pub(crate) lease: Duration,
     pub(crate) retention: Duration,
     pub(crate) in_flight_wait: Option<Duration>,
     pub(crate) store_if: Arc<StoreIfFn>,
-    pub(crate) fail_open: bool,
-    pub(crate) timeout: Duration,
+    pub(crate) on_store_error: FailureMode,
+    pub(crate) store_timeout: Duration,
+    pub(crate) rejection: Option<Arc<RejectionFn>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            methods: vec![Method::POST, Method::PATCH],
+            header: HeaderName::from_static("idempotency-key"),
+            required: false,
+            scope: DEFAULT_SCOPE.to_owned(),
+            partition: None,
+            max_body: 1024 * 1024,
+            lease: Duration::from_secs(10),
+            retention: Duration::from_secs(24 * 3600),
+            in_flight_wait: None,
+            store_if: Arc::new(|status: StatusCode| !status.is_server_error()),
+            on_store_error: FailureMode::Closed,
+            store_timeout: Duration::from_secs(1),
+            rejection: None,
+        }
+    }
 }
 
 impl<B> IdempotencyLockLayer<B> {
@@ -35,19 +63,7 @@ impl<B> IdempotencyLockLayer<B> {
     pub fn new(store: B) -> Self {
         Self {
             store: Arc::new(store),
-            config: Arc::new(Config {
-                methods: vec![Method::POST, Method::PATCH],
-                header: HeaderName::from_static("idempotency-key"),
-                required: false,
-                scope: None,
-                max_body: 1024 * 1024,
-                lease: Duration::from_secs(10),
-                retention: Duration::from_secs(24 * 3600),
-                in_flight_wait: None,
-                store_if: Arc::new(|status: StatusCode| !status.is_server_error()),
-                fail_open: false,
-                timeout: Duration::from_secs(1),
-            }),
+            config: Arc::new(Config::default()),
         }
     }
 
@@ -69,13 +85,22 @@ impl<B> IdempotencyLockLayer<B> {
         self
     }
 
-    /// Scopes records by a value of the request (for example the caller's tenant), on top of
-    /// the method and path: the same key from another scope is another record.
-    pub fn scope<F>(mut self, scope: F) -> Self
+    /// The namespace of this layer's records in the store (default `"idempotency"`). Layers
+    /// with the same scope (the same route on two replicas) share records; give two layers on
+    /// one store different scopes to keep their records apart.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.config_mut().scope = scope.into();
+        self
+    }
+
+    /// Partitions records by a value of the request (for example the caller's tenant), on top
+    /// of the scope, the method and the path: the same key in another partition is another
+    /// record. `None` is the partition of requests without such a value.
+    pub fn partition<F>(mut self, partition: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
-        self.config_mut().scope = Some(Arc::new(scope));
+        self.config_mut().partition = Some(Arc::new(partition));
         self
     }
 
@@ -88,8 +113,8 @@ impl<B> IdempotencyLockLayer<B> {
         self
     }
 
-    /// The lease of an in-flight request (default 10 s), renewed every third of it while the
-    /// handler runs. It bounds how long a crashed replica blocks the key.
+    /// The lease of an in-flight request (default 10 s, at least 30 ms), renewed every third of
+    /// it while the handler runs. It bounds how long a crashed replica blocks the key.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config_mut().lease = lease.max(Duration::from_millis(30));
         self
@@ -118,16 +143,31 @@ impl<B> IdempotencyLockLayer<B> {
         self
     }
 
-    /// When the store fails or times out: `false` (the default) answers `503` with
-    /// `Retry-After` and does not run the request; `true` runs it unprotected.
-    pub fn fail_open(mut self, fail_open: bool) -> Self {
-        self.config_mut().fail_open = fail_open;
+    /// What to do when the store fails or does not answer within the
+    /// [store timeout](Self::store_timeout) while claiming a key (default
+    /// [`FailureMode::Closed`]): `Closed` answers `503` with `Retry-After: 1` and does not run
+    /// the request; `Open` runs it without protection. A warning is logged either way.
+    pub fn on_store_error(mut self, mode: FailureMode) -> Self {
+        self.config_mut().on_store_error = mode;
         self
     }
 
-    /// How long each store call may take (default 1 s).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.config_mut().timeout = timeout;
+    /// How long each store call may take (default 1 s): claiming, each renewal of the lease
+    /// (also bounded by a third of it), storing the response and releasing the key.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config_mut().store_timeout = timeout;
+        self
+    }
+
+    /// Builds the responses the layer sends itself (see [`Rejection`] for each case and its
+    /// default status). The layer adds `Retry-After: 1` to [`Rejection::InFlight`] and
+    /// [`Rejection::Unavailable`] unless the response has one. The default is
+    /// `application/problem+json` (RFC 9457).
+    pub fn rejection<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+    {
+        self.config_mut().rejection = Some(Arc::new(f));
         self
     }
 
@@ -153,11 +193,13 @@ impl<B: fmt::Debug> fmt::Debug for IdempotencyLockLayer<B> {
             .field("methods", &c.methods)
             .field("header", &c.header)
             .field("required", &c.required)
+            .field("scope", &c.scope)
             .field("max_body", &c.max_body)
             .field("lease", &c.lease)
             .field("retention", &c.retention)
             .field("in_flight_wait", &c.in_flight_wait)
-            .field("fail_open", &c.fail_open)
+            .field("on_store_error", &c.on_store_error)
+            .field("store_timeout", &c.store_timeout)
             .finish_non_exhaustive()
     }
 }

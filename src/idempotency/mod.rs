@@ -1,62 +1,107 @@
 //! `Idempotency-Key` handling (draft-ietf-httpapi-idempotency-key-header) on top of the safe
 //! lock: one execution per key, its response replayed to duplicates.
 //!
-//! For each `POST` or `PATCH` with an `Idempotency-Key`, the layer reads the body (up to a cap,
-//! `413` above it), fingerprints it (SHA-256), and claims a record scoped by method, path and an
-//! optional scope. Each step is one store call:
+//! For each `POST` or `PATCH` with an `Idempotency-Key`, the layer reads the body (up to
+//! [`max_body`](IdempotencyLockLayer::max_body), `413` above it), fingerprints it (SHA-256),
+//! and claims a record named by the layer's [scope](IdempotencyLockLayer::scope), the request's
+//! [partition](IdempotencyLockLayer::partition) (if any), the method, the path and the key.
+//! Each step is one store call:
 //!
 //! - **claimed**: the handler runs under a lease renewed every third of its length; its
 //!   response (status, end-to-end headers, body up to the cap) is stored for the retention time,
 //!   only if this request still holds the claim. By default a 5xx response is not stored: the
 //!   claim is released so the client may retry. The fencing token of the claim is in the
 //!   request's extensions as [`FencingToken`].
-//! - **in flight**: a duplicate gets `409 Conflict` with `Retry-After` (or waits for the result,
-//!   with [`IdempotencyLockLayer::in_flight_wait`]).
+//! - **in flight**: a duplicate gets `409 Conflict` with `Retry-After: 1` (or waits for the
+//!   result, with [`in_flight_wait`](IdempotencyLockLayer::in_flight_wait)).
 //! - **completed**: a duplicate gets the stored response, with `Idempotent-Replayed: true`.
 //! - **another body**: `422 Unprocessable Content`.
 //!
 //! A key that is empty, longer than 255 characters or not visible ASCII gets `400`; so does a
-//! missing key when it is [`required`](IdempotencyLockLayer::required). Error bodies are
-//! `application/problem+json`. If the handler fails, panics, or its future is dropped (the
-//! client went away), the claim is released. When the store is slow or down the layer answers
-//! `503` with `Retry-After` and does not run the request unprotected, unless
-//! [`fail_open`](IdempotencyLockLayer::fail_open) says so.
+//! missing key when it is [`required`](IdempotencyLockLayer::required). The responses the layer
+//! sends itself are `application/problem+json`, or what
+//! [`rejection`](IdempotencyLockLayer::rejection) builds for each [`Rejection`].
 //!
-//! Redis is not durable by default: keeping records across a Redis restart needs AOF
-//! (`appendonly yes`, `appendfsync everysec` at least), and an `allkeys-*` eviction policy can
-//! drop records; use `noeviction` or a `volatile-*` policy.
+//! A response is passed on whole. It is stored for replay when its body is read whole within
+//! `max_body` and has no trailers. A larger response, or one that ends with trailers, is
+//! recorded as done without its body: a duplicate gets `409` ([`Rejection::NotReplayable`])
+//! rather than running the request again. The handler gets the request body read into
+//! memory, without request trailers.
 //!
 //! # Example
 //!
 //! ```
 //! use std::time::Duration;
-//! use axum::{routing::post, Router, Extension};
-//! use tower_redis_layers::store::MemoryStore;
+//! use axum::{body::Body, routing::post, Extension, Router};
+//! use http::{Request, StatusCode};
+//! use tower::ServiceExt;
 //! use tower_redis_layers::idempotency::{FencingToken, IdempotencyLockLayer};
+//! use tower_redis_layers::store::MemoryStore;
 //!
-//! async fn create_order(Extension(fence): Extension<FencingToken>, body: String) -> String {
-//!     format!("order made under fence {}: {body}", fence.0)
+//! async fn create_order(Extension(fence): Extension<FencingToken>, body: String) -> (StatusCode, String) {
+//!     (StatusCode::CREATED, format!("order made under fence {fence}: {body}"))
 //! }
 //!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // A `RedisStore` or `FredStore` shares the records between replicas.
 //! let layer = IdempotencyLockLayer::new(MemoryStore::new())
 //!     .lease(Duration::from_secs(10))
 //!     .retention(Duration::from_secs(24 * 3600));
-//! let app: Router = Router::new().route("/orders", post(create_order)).layer(layer);
+//! let app = Router::new().route("/orders", post(create_order)).layer(layer);
+//!
+//! let order = || {
+//!     Request::post("/orders")
+//!         .header("idempotency-key", "8e03978e-40d5-43e8-bc93-6894a57f9324")
+//!         .body(Body::from("one book"))
+//!         .unwrap()
+//! };
+//! let first = app.clone().oneshot(order()).await.unwrap();
+//! assert_eq!(first.status(), StatusCode::CREATED);
+//! // The retry does not run the handler again: it gets the stored response.
+//! let retry = app.oneshot(order()).await.unwrap();
+//! assert_eq!(retry.status(), StatusCode::CREATED);
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! # }
 //! ```
+//!
+//! # Failure behaviour
+//!
+//! Every store call (claiming, renewing the lease, storing the response, releasing the claim)
+//! is bounded by the [store timeout](IdempotencyLockLayer::store_timeout) (default 1 s).
+//!
+//! - **Claiming fails** or times out: by default ([`FailureMode::Closed`](crate::FailureMode))
+//!   the layer answers `503` with `Retry-After: 1` and does not run the request unprotected;
+//!   with [`on_store_error(FailureMode::Open)`](IdempotencyLockLayer::on_store_error) it runs
+//!   the request without protection. A warning is logged either way.
+//! - **The handler fails, panics, or its future is dropped** (the client went away): the claim
+//!   is released in the background, so the client may retry.
+//! - **Renewing the lease fails**: it is retried at the next third of the lease; when none
+//!   succeeded for a whole lease, the response is not stored (another request may have claimed
+//!   the record).
+//! - **Storing the response or releasing the claim fails**: the response is still passed on and
+//!   a warning is logged; the in-flight record expires with its lease, after which the request
+//!   may run again.
+//!
+//! Redis is not durable by default: keeping records across a Redis restart needs AOF
+//! (`appendonly yes`, `appendfsync everysec` at least), and an `allkeys-*` eviction policy can
+//! drop records; use `noeviction` or a `volatile-*` policy.
 
-mod body;
+mod claim;
+mod complete;
+mod execute;
 mod future;
 mod layer;
 mod record;
+mod rejection;
+mod request;
 mod service;
 
 pub use self::{
-    body::IdempotencyBody, future::ResponseFuture, layer::IdempotencyLockLayer,
-    service::IdempotencyLock,
+    execute::FencingToken, future::ResponseFuture, layer::IdempotencyLockLayer,
+    rejection::Rejection, service::IdempotencyLock,
 };
+pub use crate::ResponseBody;
 
-/// The fencing token of the claim a request runs under, in the request's extensions. It grows
-/// with every claim of the same record: storage that remembers the highest token it saw can
-/// reject a late write from a request whose claim was lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FencingToken(pub u64);
+/// The `tracing` target of the layer's events.
+const TARGET: &str = "tower_redis_layers::idempotency";

@@ -1,8 +1,10 @@
 //! The stored response of a completed request, encoded with `postcard` behind a version byte.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{header::CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
+
+use crate::body::is_hop_by_hop;
 
 const VERSION: u8 = 1;
 
@@ -11,39 +13,18 @@ const VERSION: u8 = 1;
 pub(crate) struct StoredResponse {
     pub(crate) status: u16,
     pub(crate) headers: Vec<(String, Vec<u8>)>,
-    /// `None` when the body was larger than the cap: the request ran, but cannot be replayed.
+    /// `None` when the body was not stored (larger than the cap, or it ended with trailers): the
+    /// request ran, but cannot be replayed.
     pub(crate) body: Option<Vec<u8>>,
 }
 
-/// Hop-by-hop fields (RFC 9110 section 7.6.1), never stored.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 impl StoredResponse {
+    /// The response to store: its status, its end-to-end fields (not hop-by-hop ones, nor
+    /// `Content-Length`, which the replayed body sets) and its body (`None`: not replayable).
     pub(crate) fn new(status: StatusCode, headers: &HeaderMap, body: Option<&[u8]>) -> Self {
-        let named_in_connection: Vec<String> = headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|name| name.trim().to_ascii_lowercase())
-            .collect();
         let headers = headers
             .iter()
-            .filter(|(name, _)| {
-                let name = name.as_str();
-                !HOP_BY_HOP.contains(&name)
-                    && !named_in_connection.iter().any(|n| n == name)
-                    && name != "content-length"
-            })
+            .filter(|(name, _)| !is_hop_by_hop(headers, name) && *name != CONTENT_LENGTH)
             .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
             .collect();
         Self {

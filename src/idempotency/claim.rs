@@ -1,0 +1,94 @@
+//! The claim step: one store call that takes the record, or finds it in flight, completed, or
+//! made by another request body.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response};
+use tokio::time::Instant;
+
+use super::{
+    layer::Config,
+    record::StoredResponse,
+    rejection::{rejection, Rejection},
+    TARGET,
+};
+use crate::{
+    store::{bounded, Claim, ClaimRequest, IdempotencyStore, StoreError},
+    StoreKey,
+};
+
+/// How often a duplicate that waits for an in-flight request asks again.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(50);
+
+/// What claiming a record came to.
+pub(super) enum Claimed {
+    /// The record is this request's, under this fencing token: the handler runs.
+    Fence(u64),
+    /// The layer answers: the stored response, or a rejection (in flight, another body).
+    Answer(Response<Bytes>),
+    /// The store failed or did not answer in time.
+    StoreFailed(StoreError),
+}
+
+/// Claims `record` for `token`. A duplicate of an in-flight request asks again until the
+/// [in-flight wait](super::IdempotencyLockLayer::in_flight_wait) is over.
+pub(super) async fn claim(
+    store: &dyn IdempotencyStore,
+    config: &Config,
+    record: &StoreKey,
+    token: &str,
+    fingerprint: &[u8],
+) -> Claimed {
+    let deadline = config.in_flight_wait.map(|w| Instant::now() + w);
+    loop {
+        let claim = store.claim(
+            record,
+            ClaimRequest {
+                token,
+                fingerprint,
+                lease: config.lease,
+                retention: config.retention,
+            },
+        );
+        let why = match bounded(Some(config.store_timeout), claim).await {
+            Ok(Claim::Claimed { fence }) => return Claimed::Fence(fence),
+            Err(error) => return Claimed::StoreFailed(error),
+            Ok(Claim::Completed(stored)) => {
+                tracing::debug!(target: TARGET, record = %record, outcome = "replayed");
+                return Claimed::Answer(replay(config, &stored));
+            }
+            Ok(Claim::InFlight { .. }) if deadline.is_some_and(|d| Instant::now() < d) => {
+                tokio::time::sleep(IN_FLIGHT_POLL).await;
+                continue;
+            }
+            Ok(Claim::InFlight { .. }) => {
+                tracing::debug!(target: TARGET, record = %record, outcome = "in_flight");
+                Rejection::InFlight
+            }
+            Ok(Claim::Mismatch) => {
+                tracing::debug!(target: TARGET, record = %record, outcome = "mismatch");
+                Rejection::Mismatch
+            }
+        };
+        return Claimed::Answer(rejection(config, why));
+    }
+}
+
+/// The stored response, marked `Idempotent-Replayed: true`; a rejection when it was not stored
+/// or cannot be read.
+fn replay(config: &Config, stored: &[u8]) -> Response<Bytes> {
+    let Some(stored) = StoredResponse::decode(stored) else {
+        tracing::error!(target: TARGET, "a stored idempotent response is unreadable");
+        return rejection(config, Rejection::UnreadableRecord);
+    };
+    match stored.to_response() {
+        Some(mut response) => {
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            response
+        }
+        None => rejection(config, Rejection::NotReplayable),
+    }
+}
