@@ -19,8 +19,8 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use tower::{service_fn, util::BoxCloneService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    cache::{CacheLayer, ResponseBody},
-    store::{CacheStore, MemoryStore},
+    cache::{Cache, CacheLayer, ResponseBody},
+    store::{CacheStore, FailureMode, MemoryStore},
 };
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -197,7 +197,7 @@ fn layer(store: Store) -> CacheLayer<Store> {
     CacheLayer::new(store)
         .jitter(0.0)
         .early_recompute(0.0)
-        .timeout(Duration::from_secs(2))
+        .store_timeout(Duration::from_secs(2))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -828,7 +828,7 @@ stores!(
 async fn redis_slow_or_down_responses_still_served(mut env: Env) {
     let runs = Runs::default();
     let svc = service(
-        layer(env.store().await).timeout(Duration::from_millis(200)),
+        layer(env.store().await).store_timeout(Duration::from_millis(200)),
         runs.clone(),
         answer(&[]),
     );
@@ -1022,4 +1022,224 @@ mod fred_only {
     async fn corrupt_entry_is_a_miss_and_deleted() {
         super::corrupt_entry_is_a_miss_and_deleted(super::Env::fred()).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store failing: `on_store_error`, and the service's own constructors.
+// ---------------------------------------------------------------------------------------------
+
+/// A store whose every call fails at once, or (`hang`) never answers, so that only the store
+/// timeout ends it.
+struct FailingStore {
+    hang: bool,
+}
+
+impl FailingStore {
+    fn fail<T: Send + 'static>(&self) -> tower_redis_layers::store::StoreFuture<T> {
+        if self.hang {
+            Box::pin(std::future::pending())
+        } else {
+            Box::pin(async {
+                Err(tower_redis_layers::StoreError::store(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "the store is down",
+                )))
+            })
+        }
+    }
+}
+
+impl CacheStore for FailingStore {
+    fn lookup(
+        &self,
+        _: tower_redis_layers::store::LookupRequest,
+    ) -> tower_redis_layers::store::StoreFuture<tower_redis_layers::store::Lookup> {
+        self.fail()
+    }
+    fn store(
+        &self,
+        _: tower_redis_layers::store::StoreRequest,
+    ) -> tower_redis_layers::store::StoreFuture<tower_redis_layers::store::StoreOutcome> {
+        self.fail()
+    }
+    fn release_fill(
+        &self,
+        _: tower_redis_layers::StoreKey,
+        _: tower_redis_layers::StoreKey,
+        _: tower_redis_layers::store::FillToken,
+    ) -> tower_redis_layers::store::StoreFuture<bool> {
+        self.fail()
+    }
+    fn invalidate_segment(
+        &self,
+        _: tower_redis_layers::StoreKey,
+    ) -> tower_redis_layers::store::StoreFuture<u64> {
+        self.fail()
+    }
+    fn invalidate_key(
+        &self,
+        _: tower_redis_layers::StoreKey,
+        _: tower_redis_layers::StoreKey,
+    ) -> tower_redis_layers::store::StoreFuture<bool> {
+        self.fail()
+    }
+}
+
+/// Asserts the `503` of a layer that fails closed.
+fn assert_unavailable(got: &Got) {
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(got.headers["retry-after"], "1");
+    assert_eq!(got.headers["content-type"], "application/problem+json");
+    let problem: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(problem["status"], 503);
+    assert_eq!(
+        got.cache_status(),
+        "tower-redis-layers; detail=store-unavailable"
+    );
+}
+
+#[tokio::test]
+async fn on_store_error_closed_answers_503_without_calling_the_handler() {
+    let runs = Runs::default();
+    let svc = service(
+        CacheLayer::new(FailingStore { hang: false }).on_store_error(FailureMode::Closed),
+        runs.clone(),
+        answer(&[]),
+    );
+    assert_unavailable(&send(&svc, req("/x")).await);
+    // A refresh reads the version first: that lookup fails too.
+    let refresh = get("/x")
+        .header("cache-control", "no-cache")
+        .body(Full::default())
+        .unwrap();
+    assert_unavailable(&send(&svc, refresh).await);
+    assert_eq!(
+        runs.get(),
+        0,
+        "the handler ran although the layer fails closed"
+    );
+    // Requests that do not use the cache never reach the store.
+    let post = get("/x")
+        .method(Method::POST)
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&svc, post).await.status, StatusCode::OK);
+    let cookie = get("/x")
+        .header("cookie", "a=b")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&svc, cookie).await.status, StatusCode::OK);
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn on_store_error_open_by_default_serves_a_miss_unstored() {
+    let runs = Runs::default();
+    let svc = service(
+        CacheLayer::new(FailingStore { hang: false }),
+        runs.clone(),
+        answer(&[]),
+    );
+    for n in 1..=2 {
+        let got = send(&svc, req("/x")).await;
+        assert_eq!(
+            (got.status, got.text()),
+            (StatusCode::OK, format!("run {n}"))
+        );
+        assert_eq!(got.cache_status(), "tower-redis-layers; fwd=miss");
+    }
+    let handle = CacheLayer::new(FailingStore { hang: false }).handle();
+    assert!(handle.invalidate().await.is_err());
+    assert!(handle.invalidate_request(&req("/x")).await.is_err());
+}
+
+#[tokio::test]
+async fn a_store_that_does_not_answer_is_bounded_by_the_store_timeout() {
+    let runs = Runs::default();
+    let closed = service(
+        CacheLayer::new(FailingStore { hang: true })
+            .store_timeout(Duration::from_millis(50))
+            .on_store_error(FailureMode::Closed),
+        runs.clone(),
+        answer(&[]),
+    );
+    let started = tokio::time::Instant::now();
+    assert_unavailable(&send(&closed, req("/x")).await);
+    assert!(started.elapsed() < Duration::from_secs(2), "not bounded");
+    assert_eq!(runs.get(), 0);
+    let open = service(
+        CacheLayer::new(FailingStore { hang: true }).store_timeout(Duration::from_millis(50)),
+        runs.clone(),
+        answer(&[]),
+    );
+    let got = send(&open, req("/x")).await;
+    assert_eq!(got.text(), "run 1");
+    let handle = CacheLayer::new(FailingStore { hang: true })
+        .store_timeout(Duration::from_millis(50))
+        .handle();
+    assert!(matches!(
+        handle.invalidate().await,
+        Err(tower_redis_layers::StoreError::Timeout(_))
+    ));
+}
+
+#[tokio::test]
+async fn no_response_ttl_ignores_max_age() {
+    let runs = Runs::default();
+    let svc = service(
+        layer(Arc::new(MemoryStore::new())).no_response_ttl(),
+        runs.clone(),
+        answer(&[("cache-control", "max-age=0")]),
+    );
+    send(&svc, req("/t")).await;
+    let hit = send(&svc, req("/t")).await;
+    assert!(hit.hit(), "{}", hit.cache_status());
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn the_service_has_its_own_constructors() {
+    let runs = Runs::default();
+    let handler = answer(&[]);
+    let counted = runs.clone();
+    let inner = service_fn(move |req: Req| {
+        let n = counted.next();
+        handler(req, n)
+    });
+    let mut cache = Cache::new(inner, MemoryStore::new());
+    let _: &_ = cache.get_ref();
+    let _: &mut _ = cache.get_mut();
+    let svc = BoxCloneService::new(cache);
+    send(&svc, req("/c")).await;
+    assert!(send(&svc, req("/c")).await.hit());
+    assert_eq!(runs.get(), 1);
+    let layer = Cache::<(), _>::layer(MemoryStore::new()).scope("x");
+    let svc = service(layer, Runs::default(), answer(&[]));
+    send(&svc, req("/c")).await;
+    assert!(send(&svc, req("/c")).await.hit());
+    let inner = Cache::new(1_u8, MemoryStore::new()).into_inner();
+    assert_eq!(inner, 1);
+}
+
+/// A Redis store whose server stopped: with `FailureMode::Closed`, a `503`.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed() {
+    let mut env = Env::redis();
+    let runs = Runs::default();
+    let svc = service(
+        layer(env.store().await)
+            .store_timeout(Duration::from_millis(200))
+            .on_store_error(FailureMode::Closed),
+        runs.clone(),
+        answer(&[]),
+    );
+    assert_eq!(send(&svc, req("/d")).await.text(), "run 1");
+    assert!(send(&svc, req("/d")).await.hit());
+    match &mut env {
+        Env::Redis(s) => s.stop(),
+        _ => unreachable!(),
+    }
+    assert_unavailable(&send(&svc, req("/d")).await);
+    assert_eq!(runs.get(), 1);
 }

@@ -5,18 +5,83 @@
 //! the request headers named by the response's `Vary`. The segment key covers the layer's scope
 //! and the segment name. Both are [`StoreKey`]s: SHA-256, truncated, so a Redis key never holds
 //! request text.
+//!
+//! [`Keying::keys`] is the one place a request's keys are derived: the service looks the request
+//! up by them, and [`CacheHandle::invalidate_request`](super::CacheHandle::invalidate_request)
+//! deletes by them.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
 
-use http::{request::Parts, HeaderName, HeaderValue};
+use http::{request::Parts, HeaderMap, HeaderName, HeaderValue};
 
 use crate::key::StoreKey;
 
+pub(crate) type PartitionFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+pub(crate) type SegmentFn = dyn Fn(&Parts) -> String + Send + Sync;
+
+/// The name of the segment used when no [`CacheLayer::segment`](super::CacheLayer::segment)
+/// closure is set.
+pub(crate) const DEFAULT_SEGMENT: &str = "";
+
+/// What a layer's keys are made of: its static scope, and the per-request partition and segment.
+#[derive(Clone)]
+pub(crate) struct Keying {
+    pub(crate) scope: String,
+    pub(crate) partition: Option<Arc<PartitionFn>>,
+    pub(crate) segment: Option<Arc<SegmentFn>>,
+}
+
+/// The keys of a request's entry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EntryKeys {
+    /// The segment the entry belongs to.
+    pub(crate) segment: StoreKey,
+    /// The key without the `Vary` values.
+    pub(crate) primary: PrimaryKey,
+    /// The key looked up: the primary key and the values of the `Vary` names known for it.
+    pub(crate) entry: StoreKey,
+}
+
+impl Keying {
+    /// The keys of the entry a request is served from, with the `Vary` names `vary` knows for
+    /// it. `None` when the partition closure gives no partition: the request bypasses the cache.
+    pub(crate) fn keys(&self, parts: &Parts, vary: &VaryRegistry) -> Option<EntryKeys> {
+        let partition = match &self.partition {
+            Some(f) => Some(f(parts)?),
+            None => None,
+        };
+        let segment = match &self.segment {
+            Some(f) => self.segment_key(&f(parts)),
+            None => self.segment_key(DEFAULT_SEGMENT),
+        };
+        let primary = primary_key(&self.scope, parts, partition.as_deref());
+        let names = vary.get(primary);
+        let values = vary_values(&parts.headers, names.as_deref().unwrap_or(&[]));
+        Some(EntryKeys {
+            segment,
+            primary,
+            entry: entry_key(primary, &values),
+        })
+    }
+
+    /// The key of the segment `name`.
+    pub(crate) fn segment_key(&self, name: &str) -> StoreKey {
+        segment_key(&self.scope, name)
+    }
+}
+
+impl EntryKeys {
+    /// The key of the variant selected by `vary` (the values of a response's `Vary` names).
+    pub(crate) fn variant(&self, vary: &[(HeaderName, Option<HeaderValue>)]) -> StoreKey {
+        entry_key(self.primary, vary)
+    }
+}
+
 /// The key of the segment `name` in `scope`.
-pub(crate) fn segment_key(scope: &str, name: &str) -> StoreKey {
+fn segment_key(scope: &str, name: &str) -> StoreKey {
     StoreKey::from_parts([
         b"trl-cache-segment".as_slice(),
         scope.as_bytes(),
@@ -25,7 +90,7 @@ pub(crate) fn segment_key(scope: &str, name: &str) -> StoreKey {
 }
 
 /// The query with its parameters sorted (byte order), empty parameters dropped.
-pub(crate) fn canonical_query(query: Option<&str>) -> String {
+fn canonical_query(query: Option<&str>) -> String {
     let mut params: Vec<&str> = query
         .unwrap_or("")
         .split('&')
@@ -50,7 +115,7 @@ fn host(parts: &Parts) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct PrimaryKey(pub(crate) StoreKey);
 
-pub(crate) fn primary_key(scope: &str, parts: &Parts, partition: Option<&str>) -> PrimaryKey {
+fn primary_key(scope: &str, parts: &Parts, partition: Option<&str>) -> PrimaryKey {
     let host = host(parts);
     let query = canonical_query(parts.uri.query());
     let partition = partition.unwrap_or("");
@@ -67,14 +132,13 @@ pub(crate) fn primary_key(scope: &str, parts: &Parts, partition: Option<&str>) -
 
 /// The request's values for the headers named in `names` (all values of a name, joined).
 pub(crate) fn vary_values(
-    parts: &Parts,
+    headers: &HeaderMap,
     names: &[HeaderName],
 ) -> Vec<(HeaderName, Option<HeaderValue>)> {
     names
         .iter()
         .map(|name| {
-            let values: Vec<&[u8]> = parts
-                .headers
+            let values: Vec<&[u8]> = headers
                 .get_all(name)
                 .iter()
                 .map(HeaderValue::as_bytes)
@@ -90,10 +154,7 @@ pub(crate) fn vary_values(
 }
 
 /// The full entry key: the primary key and the `Vary` values.
-pub(crate) fn entry_key(
-    primary: PrimaryKey,
-    vary: &[(HeaderName, Option<HeaderValue>)],
-) -> StoreKey {
+fn entry_key(primary: PrimaryKey, vary: &[(HeaderName, Option<HeaderValue>)]) -> StoreKey {
     if vary.is_empty() {
         return primary.0;
     }
@@ -160,5 +221,44 @@ mod tests {
         assert_eq!(primary_key("s", &a, None), primary_key("s", &b, None));
         assert_ne!(primary_key("s", &a, None), primary_key("s", &c, None));
         assert_ne!(primary_key("s", &a, None), primary_key("s", &a, Some("t")));
+    }
+
+    #[test]
+    fn keys_follow_the_partition_the_segment_and_the_known_vary_names() {
+        let parts = |lang: &str| {
+            http::Request::get("http://x/users/1")
+                .header("accept-language", lang)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let vary = VaryRegistry::default();
+        let mut keying = Keying {
+            scope: "s".to_owned(),
+            partition: None,
+            segment: None,
+        };
+        let plain = keying.keys(&parts("fr"), &vary).unwrap();
+        assert_eq!(plain.segment, keying.segment_key(DEFAULT_SEGMENT));
+        assert_eq!(plain.entry, plain.primary.0);
+        // Once `Vary: accept-language` is known, the entry key holds the request's value.
+        let names = [HeaderName::from_static("accept-language")];
+        vary.learn(plain.primary, &names);
+        let fr = keying.keys(&parts("fr"), &vary).unwrap();
+        let de = keying.keys(&parts("de"), &vary).unwrap();
+        assert_eq!(fr.primary, de.primary);
+        assert_ne!(fr.entry, de.entry);
+        let fr_values = vary_values(&parts("fr").headers, &names);
+        assert_eq!(fr.variant(&fr_values), fr.entry);
+        // The segment closure names the segment; a partition closure without an answer bypasses.
+        keying.segment = Some(Arc::new(|p: &Parts| p.uri.path().to_owned()));
+        let segmented = keying.keys(&parts("fr"), &vary).unwrap();
+        assert_eq!(segmented.segment, keying.segment_key("/users/1"));
+        keying.partition = Some(Arc::new(|_: &Parts| None));
+        assert!(keying.keys(&parts("fr"), &vary).is_none());
+        keying.partition = Some(Arc::new(|_: &Parts| Some("tenant".to_owned())));
+        let partitioned = keying.keys(&parts("fr"), &vary).unwrap();
+        assert_ne!(partitioned.primary, fr.primary);
     }
 }

@@ -4,22 +4,26 @@ use http::{request::Parts, Request, StatusCode};
 use tower_layer::Layer;
 
 use super::{
-    key::{self, VaryRegistry},
+    key::{Keying, VaryRegistry, DEFAULT_SEGMENT},
     Cache,
 };
-use crate::store::{CacheStore, StoreError};
+use crate::store::{bounded, Bounded, CacheStore, FailureMode, StoreError, StoreFuture};
 
-type PartitionFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
-type SegmentFn = dyn Fn(&Parts) -> String + Send + Sync;
-
-/// The name of the segment used when no [`CacheLayer::segment`] closure is set.
-pub(crate) const DEFAULT_SEGMENT: &str = "";
-
-/// Caches responses in a store; see the [module docs](super) for an example.
+/// Caches responses in a store.
+///
+/// See the [module docs](super) for an example.
 ///
 /// Holds the configuration and the store. Cloning is cheap; every service made by one layer
 /// shares the store.
 pub struct CacheLayer<B> {
+    store: Arc<B>,
+    config: Arc<Config>,
+    vary: Arc<VaryRegistry>,
+}
+
+/// What every service of a layer shares: the store, the configuration, and the `Vary` names
+/// learned from responses.
+pub(crate) struct Shared<B> {
     pub(crate) store: Arc<B>,
     pub(crate) config: Arc<Config>,
     pub(crate) vary: Arc<VaryRegistry>,
@@ -35,20 +39,30 @@ pub(crate) struct FillLock {
 
 #[derive(Clone)]
 pub(crate) struct Config {
-    pub(crate) scope: String,
+    pub(crate) keys: Keying,
     pub(crate) ttl: Duration,
     pub(crate) jitter: f64,
     pub(crate) statuses: Vec<StatusCode>,
     pub(crate) response_ttl: bool,
-    pub(crate) partition: Option<Arc<PartitionFn>>,
-    pub(crate) segment: Option<Arc<SegmentFn>>,
     pub(crate) max_body: usize,
-    pub(crate) timeout: Duration,
+    pub(crate) store_timeout: Duration,
+    pub(crate) on_store_error: FailureMode,
     pub(crate) fill_lock: Option<FillLock>,
     pub(crate) early_beta: f64,
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) allow_authorized: bool,
+}
+
+impl Config {
+    /// The bound on a call to `store`: the store timeout, or none for an in-process store.
+    pub(crate) fn bound<T>(
+        &self,
+        store: &(impl CacheStore + ?Sized),
+        call: StoreFuture<T>,
+    ) -> Bounded<StoreFuture<T>> {
+        bounded(store.is_remote().then_some(self.store_timeout), call)
+    }
 }
 
 /// The statuses RFC 9111 calls heuristically cacheable (RFC 9110 section 15.1).
@@ -57,13 +71,18 @@ pub(crate) const HEURISTIC_STATUSES: [u16; 10] = [200, 203, 204, 300, 301, 404, 
 impl<B> CacheLayer<B> {
     /// A cache in `store` with the defaults: a TTL of 60 s (or the response's `s-maxage` /
     /// `max-age`), ±10% jitter, the heuristically cacheable statuses, a 1 MiB body cap, a
-    /// 250 ms store timeout, the fill lock on, early recompute with `beta = 1`, no stale
-    /// serving, and requests with `Authorization` or `Cookie` passed through.
+    /// 250 ms store timeout, [`FailureMode::Open`] when the store fails, the fill lock on,
+    /// early recompute with `beta = 1`, no stale serving, and requests with `Authorization` or
+    /// `Cookie` passed through.
     pub fn new(store: B) -> Self {
         Self {
             store: Arc::new(store),
             config: Arc::new(Config {
-                scope: "default".to_owned(),
+                keys: Keying {
+                    scope: "default".to_owned(),
+                    partition: None,
+                    segment: None,
+                },
                 ttl: Duration::from_secs(60),
                 jitter: 0.1,
                 statuses: HEURISTIC_STATUSES
@@ -71,10 +90,9 @@ impl<B> CacheLayer<B> {
                     .filter_map(|s| StatusCode::from_u16(*s).ok())
                     .collect(),
                 response_ttl: true,
-                partition: None,
-                segment: None,
                 max_body: 1024 * 1024,
-                timeout: Duration::from_millis(250),
+                store_timeout: Duration::from_millis(250),
+                on_store_error: FailureMode::Open,
                 fill_lock: Some(FillLock {
                     ttl: Duration::from_secs(5),
                     wait: Duration::from_secs(3),
@@ -93,7 +111,7 @@ impl<B> CacheLayer<B> {
     /// `"default"`). Layers with the same scope (for example the same route on two replicas)
     /// share entries.
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
-        self.config_mut().scope = scope.into();
+        self.config_mut().keys.scope = scope.into();
         self
     }
 
@@ -103,10 +121,10 @@ impl<B> CacheLayer<B> {
         self
     }
 
-    /// Whether the response's `s-maxage` / `max-age` set the TTL when present (default `true`).
-    /// `max-age=0` then means "do not store".
-    pub fn response_ttl(mut self, use_it: bool) -> Self {
-        self.config_mut().response_ttl = use_it;
+    /// Ignores the response's `s-maxage` / `max-age`: every entry lives for [`ttl`](Self::ttl).
+    /// By default they set the TTL when present, and `max-age=0` means "do not store".
+    pub fn no_response_ttl(mut self) -> Self {
+        self.config_mut().response_ttl = false;
         self
     }
 
@@ -134,7 +152,7 @@ impl<B> CacheLayer<B> {
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
-        self.config_mut().partition = Some(Arc::new(f));
+        self.config_mut().keys.partition = Some(Arc::new(f));
         self
     }
 
@@ -147,7 +165,7 @@ impl<B> CacheLayer<B> {
     where
         F: Fn(&Parts) -> String + Send + Sync + 'static,
     {
-        self.config_mut().segment = Some(Arc::new(f));
+        self.config_mut().keys.segment = Some(Arc::new(f));
         self
     }
 
@@ -158,10 +176,27 @@ impl<B> CacheLayer<B> {
         self
     }
 
-    /// How long a store call may take (default 250 ms). A lookup that takes longer is a miss; a
-    /// store that does is dropped.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.config_mut().timeout = timeout;
+    /// How long a call to a remote store may take (default 250 ms); a call that takes longer
+    /// fails with [`StoreError::Timeout`]. A lookup that fails is handled as
+    /// [`on_store_error`](Self::on_store_error) says; a failed write is logged and dropped.
+    /// Calls to an in-process store ([`CacheStore::is_remote`] is `false`) are not bounded.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config_mut().store_timeout = timeout;
+        self
+    }
+
+    /// What a request gets when its lookup fails or times out (default [`FailureMode::Open`]):
+    ///
+    /// - [`FailureMode::Open`]: the request goes to the inner service as a miss, and its
+    ///   response is not stored.
+    /// - [`FailureMode::Closed`]: the layer answers `503 Service Unavailable` with
+    ///   `Retry-After: 1` and a problem details body (RFC 9457); the inner service is not
+    ///   called.
+    ///
+    /// A warning is logged either way. Once the handler has run, its response is always served:
+    /// a failed write, lock release or deletion is logged and dropped.
+    pub fn on_store_error(mut self, mode: FailureMode) -> Self {
+        self.config_mut().on_store_error = mode;
         self
     }
 
@@ -221,6 +256,17 @@ impl<B> CacheLayer<B> {
     }
 }
 
+impl<B> CacheLayer<B> {
+    /// The state the services of this layer share.
+    pub(crate) fn shared(&self) -> Shared<B> {
+        Shared {
+            store: Arc::clone(&self.store),
+            config: Arc::clone(&self.config),
+            vary: Arc::clone(&self.vary),
+        }
+    }
+}
+
 impl<B: CacheStore> CacheLayer<B> {
     /// A handle that invalidates this layer's entries; cloneable, usable from handlers.
     pub fn handle(&self) -> CacheHandle {
@@ -247,12 +293,14 @@ impl<B: fmt::Debug> fmt::Debug for CacheLayer<B> {
         let c = &self.config;
         f.debug_struct("CacheLayer")
             .field("store", &self.store)
-            .field("scope", &c.scope)
+            .field("scope", &c.keys.scope)
             .field("ttl", &c.ttl)
             .field("jitter", &c.jitter)
             .field("statuses", &c.statuses)
             .field("max_body", &c.max_body)
-            .field("timeout", &c.timeout)
+            .field("response_ttl", &c.response_ttl)
+            .field("store_timeout", &c.store_timeout)
+            .field("on_store_error", &c.on_store_error)
             .field("fill_lock", &c.fill_lock)
             .field("early_beta", &c.early_beta)
             .field("stale_while_revalidate", &c.stale_while_revalidate)
@@ -272,7 +320,11 @@ impl<S, B> Layer<S> for CacheLayer<B> {
 
 /// Invalidates the entries of a [`CacheLayer`]; made by [`CacheLayer::handle`].
 ///
-/// Cloning is cheap. Every method is one store call, bounded by the layer's timeout.
+/// See the [module docs](super) for an example.
+///
+/// Cloning is cheap. Every method is one store call, bounded by the layer's
+/// [store timeout](CacheLayer::store_timeout); its error is returned whatever the layer's
+/// [`on_store_error`](CacheLayer::on_store_error).
 #[derive(Clone)]
 pub struct CacheHandle {
     store: Arc<dyn CacheStore>,
@@ -290,14 +342,14 @@ impl CacheHandle {
     /// Invalidates every entry of the segment `name` (as returned by the
     /// [`CacheLayer::segment`] closure): one version bump, O(1).
     pub async fn invalidate_segment(&self, name: &str) -> Result<(), StoreError> {
-        let segment = key::segment_key(&self.config.scope, name);
-        self.bounded(self.store.invalidate_segment(segment))
-            .await
-            .map(|_| ())
+        let segment = self.config.keys.segment_key(name);
+        let call = self.store.invalidate_segment(segment);
+        self.config.bound(&*self.store, call).await.map(|_| ())
     }
 
-    /// Deletes the entry that `request` would be served from (its segment, partition and `Vary`
-    /// values are computed as the layer does). Answers whether there was one.
+    /// Deletes the entry that `request` would be served from (its keys are derived as the
+    /// layer derives them: segment, partition, `Vary` values). Answers whether there was one;
+    /// `false` for a request the partition closure gives no partition.
     pub async fn invalidate_request<T>(&self, request: &Request<T>) -> Result<bool, StoreError> {
         let mut builder = Request::builder()
             .method(request.method())
@@ -311,44 +363,18 @@ impl CacheHandle {
             .map_err(|e| StoreError::Invalid(e.to_string()))?
             .into_parts()
             .0;
-        let config = &self.config;
-        let segment_name = config
-            .segment
-            .as_ref()
-            .map_or_else(|| DEFAULT_SEGMENT.to_owned(), |f| f(&parts));
-        let partition = match &config.partition {
-            Some(f) => match f(&parts) {
-                Some(p) => Some(p),
-                None => return Ok(false),
-            },
-            None => None,
+        let Some(keys) = self.config.keys.keys(&parts, &self.vary) else {
+            return Ok(false);
         };
-        let primary = key::primary_key(&config.scope, &parts, partition.as_deref());
-        let names = self.vary.get(primary);
-        let vary = key::vary_values(&parts, names.as_deref().unwrap_or(&[]));
-        let segment = key::segment_key(&config.scope, &segment_name);
-        self.bounded(
-            self.store
-                .invalidate_key(segment, key::entry_key(primary, &vary)),
-        )
-        .await
-    }
-
-    async fn bounded<T>(&self, call: crate::store::StoreFuture<T>) -> Result<T, StoreError> {
-        if !self.store.is_remote() {
-            return call.await;
-        }
-        match tokio::time::timeout(self.config.timeout, call).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(self.config.timeout)),
-        }
+        let call = self.store.invalidate_key(keys.segment, keys.entry);
+        self.config.bound(&*self.store, call).await
     }
 }
 
 impl fmt::Debug for CacheHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheHandle")
-            .field("scope", &self.config.scope)
+            .field("scope", &self.config.keys.scope)
             .finish_non_exhaustive()
     }
 }

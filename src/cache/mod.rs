@@ -10,9 +10,13 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use axum::{extract::Path, routing::{get, post}, Router};
-//! use tower_redis_layers::{store::MemoryStore, cache::CacheLayer};
+//! use axum::{body::Body, extract::Path, routing::{get, post}, Router};
+//! use http::Request;
+//! use tower::ServiceExt;
+//! use tower_redis_layers::{cache::CacheLayer, store::MemoryStore};
 //!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let cache = CacheLayer::new(MemoryStore::new())
 //!     .scope("users")
 //!     .ttl(Duration::from_secs(30))
@@ -20,13 +24,23 @@
 //!     .stale_if_error(Duration::from_secs(300));
 //! let handle = cache.handle();
 //!
-//! let app: Router = Router::new()
+//! let app = Router::new()
 //!     .route("/users/{id}", get(|Path(id): Path<u64>| async move { format!("user {id}") }).layer(cache))
 //!     .route("/users/invalidate", post(move || async move {
 //!         // One version bump: every entry of the segment is gone at once.
 //!         let _ = handle.invalidate().await;
 //!     }));
+//!
+//! let user = || Request::get("/users/7").header("host", "example.com").body(Body::empty());
+//! let first = app.clone().oneshot(user()?).await?;
+//! assert_eq!(first.headers()["cache-status"], "tower-redis-layers; fwd=miss; stored");
+//! let second = app.clone().oneshot(user()?).await?;
+//! assert_eq!(second.headers()["cache-status"], "tower-redis-layers; hit");
+//! # Ok(()) }
 //! ```
+//!
+//! [`Cache::new`] wraps one service with the defaults, and [`Cache::layer`] is
+//! [`CacheLayer::new`].
 //!
 //! # What is stored, and what is not
 //!
@@ -81,26 +95,41 @@
 //! Events go to `tracing` (target `tower_redis_layers::cache`): warnings for store failures and
 //! corrupt entries, debug events for responses not stored. With the `metrics` feature,
 //! `tower_redis_layers_cache_requests_total{outcome}` counts `hit`, `stale`, `stale_if_error`,
-//! `miss`, `miss_stored` and `bypass`.
+//! `miss`, `miss_stored`, `bypass` and `unavailable` (the `503` of a failed lookup, see below).
 //!
 //! # When the store fails
 //!
-//! Every store call has a timeout ([`CacheLayer::timeout`], 250 ms by default). A failed lookup
-//! is a miss (the handler runs; nothing is stored), a failed store is logged and dropped, and a
-//! corrupt or undecodable entry is a miss and is deleted. The response never fails because the
-//! cache did.
+//! Every call to a remote store is bounded by [`CacheLayer::store_timeout`] (250 ms by default;
+//! calls to [`MemoryStore`](crate::store::MemoryStore) are not bounded). When a lookup fails or
+//! times out, [`CacheLayer::on_store_error`] decides (a warning is logged either way):
+//!
+//! - [`FailureMode::Open`] (the default): the request goes to the inner service as a miss, and
+//!   its response is not stored.
+//! - [`FailureMode::Closed`]: the layer answers `503 Service Unavailable` with `Retry-After: 1`,
+//!   a problem details body (RFC 9457) and `Cache-Status: tower-redis-layers;
+//!   detail=store-unavailable`; the inner service is not called.
+//!
+//! Once the handler has run, its response is served whatever the store does: a failed write (or
+//! lock release) is logged and dropped. A corrupt or undecodable entry is a miss and is deleted.
+//! The methods of [`CacheHandle`] return the store's error.
 
-mod body;
 mod entry;
+mod fill;
 mod future;
 mod key;
 mod layer;
+mod lookup;
 mod policy;
+mod response;
 mod service;
+mod target;
 
 pub use self::{
-    body::ResponseBody,
     future::ResponseFuture,
     layer::{CacheHandle, CacheLayer},
     service::Cache,
 };
+pub use crate::{store::FailureMode, ResponseBody};
+
+/// The `tracing` target of the layer's events.
+const TARGET: &str = "tower_redis_layers::cache";

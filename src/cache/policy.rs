@@ -168,34 +168,13 @@ pub(crate) fn storable(
     Ok(ttl)
 }
 
-/// The headers to store: end-to-end ones only (RFC 9110 section 7.6.1), without `Age` and our
-/// own `Cache-Status`.
+/// The headers to store: end-to-end ones only (RFC 9110 section 7.6.1), without `Age` (the
+/// age is computed when the entry is served) and our own `Cache-Status`.
 pub(crate) fn stored_headers(headers: &HeaderMap) -> HeaderMap {
-    let named_by_connection: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .collect();
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        let n = name.as_str();
-        let hop = matches!(
-            n,
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "proxy-authenticate"
-                | "proxy-authorization"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-                | "upgrade"
-                | "age"
-                | "cache-status"
-        ) || named_by_connection.iter().any(|c| c == n);
-        if !hop {
+        let ours = name == header::AGE || name.as_str() == "cache-status";
+        if !ours && !crate::body::is_hop_by_hop(headers, name) {
             out.append(name.clone(), value.clone());
         }
     }
@@ -257,6 +236,8 @@ mod tests {
             ("keep-alive", "5"),
             ("transfer-encoding", "chunked"),
             ("content-type", "text/plain"),
+            ("age", "3"),
+            ("cache-status", "upstream; hit"),
         ]));
         assert_eq!(stored.len(), 1);
         assert!(stored.contains_key("content-type"));

@@ -1,0 +1,218 @@
+//! A fill: the handler runs for a request the cache did not serve, the response body is read up
+//! to the cap, and the response is stored when it may be.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body::Body;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::{entry::Entry, key, policy, response, target::Target, ResponseBody, TARGET};
+use crate::{
+    body::read_up_to,
+    store::{CacheStore, FillToken, StoreRequest},
+};
+
+/// One run of the handler on behalf of the cache: what the lookup decided about it.
+pub(super) struct Fill {
+    /// The segment version the lookup read; `None` when the response must not be stored (the
+    /// lookup failed, or the wait for another request's fill gave up).
+    version: Option<u64>,
+    /// The fill lock, when this request holds it; released (or handed to the write) whatever
+    /// happens.
+    lock: Option<FillToken>,
+    /// A stale entry (and its age) served instead when the handler fails.
+    stale: Option<(Entry, Duration)>,
+    /// The `Cache-Status` parameters of the response (`; stored` is added when it is stored).
+    status: &'static str,
+}
+
+/// What storing a response needs besides the response.
+struct Storing {
+    /// The segment version the lookup read.
+    version: u64,
+    /// The TTL before jitter.
+    ttl: Duration,
+    /// The request's headers: they select the variant stored.
+    request_headers: HeaderMap,
+    /// When the handler was called.
+    started: Instant,
+}
+
+impl Fill {
+    /// A fill that stores the response when allowed, under the segment `version` the lookup
+    /// read (`None`: never stored), holding `lock` if the lookup took it.
+    pub(super) fn new(version: Option<u64>, lock: Option<FillToken>, status: &'static str) -> Self {
+        Self {
+            version,
+            lock,
+            stale: None,
+            status,
+        }
+    }
+
+    /// A fill whose response is never stored.
+    pub(super) fn unstored(status: &'static str) -> Self {
+        Self::new(None, None, status)
+    }
+
+    /// Serves `entry` instead if the handler fails (stale-if-error).
+    pub(super) fn standing_in(mut self, entry: Entry, age: Duration) -> Self {
+        self.stale = Some((entry, age));
+        self
+    }
+
+    /// Runs the handler with `request` and answers its response, stored when allowed; or the
+    /// stale entry when the handler fails (an error, or 500, 502, 503, 504: RFC 5861 section 4)
+    /// and one may stand in.
+    pub(super) async fn run<S, B, ReqBody, ResBody>(
+        mut self,
+        target: &Target<'_, B>,
+        inner: &mut S,
+        request: Request<ReqBody>,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        B: CacheStore,
+        ResBody: Body<Data = Bytes>,
+    {
+        let version = self.version.filter(|_| !target.head);
+        // The request's headers select the variant stored.
+        let request_headers = version.is_some().then(|| request.headers().clone());
+        let started = Instant::now();
+        let result = inner.call(request).await;
+        let failed = match &result {
+            Err(_) => true,
+            Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504),
+        };
+        let stand_in = if failed { self.stale.take() } else { None };
+        if let Some((entry, age)) = stand_in {
+            target.release(self.lock).await;
+            tracing::info!(target: TARGET, "handler failed; serving the stale entry");
+            let status = "fwd=stale; detail=stale-if-error";
+            return Ok(response::serve(entry, age, target.head, status));
+        }
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                target.release(self.lock).await;
+                return Err(error);
+            }
+        };
+        let (Some(version), Some(request_headers)) = (version, request_headers) else {
+            return Ok(self.pass(target, response).await);
+        };
+        let config = target.config();
+        let ttl = policy::storable(
+            response.status(),
+            response.headers(),
+            &config.statuses,
+            config.ttl,
+            config.response_ttl,
+            config.max_body,
+        );
+        match ttl {
+            Ok(ttl) => {
+                let storing = Storing {
+                    version,
+                    ttl,
+                    request_headers,
+                    started,
+                };
+                Ok(self.keep(target, response, storing).await)
+            }
+            Err(why) => {
+                tracing::debug!(target: TARGET, ?why, "response not stored");
+                Ok(self.pass(target, response).await)
+            }
+        }
+    }
+
+    /// Reads the body of a storable response up to the cap and stores it if it was read whole
+    /// (within the cap, without trailers); else passes it on whole, unstored.
+    async fn keep<B, T>(
+        &self,
+        target: &Target<'_, B>,
+        response: Response<T>,
+        storing: Storing,
+    ) -> Response<ResponseBody<T>>
+    where
+        B: CacheStore,
+        T: Body<Data = Bytes>,
+    {
+        let (mut parts, body) = response.into_parts();
+        let read = read_up_to(body, target.config().max_body).await;
+        let Some(data) = read.storable().cloned() else {
+            target.release(self.lock).await;
+            response::mark(&mut parts.headers, self.status);
+            return Response::from_parts(parts, ResponseBody::read(read));
+        };
+        let names = policy::vary_names(&parts.headers).unwrap_or_default();
+        target.learn_vary(&names);
+        let entry = Entry {
+            status: parts.status,
+            headers: policy::stored_headers(&parts.headers),
+            vary: key::vary_values(&storing.request_headers, &names),
+            body: data,
+        };
+        if self.store(target, &entry, &storing).await {
+            response::mark(&mut parts.headers, &format!("{}; stored", self.status));
+        } else {
+            response::mark(&mut parts.headers, self.status);
+        }
+        Response::from_parts(parts, ResponseBody::full(entry.body))
+    }
+
+    /// The handler's response, passed on unstored.
+    async fn pass<B, T>(
+        &self,
+        target: &Target<'_, B>,
+        response: Response<T>,
+    ) -> Response<ResponseBody<T>>
+    where
+        B: CacheStore,
+        T: Body,
+    {
+        target.release(self.lock).await;
+        response::passed(response, self.status)
+    }
+
+    /// Writes `entry` as `storing` says (its TTL with jitter); the write releases the fill
+    /// lock. Answers whether it was written.
+    async fn store<B: CacheStore>(
+        &self,
+        target: &Target<'_, B>,
+        entry: &Entry,
+        storing: &Storing,
+    ) -> bool {
+        let encoded = match entry.encode() {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                tracing::warn!(target: TARGET, %error, "could not encode the cache entry");
+                target.release(self.lock).await;
+                return false;
+            }
+        };
+        let config = target.config();
+        let jitter = if config.jitter > 0.0 {
+            1.0 + rand::random_range(-config.jitter..=config.jitter)
+        } else {
+            1.0
+        };
+        let request = StoreRequest {
+            segment: target.keys.segment,
+            key: target.keys.variant(&entry.vary),
+            version: storing.version,
+            fill: self.lock.map(|t| (target.keys.entry, t)),
+            entry: encoded,
+            ttl: storing.ttl.mul_f64(jitter).max(Duration::from_millis(1)),
+            stale_while_revalidate: config.stale_while_revalidate,
+            stale_if_error: config.stale_if_error,
+            // The handler's time and the body's: what a recompute costs (XFetch).
+            compute_time: storing.started.elapsed(),
+        };
+        target.write(request).await
+    }
+}

@@ -1,0 +1,129 @@
+//! The responses the layer marks or builds: the `Cache-Status` field (RFC 9211) and the metric
+//! counted with it, a response served from an entry, and the `503` of a failed lookup under
+//! [`FailureMode::Closed`](crate::FailureMode::Closed).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body::Body;
+
+use super::{entry::Entry, ResponseBody};
+
+/// The `Cache-Status` field (RFC 9211).
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+/// The cache's name in `Cache-Status`.
+const CACHE_NAME: &str = "tower-redis-layers";
+
+/// The `Cache-Status` parameters of the `503` answered when a lookup fails and the layer fails
+/// closed.
+const UNAVAILABLE_STATUS: &str = "detail=store-unavailable";
+
+/// The body of that `503` (problem details, RFC 9457), written out so that an outage formats
+/// nothing per request.
+const UNAVAILABLE_BODY: &str = r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"the cache store is unavailable; retry shortly"}"#;
+
+/// Sets `Cache-Status` to `params` and counts the outcome it says.
+pub(super) fn mark(headers: &mut HeaderMap, params: &str) {
+    count(outcome_of(params));
+    if let Ok(v) = HeaderValue::from_str(&format!("{CACHE_NAME}; {params}")) {
+        headers.insert(CACHE_STATUS, v);
+    }
+}
+
+/// The inner service's response, marked with `params`.
+pub(super) fn passed<B: Body>(
+    mut response: Response<B>,
+    params: &str,
+) -> Response<ResponseBody<B>> {
+    mark(response.headers_mut(), params);
+    response.map(ResponseBody::service)
+}
+
+/// A response built from a stored entry, with its `Age`; without a body for a `HEAD` request.
+pub(super) fn serve<B: Body>(
+    entry: Entry,
+    age: Duration,
+    head: bool,
+    params: &str,
+) -> Response<ResponseBody<B>> {
+    let body = if head { Bytes::new() } else { entry.body };
+    let mut response = Response::new(ResponseBody::full(body));
+    *response.status_mut() = entry.status;
+    *response.headers_mut() = entry.headers;
+    response
+        .headers_mut()
+        .insert(http::header::AGE, HeaderValue::from(age.as_secs()));
+    mark(response.headers_mut(), params);
+    response
+}
+
+/// `503 Service Unavailable` with `Retry-After: 1`: the store failed and the layer fails closed.
+pub(super) fn unavailable<B: Body>() -> Response<ResponseBody<B>> {
+    let mut response =
+        crate::problem::problem_static(StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE_BODY);
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    mark(response.headers_mut(), UNAVAILABLE_STATUS);
+    response.map(ResponseBody::full)
+}
+
+/// The metric label of a `Cache-Status` value.
+fn outcome_of(params: &str) -> &'static str {
+    if params.starts_with("hit; detail=stale") {
+        "stale"
+    } else if params.starts_with("hit") {
+        "hit"
+    } else if params.contains("stale-if-error") {
+        "stale_if_error"
+    } else if params.starts_with("fwd=bypass") {
+        "bypass"
+    } else if params == UNAVAILABLE_STATUS {
+        "unavailable"
+    } else if params.contains("stored") {
+        "miss_stored"
+    } else {
+        "miss"
+    }
+}
+
+/// Counts a request's outcome (feature `metrics`).
+#[inline]
+fn count(outcome: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tower_redis_layers_cache_requests_total", "outcome" => outcome).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = outcome;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unavailable_body_matches_the_formatted_one() {
+        let formatted = crate::problem::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the cache store is unavailable; retry shortly",
+        );
+        assert_eq!(
+            formatted.into_body(),
+            Bytes::from_static(UNAVAILABLE_BODY.as_bytes())
+        );
+    }
+
+    #[test]
+    fn outcomes() {
+        assert_eq!(outcome_of("hit"), "hit");
+        assert_eq!(outcome_of("hit; detail=stale"), "stale");
+        assert_eq!(
+            outcome_of("fwd=stale; detail=stale-if-error"),
+            "stale_if_error"
+        );
+        assert_eq!(outcome_of("fwd=bypass; detail=cookie"), "bypass");
+        assert_eq!(outcome_of("fwd=miss; stored"), "miss_stored");
+        assert_eq!(outcome_of("fwd=miss"), "miss");
+        assert_eq!(outcome_of(UNAVAILABLE_STATUS), "unavailable");
+    }
+}
