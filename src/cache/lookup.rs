@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::{
-    entry::Entry, fill::Fill, layer::FillLock, response, target::Target, ResponseBody, TARGET,
+    config::FillLock, entry::Entry, fill::Fill, response, target::Target, ResponseBody, TARGET,
 };
 use crate::store::{CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup};
 

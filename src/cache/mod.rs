@@ -113,6 +113,7 @@
 //! lock release) is logged and dropped. A corrupt or undecodable entry is a miss and is deleted.
 //! The methods of [`CacheHandle`] return the store's error.
 
+mod config;
 mod entry;
 mod fill;
 mod future;

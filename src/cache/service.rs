@@ -9,14 +9,14 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::{
+    config::Shared,
     fill::Fill,
     future::ResponseFuture,
-    layer::Shared,
     lookup,
     policy::{self, Bypass, RequestUse},
     response,
     target::Target,
-    CacheLayer, ResponseBody,
+    ResponseBody,
 };
 use crate::store::CacheStore;
 
@@ -29,22 +29,8 @@ pub struct Cache<S, B> {
 }
 
 impl<S, B> Cache<S, B> {
-    /// Caches the responses of `inner` in `store`, with the defaults of [`CacheLayer::new`].
-    pub fn new(inner: S, store: B) -> Self {
-        Self::from_layer(inner, &CacheLayer::new(store))
-    }
-
-    /// A [`CacheLayer`] over `store`, to configure and wrap services with (the same as
-    /// [`CacheLayer::new`]).
-    pub fn layer(store: B) -> CacheLayer<B> {
-        CacheLayer::new(store)
-    }
-
-    pub(crate) fn from_layer(inner: S, layer: &CacheLayer<B>) -> Self {
-        Self {
-            inner,
-            shared: Arc::new(layer.shared()),
-        }
+    pub(crate) fn with_shared(inner: S, shared: Arc<Shared<B>>) -> Self {
+        Self { inner, shared }
     }
 
     /// The inner service.

@@ -5,9 +5,9 @@ use http::{HeaderMap, HeaderName, Response};
 use http_body::Body;
 
 use super::{
+    config::{Config, Shared},
     entry::Entry,
     key::{self, EntryKeys},
-    layer::{Config, Shared},
     response, ResponseBody, TARGET,
 };
 use crate::store::{
