@@ -49,7 +49,6 @@ use tower_redis_layers::{
     idempotency::IdempotencyLockLayer,
     rate_limit::{Headers, KeyExtractor, RateLimitLayer, Rule},
     store::{CacheStore, IdempotencyStore, MemoryStore, RateLimitStore},
-    StoreError,
 };
 
 #[derive(Default)]
@@ -236,7 +235,9 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
 }
 
 /// A store error as a person reads it: the cause, without the wrapper's Debug form.
-fn cause(error: &StoreError) -> String {
+#[cfg(any(feature = "redis", feature = "fred"))]
+fn cause(error: &tower_redis_layers::StoreError) -> String {
+    use tower_redis_layers::StoreError;
     match error {
         StoreError::Store(inner) => inner.to_string(),
         other => other.to_string(),
