@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Serves on `127.0.0.1:$PORT` (default 3000) and prints `listening on http://127.0.0.1:PORT`
-//! once ready. The rate-limit key is the `x-api-key` header, else the peer IP.
+//! once ready, then the store in use and every route with a `curl` line to try. The rate-limit
+//! key is the `x-api-key` header, else the peer IP.
 //!
 //! - `GET /fixed`: fixed window, 5 requests per 10 s
 //! - `GET /sliding`: sliding window log, 5 requests per 10 s
@@ -18,9 +19,17 @@
 //!   `id` and how many times it has run in this process
 //! - `POST /cached/invalidate`: invalidates every `/cached/{id}` entry (one segment)
 //! - `GET /stats`: how many times each handler ran in this process (JSON)
+//!
+//! Ctrl-C (SIGINT) or SIGTERM stops it gracefully: it stops accepting connections and lets the
+//! requests in flight finish (an order being made completes and its record is stored). A startup
+//! error is one line on stderr, `error: ...`, naming what failed and the URL or port, and the
+//! exit code is 1.
 
 use std::{
+    future::Future,
+    io::Write,
     net::SocketAddr,
+    process::ExitCode,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -53,50 +62,198 @@ struct Stats {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// Every route: method, path, what it does, and the arguments of a `curl` line to try it.
+const ROUTES: &[(&str, &str, &str, &str)] = &[
+    (
+        "GET",
+        "/fixed",
+        "fixed window, 5 requests per 10 s",
+        "-i {base}/fixed",
+    ),
+    (
+        "GET",
+        "/sliding",
+        "sliding window log, 5 requests per 10 s",
+        "-i {base}/sliding",
+    ),
+    (
+        "GET",
+        "/bucket",
+        "token bucket, capacity 5, refill 1 token per second",
+        "-i -H 'x-api-key: alice' {base}/bucket",
+    ),
+    (
+        "POST",
+        "/orders",
+        "idempotent per Idempotency-Key; takes 300 ms, answers 201",
+        "-i -X POST -H 'Idempotency-Key: a1' -d '{\"item\":\"book\"}' {base}/orders",
+    ),
+    (
+        "GET",
+        "/cached/{id}",
+        "cached 30 s; the handler sleeps 200 ms",
+        "-i {base}/cached/7",
+    ),
+    (
+        "POST",
+        "/cached/invalidate",
+        "invalidates every /cached/{id} entry",
+        "-i -X POST {base}/cached/invalidate",
+    ),
+    (
+        "GET",
+        "/stats",
+        "how many times each handler ran (JSON)",
+        "-s {base}/stats",
+    ),
+];
+
+/// The store the environment asks for, and where that choice came from.
+enum StoreChoice {
+    Memory,
+    Redis { url: String },
+    Fred { url: String, from: &'static str },
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() -> ExitCode {
+    // Logs go to stderr: stdout starts with the listening line, which scripts wait for.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
+    match serve().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
+async fn serve() -> Result<(), Error> {
     let port: u16 = match std::env::var("PORT") {
         Ok(p) => p
             .parse()
             .map_err(|_| format!("PORT must be a port number, got {p:?}"))?,
         Err(_) => 3000,
     };
-    let redis_url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
-    let store_name = std::env::var("DEMO_BACKEND").unwrap_or_default();
-
-    let app = match (store_name.as_str(), redis_url) {
-        ("fred", url) => fred_app(url.as_deref().unwrap_or("redis://127.0.0.1:6379")).await?,
-        ("" | "redis", Some(url)) => redis_app(&url).await?,
-        ("" | "memory", None) => app(MemoryStore::new()),
-        (other, _) => {
-            return Err(format!("unknown DEMO_BACKEND {other:?} (memory, redis, fred)").into())
-        }
+    let choice = store_choice()?;
+    let (app, store) = match &choice {
+        StoreChoice::Memory => (
+            app(MemoryStore::new()),
+            "memory (in this process)".to_owned(),
+        ),
+        StoreChoice::Redis { url } => (redis_app(url).await?, format!("redis at {url}")),
+        StoreChoice::Fred { url, from } => (fred_app(url, from).await?, format!("fred at {url}")),
     };
+    // Installed before the listening line, so that no signal sent after it is missed.
+    let shutdown = shutdown_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("cannot listen on 127.0.0.1:{port} (PORT): {e}"))?;
     let port = listener.local_addr()?.port();
-    println!("listening on http://127.0.0.1:{port}");
+    print_banner(port, &store);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
+    .with_graceful_shutdown(shutdown)
     .await?;
     Ok(())
 }
 
+/// Reads `DEMO_BACKEND` (memory, redis, fred; empty: memory, or redis when `REDIS_URL` is set)
+/// and `REDIS_URL` (empty counts as unset).
+fn store_choice() -> Result<StoreChoice, String> {
+    let redis_url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
+    let name = std::env::var("DEMO_BACKEND").unwrap_or_default();
+    match (name.as_str(), redis_url) {
+        ("fred", Some(url)) => Ok(StoreChoice::Fred {
+            url,
+            from: "REDIS_URL",
+        }),
+        ("fred", None) => Ok(StoreChoice::Fred {
+            url: "redis://127.0.0.1:6379".into(),
+            from: "the default; set REDIS_URL",
+        }),
+        ("" | "redis", Some(url)) => Ok(StoreChoice::Redis { url }),
+        ("" | "memory", None) => Ok(StoreChoice::Memory),
+        ("redis", None) => Err("DEMO_BACKEND=redis needs REDIS_URL (for example \
+                                redis://127.0.0.1:6379)"
+            .into()),
+        ("memory", Some(url)) => Err(format!(
+            "DEMO_BACKEND=memory but REDIS_URL is set ({url}): unset one of them"
+        )),
+        (other, _) => Err(format!(
+            "unknown DEMO_BACKEND {other:?} (memory, redis, fred)"
+        )),
+    }
+}
+
+/// The listening line (the first line, which scripts wait for), then the store and the routes.
+/// Write errors are ignored: a closed stdout must not stop the server.
+fn print_banner(port: u16, store: &str) {
+    let base = format!("http://127.0.0.1:{port}");
+    let mut text = format!("listening on {base}\nstore: {store}\n");
+    text.push_str("routes (rate-limit key: the x-api-key header, else the peer IP):\n");
+    for (method, path, what, curl) in ROUTES {
+        text.push_str(&format!("  {method:<4} {path:<18} {what}\n"));
+        text.push_str(&format!("       curl {}\n", curl.replace("{base}", &base)));
+    }
+    text.push_str("Ctrl-C or SIGTERM stops the server once the requests in flight are done\n");
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM (what Docker, Kubernetes and systemd send).
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "shutting down: finishing the requests in flight"
+            );
+        })
+    }
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// A store error as a person reads it: the cause, without the wrapper's Debug form.
+#[cfg(any(feature = "redis", feature = "fred"))]
+fn cause(error: &tower_redis_layers::StoreError) -> String {
+    use tower_redis_layers::StoreError;
+    match error {
+        StoreError::Store(inner) => inner.to_string(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(feature = "redis")]
 async fn redis_app(url: &str) -> Result<Router, Error> {
-    let store = tower_redis_layers::store::RedisStore::connect(url).await?;
-    eprintln!("rate-limit store: redis at {url}");
+    let store = tower_redis_layers::store::RedisStore::connect(url)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to Redis at {url} (REDIS_URL): {}",
+                cause(&e)
+            )
+        })?;
     Ok(app(store))
 }
 
@@ -106,14 +263,15 @@ async fn redis_app(_url: &str) -> Result<Router, Error> {
 }
 
 #[cfg(feature = "fred")]
-async fn fred_app(url: &str) -> Result<Router, Error> {
-    let store = tower_redis_layers::store::FredStore::connect(url).await?;
-    eprintln!("rate-limit store: fred at {url}");
+async fn fred_app(url: &str, from: &str) -> Result<Router, Error> {
+    let store = tower_redis_layers::store::FredStore::connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to Redis at {url} ({from}): {}", cause(&e)))?;
     Ok(app(store))
 }
 
 #[cfg(not(feature = "fred"))]
-async fn fred_app(_url: &str) -> Result<Router, Error> {
+async fn fred_app(_url: &str, _from: &str) -> Result<Router, Error> {
     Err("DEMO_BACKEND=fred needs `--features fred`".into())
 }
 

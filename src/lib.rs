@@ -1,5 +1,8 @@
-//! Tower and axum middleware that keeps its state in Redis, so that limits hold across every
-//! replica of a service behind a load balancer.
+//! Tower and axum middleware that keeps its state in a store shared by every replica of a
+//! service (Redis in production, memory in one process), so that rate limits, cached responses
+//! and "exactly once" request handling hold behind a load balancer.
+//!
+//! # Layers, and the lock
 //!
 //! - [`RateLimitLayer`](rate_limit::RateLimitLayer): fixed window, sliding window (exact log and
 //!   approximate counter), token bucket and GCRA; several rules per route checked in one atomic
@@ -7,12 +10,39 @@
 //! - [`CacheLayer`](cache::CacheLayer): a response cache shared by every replica, safe by default
 //!   for a shared cache (RFC 9111), with O(1) segment invalidation and three kinds of stampede
 //!   protection (fill lock, early recompute, stale serving).
+//! - [`IdempotencyLockLayer`](idempotency::IdempotencyLockLayer): `Idempotency-Key` handling
+//!   (draft-ietf-httpapi-idempotency-key-header): one execution per key, its response replayed
+//!   to duplicates, `409` while it runs, `422` for the same key with another body.
+//! - [`Lock`](lock::Lock): the safe distributed lock underneath the idempotency layer (random
+//!   token, compare-and-delete release, renewal while held, fencing tokens), usable on its own.
 //!
-//! State lives in a store: [`MemoryStore`](store::MemoryStore) (in process, the default
-//! that needs no server), [`RedisStore`](store::RedisStore) (redis-rs, feature `redis`, on by
-//! default) and [`FredStore`](store::FredStore) (feature `fred`). Every Redis operation is one
-//! Lua script call (one round trip, atomic, time read from the Redis server), with every key of a
-//! call in one hash slot so that Redis Cluster works.
+//! Every layer is a [`tower_layer::Layer`]: it works with axum (`Router::layer`,
+//! `route_layer`, `MethodRouter::layer`), with `tower::ServiceBuilder`, and with plain hyper.
+//!
+//! # Stores
+//!
+//! | store | feature | |
+//! |---|---|---|
+//! | [`MemoryStore`](store::MemoryStore) | always | in one process; needs no server (tests, a single instance) |
+//! | `RedisStore` | `redis` (default) | redis-rs, standalone or Redis Cluster |
+//! | `FredStore` | `fred` | fred, standalone or Redis Cluster |
+//!
+//! Every Redis operation is one Lua script call (one round trip, atomic, with the time read from
+//! the Redis server), with every key of a call in one hash slot so that Redis Cluster works.
+//! Both Redis stores run the same scripts and share state.
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `redis` | yes | `store::RedisStore`, on [redis-rs](https://docs.rs/redis) |
+//! | `fred` | no | `store::FredStore`, on [fred](https://docs.rs/fred) |
+//! | `axum` | yes | `KeyExtractor::peer_ip()` reads axum's `ConnectInfo<SocketAddr>` (and `MockConnectInfo`) |
+//! | `metrics` | no | counters and histograms through the [`metrics`](https://docs.rs/metrics) facade |
+//! | `test-support` | no | the `conformance` module: the suites a store of your own must pass |
+//!
+//! Without `axum`, `peer_ip()` reads a `SocketAddr` from the request extensions (the hyper
+//! example inserts it).
 //!
 //! # Quickstart (axum)
 //!
@@ -22,22 +52,62 @@
 //! use tower_redis_layers::{store::MemoryStore, rate_limit::{KeyExtractor, RateLimitLayer, Rule}};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = MemoryStore::new();
+//! let store = MemoryStore::new(); // or RedisStore::connect("redis://127.0.0.1:6379").await?
 //! let limit = RateLimitLayer::new(store, Rule::fixed_window(5, Duration::from_secs(10)))
 //!     .key(KeyExtractor::header("x-api-key").or(KeyExtractor::peer_ip()));
 //!
 //! let app = Router::new().route("/", get(|| async { "hello" })).layer(limit);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+//! // ConnectInfo gives the layer the peer address; in-flight requests finish on shutdown.
+//! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+//!     .with_graceful_shutdown(shutdown_signal())
+//!     .await?;
 //! # Ok(()) }
+//!
+//! /// Ctrl-C (SIGINT), or SIGTERM as sent by Docker, Kubernetes and systemd.
+//! async fn shutdown_signal() {
+//!     let ctrl_c = async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     };
+//!     #[cfg(unix)]
+//!     let terminate = async {
+//!         use tokio::signal::unix::{signal, SignalKind};
+//!         match signal(SignalKind::terminate()) {
+//!             Ok(mut sigterm) => {
+//!                 sigterm.recv().await;
+//!             }
+//!             Err(_) => std::future::pending().await,
+//!         }
+//!     };
+//!     #[cfg(not(unix))]
+//!     let terminate = std::future::pending::<()>();
+//!     tokio::select! {
+//!         _ = ctrl_c => {}
+//!         _ = terminate => {}
+//!     }
+//! }
 //! ```
 //!
-//! # Failure behaviour
+//! The crate's examples (`examples/demo.rs` with every layer, `examples/axum.rs`,
+//! `examples/hyper.rs`) are described in the README.
 //!
-//! Every store call has a timeout (see
-//! [`RateLimitLayer::timeout`](rate_limit::RateLimitLayer::timeout)). When it fails or times out
-//! the rate limiter fails open by default (the request goes through and a warning is logged), or
-//! closed (`503 Service Unavailable`) when configured so.
+//! # When the store is slow or down
+//!
+//! Every store call of every layer and of the lock is bounded by a timeout, set with
+//! `.store_timeout(d)`. What a layer then does with the request is set with
+//! `.on_store_error(mode)` ([`FailureMode`]); either way a `tracing` warning is logged, and
+//! nothing about the failure is remembered: the next request asks the store again.
+//!
+//! | | store timeout | on store error (default) | `FailureMode::Open` | `FailureMode::Closed` |
+//! |---|---|---|---|---|
+//! | rate limit | 250 ms | `Open` | the request goes through, not limited | `503` with `Retry-After: 1` |
+//! | cache | 250 ms | `Open` | the request goes to the inner service; nothing is served from or stored in the cache | `503` with `Retry-After: 1` |
+//! | idempotency | 1 s | `Closed` | the handler runs without protection | `503` with `Retry-After: 1`; the handler does not run |
+//! | [`Lock`](lock::Lock) | 1 s | (not a layer) | | every call returns the [`StoreError`] (`StoreError::Timeout` on a timeout) |
+//!
+//! A `503` from a layer is `application/problem+json`, like its other rejections. With the
+//! cache's default (`Open`) a response never fails because the cache did: a failed lookup is a
+//! miss, and a failed store of a fresh response is logged and dropped.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -45,7 +115,7 @@
     unreachable_pub,
     missing_debug_implementations
 )]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
 pub mod cache;

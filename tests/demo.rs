@@ -1,12 +1,14 @@
-//! End to end: the demo binary, as a user runs it, with and without `REDIS_URL`.
+//! End to end: the demo binary (and the other examples), as a user runs them: with and without
+//! `REDIS_URL`, what they print, how they fail at startup, and how they stop.
 
 mod common;
 
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use common::RedisServer;
@@ -15,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Demo {
     child: Child,
     port: u16,
+    /// Every line the process printed on stdout so far, the listening line first.
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Demo {
@@ -24,46 +28,124 @@ impl Drop for Demo {
     }
 }
 
-/// Builds the demo with this test's features (quick when it is up to date) and returns its path.
-fn demo_binary() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let dir = exe.parent().unwrap().parent().unwrap();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "--example", "demo"]);
-            if cfg!(feature = "fred") {
-                cmd.args(["--features", "fred"]);
+impl Demo {
+    /// Sends SIGTERM, as Docker, Kubernetes and systemd do.
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit on its own.
+    async fn exit_status(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
             }
-            assert!(cmd.status().unwrap().success(), "building the demo failed");
-            dir.join("examples").join("demo")
-        })
-        .clone()
+            assert!(Instant::now() < deadline, "still running after {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The stdout lines once the process has printed at least `n` of them.
+    async fn lines(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.stdout.lock().unwrap().clone();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(Instant::now() < deadline, "only printed {lines:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
-fn start_demo(envs: &[(&str, String)]) -> Demo {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// Builds the examples with this test's features (quick when they are up to date) and returns
+/// the path of `name`.
+fn example_binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--example",
+            "demo",
+            "--example",
+            "hyper",
+        ]);
+        if cfg!(feature = "redis") {
+            cmd.args(["--example", "axum"]);
+        }
+        if cfg!(feature = "fred") {
+            cmd.args(["--features", "fred"]);
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "building the examples failed"
+        );
+        dir.join("examples")
+    });
+    dir.join(name)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let mut cmd = Command::new(demo_binary());
-    cmd.env_remove("REDIS_URL").env_remove("DEMO_BACKEND");
-    cmd.env("PORT", port.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .port()
+}
+
+/// A command for an example with a clean environment: no `REDIS_URL`, `DEMO_BACKEND`, `RUST_LOG`.
+fn example_command(name: &str, envs: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(example_binary(name));
+    for var in ["REDIS_URL", "DEMO_BACKEND", "RUST_LOG", "PORT"] {
+        cmd.env_remove(var);
+    }
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    cmd
+}
+
+/// Starts an example on a free port and waits for its listening line; the rest of its stdout
+/// is collected in the background (so that the process never writes to a closed pipe).
+fn start_example(name: &str, envs: &[(&str, String)]) -> Demo {
+    let port = free_port();
+    let mut cmd = example_command(name, envs);
+    cmd.env("PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    reader.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), format!("listening on http://127.0.0.1:{port}"));
-    Demo { child, port }
+    let stdout = Arc::new(Mutex::new(vec![line.trim_end().to_owned()]));
+    let collected = Arc::clone(&stdout);
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            collected.lock().unwrap().push(line);
+        }
+    });
+    Demo {
+        child,
+        port,
+        stdout,
+    }
+}
+
+fn start_demo(envs: &[(&str, String)]) -> Demo {
+    start_example("demo", envs)
 }
 
 /// A minimal HTTP/1.1 GET; returns the status and the body.
@@ -243,4 +325,225 @@ async fn demo_on_fred() {
     let demo = start_demo(&[("REDIS_URL", server.url()), ("DEMO_BACKEND", "fred".into())]);
     check_routes(&demo).await;
     assert_eq!(check_cached(&demo, 1).await, 2);
+}
+
+/// The `(method, path)` of every route line of the banner (`  GET  /fixed  ...`), with the
+/// `curl` line printed under it.
+fn banner_routes(lines: &[String]) -> Vec<(String, String, String)> {
+    let mut routes = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let mut words = line.split_whitespace();
+        if let (Some(method @ ("GET" | "POST")), Some(path)) = (words.next(), words.next()) {
+            let curl = lines.get(i + 1).cloned().unwrap_or_default();
+            routes.push((method.to_owned(), path.to_owned(), curl.trim().to_owned()));
+        }
+    }
+    routes
+}
+
+/// The `(method, path)` of every row of the README's table of demo routes (the table whose
+/// header starts with `| route |`).
+fn readme_routes() -> Vec<(String, String)> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    readme
+        .lines()
+        .skip_while(|line| !line.starts_with("| route |"))
+        .take_while(|line| line.starts_with('|'))
+        .filter_map(|line| {
+            let cell = line.strip_prefix("| `")?.split('`').next()?;
+            let (method, path) = cell.split_once(' ')?;
+            matches!(method, "GET" | "POST").then(|| (method.to_owned(), path.to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn demo_prints_the_store_and_every_route_with_a_curl_line_that_works() {
+    let demo = start_demo(&[]);
+    let lines = demo.lines(3).await;
+    assert_eq!(lines[1], "store: memory (in this process)");
+    let last = "Ctrl-C or SIGTERM stops the server once the requests in flight are done";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let lines = demo.lines(1).await;
+        if lines.last().map(String::as_str) == Some(last) || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines.last().map(String::as_str), Some(last), "{lines:#?}");
+
+    let routes = banner_routes(&lines);
+    let base = format!("http://127.0.0.1:{}", demo.port);
+    for (method, path, curl) in &routes {
+        let path = path.replace("{id}", "7");
+        assert!(curl.starts_with("curl "), "{method} {path}: {curl:?}");
+        assert!(
+            curl.contains(&format!("{base}{path}")),
+            "{method} {path}: {curl:?}"
+        );
+        let status = match (method.as_str(), path.as_str()) {
+            ("POST", "/orders") => {
+                post(demo.port, &path, "banner", "{\"item\":\"book\"}")
+                    .await
+                    .0
+            }
+            _ => request(demo.port, method, &path).await.0,
+        };
+        let expected = if path == "/orders" { 201 } else { 200 };
+        assert_eq!(status, expected, "{method} {path}");
+    }
+    // The README's table of routes lists exactly these.
+    let mut printed: Vec<_> = routes.into_iter().map(|(m, p, _)| (m, p)).collect();
+    let mut documented = readme_routes();
+    printed.sort();
+    documented.sort();
+    assert_eq!(printed.len(), 7, "{printed:?}");
+    assert_eq!(
+        documented, printed,
+        "the README's routes table differs from the demo"
+    );
+}
+
+#[tokio::test]
+async fn demo_finishes_the_requests_in_flight_on_sigterm_and_exits_0() {
+    let mut demo = start_demo(&[]);
+    let port = demo.port;
+    let (order, cached, ()) = tokio::join!(
+        post(port, "/orders", "in-flight", "{\"item\":\"book\"}"),
+        request(port, "GET", "/cached/9"),
+        async {
+            // Both handlers are running (300 ms and 200 ms) when the signal arrives.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            demo.sigterm();
+        }
+    );
+    assert_eq!(order.0, 201, "{order:?}");
+    let body: serde_json::Value = serde_json::from_str(&order.1).unwrap();
+    assert_eq!(body["order"], 1);
+    assert_eq!(body["body"]["item"], "book");
+    assert_eq!(cached.0, 200, "{cached:?}");
+    assert!(cached.1.contains("fwd=miss; stored"), "{}", cached.1);
+    let status = demo.exit_status(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+    // It no longer accepts connections.
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+}
+
+/// The point of a graceful stop: an order in flight completes and its record is stored, so a
+/// retry on another replica gets the same answer instead of a key blocked for a whole lease.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn demo_on_redis_an_order_in_flight_at_sigterm_is_replayed_by_the_next_replica() {
+    let server = RedisServer::start();
+    let mut a = start_demo(&[("REDIS_URL", server.url())]);
+    let port = a.port;
+    let (first, ()) = tokio::join!(
+        post(port, "/orders", "rolling-deploy", "{\"item\":\"pen\"}"),
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            a.sigterm();
+        }
+    );
+    assert_eq!(first.0, 201);
+    assert_eq!(a.exit_status(Duration::from_secs(10)).await.code(), Some(0));
+
+    let b = start_demo(&[("REDIS_URL", server.url())]);
+    let retry = post(b.port, "/orders", "rolling-deploy", "{\"item\":\"pen\"}").await;
+    assert_eq!(retry, first, "the retry was not the stored answer");
+    let (_, body) = get(b.port, "/stats", None).await;
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["orders"], 0, "replica b ran the order again");
+}
+
+/// Runs an example that must fail at startup; returns its stderr.
+fn startup_error(name: &str, envs: &[(&str, String)]) -> String {
+    let out = example_command(name, envs).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+    assert!(out.stdout.is_empty(), "{name} printed {:?}", out.stdout);
+    assert!(stderr.starts_with("error: "), "{name}: {stderr}");
+    assert!(!stderr.contains("Error: "), "a Debug dump: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+    stderr.trim_end().to_owned()
+}
+
+#[tokio::test]
+async fn demo_startup_errors_name_the_port_or_url_and_exit_1() {
+    let bad_port = startup_error("demo", &[("PORT", "eighty".into())]);
+    assert_eq!(
+        bad_port,
+        "error: PORT must be a port number, got \"eighty\""
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let in_use = startup_error("demo", &[("PORT", port.to_string())]);
+    let expected = format!("error: cannot listen on 127.0.0.1:{port} (PORT): ");
+    assert!(in_use.starts_with(&expected), "{in_use}");
+    assert!(
+        in_use.to_lowercase().contains("address already in use"),
+        "{in_use}"
+    );
+
+    let unknown = startup_error("demo", &[("DEMO_BACKEND", "mongo".into())]);
+    assert_eq!(
+        unknown,
+        "error: unknown DEMO_BACKEND \"mongo\" (memory, redis, fred)"
+    );
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn demo_and_axum_example_name_an_unreachable_redis_url() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    for example in ["demo", "axum"] {
+        let refused = startup_error(example, &[("REDIS_URL", url.clone())]);
+        let expected = format!("error: cannot connect to Redis at {url} (REDIS_URL): ");
+        assert!(refused.starts_with(&expected), "{example}: {refused}");
+        assert!(
+            refused.to_lowercase().contains("refused"),
+            "{example}: {refused}"
+        );
+    }
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn axum_example_treats_an_empty_redis_url_and_a_bad_port_like_the_demo() {
+    let mut example = start_example("axum", &[("REDIS_URL", String::new())]);
+    assert_eq!(example.lines(2).await[1], "store: memory (in this process)");
+    let (status, body) = get(example.port, "/", None).await;
+    assert_eq!((status, body.as_str()), (200, "hello"));
+    example.sigterm();
+    assert_eq!(
+        example.exit_status(Duration::from_secs(10)).await.code(),
+        Some(0)
+    );
+
+    let bad_port = startup_error("axum", &[("PORT", "eighty".into())]);
+    assert_eq!(
+        bad_port,
+        "error: PORT must be a port number, got \"eighty\""
+    );
+}
+
+#[tokio::test]
+async fn hyper_example_stops_on_sigterm_and_exits_0() {
+    let mut example = start_example("hyper", &[]);
+    let (status, body) = get(example.port, "/api/items", None).await;
+    assert_eq!((status, body.as_str()), (200, "GET /api/items\n"));
+    example.sigterm();
+    assert_eq!(
+        example.exit_status(Duration::from_secs(10)).await.code(),
+        Some(0)
+    );
+    let bad_port = startup_error("hyper", &[("PORT", "eighty".into())]);
+    assert_eq!(
+        bad_port,
+        "error: PORT must be a port number, got \"eighty\""
+    );
 }
