@@ -7,12 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response};
 use tokio::time::Instant;
 
-use super::{
-    layer::Config,
-    record::StoredResponse,
-    rejection::{rejection, Rejection},
-    TARGET,
-};
+use super::{config::Config, record::StoredResponse, rejection::Rejection, TARGET};
 use crate::{
     store::{bounded, Claim, ClaimRequest, IdempotencyStore, StoreError},
     StoreKey,
@@ -71,7 +66,7 @@ pub(super) async fn claim(
                 Rejection::Mismatch
             }
         };
-        return Claimed::Answer(rejection(config, why));
+        return Claimed::Answer(config.reject(why));
     }
 }
 
@@ -80,7 +75,7 @@ pub(super) async fn claim(
 fn replay(config: &Config, stored: &[u8]) -> Response<Bytes> {
     let Some(stored) = StoredResponse::decode(stored) else {
         tracing::error!(target: TARGET, "a stored idempotent response is unreadable");
-        return rejection(config, Rejection::UnreadableRecord);
+        return config.reject(Rejection::UnreadableRecord);
     };
     match stored.to_response() {
         Some(mut response) => {
@@ -89,6 +84,6 @@ fn replay(config: &Config, stored: &[u8]) -> Response<Bytes> {
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
             response
         }
-        None => rejection(config, Rejection::NotReplayable),
+        None => config.reject(Rejection::NotReplayable),
     }
 }

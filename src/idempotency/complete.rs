@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::Response;
 use http_body::Body;
 
-use super::{execute::Execution, layer::Config, record::StoredResponse, TARGET};
+use super::{config::Config, execute::Execution, record::StoredResponse, TARGET};
 use crate::{
     body::{read_up_to, ReadEnd},
     ResponseBody,

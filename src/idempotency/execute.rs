@@ -4,7 +4,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use super::{layer::Config, record::StoredResponse, TARGET};
+use super::{config::Config, record::StoredResponse, TARGET};
 use crate::{
     lock::{spawn_detached, Lease},
     store::{bounded, IdempotencyStore},

@@ -4,58 +4,14 @@ use bytes::Bytes;
 use http::{request::Parts, HeaderName, Method, Response, StatusCode};
 use tower_layer::Layer;
 
-use super::{IdempotencyLock, Rejection};
+use super::{config::Config, IdempotencyLock, Rejection};
 use crate::store::FailureMode;
-
-type PartitionFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
-type StoreIfFn = dyn Fn(StatusCode) -> bool + Send + Sync;
-pub(crate) type RejectionFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
-
-/// The namespace of the records when no [scope](IdempotencyLockLayer::scope) is given.
-pub(crate) const DEFAULT_SCOPE: &str = "idempotency";
 
 /// Runs each request with an `Idempotency-Key` once and replays its response to duplicates.
 /// See the [module docs](super) for an example.
 pub struct IdempotencyLockLayer<B> {
     pub(crate) store: Arc<B>,
     pub(crate) config: Arc<Config>,
-}
-
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) methods: Vec<Method>,
-    pub(crate) header: HeaderName,
-    pub(crate) required: bool,
-    pub(crate) scope: String,
-    pub(crate) partition: Option<Arc<PartitionFn>>,
-    pub(crate) max_body: usize,
-    pub(crate) lease: Duration,
-    pub(crate) retention: Duration,
-    pub(crate) in_flight_wait: Option<Duration>,
-    pub(crate) store_if: Arc<StoreIfFn>,
-    pub(crate) on_store_error: FailureMode,
-    pub(crate) store_timeout: Duration,
-    pub(crate) rejection: Option<Arc<RejectionFn>>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            methods: vec![Method::POST, Method::PATCH],
-            header: HeaderName::from_static("idempotency-key"),
-            required: false,
-            scope: DEFAULT_SCOPE.to_owned(),
-            partition: None,
-            max_body: 1024 * 1024,
-            lease: Duration::from_secs(10),
-            retention: Duration::from_secs(24 * 3600),
-            in_flight_wait: None,
-            store_if: Arc::new(|status: StatusCode| !status.is_server_error()),
-            on_store_error: FailureMode::Closed,
-            store_timeout: Duration::from_secs(1),
-            rejection: None,
-        }
-    }
 }
 
 impl<B> IdempotencyLockLayer<B> {
@@ -208,6 +164,19 @@ impl<S, B> Layer<S> for IdempotencyLockLayer<B> {
     type Service = IdempotencyLock<S, B>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyLock::from_layer(inner, self)
+        IdempotencyLock::with_config(inner, Arc::clone(&self.store), Arc::clone(&self.config))
+    }
+}
+
+impl<S, B> IdempotencyLock<S, B> {
+    /// Wraps `inner` with idempotency on `store`, with the default options (use
+    /// [`IdempotencyLock::layer`] to change them).
+    pub fn new(inner: S, store: B) -> Self {
+        IdempotencyLockLayer::new(store).layer(inner)
+    }
+
+    /// A layer that wraps services with idempotency on `store`: [`IdempotencyLockLayer::new`].
+    pub fn layer(store: B) -> IdempotencyLockLayer<B> {
+        IdempotencyLockLayer::new(store)
     }
 }

@@ -89,6 +89,7 @@
 
 mod claim;
 mod complete;
+mod config;
 mod execute;
 mod future;
 mod layer;

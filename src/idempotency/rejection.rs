@@ -1,8 +1,4 @@
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
-
-use super::layer::Config;
-use crate::problem::problem;
+use http::StatusCode;
 
 /// Why the layer answered a request itself, given to the builder set with
 /// [`IdempotencyLockLayer::rejection`](super::IdempotencyLockLayer::rejection). Each case
@@ -47,7 +43,7 @@ impl Rejection {
         }
     }
 
-    fn detail(&self) -> &'static str {
+    pub(super) fn detail(&self) -> &'static str {
         match self {
             Self::MissingKey => "this request needs an Idempotency-Key header",
             Self::InvalidKey => "the Idempotency-Key must be 1 to 255 visible ASCII characters",
@@ -65,23 +61,7 @@ impl Rejection {
         }
     }
 
-    fn retry_after(&self) -> bool {
+    pub(super) fn retry_after(&self) -> bool {
         matches!(self, Self::InFlight | Self::Unavailable)
     }
-}
-
-/// The response for `why`: from the configured builder, or problem details (RFC 9457); with
-/// `Retry-After: 1` where the case calls for it and the response has none.
-pub(super) fn rejection(config: &Config, why: Rejection) -> Response<Bytes> {
-    let mut response = match &config.rejection {
-        Some(f) => f(&why),
-        None => problem(why.status(), why.detail()),
-    };
-    if why.retry_after() {
-        response
-            .headers_mut()
-            .entry(http::header::RETRY_AFTER)
-            .or_insert(HeaderValue::from_static("1"));
-    }
-    response
 }

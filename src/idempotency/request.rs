@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{request::Parts, HeaderValue};
 use http_body::Body;
 
-use super::{layer::Config, Rejection};
+use super::{config::Config, Rejection};
 use crate::{
     body::{read_up_to, ReadBody, ReadEnd},
     StoreKey,

@@ -12,11 +12,11 @@ use tower_service::Service;
 use super::{
     claim::{claim, Claimed},
     complete::complete,
+    config::Config,
     execute::Execution,
-    layer::Config,
-    rejection::{rejection, Rejection},
+    rejection::Rejection,
     request::{self, Keyed},
-    IdempotencyLockLayer, ResponseFuture, TARGET,
+    ResponseFuture, TARGET,
 };
 use crate::{
     lock::new_token,
@@ -33,26 +33,11 @@ pub struct IdempotencyLock<S, B> {
 }
 
 impl<S, B> IdempotencyLock<S, B> {
-    /// Wraps `inner` with idempotency on `store`, with the default options (use
-    /// [`IdempotencyLock::layer`] to change them).
-    pub fn new(inner: S, store: B) -> Self {
+    pub(crate) fn with_config(inner: S, store: Arc<B>, config: Arc<Config>) -> Self {
         Self {
             inner,
-            store: Arc::new(store),
-            config: Arc::new(Config::default()),
-        }
-    }
-
-    /// A layer that wraps services with idempotency on `store`: [`IdempotencyLockLayer::new`].
-    pub fn layer(store: B) -> IdempotencyLockLayer<B> {
-        IdempotencyLockLayer::new(store)
-    }
-
-    pub(crate) fn from_layer(inner: S, layer: &IdempotencyLockLayer<B>) -> Self {
-        Self {
-            inner,
-            store: Arc::clone(&layer.store),
-            config: Arc::clone(&layer.config),
+            store,
+            config,
         }
     }
 
@@ -179,5 +164,5 @@ where
 }
 
 fn rejected<B: Body>(config: &Config, why: Rejection) -> Response<ResponseBody<B>> {
-    rejection(config, why).map(ResponseBody::full)
+    config.reject(why).map(ResponseBody::full)
 }
