@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{RedisCluster, RedisServer};
+use common::stores::{stores, AnyStore, Env};
 use futures_util::future::join_all;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -27,78 +27,8 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, Infallible>;
 type Req = Request<Full<Bytes>>;
 type Svc = BoxCloneService<Req, Response<ResponseBody<Body>>, Error>;
-type Store = Arc<dyn CacheStore>;
+type Store = AnyStore;
 
-/// Where a scenario's store lives; `store()` makes a new client each time (for the Redis
-/// stores), as a separate replica would have.
-#[allow(dead_code)] // `Fred` without the `fred` feature.
-enum Env {
-    Memory(MemoryStore),
-    Redis(RedisServer),
-    Fred(RedisServer),
-    Cluster(RedisCluster),
-}
-
-impl Env {
-    fn memory() -> Self {
-        Env::Memory(MemoryStore::new())
-    }
-    fn redis() -> Self {
-        Env::Redis(RedisServer::start())
-    }
-    fn fred() -> Self {
-        Env::Fred(RedisServer::start())
-    }
-    fn cluster() -> Self {
-        Env::Cluster(RedisCluster::start())
-    }
-
-    async fn store(&self) -> Store {
-        match self {
-            Env::Memory(m) => Arc::new(m.clone()),
-            #[cfg(feature = "redis")]
-            Env::Redis(s) => Arc::new(
-                tower_redis_layers::store::RedisStore::connect(&s.url())
-                    .await
-                    .unwrap(),
-            ),
-            #[cfg(feature = "redis")]
-            Env::Cluster(c) => Arc::new(
-                tower_redis_layers::store::RedisStore::connect(&c.url())
-                    .await
-                    .unwrap(),
-            ),
-            #[cfg(feature = "fred")]
-            Env::Fred(s) => Arc::new(
-                tower_redis_layers::store::FredStore::connect(&s.url())
-                    .await
-                    .unwrap(),
-            ),
-            #[allow(unreachable_patterns)]
-            _ => panic!("store not compiled in"),
-        }
-    }
-
-    /// Runs `redis-cli` on every node that holds keys matching `pattern` (standalone or
-    /// cluster) and returns the keys.
-    fn keys(&self, pattern: &str) -> Vec<(&RedisServer, String)> {
-        let nodes: Vec<&RedisServer> = match self {
-            Env::Memory(_) => Vec::new(),
-            Env::Redis(s) | Env::Fred(s) => vec![s],
-            Env::Cluster(c) => c.nodes.iter().collect(),
-        };
-        let mut out = Vec::new();
-        for node in nodes {
-            let listed = node
-                .cli(&["--scan", "--pattern", pattern])
-                .unwrap_or_default();
-            for key in listed.lines().filter(|l| !l.is_empty()) {
-                out.push((node, key.to_owned()));
-            }
-        }
-        out
-    }
-}
 
 /// Counts handler runs.
 #[derive(Clone, Default)]
@@ -758,46 +688,6 @@ async fn stale_if_error(env: Env) {
 // Every scenario against every store.
 // ---------------------------------------------------------------------------------------------
 
-macro_rules! stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Env::memory()).await;
-                }
-            )*
-        }
-        #[cfg(feature = "redis")]
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Env::redis()).await;
-                }
-            )*
-        }
-        #[cfg(feature = "fred")]
-        mod fred {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Env::fred()).await;
-                }
-            )*
-        }
-        #[cfg(feature = "redis")]
-        mod cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Env::cluster()).await;
-                }
-            )*
-        }
-    };
-}
-
 stores!(
     hit_miss_expiry,
     response_max_age_sets_the_ttl,
@@ -1007,7 +897,7 @@ mod redis_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn corrupt_entry_is_a_miss_and_deleted_on_the_cluster() {
-        super::corrupt_entry_is_a_miss_and_deleted(super::Env::cluster()).await;
+        super::corrupt_entry_is_a_miss_and_deleted(super::Env::redis_cluster()).await;
     }
 }
 
@@ -1187,7 +1077,7 @@ async fn a_store_that_does_not_answer_is_bounded_by_the_store_timeout() {
 async fn no_response_ttl_ignores_max_age() {
     let runs = Runs::default();
     let svc = service(
-        layer(Arc::new(MemoryStore::new())).no_response_ttl(),
+        layer(AnyStore::Memory(MemoryStore::new())).no_response_ttl(),
         runs.clone(),
         answer(&[("cache-control", "max-age=0")]),
     );
