@@ -582,3 +582,71 @@ async fn memory_store_forgets_expired_keys() {
     store.sweep();
     assert_eq!(store.len(), 0, "expired keys must be forgotten");
 }
+
+/// The `r` of rule `name` in a `RateLimit` field (`"a";r=1;t=2, "b";r=3;t=4`).
+fn remaining_of(field: &str, name: &str) -> Option<u64> {
+    let item = field
+        .split(", ")
+        .find(|item| item.starts_with(&format!("\"{name}\";")))?;
+    item.split(';')
+        .find_map(|param| param.strip_prefix("r="))?
+        .parse()
+        .ok()
+}
+
+/// A `429` reports, for a rule that did not deny, the quota it actually has left: exactly the
+/// number of further requests (of the same cost) that rule admits. The denying rule reports 0.
+#[tokio::test]
+async fn a_denial_reports_the_quota_the_other_rules_have_left() {
+    let long = Duration::from_secs(3600);
+    for other in [
+        Rule::fixed_window(5, long),
+        Rule::sliding_log(5, long),
+        Rule::sliding_window(5, long),
+        Rule::token_bucket(5, 1, long),
+        Rule::gcra(1, long, 5),
+    ] {
+        let store = MemoryStore::new();
+        let (_, inner) = counting();
+        let other = other.name("other");
+        let both = Policy::new(Rule::fixed_window(2, long).name("tight"))
+            .rule(other.clone())
+            .scope("left");
+        let mut svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(store.clone(), both))
+            .service(inner.clone());
+        for _ in 0..2 {
+            let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let field = header(&res, "ratelimit").unwrap().to_owned();
+        assert_eq!(remaining_of(&field, "tight"), Some(0), "{field}");
+        let left = remaining_of(&field, "other").unwrap();
+        assert_eq!(left, 3, "{other:?}: {field}");
+        // The other rule alone, under the same scope and key, shares its counter: it admits
+        // exactly what the 429 said was left.
+        let mut alone = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(
+                store,
+                Policy::new(other.clone()).scope("left"),
+            ))
+            .service(inner);
+        let mut admitted = 0;
+        while alone
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::OK
+        {
+            admitted += 1;
+            assert!(admitted <= 5, "{other:?}: more than the limit admitted");
+        }
+        assert_eq!(admitted, left, "{other:?}: {field}");
+    }
+}
