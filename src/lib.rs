@@ -35,9 +35,9 @@
 //! # Failure behaviour
 //!
 //! Every store call has a timeout (see
-//! [`RateLimitLayer::timeout`](rate_limit::RateLimitLayer::timeout)). When it fails or times out
-//! the rate limiter fails open by default (the request goes through and a warning is logged), or
-//! closed (`503 Service Unavailable`) when configured so.
+//! [`RateLimitLayer::store_timeout`](rate_limit::RateLimitLayer::store_timeout)). When it fails
+//! or times out the rate limiter fails open by default (the request goes through and a warning
+//! is logged), or closed (`503 Service Unavailable`) when configured so.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,

@@ -650,3 +650,72 @@ async fn a_denial_reports_the_quota_the_other_rules_have_left() {
         assert_eq!(admitted, left, "{other:?}: {field}");
     }
 }
+
+/// A layer's scope is a namespace for all of its counters: layers with the same rules share a
+/// budget under the same scope (or none) and never across scopes; a policy's scope separates
+/// budgets inside a layer's scope, and a route is scoped by its method and path.
+#[tokio::test]
+async fn layer_scopes_separate_budgets() {
+    let (_, inner) = counting();
+    let rule = Rule::fixed_window(1, Duration::from_secs(60));
+    let store = MemoryStore::new();
+    let status = |layer: RateLimitLayer<MemoryStore>| {
+        let svc = ServiceBuilder::new().layer(layer).service(inner.clone());
+        async move { svc.oneshot(request("/a")).await.unwrap().status().as_u16() }
+    };
+    let plain = || RateLimitLayer::new(store.clone(), rule.clone());
+    let scoped = |scope: &str| plain().scope(scope);
+    assert_eq!(status(plain()).await, 200);
+    assert_eq!(status(plain()).await, 429, "no scope: one shared budget");
+    assert_eq!(status(scoped("x")).await, 200, "a layer scope is apart");
+    assert_eq!(status(scoped("x")).await, 429, "the same scope shares");
+    assert_eq!(status(scoped("y")).await, 200);
+    let in_x =
+        |p: &str| RateLimitLayer::new(store.clone(), Policy::new(rule.clone()).scope(p)).scope("x");
+    assert_eq!(status(in_x("p")).await, 200, "a policy scope inside x");
+    assert_eq!(status(in_x("p")).await, 429);
+    let outside = RateLimitLayer::new(store.clone(), Policy::new(rule.clone()).scope("p"));
+    assert_eq!(
+        status(outside).await,
+        200,
+        "the same policy scope, no layer scope"
+    );
+    // A route is scoped by method and path, under the layer's scope; set before or after.
+    let routed = |scope: &str, first: bool| {
+        let layer = RateLimitLayer::routed(store.clone());
+        if first {
+            layer.scope(scope).route(None, "/a", rule.clone())
+        } else {
+            layer.route(None, "/a", rule.clone()).scope(scope)
+        }
+    };
+    assert_eq!(status(routed("r", true)).await, 200);
+    assert_eq!(
+        status(routed("r", false)).await,
+        429,
+        "the same route and scope"
+    );
+    assert_eq!(status(routed("s", false)).await, 200);
+}
+
+#[tokio::test]
+async fn the_service_is_made_with_new_or_its_layer() {
+    use tower::Layer;
+    use tower_redis_layers::rate_limit::RateLimit;
+    let (_, inner) = counting();
+    let rule = Rule::fixed_window(1, Duration::from_secs(60));
+    let mut svc = RateLimit::new(inner.clone(), MemoryStore::new(), rule.clone());
+    let _: &_ = svc.get_ref();
+    let _: &mut _ = svc.get_mut();
+    let codes = [
+        svc.clone().oneshot(request("/")).await.unwrap().status(),
+        svc.oneshot(request("/")).await.unwrap().status(),
+    ];
+    assert_eq!(codes, [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+    let svc = RateLimit::layer(MemoryStore::new(), rule).layer(inner);
+    let _inner = svc.clone().into_inner();
+    assert_eq!(
+        svc.oneshot(request("/")).await.unwrap().status(),
+        StatusCode::OK
+    );
+}

@@ -83,7 +83,7 @@ async fn exact_across_two_services(url: &str, scope: &str) {
             let store = RedisStore::connect(url).await.unwrap();
             let layer = RateLimitLayer::new(store, policy.clone())
                 .key(KeyExtractor::global())
-                .timeout(Duration::from_secs(5));
+                .store_timeout(Duration::from_secs(5));
             services.push(service(layer, runs.clone()));
         }
         let passed = flood(&services, 300).await;
@@ -116,10 +116,10 @@ async fn redis_rs_and_fred_services_share_one_budget() {
         rule.clone(),
     )
     .key(KeyExtractor::global())
-    .timeout(Duration::from_secs(5));
+    .store_timeout(Duration::from_secs(5));
     let b = RateLimitLayer::new(FredStore::connect(&server.url()).await.unwrap(), rule)
         .key(KeyExtractor::global())
-        .timeout(Duration::from_secs(5));
+        .store_timeout(Duration::from_secs(5));
     let services = [service(a, runs.clone()), service(b, runs.clone())];
     assert_eq!(flood(&services, 200).await, 30);
 }
@@ -201,7 +201,7 @@ async fn redis_down_slow_and_back() {
             RedisStore::connect(&server.url()).await.unwrap(),
             Policy::new(rule.clone()).scope("open"),
         )
-        .timeout(timeout),
+        .store_timeout(timeout),
         runs.clone(),
     );
     let closed = service(
@@ -209,7 +209,7 @@ async fn redis_down_slow_and_back() {
             RedisStore::connect(&server.url()).await.unwrap(),
             Policy::new(rule).scope("closed"),
         )
-        .timeout(timeout)
+        .store_timeout(timeout)
         .on_store_error(FailureMode::Closed),
         runs.clone(),
     );
@@ -288,7 +288,7 @@ async fn fred_store_recovers_after_a_restart() {
     let store = FredStore::connect(&server.url()).await.unwrap();
     let closed = service(
         RateLimitLayer::new(store, Rule::fixed_window(2, Duration::from_secs(60)))
-            .timeout(Duration::from_millis(300))
+            .store_timeout(Duration::from_millis(300))
             .on_store_error(FailureMode::Closed),
         Arc::new(AtomicUsize::new(0)),
     );
