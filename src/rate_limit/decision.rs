@@ -8,10 +8,10 @@ use http::{HeaderMap, Response, StatusCode};
 
 use super::{
     deny_cache,
-    headers::{has_state, insert_retry_after, Fields},
+    headers::{has_state, insert_retry_after},
     layer::{Config, Shared},
     policy::CompiledPolicy,
-    Headers, Rejection,
+    Rejection,
 };
 use crate::{
     key::StoreKey,
@@ -90,10 +90,7 @@ impl Check {
                 let retry_after_ms = decision.retry_after.as_millis() as u64;
                 tracing::info!(target: TARGET, key = %self.key, rule, outcome = "denied_shadow", retry_after_ms);
                 let mut h = HeaderMap::new();
-                let which = Fields {
-                    ietf: true,
-                    legacy: config.legacy_headers,
-                };
+                let which = config.denial_fields();
                 policy.fields.insert_state(&mut h, &decision, which);
                 Answer::Admit(Some(h))
             }
@@ -111,10 +108,7 @@ impl Check {
         let headers = response.headers_mut();
         insert_retry_after(headers, decision.retry_after);
         if !has_state(headers) {
-            let which = Fields {
-                ietf: true,
-                legacy: config.legacy_headers,
-            };
+            let which = config.denial_fields();
             policy.fields.insert_state(headers, decision, which);
         }
         if config.deny_cache && self.remote && !decision.retry_after.is_zero() {
@@ -143,10 +137,7 @@ fn admitted(
     let remaining = decision.rules.iter().map(|s| s.remaining).min();
     tracing::debug!(target: TARGET, key = %key, outcome = "allowed", remaining = remaining.unwrap_or(0));
     let mut h = HeaderMap::new();
-    let which = Fields {
-        ietf: config.headers == Headers::All,
-        legacy: config.legacy_headers,
-    };
+    let which = config.admission_fields();
     policy.fields.insert_state(&mut h, decision, which);
     Answer::Admit(Some(h))
 }
@@ -167,10 +158,7 @@ pub(crate) fn denied_locally(
     let headers = response.headers_mut();
     insert_retry_after(headers, wait);
     if !has_state(headers) {
-        let which = Fields {
-            ietf: true,
-            legacy: config.legacy_headers,
-        };
+        let which = config.denial_fields();
         policy.fields.insert_denied(headers, rule, wait, which);
     }
     response

@@ -16,7 +16,10 @@ static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// Which responses carry the `RateLimit` fields.
+/// Which responses carry the `RateLimit` fields; see [`RateLimitLayer::headers`] and the
+/// [module docs](super) for what the fields report.
+///
+/// [`RateLimitLayer::headers`]: super::RateLimitLayer::headers
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Headers {

@@ -5,6 +5,7 @@ use http::{request::Parts, Method, Response};
 
 use super::{
     deny_cache::DenyCache,
+    headers::Fields,
     policy::{CompiledPolicy, Route},
     Headers, KeyExtractor, Policy,
 };
@@ -37,7 +38,7 @@ impl<B> Clone for Shared<B> {
 }
 
 /// What to do with a request whose key cannot be extracted (for example no `x-api-key` header
-/// and no peer address).
+/// and no peer address); see [`RateLimitLayer::on_missing_key`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum MissingKey {
@@ -50,7 +51,8 @@ pub enum MissingKey {
     Shared,
 }
 
-/// Why the layer answered a request itself.
+/// Why the layer answered a request itself: what a [`RateLimitLayer::rejection`] builder is
+/// given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Rejection {
@@ -93,9 +95,27 @@ pub(crate) struct Config {
 const DEFAULT_POLICY: usize = usize::MAX;
 
 impl Config {
-    /// Whether responses carry the rules' state, so the store must report it.
+    /// The fields of an admitted response.
+    pub(crate) fn admission_fields(&self) -> Fields {
+        Fields {
+            ietf: self.headers == Headers::All,
+            legacy: self.legacy_headers,
+        }
+    }
+
+    /// The fields of a response the layer denies (or, in shadow mode, would deny).
+    pub(crate) fn denial_fields(&self) -> Fields {
+        Fields {
+            ietf: true,
+            legacy: self.legacy_headers,
+        }
+    }
+
+    /// Whether admitted responses carry the rules' state, so the store must report it (a
+    /// denial's state is always reported).
     pub(crate) fn wants_state(&self) -> bool {
-        self.headers == Headers::All || self.legacy_headers
+        let fields = self.admission_fields();
+        fields.ietf || fields.legacy
     }
 
     /// The policy for a request, with its index (for [`Config::policy`] and the deny cache).
