@@ -29,7 +29,6 @@ type Req = Request<Full<Bytes>>;
 type Svc = BoxCloneService<Req, Response<ResponseBody<Body>>, Error>;
 type Store = AnyStore;
 
-
 /// Counts handler runs.
 #[derive(Clone, Default)]
 struct Runs(Arc<AtomicUsize>);

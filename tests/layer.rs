@@ -582,3 +582,140 @@ async fn memory_store_forgets_expired_keys() {
     store.sweep();
     assert_eq!(store.len(), 0, "expired keys must be forgotten");
 }
+
+/// The `r` of rule `name` in a `RateLimit` field (`"a";r=1;t=2, "b";r=3;t=4`).
+fn remaining_of(field: &str, name: &str) -> Option<u64> {
+    let item = field
+        .split(", ")
+        .find(|item| item.starts_with(&format!("\"{name}\";")))?;
+    item.split(';')
+        .find_map(|param| param.strip_prefix("r="))?
+        .parse()
+        .ok()
+}
+
+/// A `429` reports, for a rule that did not deny, the quota it actually has left: exactly the
+/// number of further requests (of the same cost) that rule admits. The denying rule reports 0.
+#[tokio::test]
+async fn a_denial_reports_the_quota_the_other_rules_have_left() {
+    let long = Duration::from_secs(3600);
+    for other in [
+        Rule::fixed_window(5, long),
+        Rule::sliding_log(5, long),
+        Rule::sliding_window(5, long),
+        Rule::token_bucket(5, 1, long),
+        Rule::gcra(1, long, 5),
+    ] {
+        let store = MemoryStore::new();
+        let (_, inner) = counting();
+        let other = other.name("other");
+        let both = Policy::new(Rule::fixed_window(2, long).name("tight"))
+            .rule(other.clone())
+            .scope("left");
+        let mut svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(store.clone(), both))
+            .service(inner.clone());
+        for _ in 0..2 {
+            let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let field = header(&res, "ratelimit").unwrap().to_owned();
+        assert_eq!(remaining_of(&field, "tight"), Some(0), "{field}");
+        let left = remaining_of(&field, "other").unwrap();
+        assert_eq!(left, 3, "{other:?}: {field}");
+        // The other rule alone, under the same scope and key, shares its counter: it admits
+        // exactly what the 429 said was left.
+        let mut alone = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(
+                store,
+                Policy::new(other.clone()).scope("left"),
+            ))
+            .service(inner);
+        let mut admitted = 0;
+        while alone
+            .ready()
+            .await
+            .unwrap()
+            .call(request("/"))
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::OK
+        {
+            admitted += 1;
+            assert!(admitted <= 5, "{other:?}: more than the limit admitted");
+        }
+        assert_eq!(admitted, left, "{other:?}: {field}");
+    }
+}
+
+/// A layer's scope is a namespace for all of its counters: layers with the same rules share a
+/// budget under the same scope (or none) and never across scopes; a policy's scope separates
+/// budgets inside a layer's scope, and a route is scoped by its method and path.
+#[tokio::test]
+async fn layer_scopes_separate_budgets() {
+    let (_, inner) = counting();
+    let rule = Rule::fixed_window(1, Duration::from_secs(60));
+    let store = MemoryStore::new();
+    let status = |layer: RateLimitLayer<MemoryStore>| {
+        let svc = ServiceBuilder::new().layer(layer).service(inner.clone());
+        async move { svc.oneshot(request("/a")).await.unwrap().status().as_u16() }
+    };
+    let plain = || RateLimitLayer::new(store.clone(), rule.clone());
+    let scoped = |scope: &str| plain().scope(scope);
+    assert_eq!(status(plain()).await, 200);
+    assert_eq!(status(plain()).await, 429, "no scope: one shared budget");
+    assert_eq!(status(scoped("x")).await, 200, "a layer scope is apart");
+    assert_eq!(status(scoped("x")).await, 429, "the same scope shares");
+    assert_eq!(status(scoped("y")).await, 200);
+    let in_x =
+        |p: &str| RateLimitLayer::new(store.clone(), Policy::new(rule.clone()).scope(p)).scope("x");
+    assert_eq!(status(in_x("p")).await, 200, "a policy scope inside x");
+    assert_eq!(status(in_x("p")).await, 429);
+    let outside = RateLimitLayer::new(store.clone(), Policy::new(rule.clone()).scope("p"));
+    assert_eq!(
+        status(outside).await,
+        200,
+        "the same policy scope, no layer scope"
+    );
+    // A route is scoped by method and path, under the layer's scope; set before or after.
+    let routed = |scope: &str, first: bool| {
+        let layer = RateLimitLayer::routed(store.clone());
+        if first {
+            layer.scope(scope).route(None, "/a", rule.clone())
+        } else {
+            layer.route(None, "/a", rule.clone()).scope(scope)
+        }
+    };
+    assert_eq!(status(routed("r", true)).await, 200);
+    assert_eq!(
+        status(routed("r", false)).await,
+        429,
+        "the same route and scope"
+    );
+    assert_eq!(status(routed("s", false)).await, 200);
+}
+
+#[tokio::test]
+async fn the_service_is_made_with_new_or_its_layer() {
+    use tower::Layer;
+    use tower_redis_layers::rate_limit::RateLimit;
+    let (_, inner) = counting();
+    let rule = Rule::fixed_window(1, Duration::from_secs(60));
+    let mut svc = RateLimit::new(inner.clone(), MemoryStore::new(), rule.clone());
+    let _: &_ = svc.get_ref();
+    let _: &mut _ = svc.get_mut();
+    let codes = [
+        svc.clone().oneshot(request("/")).await.unwrap().status(),
+        svc.oneshot(request("/")).await.unwrap().status(),
+    ];
+    assert_eq!(codes, [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+    let svc = RateLimit::layer(MemoryStore::new(), rule).layer(inner);
+    let _inner = svc.clone().into_inner();
+    assert_eq!(
+        svc.oneshot(request("/")).await.unwrap().status(),
+        StatusCode::OK
+    );
+}

@@ -83,7 +83,7 @@ async fn exact_across_two_services(url: &str, scope: &str) {
             let store = RedisStore::connect(url).await.unwrap();
             let layer = RateLimitLayer::new(store, policy.clone())
                 .key(KeyExtractor::global())
-                .timeout(Duration::from_secs(5));
+                .store_timeout(Duration::from_secs(5));
             services.push(service(layer, runs.clone()));
         }
         let passed = flood(&services, 300).await;
@@ -116,10 +116,10 @@ async fn redis_rs_and_fred_services_share_one_budget() {
         rule.clone(),
     )
     .key(KeyExtractor::global())
-    .timeout(Duration::from_secs(5));
+    .store_timeout(Duration::from_secs(5));
     let b = RateLimitLayer::new(FredStore::connect(&server.url()).await.unwrap(), rule)
         .key(KeyExtractor::global())
-        .timeout(Duration::from_secs(5));
+        .store_timeout(Duration::from_secs(5));
     let services = [service(a, runs.clone()), service(b, runs.clone())];
     assert_eq!(flood(&services, 200).await, 30);
 }
@@ -201,7 +201,7 @@ async fn redis_down_slow_and_back() {
             RedisStore::connect(&server.url()).await.unwrap(),
             Policy::new(rule.clone()).scope("open"),
         )
-        .timeout(timeout),
+        .store_timeout(timeout),
         runs.clone(),
     );
     let closed = service(
@@ -209,7 +209,7 @@ async fn redis_down_slow_and_back() {
             RedisStore::connect(&server.url()).await.unwrap(),
             Policy::new(rule).scope("closed"),
         )
-        .timeout(timeout)
+        .store_timeout(timeout)
         .on_store_error(FailureMode::Closed),
         runs.clone(),
     );
@@ -288,7 +288,7 @@ async fn fred_store_recovers_after_a_restart() {
     let store = FredStore::connect(&server.url()).await.unwrap();
     let closed = service(
         RateLimitLayer::new(store, Rule::fixed_window(2, Duration::from_secs(60)))
-            .timeout(Duration::from_millis(300))
+            .store_timeout(Duration::from_millis(300))
             .on_store_error(FailureMode::Closed),
         Arc::new(AtomicUsize::new(0)),
     );
@@ -312,4 +312,73 @@ async fn fred_store_recovers_after_a_restart() {
     }
     let after: Vec<u16> = seen.into_iter().filter(|s| *s != 503).collect();
     assert_eq!(after, [200, 200, 429]);
+}
+
+/// The `r` of rule `name` in a `RateLimit` field (`"a";r=1;t=2, "b";r=3;t=4`).
+fn remaining_of(field: &str, name: &str) -> Option<u64> {
+    let item = field
+        .split(", ")
+        .find(|item| item.starts_with(&format!("\"{name}\";")))?;
+    item.split(';')
+        .find_map(|param| param.strip_prefix("r="))?
+        .parse()
+        .ok()
+}
+
+/// A `429` reports, for a rule that did not deny, the quota it actually has left: exactly the
+/// number of further requests (of the same cost) that rule admits. The denying rule reports 0.
+async fn a_denial_reports_what_is_left<B: RateLimitStore + Clone>(store: B, scope: &str) {
+    let long = Duration::from_secs(3600);
+    for (name, other) in [
+        ("fixed", Rule::fixed_window(5, long)),
+        ("sliding-log", Rule::sliding_log(5, long)),
+        ("sliding", Rule::sliding_window(5, long)),
+        ("bucket", Rule::token_bucket(5, 1, long)),
+        ("gcra", Rule::gcra(1, long, 5)),
+    ] {
+        let scope = format!("{scope}-{name}");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let other = other.name("other");
+        let both = Policy::new(Rule::fixed_window(2, long).name("tight"))
+            .rule(other.clone())
+            .scope(scope.clone());
+        let svc = service(RateLimitLayer::new(store.clone(), both), runs.clone());
+        for _ in 0..2 {
+            assert_eq!(status(&svc).await, StatusCode::OK, "{name}");
+        }
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "{name}");
+        let field = res.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert_eq!(remaining_of(&field, "tight"), Some(0), "{name}: {field}");
+        let left = remaining_of(&field, "other").unwrap();
+        assert_eq!(left, 3, "{name}: {field}");
+        // The other rule alone, under the same scope and key, shares its counter: it admits
+        // exactly what the 429 said was left.
+        let alone = service(
+            RateLimitLayer::new(store.clone(), Policy::new(other).scope(scope)),
+            runs,
+        );
+        let mut admitted = 0;
+        while status(&alone).await == StatusCode::OK {
+            admitted += 1;
+            assert!(admitted <= 5, "{name}: more than the limit admitted");
+        }
+        assert_eq!(admitted, left, "{name}: {field}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_reports_what_is_left_redis_rs() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    a_denial_reports_what_is_left(store, "redis-rs").await;
+}
+
+#[cfg(feature = "fred")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_reports_what_is_left_fred() {
+    use tower_redis_layers::store::FredStore;
+    let server = RedisServer::start();
+    let store = FredStore::connect(&server.url()).await.unwrap();
+    a_denial_reports_what_is_left(store, "fred").await;
 }

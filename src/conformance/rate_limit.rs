@@ -221,6 +221,10 @@ async fn rules_are_all_or_nothing<S: RateLimitStore>(store: &S) {
             let d = check(store, &key, &rules, 1).await;
             assert!(!d.allowed);
             assert_eq!(d.denied_by, Some(0));
+            assert_eq!(
+                d.rules[1].remaining, 8,
+                "{other:?}: a denial reports what the other rule has left"
+            );
         }
         let d = check(store, &key, &rules[1..], 0).await;
         assert_eq!(

@@ -11,13 +11,16 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
-    service::{Next, Pending},
+    decision::{Answer, Pending},
     ResponseBody,
 };
 use crate::store::RateLimitStore;
 
 pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
+    ///
+    /// It waits for the store when the store is remote, then runs the inner service or answers
+    /// with the rejection. See the [module docs](super) for an example.
     pub struct ResponseFuture<S, B, ReqBody>
     where
         S: Service<Request<ReqBody>>,
@@ -53,12 +56,8 @@ where
     S: Service<Request<ReqBody>>,
     B: RateLimitStore,
 {
-    pub(crate) fn running(future: S::Future) -> Self {
-        Self::running_with(future, None)
-    }
-
     /// Runs the inner service's `future`, then adds `headers` to its response.
-    pub(crate) fn running_with(future: S::Future, headers: Option<HeaderMap>) -> Self {
+    pub(crate) fn running(future: S::Future, headers: Option<HeaderMap>) -> Self {
         Self {
             state: State::Running { future },
             pending: None,
@@ -108,12 +107,12 @@ where
             match this.state.as_mut().project() {
                 StateProj::Checking { check, call } => {
                     let result = ready!(check.poll(cx));
-                    let next = match this.pending.take() {
+                    let answer = match this.pending.take() {
                         Some(pending) => pending.finish(result),
-                        None => Next::Run(None),
+                        None => Answer::Admit(None),
                     };
-                    match next {
-                        Next::Run(headers) => {
+                    match answer {
+                        Answer::Admit(headers) => {
                             // `call` is `Some` until this transition, which happens once.
                             let Some((mut service, request)) = call.take() else {
                                 return Poll::Pending;
@@ -123,7 +122,7 @@ where
                                 future: service.call(request),
                             });
                         }
-                        Next::Reject(response) => {
+                        Answer::Reject(response) => {
                             this.state.set(State::Rejected {
                                 response: Some(response),
                             });

@@ -1,20 +1,25 @@
-//! The IETF `RateLimit` / `RateLimit-Policy` fields (draft-ietf-httpapi-ratelimit-headers),
-//! `Retry-After`, and the legacy `X-RateLimit-*` fields.
+//! Every rate-limit field a response carries, built here and nowhere else: the IETF `RateLimit` /
+//! `RateLimit-Policy` fields (draft-ietf-httpapi-ratelimit-headers), `Retry-After`, and the
+//! legacy `X-RateLimit-*` fields.
 
 use std::{fmt::Write, time::Duration};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::Rule;
 use crate::store::Decision;
 
-pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// Which responses carry the `RateLimit` fields.
+/// Which responses carry the `RateLimit` fields; see [`RateLimitLayer::headers`] and the
+/// [module docs](super) for what the fields report.
+///
+/// [`RateLimitLayer::headers`]: super::RateLimitLayer::headers
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Headers {
@@ -25,89 +30,224 @@ pub enum Headers {
     All,
 }
 
-/// Whole seconds, rounded up (a client waiting this long will not be early).
-pub(crate) fn secs_up(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+/// Which of the fields to write.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fields {
+    /// `RateLimit` and `RateLimit-Policy`.
+    pub(crate) ietf: bool,
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    pub(crate) legacy: bool,
 }
 
-/// `"name";q=5;w=10, ...` for the rules of a policy; static for the life of the layer.
-pub(crate) fn policy_value(rules: &[Rule]) -> Option<HeaderValue> {
-    let mut s = String::new();
-    for (i, rule) in rules.iter().enumerate() {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        let _ = write!(
-            s,
-            "\"{}\";q={};w={}",
-            rule.policy_name(),
-            rule.quota(),
-            secs_up(rule.window()).max(1)
-        );
-    }
-    HeaderValue::from_str(&s).ok()
+/// What the fields of one policy need, computed once when the layer is built: the rules' names
+/// and quotas, and the whole `RateLimit-Policy` value (`"name";q=5;w=10, ...`).
+#[derive(Clone, Debug)]
+pub(crate) struct PolicyFields {
+    names: Vec<String>,
+    quotas: Vec<u64>,
+    policy: Option<HeaderValue>,
 }
 
-/// Adds the fields that describe `decision` to `headers`.
-pub(crate) fn insert_state(
-    headers: &mut HeaderMap,
-    rules: &[Rule],
-    names: &[String],
-    policy: Option<&HeaderValue>,
-    decision: &Decision,
-    legacy: bool,
-) {
-    let mut value = String::new();
-    for (i, state) in decision.rules.iter().enumerate() {
-        if i > 0 {
-            value.push_str(", ");
+impl PolicyFields {
+    pub(crate) fn new(rules: &[Rule]) -> Self {
+        let names: Vec<String> = rules.iter().map(Rule::policy_name).collect();
+        let mut policy = String::new();
+        for (i, (rule, name)) in rules.iter().zip(&names).enumerate() {
+            if i > 0 {
+                policy.push_str(", ");
+            }
+            let window = secs_up(rule.window()).max(1);
+            let _ = write!(policy, "\"{name}\";q={};w={window}", rule.quota());
         }
-        let denying = decision.denied_by == Some(i);
-        let (remaining, reset) = if denying {
-            // The same point in time as `Retry-After`.
-            (0, decision.retry_after)
-        } else {
-            (state.remaining, state.reset)
-        };
-        let name = names.get(i).map_or("", String::as_str);
-        let _ = write!(value, "\"{name}\";r={remaining};t={}", secs_up(reset));
+        Self {
+            quotas: rules.iter().map(Rule::quota).collect(),
+            policy: HeaderValue::from_str(&policy).ok(),
+            names,
+        }
     }
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(RATELIMIT.clone(), v);
+
+    /// The name of rule `i` ("" when there is none).
+    pub(crate) fn name(&self, i: usize) -> &str {
+        self.names.get(i).map_or("", String::as_str)
     }
-    if let Some(p) = policy {
-        headers.insert(RATELIMIT_POLICY.clone(), p.clone());
-    }
-    if legacy {
-        // The rule closest to denying.
-        let tightest = decision
-            .denied_by
-            .or_else(|| {
-                decision
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .min_by_key(|(_, s)| s.remaining)
-                    .map(|(i, _)| i)
-            })
-            .and_then(|i| Some((rules.get(i)?, decision.rules.get(i)?, i)));
-        if let Some((rule, state, i)) = tightest {
-            let (remaining, reset) = if decision.denied_by == Some(i) {
+
+    /// The fields that describe a store's `decision`. The rule that denied reports nothing left
+    /// (for a request of the same cost) and its reset at `Retry-After`; every other rule reports
+    /// what the store says it has left.
+    pub(crate) fn insert_state(&self, headers: &mut HeaderMap, decision: &Decision, which: Fields) {
+        // (remaining, reset) of rule i as the fields show it.
+        let shown = |i: usize| {
+            let state = decision.rules.get(i)?;
+            Some(if decision.denied_by == Some(i) {
                 (0, decision.retry_after)
             } else {
                 (state.remaining, state.reset)
-            };
-            headers.insert(X_LIMIT.clone(), HeaderValue::from(rule.quota()));
-            headers.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
-            headers.insert(X_RESET.clone(), HeaderValue::from(secs_up(reset)));
+            })
+        };
+        if which.ietf {
+            let mut value = String::new();
+            for i in 0..decision.rules.len() {
+                let Some((remaining, reset)) = shown(i) else {
+                    continue;
+                };
+                if i > 0 {
+                    value.push_str(", ");
+                }
+                let name = self.name(i);
+                let _ = write!(value, "\"{name}\";r={remaining};t={}", secs_up(reset));
+            }
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(RATELIMIT.clone(), v);
+            }
+            self.insert_policy(headers);
         }
+        if which.legacy {
+            // The rule closest to denying.
+            let tightest = decision.denied_by.or_else(|| {
+                let states = decision.rules.iter().enumerate();
+                states.min_by_key(|(_, s)| s.remaining).map(|(i, _)| i)
+            });
+            if let Some((i, (remaining, reset))) = tightest.and_then(|i| Some((i, shown(i)?))) {
+                self.insert_legacy(headers, i, remaining, reset);
+            }
+        }
+    }
+
+    /// The fields of an answer from the local deny cache: rule `rule` denies for `wait` more.
+    /// Only that rule is known, so only it is reported, as the store's own answer reports it.
+    pub(crate) fn insert_denied(
+        &self,
+        headers: &mut HeaderMap,
+        rule: usize,
+        wait: Duration,
+        which: Fields,
+    ) {
+        if which.ietf {
+            // `"name";r=0;t=N`, built in one exact allocation (this is the flood path).
+            let name = self.name(rule);
+            let mut secs = itoa::Buffer::new();
+            let secs = secs.format(secs_up(wait)).as_bytes();
+            let mut value = Vec::with_capacity(name.len() + 9 + secs.len());
+            value.push(b'"');
+            value.extend_from_slice(name.as_bytes());
+            value.extend_from_slice(b"\";r=0;t=");
+            value.extend_from_slice(secs);
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+                headers.insert(RATELIMIT.clone(), v);
+            }
+            self.insert_policy(headers);
+        }
+        if which.legacy {
+            self.insert_legacy(headers, rule, 0, wait);
+        }
+    }
+
+    fn insert_policy(&self, headers: &mut HeaderMap) {
+        if let Some(p) = &self.policy {
+            headers.insert(RATELIMIT_POLICY.clone(), p.clone());
+        }
+    }
+
+    fn insert_legacy(&self, headers: &mut HeaderMap, rule: usize, remaining: u64, reset: Duration) {
+        let Some(&quota) = self.quotas.get(rule) else {
+            return;
+        };
+        headers.insert(X_LIMIT.clone(), HeaderValue::from(quota));
+        headers.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
+        headers.insert(X_RESET.clone(), HeaderValue::from(secs_up(reset)));
     }
 }
 
-/// `Retry-After` in whole seconds, at least 1.
+/// Whether a response (a custom rejection) already carries the `RateLimit` field.
+pub(crate) fn has_state(headers: &HeaderMap) -> bool {
+    headers.contains_key(&RATELIMIT)
+}
+
+/// `Retry-After` in whole seconds, at least 1, unless the response already has one.
 pub(crate) fn insert_retry_after(headers: &mut HeaderMap, wait: Duration) {
-    headers.insert(
-        http::header::RETRY_AFTER,
-        HeaderValue::from(secs_up(wait).max(1)),
-    );
+    if !headers.contains_key(http::header::RETRY_AFTER) {
+        headers.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(secs_up(wait).max(1)),
+        );
+    }
+}
+
+/// Whole seconds, rounded up (a client waiting this long will not be early).
+fn secs_up(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RuleState;
+
+    fn fields(headers: &HeaderMap) -> Vec<(String, String)> {
+        let mut v: Vec<_> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_deny_cache_answers_with_the_fields_of_the_store() {
+        let rules = [Rule::fixed_window(5, Duration::from_secs(10)).name("five")];
+        let policy = PolicyFields::new(&rules);
+        let wait = Duration::from_millis(7_300);
+        let decision = Decision {
+            allowed: false,
+            denied_by: Some(0),
+            retry_after: wait,
+            rules: vec![RuleState {
+                remaining: 0,
+                reset: wait,
+            }],
+        };
+        for legacy in [false, true] {
+            let which = Fields { ietf: true, legacy };
+            let (mut store, mut local) = (HeaderMap::new(), HeaderMap::new());
+            policy.insert_state(&mut store, &decision, which);
+            policy.insert_denied(&mut local, 0, wait, which);
+            assert_eq!(fields(&store), fields(&local));
+            assert_eq!(store["ratelimit"], "\"five\";r=0;t=8");
+            assert_eq!(store["ratelimit-policy"], "\"five\";q=5;w=10");
+            assert_eq!(store.contains_key("x-ratelimit-remaining"), legacy);
+        }
+    }
+
+    #[test]
+    fn a_denial_reports_the_other_rules_as_they_stand() {
+        let rules = [
+            Rule::fixed_window(2, Duration::from_secs(1)).name("a"),
+            Rule::fixed_window(9, Duration::from_secs(60)).name("b"),
+        ];
+        let decision = Decision {
+            allowed: false,
+            denied_by: Some(0),
+            retry_after: Duration::from_millis(400),
+            rules: vec![
+                RuleState {
+                    remaining: 0,
+                    reset: Duration::from_millis(400),
+                },
+                RuleState {
+                    remaining: 7,
+                    reset: Duration::from_secs(59),
+                },
+            ],
+        };
+        let mut h = HeaderMap::new();
+        let which = Fields {
+            ietf: true,
+            legacy: true,
+        };
+        PolicyFields::new(&rules).insert_state(&mut h, &decision, which);
+        assert_eq!(h["ratelimit"], "\"a\";r=0;t=1, \"b\";r=7;t=59");
+        assert_eq!(h["x-ratelimit-limit"], "2");
+        assert_eq!(h["x-ratelimit-remaining"], "0");
+        assert_eq!(h["x-ratelimit-reset"], "1");
+    }
 }

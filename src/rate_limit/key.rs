@@ -11,8 +11,9 @@ use crate::key::StoreKey;
 /// Where the rate-limit key of a request comes from.
 ///
 /// A key source is tried in order with [`or`](KeyExtractor::or) fallbacks; the first that yields
-/// a value wins. Whatever is extracted is hashed (with the source and the policy scope) before it
-/// reaches a store, so a client can neither make a huge or odd store key nor pick another's.
+/// a value wins. Whatever is extracted is hashed (with the source and the layer's and the
+/// policy's scopes) before it reaches a store, so a client can neither make a huge or odd store
+/// key nor pick another's. See the [module docs](super) for an example of a layer.
 ///
 /// ```
 /// use http::HeaderName;
@@ -51,17 +52,18 @@ enum Value<'a> {
 }
 
 impl RawKey<'_> {
-    pub(crate) fn hash(&self, scope: &str) -> StoreKey {
+    /// The store key of this raw key under `namespace` (the layer's and the policy's scopes).
+    pub(crate) fn hash(&self, namespace: &str) -> StoreKey {
         match &self.value {
             Value::Inline(bytes, len) => StoreKey::from_parts([
-                scope.as_bytes(),
+                namespace.as_bytes(),
                 self.tag,
                 bytes.get(..*len).unwrap_or(bytes),
             ]),
             Value::Header(name, value) => {
-                StoreKey::from_parts([scope.as_bytes(), self.tag, name, value])
+                StoreKey::from_parts([namespace.as_bytes(), self.tag, name, value])
             }
-            Value::Owned(v) => StoreKey::from_parts([scope.as_bytes(), self.tag, v]),
+            Value::Owned(v) => StoreKey::from_parts([namespace.as_bytes(), self.tag, v]),
         }
     }
 }

@@ -1,65 +1,44 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{request::Parts, HeaderValue, Method, Response};
-use tower_layer::Layer;
+use http::{request::Parts, Method, Response};
 
+use super::{
+    deny_cache::DenyCache,
+    headers::Fields,
+    policy::{CompiledPolicy, Route},
+    Headers, KeyExtractor, Policy,
+};
 use crate::store::FailureMode;
-
-use super::{deny_cache::DenyCache, headers::policy_value, Headers, KeyExtractor, RateLimit, Rule};
 
 /// Applies rate limits to requests; see the [module docs](super) for an example.
 ///
 /// Holds the configuration and the store. Cloning is cheap, and every service made by one layer
 /// (and its clones) shares the store and the local deny cache.
 pub struct RateLimitLayer<B> {
+    pub(crate) shared: Arc<Shared<B>>,
+}
+
+/// What a layer and every service it makes share.
+pub(crate) struct Shared<B> {
     pub(crate) store: Arc<B>,
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: Config,
     pub(crate) deny_cache: Arc<DenyCache>,
 }
 
-/// A set of rules checked together for one request, all-or-nothing.
-#[derive(Clone, Debug)]
-pub struct Policy {
-    rules: Vec<Rule>,
-    scope: Option<String>,
-}
-
-impl Policy {
-    /// A policy of one rule.
-    pub fn new(rule: Rule) -> Self {
+// Not derived: a store need not be `Clone`.
+impl<B> Clone for Shared<B> {
+    fn clone(&self) -> Self {
         Self {
-            rules: vec![rule],
-            scope: None,
+            store: Arc::clone(&self.store),
+            config: self.config.clone(),
+            deny_cache: Arc::clone(&self.deny_cache),
         }
-    }
-
-    /// Adds a rule, checked in the same atomic call as the others.
-    pub fn rule(mut self, rule: Rule) -> Self {
-        self.rules.push(rule);
-        self
-    }
-
-    /// Separates this policy's counters from other policies with the same rules and key.
-    ///
-    /// By default a policy's counters are shared by every layer with the same rules (state is
-    /// keyed by the rules, so that every replica agrees). Give two routes different scopes when
-    /// each should have its own budget. Route policies of a routed layer are scoped by their
-    /// method and path unless a scope is given.
-    pub fn scope(mut self, scope: impl Into<String>) -> Self {
-        self.scope = Some(scope.into());
-        self
-    }
-}
-
-impl From<Rule> for Policy {
-    fn from(rule: Rule) -> Self {
-        Self::new(rule)
     }
 }
 
 /// What to do with a request whose key cannot be extracted (for example no `x-api-key` header
-/// and no peer address).
+/// and no peer address); see [`RateLimitLayer::on_missing_key`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum MissingKey {
@@ -72,11 +51,13 @@ pub enum MissingKey {
     Shared,
 }
 
-/// Why the layer answered a request itself.
+/// Why the layer answered a request itself: what a [`RateLimitLayer::rejection`] builder is
+/// given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Rejection {
     /// A rule denied the request.
+    #[non_exhaustive]
     Limited {
         /// The name of the rule with the longest wait.
         rule: String,
@@ -89,65 +70,18 @@ pub enum Rejection {
     MissingKey,
 }
 
-type RejectionFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
+pub(crate) type RejectionFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 type CostFn = dyn Fn(&Parts) -> u64 + Send + Sync;
 
-/// A compiled policy: rules, scope, and what can be computed once.
-#[derive(Clone)]
-pub(crate) struct CompiledPolicy {
-    pub(crate) rules: Vec<Rule>,
-    pub(crate) names: Vec<String>,
-    pub(crate) scope: String,
-    pub(crate) policy_header: Option<HeaderValue>,
-    pub(crate) invalid: Option<String>,
-}
-
-impl CompiledPolicy {
-    fn new(policy: Policy, default_scope: String) -> Self {
-        let invalid = if policy.rules.is_empty() {
-            Some("a policy needs at least one rule".to_owned())
-        } else {
-            policy.rules.iter().find_map(|r| r.validate().err())
-        };
-        Self {
-            names: policy.rules.iter().map(Rule::policy_name).collect(),
-            policy_header: policy_value(&policy.rules),
-            scope: policy.scope.unwrap_or(default_scope),
-            rules: policy.rules,
-            invalid,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Route {
-    method: Option<Method>,
-    path: String,
-    prefix: bool,
-    pub(crate) policy: CompiledPolicy,
-}
-
-impl Route {
-    fn matches(&self, parts: &Parts) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != parts.method) {
-            return false;
-        }
-        let path = parts.uri.path();
-        if self.prefix {
-            path.starts_with(&self.path)
-        } else {
-            path == self.path
-        }
-    }
-}
-
+/// The configuration of a layer.
 #[derive(Clone)]
 pub(crate) struct Config {
-    pub(crate) policies: Arc<Vec<Route>>,
-    pub(crate) default: Option<Arc<CompiledPolicy>>,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) default: Option<CompiledPolicy>,
+    pub(crate) scope: String,
     pub(crate) key: KeyExtractor,
     pub(crate) cost: Option<Arc<CostFn>>,
-    pub(crate) timeout: Duration,
+    pub(crate) store_timeout: Duration,
     pub(crate) failure_mode: FailureMode,
     pub(crate) missing_key: MissingKey,
     pub(crate) deny_cache: bool,
@@ -158,31 +92,61 @@ pub(crate) struct Config {
 }
 
 /// Index of the default policy in the deny cache; routes use their position.
-pub(crate) const DEFAULT_POLICY: usize = usize::MAX;
+const DEFAULT_POLICY: usize = usize::MAX;
 
 impl Config {
-    /// Whether responses carry the rules' state, so the store must report it.
-    pub(crate) fn wants_state(&self) -> bool {
-        self.headers == Headers::All || self.legacy_headers
+    /// The fields of an admitted response.
+    pub(crate) fn admission_fields(&self) -> Fields {
+        Fields {
+            ietf: self.headers == Headers::All,
+            legacy: self.legacy_headers,
+        }
     }
 
-    /// The policy for a request, with its index for the deny cache.
+    /// The fields of a response the layer denies (or, in shadow mode, would deny).
+    pub(crate) fn denial_fields(&self) -> Fields {
+        Fields {
+            ietf: true,
+            legacy: self.legacy_headers,
+        }
+    }
+
+    /// Whether admitted responses carry the rules' state, so the store must report it (a
+    /// denial's state is always reported).
+    pub(crate) fn wants_state(&self) -> bool {
+        let fields = self.admission_fields();
+        fields.ietf || fields.legacy
+    }
+
+    /// The policy for a request, with its index (for [`Config::policy`] and the deny cache).
     pub(crate) fn select(&self, parts: &Parts) -> Option<(usize, &CompiledPolicy)> {
-        self.policies
-            .iter()
-            .position(|r| r.matches(parts))
-            .and_then(|i| Some((i, &self.policies.get(i)?.policy)))
-            .or_else(|| self.default.as_deref().map(|p| (DEFAULT_POLICY, p)))
+        match self.routes.iter().position(|r| r.matches(parts)) {
+            Some(i) => Some((i, &self.routes.get(i)?.policy)),
+            None => self.default.as_ref().map(|p| (DEFAULT_POLICY, p)),
+        }
+    }
+
+    /// The policy at an index that [`Config::select`] returned.
+    pub(crate) fn policy(&self, index: usize) -> Option<&CompiledPolicy> {
+        if index == DEFAULT_POLICY {
+            self.default.as_ref()
+        } else {
+            self.routes.get(index).map(|r| &r.policy)
+        }
     }
 }
 
 impl<B> RateLimitLayer<B> {
-    /// Limits every request with `policy` (a [`Rule`] or a [`Policy`] of several rules), keyed by
-    /// the peer IP address unless [`key`](Self::key) says otherwise.
+    /// Limits every request with `policy` (a [`Rule`](super::Rule) or a [`Policy`] of several
+    /// rules), keyed by the peer IP address unless [`key`](Self::key) says otherwise.
     pub fn new(store: B, policy: impl Into<Policy>) -> Self {
         let mut layer = Self::routed(store);
-        layer.config_mut().default =
-            Some(Arc::new(CompiledPolicy::new(policy.into(), String::new())));
+        let config = layer.config_mut();
+        config.default = Some(CompiledPolicy::new(
+            policy.into(),
+            String::new(),
+            &config.scope,
+        ));
         layer
     }
 
@@ -190,22 +154,25 @@ impl<B> RateLimitLayer<B> {
     /// limited, each by its own policy. For a plain hyper or tower service that has no router.
     pub fn routed(store: B) -> Self {
         Self {
-            store: Arc::new(store),
-            config: Arc::new(Config {
-                policies: Arc::new(Vec::new()),
-                default: None,
-                key: KeyExtractor::default(),
-                cost: None,
-                timeout: Duration::from_millis(250),
-                failure_mode: FailureMode::Open,
-                missing_key: MissingKey::default(),
-                deny_cache: true,
-                shadow: false,
-                headers: Headers::default(),
-                legacy_headers: false,
-                rejection: None,
+            shared: Arc::new(Shared {
+                store: Arc::new(store),
+                config: Config {
+                    routes: Vec::new(),
+                    default: None,
+                    scope: String::new(),
+                    key: KeyExtractor::default(),
+                    cost: None,
+                    store_timeout: Duration::from_millis(250),
+                    failure_mode: FailureMode::Open,
+                    missing_key: MissingKey::default(),
+                    deny_cache: true,
+                    shadow: false,
+                    headers: Headers::default(),
+                    legacy_headers: false,
+                    rejection: None,
+                },
+                deny_cache: Arc::new(DenyCache::new()),
             }),
-            deny_cache: Arc::new(DenyCache::new()),
         }
     }
 
@@ -213,24 +180,33 @@ impl<B> RateLimitLayer<B> {
     /// A path that ends in `*` matches every path with that prefix. The first matching route
     /// wins; requests that match none use the default policy, or pass unlimited in a
     /// [`routed`](Self::routed) layer.
+    ///
+    /// The route's counters are its own: its policy is [scoped](Policy::scope) by the method
+    /// and path unless the policy has a scope.
     pub fn route(mut self, method: Option<Method>, path: &str, policy: impl Into<Policy>) -> Self {
-        let (path, prefix) = match path.strip_suffix('*') {
-            Some(p) => (p.to_owned(), true),
-            None => (path.to_owned(), false),
-        };
-        let scope = format!(
-            "{} {}{}",
-            method.as_ref().map_or("*", Method::as_str),
-            path,
-            if prefix { "*" } else { "" }
-        );
-        let route = Route {
-            method,
-            path,
-            prefix,
-            policy: CompiledPolicy::new(policy.into(), scope),
-        };
-        Arc::make_mut(&mut self.config_mut().policies).push(route);
+        let config = self.config_mut();
+        let route = Route::new(method, path, policy.into(), &config.scope);
+        config.routes.push(route);
+        self
+    }
+
+    /// A namespace for every counter of this layer in the store (default: none), so that layers
+    /// or services sharing a store never share a budget by accident.
+    ///
+    /// The counters of a request are named by the layer's scope, then the policy's
+    /// [scope](Policy::scope) (for a route, its method and path unless the policy has a scope),
+    /// then the request's [key](Self::key), then the rule. Layers with the same scope (or none)
+    /// and the same rules share their counters: that is how the replicas of one service agree.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        let config = self.config_mut();
+        config.scope = scope.into();
+        let layer_scope = &config.scope;
+        if let Some(policy) = &mut config.default {
+            policy.set_layer_scope(layer_scope);
+        }
+        for route in &mut config.routes {
+            route.policy.set_layer_scope(layer_scope);
+        }
         self
     }
 
@@ -250,13 +226,16 @@ impl<B> RateLimitLayer<B> {
         self
     }
 
-    /// How long a store call may take before it counts as failed (default 250 ms).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.config_mut().timeout = timeout;
+    /// How long a store call may take before it counts as failed (default 250 ms); then
+    /// [`on_store_error`](Self::on_store_error) applies. Not applied to an in-process store.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config_mut().store_timeout = timeout;
         self
     }
 
-    /// What to do when the store fails or times out (default [`FailureMode::Open`]).
+    /// What to do when the store fails or times out (default [`FailureMode::Open`]: the request
+    /// goes through unlimited; [`FailureMode::Closed`] answers `503` with `Retry-After: 1`).
+    /// A warning is logged either way. An invalid policy is handled the same way.
     pub fn on_store_error(mut self, mode: FailureMode) -> Self {
         self.config_mut().failure_mode = mode;
         self
@@ -270,13 +249,14 @@ impl<B> RateLimitLayer<B> {
 
     /// Turns off the local deny cache. With it on (the default), once the store says a key is
     /// denied for `t`, this process rejects that key (at the same or a higher cost) for `t`
-    /// without asking the store. It never admits more than the store would.
+    /// without asking the store. It never admits more than the store would. Its answers carry
+    /// the fields of the denying rule only (the others' state is not known without the store).
     pub fn no_deny_cache(mut self) -> Self {
         self.config_mut().deny_cache = false;
         self
     }
 
-    /// Shadow mode: decide, log and add headers as usual, but never reject.
+    /// Shadow mode (default off): decide, log and add headers as usual, but never reject.
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.config_mut().shadow = shadow;
         self
@@ -289,7 +269,7 @@ impl<B> RateLimitLayer<B> {
     }
 
     /// Also sends the legacy `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
-    /// `X-RateLimit-Reset` (seconds) fields, for the rule closest to denying.
+    /// `X-RateLimit-Reset` (seconds) fields, for the rule closest to denying (default off).
     pub fn legacy_headers(mut self, legacy: bool) -> Self {
         self.config_mut().legacy_headers = legacy;
         self
@@ -306,42 +286,36 @@ impl<B> RateLimitLayer<B> {
     }
 
     fn config_mut(&mut self) -> &mut Config {
-        Arc::make_mut(&mut self.config)
+        &mut Arc::make_mut(&mut self.shared).config
     }
 }
+
+// The layer's `Layer` impl sits beside the service it makes, in `service.rs`.
 
 impl<B> Clone for RateLimitLayer<B> {
     fn clone(&self) -> Self {
         Self {
-            store: Arc::clone(&self.store),
-            config: Arc::clone(&self.config),
-            deny_cache: Arc::clone(&self.deny_cache),
+            shared: Arc::clone(&self.shared),
         }
     }
 }
 
 impl<B: fmt::Debug> fmt::Debug for RateLimitLayer<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
+        let c = &self.shared.config;
         f.debug_struct("RateLimitLayer")
-            .field("store", &self.store)
+            .field("store", &self.shared.store)
             .field("default", &c.default.as_ref().map(|p| &p.rules))
-            .field("routes", &c.policies.len())
+            .field("routes", &c.routes.len())
+            .field("scope", &c.scope)
             .field("key", &c.key)
-            .field("timeout", &c.timeout)
+            .field("store_timeout", &c.store_timeout)
             .field("failure_mode", &c.failure_mode)
             .field("missing_key", &c.missing_key)
             .field("deny_cache", &c.deny_cache)
             .field("shadow", &c.shadow)
             .field("headers", &c.headers)
+            .field("legacy_headers", &c.legacy_headers)
             .finish_non_exhaustive()
-    }
-}
-
-impl<S, B> Layer<S> for RateLimitLayer<B> {
-    type Service = RateLimit<S, B>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimit::from_layer(inner, self)
     }
 }

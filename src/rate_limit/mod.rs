@@ -5,6 +5,53 @@
 //! `429 Too Many Requests` with `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy`
 //! fields; the inner service is not called.
 //!
+//! # Example
+//!
+//! ```
+//! use std::{convert::Infallible, net::SocketAddr, time::Duration};
+//! use http::{HeaderName, Request, Response, StatusCode};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_redis_layers::store::MemoryStore;
+//! use tower_redis_layers::rate_limit::{KeyExtractor, Policy, RateLimitLayer, Rule};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // 2 per second AND 1000 per hour, per API key (else per peer IP).
+//! let policy = Policy::new(Rule::gcra(2, Duration::from_secs(1), 2).name("per-second"))
+//!     .rule(Rule::fixed_window(1000, Duration::from_secs(3600)).name("per-hour"));
+//! let layer = RateLimitLayer::new(MemoryStore::new(), policy)
+//!     .scope("api")
+//!     .key(KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip()))
+//!     .store_timeout(Duration::from_millis(100));
+//!
+//! let svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service(service_fn(|_req: Request<String>| async {
+//!         Ok::<_, Infallible>(Response::new(String::from("hi")))
+//!     }));
+//! let request = || {
+//!     Request::builder().header("x-api-key", "k1").body(String::new()).unwrap()
+//! };
+//! for _ in 0..2 {
+//!     let res = svc.clone().oneshot(request()).await.unwrap();
+//!     assert_eq!(res.status(), StatusCode::OK);
+//! }
+//! let res = svc.clone().oneshot(request()).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(res.headers()["retry-after"], "1");
+//! assert_eq!(
+//!     res.headers()["ratelimit"],
+//!     r#""per-second";r=0;t=1, "per-hour";r=998;t=3600"#
+//! );
+//! # }
+//! ```
+//!
+//! In axum, `Router::layer(...)` limits every route; per route, use `.route_layer(...)` or
+//! `get(handler).layer(...)`, and serve with
+//! `into_make_service_with_connect_info::<SocketAddr>()` for the peer IP. For a plain hyper or
+//! tower service, one [`RateLimitLayer::routed`] layer holds several policies matched on method
+//! and path.
+//!
 //! # Choosing a strategy
 //!
 //! | strategy | state per key | exact? | notes |
@@ -15,50 +62,50 @@
 //! | [`Rule::token_bucket`] | tokens + time | yes | bursts up to the capacity, steady refill |
 //! | [`Rule::gcra`] | one timestamp | yes | same admissions as a token bucket, cheapest exact one |
 //!
-//! # Example
+//! # Where the counters live
 //!
-//! ```
-//! use std::time::Duration;
-//! use axum::{routing::get, Router};
-//! use http::HeaderName;
-//! use tower_redis_layers::store::MemoryStore;
-//! use tower_redis_layers::rate_limit::{KeyExtractor, Policy, RateLimitLayer, Rule};
+//! A request's counters are named by the layer's [scope](RateLimitLayer::scope) (default: none),
+//! the policy's [scope](Policy::scope) (default: none, or a route's method and path), the
+//! request's [key](RateLimitLayer::key) (hashed: no request text reaches the store) and the
+//! rule. Layers and services with the same scopes and rules share their counters, which is how
+//! the replicas of a service agree; give a layer its own scope when another layer or service
+//! that uses the same store must not share its budget.
 //!
-//! let store = MemoryStore::new();
-//! // 10 per second AND 1000 per hour, per API key (else per peer IP).
-//! let policy = Policy::new(Rule::gcra(10, Duration::from_secs(1), 10))
-//!     .rule(Rule::fixed_window(1000, Duration::from_secs(3600)));
-//! let layer = RateLimitLayer::new(store, policy)
-//!     .key(KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip()))
-//!     .timeout(Duration::from_millis(100));
+//! # The `RateLimit` fields
 //!
-//! let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(layer);
-//! ```
-//!
-//! Per route in axum, use `.route_layer(...)` or `get(handler).layer(...)`; for a plain hyper
-//! service, one [`RateLimitLayer::routed`] layer holds several policies matched on method and
-//! path.
+//! Rejections carry `Retry-After`, `RateLimit` and `RateLimit-Policy` (with
+//! [`Headers::All`], every response does; [`RateLimitLayer::legacy_headers`] adds
+//! `X-RateLimit-*`). For the rule that denied, `r=0`: nothing is left for a request of the same
+//! cost, until `t` (the same time as `Retry-After`). Every other rule reports what it has left: a
+//! denied request takes nothing from any rule. A `429` from the local deny cache reports the
+//! denying rule only.
 //!
 //! # When the store fails
 //!
-//! Every store call has a timeout ([`RateLimitLayer::timeout`], default 250 ms). On an error or
-//! a timeout the layer logs a warning and, by default, lets the request through
-//! ([`FailureMode::Open`]); with [`FailureMode::Closed`] it answers `503` with `Retry-After: 1`.
-//! Nothing is cached about the failure: the next request asks the store again, so the layer
-//! recovers by itself when Redis comes back.
+//! Every call to a remote store is bounded by [`RateLimitLayer::store_timeout`] (default
+//! 250 ms). On an error or a timeout the layer logs a warning and does what
+//! [`RateLimitLayer::on_store_error`] says: by default ([`FailureMode::Open`]) it lets the
+//! request through without a limit; with [`FailureMode::Closed`] it answers
+//! `503 Service Unavailable` with `Retry-After: 1` (problem details, or the
+//! [rejection](RateLimitLayer::rejection) response). A policy with an invalid rule is handled
+//! the same way (and logged as an error). Nothing is cached about a failure: the next request
+//! asks the store again, so the layer recovers by itself when Redis comes back.
 
+mod decision;
 mod deny_cache;
 mod future;
 mod headers;
 mod key;
 mod layer;
+mod policy;
 mod service;
 
 pub use self::{
     future::ResponseFuture,
     headers::Headers,
     key::KeyExtractor,
-    layer::{MissingKey, Policy, RateLimitLayer, Rejection},
+    layer::{MissingKey, RateLimitLayer, Rejection},
+    policy::Policy,
     service::RateLimit,
 };
 pub use crate::{
@@ -68,5 +115,5 @@ pub use crate::{
 
 #[cfg(test)]
 pub(crate) fn default_rejection_bodies() -> [(http::StatusCode, &'static str, &'static str); 3] {
-    service::DEFAULT_BODIES
+    decision::DEFAULT_BODIES
 }

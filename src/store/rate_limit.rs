@@ -333,7 +333,9 @@ pub struct Decision {
     /// When denied: how long until a request of the same cost can be admitted (the longest wait
     /// over all denying rules). Zero when allowed.
     pub retry_after: Duration,
-    /// The state of each rule after the decision, in the order of [`RateCheck::rules`].
+    /// The state of each rule after the decision, in the order of [`RateCheck::rules`]. A
+    /// denied request consumes nothing, so each rule then reports what it has left (a rule that
+    /// would have admitted the cost has not given it).
     pub rules: Vec<RuleState>,
 }
 

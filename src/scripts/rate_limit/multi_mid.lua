@@ -6,7 +6,9 @@
       denied_by = i
     end
   end
-  reply[2 + 2 * i] = remaining
+  -- Nothing is taken unless every rule admits: until then, a rule that admits reports what it
+  -- has now (its cost is taken below, when every rule admitted).
+  if ok then reply[2 + 2 * i] = remaining + cost else reply[2 + 2 * i] = remaining end
   reply[3 + 2 * i] = math.ceil(math.max(reset, 0) / 1000)
 end
 
@@ -20,3 +22,4 @@ if allowed == 1 and cost > 0 then
     local period_ms = tonumber(ARGV[base + 3])
     local c = tonumber(ARGV[base + 4])
     local plan = plans[i]
+    reply[2 + 2 * i] = reply[2 + 2 * i] - cost

@@ -70,7 +70,13 @@ impl MemoryStore {
                 }
             }
             states.push(RuleState {
-                remaining: eval.remaining,
+                // Several rules take nothing unless all admit: until then, a rule that admits
+                // reports what it has now (its cost is taken below, when every rule admitted).
+                remaining: if eval.ok && check.rules.len() > 1 {
+                    eval.remaining + cost
+                } else {
+                    eval.remaining
+                },
                 reset: us_to_duration(eval.reset),
             });
             if check.rules.len() == 1 {
@@ -83,11 +89,12 @@ impl MemoryStore {
             } else {
                 // Several rules: every one allowed, so evaluate each again (the state did not
                 // change under the lock) and write it. No list of plans is kept.
-                for rule in check.rules {
+                for (rule, state) in check.rules.iter().zip(states.iter_mut()) {
                     let slot_key = slot_key(check.key, rule);
                     let slot = shard.map.get(&slot_key).filter(|s| s.expires_at > now);
-                    let plan = evaluate(rule, slot, now, cost).plan;
-                    apply(&mut shard.map, slot_key, plan, now, cost);
+                    let eval = evaluate(rule, slot, now, cost);
+                    state.remaining = eval.remaining;
+                    apply(&mut shard.map, slot_key, eval.plan, now, cost);
                 }
             }
         }

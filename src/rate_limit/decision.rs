@@ -1,0 +1,243 @@
+//! From a store's answer to the layer's: admit (with the fields to add) or reject (with the
+//! response), and the responses the layer sends itself.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode};
+
+use super::{
+    deny_cache,
+    headers::{has_state, insert_retry_after},
+    layer::{Config, Shared},
+    policy::CompiledPolicy,
+    Rejection,
+};
+use crate::{
+    key::StoreKey,
+    store::{Decision, FailureMode, StoreError},
+};
+
+pub(crate) const TARGET: &str = "tower_redis_layers::rate_limit";
+
+/// What the layer does with a request.
+pub(crate) enum Answer {
+    /// Call the inner service, then add these fields to its response.
+    Admit(Option<HeaderMap>),
+    /// Answer with this response; the inner service is not called.
+    Reject(Response<Bytes>),
+}
+
+/// One request's check, as the answer needs it once the store has replied.
+pub(crate) struct Check {
+    /// The index of the policy in the configuration.
+    pub(crate) policy: usize,
+    pub(crate) key: StoreKey,
+    pub(crate) cost: u64,
+    /// Whether the store is remote (then a denial goes into the deny cache).
+    pub(crate) remote: bool,
+    #[cfg(feature = "metrics")]
+    /// When a remote store was called (its latency is recorded; an in-process store's is not).
+    pub(crate) started: Option<std::time::Instant>,
+}
+
+/// What a future waiting for the store holds: the check and the state it is answered with.
+pub(crate) struct Pending<B> {
+    shared: Arc<Shared<B>>,
+    check: Check,
+}
+
+impl<B> Pending<B> {
+    pub(crate) fn new(shared: &Arc<Shared<B>>, check: Check) -> Self {
+        Self {
+            shared: Arc::clone(shared),
+            check,
+        }
+    }
+
+    pub(crate) fn finish(self, result: Result<Decision, StoreError>) -> Answer {
+        self.check.answer(&self.shared, result)
+    }
+}
+
+impl Check {
+    /// The answer to the request, given the store's reply.
+    pub(crate) fn answer<B>(
+        self,
+        shared: &Shared<B>,
+        result: Result<Decision, StoreError>,
+    ) -> Answer {
+        #[cfg(feature = "metrics")]
+        if let Some(started) = self.started {
+            metrics::histogram!("tower_redis_layers_rate_limit_store_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
+        let config = &shared.config;
+        let Some(policy) = config.policy(self.policy) else {
+            return Answer::Admit(None);
+        };
+        match result {
+            Err(error) => {
+                count("store_error");
+                let open = matches!(config.failure_mode, FailureMode::Open);
+                tracing::warn!(target: TARGET, key = %self.key, %error, fail_open = open, "rate-limit store failed");
+                failed(config)
+            }
+            Ok(decision) if decision.allowed => admitted(config, policy, &self.key, &decision),
+            Ok(decision) if config.shadow => {
+                count("denied_shadow");
+                let rule = decision.denied_by.map(|i| policy.fields.name(i));
+                let retry_after_ms = decision.retry_after.as_millis() as u64;
+                tracing::info!(target: TARGET, key = %self.key, rule, outcome = "denied_shadow", retry_after_ms);
+                let mut h = HeaderMap::new();
+                let which = config.denial_fields();
+                policy.fields.insert_state(&mut h, &decision, which);
+                Answer::Admit(Some(h))
+            }
+            Ok(decision) => self.denied(shared, policy, &decision),
+        }
+    }
+
+    fn denied<B>(self, shared: &Shared<B>, policy: &CompiledPolicy, decision: &Decision) -> Answer {
+        let config = &shared.config;
+        let name = decision.denied_by.map_or("", |i| policy.fields.name(i));
+        count("denied");
+        let retry_after_ms = decision.retry_after.as_millis() as u64;
+        tracing::info!(target: TARGET, key = %self.key, rule = name, outcome = "denied", retry_after_ms);
+        let mut response = limited(config, name, decision.retry_after);
+        let headers = response.headers_mut();
+        insert_retry_after(headers, decision.retry_after);
+        if !has_state(headers) {
+            let which = config.denial_fields();
+            policy.fields.insert_state(headers, decision, which);
+        }
+        if config.deny_cache && self.remote && !decision.retry_after.is_zero() {
+            let until = tokio::time::Instant::now() + decision.retry_after;
+            let cost = self.cost;
+            let rule = decision.denied_by.unwrap_or(0);
+            let entry = deny_cache::Entry { until, cost, rule };
+            shared.deny_cache.insert(self.policy, self.key, entry);
+        }
+        Answer::Reject(response)
+    }
+}
+
+fn admitted(
+    config: &Config,
+    policy: &CompiledPolicy,
+    key: &StoreKey,
+    decision: &Decision,
+) -> Answer {
+    count("allowed");
+    if !config.wants_state() {
+        // The store was not asked for the state: `remaining` means nothing here.
+        tracing::debug!(target: TARGET, key = %key, outcome = "allowed");
+        return Answer::Admit(None);
+    }
+    let remaining = decision.rules.iter().map(|s| s.remaining).min();
+    tracing::debug!(target: TARGET, key = %key, outcome = "allowed", remaining = remaining.unwrap_or(0));
+    let mut h = HeaderMap::new();
+    let which = config.admission_fields();
+    policy.fields.insert_state(&mut h, decision, which);
+    Answer::Admit(Some(h))
+}
+
+/// The `429` that the local deny cache answers for rule `rule` of `policy`, `wait` before the
+/// store would admit a request of the same cost again.
+pub(crate) fn denied_locally(
+    config: &Config,
+    policy: &CompiledPolicy,
+    key: &StoreKey,
+    rule: usize,
+    wait: Duration,
+) -> Response<Bytes> {
+    count("denied_local");
+    let name = policy.fields.name(rule);
+    tracing::debug!(target: TARGET, key = %key, rule = name, outcome = "denied_local", retry_after_ms = wait.as_millis() as u64);
+    let mut response = limited(config, name, wait);
+    let headers = response.headers_mut();
+    insert_retry_after(headers, wait);
+    if !has_state(headers) {
+        let which = config.denial_fields();
+        policy.fields.insert_denied(headers, rule, wait, which);
+    }
+    response
+}
+
+/// What the layer does when the store failed (or the policy cannot be checked), by its
+/// [`FailureMode`].
+pub(crate) fn failed(config: &Config) -> Answer {
+    match config.failure_mode {
+        FailureMode::Open => Answer::Admit(None),
+        FailureMode::Closed => {
+            let mut response = rejection(config, &Rejection::Unavailable);
+            insert_retry_after(response.headers_mut(), Duration::from_secs(1));
+            Answer::Reject(response)
+        }
+    }
+}
+
+/// The `400` for a request without a key, when [`MissingKey::Reject`](super::MissingKey) is set.
+pub(crate) fn missing_key(config: &Config) -> Response<Bytes> {
+    count("missing_key");
+    rejection(config, &Rejection::MissingKey)
+}
+
+/// The `429` for `rule`: the rule's name is copied only for a configured rejection builder.
+fn limited(config: &Config, rule: &str, retry_after: Duration) -> Response<Bytes> {
+    match &config.rejection {
+        Some(f) => f(&Rejection::Limited {
+            rule: rule.to_owned(),
+            retry_after,
+        }),
+        None => {
+            let (status, _, body) = DEFAULT_BODIES[0];
+            crate::problem::problem_static(status, body)
+        }
+    }
+}
+
+/// The response for `why`, from the configured rejection builder or the default problem
+/// details (RFC 9457).
+fn rejection(config: &Config, why: &Rejection) -> Response<Bytes> {
+    if let Some(f) = &config.rejection {
+        return f(why);
+    }
+    let [limited, unavailable, missing] = DEFAULT_BODIES;
+    let (status, _, body) = match why {
+        Rejection::Limited { .. } => limited,
+        Rejection::Unavailable => unavailable,
+        Rejection::MissingKey => missing,
+    };
+    crate::problem::problem_static(status, body)
+}
+
+/// The default rejections: status, detail, and the problem details body (written out, so that
+/// a flood of rejections formats nothing).
+pub(crate) const DEFAULT_BODIES: [(StatusCode, &str, &str); 3] = [
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate limit exceeded; retry after the time in Retry-After",
+        r#"{"type":"about:blank","title":"Too Many Requests","status":429,"detail":"rate limit exceeded; retry after the time in Retry-After"}"#,
+    ),
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the rate limiter is unavailable; retry shortly",
+        r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"the rate limiter is unavailable; retry shortly"}"#,
+    ),
+    (
+        StatusCode::BAD_REQUEST,
+        "the request carries no rate-limit key",
+        r#"{"type":"about:blank","title":"Bad Request","status":400,"detail":"the request carries no rate-limit key"}"#,
+    ),
+];
+
+/// Counts a decision by outcome (feature `metrics`).
+#[inline]
+fn count(outcome: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tower_redis_layers_rate_limit_decisions_total", "outcome" => outcome)
+        .increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = outcome;
+}
