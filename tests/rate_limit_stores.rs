@@ -1,5 +1,6 @@
-//! The layer against real Redis: exactness across separate services, round trips, the local
-//! deny cache, and Redis slow, down and back.
+//! `RateLimitLayer` on every store (see `stores!`): exactness across two services that share a
+//! store, and what a 429 reports; then against real Redis: round trips, the local deny cache, and
+//! Redis slow, down and back.
 #![cfg(feature = "redis")]
 
 mod common;
@@ -15,7 +16,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{RedisCluster, RedisServer};
+use common::{
+    stores::{stores, Env},
+    RedisServer,
+};
 use futures_util::future::join_all;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -67,7 +71,9 @@ async fn flood(services: &[Svc], total: usize) -> usize {
         .count()
 }
 
-async fn exact_across_two_services(url: &str, scope: &str) {
+/// Two services with their own clients, as two replicas would have, admit exactly the limit
+/// together.
+async fn exactly_the_limit_passes_across_two_services(env: Env) {
     let long = Duration::from_secs(60);
     for (name, rule) in [
         ("fixed", Rule::fixed_window(25, long)),
@@ -77,11 +83,10 @@ async fn exact_across_two_services(url: &str, scope: &str) {
     ] {
         // Two services with their own connections, as two replicas would have.
         let runs = Arc::new(AtomicUsize::new(0));
-        let policy = Policy::new(rule).scope(format!("{scope}-{name}"));
+        let policy = Policy::new(rule).scope(name);
         let mut services = Vec::new();
         for _ in 0..2 {
-            let store = RedisStore::connect(url).await.unwrap();
-            let layer = RateLimitLayer::new(store, policy.clone())
+            let layer = RateLimitLayer::new(env.store().await, policy.clone())
                 .key(KeyExtractor::global())
                 .store_timeout(Duration::from_secs(5));
             services.push(service(layer, runs.clone()));
@@ -90,18 +95,6 @@ async fn exact_across_two_services(url: &str, scope: &str) {
         assert_eq!(passed, 25, "{name}: {passed} of 300 passed");
         assert_eq!(runs.load(Ordering::SeqCst), 25, "{name}");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_the_limit_passes_across_two_services_standalone() {
-    let server = RedisServer::start();
-    exact_across_two_services(&server.url(), "standalone").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_the_limit_passes_across_two_services_cluster() {
-    let cluster = RedisCluster::start();
-    exact_across_two_services(&cluster.url(), "cluster").await;
 }
 
 #[cfg(feature = "fred")]
@@ -327,7 +320,8 @@ fn remaining_of(field: &str, name: &str) -> Option<u64> {
 
 /// A `429` reports, for a rule that did not deny, the quota it actually has left: exactly the
 /// number of further requests (of the same cost) that rule admits. The denying rule reports 0.
-async fn a_denial_reports_what_is_left<B: RateLimitStore + Clone>(store: B, scope: &str) {
+async fn a_denial_reports_what_is_left(env: Env) {
+    let store = env.store().await;
     let long = Duration::from_secs(3600);
     for (name, other) in [
         ("fixed", Rule::fixed_window(5, long)),
@@ -336,7 +330,7 @@ async fn a_denial_reports_what_is_left<B: RateLimitStore + Clone>(store: B, scop
         ("bucket", Rule::token_bucket(5, 1, long)),
         ("gcra", Rule::gcra(1, long, 5)),
     ] {
-        let scope = format!("{scope}-{name}");
+        let scope = name.to_owned();
         let runs = Arc::new(AtomicUsize::new(0));
         let other = other.name("other");
         let both = Policy::new(Rule::fixed_window(2, long).name("tight"))
@@ -367,18 +361,7 @@ async fn a_denial_reports_what_is_left<B: RateLimitStore + Clone>(store: B, scop
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_denial_reports_what_is_left_redis_rs() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(&server.url()).await.unwrap();
-    a_denial_reports_what_is_left(store, "redis-rs").await;
-}
-
-#[cfg(feature = "fred")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_denial_reports_what_is_left_fred() {
-    use tower_redis_layers::store::FredStore;
-    let server = RedisServer::start();
-    let store = FredStore::connect(&server.url()).await.unwrap();
-    a_denial_reports_what_is_left(store, "fred").await;
-}
+stores!(
+    exactly_the_limit_passes_across_two_services,
+    a_denial_reports_what_is_left
+);

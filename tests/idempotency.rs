@@ -1,5 +1,5 @@
-//! IdempotencyLockLayer over HTTP, on every store: memory, redis-rs and fred, standalone and on
-//! a 3-master cluster. Two services that share a store stand for two replicas.
+//! IdempotencyLockLayer over HTTP, on every store: memory, redis-rs and fred, each standalone
+//! and on a 3-master cluster (see `stores!`). Two services that share a store stand for two replicas.
 
 mod common;
 
@@ -14,7 +14,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{RedisCluster, RedisServer};
+use common::{
+    stores::{stores, Env},
+    RedisServer,
+};
 use futures_util::future::join_all;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Frame;
@@ -492,41 +495,12 @@ async fn large_bodies<B: IdempotencyStore + Clone>(store: B) {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_store() {
-    let store = MemoryStore::new();
-    scenarios(store.clone(), store).await;
+/// Every scenario on one store, through two clients (two replicas).
+async fn every_scenario(env: Env) {
+    scenarios(env.store().await, env.store().await).await;
 }
 
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_store_standalone_and_cluster() {
-    use tower_redis_layers::store::RedisStore;
-    let server = RedisServer::start();
-    let url = server.url();
-    let connect = || RedisStore::connect(&url);
-    scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
-
-    let cluster = RedisCluster::start();
-    let url = cluster.url();
-    let connect = || RedisStore::connect(&url);
-    scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
-}
-
-#[cfg(feature = "fred")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fred_store_standalone_and_cluster() {
-    use tower_redis_layers::store::FredStore;
-    let server = RedisServer::start();
-    let url = server.url();
-    let connect = || FredStore::connect(&url);
-    scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
-
-    let cluster = RedisCluster::start();
-    let url = cluster.url();
-    let connect = || FredStore::connect(&url);
-    scenarios(connect().await.unwrap(), connect().await.unwrap()).await;
-}
+stores!(every_scenario);
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! The layer's HTTP behaviour, on the in-memory store (no server needed).
+//! `RateLimitLayer`'s HTTP behaviour, on the in-memory store (no server needed).
 
 use std::{
     convert::Infallible,
