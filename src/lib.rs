@@ -131,3 +131,8 @@ pub mod store;
 pub use body::ResponseBody;
 pub use key::StoreKey;
 pub use store::{FailureMode, StoreError};
+
+/// The README's code blocks, compiled as doctests (those marked `ignore` are fragments).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
