@@ -117,6 +117,9 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[macro_use]
+mod macros;
+
 mod body;
 pub mod cache;
 #[cfg(feature = "test-support")]

@@ -1102,7 +1102,7 @@ async fn the_service_has_its_own_constructors() {
     send(&svc, req("/c")).await;
     assert!(send(&svc, req("/c")).await.hit());
     assert_eq!(runs.get(), 1);
-    let layer = Cache::<(), _>::layer(MemoryStore::new()).scope("x");
+    let layer = Cache::layer(MemoryStore::new()).scope("x");
     let svc = service(layer, Runs::default(), answer(&[]));
     send(&svc, req("/c")).await;
     assert!(send(&svc, req("/c")).await.hit());

@@ -730,7 +730,7 @@ async fn the_service_is_built_and_taken_apart_like_tower_http_services() {
     assert_eq!(answer.status(), 201);
     let inner: Svc = svc.into_inner();
     assert_eq!(send(&inner, post("/other", None, "x")).await.status, 201);
-    let layer = IdempotencyLock::<Svc, _>::layer(MemoryStore::new()).required(true);
+    let layer = IdempotencyLock::layer(MemoryStore::new()).required(true);
     let wrapped = ServiceBuilder::new().layer(layer).service(inner);
     let answer = wrapped.oneshot(post("/orders", None, "x")).await.unwrap();
     assert_eq!(answer.status(), 400);

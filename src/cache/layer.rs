@@ -277,7 +277,10 @@ impl<S, B> Cache<S, B> {
     pub fn new(inner: S, store: B) -> Self {
         CacheLayer::new(store).layer(inner)
     }
+}
 
+// Not in the block above: there `S` could not be inferred from a call to `layer`.
+impl<B> Cache<(), B> {
     /// A [`CacheLayer`] over `store`, to configure and wrap services with (the same as
     /// [`CacheLayer::new`]).
     pub fn layer(store: B) -> CacheLayer<B> {

@@ -32,39 +32,9 @@ impl<S, B> Cache<S, B> {
     pub(crate) fn with_shared(inner: S, shared: Arc<Shared<B>>) -> Self {
         Self { inner, shared }
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the middleware, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
-impl<S: Clone, B> Clone for Cache<S, B> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            shared: Arc::clone(&self.shared),
-        }
-    }
-}
-
-impl<S: std::fmt::Debug, B> std::fmt::Debug for Cache<S, B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
+middleware_service!(Cache { shared });
 
 impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S, B>
 where

@@ -174,7 +174,10 @@ impl<S, B> IdempotencyLock<S, B> {
     pub fn new(inner: S, store: B) -> Self {
         IdempotencyLockLayer::new(store).layer(inner)
     }
+}
 
+// Not in the block above: there `S` could not be inferred from a call to `layer`.
+impl<B> IdempotencyLock<(), B> {
     /// A layer that wraps services with idempotency on `store`: [`IdempotencyLockLayer::new`].
     pub fn layer(store: B) -> IdempotencyLockLayer<B> {
         IdempotencyLockLayer::new(store)

@@ -40,40 +40,9 @@ impl<S, B> IdempotencyLock<S, B> {
             config,
         }
     }
-
-    /// A reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// A mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the middleware, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
-impl<S: Clone, B> Clone for IdempotencyLock<S, B> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            store: Arc::clone(&self.store),
-            config: Arc::clone(&self.config),
-        }
-    }
-}
-
-impl<S: std::fmt::Debug, B> std::fmt::Debug for IdempotencyLock<S, B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdempotencyLock")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
+middleware_service!(IdempotencyLock { store, config });
 
 impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyLock<S, B>
 where

@@ -34,21 +34,6 @@ impl<S, B> RateLimit<S, B> {
     pub fn new(inner: S, store: B, policy: impl Into<Policy>) -> Self {
         RateLimitLayer::new(store, policy).layer(inner)
     }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the middleware, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 // Not in the block above: there `S` could not be inferred from a call to `layer`.
@@ -70,22 +55,7 @@ impl<S, B> Layer<S> for RateLimitLayer<B> {
     }
 }
 
-impl<S: Clone, B> Clone for RateLimit<S, B> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            shared: Arc::clone(&self.shared),
-        }
-    }
-}
-
-impl<S: std::fmt::Debug, B> std::fmt::Debug for RateLimit<S, B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimit")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
+middleware_service!(RateLimit { shared });
 
 impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, B>
 where

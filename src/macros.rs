@@ -1,0 +1,43 @@
+//! What every middleware service of this crate has alike.
+
+/// The parts that every service `$name<S, B>` (an inner service `inner` and state shared by
+/// every clone, in `Arc` fields) has alike, as tower-http gives each of its services: access to
+/// the inner service (`get_ref`, `get_mut`, `into_inner`), `Clone` (the inner service cloned,
+/// the shared state shared) and `Debug`.
+macro_rules! middleware_service {
+    ($name:ident { $($shared:ident),+ $(,)? }) => {
+        impl<S, B> $name<S, B> {
+            /// A reference to the inner service.
+            pub fn get_ref(&self) -> &S {
+                &self.inner
+            }
+
+            /// A mutable reference to the inner service.
+            pub fn get_mut(&mut self) -> &mut S {
+                &mut self.inner
+            }
+
+            /// Consumes the middleware, returning the inner service.
+            pub fn into_inner(self) -> S {
+                self.inner
+            }
+        }
+
+        impl<S: Clone, B> Clone for $name<S, B> {
+            fn clone(&self) -> Self {
+                Self {
+                    inner: self.inner.clone(),
+                    $($shared: std::sync::Arc::clone(&self.$shared),)+
+                }
+            }
+        }
+
+        impl<S: std::fmt::Debug, B> std::fmt::Debug for $name<S, B> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("inner", &self.inner)
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
