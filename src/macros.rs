@@ -3,7 +3,7 @@
 /// The parts that every service `$name<S, B>` (an inner service `inner` and state shared by
 /// every clone, in `Arc` fields) has alike, as tower-http gives each of its services: access to
 /// the inner service (`get_ref`, `get_mut`, `into_inner`), `Clone` (the inner service cloned,
-/// the shared state shared) and `Debug`.
+/// the shared state shared), `Debug`, and taking the service that `poll_ready` made ready.
 macro_rules! middleware_service {
     ($name:ident { $($shared:ident),+ $(,)? }) => {
         impl<S, B> $name<S, B> {
@@ -20,6 +20,15 @@ macro_rules! middleware_service {
             /// Consumes the middleware, returning the inner service.
             pub fn into_inner(self) -> S {
                 self.inner
+            }
+        }
+
+        impl<S: Clone, B> $name<S, B> {
+            /// The inner service that `poll_ready` made ready, for the request being called; a
+            /// clone takes its place for the next (tower-service's `poll_ready` docs).
+            fn take_ready(&mut self) -> S {
+                let clone = self.inner.clone();
+                std::mem::replace(&mut self.inner, clone)
             }
         }
 

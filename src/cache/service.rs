@@ -56,9 +56,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // The service that `poll_ready` prepared goes with this request; a clone stays.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = self.take_ready();
         let shared = Arc::clone(&self.shared);
         ResponseFuture::new(run(shared, inner, req))
     }

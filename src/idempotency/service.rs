@@ -65,8 +65,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = self.take_ready();
         let store: Arc<dyn IdempotencyStore> = Arc::clone(&self.store) as _;
         ResponseFuture {
             inner: Box::pin(run(inner, store, Arc::clone(&self.config), req)),

@@ -121,8 +121,7 @@ where
         let future = shared.store.check(rate_check);
         let pending = Pending::new(shared, check);
         let timeout = remote.then_some(config.store_timeout);
-        let inner = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, inner);
+        let ready = self.take_ready();
         ResponseFuture::checking(future, timeout, ready, req, pending)
     }
 }
