@@ -33,16 +33,3 @@ pub(crate) fn problem_static(status: StatusCode, body: &'static str) -> Response
     );
     response
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn static_bodies_match_the_formatted_ones() {
-        for (status, detail, body) in crate::rate_limit::default_rejection_bodies() {
-            let formatted = problem(status, detail).into_body();
-            assert_eq!(formatted, Bytes::from_static(body.as_bytes()), "{status}");
-        }
-    }
-}

@@ -114,6 +114,12 @@ pub use crate::{
 };
 
 #[cfg(test)]
-pub(crate) fn default_rejection_bodies() -> [(http::StatusCode, &'static str, &'static str); 3] {
-    decision::DEFAULT_BODIES
+mod tests {
+    #[test]
+    fn static_rejection_bodies_match_the_formatted_ones() {
+        for (status, detail, body) in super::decision::DEFAULT_BODIES {
+            let formatted = crate::problem::problem(status, detail).into_body();
+            assert_eq!(formatted, bytes::Bytes::from_static(body.as_bytes()), "{status}");
+        }
+    }
 }
