@@ -129,6 +129,10 @@ fn layer(store: Store) -> CacheLayer<Store> {
         .store_timeout(Duration::from_secs(2))
 }
 
+/// RFC 9111 rules (freshness, age, statuses), each against every store.
+#[path = "cache/rfc.rs"]
+mod rfc;
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------------------

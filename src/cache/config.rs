@@ -29,7 +29,8 @@ pub(crate) struct Config {
     pub(crate) keys: Keying,
     pub(crate) ttl: Duration,
     pub(crate) jitter: f64,
-    pub(crate) statuses: Vec<StatusCode>,
+    /// The statuses stored, when the user named them (`None`: RFC 9111's rule).
+    pub(crate) statuses: Option<Vec<StatusCode>>,
     pub(crate) response_ttl: bool,
     pub(crate) max_body: usize,
     pub(crate) store_timeout: Duration,

@@ -44,9 +44,20 @@
 //!
 //! # What is stored, and what is not
 //!
-//! - Statuses 200, 203, 204, 300, 301, 404, 405, 410, 414 and 501 by default
-//!   ([`CacheLayer::statuses`]), for `s-maxage`, else `max-age`, else [`CacheLayer::ttl`], with a
-//!   random jitter (±10% by default).
+//! - Freshness follows RFC 9111 section 4.2: `s-maxage`, else `max-age`, else `Expires` −
+//!   `Date` (in any of the three HTTP date formats). A response with explicit freshness is stored
+//!   whatever its final status (but `206` and `304`); one without is stored for
+//!   [`CacheLayer::ttl`] (the heuristic) only when its status is heuristically cacheable (200,
+//!   203, 204, 300, 301, 404, 405, 410, 414, 501) or it is `public`. [`CacheLayer::statuses`]
+//!   replaces that rule with a list. The heuristic TTL gets a random jitter (±10% by default); an
+//!   explicit lifetime is only ever shortened by it.
+//! - The response's age counts: the corrected initial age (its `Age`, its `Date` and the time the
+//!   inner service took, RFC 9111 section 4.2.3) is taken off its lifetime, and the `Age` sent
+//!   with a hit is that age plus the time spent in the cache. A response already stale on
+//!   arrival, or with invalid freshness information (`max-age` negative, quoted or not a number,
+//!   conflicting duplicates, an `Expires` that is not a date), is not stored.
+//! - `Cache-Control` directive names are case-insensitive; quoted values and several fields are
+//!   understood.
 //! - Never stored: responses with `Set-Cookie`, `Cache-Control: private`, `no-store` or
 //!   `no-cache`, `Vary: *`, or a body larger than [`CacheLayer::max_body`] (1 MiB by default; such a
 //!   body is streamed through, and the layer never buffers more than the cap). Hop-by-hop headers
@@ -116,6 +127,7 @@
 mod config;
 mod entry;
 mod fill;
+mod freshness;
 mod future;
 mod key;
 mod layer;

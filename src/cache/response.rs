@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Body;
 
-use super::{entry::Entry, ResponseBody};
+use super::{entry::Entry, freshness, ResponseBody};
 
 /// The `Cache-Status` field (RFC 9211).
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -40,20 +40,22 @@ pub(super) fn passed<B: Body>(
     response.map(ResponseBody::service)
 }
 
-/// A response built from a stored entry, with its `Age`; without a body for a `HEAD` request.
+/// A response built from a stored entry, with its `Age` (its age when stored plus `resident`,
+/// the time since); without a body for a `HEAD` request.
 pub(super) fn serve<B: Body>(
     entry: Entry,
-    age: Duration,
+    resident: Duration,
     head: bool,
     params: &str,
 ) -> Response<ResponseBody<B>> {
+    let age = freshness::current_age(entry.initial_age, resident);
     let body = if head { Bytes::new() } else { entry.body };
     let mut response = Response::new(ResponseBody::full(body));
     *response.status_mut() = entry.status;
     *response.headers_mut() = entry.headers;
     response
         .headers_mut()
-        .insert(http::header::AGE, HeaderValue::from(age.as_secs()));
+        .insert(http::header::AGE, HeaderValue::from(age));
     mark(response.headers_mut(), params);
     response
 }
