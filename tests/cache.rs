@@ -133,6 +133,10 @@ fn layer(store: Store) -> CacheLayer<Store> {
 #[path = "cache/rfc.rs"]
 mod rfc;
 
+/// Invalidation after unsafe methods, seen by another replica, against every store.
+#[path = "cache/unsafe_methods.rs"]
+mod unsafe_methods;
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ pub(crate) struct Config {
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) allow_authorized: bool,
+    /// Invalidate entries after unsafe methods (RFC 9111 section 4.4).
+    pub(crate) invalidate_unsafe: bool,
 }
 
 impl Config {

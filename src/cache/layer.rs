@@ -54,6 +54,7 @@ impl<B> CacheLayer<B> {
                 stale_while_revalidate: Duration::ZERO,
                 stale_if_error: Duration::ZERO,
                 allow_authorized: false,
+                invalidate_unsafe: true,
             }),
             vary: Arc::new(VaryRegistry::default()),
         }
@@ -208,6 +209,20 @@ impl<B> CacheLayer<B> {
         self
     }
 
+    /// Turns off the invalidation after unsafe methods (on by default, as RFC 9111 section 4.4
+    /// requires): after a 2xx or 3xx response to a `POST`, `PUT`, `DELETE`, `PATCH` (any method
+    /// but `GET`, `HEAD`, `OPTIONS`, `TRACE`), the layer deletes the entry of the request's
+    /// target URI, and of its `Location` and `Content-Location` URIs when they are on the
+    /// request's host. The entry is deleted in the store, so every replica misses next.
+    ///
+    /// The entries deleted are those keyed like the unsafe request (same host, partition and
+    /// values of the `Vary` headers): a variant selected by other header values is left to
+    /// expire.
+    pub fn no_unsafe_invalidation(mut self) -> Self {
+        self.config_mut().invalidate_unsafe = false;
+        self
+    }
+
     /// Whether requests with `Authorization` or `Cookie` use the cache (default `false`: they
     /// bypass it). Turn it on only with a [`partition`](Self::partition) that separates users,
     /// or for responses that are the same for everyone.
@@ -271,6 +286,7 @@ impl<B: fmt::Debug> fmt::Debug for CacheLayer<B> {
             .field("stale_while_revalidate", &c.stale_while_revalidate)
             .field("stale_if_error", &c.stale_if_error)
             .field("allow_authorized", &c.allow_authorized)
+            .field("invalidate_unsafe", &c.invalidate_unsafe)
             .finish_non_exhaustive()
     }
 }

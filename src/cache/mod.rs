@@ -56,6 +56,10 @@
 //!   with a hit is that age plus the time spent in the cache. A response already stale on
 //!   arrival, or with invalid freshness information (`max-age` negative, quoted or not a number,
 //!   conflicting duplicates, an `Expires` that is not a date), is not stored.
+//! - After a 2xx or 3xx response to an unsafe method (`POST`, `PUT`, `DELETE`, `PATCH`...), the
+//!   entries of the target URI and of `Location` / `Content-Location` on the same host are
+//!   deleted from the store (RFC 9111 section 4.4), so every replica misses next
+//!   ([`CacheLayer::no_unsafe_invalidation`] turns it off).
 //! - `Cache-Control` directive names are case-insensitive; quoted values and several fields are
 //!   understood.
 //! - Never stored: responses with `Set-Cookie`, `Cache-Control: private`, `no-store` or
@@ -129,6 +133,7 @@ mod entry;
 mod fill;
 mod freshness;
 mod future;
+mod invalidate;
 mod key;
 mod layer;
 mod lookup;

@@ -12,6 +12,7 @@ use super::{
     config::Shared,
     fill::Fill,
     future::ResponseFuture,
+    invalidate::Unsafe,
     lookup,
     policy::{self, Bypass, RequestUse},
     response,
@@ -94,7 +95,8 @@ where
     }
 }
 
-/// Handles one request: bypasses the cache, refreshes the entry (`Cache-Control: no-cache`), or
+/// Handles one request: passes it on (invalidating entries after an unsafe method), bypasses
+/// the cache, refreshes the entry (`Cache-Control: no-cache`), or
 /// looks it up.
 async fn run<S, B, ReqBody, ResBody>(
     shared: Arc<Shared<B>>,
@@ -111,7 +113,12 @@ where
     let mode = match policy::request_use(&parts, config.allow_authorized) {
         Ok(mode) => mode,
         Err(Bypass::Method) => {
+            let unsafe_method = Unsafe::of(&parts).filter(|_| config.invalidate_unsafe);
             let response = inner.call(Request::from_parts(parts, body)).await?;
+            if let Some(request) = unsafe_method {
+                let (status, headers) = (response.status(), response.headers());
+                request.invalidate(&shared, status, headers).await;
+            }
             return Ok(response.map(ResponseBody::service));
         }
         Err(why) => return bypass(&mut inner, parts, body, why).await,
