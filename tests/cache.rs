@@ -137,6 +137,10 @@ mod rfc;
 #[path = "cache/unsafe_methods.rs"]
 mod unsafe_methods;
 
+/// A request's own `Cache-Control`, against every store.
+#[path = "cache/request_directives.rs"]
+mod request_directives;
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------------------

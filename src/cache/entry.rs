@@ -12,13 +12,15 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 
 /// The version of the encoding; bump it when the head changes.
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
 
 #[derive(Serialize, Deserialize)]
 struct Head {
     status: u16,
     /// The corrected initial age, in milliseconds.
     initial_age_ms: u64,
+    /// How long it was fresh from when it was stored, in milliseconds.
+    fresh_for_ms: u64,
     headers: Vec<(String, Vec<u8>)>,
     vary: Vec<(String, Option<Vec<u8>>)>,
 }
@@ -30,6 +32,10 @@ pub(crate) struct Entry {
     /// The response's age when it was stored (RFC 9111 section 4.2.3): the `Age` sent with it
     /// is this plus the time it spent in the store.
     pub(crate) initial_age: Duration,
+    /// How long it is fresh from when it was stored (its freshness lifetime minus its initial
+    /// age, after jitter): what the request's `max-age`, `min-fresh` and `max-stale` are
+    /// measured against.
+    pub(crate) fresh_for: Duration,
     pub(crate) headers: HeaderMap,
     /// The request header values (lowercase name, value) the response varies on.
     pub(crate) vary: Vec<(HeaderName, Option<HeaderValue>)>,
@@ -54,6 +60,7 @@ impl Entry {
         let head = Head {
             status: self.status.as_u16(),
             initial_age_ms: u64::try_from(self.initial_age.as_millis()).unwrap_or(u64::MAX),
+            fresh_for_ms: u64::try_from(self.fresh_for.as_millis()).unwrap_or(u64::MAX),
             headers: self
                 .headers
                 .iter()
@@ -113,6 +120,7 @@ impl Entry {
         Ok(Self {
             status,
             initial_age: Duration::from_millis(head.initial_age_ms),
+            fresh_for: Duration::from_millis(head.fresh_for_ms),
             headers,
             vary,
             body: raw.slice(1 + 4 + len..),
@@ -133,6 +141,7 @@ mod tests {
         let entry = Entry {
             status: StatusCode::NOT_FOUND,
             initial_age: Duration::from_millis(7_250),
+            fresh_for: Duration::from_secs(60),
             headers,
             vary: vec![(
                 HeaderName::from_static("accept-language"),
@@ -144,6 +153,7 @@ mod tests {
         let back = Entry::decode(&raw).unwrap();
         assert_eq!(back.status, StatusCode::NOT_FOUND);
         assert_eq!(back.initial_age, entry.initial_age);
+        assert_eq!(back.fresh_for, entry.fresh_for);
         assert_eq!(back.headers.get_all("x-multi").iter().count(), 2);
         assert_eq!(back.body, "hello");
         assert_eq!(back.vary, entry.vary);
@@ -151,8 +161,9 @@ mod tests {
             &b""[..],
             b"\x01",
             b"\x02abc",
-            // The first format (before the initial age was stored) reads as a miss.
+            // Earlier formats read as a miss.
             b"\x01\x00\x00\x00\x00",
+            b"\x02\x00\x00\x00\x00",
             b"\x01\x00\x00\x00\x09abc",
             b"garbage",
         ] {

@@ -152,6 +152,7 @@ impl Fill {
         let entry = Entry {
             status: parts.status,
             initial_age: storing.storable.initial_age,
+            fresh_for: fresh_ttl(target.config(), storing.storable),
             headers: policy::stored_headers(&parts.headers),
             vary: key::vary_values(&storing.request_headers, &names),
             body: data,
@@ -195,21 +196,13 @@ impl Fill {
             }
         };
         let config = target.config();
-        // The heuristic TTL spreads both ways; an explicit lifetime only ever gets shorter (a
-        // shared cache must not serve past it).
-        let storable = storing.storable;
-        let jitter = match (config.jitter > 0.0, storable.explicit) {
-            (false, _) => 1.0,
-            (true, false) => 1.0 + rand::random_range(-config.jitter..=config.jitter),
-            (true, true) => 1.0 - rand::random_range(0.0..=config.jitter),
-        };
         let request = StoreRequest {
             segment: target.keys.segment,
             key: target.keys.variant(&entry.vary),
             version: storing.version,
             fill: self.lock.map(|t| (target.keys.entry, t)),
             entry: encoded,
-            ttl: storable.ttl.mul_f64(jitter).max(Duration::from_millis(1)),
+            ttl: entry.fresh_for,
             stale_while_revalidate: config.stale_while_revalidate,
             stale_if_error: config.stale_if_error,
             // The handler's time and the body's: what a recompute costs (XFetch).
@@ -217,4 +210,16 @@ impl Fill {
         };
         target.write(request).await
     }
+}
+
+/// The TTL an entry is written with: its freshness left, with jitter. The heuristic TTL spreads
+/// both ways; an explicit lifetime only ever gets shorter (a shared cache must not serve past
+/// it).
+fn fresh_ttl(config: &super::config::Config, storable: policy::Storable) -> Duration {
+    let jitter = match (config.jitter > 0.0, storable.explicit) {
+        (false, _) => 1.0,
+        (true, false) => 1.0 + rand::random_range(-config.jitter..=config.jitter),
+        (true, true) => 1.0 - rand::random_range(0.0..=config.jitter),
+    };
+    storable.ttl.mul_f64(jitter).max(Duration::from_millis(1))
 }

@@ -59,6 +59,11 @@ impl Directives {
         self.0.iter().any(|(n, _)| n == name)
     }
 
+    /// Whether directive `name` (lowercase) is present without an argument.
+    pub(crate) fn has_bare(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, v)| n == name && v.is_none())
+    }
+
     /// The delta-seconds argument of directive `name` (lowercase).
     pub(crate) fn delta(&self, name: &str) -> Delta {
         let mut found = Delta::Absent;

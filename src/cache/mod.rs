@@ -68,7 +68,10 @@
 //!   are not stored.
 //! - Requests with `Authorization` or `Cookie` bypass the cache unless
 //!   [`CacheLayer::allow_authorized`] says otherwise. A request's `Cache-Control: no-store`
-//!   bypasses it; `no-cache` skips the lookup but stores the fresh response.
+//!   bypasses it; `no-cache` skips the lookup but stores the fresh response; `max-age` and
+//!   `min-fresh` refuse an entry too old or not fresh enough (the response is fetched and
+//!   stored); `max-stale` takes an entry the store still holds past its freshness;
+//!   `only-if-cached` gets `504 Gateway Timeout` when nothing usable is stored.
 //!
 //! # Stampedes
 //!
@@ -138,6 +141,7 @@ mod key;
 mod layer;
 mod lookup;
 mod policy;
+mod request;
 mod response;
 mod service;
 mod target;

@@ -15,6 +15,7 @@ use super::{
     invalidate::Unsafe,
     lookup,
     policy::{self, Bypass, RequestUse},
+    request::Limits,
     response,
     target::Target,
     ResponseBody,
@@ -133,6 +134,10 @@ where
     };
     match mode {
         RequestUse::Normal => lookup::serve_or_fill(&target, &mut inner, parts, body).await,
+        // `no-cache` with `only-if-cached`: nothing may be served, nothing forwarded.
+        RequestUse::Refresh if Limits::of(&parts.headers).only_if_cached => {
+            Ok(response::not_cached())
+        }
         RequestUse::Refresh => {
             // Read the version only (no lock, no entry served), then run the handler and store.
             let version = match target.lookup(None).await {
