@@ -141,6 +141,10 @@ mod unsafe_methods;
 #[path = "cache/request_directives.rs"]
 mod request_directives;
 
+/// RFC 5861 directives read from the response, against every store.
+#[path = "cache/stale_directives.rs"]
+mod stale_directives;
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------------------

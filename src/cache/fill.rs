@@ -195,7 +195,6 @@ impl Fill {
                 return false;
             }
         };
-        let config = target.config();
         let request = StoreRequest {
             segment: target.keys.segment,
             key: target.keys.variant(&entry.vary),
@@ -203,8 +202,8 @@ impl Fill {
             fill: self.lock.map(|t| (target.keys.entry, t)),
             entry: encoded,
             ttl: entry.fresh_for,
-            stale_while_revalidate: config.stale_while_revalidate,
-            stale_if_error: config.stale_if_error,
+            stale_while_revalidate: storing.storable.stale_while_revalidate,
+            stale_if_error: storing.storable.stale_if_error,
             // The handler's time and the body's: what a recompute costs (XFetch).
             compute_time: storing.started.elapsed(),
         };

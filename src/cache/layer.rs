@@ -197,6 +197,11 @@ impl<B> CacheLayer<B> {
 
     /// Serves an entry up to `window` past its freshness while one request refreshes it
     /// (default: off).
+    ///
+    /// A response's own `stale-while-revalidate` (RFC 5861) sets its window, capped by this one
+    /// (so with the default, stale serving stays off); this window applies to responses without
+    /// it. `must-revalidate`, `proxy-revalidate` and `s-maxage` turn stale serving off for
+    /// their response (RFC 9111 section 4.2.4).
     pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
         self.config_mut().stale_while_revalidate = window;
         self
@@ -204,6 +209,10 @@ impl<B> CacheLayer<B> {
 
     /// Serves an entry up to `window` past its freshness when the handler fails: an error, or a
     /// 500, 502, 503 or 504 response, as RFC 5861 defines it (default: off).
+    ///
+    /// A response's own `stale-if-error` sets its window, capped by this one; this window
+    /// applies to responses without it. `must-revalidate`, `proxy-revalidate` and `s-maxage`
+    /// turn it off for their response.
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.config_mut().stale_if_error = window;
         self

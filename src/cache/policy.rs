@@ -6,7 +6,7 @@ use http::{header, request::Parts, HeaderMap, HeaderName, Method, StatusCode};
 
 use super::{
     config::{Config, HEURISTIC_STATUSES},
-    freshness::{self, Directives, Exchange, Lifetime},
+    freshness::{self, Delta, Directives, Exchange, Lifetime},
 };
 
 /// Why a request does not use the cache.
@@ -118,6 +118,29 @@ pub(crate) struct Storable {
     pub(crate) initial_age: Duration,
     /// The lifetime is the origin's (`s-maxage`, `max-age`, `Expires`), not the layer's TTL.
     pub(crate) explicit: bool,
+    /// How long past its freshness it may be served while one request refreshes it.
+    pub(crate) stale_while_revalidate: Duration,
+    /// How long past its freshness it may be served when the inner service fails.
+    pub(crate) stale_if_error: Duration,
+}
+
+/// The stale windows of a response (RFC 5861): its `stale-while-revalidate` and
+/// `stale-if-error`, each capped by the layer's window (which is also the default when the
+/// response has none; an invalid value is 0). `must-revalidate`, `proxy-revalidate` and
+/// `s-maxage` forbid serving it stale at all (RFC 9111 sections 4.2.4, 5.2.2.2, 5.2.2.8, 5.2.2.10).
+fn stale_windows(cc: &Directives, config: &Config) -> (Duration, Duration) {
+    if cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("s-maxage") {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    let window = |name: &str, layer: Duration| match cc.delta(name) {
+        Delta::Absent => layer,
+        Delta::Seconds(s) => Duration::from_secs(s).min(layer),
+        Delta::Invalid => Duration::ZERO,
+    };
+    (
+        window("stale-while-revalidate", config.stale_while_revalidate),
+        window("stale-if-error", config.stale_if_error),
+    )
 }
 
 /// Whether a response may be stored, and for how long (before jitter).
@@ -184,10 +207,13 @@ pub(crate) fn storable(
     if ttl.is_zero() {
         return Err(NotStored::Stale);
     }
+    let (stale_while_revalidate, stale_if_error) = stale_windows(&cc, config);
     Ok(Storable {
         ttl,
         initial_age,
         explicit,
+        stale_while_revalidate,
+        stale_if_error,
     })
 }
 
@@ -305,6 +331,36 @@ mod tests {
             l(200, &[("cache-control", "max-age=5")]),
             Err(NotStored::Status)
         );
+    }
+
+    #[test]
+    fn stale_windows_from_the_response() {
+        let mut config = config(None);
+        config.stale_while_revalidate = Duration::from_secs(30);
+        config.stale_if_error = Duration::from_secs(60);
+        let w = |cc: &'static str| {
+            let s = storable(StatusCode::OK, &h(&[("cache-control", cc)]), &config, NOW).unwrap();
+            (
+                s.stale_while_revalidate.as_secs(),
+                s.stale_if_error.as_secs(),
+            )
+        };
+        assert_eq!(w("max-age=5"), (30, 60));
+        assert_eq!(
+            w("max-age=5, stale-while-revalidate=10, Stale-If-Error=20"),
+            (10, 20)
+        );
+        assert_eq!(
+            w("max-age=5, stale-while-revalidate=100, stale-if-error=600"),
+            (30, 60)
+        );
+        assert_eq!(
+            w("max-age=5, stale-while-revalidate=\"10\", stale-if-error=-1"),
+            (0, 0)
+        );
+        assert_eq!(w("max-age=5, must-revalidate, stale-if-error=20"), (0, 0));
+        assert_eq!(w("max-age=5, proxy-revalidate"), (0, 0));
+        assert_eq!(w("s-maxage=5, stale-while-revalidate=10"), (0, 0));
     }
 
     #[test]
