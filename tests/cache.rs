@@ -145,6 +145,10 @@ mod request_directives;
 #[path = "cache/stale_directives.rs"]
 mod stale_directives;
 
+/// A client's conditional requests, against every store.
+#[path = "cache/conditional.rs"]
+mod conditional;
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,13 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::{
-    config::FillLock, entry::Entry, fill::Fill, request::Limits, response, target::Target,
+    conditional::{self, Conditional},
+    config::FillLock,
+    entry::Entry,
+    fill::Fill,
+    request::Limits,
+    response,
+    target::Target,
     ResponseBody, TARGET,
 };
 use crate::store::{CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup};
@@ -110,6 +116,8 @@ where
     ResBody: Body<Data = Bytes>,
 {
     let limits = Limits::of(&parts.headers);
+    // A client's own preconditions, answered on a hit (a miss forwards them unchanged).
+    let conditional = Conditional::of(&parts.headers);
     // `only-if-cached`: never fill, so never lock or wait.
     let fill_lock = target.config().fill_lock.filter(|_| !limits.only_if_cached);
     let token = FillToken::random();
@@ -135,6 +143,12 @@ where
                 if lookup.fill == FillState::Acquired {
                     // Served stale to a `max-stale` request: the lock is not needed.
                     target.release(Some(token)).await;
+                }
+                if conditional
+                    .as_ref()
+                    .is_some_and(|c| c.not_modified(&entry.headers))
+                {
+                    return Ok(conditional::not_modified(entry, age, status));
                 }
                 return Ok(response::serve(entry, age, target.head, status));
             }

@@ -72,6 +72,8 @@
 //!   `min-fresh` refuse an entry too old or not fresh enough (the response is fetched and
 //!   stored); `max-stale` takes an entry the store still holds past its freshness;
 //!   `only-if-cached` gets `504 Gateway Timeout` when nothing usable is stored.
+//! - A client's `If-None-Match` / `If-Modified-Since` on a hit gets `304 Not Modified`; on a
+//!   miss it is forwarded unchanged, and a `304` is never stored.
 //!
 //! # Stampedes
 //!
@@ -131,6 +133,7 @@
 //! lock release) is logged and dropped. A corrupt or undecodable entry is a miss and is deleted.
 //! The methods of [`CacheHandle`] return the store's error.
 
+mod conditional;
 mod config;
 mod entry;
 mod fill;
