@@ -129,6 +129,26 @@ fn layer(store: Store) -> CacheLayer<Store> {
         .store_timeout(Duration::from_secs(2))
 }
 
+/// RFC 9111 rules (freshness, age, statuses), each against every store.
+#[path = "cache/rfc.rs"]
+mod rfc;
+
+/// Invalidation after unsafe methods, seen by another replica, against every store.
+#[path = "cache/unsafe_methods.rs"]
+mod unsafe_methods;
+
+/// A request's own `Cache-Control`, against every store.
+#[path = "cache/request_directives.rs"]
+mod request_directives;
+
+/// RFC 5861 directives read from the response, against every store.
+#[path = "cache/stale_directives.rs"]
+mod stale_directives;
+
+/// A client's conditional requests, against every store.
+#[path = "cache/conditional.rs"]
+mod conditional;
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ pub(crate) struct Config {
     pub(crate) keys: Keying,
     pub(crate) ttl: Duration,
     pub(crate) jitter: f64,
-    pub(crate) statuses: Vec<StatusCode>,
+    /// The statuses stored, when the user named them (`None`: RFC 9111's rule).
+    pub(crate) statuses: Option<Vec<StatusCode>>,
     pub(crate) response_ttl: bool,
     pub(crate) max_body: usize,
     pub(crate) store_timeout: Duration,
@@ -39,6 +40,8 @@ pub(crate) struct Config {
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) allow_authorized: bool,
+    /// Invalidate entries after unsafe methods (RFC 9111 section 4.4).
+    pub(crate) invalidate_unsafe: bool,
 }
 
 impl Config {

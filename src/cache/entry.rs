@@ -5,16 +5,22 @@
 //! (postcard), then the raw body. Anything else decodes to an error, and the layer treats the
 //! entry as a miss and deletes it.
 
+use std::time::Duration;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 
 /// The version of the encoding; bump it when the head changes.
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 3;
 
 #[derive(Serialize, Deserialize)]
 struct Head {
     status: u16,
+    /// The corrected initial age, in milliseconds.
+    initial_age_ms: u64,
+    /// How long it was fresh from when it was stored, in milliseconds.
+    fresh_for_ms: u64,
     headers: Vec<(String, Vec<u8>)>,
     vary: Vec<(String, Option<Vec<u8>>)>,
 }
@@ -23,6 +29,13 @@ struct Head {
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
     pub(crate) status: StatusCode,
+    /// The response's age when it was stored (RFC 9111 section 4.2.3): the `Age` sent with it
+    /// is this plus the time it spent in the store.
+    pub(crate) initial_age: Duration,
+    /// How long it is fresh from when it was stored (its freshness lifetime minus its initial
+    /// age, after jitter): what the request's `max-age`, `min-fresh` and `max-stale` are
+    /// measured against.
+    pub(crate) fresh_for: Duration,
     pub(crate) headers: HeaderMap,
     /// The request header values (lowercase name, value) the response varies on.
     pub(crate) vary: Vec<(HeaderName, Option<HeaderValue>)>,
@@ -46,6 +59,8 @@ impl Entry {
     pub(crate) fn encode(&self) -> Result<Bytes, postcard::Error> {
         let head = Head {
             status: self.status.as_u16(),
+            initial_age_ms: u64::try_from(self.initial_age.as_millis()).unwrap_or(u64::MAX),
+            fresh_for_ms: u64::try_from(self.fresh_for.as_millis()).unwrap_or(u64::MAX),
             headers: self
                 .headers
                 .iter()
@@ -104,6 +119,8 @@ impl Entry {
         }
         Ok(Self {
             status,
+            initial_age: Duration::from_millis(head.initial_age_ms),
+            fresh_for: Duration::from_millis(head.fresh_for_ms),
             headers,
             vary,
             body: raw.slice(1 + 4 + len..),
@@ -123,6 +140,8 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("b"));
         let entry = Entry {
             status: StatusCode::NOT_FOUND,
+            initial_age: Duration::from_millis(7_250),
+            fresh_for: Duration::from_secs(60),
             headers,
             vary: vec![(
                 HeaderName::from_static("accept-language"),
@@ -133,6 +152,8 @@ mod tests {
         let raw = entry.encode().unwrap();
         let back = Entry::decode(&raw).unwrap();
         assert_eq!(back.status, StatusCode::NOT_FOUND);
+        assert_eq!(back.initial_age, entry.initial_age);
+        assert_eq!(back.fresh_for, entry.fresh_for);
         assert_eq!(back.headers.get_all("x-multi").iter().count(), 2);
         assert_eq!(back.body, "hello");
         assert_eq!(back.vary, entry.vary);
@@ -140,6 +161,9 @@ mod tests {
             &b""[..],
             b"\x01",
             b"\x02abc",
+            // Earlier formats read as a miss.
+            b"\x01\x00\x00\x00\x00",
+            b"\x02\x00\x00\x00\x00",
             b"\x01\x00\x00\x00\x09abc",
             b"garbage",
         ] {

@@ -1,7 +1,7 @@
 //! A fill: the handler runs for a request the cache did not serve, the response body is read up
 //! to the cap, and the response is stored when it may be.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -9,7 +9,9 @@ use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{entry::Entry, key, policy, response, target::Target, ResponseBody, TARGET};
+use super::{
+    entry::Entry, freshness::Exchange, key, policy, response, target::Target, ResponseBody, TARGET,
+};
 use crate::{
     body::read_up_to,
     store::{CacheStore, FillToken, StoreRequest},
@@ -33,8 +35,8 @@ pub(super) struct Fill {
 struct Storing {
     /// The segment version the lookup read.
     version: u64,
-    /// The TTL before jitter.
-    ttl: Duration,
+    /// The freshness left and the initial age (the TTL before jitter).
+    storable: policy::Storable,
     /// The request's headers: they select the variant stored.
     request_headers: HeaderMap,
     /// When the handler was called.
@@ -83,6 +85,10 @@ impl Fill {
         let request_headers = version.is_some().then(|| request.headers().clone());
         let started = Instant::now();
         let result = inner.call(request).await;
+        let exchange = Exchange {
+            received: SystemTime::now(),
+            delay: started.elapsed(),
+        };
         let failed = match &result {
             Err(_) => true,
             Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504),
@@ -105,19 +111,11 @@ impl Fill {
             return Ok(self.pass(target, response).await);
         };
         let config = target.config();
-        let ttl = policy::storable(
-            response.status(),
-            response.headers(),
-            &config.statuses,
-            config.ttl,
-            config.response_ttl,
-            config.max_body,
-        );
-        match ttl {
-            Ok(ttl) => {
+        match policy::storable(response.status(), response.headers(), config, exchange) {
+            Ok(storable) => {
                 let storing = Storing {
                     version,
-                    ttl,
+                    storable,
                     request_headers,
                     started,
                 };
@@ -153,6 +151,8 @@ impl Fill {
         target.learn_vary(&names);
         let entry = Entry {
             status: parts.status,
+            initial_age: storing.storable.initial_age,
+            fresh_for: fresh_ttl(target.config(), storing.storable),
             headers: policy::stored_headers(&parts.headers),
             vary: key::vary_values(&storing.request_headers, &names),
             body: data,
@@ -195,24 +195,30 @@ impl Fill {
                 return false;
             }
         };
-        let config = target.config();
-        let jitter = if config.jitter > 0.0 {
-            1.0 + rand::random_range(-config.jitter..=config.jitter)
-        } else {
-            1.0
-        };
         let request = StoreRequest {
             segment: target.keys.segment,
             key: target.keys.variant(&entry.vary),
             version: storing.version,
             fill: self.lock.map(|t| (target.keys.entry, t)),
             entry: encoded,
-            ttl: storing.ttl.mul_f64(jitter).max(Duration::from_millis(1)),
-            stale_while_revalidate: config.stale_while_revalidate,
-            stale_if_error: config.stale_if_error,
+            ttl: entry.fresh_for,
+            stale_while_revalidate: storing.storable.stale_while_revalidate,
+            stale_if_error: storing.storable.stale_if_error,
             // The handler's time and the body's: what a recompute costs (XFetch).
             compute_time: storing.started.elapsed(),
         };
         target.write(request).await
     }
+}
+
+/// The TTL an entry is written with: its freshness left, with jitter. The heuristic TTL spreads
+/// both ways; an explicit lifetime only ever gets shorter (a shared cache must not serve past
+/// it).
+fn fresh_ttl(config: &super::config::Config, storable: policy::Storable) -> Duration {
+    let jitter = match (config.jitter > 0.0, storable.explicit) {
+        (false, _) => 1.0,
+        (true, false) => 1.0 + rand::random_range(-config.jitter..=config.jitter),
+        (true, true) => 1.0 - rand::random_range(0.0..=config.jitter),
+    };
+    storable.ttl.mul_f64(jitter).max(Duration::from_millis(1))
 }

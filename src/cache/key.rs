@@ -80,6 +80,14 @@ impl EntryKeys {
     }
 }
 
+/// The parts of a `GET` request for `uri` with `headers`: what the keys of the entry of
+/// another request's target (an invalidation's) are derived from.
+pub(crate) fn get_parts(uri: http::Uri, headers: &HeaderMap) -> Option<Parts> {
+    let mut request = http::Request::get(uri).body(()).ok()?;
+    *request.headers_mut() = headers.clone();
+    Some(request.into_parts().0)
+}
+
 /// The key of the segment `name` in `scope`.
 fn segment_key(scope: &str, name: &str) -> StoreKey {
     StoreKey::from_parts([

@@ -4,7 +4,7 @@ use http::{request::Parts, Request, StatusCode};
 use tower_layer::Layer;
 
 use super::{
-    config::{Config, FillLock, Shared, HEURISTIC_STATUSES},
+    config::{Config, FillLock, Shared},
     key::{Keying, VaryRegistry, DEFAULT_SEGMENT},
     Cache,
 };
@@ -23,8 +23,9 @@ pub struct CacheLayer<B> {
 }
 
 impl<B> CacheLayer<B> {
-    /// A cache in `store` with the defaults: a TTL of 60 s (or the response's `s-maxage` /
-    /// `max-age`), ±10% jitter, the heuristically cacheable statuses, a 1 MiB body cap, a
+    /// A cache in `store` with the defaults: the response's own freshness (`s-maxage`, else
+    /// `max-age`, else `Expires` − `Date`) or else a TTL of 60 s for the heuristically cacheable
+    /// statuses and `public` responses, ±10% jitter, a 1 MiB body cap, a
     /// 250 ms store timeout, [`FailureMode::Open`] when the store fails, the fill lock on,
     /// early recompute with `beta = 1`, no stale serving, and requests with `Authorization` or
     /// `Cookie` passed through.
@@ -39,10 +40,7 @@ impl<B> CacheLayer<B> {
                 },
                 ttl: Duration::from_secs(60),
                 jitter: 0.1,
-                statuses: HEURISTIC_STATUSES
-                    .iter()
-                    .filter_map(|s| StatusCode::from_u16(*s).ok())
-                    .collect(),
+                statuses: None,
                 response_ttl: true,
                 max_body: 1024 * 1024,
                 store_timeout: Duration::from_millis(250),
@@ -56,6 +54,7 @@ impl<B> CacheLayer<B> {
                 stale_while_revalidate: Duration::ZERO,
                 stale_if_error: Duration::ZERO,
                 allow_authorized: false,
+                invalidate_unsafe: true,
             }),
             vary: Arc::new(VaryRegistry::default()),
         }
@@ -69,14 +68,22 @@ impl<B> CacheLayer<B> {
         self
     }
 
-    /// How long an entry is fresh when the response says nothing (default 60 s).
+    /// How long an entry is fresh when the response says nothing (default 60 s): the heuristic
+    /// freshness of RFC 9111 section 4.2.2, used only for a response without `s-maxage`,
+    /// `max-age` or `Expires`, and only for the heuristically cacheable statuses (200, 203, 204,
+    /// 300, 301, 404, 405, 410, 414, 501), a `public` response, or the
+    /// [`statuses`](Self::statuses) named. A response's own freshness always wins, whether
+    /// longer or shorter. The response's age (its `Age` field, its `Date`, and the time the
+    /// inner service took) counts against it.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.config_mut().ttl = ttl;
         self
     }
 
-    /// Ignores the response's `s-maxage` / `max-age`: every entry lives for [`ttl`](Self::ttl).
-    /// By default they set the TTL when present, and `max-age=0` means "do not store".
+    /// Ignores the response's `s-maxage`, `max-age` and `Expires`: every stored entry lives for
+    /// [`ttl`](Self::ttl) (as with nginx's `proxy_ignore_headers`). This departs from RFC 9111
+    /// and is meant for origins whose freshness information is known to be wrong. By default
+    /// the response's own freshness wins, and an expired or invalid one means "do not store".
     pub fn no_response_ttl(mut self) -> Self {
         self.config_mut().response_ttl = false;
         self
@@ -93,10 +100,15 @@ impl<B> CacheLayer<B> {
         self
     }
 
-    /// The response statuses that are stored (default: 200, 203, 204, 300, 301, 404, 405, 410,
-    /// 414, 501).
+    /// Stores only responses with these statuses, and gives those of them without explicit
+    /// freshness the [`ttl`](Self::ttl).
+    ///
+    /// By default (RFC 9111 section 3) any final status except `206` and `304` is stored when
+    /// the response has explicit freshness (`s-maxage`, `max-age`, `Expires`), and the TTL
+    /// applies only to the heuristically cacheable statuses (200, 203, 204, 300, 301, 404, 405,
+    /// 410, 414, 501) and to `public` responses.
     pub fn statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
-        self.config_mut().statuses = statuses.into_iter().collect();
+        self.config_mut().statuses = Some(statuses.into_iter().collect());
         self
     }
 
@@ -185,6 +197,11 @@ impl<B> CacheLayer<B> {
 
     /// Serves an entry up to `window` past its freshness while one request refreshes it
     /// (default: off).
+    ///
+    /// A response's own `stale-while-revalidate` (RFC 5861) sets its window, capped by this one
+    /// (so with the default, stale serving stays off); this window applies to responses without
+    /// it. `must-revalidate`, `proxy-revalidate` and `s-maxage` turn stale serving off for
+    /// their response (RFC 9111 section 4.2.4).
     pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
         self.config_mut().stale_while_revalidate = window;
         self
@@ -192,8 +209,26 @@ impl<B> CacheLayer<B> {
 
     /// Serves an entry up to `window` past its freshness when the handler fails: an error, or a
     /// 500, 502, 503 or 504 response, as RFC 5861 defines it (default: off).
+    ///
+    /// A response's own `stale-if-error` sets its window, capped by this one; this window
+    /// applies to responses without it. `must-revalidate`, `proxy-revalidate` and `s-maxage`
+    /// turn it off for their response.
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.config_mut().stale_if_error = window;
+        self
+    }
+
+    /// Turns off the invalidation after unsafe methods (on by default, as RFC 9111 section 4.4
+    /// requires): after a 2xx or 3xx response to a `POST`, `PUT`, `DELETE`, `PATCH` (any method
+    /// but `GET`, `HEAD`, `OPTIONS`, `TRACE`), the layer deletes the entry of the request's
+    /// target URI, and of its `Location` and `Content-Location` URIs when they are on the
+    /// request's host. The entry is deleted in the store, so every replica misses next.
+    ///
+    /// The entries deleted are those keyed like the unsafe request (same host, partition and
+    /// values of the `Vary` headers): a variant selected by other header values is left to
+    /// expire.
+    pub fn no_unsafe_invalidation(mut self) -> Self {
+        self.config_mut().invalidate_unsafe = false;
         self
     }
 
@@ -260,6 +295,7 @@ impl<B: fmt::Debug> fmt::Debug for CacheLayer<B> {
             .field("stale_while_revalidate", &c.stale_while_revalidate)
             .field("stale_if_error", &c.stale_if_error)
             .field("allow_authorized", &c.allow_authorized)
+            .field("invalidate_unsafe", &c.invalidate_unsafe)
             .finish_non_exhaustive()
     }
 }

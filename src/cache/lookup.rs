@@ -10,7 +10,14 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::{
-    config::FillLock, entry::Entry, fill::Fill, response, target::Target, ResponseBody, TARGET,
+    conditional::{self, Conditional},
+    config::FillLock,
+    entry::Entry,
+    fill::Fill,
+    request::Limits,
+    response,
+    target::Target,
+    ResponseBody, TARGET,
 };
 use crate::store::{CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup};
 
@@ -24,15 +31,24 @@ enum Step {
     Wait,
 }
 
-/// The step for `lookup`, whose usable entry is `entry`; `token` is the fill lock's token if the
-/// lookup took it.
-fn step(lookup: &Lookup, entry: Option<Entry>, token: FillToken) -> Step {
+/// The step for `lookup`, whose entry (decoded, of the request's variant) is `entry`; `token`
+/// is the fill lock's token if the lookup took it. The request's `limits` decide whether it
+/// accepts the entry at all, and whether it takes it stale.
+fn step(lookup: &Lookup, entry: Option<Entry>, token: FillToken, limits: &Limits) -> Step {
     let held = lookup.fill == FillState::Held;
     let lock = (lookup.fill == FillState::Acquired).then_some(token);
     let version = Some(lookup.version);
     let age = lookup.age;
+    // A stored response the request's `max-age` / `min-fresh` refuse (RFC 9211 `fwd=request`).
+    let refused = entry.as_ref().is_some_and(|e| !limits.allows(e, age));
+    let entry = entry.filter(|_| !refused);
     match (lookup.freshness, entry) {
         (Freshness::Fresh, Some(entry)) => Step::Serve(entry, age, "hit"),
+        (Freshness::Stale | Freshness::StaleIfError, Some(entry))
+            if limits.takes_stale(&entry, age) =>
+        {
+            Step::Serve(entry, age, "hit; detail=max-stale")
+        }
         (Freshness::Early | Freshness::Stale, Some(entry)) if held => {
             let status = if lookup.freshness == Freshness::Stale {
                 "hit; detail=stale"
@@ -50,6 +66,7 @@ fn step(lookup: &Lookup, entry: Option<Entry>, token: FillToken) -> Step {
         (Freshness::Stale | Freshness::StaleIfError, Some(entry)) => {
             Step::Fill(Fill::new(version, lock, "fwd=stale").standing_in(entry, age))
         }
+        _ if refused && !held => Step::Fill(Fill::new(version, lock, "fwd=request")),
         _ if !held => Step::Fill(Fill::new(version, lock, "fwd=miss")),
         _ => Step::Wait,
     }
@@ -98,7 +115,11 @@ where
     B: CacheStore,
     ResBody: Body<Data = Bytes>,
 {
-    let fill_lock = target.config().fill_lock;
+    let limits = Limits::of(&parts.headers);
+    // A client's own preconditions, answered on a hit (a miss forwards them unchanged).
+    let conditional = Conditional::of(&parts.headers);
+    // `only-if-cached`: never fill, so never lock or wait.
+    let fill_lock = target.config().fill_lock.filter(|_| !limits.only_if_cached);
     let token = FillToken::random();
     let fill = fill_lock.map(|l| FillRequest { ttl: l.ttl, token });
     let mut lookup = match target.lookup(fill).await {
@@ -107,6 +128,9 @@ where
             if let Some(unavailable) = target.lookup_failed(&error, "lookup") {
                 return Ok(unavailable);
             }
+            if limits.only_if_cached {
+                return Ok(response::not_cached());
+            }
             let request = Request::from_parts(parts, body);
             return Fill::unstored("fwd=miss").run(target, inner, request).await;
         }
@@ -114,10 +138,21 @@ where
     let mut waiting = fill_lock.map(Waiting::new);
     loop {
         let entry = target.usable_entry(&lookup, &parts.headers).await;
-        match step(&lookup, entry, token) {
+        match step(&lookup, entry, token, &limits) {
             Step::Serve(entry, age, status) => {
+                if lookup.fill == FillState::Acquired {
+                    // Served stale to a `max-stale` request: the lock is not needed.
+                    target.release(Some(token)).await;
+                }
+                if conditional
+                    .as_ref()
+                    .is_some_and(|c| c.not_modified(&entry.headers))
+                {
+                    return Ok(conditional::not_modified(entry, age, status));
+                }
                 return Ok(response::serve(entry, age, target.head, status));
             }
+            _ if limits.only_if_cached => return Ok(response::not_cached()),
             Step::Fill(fill) => {
                 let request = Request::from_parts(parts, body);
                 return fill.run(target, inner, request).await;

@@ -44,16 +44,36 @@
 //!
 //! # What is stored, and what is not
 //!
-//! - Statuses 200, 203, 204, 300, 301, 404, 405, 410, 414 and 501 by default
-//!   ([`CacheLayer::statuses`]), for `s-maxage`, else `max-age`, else [`CacheLayer::ttl`], with a
-//!   random jitter (±10% by default).
+//! - Freshness follows RFC 9111 section 4.2: `s-maxage`, else `max-age`, else `Expires` −
+//!   `Date` (in any of the three HTTP date formats). A response with explicit freshness is stored
+//!   whatever its final status (but `206` and `304`); one without is stored for
+//!   [`CacheLayer::ttl`] (the heuristic) only when its status is heuristically cacheable (200,
+//!   203, 204, 300, 301, 404, 405, 410, 414, 501) or it is `public`. [`CacheLayer::statuses`]
+//!   replaces that rule with a list. The heuristic TTL gets a random jitter (±10% by default); an
+//!   explicit lifetime is only ever shortened by it.
+//! - The response's age counts: the corrected initial age (its `Age`, its `Date` and the time the
+//!   inner service took, RFC 9111 section 4.2.3) is taken off its lifetime, and the `Age` sent
+//!   with a hit is that age plus the time spent in the cache. A response already stale on
+//!   arrival, or with invalid freshness information (`max-age` negative, quoted or not a number,
+//!   conflicting duplicates, an `Expires` that is not a date), is not stored.
+//! - After a 2xx or 3xx response to an unsafe method (`POST`, `PUT`, `DELETE`, `PATCH`...), the
+//!   entries of the target URI and of `Location` / `Content-Location` on the same host are
+//!   deleted from the store (RFC 9111 section 4.4), so every replica misses next
+//!   ([`CacheLayer::no_unsafe_invalidation`] turns it off).
+//! - `Cache-Control` directive names are case-insensitive; quoted values and several fields are
+//!   understood.
 //! - Never stored: responses with `Set-Cookie`, `Cache-Control: private`, `no-store` or
 //!   `no-cache`, `Vary: *`, or a body larger than [`CacheLayer::max_body`] (1 MiB by default; such a
 //!   body is streamed through, and the layer never buffers more than the cap). Hop-by-hop headers
 //!   are not stored.
 //! - Requests with `Authorization` or `Cookie` bypass the cache unless
 //!   [`CacheLayer::allow_authorized`] says otherwise. A request's `Cache-Control: no-store`
-//!   bypasses it; `no-cache` skips the lookup but stores the fresh response.
+//!   bypasses it; `no-cache` skips the lookup but stores the fresh response; `max-age` and
+//!   `min-fresh` refuse an entry too old or not fresh enough (the response is fetched and
+//!   stored); `max-stale` takes an entry the store still holds past its freshness;
+//!   `only-if-cached` gets `504 Gateway Timeout` when nothing usable is stored.
+//! - A client's `If-None-Match` / `If-Modified-Since` on a hit gets `304 Not Modified`; on a
+//!   miss it is forwarded unchanged, and a `304` is never stored.
 //!
 //! # Stampedes
 //!
@@ -113,14 +133,18 @@
 //! lock release) is logged and dropped. A corrupt or undecodable entry is a miss and is deleted.
 //! The methods of [`CacheHandle`] return the store's error.
 
+mod conditional;
 mod config;
 mod entry;
 mod fill;
+mod freshness;
 mod future;
+mod invalidate;
 mod key;
 mod layer;
 mod lookup;
 mod policy;
+mod request;
 mod response;
 mod service;
 mod target;

@@ -1,10 +1,13 @@
-//! Cacheability rules for a shared cache (RFC 9111 sections 3, 3.5 and 5.2), with
-//! `Cache-Control` parsed by the `headers` crate.
+//! Cacheability rules for a shared cache (RFC 9111 sections 3, 3.5, 4.2 and 5.2).
 
 use std::time::Duration;
 
-use headers::{CacheControl, HeaderMapExt};
 use http::{header, request::Parts, HeaderMap, HeaderName, Method, StatusCode};
+
+use super::{
+    config::{Config, HEURISTIC_STATUSES},
+    freshness::{self, Delta, Directives, Exchange, Lifetime},
+};
 
 /// Why a request does not use the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,25 +34,8 @@ impl Bypass {
     }
 }
 
-/// The directive names of every `Cache-Control` field, lowercase (`private="x"` gives
-/// `private`). The typed parse skips the field-name forms, which must still count.
-fn directive_names(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
-    headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|d| {
-            d.split('=')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-}
-
 fn has_directive(headers: &HeaderMap, name: &str) -> bool {
-    directive_names(headers).any(|d| d == name)
+    Directives::parse(headers).has(name)
 }
 
 /// What a request may do with the cache.
@@ -96,7 +82,8 @@ pub(crate) enum NotStored {
     NoStore,
     NoCache,
     VaryStar,
-    ZeroTtl,
+    /// Stale on arrival: no freshness left (or invalid freshness information).
+    Stale,
     TooLarge,
 }
 
@@ -122,50 +109,112 @@ pub(crate) fn vary_names(headers: &HeaderMap) -> Result<Vec<HeaderName>, NotStor
     Ok(names)
 }
 
+/// How a storable response is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Storable {
+    /// How long it stays fresh from now: its freshness lifetime minus its initial age.
+    pub(crate) ttl: Duration,
+    /// Its corrected initial age (RFC 9111 section 4.2.3).
+    pub(crate) initial_age: Duration,
+    /// The lifetime is the origin's (`s-maxage`, `max-age`, `Expires`), not the layer's TTL.
+    pub(crate) explicit: bool,
+    /// How long past its freshness it may be served while one request refreshes it.
+    pub(crate) stale_while_revalidate: Duration,
+    /// How long past its freshness it may be served when the inner service fails.
+    pub(crate) stale_if_error: Duration,
+}
+
+/// The stale windows of a response (RFC 5861): its `stale-while-revalidate` and
+/// `stale-if-error`, each capped by the layer's window (which is also the default when the
+/// response has none; an invalid value is 0). `must-revalidate`, `proxy-revalidate` and
+/// `s-maxage` forbid serving it stale at all (RFC 9111 sections 4.2.4, 5.2.2.2, 5.2.2.8, 5.2.2.10).
+fn stale_windows(cc: &Directives, config: &Config) -> (Duration, Duration) {
+    if cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("s-maxage") {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    let window = |name: &str, layer: Duration| match cc.delta(name) {
+        Delta::Absent => layer,
+        Delta::Seconds(s) => Duration::from_secs(s).min(layer),
+        Delta::Invalid => Duration::ZERO,
+    };
+    (
+        window("stale-while-revalidate", config.stale_while_revalidate),
+        window("stale-if-error", config.stale_if_error),
+    )
+}
+
 /// Whether a response may be stored, and for how long (before jitter).
+///
+/// The freshness lifetime is the response's own (`s-maxage`, else `max-age`, else `Expires` −
+/// `Date`) whenever it gives one; the layer's TTL is the heuristic for the others, used only for
+/// the heuristically cacheable statuses or a `public` response. With `.statuses(..)` set, only
+/// those statuses are stored, and the TTL applies to any of them. A response already stale on
+/// arrival (its age is past its lifetime, or its freshness information is invalid) is not
+/// stored.
 pub(crate) fn storable(
     status: StatusCode,
     headers: &HeaderMap,
-    statuses: &[StatusCode],
-    default_ttl: Duration,
-    response_ttl: bool,
-    max_body: usize,
-) -> Result<Duration, NotStored> {
-    if !statuses.contains(&status) {
+    config: &Config,
+    exchange: Exchange,
+) -> Result<Storable, NotStored> {
+    // Partial content and `304` complete nothing the cache could serve whole.
+    let final_status = status.as_u16() >= 200 && !matches!(status.as_u16(), 206 | 304);
+    let listed = config.statuses.as_ref().map(|l| l.contains(&status));
+    if !final_status || listed == Some(false) {
         return Err(NotStored::Status);
     }
     if headers.contains_key(header::SET_COOKIE) {
         return Err(NotStored::SetCookie);
     }
-    for name in directive_names(headers) {
-        match name.as_str() {
-            "private" => return Err(NotStored::Private),
-            "no-store" => return Err(NotStored::NoStore),
-            "no-cache" => return Err(NotStored::NoCache),
-            _ => {}
-        }
+    let cc = Directives::parse(headers);
+    if cc.has("private") {
+        return Err(NotStored::Private);
+    }
+    if cc.has("no-store") {
+        return Err(NotStored::NoStore);
+    }
+    if cc.has("no-cache") {
+        return Err(NotStored::NoCache);
     }
     vary_names(headers)?;
     let too_large = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|len| len > max_body as u64);
+        .is_some_and(|len| len > config.max_body as u64);
     if too_large {
         return Err(NotStored::TooLarge);
     }
-    let ttl = if response_ttl {
-        headers
-            .typed_get::<CacheControl>()
-            .and_then(|cc| cc.s_max_age().or_else(|| cc.max_age()))
-            .unwrap_or(default_ttl)
+    let lifetime = if config.response_ttl {
+        freshness::lifetime(headers, &cc, exchange.received)
     } else {
-        default_ttl
+        Lifetime::None
     };
+    let (lifetime, explicit) = match lifetime {
+        Lifetime::Explicit(lifetime) => (lifetime, true),
+        Lifetime::None => {
+            let heuristic = listed == Some(true)
+                || HEURISTIC_STATUSES.contains(&status.as_u16())
+                || cc.has("public");
+            if !heuristic {
+                return Err(NotStored::Status);
+            }
+            (config.ttl, false)
+        }
+    };
+    let initial_age = freshness::initial_age(headers, exchange);
+    let ttl = lifetime.saturating_sub(initial_age);
     if ttl.is_zero() {
-        return Err(NotStored::ZeroTtl);
+        return Err(NotStored::Stale);
     }
-    Ok(ttl)
+    let (stale_while_revalidate, stale_if_error) = stale_windows(&cc, config);
+    Ok(Storable {
+        ttl,
+        initial_age,
+        explicit,
+        stale_while_revalidate,
+        stale_if_error,
+    })
 }
 
 /// The headers to store: end-to-end ones only (RFC 9110 section 7.6.1), without `Age` (the
@@ -194,26 +243,60 @@ mod tests {
         m
     }
 
+    fn config(statuses: Option<Vec<StatusCode>>) -> Config {
+        let layer = crate::cache::CacheLayer::new(crate::store::MemoryStore::new())
+            .ttl(Duration::from_secs(9))
+            .max_body(10);
+        let mut config = (*layer.shared().config).clone();
+        config.statuses = statuses;
+        config
+    }
+
+    const NOW: Exchange = Exchange {
+        received: std::time::UNIX_EPOCH,
+        delay: Duration::ZERO,
+    };
+
     #[test]
     fn response_rules() {
-        let ok = [StatusCode::OK];
+        let config = config(None);
         let d = Duration::from_secs(9);
-        let s = |hs: &[(&'static str, &'static str)]| {
-            storable(StatusCode::OK, &h(hs), &ok, d, true, 10)
+        let st = |status: u16, hs: &[(&'static str, &'static str)]| {
+            storable(StatusCode::from_u16(status).unwrap(), &h(hs), &config, NOW)
+                .map(|s| (s.ttl, s.explicit))
         };
-        assert_eq!(s(&[]), Ok(d));
+        let s = |hs: &[(&'static str, &'static str)]| st(200, hs);
+        assert_eq!(s(&[]), Ok((d, false)));
         assert_eq!(
             s(&[("cache-control", "public, max-age=5, s-maxage=7")]),
-            Ok(Duration::from_secs(7))
+            Ok((Duration::from_secs(7), true))
         );
         assert_eq!(
             s(&[("cache-control", "max-age=5")]),
-            Ok(Duration::from_secs(5))
+            Ok((Duration::from_secs(5), true))
+        );
+        assert_eq!(s(&[("cache-control", "max-age=0")]), Err(NotStored::Stale));
+        assert_eq!(s(&[("cache-control", "Max-Age=0")]), Err(NotStored::Stale));
+        assert_eq!(
+            s(&[("cache-control", "S-MAXAGE=0, max-age=60")]),
+            Err(NotStored::Stale)
+        );
+        assert_eq!(s(&[("cache-control", "max-age=-1")]), Err(NotStored::Stale));
+        assert_eq!(
+            s(&[("cache-control", "max-age=\"60\"")]),
+            Err(NotStored::Stale)
+        );
+        assert_eq!(s(&[("expires", "0")]), Err(NotStored::Stale));
+        // The response's age counts.
+        assert_eq!(
+            s(&[("cache-control", "max-age=10"), ("age", "4")]),
+            Ok((Duration::from_secs(6), true))
         );
         assert_eq!(
-            s(&[("cache-control", "max-age=0")]),
-            Err(NotStored::ZeroTtl)
+            s(&[("cache-control", "max-age=3600"), ("age", "7200")]),
+            Err(NotStored::Stale)
         );
+        assert_eq!(s(&[("age", "20")]), Err(NotStored::Stale));
         assert_eq!(
             s(&[("cache-control", "private=\"x\"")]),
             Err(NotStored::Private)
@@ -222,10 +305,62 @@ mod tests {
         assert_eq!(s(&[("set-cookie", "a=b")]), Err(NotStored::SetCookie));
         assert_eq!(s(&[("vary", "accept, *")]), Err(NotStored::VaryStar));
         assert_eq!(s(&[("content-length", "11")]), Err(NotStored::TooLarge));
+        // Explicit freshness makes any final status storable; the heuristic needs a
+        // heuristically cacheable status or `public`.
+        assert_eq!(st(201, &[]), Err(NotStored::Status));
+        assert_eq!(st(201, &[("cache-control", "public")]), Ok((d, false)));
         assert_eq!(
-            storable(StatusCode::CREATED, &h(&[]), &ok, d, true, 10),
+            st(201, &[("cache-control", "max-age=5")]),
+            Ok((Duration::from_secs(5), true))
+        );
+        assert_eq!(
+            st(206, &[("cache-control", "max-age=5")]),
             Err(NotStored::Status)
         );
+        assert_eq!(
+            st(304, &[("cache-control", "max-age=5")]),
+            Err(NotStored::Status)
+        );
+        // A list replaces the rule: only those, with the TTL as heuristic.
+        let listed = super::tests::config(Some(vec![StatusCode::CREATED]));
+        let l = |status: u16, hs: &[(&'static str, &'static str)]| {
+            storable(StatusCode::from_u16(status).unwrap(), &h(hs), &listed, NOW).map(|s| s.ttl)
+        };
+        assert_eq!(l(201, &[]), Ok(d));
+        assert_eq!(
+            l(200, &[("cache-control", "max-age=5")]),
+            Err(NotStored::Status)
+        );
+    }
+
+    #[test]
+    fn stale_windows_from_the_response() {
+        let mut config = config(None);
+        config.stale_while_revalidate = Duration::from_secs(30);
+        config.stale_if_error = Duration::from_secs(60);
+        let w = |cc: &'static str| {
+            let s = storable(StatusCode::OK, &h(&[("cache-control", cc)]), &config, NOW).unwrap();
+            (
+                s.stale_while_revalidate.as_secs(),
+                s.stale_if_error.as_secs(),
+            )
+        };
+        assert_eq!(w("max-age=5"), (30, 60));
+        assert_eq!(
+            w("max-age=5, stale-while-revalidate=10, Stale-If-Error=20"),
+            (10, 20)
+        );
+        assert_eq!(
+            w("max-age=5, stale-while-revalidate=100, stale-if-error=600"),
+            (30, 60)
+        );
+        assert_eq!(
+            w("max-age=5, stale-while-revalidate=\"10\", stale-if-error=-1"),
+            (0, 0)
+        );
+        assert_eq!(w("max-age=5, must-revalidate, stale-if-error=20"), (0, 0));
+        assert_eq!(w("max-age=5, proxy-revalidate"), (0, 0));
+        assert_eq!(w("s-maxage=5, stale-while-revalidate=10"), (0, 0));
     }
 
     #[test]

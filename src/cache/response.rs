@@ -1,6 +1,7 @@
 //! The responses the layer marks or builds: the `Cache-Status` field (RFC 9211) and the metric
-//! counted with it, a response served from an entry, and the `503` of a failed lookup under
-//! [`FailureMode::Closed`](crate::FailureMode::Closed).
+//! counted with it, a response served from an entry, the `503` of a failed lookup under
+//! [`FailureMode::Closed`](crate::FailureMode::Closed), and the `504` of an `only-if-cached`
+//! request with nothing usable stored.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Body;
 
-use super::{entry::Entry, ResponseBody};
+use super::{entry::Entry, freshness, ResponseBody};
 
 /// The `Cache-Status` field (RFC 9211).
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -40,20 +41,22 @@ pub(super) fn passed<B: Body>(
     response.map(ResponseBody::service)
 }
 
-/// A response built from a stored entry, with its `Age`; without a body for a `HEAD` request.
+/// A response built from a stored entry, with its `Age` (its age when stored plus `resident`,
+/// the time since); without a body for a `HEAD` request.
 pub(super) fn serve<B: Body>(
     entry: Entry,
-    age: Duration,
+    resident: Duration,
     head: bool,
     params: &str,
 ) -> Response<ResponseBody<B>> {
+    let age = freshness::current_age(entry.initial_age, resident);
     let body = if head { Bytes::new() } else { entry.body };
     let mut response = Response::new(ResponseBody::full(body));
     *response.status_mut() = entry.status;
     *response.headers_mut() = entry.headers;
     response
         .headers_mut()
-        .insert(http::header::AGE, HeaderValue::from(age.as_secs()));
+        .insert(http::header::AGE, HeaderValue::from(age));
     mark(response.headers_mut(), params);
     response
 }
@@ -69,6 +72,21 @@ pub(super) fn unavailable<B: Body>() -> Response<ResponseBody<B>> {
     response.map(ResponseBody::full)
 }
 
+/// The `Cache-Status` parameters of the `504` answered to `only-if-cached` when nothing usable
+/// is stored.
+const NOT_CACHED_STATUS: &str = "detail=only-if-cached";
+
+/// `504 Gateway Timeout`: the request said `only-if-cached` and nothing usable is stored (RFC
+/// 9111 section 5.2.1.7); the inner service is not called.
+pub(super) fn not_cached<B: Body>() -> Response<ResponseBody<B>> {
+    let mut response = crate::problem::problem(
+        StatusCode::GATEWAY_TIMEOUT,
+        "only-if-cached: no usable response is stored",
+    );
+    mark(response.headers_mut(), NOT_CACHED_STATUS);
+    response.map(ResponseBody::full)
+}
+
 /// The metric label of a `Cache-Status` value.
 fn outcome_of(params: &str) -> &'static str {
     if params.starts_with("hit; detail=stale") {
@@ -81,6 +99,8 @@ fn outcome_of(params: &str) -> &'static str {
         "bypass"
     } else if params == UNAVAILABLE_STATUS {
         "unavailable"
+    } else if params == NOT_CACHED_STATUS {
+        "not_cached"
     } else if params.contains("stored") {
         "miss_stored"
     } else {
@@ -125,5 +145,6 @@ mod tests {
         assert_eq!(outcome_of("fwd=miss; stored"), "miss_stored");
         assert_eq!(outcome_of("fwd=miss"), "miss");
         assert_eq!(outcome_of(UNAVAILABLE_STATUS), "unavailable");
+        assert_eq!(outcome_of(NOT_CACHED_STATUS), "not_cached");
     }
 }

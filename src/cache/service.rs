@@ -12,8 +12,10 @@ use super::{
     config::Shared,
     fill::Fill,
     future::ResponseFuture,
+    invalidate::Unsafe,
     lookup,
     policy::{self, Bypass, RequestUse},
+    request::Limits,
     response,
     target::Target,
     ResponseBody,
@@ -62,7 +64,8 @@ where
     }
 }
 
-/// Handles one request: bypasses the cache, refreshes the entry (`Cache-Control: no-cache`), or
+/// Handles one request: passes it on (invalidating entries after an unsafe method), bypasses
+/// the cache, refreshes the entry (`Cache-Control: no-cache`), or
 /// looks it up.
 async fn run<S, B, ReqBody, ResBody>(
     shared: Arc<Shared<B>>,
@@ -79,7 +82,12 @@ where
     let mode = match policy::request_use(&parts, config.allow_authorized) {
         Ok(mode) => mode,
         Err(Bypass::Method) => {
+            let unsafe_method = Unsafe::of(&parts).filter(|_| config.invalidate_unsafe);
             let response = inner.call(Request::from_parts(parts, body)).await?;
+            if let Some(request) = unsafe_method {
+                let (status, headers) = (response.status(), response.headers());
+                request.invalidate(&shared, status, headers).await;
+            }
             return Ok(response.map(ResponseBody::service));
         }
         Err(why) => return bypass(&mut inner, parts, body, why).await,
@@ -94,6 +102,10 @@ where
     };
     match mode {
         RequestUse::Normal => lookup::serve_or_fill(&target, &mut inner, parts, body).await,
+        // `no-cache` with `only-if-cached`: nothing may be served, nothing forwarded.
+        RequestUse::Refresh if Limits::of(&parts.headers).only_if_cached => {
+            Ok(response::not_cached())
+        }
         RequestUse::Refresh => {
             // Read the version only (no lock, no entry served), then run the handler and store.
             let version = match target.lookup(None).await {
