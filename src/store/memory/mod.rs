@@ -225,6 +225,7 @@ enum Value {
     InFlight {
         token: String,
         fingerprint: Vec<u8>,
+        fence: u64,
     },
     Completed {
         fingerprint: Vec<u8>,
