@@ -234,7 +234,7 @@ async fn bad_keys_get_400<B: IdempotencyStore + Clone>(store: B) {
     let (runs, h) = handler(0);
     let svc = service(IdempotencyLockLayer::new(store.clone()), h);
     let long = "k".repeat(256);
-    for key in ["", long.as_str(), "has space", "tab\tkey"] {
+    for key in ["", long.as_str(), "has space", "tab\tkey", "\"", "\"\""] {
         let mut req = post("/orders", None, "x");
         req.headers_mut()
             .insert("idempotency-key", HeaderValue::from_str(key).unwrap());
@@ -246,6 +246,13 @@ async fn bad_keys_get_400<B: IdempotencyStore + Clone>(store: B) {
         HeaderValue::from_bytes(&[0xc3, 0xa9]).unwrap(),
     );
     assert_eq!(send(&svc, req).await.status, 400, "non-ASCII");
+    // Two fields, even two valid and equal ones: which one was meant is unknown.
+    for second in ["k2", "k1"] {
+        let mut req = post("/orders", Some("k1"), "x");
+        req.headers_mut()
+            .append("idempotency-key", HeaderValue::from_static(second));
+        assert_eq!(send(&svc, req).await.status, 400, "two fields");
+    }
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     // Without a key: passes through, or 400 when required. GET is not concerned.
     assert_eq!(send(&svc, post("/orders", None, "x")).await.status, 201);
