@@ -74,8 +74,12 @@
 //!   the layer answers `503` with `Retry-After: 1` and does not run the request unprotected;
 //!   with [`on_store_error(FailureMode::Open)`](IdempotencyLockLayer::on_store_error) it runs
 //!   the request without protection. A warning is logged either way.
-//! - **The handler fails, panics, or its future is dropped** (the client went away): the claim
-//!   is released in the background, so the client may retry.
+//! - **The client goes away** (the response future is dropped: the client hung up, a proxy
+//!   timed out) once the request holds the claim: the handler is not cancelled. It runs to its
+//!   end in a spawned task and its response is recorded, so the retry gets the replay instead of
+//!   running the handler a second time.
+//! - **The handler fails or panics**: the claim is released in the background, so the client
+//!   may retry (a panic is passed on to the caller).
 //! - **Renewing the lease fails**: it is retried at the next third of the lease; when none
 //!   succeeded for a whole lease, the response is not stored (another request may have claimed
 //!   the record).

@@ -114,9 +114,12 @@ async fn run<S, ReqBody, ResBody>(
     req: Request<ReqBody>,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ReqBody: Body + From<Bytes>,
-    ResBody: Body<Data = Bytes>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let (parts, body) = req.into_parts();
     let key = match request::key(&config, &parts) {
@@ -146,9 +149,20 @@ where
     let execution = Execution::start(store, &config, record, token, fence);
     let mut request = Request::from_parts(parts, ReqBody::from(body));
     request.extensions_mut().insert(execution.fence());
-    // On an error, a panic, or when this future is dropped, `execution` releases the claim.
-    let response = inner.call(request).await?;
-    Ok(complete(execution, &config, response).await)
+    // The claim is held: from here the handler runs to its end and its response is recorded,
+    // even when the client goes away (this future is dropped), so that a retry gets the replay
+    // instead of running the handler again. On an error or a panic, `execution` releases the
+    // claim.
+    let task_config = Arc::clone(&config);
+    let handler = tokio::spawn(async move {
+        let response = inner.call(request).await?;
+        Ok(complete(execution, &task_config, response).await)
+    });
+    match handler.await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Ok(rejected(&config, Rejection::Unavailable)), // the runtime shuts down
+    }
 }
 
 /// The inner service's response to `request`, untouched.
