@@ -200,7 +200,8 @@ async fn duplicate_in_flight_gets_409_then_the_replay<B: IdempotencyStore + Clon
     tokio::time::sleep(Duration::from_millis(150)).await;
     let dup = send(&svc, post("/orders", Some(&key), "x")).await;
     assert_eq!(dup.status, 409);
-    assert_eq!(dup.retry_after.as_deref(), Some("1"));
+    // Retry-After: the time left on the 10 s lease, rounded up (issue 11; it was a constant 1).
+    assert_eq!(dup.retry_after.as_deref(), Some("10"));
     assert!(dup.body.contains("\"status\":409"));
     let first = first.await.unwrap();
     assert_eq!(first.status, 201);
@@ -656,7 +657,8 @@ async fn a_rejection_builder_shapes_the_layers_own_responses() {
         (large.status, large.body.as_str()),
         (413, "custom TooLarge")
     );
-    // In flight: the layer adds `Retry-After: 1` since the builder gave none.
+    // In flight: the layer adds `Retry-After` (the time left on the 10 s lease) since the
+    // builder gave none (issue 11; it was a constant 1).
     let first = tokio::spawn({
         let svc = svc.clone();
         async move { send(&svc, post("/orders", Some("k"), "one")).await }
@@ -664,7 +666,7 @@ async fn a_rejection_builder_shapes_the_layers_own_responses() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let dup = send(&svc, post("/orders", Some("k"), "one")).await;
     assert_eq!((dup.status, dup.body.as_str()), (409, "custom InFlight"));
-    assert_eq!(dup.retry_after.as_deref(), Some("1"));
+    assert_eq!(dup.retry_after.as_deref(), Some("10"));
     assert_eq!(first.await.unwrap().status, 201);
     let other = send(&svc, post("/orders", Some("k"), "two")).await;
     assert_eq!(
@@ -683,27 +685,28 @@ struct Stalling {
 }
 
 impl Stalling {
-    fn call<T: Send + 'static>(&self, call: StoreFuture<T>) -> StoreFuture<T> {
+    /// `call()`, or, while stalled, a call that never reaches the store and never answers.
+    fn call<T: Send + 'static>(&self, call: impl FnOnce() -> StoreFuture<T>) -> StoreFuture<T> {
         if self.stalled.load(Ordering::SeqCst) {
             Box::pin(std::future::pending())
         } else {
-            call
+            call()
         }
     }
 }
 
 impl IdempotencyStore for Stalling {
     fn claim(&self, k: &StoreKey, r: ClaimRequest<'_>) -> StoreFuture<Claim> {
-        self.call(self.store.claim(k, r))
+        self.call(|| self.store.claim(k, r))
     }
     fn complete(&self, k: &StoreKey, t: &str, r: Vec<u8>, d: Duration) -> StoreFuture<bool> {
-        self.call(self.store.complete(k, t, r, d))
+        self.call(|| self.store.complete(k, t, r, d))
     }
     fn extend_claim(&self, k: &StoreKey, t: &str, l: Duration) -> StoreFuture<bool> {
-        self.call(self.store.extend_claim(k, t, l))
+        self.call(|| self.store.extend_claim(k, t, l))
     }
     fn release_claim(&self, k: &StoreKey, t: &str) -> StoreFuture<bool> {
-        self.call(self.store.release_claim(k, t))
+        self.call(|| self.store.release_claim(k, t))
     }
 }
 
@@ -779,5 +782,92 @@ async fn the_service_is_built_and_taken_apart_like_tower_http_services() {
     let wrapped = ServiceBuilder::new().layer(layer).service(inner);
     let answer = wrapped.oneshot(post("/orders", None, "x")).await.unwrap();
     assert_eq!(answer.status(), 400);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// A handler that counts its runs, answers `run=<n>`, and stalls `store` once it has run.
+fn stalling_after_run(
+    store: &Stalling,
+    layer: IdempotencyLockLayer<Stalling>,
+) -> (Arc<AtomicUsize>, Svc) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (counted, stalled) = (runs.clone(), store.stalled.clone());
+    let inner = service_fn(move |_req: Req| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        stalled.store(true, Ordering::SeqCst);
+        async move { Ok::<_, Infallible>(Response::new(Full::from(format!("run={n}")))) }
+    });
+    let svc = BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service(inner));
+    (runs, svc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_completion_is_retried_in_the_background_until_it_lands() {
+    // The store stops answering once the handler has run: storing the response times out. The
+    // client still gets its response after one store timeout; the claim stays in flight (409
+    // with Retry-After from the lease) and the completion lands once the store answers again.
+    // Before issue 11 the response was never stored and the retry ran the handler again.
+    let store = Stalling::default();
+    let layer = IdempotencyLockLayer::new(store.clone()).store_timeout(Duration::from_millis(300));
+    let (runs, svc) = stalling_after_run(&store, layer);
+    let start = tokio::time::Instant::now();
+    let first = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!((first.status, first.body.as_str()), (200, "run=1"));
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(300),
+        "the client waited"
+    );
+    // The store is away for 2 s (duplicates meanwhile get 503: the claim cannot be read).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store.stalled.store(false, Ordering::SeqCst);
+    let dup = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(dup.status, 409, "the claim was dropped: {}", dup.body);
+    assert_eq!(
+        dup.retry_after.as_deref(),
+        Some("8"),
+        "10 s lease, 2.3 s in"
+    );
+    // The next retry of the completion (backoff 100 ms doubling) lands.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let replay = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(
+        (replay.status, replay.replayed, replay.body.as_str()),
+        (200, true, "run=1")
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_background_completion_stops_when_the_store_says_the_claim_is_gone() {
+    // The store is away for longer than the lease: the record expires, and when the store
+    // answers again the retried completion is refused (the token no longer holds) and stops:
+    // it does not overwrite the response of the request that ran next.
+    let store = Stalling::default();
+    let layer = IdempotencyLockLayer::new(store.clone())
+        .store_timeout(Duration::from_millis(300))
+        .lease(Duration::from_secs(2));
+    let (runs, svc) = stalling_after_run(&store, layer);
+    assert_eq!(
+        send(&svc, post("/orders", Some("k"), "x")).await.status,
+        200
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    store.stalled.store(false, Ordering::SeqCst);
+    // The record expired with its lease: the next request claims it and runs.
+    let next = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(
+        (next.status, next.replayed, next.body.as_str()),
+        (200, false, "run=2")
+    );
+    store.stalled.store(false, Ordering::SeqCst);
+    // Let the first request's background completion try again (backoff up to 5 s).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let replay = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(
+        (replay.status, replay.replayed, replay.body.as_str()),
+        (200, true, "run=2"),
+        "a late completion overwrote the record"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }

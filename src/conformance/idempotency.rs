@@ -209,7 +209,18 @@ async fn a_claim_resent_by_its_token_is_claimed_again<S: IdempotencyStore>(store
         .complete(&key, &a, b"done".to_vec(), retention)
         .await
         .unwrap());
-    // Once completed, the holder's own claim is a replay like any other.
+    assert!(
+        store
+            .complete(&key, &a, b"again".to_vec(), retention)
+            .await
+            .unwrap(),
+        "a completion re-sent by its token must answer true"
+    );
+    assert!(!store
+        .complete(&key, &b, b"theirs".to_vec(), retention)
+        .await
+        .unwrap());
+    // Once completed, the holder's own claim is a replay like any other (the first response).
     let replay = store
         .claim(&key, claim_request(&a, b"fp", lease))
         .await

@@ -57,9 +57,9 @@ pub(super) async fn claim(
                 tokio::time::sleep(IN_FLIGHT_POLL).await;
                 continue;
             }
-            Ok(Claim::InFlight { .. }) => {
+            Ok(Claim::InFlight { lease_left }) => {
                 tracing::debug!(target: TARGET, record = %record, outcome = "in_flight");
-                Rejection::InFlight
+                return Claimed::Answer(in_flight(config, lease_left));
             }
             Ok(Claim::Mismatch) => {
                 tracing::debug!(target: TARGET, record = %record, outcome = "mismatch");
@@ -68,6 +68,13 @@ pub(super) async fn claim(
         };
         return Claimed::Answer(config.reject(why));
     }
+}
+
+/// `409` for a request still in flight, with `Retry-After` from the time left on its lease (at
+/// least 1 s): by then it is complete, or its key is free again.
+fn in_flight(config: &Config, lease_left: Duration) -> Response<Bytes> {
+    let secs = u64::try_from(lease_left.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
+    config.reject_retry_after(Rejection::InFlight, secs.max(1))
 }
 
 /// The stored response, marked `Idempotent-Replayed: true`; a rejection when it was not stored

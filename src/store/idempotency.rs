@@ -72,6 +72,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     fn claim(&self, key: &StoreKey, request: ClaimRequest<'_>) -> StoreFuture<Claim>;
 
     /// Stores `response` and keeps the record for `retention`, if `token` still holds the claim.
+    /// Safe to send twice: once `token` has completed the record, completing it again answers
+    /// `true` and changes nothing (the first reply may have been lost).
     fn complete(
         &self,
         key: &StoreKey,

@@ -63,21 +63,23 @@ impl IdempotencyStore for MemoryStore {
             let Some(slot) = records.live((Kind::Record, *key), now) else {
                 return false;
             };
-            let Value::InFlight {
-                token: t,
-                fingerprint,
-                ..
-            } = &mut slot.value
-            else {
-                return false;
+            let (t, fingerprint) = match &mut slot.value {
+                Value::InFlight {
+                    token: t,
+                    fingerprint,
+                    ..
+                } => (t, fingerprint),
+                Value::Completed { token: t, .. } => return t == token,
+                _ => return false,
             };
             if t != token {
                 return false;
             }
-            let fingerprint = std::mem::take(fingerprint);
+            let (token, fingerprint) = (std::mem::take(t), std::mem::take(fingerprint));
             slot.value = Value::Completed {
                 fingerprint,
                 response,
+                token,
             };
             slot.expires_at = now + us(retention);
             true

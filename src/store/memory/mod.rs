@@ -230,6 +230,8 @@ enum Value {
     Completed {
         fingerprint: Vec<u8>,
         response: Vec<u8>,
+        /// The token that completed the record: its completion, re-sent, answers `true`.
+        token: String,
     },
 }
 
