@@ -2,6 +2,7 @@
 //! the tests themselves.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod stores;
 
 use std::{
