@@ -1,6 +1,8 @@
 //! IdempotencyLockLayer under connection faults, on redis-rs and fred: one replica's store
 //! talks to Redis through a fault-injecting proxy (tests/common/fault_proxy.rs), the other
-//! directly. Each case asserts that the handler ran exactly once across the two replicas and that
+//! directly. (redis-rs and fred both re-send a command after reconnecting, so a single reset
+//! is survived by the client library; Redis unreachable across the completion is not, and needs
+//! the layer's background retry.) Each case asserts that the handler ran exactly once across the two replicas and that
 //! every later duplicate gets the first response with `Idempotent-Replayed: true`.
 #![cfg(any(feature = "redis", feature = "fred"))]
 
@@ -35,6 +37,10 @@ type Svc = BoxCloneSyncService<Req, Response<ResponseBody<Full<Bytes>>>, Infalli
 enum Fault {
     /// The connection is cut when the completion is sent; the completion is lost.
     ResetAtCompletion,
+    /// From the completion on, every command cuts the connection for 1.5 s (Redis unreachable):
+    /// the client library's own re-sends fail too, and the layer stops waiting after its store
+    /// timeout.
+    DownAtCompletion,
     /// The server's replies are swallowed for 1.5 s (the completion runs, its reply is lost),
     /// then the connection is cut.
     SwallowCompletionReply,
@@ -52,6 +58,7 @@ fn replica<B: IdempotencyStore>(
         if let Some((fault, proxy)) = fault.clone() {
             match fault {
                 Fault::ResetAtCompletion => proxy.reset_on_next_command(),
+                Fault::DownAtCompletion => proxy.down_for(Duration::from_millis(1500)),
                 Fault::SwallowCompletionReply => {
                     proxy.swallow_replies(true);
                     tokio::spawn(async move {
@@ -185,6 +192,11 @@ mod redis_rs {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_unreachable_across_the_completion() {
+        case(Fault::DownAtCompletion).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn completion_reply_swallowed() {
         case(Fault::SwallowCompletionReply).await;
     }
@@ -206,6 +218,11 @@ mod fred {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connection_reset_during_the_completion() {
         case(Fault::ResetAtCompletion).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_unreachable_across_the_completion() {
+        case(Fault::DownAtCompletion).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! A fault-injecting TCP proxy between a store client and its `redis-server`: it forwards bytes
 //! both ways until told to reset every connection, to cut the connection at the client's next
-//! command (the command is not delivered), to swallow the server's replies, or to stall both
-//! directions. Usable by every layer's tests: connect the store to [`FaultProxy::url`].
+//! command (the command is not delivered) or at every command for a while (the server is
+//! unreachable), to swallow the server's replies, or to stall both directions. Usable by every layer's tests: connect the store to [`FaultProxy::url`].
 
 use std::{
     sync::{
@@ -24,6 +24,8 @@ use tokio::{
 struct State {
     /// Cut every connection when a client sends its next command (not delivered).
     reset_on_next_command: AtomicBool,
+    /// Until then, every command cuts every connection (the server is unreachable).
+    down_until: Mutex<Option<std::time::Instant>>,
     /// Discard what the server sends.
     swallow_replies: AtomicBool,
     /// Hold bytes in both directions.
@@ -106,6 +108,12 @@ impl FaultProxy {
             .store(true, Ordering::SeqCst);
     }
 
+    /// For `period`, every command a client sends cuts every connection and is lost: the server
+    /// is unreachable, whatever the client retries on its own.
+    pub fn down_for(&self, period: Duration) {
+        *self.state.down_until.lock().unwrap() = Some(std::time::Instant::now() + period);
+    }
+
     /// Discards (`true`) or forwards (`false`) what the server sends. Replies swallowed in the
     /// middle of a connection leave the client's reply order broken: end it with [`reset`].
     pub fn swallow_replies(&self, on: bool) {
@@ -145,7 +153,12 @@ async fn requests(state: Arc<State>, mut from: OwnedReadHalf, mut to: OwnedWrite
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if state.reset_on_next_command.swap(false, Ordering::SeqCst) {
+        let down = state
+            .down_until
+            .lock()
+            .unwrap()
+            .is_some_and(|until| std::time::Instant::now() < until);
+        if down || state.reset_on_next_command.swap(false, Ordering::SeqCst) {
             state.reset_all();
             return;
         }
