@@ -682,6 +682,8 @@ async fn a_rejection_builder_shapes_the_layers_own_responses() {
 struct Stalling {
     store: MemoryStore,
     stalled: Arc<std::sync::atomic::AtomicBool>,
+    /// The next claim reaches the store, but its answer never comes back.
+    lose_next_claim_answer: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Stalling {
@@ -697,6 +699,10 @@ impl Stalling {
 
 impl IdempotencyStore for Stalling {
     fn claim(&self, k: &StoreKey, r: ClaimRequest<'_>) -> StoreFuture<Claim> {
+        if self.lose_next_claim_answer.swap(false, Ordering::SeqCst) {
+            drop(self.store.claim(k, r)); // the memory store acts when called
+            return Box::pin(std::future::pending());
+        }
         self.call(|| self.store.claim(k, r))
     }
     fn complete(&self, k: &StoreKey, t: &str, r: Vec<u8>, d: Duration) -> StoreFuture<bool> {
@@ -870,4 +876,29 @@ async fn a_background_completion_stops_when_the_store_says_the_claim_is_gone() {
         "a late completion overwrote the record"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_whose_answer_was_lost_is_released_once_the_store_answers() {
+    // The claim reaches the store but its answer is lost: 503 after the store timeout. The store
+    // then stops answering for 2 s; once it answers again, the layer releases the claim with the
+    // request's token, so the retry runs instead of getting 409 for the whole 10 s lease.
+    let store = Stalling::default();
+    let (runs, h) = handler(0);
+    let svc = service(IdempotencyLockLayer::new(store.clone()), h);
+    store.lose_next_claim_answer.store(true, Ordering::SeqCst);
+    let lost = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(lost.status, 503);
+    store.stalled.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store.stalled.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let retry = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(
+        (retry.status, retry.replayed),
+        (201, false),
+        "the key stayed blocked: {}",
+        retry.body
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

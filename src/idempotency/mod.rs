@@ -74,7 +74,10 @@
 //! - **Claiming fails** or times out: by default ([`FailureMode::Closed`](crate::FailureMode))
 //!   the layer answers `503` with `Retry-After: 1` and does not run the request unprotected;
 //!   with [`on_store_error(FailureMode::Open)`](IdempotencyLockLayer::on_store_error) it runs
-//!   the request without protection. A warning is logged either way.
+//!   the request without protection. A warning is logged either way. Since the claim may have
+//!   reached the store (only its answer was lost), the layer releases it in the background
+//!   with the request's token as soon as the store answers again, so the key is not blocked
+//!   for a whole lease.
 //! - **The client goes away** (the response future is dropped: the client hung up, a proxy
 //!   timed out) once the request holds the claim: the handler is not cancelled. It runs to its
 //!   end in a spawned task and its response is recorded, so the retry gets the replay instead of

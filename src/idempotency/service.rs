@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tower_service::Service;
 
 use super::{
-    claim::{claim, Claimed},
+    claim::{claim, release_unknown, Claimed},
     complete::complete,
     config::Config,
     execute::Execution,
@@ -137,6 +137,8 @@ where
         Claimed::Fence(fence) => fence,
         Claimed::Answer(response) => return Ok(response.map(ResponseBody::full)),
         Claimed::StoreFailed(error) => {
+            // The claim may have reached the store: take it back once the store answers.
+            release_unknown(Arc::clone(&store), &config, record, token);
             let open = matches!(config.on_store_error, FailureMode::Open);
             tracing::warn!(target: TARGET, %error, fail_open = open, "idempotency store failed");
             if open {
