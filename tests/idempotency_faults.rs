@@ -53,21 +53,38 @@ fn replica<B: IdempotencyStore>(
     runs: Arc<AtomicUsize>,
     fault: Option<(Fault, Arc<FaultProxy>)>,
 ) -> Svc {
+    let trigger =
+        fault.map(|(fault, proxy)| -> Trigger { Arc::new(move || set_off(fault, proxy.clone())) });
+    replica_with(store, runs, trigger)
+}
+
+/// Something the handler sets off on its first run.
+type Trigger = Arc<dyn Fn() + Send + Sync>;
+
+fn set_off(fault: Fault, proxy: Arc<FaultProxy>) {
+    match fault {
+        Fault::ResetAtCompletion => proxy.reset_on_next_command(),
+        Fault::DownAtCompletion => proxy.down_for(Duration::from_millis(1500)),
+        Fault::SwallowCompletionReply => {
+            proxy.swallow_replies(true);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                proxy.swallow_replies(false);
+                proxy.reset();
+            });
+        }
+    }
+}
+
+fn replica_with<B: IdempotencyStore>(
+    store: B,
+    runs: Arc<AtomicUsize>,
+    trigger: Option<Trigger>,
+) -> Svc {
     let inner = service_fn(move |_req: Req| {
         let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some((fault, proxy)) = fault.clone() {
-            match fault {
-                Fault::ResetAtCompletion => proxy.reset_on_next_command(),
-                Fault::DownAtCompletion => proxy.down_for(Duration::from_millis(1500)),
-                Fault::SwallowCompletionReply => {
-                    proxy.swallow_replies(true);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(1500)).await;
-                        proxy.swallow_replies(false);
-                        proxy.reset();
-                    });
-                }
-            }
+        if let (1, Some(trigger)) = (n, &trigger) {
+            trigger();
         }
         async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -105,9 +122,7 @@ async fn send(svc: &Svc, key: &str) -> Answer {
     }
 }
 
-/// Runs `fault` against the replica behind the proxy; duplicates go to the other replica every
-/// 50 ms until one is replayed. Asserts exactly-once and the replay; prints the 409 count and
-/// the time until the replay.
+/// Runs `fault` against the replica behind the proxy (see [`exactly_once`]).
 async fn fault_case<B: IdempotencyStore>(
     client: &str,
     fault: Fault,
@@ -118,6 +133,16 @@ async fn fault_case<B: IdempotencyStore>(
     let runs = Arc::new(AtomicUsize::new(0));
     let first = replica(proxied, runs.clone(), Some((fault, proxy.clone())));
     let second = replica(direct, runs.clone(), None);
+    exactly_once(&format!("{client} {fault:?}"), first, second, runs).await;
+    assert!(proxy.resets() >= 1, "the fault did not fire");
+}
+
+/// Sends a request to `first` (whose handler sets off the fault), then duplicates to `second`
+/// every 50 ms until one is replayed. Asserts that the client was not kept waiting, that the
+/// handler ran exactly once, and that every later duplicate, on both replicas, gets the first
+/// response with `Idempotent-Replayed: true`; prints the 409 and 503 counts and the time until
+/// the replay.
+async fn exactly_once(case: &str, first: Svc, second: Svc, runs: Arc<AtomicUsize>) {
     let key = format!("fault-{:x}", rand_id());
     let start = Instant::now();
     let answer = send(&first, &key).await;
@@ -127,43 +152,67 @@ async fn fault_case<B: IdempotencyStore>(
         "the client waited past the store timeout: {:?}",
         start.elapsed()
     );
-    let (mut conflicts, deadline) = (0, Instant::now() + Duration::from_secs(12));
+    let (mut conflicts, mut unavailable) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(12);
     let replay = loop {
         let dup = send(&second, &key).await;
         match dup.status {
             409 => conflicts += 1,
+            503 => unavailable += 1,
             _ => break dup,
         }
-        assert!(Instant::now() < deadline, "no replay after 12 s");
+        assert!(Instant::now() < deadline, "{case}: no replay after 12 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let to_replay = start.elapsed();
     assert_eq!(
         (replay.status, replay.replayed, replay.body.as_str()),
         (201, true, "run=1"),
-        "{client} {fault:?}: not the first response"
+        "{case}: not the first response"
     );
-    // Later duplicates, on both replicas (the proxied one has reconnected), get it too.
+    // Later duplicates, on both replicas (the faulty one has reconnected), get it too.
     tokio::time::sleep(Duration::from_millis(200)).await;
     for svc in [&second, &first, &second] {
         let dup = send(svc, &key).await;
         assert_eq!(
             (dup.status, dup.replayed, dup.body.as_str()),
             (201, true, "run=1"),
-            "{client} {fault:?}: a later duplicate"
+            "{case}: a later duplicate"
         );
     }
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        1,
-        "{client} {fault:?}: ran again"
-    );
-    assert!(proxy.resets() >= 1, "the fault did not fire");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "{case}: ran again");
     println!(
-        "{client} {fault:?}: handler runs 1, 409s {conflicts}, replay after {:?}, swallowed {}",
-        to_replay,
-        proxy.swallowed()
+        "{case}: handler runs 1, 409s {conflicts}, 503s {unavailable}, replay after {to_replay:?}"
     );
+}
+
+/// Redis stopped (SIGSTOP) for 2 s from the moment the handler begins, both replicas on it;
+/// the completion script was never loaded on this fresh server, so the first completion call
+/// after SIGCONT may meet `NOSCRIPT`.
+async fn redis_stopped_case<B: IdempotencyStore>(
+    client: &str,
+    server: Arc<RedisServer>,
+    a: B,
+    b: B,
+) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let trigger: Trigger = Arc::new(move || {
+        server.pause();
+        let server = server.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            server.resume();
+        });
+    });
+    let first = replica_with(a, runs.clone(), Some(trigger));
+    let second = replica(b, runs.clone(), None);
+    exactly_once(
+        &format!("{client} SIGSTOP across the completion"),
+        first,
+        second,
+        runs,
+    )
+    .await;
 }
 
 fn rand_id() -> u64 {
@@ -184,6 +233,14 @@ mod redis_rs {
         let proxied = RedisStore::connect(&proxy.url()).await.unwrap();
         let direct = RedisStore::connect(&server.url()).await.unwrap();
         fault_case("redis-rs", fault, proxy, proxied, direct).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_stopped_across_the_completion() {
+        let server = Arc::new(RedisServer::start());
+        let a = RedisStore::connect(&server.url()).await.unwrap();
+        let b = RedisStore::connect(&server.url()).await.unwrap();
+        redis_stopped_case("redis-rs", server, a, b).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,6 +270,14 @@ mod fred {
         let proxied = FredStore::connect(&proxy.url()).await.unwrap();
         let direct = FredStore::connect(&server.url()).await.unwrap();
         fault_case("fred", fault, proxy, proxied, direct).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_stopped_across_the_completion() {
+        let server = Arc::new(RedisServer::start());
+        let a = FredStore::connect(&server.url()).await.unwrap();
+        let b = FredStore::connect(&server.url()).await.unwrap();
+        redis_stopped_case("fred", server, a, b).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
