@@ -18,7 +18,9 @@
 //! - `GET /cached/{id}`: cached for 30 s; the handler sleeps 200 ms and answers JSON with the
 //!   `id` and how many times it has run in this process
 //! - `POST /cached/invalidate`: invalidates every `/cached/{id}` entry (one segment)
-//! - `GET /stats`: how many times each handler ran in this process (JSON)
+//! - `GET /stats`: how many times each handler ran in this process (JSON); for `/orders`, also
+//!   how many began (`orders_started`, counted before the 300 ms of work), so that a handler
+//!   cancelled half-way shows as `orders_started` > `orders`
 //!
 //! Ctrl-C (SIGINT) or SIGTERM stops it gracefully: it stops accepting connections and lets the
 //! requests in flight finish (an order being made completes and its record is stored). A startup
@@ -56,6 +58,9 @@ struct Stats {
     fixed: AtomicU64,
     sliding: AtomicU64,
     bucket: AtomicU64,
+    /// `/orders` handlers that began (counted before the 300 ms of work): more than `orders`
+    /// when a handler was cancelled half-way.
+    orders_started: AtomicU64,
     orders: AtomicU64,
     cached: AtomicU64,
 }
@@ -333,6 +338,7 @@ fn run(counter: &AtomicU64, route: &str) -> Json<Value> {
 }
 
 async fn create_order(State(s): State<Arc<Stats>>, body: String) -> (StatusCode, Json<Value>) {
+    s.orders_started.fetch_add(1, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let order = s.orders.fetch_add(1, Ordering::Relaxed) + 1;
     let echoed = serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body));
@@ -353,6 +359,7 @@ async fn stats_handler(State(s): State<Arc<Stats>>) -> Json<Value> {
         "fixed": s.fixed.load(Ordering::Relaxed),
         "sliding": s.sliding.load(Ordering::Relaxed),
         "bucket": s.bucket.load(Ordering::Relaxed),
+        "orders_started": s.orders_started.load(Ordering::Relaxed),
         "orders": s.orders.load(Ordering::Relaxed),
         "cached": s.cached.load(Ordering::Relaxed),
     }))

@@ -280,6 +280,7 @@ async fn check_routes(demo: &Demo) {
     let (_, body) = get(demo.port, "/stats", None).await;
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(stats["orders"], 1);
+    assert_eq!(stats["orders_started"], 1, "an order handler began twice");
 }
 
 #[tokio::test]

@@ -151,11 +151,12 @@ async fn scenarios<B: IdempotencyStore + Clone>(a: B, b: B) {
         bad_keys_get_400(a.clone()),
         routes_and_tenants_are_isolated(a.clone()),
         renewal_keeps_a_long_handler_exclusive(a.clone(), b.clone()),
-        dropped_request_releases_the_key(a.clone()),
+        a_dropped_request_runs_to_its_end_and_is_replayed(a.clone()),
         server_errors_are_not_stored_and_fences_grow(a.clone()),
         scopes_keep_two_layers_apart(a.clone()),
         trailers_are_passed_on_and_not_replayed(a.clone()),
         a_failed_response_body_releases_the_key(a.clone()),
+        a_panicking_handler_releases_the_key(a.clone()),
         large_bodies(a),
     );
 }
@@ -200,7 +201,8 @@ async fn duplicate_in_flight_gets_409_then_the_replay<B: IdempotencyStore + Clon
     tokio::time::sleep(Duration::from_millis(150)).await;
     let dup = send(&svc, post("/orders", Some(&key), "x")).await;
     assert_eq!(dup.status, 409);
-    assert_eq!(dup.retry_after.as_deref(), Some("1"));
+    // Retry-After: the time left on the 10 s lease, rounded up (issue 11; it was a constant 1).
+    assert_eq!(dup.retry_after.as_deref(), Some("10"));
     assert!(dup.body.contains("\"status\":409"));
     let first = first.await.unwrap();
     assert_eq!(first.status, 201);
@@ -234,7 +236,7 @@ async fn bad_keys_get_400<B: IdempotencyStore + Clone>(store: B) {
     let (runs, h) = handler(0);
     let svc = service(IdempotencyLockLayer::new(store.clone()), h);
     let long = "k".repeat(256);
-    for key in ["", long.as_str(), "has space", "tab\tkey"] {
+    for key in ["", long.as_str(), "has space", "tab\tkey", "\"", "\"\""] {
         let mut req = post("/orders", None, "x");
         req.headers_mut()
             .insert("idempotency-key", HeaderValue::from_str(key).unwrap());
@@ -246,6 +248,13 @@ async fn bad_keys_get_400<B: IdempotencyStore + Clone>(store: B) {
         HeaderValue::from_bytes(&[0xc3, 0xa9]).unwrap(),
     );
     assert_eq!(send(&svc, req).await.status, 400, "non-ASCII");
+    // Two fields, even two valid and equal ones: which one was meant is unknown.
+    for second in ["k2", "k1"] {
+        let mut req = post("/orders", Some("k1"), "x");
+        req.headers_mut()
+            .append("idempotency-key", HeaderValue::from_static(second));
+        assert_eq!(send(&svc, req).await.status, 400, "two fields");
+    }
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     // Without a key: passes through, or 400 when required. GET is not concerned.
     assert_eq!(send(&svc, post("/orders", None, "x")).await.status, 201);
@@ -320,24 +329,59 @@ async fn renewal_keeps_a_long_handler_exclusive<B: IdempotencyStore + Clone>(a: 
     );
 }
 
-async fn dropped_request_releases_the_key<B: IdempotencyStore + Clone>(store: B) {
+/// The client goes away while the handler runs (the response future is dropped): the handler
+/// is not cancelled, it runs to its end and its response is recorded. A duplicate meanwhile gets
+/// 409; the retry gets the replay. (Before issue 11 the drop cancelled the handler and freed the
+/// key, so the retry ran the handler a second time.)
+async fn a_dropped_request_runs_to_its_end_and_is_replayed<B: IdempotencyStore + Clone>(store: B) {
     let (runs, h) = handler(400);
     let svc = service(IdempotencyLockLayer::new(store), h);
     let key = unique("drop");
-    // The client goes away while the handler runs: the future is dropped.
     let gone = tokio::time::timeout(
         Duration::from_millis(100),
         send(&svc, post("/orders", Some(&key), "x")),
     )
     .await;
     assert!(gone.is_err());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let dup = send(&svc, post("/orders", Some(&key), "x")).await;
+    assert_eq!(dup.status, 409, "the dropped request's claim was released");
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let retry = send(&svc, post("/orders", Some(&key), "x")).await;
     assert_eq!(
-        (retry.status, retry.replayed),
-        (201, false),
-        "the claim leaked"
+        (retry.status, retry.replayed, retry.order.as_deref()),
+        (201, true, Some("1")),
+        "the retry ran the handler again"
     );
+    assert!(retry.body.starts_with("run=1 "), "{}", retry.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A handler that panics: the panic reaches the caller and the claim is released, so the retry
+/// runs.
+async fn a_panicking_handler_releases_the_key<B: IdempotencyStore + Clone>(store: B) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let inner = service_fn(move |_req: Req| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(n > 1, "the handler panics on its first run");
+            Ok::<_, Infallible>(Response::new(Full::from(format!("run={n}"))))
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLockLayer::new(store))
+        .service(inner);
+    let key = unique("panic");
+    let first = tokio::spawn(svc.clone().oneshot(post("/orders", Some(&key), "x"))).await;
+    assert!(
+        first.is_err_and(|e| e.is_panic()),
+        "the panic was swallowed"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retry = svc.oneshot(post("/orders", Some(&key), "x")).await.unwrap();
+    assert_eq!(retry.status(), 200);
+    assert!(retry.headers().get("idempotent-replayed").is_none());
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
@@ -611,7 +655,8 @@ async fn a_rejection_builder_shapes_the_layers_own_responses() {
         (large.status, large.body.as_str()),
         (413, "custom TooLarge")
     );
-    // In flight: the layer adds `Retry-After: 1` since the builder gave none.
+    // In flight: the layer adds `Retry-After` (the time left on the 10 s lease) since the
+    // builder gave none (issue 11; it was a constant 1).
     let first = tokio::spawn({
         let svc = svc.clone();
         async move { send(&svc, post("/orders", Some("k"), "one")).await }
@@ -619,7 +664,7 @@ async fn a_rejection_builder_shapes_the_layers_own_responses() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let dup = send(&svc, post("/orders", Some("k"), "one")).await;
     assert_eq!((dup.status, dup.body.as_str()), (409, "custom InFlight"));
-    assert_eq!(dup.retry_after.as_deref(), Some("1"));
+    assert_eq!(dup.retry_after.as_deref(), Some("10"));
     assert_eq!(first.await.unwrap().status, 201);
     let other = send(&svc, post("/orders", Some("k"), "two")).await;
     assert_eq!(
@@ -635,30 +680,37 @@ async fn a_rejection_builder_shapes_the_layers_own_responses() {
 struct Stalling {
     store: MemoryStore,
     stalled: Arc<std::sync::atomic::AtomicBool>,
+    /// The next claim reaches the store, but its answer never comes back.
+    lose_next_claim_answer: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Stalling {
-    fn call<T: Send + 'static>(&self, call: StoreFuture<T>) -> StoreFuture<T> {
+    /// `call()`, or, while stalled, a call that never reaches the store and never answers.
+    fn call<T: Send + 'static>(&self, call: impl FnOnce() -> StoreFuture<T>) -> StoreFuture<T> {
         if self.stalled.load(Ordering::SeqCst) {
             Box::pin(std::future::pending())
         } else {
-            call
+            call()
         }
     }
 }
 
 impl IdempotencyStore for Stalling {
     fn claim(&self, k: &StoreKey, r: ClaimRequest<'_>) -> StoreFuture<Claim> {
-        self.call(self.store.claim(k, r))
+        if self.lose_next_claim_answer.swap(false, Ordering::SeqCst) {
+            drop(self.store.claim(k, r)); // the memory store acts when called
+            return Box::pin(std::future::pending());
+        }
+        self.call(|| self.store.claim(k, r))
     }
     fn complete(&self, k: &StoreKey, t: &str, r: Vec<u8>, d: Duration) -> StoreFuture<bool> {
-        self.call(self.store.complete(k, t, r, d))
+        self.call(|| self.store.complete(k, t, r, d))
     }
     fn extend_claim(&self, k: &StoreKey, t: &str, l: Duration) -> StoreFuture<bool> {
-        self.call(self.store.extend_claim(k, t, l))
+        self.call(|| self.store.extend_claim(k, t, l))
     }
     fn release_claim(&self, k: &StoreKey, t: &str) -> StoreFuture<bool> {
-        self.call(self.store.release_claim(k, t))
+        self.call(|| self.store.release_claim(k, t))
     }
 }
 
@@ -735,4 +787,116 @@ async fn the_service_is_built_and_taken_apart_like_tower_http_services() {
     let answer = wrapped.oneshot(post("/orders", None, "x")).await.unwrap();
     assert_eq!(answer.status(), 400);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// A handler that counts its runs, answers `run=<n>`, and stalls `store` once it has run.
+fn stalling_after_run(
+    store: &Stalling,
+    layer: IdempotencyLockLayer<Stalling>,
+) -> (Arc<AtomicUsize>, Svc) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (counted, stalled) = (runs.clone(), store.stalled.clone());
+    let inner = service_fn(move |_req: Req| {
+        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        stalled.store(true, Ordering::SeqCst);
+        async move { Ok::<_, Infallible>(Response::new(Full::from(format!("run={n}")))) }
+    });
+    let svc = BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service(inner));
+    (runs, svc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_completion_is_retried_in_the_background_until_it_lands() {
+    // The store stops answering once the handler has run: storing the response times out. The
+    // client still gets its response after one store timeout; the claim stays in flight (409
+    // with Retry-After from the lease) and the completion lands once the store answers again.
+    // Before issue 11 the response was never stored and the retry ran the handler again.
+    let store = Stalling::default();
+    let layer = IdempotencyLockLayer::new(store.clone()).store_timeout(Duration::from_millis(300));
+    let (runs, svc) = stalling_after_run(&store, layer);
+    let start = tokio::time::Instant::now();
+    let first = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!((first.status, first.body.as_str()), (200, "run=1"));
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(300),
+        "the client waited"
+    );
+    // The store is away for 2 s (duplicates meanwhile get 503: the claim cannot be read).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store.stalled.store(false, Ordering::SeqCst);
+    let dup = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(dup.status, 409, "the claim was dropped: {}", dup.body);
+    assert_eq!(
+        dup.retry_after.as_deref(),
+        Some("8"),
+        "10 s lease, 2.3 s in"
+    );
+    // The next retry of the completion (backoff 100 ms doubling) lands.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let replay = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(
+        (replay.status, replay.replayed, replay.body.as_str()),
+        (200, true, "run=1")
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_background_completion_stops_when_the_store_says_the_claim_is_gone() {
+    // The store is away for longer than the lease: the record expires, and when the store
+    // answers again the retried completion is refused (the token no longer holds) and stops:
+    // it does not overwrite the response of the request that ran next.
+    let store = Stalling::default();
+    let layer = IdempotencyLockLayer::new(store.clone())
+        .store_timeout(Duration::from_millis(300))
+        .lease(Duration::from_secs(2));
+    let (runs, svc) = stalling_after_run(&store, layer);
+    assert_eq!(
+        send(&svc, post("/orders", Some("k"), "x")).await.status,
+        200
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    store.stalled.store(false, Ordering::SeqCst);
+    // The record expired with its lease: the next request claims it and runs.
+    let next = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(
+        (next.status, next.replayed, next.body.as_str()),
+        (200, false, "run=2")
+    );
+    store.stalled.store(false, Ordering::SeqCst);
+    // Let the first request's background completion try again (backoff up to 5 s).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let replay = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(
+        (replay.status, replay.replayed, replay.body.as_str()),
+        (200, true, "run=2"),
+        "a late completion overwrote the record"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_whose_answer_was_lost_is_released_once_the_store_answers() {
+    // The claim reaches the store but its answer is lost: 503 after the store timeout. The store
+    // then stops answering for 2 s; once it answers again, the layer releases the claim with the
+    // request's token, so the retry runs instead of getting 409 for the whole 10 s lease.
+    let store = Stalling::default();
+    let (runs, h) = handler(0);
+    let svc = service(IdempotencyLockLayer::new(store.clone()), h);
+    store.lose_next_claim_answer.store(true, Ordering::SeqCst);
+    let lost = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(lost.status, 503);
+    store.stalled.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store.stalled.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let retry = send(&svc, post("/orders", Some("k"), "x")).await;
+    assert_eq!(
+        (retry.status, retry.replayed),
+        (201, false),
+        "the key stayed blocked: {}",
+        retry.body
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

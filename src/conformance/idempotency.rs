@@ -12,6 +12,7 @@ pub async fn idempotency_suite<S: IdempotencyStore>(store: &S) {
         foreign_token_changes_nothing(store),
         killed_holder_expires_and_its_late_completion_stores_nothing(store),
         extended_claim_stays_exclusive(store),
+        a_claim_resent_by_its_token_is_claimed_again(store),
     );
 }
 
@@ -176,4 +177,59 @@ async fn extended_claim_stays_exclusive<S: IdempotencyStore>(store: &S) {
         .await
         .unwrap();
     assert!(matches!(dup, Claim::InFlight { .. }), "{dup:?}");
+}
+
+/// A claim re-sent by its own token (a client re-sending after a cut reply) answers "claimed"
+/// again with the same fence and changes nothing: the holder may complete, others still see
+/// it in flight, and no new fence is drawn.
+async fn a_claim_resent_by_its_token_is_claimed_again<S: IdempotencyStore>(store: &S) {
+    use crate::store::Claim;
+    let key = random_key();
+    let lease = Duration::from_secs(10);
+    let (a, b) = (token(), token());
+    let first = claimed(store, &key, &a, lease, "not claimed").await;
+    let again = claimed(store, &key, &a, lease, "a re-sent claim was refused").await;
+    assert_eq!(again, first, "a re-sent claim drew another fence");
+    let dup = store
+        .claim(&key, claim_request(&b, b"fp", lease))
+        .await
+        .unwrap();
+    assert!(matches!(dup, Claim::InFlight { .. }), "{dup:?}");
+    let other_body = store
+        .claim(&key, claim_request(&a, b"other", lease))
+        .await
+        .unwrap();
+    assert_eq!(
+        other_body,
+        Claim::Mismatch,
+        "the same token with another body"
+    );
+    let retention = Duration::from_secs(60);
+    assert!(store
+        .complete(&key, &a, b"done".to_vec(), retention)
+        .await
+        .unwrap());
+    assert!(
+        store
+            .complete(&key, &a, b"again".to_vec(), retention)
+            .await
+            .unwrap(),
+        "a completion re-sent by its token must answer true"
+    );
+    assert!(!store
+        .complete(&key, &b, b"theirs".to_vec(), retention)
+        .await
+        .unwrap());
+    // Once completed, the holder's own claim is a replay like any other (the first response).
+    let replay = store
+        .claim(&key, claim_request(&a, b"fp", lease))
+        .await
+        .unwrap();
+    assert_eq!(replay, Claim::Completed(b"done".to_vec()));
+    // Released, then claimed anew: the fence grows past the re-sent one.
+    let key = random_key();
+    let first = claimed(store, &key, &a, lease, "not claimed").await;
+    assert!(store.release_claim(&key, &a).await.unwrap());
+    let next = claimed(store, &key, &a, lease, "a released key must be claimable").await;
+    assert!(next > first, "fence {next} after {first}");
 }

@@ -1,7 +1,7 @@
 //! The claim step: one store call that takes the record, or finds it in flight, completed, or
 //! made by another request body.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response};
@@ -57,9 +57,9 @@ pub(super) async fn claim(
                 tokio::time::sleep(IN_FLIGHT_POLL).await;
                 continue;
             }
-            Ok(Claim::InFlight { .. }) => {
+            Ok(Claim::InFlight { lease_left }) => {
                 tracing::debug!(target: TARGET, record = %record, outcome = "in_flight");
-                Rejection::InFlight
+                return Claimed::Answer(in_flight(config, lease_left));
             }
             Ok(Claim::Mismatch) => {
                 tracing::debug!(target: TARGET, record = %record, outcome = "mismatch");
@@ -68,6 +68,44 @@ pub(super) async fn claim(
         };
         return Claimed::Answer(config.reject(why));
     }
+}
+
+/// After a claim whose answer was lost (an error or a timeout: it may have reached the store),
+/// releases the claim `token` may hold on `record` in the background, as soon as the store
+/// answers again, so that a key whose handler never ran is not blocked for a whole lease.
+/// Retried with backoff (100 ms doubling up to 1 s) until the store answers, or until the lease
+/// is over (the claim, if it landed, has then expired).
+pub(super) fn release_unknown(
+    store: Arc<dyn IdempotencyStore>,
+    config: &Config,
+    record: StoreKey,
+    token: String,
+) {
+    let (timeout, deadline) = (config.store_timeout, Instant::now() + config.lease);
+    tokio::spawn(async move {
+        let mut pause = Duration::from_millis(100);
+        while Instant::now() < deadline {
+            let release = store.release_claim(&record, &token);
+            match bounded(Some(timeout), release).await {
+                Ok(released) => {
+                    tracing::debug!(target: TARGET, record = %record, released, "a claim whose answer was lost is released");
+                    return;
+                }
+                Err(error) => {
+                    tracing::debug!(target: TARGET, record = %record, %error, "releasing a claim whose answer was lost failed; retrying");
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    });
+}
+
+/// `409` for a request still in flight, with `Retry-After` from the time left on its lease (at
+/// least 1 s): by then it is complete, or its key is free again.
+fn in_flight(config: &Config, lease_left: Duration) -> Response<Bytes> {
+    let secs = u64::try_from(lease_left.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
+    config.reject_retry_after(Rejection::InFlight, secs.max(1))
 }
 
 /// The stored response, marked `Idempotent-Replayed: true`; a rejection when it was not stored

@@ -56,6 +56,12 @@ impl Config {
     /// The response for `why`: from the configured builder, or problem details (RFC 9457); with
     /// `Retry-After: 1` where the case calls for it and the response has none.
     pub(super) fn reject(&self, why: Rejection) -> Response<Bytes> {
+        self.reject_retry_after(why, 1)
+    }
+
+    /// The response for `why`; the layer adds `Retry-After: <secs>` to the rejections that
+    /// carry one when the builder gave none.
+    pub(super) fn reject_retry_after(&self, why: Rejection, secs: u64) -> Response<Bytes> {
         let mut response = match &self.rejection {
             Some(f) => f(&why),
             None => problem(why.status(), why.detail()),
@@ -64,7 +70,7 @@ impl Config {
             response
                 .headers_mut()
                 .entry(http::header::RETRY_AFTER)
-                .or_insert(HeaderValue::from_static("1"));
+                .or_insert(HeaderValue::from(secs));
         }
         response
     }

@@ -1,13 +1,15 @@
 //! The execution step: the handler runs under the claim, whose lease is renewed in the
-//! background; the claim ends stored or released, and is released when the request ends any
-//! other way (the handler failed or panicked, or the client went away).
+//! background; the claim ends stored (retried in the background when the store does not answer)
+//! or released, and is released when the handler fails or panics.
 
 use std::{fmt, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
 
 use super::{config::Config, record::StoredResponse, TARGET};
 use crate::{
     lock::{spawn_detached, Lease},
-    store::{bounded, IdempotencyStore},
+    store::{bounded, IdempotencyStore, StoreError},
     StoreKey,
 };
 
@@ -37,16 +39,26 @@ impl fmt::Display for FencingToken {
     }
 }
 
+/// The first pause before a failed completion is tried again; it doubles up to
+/// [`COMPLETE_RETRY_MAX`].
+const COMPLETE_RETRY: Duration = Duration::from_millis(100);
+const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// A claimed record while its request runs. Dropped before [`Execution::complete`] or
 /// [`Execution::release`], it releases the claim in the background.
 pub(super) struct Execution {
+    claim: Option<Held>,
+    fence: u64,
+}
+
+/// What holding a claim takes: the record, the token, and the lease renewed in the background.
+struct Held {
     store: Arc<dyn IdempotencyStore>,
     record: StoreKey,
     token: String,
     fence: u64,
     lease: Lease,
     store_timeout: Duration,
-    armed: bool,
 }
 
 impl Execution {
@@ -64,14 +76,17 @@ impl Execution {
                 store.extend_claim(&record, &token, lease)
             })
         };
-        Self {
+        let claim = Held {
             store,
             record,
             token,
             fence,
             lease,
             store_timeout: config.store_timeout,
-            armed: true,
+        };
+        Self {
+            claim: Some(claim),
+            fence,
         }
     }
 
@@ -82,46 +97,83 @@ impl Execution {
 
     /// Releases the claim now, so that the request may be retried.
     pub(super) async fn release(mut self) {
-        self.armed = false;
-        self.lease.stop();
-        let release = self.store.release_claim(&self.record, &self.token);
-        if let Err(error) = bounded(Some(self.store_timeout), release).await {
-            tracing::warn!(target: TARGET, record = %self.record, %error, "releasing an idempotency claim failed; it expires with its lease");
+        let Some(mut claim) = self.claim.take() else {
+            return;
+        };
+        claim.lease.stop();
+        let release = claim.store.release_claim(&claim.record, &claim.token);
+        if let Err(error) = bounded(Some(claim.store_timeout), release).await {
+            tracing::warn!(target: TARGET, record = %claim.record, %error, "releasing an idempotency claim failed; it expires with its lease");
         }
     }
 
-    /// Stores `response` for `retention`, if the claim is still held.
+    /// Stores `response` for `retention`, if the claim is still held. Waits for one store call
+    /// at most (the store timeout): when it fails or times out, the claim's lease is kept
+    /// renewed and the completion retried in the background with backoff, until it lands, until
+    /// the store answers that the token no longer holds, or until `retention` has passed.
     pub(super) async fn complete(mut self, response: StoredResponse, retention: Duration) {
-        self.armed = false;
-        let lost = self.lease.is_lost();
-        self.lease.stop();
-        let record = &self.record;
-        if lost {
-            tracing::warn!(target: TARGET, record = %record, "the lease was lost while the handler ran; the response is not stored");
+        let Some(claim) = self.claim.take() else {
+            return;
+        };
+        if claim.lease.is_lost() {
+            tracing::warn!(target: TARGET, record = %claim.record, "the claim was lost while the handler ran; the response is not stored");
             return;
         }
+        let response = response.encode();
+        match claim.try_complete(&response, retention).await {
+            Ok(stored) => claim.completed(stored, 1),
+            Err(error) => {
+                tracing::warn!(target: TARGET, record = %claim.record, %error, "storing the response failed; retrying in the background while the claim is held");
+                tokio::spawn(claim.complete_in_background(response, retention));
+            }
+        }
+    }
+}
+
+impl Held {
+    async fn try_complete(&self, response: &[u8], retention: Duration) -> Result<bool, StoreError> {
         let complete = self
             .store
-            .complete(record, &self.token, response.encode(), retention);
-        match bounded(Some(self.store_timeout), complete).await {
-            Ok(true) => {
-                tracing::debug!(target: TARGET, record = %record, fence = self.fence, outcome = "stored");
+            .complete(&self.record, &self.token, response.to_vec(), retention);
+        bounded(Some(self.store_timeout), complete).await
+    }
+
+    /// The completion retried with backoff: the lease (`self.lease`) is renewed meanwhile, so
+    /// duplicates find the record in flight and the handler does not run again.
+    async fn complete_in_background(self, response: Vec<u8>, retention: Duration) {
+        let deadline = Instant::now() + retention;
+        let mut pause = COMPLETE_RETRY;
+        for attempt in 2u32.. {
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            if Instant::now() >= deadline {
+                tracing::error!(target: TARGET, record = %self.record, attempts = attempt - 1, "storing the response did not succeed within the retention; the claim expires with its lease");
+                return;
             }
-            Ok(false) => {
-                tracing::warn!(target: TARGET, record = %record, "the claim was lost before completion; the response is not stored");
+            pause = (pause * 2).min(COMPLETE_RETRY_MAX);
+            match self.try_complete(&response, retention).await {
+                Ok(stored) => return self.completed(stored, attempt),
+                Err(error) => {
+                    tracing::debug!(target: TARGET, record = %self.record, %error, attempt, "storing the response failed again");
+                }
             }
-            Err(error) => {
-                tracing::warn!(target: TARGET, record = %record, %error, "storing the response failed");
-            }
+        }
+    }
+
+    /// Logs how the completion ended; dropping `self` stops the renewal.
+    fn completed(self, stored: bool, attempts: u32) {
+        if stored {
+            tracing::debug!(target: TARGET, record = %self.record, fence = self.fence, attempts, outcome = "stored");
+        } else {
+            tracing::warn!(target: TARGET, record = %self.record, attempts, "the claim was lost before completion; the response is not stored");
         }
     }
 }
 
 impl Drop for Execution {
     fn drop(&mut self) {
-        if self.armed {
-            let release = self.store.release_claim(&self.record, &self.token);
-            spawn_detached(self.store_timeout, release);
+        if let Some(claim) = self.claim.take() {
+            let release = claim.store.release_claim(&claim.record, &claim.token);
+            spawn_detached(claim.store_timeout, release);
         }
     }
 }

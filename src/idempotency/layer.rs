@@ -116,8 +116,9 @@ impl<B> IdempotencyLockLayer<B> {
     }
 
     /// Builds the responses the layer sends itself (see [`Rejection`] for each case and its
-    /// default status). The layer adds `Retry-After: 1` to [`Rejection::InFlight`] and
-    /// [`Rejection::Unavailable`] unless the response has one. The default is
+    /// default status). Unless the response has one, the layer adds `Retry-After` to
+    /// [`Rejection::InFlight`] (the time left on the running request's lease, at least 1 s) and
+    /// `Retry-After: 1` to [`Rejection::Unavailable`]. The default is
     /// `application/problem+json` (RFC 9457).
     pub fn rejection<F>(mut self, f: F) -> Self
     where

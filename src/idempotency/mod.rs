@@ -12,7 +12,8 @@
 //!   only if this request still holds the claim. By default a 5xx response is not stored: the
 //!   claim is released so the client may retry. The fencing token of the claim is in the
 //!   request's extensions as [`FencingToken`].
-//! - **in flight**: a duplicate gets `409 Conflict` with `Retry-After: 1` (or waits for the
+//! - **in flight**: a duplicate gets `409 Conflict` with `Retry-After` set to the time left on
+//!   the running request's lease, rounded up to whole seconds (or waits for the
 //!   result, with [`in_flight_wait`](IdempotencyLockLayer::in_flight_wait)).
 //! - **completed**: a duplicate gets the stored response, with `Idempotent-Replayed: true`.
 //! - **another body**: `422 Unprocessable Content`.
@@ -73,15 +74,29 @@
 //! - **Claiming fails** or times out: by default ([`FailureMode::Closed`](crate::FailureMode))
 //!   the layer answers `503` with `Retry-After: 1` and does not run the request unprotected;
 //!   with [`on_store_error(FailureMode::Open)`](IdempotencyLockLayer::on_store_error) it runs
-//!   the request without protection. A warning is logged either way.
-//! - **The handler fails, panics, or its future is dropped** (the client went away): the claim
-//!   is released in the background, so the client may retry.
-//! - **Renewing the lease fails**: it is retried at the next third of the lease; when none
-//!   succeeded for a whole lease, the response is not stored (another request may have claimed
-//!   the record).
-//! - **Storing the response or releasing the claim fails**: the response is still passed on and
-//!   a warning is logged; the in-flight record expires with its lease, after which the request
-//!   may run again.
+//!   the request without protection. A warning is logged either way. Since the claim may have
+//!   reached the store (only its answer was lost), the layer releases it in the background
+//!   with the request's token as soon as the store answers again, so the key is not blocked
+//!   for a whole lease.
+//! - **The client goes away** (the response future is dropped: the client hung up, a proxy
+//!   timed out) once the request holds the claim: the handler is not cancelled. It runs to its
+//!   end in a spawned task and its response is recorded, so the retry gets the replay instead of
+//!   running the handler a second time.
+//! - **The handler fails or panics**: the claim is released in the background, so the client
+//!   may retry (a panic is passed on to the caller).
+//! - **Renewing the lease fails** or times out: it is retried within the lease (after 50 ms,
+//!   then twice as long each time). The claim counts as lost only when the store answers that
+//!   the request's token no longer holds it (then the response is not stored: another request
+//!   may have claimed the record).
+//! - **Storing the response fails** or times out: the client gets its response without waiting
+//!   longer than the store timeout, and a warning is logged. The claim stays in flight (its lease
+//!   renewed, duplicates get `409`) while the layer retries storing the response in the
+//!   background, with backoff (100 ms doubling up to 5 s), until it lands, until the store answers
+//!   that the token no longer holds the claim, or until the retention period has passed. The
+//!   handler does not run a second time meanwhile. (A process that exits before then leaves the
+//!   record to expire with its lease.)
+//! - **Releasing the claim fails**: a warning is logged; the in-flight record expires with its
+//!   lease, after which the request may run again.
 //!
 //! Redis is not durable by default: keeping records across a Redis restart needs AOF
 //! (`appendonly yes`, `appendfsync everysec` at least), and an `allkeys-*` eviction policy can

@@ -16,7 +16,8 @@ pub enum Rejection {
     /// `413`: the request body is larger than
     /// [`max_body`](super::IdempotencyLockLayer::max_body).
     TooLarge,
-    /// `409` with `Retry-After: 1`: a request with this key is still being processed.
+    /// `409` with `Retry-After` set to the time left on the running request's lease (at least
+    /// 1 s): a request with this key is still being processed.
     InFlight,
     /// `409`: the request with this key is done, but its response could not be stored (larger
     /// than `max_body`, or it ended with trailers), so it cannot be replayed.

@@ -26,10 +26,13 @@ pub(super) fn key(config: &Config, parts: &Parts) -> Keyed {
     if !config.methods.contains(&parts.method) {
         return Keyed::Pass;
     }
-    match parts.headers.get(&config.header) {
-        None if config.required => Keyed::Reject(Rejection::MissingKey),
-        None => Keyed::Pass,
-        Some(value) => match parse_key(value) {
+    let mut fields = parts.headers.get_all(&config.header).iter();
+    match (fields.next(), fields.next()) {
+        (None, _) if config.required => Keyed::Reject(Rejection::MissingKey),
+        (None, _) => Keyed::Pass,
+        // Two fields: which one the client meant is unknown (a proxy may have added one).
+        (Some(_), Some(_)) => Keyed::Reject(Rejection::InvalidKey),
+        (Some(value), None) => match parse_key(value) {
             Some(key) => Keyed::Key(key.to_owned()),
             None => Keyed::Reject(Rejection::InvalidKey),
         },
@@ -37,13 +40,14 @@ pub(super) fn key(config: &Config, parts: &Parts) -> Keyed {
 }
 
 /// The key, if it is 1 to 255 visible ASCII characters. A Structured Fields string
-/// (`"..."`, as the draft writes it) is accepted without its quotes.
+/// (`"..."`, as the draft writes it) is accepted without its quotes; a value that opens a
+/// quote must close it (a lone `"` is not a key).
 fn parse_key(value: &HeaderValue) -> Option<&str> {
     let raw = value.to_str().ok()?;
-    let key = raw
-        .strip_prefix('"')
-        .and_then(|k| k.strip_suffix('"'))
-        .unwrap_or(raw);
+    let key = match raw.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"')?,
+        None => raw,
+    };
     let valid = !key.is_empty() && key.len() <= 255 && key.bytes().all(|b| b.is_ascii_graphic());
     valid.then_some(key)
 }
@@ -105,6 +109,8 @@ mod tests {
         assert!(ok("\"8e03978e-40d5\""));
         assert!(!ok(""));
         assert!(!ok("\"\""));
+        assert!(!ok("\""), "a lone quote");
+        assert!(!ok("\"abc"), "an open quote");
         assert!(!ok("has space"));
         assert!(!ok(&"a".repeat(256)));
         assert!(ok(&"a".repeat(255)));

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tower_service::Service;
 
 use super::{
-    claim::{claim, Claimed},
+    claim::{claim, release_unknown, Claimed},
     complete::complete,
     config::Config,
     execute::Execution,
@@ -82,9 +82,12 @@ async fn run<S, ReqBody, ResBody>(
     req: Request<ReqBody>,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ReqBody: Body + From<Bytes>,
-    ResBody: Body<Data = Bytes>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let (parts, body) = req.into_parts();
     let key = match request::key(&config, &parts) {
@@ -102,6 +105,8 @@ where
         Claimed::Fence(fence) => fence,
         Claimed::Answer(response) => return Ok(response.map(ResponseBody::full)),
         Claimed::StoreFailed(error) => {
+            // The claim may have reached the store: take it back once the store answers.
+            release_unknown(Arc::clone(&store), &config, record, token);
             let open = matches!(config.on_store_error, FailureMode::Open);
             tracing::warn!(target: TARGET, %error, fail_open = open, "idempotency store failed");
             if open {
@@ -114,9 +119,20 @@ where
     let execution = Execution::start(store, &config, record, token, fence);
     let mut request = Request::from_parts(parts, ReqBody::from(body));
     request.extensions_mut().insert(execution.fence());
-    // On an error, a panic, or when this future is dropped, `execution` releases the claim.
-    let response = inner.call(request).await?;
-    Ok(complete(execution, &config, response).await)
+    // The claim is held: from here the handler runs to its end and its response is recorded,
+    // even when the client goes away (this future is dropped), so that a retry gets the replay
+    // instead of running the handler again. On an error or a panic, `execution` releases the
+    // claim.
+    let task_config = Arc::clone(&config);
+    let handler = tokio::spawn(async move {
+        let response = inner.call(request).await?;
+        Ok(complete(execution, &task_config, response).await)
+    });
+    match handler.await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Ok(rejected(&config, Rejection::Unavailable)), // the runtime shuts down
+    }
 }
 
 /// The inner service's response to `request`, untouched.

@@ -24,13 +24,14 @@ impl LockGuard {
         self.fence
     }
 
-    /// Resolves when the lease is lost (taken over after it expired, or not renewed for a whole
-    /// lease).
+    /// Resolves when the lease is lost: a renewal found that the token no longer holds the lock
+    /// (it expired, or it was taken over). A renewal that fails or times out is retried, and is
+    /// not a loss.
     pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
         self.lease.lost()
     }
 
-    /// Whether the lease is known to be lost.
+    /// Whether the store answered that the lease is lost.
     pub fn is_lost(&self) -> bool {
         self.lease.is_lost()
     }

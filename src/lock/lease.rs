@@ -24,6 +24,9 @@ pub(crate) fn spawn_detached(timeout: Duration, release: StoreFuture<bool>) {
     }
 }
 
+/// The first pause before a failed renewal is tried again (doubling up to a sixth of the lease).
+const RENEW_RETRY: Duration = Duration::from_millis(50);
+
 /// A lease renewed in the background every third of its length.
 pub(crate) struct Lease {
     lost: watch::Receiver<bool>,
@@ -32,8 +35,10 @@ pub(crate) struct Lease {
 
 impl Lease {
     /// Renews with `extend` every third of `lease`, each call bounded by `timeout` and by that
-    /// third. The lease is lost when `extend` answers `false`, or when no renewal succeeded for
-    /// a whole lease.
+    /// third. The lease is lost only when `extend` answers `false` (the store says the token no
+    /// longer holds). A failed or timed-out renewal is not a loss: it is tried again within the
+    /// lease, after 50 ms, then twice as long each time (at most a sixth of the lease), for as
+    /// long as the store does not answer; the first answer decides.
     pub(crate) fn start<F>(lease: Duration, timeout: Duration, extend: F) -> Self
     where
         F: Fn() -> StoreFuture<bool> + Send + 'static,
@@ -42,21 +47,30 @@ impl Lease {
         let every = lease / 3;
         let bound = timeout.min(every);
         let task = tokio::spawn(async move {
-            let mut last_renewed = Instant::now();
+            let mut pause = every;
+            let mut failing_since: Option<Instant> = None;
             loop {
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(pause).await;
                 match bounded(Some(bound), extend()).await {
-                    Ok(true) => last_renewed = Instant::now(),
+                    Ok(true) => {
+                        if let Some(since) = failing_since.take() {
+                            tracing::info!(failed_for = ?since.elapsed(), "lease renewed again");
+                        }
+                        pause = every;
+                    }
                     Ok(false) => {
-                        tracing::warn!("lease lost: the lock is held by someone else");
+                        tracing::warn!("lease lost: the store says the token no longer holds");
                         let _ = tx.send(true);
                         return;
                     }
                     Err(error) => {
-                        if last_renewed.elapsed() >= lease {
-                            tracing::warn!(%error, "lease lost: not renewed for a whole lease");
-                            let _ = tx.send(true);
-                            return;
+                        if failing_since.is_none() {
+                            failing_since = Some(Instant::now());
+                            tracing::warn!(%error, "renewing a lease failed; retrying");
+                            pause = RENEW_RETRY.min(every);
+                        } else {
+                            tracing::debug!(%error, "renewing a lease failed again; retrying");
+                            pause = (pause * 2).min(every / 2);
                         }
                     }
                 }

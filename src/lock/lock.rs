@@ -127,24 +127,25 @@ mod tests {
     }
 
     impl Stalling {
-        fn call<T: Send + 'static>(&self, call: StoreFuture<T>) -> StoreFuture<T> {
+        /// `call()`, or, while stalled, a call that never reaches the store nor answers.
+        fn call<T: Send + 'static>(&self, call: impl FnOnce() -> StoreFuture<T>) -> StoreFuture<T> {
             if self.stalled.load(Ordering::SeqCst) {
                 Box::pin(std::future::pending())
             } else {
-                call
+                call()
             }
         }
     }
 
     impl LockStore for Stalling {
         fn acquire_lock(&self, r: &StoreKey, t: &str, l: Duration) -> StoreFuture<Option<u64>> {
-            self.call(self.store.acquire_lock(r, t, l))
+            self.call(|| self.store.acquire_lock(r, t, l))
         }
         fn extend_lock(&self, r: &StoreKey, t: &str, l: Duration) -> StoreFuture<bool> {
-            self.call(self.store.extend_lock(r, t, l))
+            self.call(|| self.store.extend_lock(r, t, l))
         }
         fn release_lock(&self, r: &StoreKey, t: &str) -> StoreFuture<bool> {
-            self.call(self.store.release_lock(r, t))
+            self.call(|| self.store.release_lock(r, t))
         }
     }
 
@@ -172,23 +173,56 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stalled_store_bounds_release_and_loses_the_lease() {
+    async fn a_stalled_store_bounds_release_and_loses_the_lease_only_when_it_answers() {
         let store = Stalling::default();
         let lock = Lock::new(store.clone())
             .lease(Duration::from_secs(3))
             .store_timeout(Duration::from_millis(100));
         let guard = lock.try_acquire("r").await.unwrap().expect("a free lock");
         store.stalled.store(true, Ordering::SeqCst);
-        // Renewals every second time out; after a whole lease without one, the lease is lost.
+        // Renewals time out and are retried; a store that does not answer loses nothing.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!guard.is_lost(), "a timed-out renewal counted as a loss");
+        // The store answers again: the lease expired meanwhile, so the next renewal finds the
+        // token gone, and the lease is lost.
+        store.stalled.store(false, Ordering::SeqCst);
         let start = Instant::now();
         guard.lost().await;
         assert!(guard.is_lost());
-        assert!(start.elapsed() >= Duration::from_secs(3));
-        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(
+            start.elapsed() <= Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        store.stalled.store(true, Ordering::SeqCst);
         let start = Instant::now();
         let result = guard.release().await;
         assert!(matches!(result, Err(StoreError::Timeout(_))), "{result:?}");
         assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_error_is_retried_within_the_lease() {
+        // The store stalls for less than a lease: the renewals that time out are retried, one
+        // lands before the lease ends, and the lock is still held (not taken by another).
+        let store = Stalling::default();
+        let lock = Lock::new(store.clone())
+            .lease(Duration::from_secs(3))
+            .store_timeout(Duration::from_millis(100));
+        let guard = lock.try_acquire("r").await.unwrap().expect("a free lock");
+        tokio::time::sleep(Duration::from_millis(1100)).await; // just after a renewal
+        store.stalled.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        store.stalled.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!guard.is_lost());
+        assert!(
+            lock.try_acquire("r").await.unwrap().is_none(),
+            "the lease ran out"
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!guard.is_lost());
+        assert!(guard.release().await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,8 +26,8 @@
 //! ```
 //!
 //! The lease is renewed in the background every third of its length while the guard lives.
-//! When a renewal finds the lock taken by someone else, or no renewal succeeded for a whole
-//! lease, [`LockGuard::lost`] resolves. Dropping the guard releases the lock without blocking
+//! [`LockGuard::lost`] resolves when a renewal finds that the token no longer holds the lock
+//! (it expired, or someone else took it): "lost" is the store's answer, never a failed call. Dropping the guard releases the lock without blocking
 //! (the release is spawned on the runtime).
 //!
 //! # Failure behaviour
@@ -37,8 +37,11 @@
 //! Acquiring and [`LockGuard::release`] return the store's error, or
 //! [`StoreError::Timeout`](crate::StoreError::Timeout) when it did not answer in time: the lock
 //! is then not known to be held, and an acquisition that did reach the store expires with its
-//! lease. A failed renewal is retried at the next third of the lease; the lease counts as lost
-//! once none succeeded for a whole lease. A failed release on drop is logged (`tracing`); the
+//! lease. A failed or timed-out renewal is retried within the lease (after 50 ms, then twice
+//! as long each time, at most a sixth of the lease) until the store answers; the lease is lost
+//! only when the store answers that the token no longer holds. While the store does not answer
+//! the guard cannot know whether the lease still holds: the fencing token is what keeps a
+//! holder cut off from the store from overwriting its successor. A failed release on drop is logged (`tracing`); the
 //! lock expires with its lease.
 //!
 //! A Redis lock alone does not make a paused process safe (a GC pause or a network delay can

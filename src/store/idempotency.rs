@@ -10,7 +10,9 @@ use crate::StoreKey;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Claim {
-    /// The record was free: the caller holds it now, with this fencing token.
+    /// The record was free: the caller holds it now, with this fencing token. A claim re-sent
+    /// by the token that holds the record (after a lost reply) answers this again, with the
+    /// same fence, and changes nothing.
     Claimed {
         /// Grows with every claim of the same record.
         fence: u64,
@@ -65,10 +67,13 @@ impl<'a> ClaimRequest<'a> {
 /// Every operation is atomic; `complete`, `extend_claim` and `release_claim` act only while the
 /// token still holds the in-flight claim, so a request whose lease was lost stores nothing.
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Claims the record `key`, or reports what holds it.
+    /// Claims the record `key`, or reports what holds it. Idempotent for its token: sending the
+    /// same claim twice answers [`Claim::Claimed`] twice, with the same fence.
     fn claim(&self, key: &StoreKey, request: ClaimRequest<'_>) -> StoreFuture<Claim>;
 
     /// Stores `response` and keeps the record for `retention`, if `token` still holds the claim.
+    /// Safe to send twice: once `token` has completed the record, completing it again answers
+    /// `true` and changes nothing (the first reply may have been lost).
     fn complete(
         &self,
         key: &StoreKey,

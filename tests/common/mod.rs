@@ -2,6 +2,7 @@
 //! the tests themselves.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod stores;
 
 use std::{
@@ -133,6 +134,27 @@ impl RedisServer {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Stops the server process (SIGSTOP): it keeps its connections and answers nothing until
+    /// [`resume`](Self::resume), like a server stalled by the OS or a long fork.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Continues a [paused](Self::pause) server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {signal} failed");
         }
     }
 

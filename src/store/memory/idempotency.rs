@@ -15,24 +15,33 @@ impl IdempotencyStore for MemoryStore {
             key,
             |records, now| match records.live((Kind::Record, *key), now) {
                 None => {
+                    let fence = records.next_fence(
+                        (Kind::RecordFence, *key),
+                        now,
+                        Some(req.retention + req.lease),
+                    );
                     records.map.insert(
                         (Kind::Record, *key),
                         Slot {
                             value: Value::InFlight {
                                 token: req.token.to_owned(),
                                 fingerprint: req.fingerprint.to_vec(),
+                                fence,
                             },
                             expires_at: now + us(req.lease),
                         },
                     );
-                    let fence = records.next_fence(
-                        (Kind::RecordFence, *key),
-                        now,
-                        Some(req.retention + req.lease),
-                    );
                     Claim::Claimed { fence }
                 }
                 Some(slot) => match &slot.value {
+                    // The holder's own claim, re-sent: the same answer, nothing changes.
+                    Value::InFlight {
+                        token,
+                        fingerprint,
+                        fence,
+                    } if token == req.token && fingerprint.as_slice() == req.fingerprint => {
+                        Claim::Claimed { fence: *fence }
+                    }
                     Value::InFlight { fingerprint, .. } | Value::Completed { fingerprint, .. }
                         if fingerprint.as_slice() != req.fingerprint =>
                     {
@@ -54,20 +63,23 @@ impl IdempotencyStore for MemoryStore {
             let Some(slot) = records.live((Kind::Record, *key), now) else {
                 return false;
             };
-            let Value::InFlight {
-                token: t,
-                fingerprint,
-            } = &mut slot.value
-            else {
-                return false;
+            let (t, fingerprint) = match &mut slot.value {
+                Value::InFlight {
+                    token: t,
+                    fingerprint,
+                    ..
+                } => (t, fingerprint),
+                Value::Completed { token: t, .. } => return t == token,
+                _ => return false,
             };
             if t != token {
                 return false;
             }
-            let fingerprint = std::mem::take(fingerprint);
+            let (token, fingerprint) = (std::mem::take(t), std::mem::take(fingerprint));
             slot.value = Value::Completed {
                 fingerprint,
                 response,
+                token,
             };
             slot.expires_at = now + us(retention);
             true

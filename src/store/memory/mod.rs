@@ -225,10 +225,13 @@ enum Value {
     InFlight {
         token: String,
         fingerprint: Vec<u8>,
+        fence: u64,
     },
     Completed {
         fingerprint: Vec<u8>,
         response: Vec<u8>,
+        /// The token that completed the record: its completion, re-sent, answers `true`.
+        token: String,
     },
 }
 
