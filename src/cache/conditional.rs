@@ -133,15 +133,7 @@ pub(super) fn not_modified<B: Body>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (k, v) in pairs {
-            m.append(*k, HeaderValue::from_static(v));
-        }
-        m
-    }
+    use crate::cache::policy::tests::h;
 
     #[test]
     fn preconditions() {

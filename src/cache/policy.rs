@@ -231,11 +231,12 @@ pub(crate) fn stored_headers(headers: &HeaderMap) -> HeaderMap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    /// A header map of `pairs` (shared with the other cache unit tests).
+    pub(in crate::cache) fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
             m.append(*k, HeaderValue::from_static(v));

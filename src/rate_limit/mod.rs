@@ -119,7 +119,11 @@ mod tests {
     fn static_rejection_bodies_match_the_formatted_ones() {
         for (status, detail, body) in super::decision::DEFAULT_BODIES {
             let formatted = crate::problem::problem(status, detail).into_body();
-            assert_eq!(formatted, bytes::Bytes::from_static(body.as_bytes()), "{status}");
+            assert_eq!(
+                formatted,
+                bytes::Bytes::from_static(body.as_bytes()),
+                "{status}"
+            );
         }
     }
 }
