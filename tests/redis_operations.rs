@@ -315,6 +315,56 @@ async fn acl_user_without_scripts_refused_at_connect(client: &str) {
     );
 }
 
+/// A full server (`maxmemory` reached under `noeviction`, so every write is refused) never turns a
+/// deny into an allow: a key at its limit is denied without a write, for every strategy; a key
+/// under its limit fails (and the layer applies its failure mode).
+async fn full_server_keeps_denying_at_limit(client: &str) {
+    let server = common::RedisServer::start();
+    set(&server, "maxmemory-policy", "noeviction");
+    let store = connect(client, &server.url()).await.expect("connects");
+    let minute = Duration::from_secs(60);
+    let strategies = [
+        Rule::fixed_window(2, minute),
+        Rule::sliding_log(2, minute),
+        Rule::sliding_window(2, minute),
+        Rule::token_bucket(2, 1, minute),
+        Rule::gcra(2, minute, 2),
+    ];
+    for (i, rule) in strategies.iter().enumerate() {
+        let rules = std::slice::from_ref(rule);
+        let key = StoreKey::from_parts([b"full".as_slice(), &[i as u8]]);
+        while admit(&store, &key, rules).await {}
+    }
+    let several = [Rule::fixed_window(2, minute), Rule::gcra(100, minute, 100)];
+    let several_key = StoreKey::from_parts([b"full-several".as_slice()]);
+    while admit(&store, &several_key, &several).await {}
+
+    set(&server, "maxmemory", "1");
+    for (i, rule) in strategies.iter().enumerate() {
+        let rules = std::slice::from_ref(rule);
+        let key = StoreKey::from_parts([b"full".as_slice(), &[i as u8]]);
+        for want_state in [false, true] {
+            let decision = store
+                .check(RateCheck::new(&key, rules, 1, want_state))
+                .await
+                .unwrap_or_else(|e| panic!("{client} {rule:?}: a full server still denies: {e}"));
+            assert!(!decision.allowed, "{client} {rule:?}");
+        }
+    }
+    let decision = store
+        .check(RateCheck::new(&several_key, &several, 1, false))
+        .await
+        .expect("several rules: a full server still denies");
+    assert!(!decision.allowed);
+    let fresh = StoreKey::from_parts([b"full-fresh".as_slice()]);
+    let err = store
+        .check(RateCheck::new(&fresh, &strategies[..1], 1, false))
+        .await
+        .expect_err("a key under its limit cannot be counted on a full server");
+    assert!(err.to_string().contains("OOM"), "{client}: {err}");
+    set(&server, "maxmemory", "0");
+}
+
 macro_rules! per_client {
     ($($name:ident),* $(,)?) => {
         #[cfg(feature = "redis")]
@@ -342,5 +392,6 @@ per_client!(
     warns_for_eviction_and_no_aof,
     warns_for_every_cluster_node,
     requirepass_refused_at_connect,
-    acl_user_without_scripts_refused_at_connect
+    acl_user_without_scripts_refused_at_connect,
+    full_server_keeps_denying_at_limit
 );

@@ -31,7 +31,7 @@ macro_rules! single_rule {
     };
 }
 
-/// A single fixed-window rule: increments first, no clock.
+/// A single fixed-window rule: no clock, and no write unless the request is admitted.
 static FIXED_WINDOW: Lua = Lua::new(rl!("fixed_window"));
 static SLIDING_LOG: Lua = single_rule!("sliding_log");
 static SLIDING_WINDOW: Lua = single_rule!("sliding_window");
