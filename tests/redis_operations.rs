@@ -395,3 +395,236 @@ per_client!(
     acl_user_without_scripts_refused_at_connect,
     full_server_keeps_denying_at_limit
 );
+
+/// The migration test on each client: ignored until the dead clients are handled (issue 13).
+/// Today both clients keep the limit exact, but neither answers again after the hand-over: every
+/// call times out while a fresh client works. Run with `--ignored --nocapture` for the figures.
+mod slot_migration {
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    #[ignore = "issue 13: redis-rs's cluster connection stops answering after a burst of 100 at a migrating slot"]
+    async fn redis_rs() {
+        super::slot_migration_held_for_three_seconds("redis").await;
+    }
+
+    #[cfg(feature = "fred")]
+    #[tokio::test]
+    #[ignore = "issue 13: fred stops answering for a key once it was ASK-redirected"]
+    async fn fred_client() {
+        super::slot_migration_held_for_three_seconds("fred").await;
+    }
+}
+
+/// A slot migrated by hand on a 3-master cluster: `CLUSTER SETSLOT .. IMPORTING / MIGRATING`,
+/// keys moved with `MIGRATE` one by one, the slot held for 3 s, then handed over.
+mod migration {
+    use std::time::Instant;
+
+    use super::common::{RedisCluster, RedisServer};
+
+    fn cli(node: &RedisServer, args: &[&str]) -> String {
+        node.cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// One hand-made migration of `slot` from the node that owns it to another.
+    pub struct Migration<'a> {
+        pub source: &'a RedisServer,
+        pub target: &'a RedisServer,
+        others: Vec<&'a RedisServer>,
+        slot: String,
+        target_id: String,
+    }
+
+    impl<'a> Migration<'a> {
+        /// Puts `slot` (of `key`) in MIGRATING on its owner and IMPORTING on another node.
+        pub fn start(cluster: &'a RedisCluster, key: &str) -> Self {
+            let first = &cluster.nodes[0];
+            let slot = cli(first, &["CLUSTER", "KEYSLOT", key]);
+            let owner = |n: &&RedisServer| cli(n, &["CLUSTER", "COUNTKEYSINSLOT", &slot]) != "0";
+            let source = cluster
+                .nodes
+                .iter()
+                .find(owner)
+                .expect("a node holds the key");
+            let target = cluster
+                .nodes
+                .iter()
+                .find(|n| n.port != source.port)
+                .expect("another node");
+            let others = cluster
+                .nodes
+                .iter()
+                .filter(|n| n.port != source.port && n.port != target.port)
+                .collect();
+            let source_id = cli(source, &["CLUSTER", "MYID"]);
+            let target_id = cli(target, &["CLUSTER", "MYID"]);
+            let ok = |s: String| assert_eq!(s, "OK");
+            ok(cli(
+                target,
+                &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id],
+            ));
+            ok(cli(
+                source,
+                &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
+            ));
+            Self {
+                source,
+                target,
+                others,
+                slot,
+                target_id,
+            }
+        }
+
+        /// The keys still on the source node.
+        pub fn remaining_keys(&self) -> Vec<String> {
+            cli(
+                self.source,
+                &["CLUSTER", "GETKEYSINSLOT", &self.slot, "1000"],
+            )
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+        }
+
+        /// Moves `keys` to the target node.
+        pub fn migrate(&self, keys: &[String]) {
+            let port = self.target.port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let reply = cli(self.source, &args);
+            assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
+        }
+
+        /// Moves what is left and gives the slot to the target on every node.
+        pub fn finish(self) -> Instant {
+            let keys = self.remaining_keys();
+            if !keys.is_empty() {
+                self.migrate(&keys);
+            }
+            let node = ["CLUSTER", "SETSLOT", &self.slot, "NODE", &self.target_id];
+            for n in [self.target, self.source].into_iter().chain(self.others) {
+                assert_eq!(cli(n, &node), "OK");
+            }
+            Instant::now()
+        }
+    }
+}
+
+/// What bursts of checks against two clients saw.
+#[derive(Debug, Default)]
+struct Tally {
+    admitted: u64,
+    denied: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// A burst of `n` concurrent checks, spread over the stores.
+async fn burst(stores: &[AnyStore], key: &StoreKey, rules: &[Rule], n: usize, tally: &mut Tally) {
+    let calls = (0..n).map(|i| {
+        let store = stores[i % stores.len()].clone();
+        let key = *key;
+        let rules = rules.to_vec();
+        async move {
+            let check = RateCheck::new(&key, &rules, 1, false);
+            tokio::time::timeout(Duration::from_secs(1), store.check(check)).await
+        }
+    });
+    for result in futures_util::future::join_all(calls).await {
+        match result {
+            Ok(Ok(d)) if d.allowed => tally.admitted += 1,
+            Ok(Ok(_)) => tally.denied += 1,
+            Ok(Err(e)) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert(e.to_string());
+            }
+            Err(_) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert("timeout".into());
+            }
+        }
+    }
+}
+
+/// A slot holding keys in use is migrated by hand and held for 3 s while two clients send bursts
+/// of 100 concurrent checks, single-key (one rule) and multi-key (two rules, whose keys move one
+/// at a time, so the importing node answers `TRYAGAIN`): never more admitted than the limit, and
+/// every call succeeds again within one second of the hand-over.
+async fn slot_migration_held_for_three_seconds(client: &str) {
+    let cluster = common::RedisCluster::start();
+    let url = cluster.url();
+    let stores = [
+        connect(client, &url).await.expect("first client"),
+        connect(client, &url).await.expect("second client"),
+    ];
+    let minute = Duration::from_secs(60);
+    let limit = 250;
+    let key = StoreKey::from_parts([b"migrating".as_slice()]);
+    let one = [Rule::fixed_window(limit, minute)];
+    let two = [
+        Rule::sliding_window(limit, minute),
+        Rule::token_bucket(limit, 1, minute),
+    ];
+    let mut single = Tally::default();
+    let mut multi = Tally::default();
+    burst(&stores, &key, &one, 10, &mut single).await;
+    burst(&stores, &key, &two, 10, &mut multi).await;
+    let sample = Env::RedisCluster(cluster);
+    let keys: Vec<String> = sample.keys("trl:*").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    let Env::RedisCluster(cluster) = sample else {
+        unreachable!()
+    };
+
+    let migration = migration::Migration::start(&cluster, &keys[0]);
+    let started = std::time::Instant::now();
+    let mut moved = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        burst(&stores, &key, &one, 100, &mut single).await;
+        burst(&stores, &key, &two, 100, &mut multi).await;
+        let left = migration.remaining_keys();
+        if moved < 2 && !left.is_empty() && started.elapsed() > Duration::from_millis(500) {
+            migration.migrate(&left[..1]);
+            moved += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let handed_over = migration.finish();
+    println!("{client} during: single {single:?}; multi {multi:?}");
+    let mut last = Tally::default();
+    let mut recovered = None;
+    while handed_over.elapsed() < Duration::from_secs(10) {
+        let mut t = Tally::default();
+        burst(&stores, &key, &one, 10, &mut t).await;
+        burst(&stores, &key, &two, 10, &mut t).await;
+        if t.errors == 0 {
+            recovered = Some(handed_over.elapsed());
+            break;
+        }
+        last = t;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("{client}: recovered {recovered:?} after the hand-over; last failing burst {last:?}");
+    if recovered.is_none() {
+        let fresh = [connect(client, &url).await.expect("a fresh client")];
+        let mut t = Tally::default();
+        burst(&fresh, &key, &one, 10, &mut t).await;
+        burst(&fresh, &key, &two, 10, &mut t).await;
+        println!("{client}: a fresh client: {t:?}");
+        for node in &cluster.nodes {
+            println!("{}", node.cli(&["CLUSTER", "NODES"]).unwrap_or_default());
+        }
+    }
+    let recovered = recovered.unwrap_or_else(|| panic!("{client}: no recovery: {last:?}"));
+    assert!(
+        recovered < Duration::from_secs(1),
+        "{client}: {recovered:?}"
+    );
+    assert!(single.admitted <= limit, "{client}: single {single:?}");
+    assert!(multi.admitted <= limit, "{client}: multi {multi:?}");
+}
