@@ -14,7 +14,7 @@ use fred::{
 
 use super::{
     cluster_nodes, config_value, is_refusal,
-    script::{detached, Lua, Reload, Reply, ScriptCall},
+    script::{detached, Lua, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
     KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
@@ -215,7 +215,7 @@ impl FredClient {
     async fn eval(
         &self,
         lua: &'static Lua,
-        call: Packed,
+        call: &Packed,
         reload: &Arc<Reload>,
     ) -> Result<Value, Error> {
         let (keys, args) = call.parts();
@@ -294,11 +294,13 @@ impl Runner for FredStore {
         let packed = Packed::new(call);
         let reload = self.reload.clone();
         detached(abandon, async move {
-            let value = client
-                .eval(lua, packed, &reload)
-                .await
-                .map_err(StoreError::store)?;
-            reply(value)
+            let mut again = TryAgain::new();
+            loop {
+                match client.eval(lua, &packed, &reload).await {
+                    Err(err) if TryAgain::asked(err.details()) && again.wait().await => {}
+                    other => return reply(other.map_err(StoreError::store)?),
+                }
+            }
         })
     }
 

@@ -12,7 +12,7 @@ use redis::{
 
 use super::{
     cluster_nodes, config_value, is_refusal,
-    script::{detached, Reload, Reply, ScriptCall},
+    script::{detached, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
     KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
@@ -248,6 +248,35 @@ fn reply(value: Value) -> Result<Reply, StoreError> {
     })
 }
 
+/// Whether a call failed without running and may be sent again: `TRYAGAIN`, or an `ASK` or
+/// `MOVED` redirection that redis-rs handed back after using up its own tries.
+fn retryable(err: &redis::RedisError) -> bool {
+    matches!(err.code(), Some("TRYAGAIN" | "ASK" | "MOVED"))
+}
+
+/// One try of a call: `EVALSHA`, then `EVAL` on `NOSCRIPT`.
+async fn eval(
+    conn: &mut Connection,
+    call: &ScriptCall,
+    reload: &Arc<Reload>,
+) -> RedisResult<Value> {
+    let lua = call.lua;
+    match conn.query(&script_cmd("EVALSHA", lua.sha(), call)).await {
+        Err(err) if err.code() == Some("NOSCRIPT") => {
+            // The server lost its scripts (restart, failover, SCRIPT FLUSH): this call sends
+            // its text, and the others are loaded again in the background.
+            let mut loader = conn.clone();
+            reload.start(async move {
+                if let Err(err) = load_scripts(&mut loader).await {
+                    tracing::debug!(%err, "reloading the scripts failed");
+                }
+            });
+            conn.query(&script_cmd("EVAL", lua.text, call)).await
+        }
+        other => other,
+    }
+}
+
 impl Runner for RedisStore {
     fn call(
         &self,
@@ -256,24 +285,13 @@ impl Runner for RedisStore {
         let mut conn = self.conn.clone();
         let reload = self.reload.clone();
         detached(call.abandons(), async move {
-            let lua = call.lua;
-            let evalsha = script_cmd("EVALSHA", lua.sha(), &call);
-            let value = match conn.query(&evalsha).await {
-                Err(err) if err.code() == Some("NOSCRIPT") => {
-                    // The server lost its scripts (restart, failover, SCRIPT FLUSH): this call
-                    // sends its text, and the others are loaded again in the background.
-                    let mut loader = conn.clone();
-                    reload.start(async move {
-                        if let Err(err) = load_scripts(&mut loader).await {
-                            tracing::debug!(%err, "reloading the scripts failed");
-                        }
-                    });
-                    conn.query(&script_cmd("EVAL", lua.text, &call)).await
+            let mut again = TryAgain::new();
+            loop {
+                match eval(&mut conn, &call, &reload).await {
+                    Err(err) if retryable(&err) && again.wait().await => {}
+                    other => return reply(other.map_err(StoreError::store)?),
                 }
-                other => other,
             }
-            .map_err(StoreError::store)?;
-            reply(value)
         })
     }
 

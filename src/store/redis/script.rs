@@ -187,6 +187,41 @@ pub(crate) async fn detached<T: Send + 'static>(
     }
 }
 
+/// The waits between tries of a call that a cluster node answered with `TRYAGAIN` (a multi-key
+/// call whose slot is migrating, with its keys split between the two nodes): 5 ms doubling to
+/// 100 ms, for at most the client timeout. The layer's `store_timeout` usually ends the call first
+/// (it stops waiting); a call that runs to its end on its own (see [`detached`]) stops here.
+#[derive(Debug)]
+pub(crate) struct TryAgain {
+    deadline: tokio::time::Instant,
+    wait: Duration,
+}
+
+impl TryAgain {
+    pub(crate) fn new() -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + super::CLIENT_TIMEOUT,
+            wait: Duration::from_millis(5),
+        }
+    }
+
+    /// Whether `message` (a server error) asks to try again.
+    pub(crate) fn asked(message: &str) -> bool {
+        message.to_ascii_uppercase().contains("TRYAGAIN")
+    }
+
+    /// Waits before the next try; `false` when there is no time left for one.
+    pub(crate) async fn wait(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now + self.wait >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(Duration::from_millis(100));
+        true
+    }
+}
+
 /// Whether a reload of every script (after a `NOSCRIPT`) is under way, so that a burst of
 /// `NOSCRIPT` replies starts one reload, not one per call.
 #[derive(Debug, Default)]
