@@ -121,6 +121,8 @@ async fn redis_rs_and_fred_services_share_one_budget() {
 async fn one_round_trip_per_decision_and_none_when_the_deny_cache_answers() {
     let server = RedisServer::start();
     let store = RedisStore::connect(&server.url()).await.unwrap();
+    // The store loads its scripts at connect; flushed, the first call finds none.
+    server.cli(&["SCRIPT", "FLUSH"]).unwrap();
     // Three rules, one call.
     let policy = Policy::new(Rule::fixed_window(10, Duration::from_secs(60)))
         .rule(Rule::sliding_log(10, Duration::from_secs(60)))

@@ -67,6 +67,15 @@ pub enum StoreError {
     /// The store could not be reached or reported an error.
     #[error("store error: {0}")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The Redis server refused this crate's commands when the store connected: no password or
+    /// a wrong one (`NOAUTH`, `WRONGPASS`), or an ACL user without the scripting commands
+    /// (`NOPERM`). The message is the server's.
+    #[error(
+        "the Redis server refused this crate's commands at connect: {0}; give the password in \
+         the URL (redis://user:password@host:port) and let the user run EVAL, EVALSHA and \
+         SCRIPT LOAD"
+    )]
+    Refused(String),
     /// The store answered something this crate does not understand (for example a script of
     /// another version under the same name).
     #[error("unexpected reply from the store: {0}")]

@@ -34,6 +34,15 @@ static CACHE_RELEASE: Lua = Lua::new(include_str!("../../scripts/cache_release.l
 static CACHE_INVALIDATE: Lua = Lua::new(include_str!("../../scripts/cache_invalidate.lua"));
 static CACHE_DELETE: Lua = Lua::new(include_str!("../../scripts/cache_delete.lua"));
 
+/// Every cache script, loaded on each (re)connect.
+pub(super) static SCRIPTS: [&Lua; 5] = [
+    &CACHE_LOOKUP,
+    &CACHE_STORE,
+    &CACHE_RELEASE,
+    &CACHE_INVALIDATE,
+    &CACHE_DELETE,
+];
+
 fn base(prefix: &str, segment: &StoreKey) -> String {
     format!("{prefix}:c:{{{}}}", segment.to_hex())
 }

@@ -1,19 +1,23 @@
 //! The `fred` store: fred, standalone or cluster.
 
-use std::{fmt, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
 use fred::{
-    prelude::{Builder, Client, ClientLike, Config, Error, LuaInterface, Pool, ReconnectPolicy},
-    types::{Key, Value},
+    prelude::{
+        Builder, Client, ClientLike, ClusterInterface, Config, Error, LuaInterface, Pool,
+        ReconnectPolicy,
+    },
+    types::{ClusterHash, CustomCommand, Key, Value},
 };
 
 use super::{
-    cluster_nodes,
-    script::{Lua, Reply, ScriptCall},
+    cluster_nodes, config_value, is_refusal,
+    script::{detached, Lua, Reload, Reply, ScriptCall, TryAgain},
+    scripts,
     sealed::Runner,
-    KeyPrefix,
+    KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
 use crate::store::StoreError;
 
@@ -26,6 +30,7 @@ use crate::store::StoreError;
 pub struct FredStore {
     client: FredClient,
     prefix: KeyPrefix,
+    reload: Arc<Reload>,
 }
 
 #[derive(Clone)]
@@ -48,22 +53,35 @@ impl FredStore {
     /// Connects a new client from a URL: `redis://host:port` for one server,
     /// `redis-cluster://host:port?node=host:port` for a cluster (fred's URL syntax), and
     /// `redis+cluster://host:port,host:port` as the `redis` store accepts it.
+    ///
+    /// Every client timeout is set, none is left to fred's defaults: connecting, fred's own
+    /// commands and each reply are bounded by 2 s (longer than every layer's default
+    /// `store_timeout`, which decides first), and a connection with a command unanswered for
+    /// 2 s is dropped and made again; a command is tried at most 3 times and follows at most 5
+    /// cluster redirections; the client reconnects forever, 100 ms doubling to 2 s apart.
+    /// Connecting loads every script of the crate (on every primary of a cluster), and fails if
+    /// the server refuses it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let url = normalise_cluster_url(url);
         let config = Config::from_url(&url).map_err(StoreError::store)?;
-        // Reconnect forever (100 ms doubling to 2 s) so that the store comes back by itself
-        // after a Redis restart. Connecting is bounded here; each call is bounded by the
-        // layers' own timeouts (no per-command client timeout: it costs throughput).
         let client = Builder::from_config(config)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(2);
-                c.internal_command_timeout = Duration::from_secs(2);
+                c.connection_timeout = CLIENT_TIMEOUT;
+                c.internal_command_timeout = CLIENT_TIMEOUT;
+                c.max_command_attempts = 3;
+                c.max_redirections = 5;
+                c.unresponsive.max_timeout = Some(CLIENT_TIMEOUT);
+                c.unresponsive.interval = Duration::from_millis(500);
             })
+            .with_performance_config(|p| p.default_command_timeout = CLIENT_TIMEOUT)
             .build()
             .map_err(StoreError::store)?;
-        client.init().await.map_err(StoreError::store)?;
-        Ok(Self::from_client(client))
+        client.init().await.map_err(connect_error)?;
+        let client = FredClient::Client(client);
+        client.load_scripts().await.map_err(connect_error)?;
+        client.check_config().await;
+        Ok(Self::with(client))
     }
 
     /// The prefix of every key this store writes (default `trl`), the same as
@@ -77,6 +95,7 @@ impl FredStore {
         Self {
             client,
             prefix: KeyPrefix::default(),
+            reload: Arc::default(),
         }
     }
 }
@@ -134,7 +153,71 @@ impl Packed {
 }
 
 impl FredClient {
-    async fn eval(&self, lua: &'static Lua, call: Packed) -> Result<Value, Error> {
+    /// A client of the pool (the client itself for a client).
+    fn one(&self) -> Client {
+        match self {
+            FredClient::Client(c) => c.clone(),
+            FredClient::Pool(p) => p.next().clone(),
+        }
+    }
+
+    /// Loads every script of the crate, on each primary of a cluster (each client of a pool
+    /// shares the servers' script caches, so one client is enough).
+    async fn load_scripts(&self) -> Result<(), Error> {
+        let client = self.one();
+        let servers = client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        // `SCRIPT LOAD` as a custom command: fred's `script_load` ignores `with_cluster_node`.
+        let load = || CustomCommand::new_static("SCRIPT", ClusterHash::Random, false);
+        for lua in scripts() {
+            let args = || vec![Value::from("LOAD"), Value::from(lua.text)];
+            if servers.is_empty() {
+                client.custom::<Value, _>(load(), args()).await?;
+            }
+            for server in &servers {
+                let node = client.with_cluster_node(server.clone());
+                node.custom::<Value, _>(load(), args()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads, on every node, the settings [`warn_on_config`](super::warn_on_config) checks, and
+    /// warns about them. `CONFIG` may be disabled (managed services): then nothing is said.
+    async fn check_config(&self) {
+        let client = self.one();
+        let mut servers = client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        if servers.is_empty() {
+            servers = client.active_connections();
+        }
+        let mut configs = NodeConfigs::default();
+        for (setting, name) in CHECKED_CONFIG.into_iter().enumerate() {
+            for server in &servers {
+                let get = CustomCommand::new_static("CONFIG", ClusterHash::Random, false);
+                let node = client.with_cluster_node(server.clone());
+                let args = vec![Value::from("GET"), Value::from(name)];
+                let Ok(reply) = node.custom::<Value, _>(get, args).await else {
+                    continue;
+                };
+                if let Some(value) = config_value(&strings(reply), name) {
+                    configs.add(server.to_string(), setting, value.to_owned());
+                }
+            }
+        }
+        configs.warn();
+    }
+
+    async fn eval(
+        &self,
+        lua: &'static Lua,
+        call: &Packed,
+        reload: &Arc<Reload>,
+    ) -> Result<Value, Error> {
         let (keys, args) = call.parts();
         let first = match self {
             FredClient::Client(c) => c.evalsha(lua.sha(), keys, args).await,
@@ -142,6 +225,14 @@ impl FredClient {
         };
         match first {
             Err(err) if err.details().starts_with("NOSCRIPT") => {
+                // The server lost its scripts (restart, failover, SCRIPT FLUSH): this call
+                // sends its text, and the others are loaded again in the background.
+                let loader = self.clone();
+                reload.start(async move {
+                    if let Err(err) = loader.load_scripts().await {
+                        tracing::debug!(%err, "reloading the scripts failed");
+                    }
+                });
                 let (keys, args) = call.parts();
                 match self {
                     FredClient::Client(c) => c.eval(lua.text, keys, args).await,
@@ -150,6 +241,31 @@ impl FredClient {
             }
             other => other,
         }
+    }
+}
+
+/// The strings of a reply (a string, an array or map of them), in order.
+fn strings(value: Value) -> Vec<String> {
+    match value {
+        Value::Bytes(b) => vec![String::from_utf8_lossy(&b).into_owned()],
+        Value::String(s) => vec![s.to_string()],
+        Value::Array(items) => items.into_iter().flat_map(strings).collect(),
+        Value::Map(map) => map
+            .inner()
+            .into_iter()
+            .flat_map(|(k, v)| strings(Value::from(k)).into_iter().chain(strings(v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A failure to connect, or the server refusing the crate's commands at connect.
+fn connect_error(err: Error) -> StoreError {
+    let message = err.to_string();
+    if is_refusal(&message) {
+        StoreError::Refused(message)
+    } else {
+        StoreError::store(err)
     }
 }
 
@@ -173,12 +289,19 @@ impl Runner for FredStore {
     ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
         let client = self.client.clone();
         let lua = call.lua;
+        let abandon = call.abandons();
         // Keys and arguments are slices of one shared buffer: no copies.
         let packed = Packed::new(call);
-        async move {
-            let value = client.eval(lua, packed).await.map_err(StoreError::store)?;
-            reply(value)
-        }
+        let reload = self.reload.clone();
+        detached(abandon, async move {
+            let mut again = TryAgain::new();
+            loop {
+                match client.eval(lua, &packed, &reload).await {
+                    Err(err) if TryAgain::asked(err.details()) && again.wait().await => {}
+                    other => return reply(other.map_err(StoreError::store)?),
+                }
+            }
+        })
     }
 
     fn prefix(&self) -> &str {

@@ -10,7 +10,7 @@
 //!
 //! Every key of a call carries one hash tag, so each call runs on one Redis Cluster slot.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 mod cache;
 mod idempotency;
@@ -68,6 +68,111 @@ pub(crate) mod sealed {
 
         /// The prefix of every key.
         fn prefix(&self) -> &str;
+    }
+}
+
+/// How long either client may take to connect, and to answer one command, when the store makes
+/// the client itself (`RedisStore::connect`, `FredStore::connect`).
+///
+/// Both clients have hidden defaults (redis-rs gives up on a reply after 500 ms and on a
+/// connection after 1 s; fred waits 10 s to connect and forever for a reply); this crate sets
+/// every one of them. The bound is longer than every layer's default `store_timeout` (the longest
+/// is 1 s, for idempotency and the lock), so the layer's own bound decides when a call has failed;
+/// the client's bound only detects a connection that stopped answering, so that the client drops
+/// it and connects again.
+pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The lock and idempotency scripts, for loading on (re)connect (the same text, so the same
+/// SHA-1, as the statics their modules call).
+static LOCK_AND_IDEMPOTENCY: [Lua; 6] = [
+    Lua::new(include_str!("../../scripts/lock_acquire.lua")),
+    Lua::new(include_str!("../../scripts/lock_extend.lua")),
+    Lua::new(include_str!("../../scripts/lock_release.lua")),
+    Lua::new(include_str!("../../scripts/idempotency_claim.lua")),
+    Lua::new(include_str!("../../scripts/idempotency_complete.lua")),
+    Lua::new(include_str!("../../scripts/idempotency_lease.lua")),
+];
+
+/// Every script this crate runs, loaded with `SCRIPT LOAD` on every node each time a client
+/// connects or reconnects, so that the first `EVALSHA` finds it. A call still falls back to
+/// `EVAL` on `NOSCRIPT` (a `SCRIPT FLUSH`, a failover to a node that never saw the load).
+pub(crate) fn scripts() -> impl Iterator<Item = &'static Lua> {
+    rate_limit::SCRIPTS
+        .iter()
+        .copied()
+        .chain(cache::SCRIPTS.iter().copied())
+        .chain(LOCK_AND_IDEMPOTENCY.iter())
+}
+
+/// Whether a server error at connect means the server refuses this crate's commands (a missing
+/// or wrong password, an ACL user without the rights), rather than a failure to reach it.
+pub(crate) fn is_refusal(message: &str) -> bool {
+    let message = message.to_ascii_uppercase();
+    ["NOAUTH", "WRONGPASS", "NOPERM", "AUTHENTICATION"]
+        .iter()
+        .any(|code| message.contains(code))
+}
+
+/// Warns, at connect, about the settings of one server (`node`) that lose this crate's keys: an
+/// eviction policy other than `noeviction` (every key the crate writes has a TTL, so a
+/// `volatile-*` policy evicts them exactly as an `allkeys-*` one does), and no append-only file
+/// (nothing survives a restart). `None` when the server would not say (`CONFIG` disabled).
+pub(crate) fn warn_on_config(node: &str, policy: Option<&str>, appendonly: Option<&str>) {
+    if let Some(policy) = policy.filter(|p| *p != "noeviction") {
+        tracing::warn!(
+            node,
+            policy,
+            "Redis may evict this crate's keys under memory pressure (each has a TTL, so \
+             volatile-* policies evict them as allkeys-* do): rate-limit state and idempotency \
+             records need maxmemory-policy noeviction, or a Redis of their own"
+        );
+    }
+    if appendonly == Some("no") {
+        tracing::warn!(
+            node,
+            "Redis keeps no append-only file: idempotency records, locks and limits do not \
+             survive a restart; set appendonly yes (appendfsync everysec)"
+        );
+    }
+}
+
+/// The value of `name` in a `CONFIG GET name` reply read as `[name, value]` pairs.
+pub(crate) fn config_value<'a>(pairs: &'a [String], name: &str) -> Option<&'a str> {
+    pairs
+        .chunks(2)
+        .find(|pair| pair.first().is_some_and(|n| n == name))
+        .and_then(|pair| pair.get(1))
+        .map(String::as_str)
+}
+
+/// The settings [`warn_on_config`] reads: the eviction policy, then whether there is an
+/// append-only file.
+pub(crate) const CHECKED_CONFIG: [&str; 2] = ["maxmemory-policy", "appendonly"];
+
+/// The [`CHECKED_CONFIG`] values of every node, as the client read them, then warned about.
+#[derive(Debug, Default)]
+pub(crate) struct NodeConfigs(Vec<(String, [Option<String>; 2])>);
+
+impl NodeConfigs {
+    /// Records that `node` has `value` for `CHECKED_CONFIG[setting]`.
+    pub(crate) fn add(&mut self, node: String, setting: usize, value: String) {
+        let index = match self.0.iter().position(|(n, _)| *n == node) {
+            Some(index) => index,
+            None => {
+                self.0.push((node, [None, None]));
+                self.0.len() - 1
+            }
+        };
+        if let Some(slot) = self.0.get_mut(index).and_then(|(_, v)| v.get_mut(setting)) {
+            *slot = Some(value);
+        }
+    }
+
+    /// Warns about every node's settings.
+    pub(crate) fn warn(&self) {
+        for (node, [policy, appendonly]) in &self.0 {
+            warn_on_config(node, policy.as_deref(), appendonly.as_deref());
+        }
     }
 }
 

@@ -31,12 +31,22 @@ macro_rules! single_rule {
     };
 }
 
-/// A single fixed-window rule: increments first, no clock.
+/// A single fixed-window rule: no clock, and no write unless the request is admitted.
 static FIXED_WINDOW: Lua = Lua::new(rl!("fixed_window"));
 static SLIDING_LOG: Lua = single_rule!("sliding_log");
 static SLIDING_WINDOW: Lua = single_rule!("sliding_window");
 static TOKEN_BUCKET: Lua = single_rule!("token_bucket");
 static GCRA: Lua = single_rule!("gcra");
+
+/// Every rate-limit script, loaded on each (re)connect.
+pub(super) static SCRIPTS: [&Lua; 6] = [
+    &FIXED_WINDOW,
+    &SLIDING_LOG,
+    &SLIDING_WINDOW,
+    &TOKEN_BUCKET,
+    &GCRA,
+    &MULTI_RULE,
+];
 
 /// Several rules, all or nothing.
 pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
@@ -101,6 +111,9 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
         3 + 4 * n,
         n * (prefix.len() + 96) + 16 + 32 * n + 24,
     );
+    // A check the layer stopped waiting for was answered by its failure mode: landing later
+    // would charge a request already rejected (or let through uncounted).
+    call.abandon_when_dropped();
     let mut tag = [0u8; 32];
     // 16 bytes always fit in 32 hex digits.
     let _ = hex::encode_to_slice(check.key.as_bytes(), &mut tag);

@@ -1,19 +1,21 @@
 //! The `redis` store: redis-rs, standalone or cluster.
 
-use std::{fmt, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
+    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo},
     Cmd, RedisResult, Value,
 };
 
 use super::{
-    cluster_nodes,
-    script::{Reply, ScriptCall},
+    cluster_nodes, config_value, is_refusal,
+    script::{detached, Reload, Reply, ScriptCall, TryAgain},
+    scripts,
     sealed::Runner,
-    KeyPrefix,
+    KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
 use crate::store::StoreError;
 
@@ -35,6 +37,7 @@ use crate::store::StoreError;
 pub struct RedisStore {
     conn: Connection,
     prefix: KeyPrefix,
+    reload: Arc<Reload>,
 }
 
 #[derive(Clone)]
@@ -43,9 +46,13 @@ enum Connection {
     Cluster(ClusterConnection),
 }
 
-/// How long connecting and each command may take inside redis-rs; the layers put their own,
-/// usually shorter, timeout around every call.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the cluster client tries a command again (after `TRYAGAIN`, `CLUSTERDOWN`, a broken
+/// connection), and the waits between tries: 10 ms doubling up to 200 ms, so that the tries fit
+/// well inside [`CLIENT_TIMEOUT`] (redis-rs waits 1.28 s before its first retry by default, longer
+/// than every layer's store timeout).
+const CLUSTER_RETRIES: u32 = 6;
+const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 10;
+const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 200;
 
 impl RedisStore {
     /// Uses a connection manager that the application already has.
@@ -63,33 +70,46 @@ impl RedisStore {
     /// `redis://host:port/db` (or `rediss://`) connects to one server;
     /// `redis+cluster://host:port,host:port` (or `rediss+cluster://`) to a cluster through any of
     /// the listed nodes.
+    ///
+    /// Every client timeout is set, none is left to redis-rs's defaults: connecting and each
+    /// reply are bounded by 2 s (longer than every layer's default `store_timeout`, which
+    /// decides first); a standalone connection is retried twice (100 ms, then up to 500 ms
+    /// apart) when it breaks; the cluster client tries a command again up to 6 times, 10 ms
+    /// doubling to 200 ms apart. Connecting loads every script of the crate (on every primary of
+    /// a cluster), and fails if the server refuses it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        if let Some((scheme, nodes)) = cluster_nodes(url) {
+        // The server's address, for the warnings of a standalone server.
+        let mut server = String::new();
+        let mut conn = if let Some((scheme, nodes)) = cluster_nodes(url) {
             let nodes: Vec<String> = nodes.map(|n| format!("{scheme}://{n}")).collect();
             let client = ClusterClient::builder(nodes)
                 .connection_timeout(CLIENT_TIMEOUT)
                 .response_timeout(CLIENT_TIMEOUT)
+                .overall_response_timeout(Some(CLIENT_TIMEOUT))
+                .retries(CLUSTER_RETRIES)
+                .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+                .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
                 .build()
                 .map_err(StoreError::store)?;
-            let conn = client
-                .get_async_connection()
-                .await
-                .map_err(StoreError::store)?;
-            Ok(Self::from_cluster(conn))
+            let conn = client.get_async_connection().await.map_err(connect_error)?;
+            Connection::Cluster(conn)
         } else {
             let client = redis::Client::open(url).map_err(StoreError::store)?;
-            // No response timeout here: the layers bound every call themselves, and a
-            // client-side response timeout costs throughput (measured in BENCHMARKS.md).
+            server = client.get_connection_info().addr().to_string();
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CLIENT_TIMEOUT))
+                .set_response_timeout(Some(CLIENT_TIMEOUT))
                 .set_number_of_retries(2)
+                .set_min_delay(Duration::from_millis(100))
                 .set_max_delay(Duration::from_millis(500));
-            let mut manager = ConnectionManager::new_with_config(client, config)
+            let manager = ConnectionManager::new_with_config(client, config)
                 .await
-                .map_err(StoreError::store)?;
-            warn_on_eviction(&mut manager).await;
-            Ok(Self::from_manager(manager))
-        }
+                .map_err(connect_error)?;
+            Connection::Single(manager)
+        };
+        load_scripts(&mut conn).await.map_err(connect_error)?;
+        check_config(&mut conn, &server).await;
+        Ok(Self::with(conn))
     }
 
     /// The prefix of every key this store writes (default `trl`). Keys look like
@@ -103,37 +123,77 @@ impl RedisStore {
         Self {
             conn,
             prefix: KeyPrefix::default(),
+            reload: Arc::default(),
         }
     }
 }
 
-/// Warns when the server may evict this crate's keys (limits and idempotency records).
-async fn warn_on_eviction(conn: &mut ConnectionManager) {
-    let mut cmd = redis::cmd("CONFIG");
-    cmd.arg("GET").arg("maxmemory-policy");
-    // CONFIG may be disabled (managed services): then nothing is said.
-    let Ok(value) = conn.req_packed_command(&cmd).await else {
-        return;
-    };
-    let items: Vec<Value> = match value {
-        Value::Array(items) | Value::Set(items) => items,
-        Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-        _ => return,
-    };
-    {
-        let policy = items.iter().rev().find_map(|v| match v {
-            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-            Value::SimpleString(s) => Some(s.clone()),
-            _ => None,
-        });
-        if let Some(policy) = policy.filter(|p| p.starts_with("allkeys-")) {
-            tracing::warn!(
-                %policy,
-                "Redis may evict rate-limit state and idempotency records under memory pressure; \
-                 use maxmemory-policy noeviction or a volatile-* policy"
-            );
+/// Reads, on every node, the settings [`warn_on_config`](super::warn_on_config) checks, and
+/// warns about them. `CONFIG` may be disabled (managed services): then nothing is said.
+/// `server` names a standalone server in the warnings.
+async fn check_config(conn: &mut Connection, server: &str) {
+    let mut configs = NodeConfigs::default();
+    for (setting, name) in CHECKED_CONFIG.into_iter().enumerate() {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        let replies = match conn {
+            Connection::Single(c) => match c.req_packed_command(&cmd).await {
+                Ok(value) => vec![(server.to_owned(), value)],
+                Err(_) => Vec::new(),
+            },
+            Connection::Cluster(c) => {
+                let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None));
+                match c.route_command(cmd, all).await {
+                    Ok(Value::Map(nodes)) => nodes
+                        .into_iter()
+                        .map(|(node, value)| (strings(node).concat(), value))
+                        .collect(),
+                    _ => Vec::new(),
+                }
+            }
+        };
+        for (node, value) in replies {
+            if let Some(value) = config_value(&strings(value), name) {
+                configs.add(node, setting, value.to_owned());
+            }
         }
     }
+    configs.warn();
+}
+
+/// The strings of a reply (a bulk or simple string, an array or map of them), in order.
+fn strings(value: Value) -> Vec<String> {
+    match value {
+        Value::BulkString(b) => vec![String::from_utf8_lossy(&b).into_owned()],
+        Value::SimpleString(s) => vec![s],
+        Value::Array(items) | Value::Set(items) => items.into_iter().flat_map(strings).collect(),
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .flat_map(|(k, v)| strings(k).into_iter().chain(strings(v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A failure to connect, or the server refusing the crate's commands at connect.
+fn connect_error(err: redis::RedisError) -> StoreError {
+    let message = err.to_string();
+    if is_refusal(&message) {
+        StoreError::Refused(message)
+    } else {
+        StoreError::store(err)
+    }
+}
+
+/// Loads every script of the crate (`SCRIPT LOAD`, which redis-rs sends to every primary of a
+/// cluster).
+async fn load_scripts(conn: &mut Connection) -> RedisResult<()> {
+    for lua in scripts() {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(lua.text);
+        conn.query(&cmd).await?;
+    }
+    Ok(())
 }
 
 impl fmt::Debug for RedisStore {
@@ -188,24 +248,51 @@ fn reply(value: Value) -> Result<Reply, StoreError> {
     })
 }
 
+/// Whether a call failed without running and may be sent again: `TRYAGAIN`, or an `ASK` or
+/// `MOVED` redirection that redis-rs handed back after using up its own tries.
+fn retryable(err: &redis::RedisError) -> bool {
+    matches!(err.code(), Some("TRYAGAIN" | "ASK" | "MOVED"))
+}
+
+/// One try of a call: `EVALSHA`, then `EVAL` on `NOSCRIPT`.
+async fn eval(
+    conn: &mut Connection,
+    call: &ScriptCall,
+    reload: &Arc<Reload>,
+) -> RedisResult<Value> {
+    let lua = call.lua;
+    match conn.query(&script_cmd("EVALSHA", lua.sha(), call)).await {
+        Err(err) if err.code() == Some("NOSCRIPT") => {
+            // The server lost its scripts (restart, failover, SCRIPT FLUSH): this call sends
+            // its text, and the others are loaded again in the background.
+            let mut loader = conn.clone();
+            reload.start(async move {
+                if let Err(err) = load_scripts(&mut loader).await {
+                    tracing::debug!(%err, "reloading the scripts failed");
+                }
+            });
+            conn.query(&script_cmd("EVAL", lua.text, call)).await
+        }
+        other => other,
+    }
+}
+
 impl Runner for RedisStore {
     fn call(
         &self,
         call: ScriptCall,
     ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
         let mut conn = self.conn.clone();
-        async move {
-            let lua = call.lua;
-            let evalsha = script_cmd("EVALSHA", lua.sha(), &call);
-            let value = match conn.query(&evalsha).await {
-                Err(err) if err.code() == Some("NOSCRIPT") => {
-                    conn.query(&script_cmd("EVAL", lua.text, &call)).await
+        let reload = self.reload.clone();
+        detached(call.abandons(), async move {
+            let mut again = TryAgain::new();
+            loop {
+                match eval(&mut conn, &call, &reload).await {
+                    Err(err) if retryable(&err) && again.wait().await => {}
+                    other => return reply(other.map_err(StoreError::store)?),
                 }
-                other => other,
             }
-            .map_err(StoreError::store)?;
-            reply(value)
-        }
+        })
     }
 
     fn prefix(&self) -> &str {

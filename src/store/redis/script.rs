@@ -73,6 +73,8 @@ pub struct ScriptCall {
     /// Where each key, then each argument, ends in `buf`.
     ends: Vec<usize>,
     keys: usize,
+    /// Whether the call is given up when its caller stops waiting (see [`detached`]).
+    abandon: bool,
 }
 
 impl ScriptCall {
@@ -82,7 +84,21 @@ impl ScriptCall {
             buf: Vec::with_capacity(bytes),
             ends: Vec::with_capacity(keys + args),
             keys: 0,
+            abandon: false,
         }
+    }
+
+    /// Gives the call up when its caller stops waiting, rather than running it to its end (the
+    /// default, see [`detached`]): for a call whose late landing would do harm, such as a
+    /// rate-limit check answered by the layer's failure mode (it would charge a request the
+    /// layer already rejected or let through uncounted).
+    pub(crate) fn abandon_when_dropped(&mut self) {
+        self.abandon = true;
+    }
+
+    /// Whether [`ScriptCall::abandon_when_dropped`] was called.
+    pub(crate) fn abandons(&self) -> bool {
+        self.abandon
     }
 
     /// A call from owned keys and arguments (for the operations off the hot path).
@@ -154,6 +170,81 @@ impl ScriptCall {
     #[cfg(feature = "fred")]
     pub(crate) fn into_buffer(self) -> Vec<u8> {
         self.buf
+    }
+}
+
+/// Runs a script call to its end even if the caller stops waiting (a layer's `store_timeout`):
+/// an `EVALSHA` already sent runs on the server whether or not anyone waits, so its `NOSCRIPT`
+/// fallback must too, or the call would land or not depending on the timing. Outside a Tokio
+/// runtime, or when `abandon` (see [`ScriptCall::abandon_when_dropped`]), the call runs in place.
+pub(crate) async fn detached<T: Send + 'static>(
+    abandon: bool,
+    call: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) if !abandon => rt.spawn(call).await.map_err(StoreError::store)?,
+        _ => call.await,
+    }
+}
+
+/// The waits between tries of a call that a cluster node answered with `TRYAGAIN` (a multi-key
+/// call whose slot is migrating, with its keys split between the two nodes): 5 ms doubling to
+/// 100 ms, for at most the client timeout. The layer's `store_timeout` usually ends the call first
+/// (it stops waiting); a call that runs to its end on its own (see [`detached`]) stops here.
+#[derive(Debug)]
+pub(crate) struct TryAgain {
+    deadline: tokio::time::Instant,
+    wait: Duration,
+}
+
+impl TryAgain {
+    pub(crate) fn new() -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + super::CLIENT_TIMEOUT,
+            wait: Duration::from_millis(5),
+        }
+    }
+
+    /// Whether `message` (a server error) asks to try again.
+    pub(crate) fn asked(message: &str) -> bool {
+        message.to_ascii_uppercase().contains("TRYAGAIN")
+    }
+
+    /// Waits before the next try; `false` when there is no time left for one.
+    pub(crate) async fn wait(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now + self.wait >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(Duration::from_millis(100));
+        true
+    }
+}
+
+/// Whether a reload of every script (after a `NOSCRIPT`) is under way, so that a burst of
+/// `NOSCRIPT` replies starts one reload, not one per call.
+#[derive(Debug, Default)]
+pub(crate) struct Reload(std::sync::atomic::AtomicBool);
+
+impl Reload {
+    /// Runs `load` in the background unless a reload is already running.
+    pub(crate) fn start<F>(self: &std::sync::Arc<Self>, load: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.0.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        rt.spawn(async move {
+            load.await;
+            this.0.store(false, Ordering::Release);
+        });
     }
 }
 

@@ -1,0 +1,683 @@
+//! The Redis stores as Redis is run in production: scripts lost by the server (`SCRIPT FLUSH`, a
+//! restart), a server that answers late, on both clients, standalone and on a cluster.
+#![cfg(any(feature = "redis", feature = "fred"))]
+
+mod common;
+
+use std::time::Duration;
+
+use common::stores::{store_module, AnyStore, Env};
+use tower_redis_layers::{
+    store::{LockStore, RateCheck, RateLimitStore, Rule},
+    StoreKey,
+};
+
+/// How many scripts the crate runs (rate limit 6, cache 5, lock 3, idempotency 3).
+const SCRIPTS: u64 = 17;
+
+fn cached_scripts(env: &Env) -> Vec<u64> {
+    env.servers()
+        .iter()
+        .map(|node| {
+            let info = node.cli(&["INFO", "memory"]).unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("number_of_cached_scripts:"))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+fn flush_scripts(env: &Env) {
+    for node in env.servers() {
+        assert_eq!(node.cli(&["SCRIPT", "FLUSH"]).as_deref(), Some("OK\n"));
+    }
+}
+
+fn eval_calls(env: &Env) -> u64 {
+    env.servers().iter().map(|n| n.command_calls("eval")).sum()
+}
+
+async fn remaining(store: &AnyStore, key: &StoreKey, rules: &[Rule]) -> u64 {
+    let decision = store
+        .check(RateCheck::new(key, rules, 0, true))
+        .await
+        .expect("a check of the state answers");
+    decision.rules[0].remaining
+}
+
+async fn admit(store: &AnyStore, key: &StoreKey, rules: &[Rule]) -> bool {
+    store
+        .check(RateCheck::new(key, rules, 1, false))
+        .await
+        .expect("the check answers")
+        .allowed
+}
+
+/// Connecting loads every script on every node (every primary of a cluster), so the first call
+/// of each operation finds its script.
+async fn connect_loads_every_script(env: Env) {
+    let before = cached_scripts(&env);
+    assert!(before.iter().all(|&n| n == 0), "fresh servers: {before:?}");
+    let _store = env.store().await;
+    let after = cached_scripts(&env);
+    assert!(
+        after.iter().all(|&n| n >= SCRIPTS),
+        "every node has every script after connect: {after:?}"
+    );
+}
+
+/// A server that lost its scripts between two calls (`SCRIPT FLUSH`) still answers every call:
+/// the call falls back to `EVAL`, the scripts are loaded again, and the counts stay exact.
+async fn script_flush_between_calls(env: Env) {
+    let store = env.store().await;
+    let rules = [Rule::fixed_window(3, Duration::from_secs(60))];
+    let key = StoreKey::from_parts([b"flush".as_slice()]);
+    assert!(admit(&store, &key, &rules).await);
+    flush_scripts(&env);
+    let evals = eval_calls(&env);
+    assert!(admit(&store, &key, &rules).await, "second request");
+    assert!(eval_calls(&env) > evals, "the call fell back to EVAL");
+    all_scripts_reloaded(&env).await;
+    flush_scripts(&env);
+    assert!(admit(&store, &key, &rules).await, "third request");
+    all_scripts_reloaded(&env).await;
+    flush_scripts(&env);
+    assert!(!admit(&store, &key, &rules).await, "fourth request is over");
+    assert_eq!(remaining(&store, &key, &rules).await, 0);
+    all_scripts_reloaded(&env).await;
+}
+
+/// Waits until the reload after a `NOSCRIPT` put every script back on every node.
+async fn all_scripts_reloaded(env: &Env) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while cached_scripts(env).iter().any(|&n| n < SCRIPTS) {
+        let counts = cached_scripts(env);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scripts reloaded: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A call whose caller stopped waiting (the layer's store timeout) while the server was stalled,
+/// and whose script the server had lost, still lands: the `NOSCRIPT` answer arrives after the
+/// caller left, and the fallback runs anyway, as the `EVALSHA` would have (here a lock taken by
+/// a caller that gave up holds; a rate-limit check is the exception, given up with its caller).
+async fn noscript_fallback_after_the_caller_left(env: Env) {
+    let store = env.store().await;
+    let lease = Duration::from_secs(60);
+    let key = StoreKey::from_parts([b"late".as_slice()]);
+    flush_scripts(&env);
+    for node in env.servers() {
+        assert_eq!(
+            node.cli(&["CLIENT", "PAUSE", "600", "ALL"]).as_deref(),
+            Some("OK\n")
+        );
+    }
+    let late = tokio::time::timeout(
+        Duration::from_millis(100),
+        store.acquire_lock(&key, "a", lease),
+    )
+    .await;
+    assert!(late.is_err(), "the caller stopped waiting");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let other = store.acquire_lock(&key, "b", lease).await.expect("answers");
+    assert_eq!(
+        other, None,
+        "the abandoned acquire landed: the lock is held"
+    );
+}
+
+/// The scenarios on every Redis store (the memory store has no server to lose scripts).
+macro_rules! redis_stores {
+    ($($name:ident),* $(,)?) => {
+        store_module!(redis, redis, "redis", $($name),*);
+        store_module!(fred, fred, "fred", $($name),*);
+        store_module!(redis_cluster, redis_cluster, "redis", $($name),*);
+        store_module!(fred_cluster, fred_cluster, "fred", $($name),*);
+    };
+}
+
+redis_stores!(
+    connect_loads_every_script,
+    script_flush_between_calls,
+    noscript_fallback_after_the_caller_left
+);
+
+/// The warnings a store logs while it connects (the test runs on one thread, so the subscriber
+/// sees the connect future's events).
+mod warnings {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+    };
+
+    #[derive(Clone, Default)]
+    pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        pub fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().unwrap().clone();
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs `connect` with the warnings captured, and returns them.
+    pub async fn during<F: std::future::Future>(connect: F) -> (F::Output, Vec<String>) {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        let out = connect.await;
+        drop(guard);
+        (out, captured.lines())
+    }
+}
+
+/// Connects the client named by `client` ("redis" or "fred") to `url`.
+async fn connect(client: &str, url: &str) -> Result<AnyStore, tower_redis_layers::StoreError> {
+    match client {
+        #[cfg(feature = "redis")]
+        "redis" => tower_redis_layers::store::RedisStore::connect(url)
+            .await
+            .map(AnyStore::Redis),
+        #[cfg(feature = "fred")]
+        "fred" => tower_redis_layers::store::FredStore::connect(url)
+            .await
+            .map(AnyStore::Fred),
+        other => panic!("client {other} not compiled in"),
+    }
+}
+
+fn set(server: &common::RedisServer, name: &str, value: &str) {
+    assert_eq!(
+        server.cli(&["CONFIG", "SET", name, value]).as_deref(),
+        Some("OK\n"),
+        "CONFIG SET {name} {value}"
+    );
+}
+
+/// Every eviction policy but `noeviction` is warned about (each of the crate's keys has a TTL,
+/// so `volatile-*` evicts them too), and so is a server without an append-only file.
+async fn warns_for_eviction_and_no_aof(client: &str) {
+    let server = common::RedisServer::start();
+    for policy in [
+        "allkeys-lru",
+        "allkeys-lfu",
+        "allkeys-random",
+        "volatile-lru",
+        "volatile-lfu",
+        "volatile-random",
+        "volatile-ttl",
+    ] {
+        set(&server, "maxmemory-policy", policy);
+        let (store, lines) = warnings::during(connect(client, &server.url())).await;
+        store.expect("connects");
+        let evict = lines.iter().filter(|l| l.contains("may evict")).count();
+        assert_eq!(evict, 1, "{client} {policy}: {lines:?}");
+        assert!(lines.iter().any(|l| l.contains(policy)), "{lines:?}");
+        assert!(
+            lines.iter().any(|l| l.contains("no append-only file")),
+            "{client}: {lines:?}"
+        );
+    }
+    set(&server, "maxmemory-policy", "noeviction");
+    set(&server, "appendonly", "yes");
+    let (store, lines) = warnings::during(connect(client, &server.url())).await;
+    store.expect("connects");
+    assert!(lines.is_empty(), "{client}: noeviction with AOF: {lines:?}");
+}
+
+/// On a cluster, every node is checked.
+async fn warns_for_every_cluster_node(client: &str) {
+    let cluster = common::RedisCluster::start();
+    for node in &cluster.nodes {
+        set(node, "maxmemory-policy", "volatile-lru");
+    }
+    let (store, lines) = warnings::during(connect(client, &cluster.url())).await;
+    store.expect("connects");
+    let evict = lines.iter().filter(|l| l.contains("may evict")).count();
+    assert_eq!(evict, 3, "{client}: {lines:?}");
+    for node in &cluster.nodes {
+        let port = format!(":{}", node.port);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("may evict") && l.contains(&port)),
+            "{client}: node {port} named: {lines:?}"
+        );
+    }
+}
+
+/// A server with a password, reached without it (or with a wrong one), refuses at connect with a
+/// clear error; with the password in the URL the store connects.
+async fn requirepass_refused_at_connect(client: &str) {
+    let server = common::RedisServer::start();
+    set(&server, "requirepass", "s3cret");
+    let url = server.url();
+    let err = connect(client, &url).await.expect_err("no password");
+    assert!(
+        matches!(err, tower_redis_layers::StoreError::Refused(ref m) if m.contains("NOAUTH")),
+        "{client}: {err}"
+    );
+    assert!(err.to_string().contains("password in the URL"), "{err}");
+    let wrong = url.replace("redis://", "redis://:wrong@");
+    let err = connect(client, &wrong).await.expect_err("wrong password");
+    assert!(
+        matches!(err, tower_redis_layers::StoreError::Refused(_)),
+        "{client}: {err}"
+    );
+    let right = url.replace("redis://", "redis://:s3cret@");
+    connect(client, &right)
+        .await
+        .expect("the password in the URL");
+}
+
+/// An ACL user without the scripting commands is refused at connect.
+async fn acl_user_without_scripts_refused_at_connect(client: &str) {
+    let server = common::RedisServer::start();
+    let user = [
+        "ACL",
+        "SETUSER",
+        "app",
+        "on",
+        ">pw",
+        "~*",
+        "+@all",
+        "-@scripting",
+    ];
+    assert_eq!(server.cli(&user).as_deref(), Some("OK\n"));
+    let url = server.url().replace("redis://", "redis://app:pw@");
+    let err = connect(client, &url).await.expect_err("no scripting");
+    assert!(
+        matches!(err, tower_redis_layers::StoreError::Refused(ref m)
+            if m.to_ascii_uppercase().contains("NOPERM")),
+        "{client}: {err}"
+    );
+}
+
+/// A full server (`maxmemory` reached under `noeviction`, so every write is refused) never turns a
+/// deny into an allow: a key at its limit is denied without a write, for every strategy; a key
+/// under its limit fails (and the layer applies its failure mode).
+async fn full_server_keeps_denying_at_limit(client: &str) {
+    let server = common::RedisServer::start();
+    set(&server, "maxmemory-policy", "noeviction");
+    let store = connect(client, &server.url()).await.expect("connects");
+    let minute = Duration::from_secs(60);
+    let strategies = [
+        Rule::fixed_window(2, minute),
+        Rule::sliding_log(2, minute),
+        Rule::sliding_window(2, minute),
+        Rule::token_bucket(2, 1, minute),
+        Rule::gcra(2, minute, 2),
+    ];
+    for (i, rule) in strategies.iter().enumerate() {
+        let rules = std::slice::from_ref(rule);
+        let key = StoreKey::from_parts([b"full".as_slice(), &[i as u8]]);
+        while admit(&store, &key, rules).await {}
+    }
+    let several = [Rule::fixed_window(2, minute), Rule::gcra(100, minute, 100)];
+    let several_key = StoreKey::from_parts([b"full-several".as_slice()]);
+    while admit(&store, &several_key, &several).await {}
+
+    set(&server, "maxmemory", "1");
+    for (i, rule) in strategies.iter().enumerate() {
+        let rules = std::slice::from_ref(rule);
+        let key = StoreKey::from_parts([b"full".as_slice(), &[i as u8]]);
+        for want_state in [false, true] {
+            let decision = store
+                .check(RateCheck::new(&key, rules, 1, want_state))
+                .await
+                .unwrap_or_else(|e| panic!("{client} {rule:?}: a full server still denies: {e}"));
+            assert!(!decision.allowed, "{client} {rule:?}");
+        }
+    }
+    let decision = store
+        .check(RateCheck::new(&several_key, &several, 1, false))
+        .await
+        .expect("several rules: a full server still denies");
+    assert!(!decision.allowed);
+    let fresh = StoreKey::from_parts([b"full-fresh".as_slice()]);
+    let err = store
+        .check(RateCheck::new(&fresh, &strategies[..1], 1, false))
+        .await
+        .expect_err("a key under its limit cannot be counted on a full server");
+    assert!(err.to_string().contains("OOM"), "{client}: {err}");
+    set(&server, "maxmemory", "0");
+}
+
+macro_rules! per_client {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "redis")]
+        mod redis_rs {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name("redis").await;
+                }
+            )*
+        }
+        #[cfg(feature = "fred")]
+        mod fred_client {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name("fred").await;
+                }
+            )*
+        }
+    };
+}
+
+per_client!(
+    warns_for_eviction_and_no_aof,
+    warns_for_every_cluster_node,
+    requirepass_refused_at_connect,
+    acl_user_without_scripts_refused_at_connect,
+    full_server_keeps_denying_at_limit
+);
+
+/// A multi-key call whose slot is migrating with its keys split between the two nodes gets
+/// `TRYAGAIN`; the store tries again (within its bounds) and the call succeeds once the keys are
+/// together, here 800 ms later (longer than the client's own retries, about 500 ms for redis-rs).
+async fn tryagain_is_retried(client: &str) {
+    let cluster = common::RedisCluster::start();
+    let store = connect(client, &cluster.url()).await.expect("connects");
+    let minute = Duration::from_secs(60);
+    let two = [
+        Rule::sliding_window(10, minute),
+        Rule::token_bucket(10, 1, minute),
+    ];
+    let key = StoreKey::from_parts([b"tryagain".as_slice()]);
+    assert!(admit(&store, &key, &two).await);
+    let env = Env::RedisCluster(cluster);
+    let keys: Vec<String> = env.keys("trl:*").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let Env::RedisCluster(cluster) = env else {
+        unreachable!()
+    };
+    let migration = migration::Migration::start(&cluster, &keys[0]);
+    migration.migrate(&keys[..1]);
+    let check = store.check(RateCheck::new(&key, &two, 1, false));
+    let rest = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        migration.migrate(&keys[1..]);
+    };
+    let (decision, ()) = tokio::join!(check, rest);
+    let decision = decision.unwrap_or_else(|e| panic!("{client}: TRYAGAIN retried: {e}"));
+    assert!(decision.allowed);
+    migration.finish();
+    let decision = store
+        .check(RateCheck::new(&key, &two, 0, true))
+        .await
+        .expect("after the hand-over");
+    assert_eq!(
+        decision.rules[0].remaining, 8,
+        "{client}: both requests counted once"
+    );
+}
+
+/// The migration test on each client: ignored until the dead clients are handled (issue 13).
+/// Today both clients keep the limit exact, but neither answers again after the hand-over: every
+/// call times out while a fresh client works. Run with `--ignored --nocapture` for the figures.
+mod slot_migration {
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn tryagain_is_retried_redis_rs() {
+        super::tryagain_is_retried("redis").await;
+    }
+
+    #[cfg(feature = "fred")]
+    #[tokio::test]
+    #[ignore = "issue 13: fred's ASK handling (ASKING read off the shared connection) times out"]
+    async fn tryagain_is_retried_fred() {
+        super::tryagain_is_retried("fred").await;
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    #[ignore = "issue 13: redis-rs's cluster connection stops answering after a burst of 100 at a migrating slot"]
+    async fn redis_rs() {
+        super::slot_migration_held_for_three_seconds("redis").await;
+    }
+
+    #[cfg(feature = "fred")]
+    #[tokio::test]
+    #[ignore = "issue 13: fred stops answering for a key once it was ASK-redirected"]
+    async fn fred_client() {
+        super::slot_migration_held_for_three_seconds("fred").await;
+    }
+}
+
+/// A slot migrated by hand on a 3-master cluster: `CLUSTER SETSLOT .. IMPORTING / MIGRATING`,
+/// keys moved with `MIGRATE` one by one, the slot held for 3 s, then handed over.
+mod migration {
+    use std::time::Instant;
+
+    use super::common::{RedisCluster, RedisServer};
+
+    fn cli(node: &RedisServer, args: &[&str]) -> String {
+        node.cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// One hand-made migration of `slot` from the node that owns it to another.
+    pub struct Migration<'a> {
+        pub source: &'a RedisServer,
+        pub target: &'a RedisServer,
+        others: Vec<&'a RedisServer>,
+        slot: String,
+        target_id: String,
+    }
+
+    impl<'a> Migration<'a> {
+        /// Puts `slot` (of `key`) in MIGRATING on its owner and IMPORTING on another node.
+        pub fn start(cluster: &'a RedisCluster, key: &str) -> Self {
+            let first = &cluster.nodes[0];
+            let slot = cli(first, &["CLUSTER", "KEYSLOT", key]);
+            let owner = |n: &&RedisServer| cli(n, &["CLUSTER", "COUNTKEYSINSLOT", &slot]) != "0";
+            let source = cluster
+                .nodes
+                .iter()
+                .find(owner)
+                .expect("a node holds the key");
+            let target = cluster
+                .nodes
+                .iter()
+                .find(|n| n.port != source.port)
+                .expect("another node");
+            let others = cluster
+                .nodes
+                .iter()
+                .filter(|n| n.port != source.port && n.port != target.port)
+                .collect();
+            let source_id = cli(source, &["CLUSTER", "MYID"]);
+            let target_id = cli(target, &["CLUSTER", "MYID"]);
+            let ok = |s: String| assert_eq!(s, "OK");
+            ok(cli(
+                target,
+                &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id],
+            ));
+            ok(cli(
+                source,
+                &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
+            ));
+            Self {
+                source,
+                target,
+                others,
+                slot,
+                target_id,
+            }
+        }
+
+        /// The keys still on the source node.
+        pub fn remaining_keys(&self) -> Vec<String> {
+            cli(
+                self.source,
+                &["CLUSTER", "GETKEYSINSLOT", &self.slot, "1000"],
+            )
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+        }
+
+        /// Moves `keys` to the target node.
+        pub fn migrate(&self, keys: &[String]) {
+            let port = self.target.port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let reply = cli(self.source, &args);
+            assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
+        }
+
+        /// Moves what is left and gives the slot to the target on every node.
+        pub fn finish(self) -> Instant {
+            let keys = self.remaining_keys();
+            if !keys.is_empty() {
+                self.migrate(&keys);
+            }
+            let node = ["CLUSTER", "SETSLOT", &self.slot, "NODE", &self.target_id];
+            for n in [self.target, self.source].into_iter().chain(self.others) {
+                assert_eq!(cli(n, &node), "OK");
+            }
+            Instant::now()
+        }
+    }
+}
+
+/// What bursts of checks against two clients saw.
+#[derive(Debug, Default)]
+struct Tally {
+    admitted: u64,
+    denied: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// A burst of `n` concurrent checks, spread over the stores.
+async fn burst(stores: &[AnyStore], key: &StoreKey, rules: &[Rule], n: usize, tally: &mut Tally) {
+    let calls = (0..n).map(|i| {
+        let store = stores[i % stores.len()].clone();
+        let key = *key;
+        let rules = rules.to_vec();
+        async move {
+            let check = RateCheck::new(&key, &rules, 1, false);
+            tokio::time::timeout(Duration::from_secs(1), store.check(check)).await
+        }
+    });
+    for result in futures_util::future::join_all(calls).await {
+        match result {
+            Ok(Ok(d)) if d.allowed => tally.admitted += 1,
+            Ok(Ok(_)) => tally.denied += 1,
+            Ok(Err(e)) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert(e.to_string());
+            }
+            Err(_) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert("timeout".into());
+            }
+        }
+    }
+}
+
+/// A slot holding keys in use is migrated by hand and held for 3 s while two clients send bursts
+/// of 100 concurrent checks, single-key (one rule) and multi-key (two rules, whose keys move one
+/// at a time, so the importing node answers `TRYAGAIN`): never more admitted than the limit, and
+/// every call succeeds again within one second of the hand-over.
+async fn slot_migration_held_for_three_seconds(client: &str) {
+    let cluster = common::RedisCluster::start();
+    let url = cluster.url();
+    let stores = [
+        connect(client, &url).await.expect("first client"),
+        connect(client, &url).await.expect("second client"),
+    ];
+    let minute = Duration::from_secs(60);
+    let limit = 250;
+    let key = StoreKey::from_parts([b"migrating".as_slice()]);
+    let one = [Rule::fixed_window(limit, minute)];
+    let two = [
+        Rule::sliding_window(limit, minute),
+        Rule::token_bucket(limit, 1, minute),
+    ];
+    let mut single = Tally::default();
+    let mut multi = Tally::default();
+    burst(&stores, &key, &one, 10, &mut single).await;
+    burst(&stores, &key, &two, 10, &mut multi).await;
+    let sample = Env::RedisCluster(cluster);
+    let keys: Vec<String> = sample.keys("trl:*").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    let Env::RedisCluster(cluster) = sample else {
+        unreachable!()
+    };
+
+    let migration = migration::Migration::start(&cluster, &keys[0]);
+    let started = std::time::Instant::now();
+    let mut moved = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        burst(&stores, &key, &one, 100, &mut single).await;
+        burst(&stores, &key, &two, 100, &mut multi).await;
+        let left = migration.remaining_keys();
+        if moved < 2 && !left.is_empty() && started.elapsed() > Duration::from_millis(500) {
+            migration.migrate(&left[..1]);
+            moved += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let handed_over = migration.finish();
+    println!("{client} during: single {single:?}; multi {multi:?}");
+    let mut last = Tally::default();
+    let mut recovered = None;
+    while handed_over.elapsed() < Duration::from_secs(10) {
+        let mut t = Tally::default();
+        burst(&stores, &key, &one, 10, &mut t).await;
+        burst(&stores, &key, &two, 10, &mut t).await;
+        if t.errors == 0 {
+            recovered = Some(handed_over.elapsed());
+            break;
+        }
+        last = t;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("{client}: recovered {recovered:?} after the hand-over; last failing burst {last:?}");
+    if recovered.is_none() {
+        let fresh = [connect(client, &url).await.expect("a fresh client")];
+        let mut t = Tally::default();
+        burst(&fresh, &key, &one, 10, &mut t).await;
+        burst(&fresh, &key, &two, 10, &mut t).await;
+        println!("{client}: a fresh client: {t:?}");
+        for node in &cluster.nodes {
+            println!("{}", node.cli(&["CLUSTER", "NODES"]).unwrap_or_default());
+        }
+    }
+    let recovered = recovered.unwrap_or_else(|| panic!("{client}: no recovery: {last:?}"));
+    assert!(
+        recovered < Duration::from_secs(1),
+        "{client}: {recovered:?}"
+    );
+    assert!(single.admitted <= limit, "{client}: single {single:?}");
+    assert!(multi.admitted <= limit, "{client}: multi {multi:?}");
+}
