@@ -337,12 +337,22 @@ async fn a_dropped_request_runs_to_its_end_and_is_replayed<B: IdempotencyStore +
     let (runs, h) = handler(400);
     let svc = service(IdempotencyLockLayer::new(store), h);
     let key = unique("drop");
-    let gone = tokio::time::timeout(
-        Duration::from_millis(100),
-        send(&svc, post("/orders", Some(&key), "x")),
-    )
-    .await;
-    assert!(gone.is_err());
+    // Drop the request once its handler has begun (it holds the claim then), however long the
+    // claim took on a loaded machine.
+    let first = {
+        let (svc, key) = (svc.clone(), key.clone());
+        tokio::spawn(async move { send(&svc, post("/orders", Some(&key), "x")).await })
+    };
+    let started = tokio::time::Instant::now();
+    while runs.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the handler never began"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.abort();
+    assert!(first.await.is_err_and(|e| e.is_cancelled()));
     let dup = send(&svc, post("/orders", Some(&key), "x")).await;
     assert_eq!(dup.status, 409, "the dropped request's claim was released");
     tokio::time::sleep(Duration::from_millis(600)).await;

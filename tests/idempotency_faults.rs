@@ -170,10 +170,17 @@ async fn exactly_once(case: &str, first: Svc, second: Svc, runs: Arc<AtomicUsize
         (201, true, "run=1"),
         "{case}: not the first response"
     );
-    // Later duplicates, on both replicas (the faulty one has reconnected), get it too.
+    // Later duplicates, on both replicas, get it too. The faulty replica's client may still be
+    // reconnecting (its calls fail, and the layer answers 503 rather than run unprotected): it
+    // gets the replay once its client is back, within a few seconds.
     tokio::time::sleep(Duration::from_millis(200)).await;
     for svc in [&second, &first, &second] {
-        let dup = send(svc, &key).await;
+        let back = Instant::now() + Duration::from_secs(6);
+        let mut dup = send(svc, &key).await;
+        while dup.status == 503 && Instant::now() < back {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            dup = send(svc, &key).await;
+        }
         assert_eq!(
             (dup.status, dup.replayed, dup.body.as_str()),
             (201, true, "run=1"),
