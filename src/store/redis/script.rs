@@ -206,6 +206,7 @@ impl TryAgain {
     }
 
     /// Whether `message` (a server error) asks to try again.
+    #[cfg_attr(not(feature = "fred"), allow(dead_code))]
     pub(crate) fn asked(message: &str) -> bool {
         message.to_ascii_uppercase().contains("TRYAGAIN")
     }
