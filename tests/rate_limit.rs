@@ -53,6 +53,15 @@ where
     res.into_body().collect().await.unwrap().to_bytes()
 }
 
+/// The status of `svc`'s answer to `req`, once `svc` is ready.
+async fn status_of<S, B>(svc: &mut S, req: Req) -> StatusCode
+where
+    S: Service<Req, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    svc.ready().await.unwrap().call(req).await.unwrap().status()
+}
+
 fn header<'a, B>(res: &'a Response<B>, name: &str) -> Option<&'a str> {
     res.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -146,16 +155,7 @@ async fn missing_key_is_rejected_allowed_or_shared() {
         )
         .service(inner.clone());
     for _ in 0..3 {
-        assert_eq!(
-            svc.ready()
-                .await
-                .unwrap()
-                .call(no_key())
-                .await
-                .unwrap()
-                .status(),
-            StatusCode::OK
-        );
+        assert_eq!(status_of(&mut svc, no_key()).await, StatusCode::OK);
     }
 
     let mut svc = ServiceBuilder::new()
@@ -165,24 +165,9 @@ async fn missing_key_is_rejected_allowed_or_shared() {
                 .on_missing_key(MissingKey::Shared),
         )
         .service(inner);
+    assert_eq!(status_of(&mut svc, no_key()).await, StatusCode::OK);
     assert_eq!(
-        svc.ready()
-            .await
-            .unwrap()
-            .call(no_key())
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        svc.ready()
-            .await
-            .unwrap()
-            .call(no_key())
-            .await
-            .unwrap()
-            .status(),
+        status_of(&mut svc, no_key()).await,
         StatusCode::TOO_MANY_REQUESTS
     );
 }
@@ -196,16 +181,7 @@ async fn shadow_mode_reports_but_never_rejects() {
     )
     .shadow(true);
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
-    assert_eq!(
-        svc.ready()
-            .await
-            .unwrap()
-            .call(request("/"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(status_of(&mut svc, request("/")).await, StatusCode::OK);
     let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(header(&res, "ratelimit").unwrap().contains(";r=0;"));
@@ -237,13 +213,7 @@ async fn custom_rejection_and_cost() {
     });
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     assert_eq!(
-        svc.ready()
-            .await
-            .unwrap()
-            .call(request("/expensive"))
-            .await
-            .unwrap()
-            .status(),
+        status_of(&mut svc, request("/expensive")).await,
         StatusCode::OK
     );
     let res = svc
@@ -260,16 +230,7 @@ async fn custom_rejection_and_cost() {
     );
     assert_eq!(body_of(res).await, Bytes::from("slow down (fixed-10-10s)"));
     // The cheaper request still fits (4 left).
-    assert_eq!(
-        svc.ready()
-            .await
-            .unwrap()
-            .call(request("/cheap"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(status_of(&mut svc, request("/cheap")).await, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -304,16 +265,7 @@ async fn routed_policies_match_method_and_path() {
         (Method::GET, "/free"),
         (Method::GET, "/free"),
     ] {
-        statuses.push(
-            svc.ready()
-                .await
-                .unwrap()
-                .call(call(m, p))
-                .await
-                .unwrap()
-                .status()
-                .as_u16(),
-        );
+        statuses.push(status_of(&mut svc, call(m, p)).await.as_u16());
     }
     assert_eq!(statuses, [200, 429, 200, 200, 200, 429, 200, 200, 200]);
 }
@@ -332,34 +284,10 @@ async fn separate_scopes_have_separate_budgets() {
     let mut b = ServiceBuilder::new()
         .layer(RateLimitLayer::new(store, Policy::new(rule).scope("b")))
         .service(inner);
+    assert_eq!(status_of(&mut a, request("/")).await, StatusCode::OK);
+    assert_eq!(status_of(&mut b, request("/")).await, StatusCode::OK);
     assert_eq!(
-        a.ready()
-            .await
-            .unwrap()
-            .call(request("/"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        b.ready()
-            .await
-            .unwrap()
-            .call(request("/"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        a.ready()
-            .await
-            .unwrap()
-            .call(request("/"))
-            .await
-            .unwrap()
-            .status(),
+        status_of(&mut a, request("/")).await,
         StatusCode::TOO_MANY_REQUESTS
     );
 }
@@ -391,16 +319,7 @@ async fn invalid_rule_fails_open_or_closed() {
     let mut open = ServiceBuilder::new()
         .layer(RateLimitLayer::new(MemoryStore::new(), bad.clone()))
         .service(inner.clone());
-    assert_eq!(
-        open.ready()
-            .await
-            .unwrap()
-            .call(request("/"))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(status_of(&mut open, request("/")).await, StatusCode::OK);
     let mut closed = ServiceBuilder::new()
         .layer(RateLimitLayer::new(MemoryStore::new(), bad).on_store_error(FailureMode::Closed))
         .service(inner);
@@ -438,18 +357,9 @@ async fn bad_input_never_panics() {
         req.headers_mut().insert("x-api-key", value);
         let mut again = request("/");
         again.headers_mut().clone_from(req.headers());
+        assert_eq!(status_of(&mut svc, req).await, StatusCode::OK);
         assert_eq!(
-            svc.ready().await.unwrap().call(req).await.unwrap().status(),
-            StatusCode::OK
-        );
-        assert_eq!(
-            svc.ready()
-                .await
-                .unwrap()
-                .call(again)
-                .await
-                .unwrap()
-                .status(),
+            status_of(&mut svc, again).await,
             StatusCode::TOO_MANY_REQUESTS
         );
     }
@@ -460,7 +370,7 @@ async fn bad_input_never_panics() {
         let mut req = request("/");
         req.headers_mut()
             .insert("x-forwarded-for", HeaderValue::from_str(spoof).unwrap());
-        let status = svc.ready().await.unwrap().call(req).await.unwrap().status();
+        let status = status_of(&mut svc, req).await;
         let first = spoof.starts_with("1.1.1.1");
         assert_eq!(
             status,
@@ -478,10 +388,7 @@ async fn bad_input_never_panics() {
         .uri("/")
         .body(Full::<Bytes>::default())
         .unwrap();
-    assert_eq!(
-        svc.ready().await.unwrap().call(req).await.unwrap().status(),
-        StatusCode::BAD_REQUEST
-    );
+    assert_eq!(status_of(&mut svc, req).await, StatusCode::BAD_REQUEST);
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
 
@@ -495,38 +402,11 @@ async fn token_bucket_refills_with_paused_time() {
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        statuses.push(
-            svc.ready()
-                .await
-                .unwrap()
-                .call(request("/"))
-                .await
-                .unwrap()
-                .status()
-                .as_u16(),
-        );
+        statuses.push(status_of(&mut svc, request("/")).await.as_u16());
     }
     tokio::time::advance(Duration::from_millis(1001)).await;
-    statuses.push(
-        svc.ready()
-            .await
-            .unwrap()
-            .call(request("/"))
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-    );
-    statuses.push(
-        svc.ready()
-            .await
-            .unwrap()
-            .call(request("/"))
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-    );
+    statuses.push(status_of(&mut svc, request("/")).await.as_u16());
+    statuses.push(status_of(&mut svc, request("/")).await.as_u16());
     assert_eq!(statuses, [200, 200, 429, 200, 429]);
 }
 
@@ -634,16 +514,7 @@ async fn a_denial_reports_the_quota_the_other_rules_have_left() {
             ))
             .service(inner);
         let mut admitted = 0;
-        while alone
-            .ready()
-            .await
-            .unwrap()
-            .call(request("/"))
-            .await
-            .unwrap()
-            .status()
-            == StatusCode::OK
-        {
+        while status_of(&mut alone, request("/")).await == StatusCode::OK {
             admitted += 1;
             assert!(admitted <= 5, "{other:?}: more than the limit admitted");
         }
