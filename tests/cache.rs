@@ -125,7 +125,7 @@ fn send(svc: &Svc, req: Req) -> impl std::future::Future<Output = Got> + Send + 
 fn layer(store: Store) -> CacheLayer<Store> {
     CacheLayer::new(store)
         .jitter(0.0)
-        .early_recompute(0.0)
+        .no_early_recompute()
         .store_timeout(Duration::from_secs(2))
 }
 

@@ -3,9 +3,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use http::StatusCode;
+use http::{HeaderName, StatusCode};
 
-use super::key::{Keying, VaryRegistry};
+use super::{
+    key::{Keying, VaryRegistry},
+    layer::RejectionFn,
+};
 use crate::store::{bounded, Bounded, CacheStore, FailureMode, StoreFuture};
 
 /// What every service of a layer shares: the store, the configuration, and the `Vary` names
@@ -22,6 +25,13 @@ pub(crate) struct FillLock {
     pub(crate) ttl: Duration,
     pub(crate) wait: Duration,
     pub(crate) poll: Duration,
+}
+
+/// Heuristic freshness from `Last-Modified` (see [`CacheLayer::heuristic`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Heuristic {
+    pub(crate) fraction: f64,
+    pub(crate) cap: Duration,
 }
 
 #[derive(Clone)]
@@ -42,6 +52,14 @@ pub(crate) struct Config {
     pub(crate) allow_authorized: bool,
     /// Invalidate entries after unsafe methods (RFC 9111 section 4.4).
     pub(crate) invalidate_unsafe: bool,
+    /// Heuristic freshness from `Last-Modified`, instead of the fixed `ttl`.
+    pub(crate) heuristic: Option<Heuristic>,
+    /// The targeted cache-control field (RFC 9213) that overrides `Cache-Control`.
+    pub(crate) targeted: Option<HeaderName>,
+    /// How long an entry with a validator is kept past its freshness, to be revalidated.
+    pub(crate) keep: Duration,
+    /// Builds the layer's own `503` and `504` answers.
+    pub(crate) rejection: Option<Arc<RejectionFn>>,
 }
 
 impl Config {

@@ -56,7 +56,18 @@ pub(crate) enum EntryError {
 }
 
 impl Entry {
+    /// The encoded entry: its head, then the body.
     pub(crate) fn encode(&self) -> Result<Bytes, postcard::Error> {
+        let head = self.encode_head()?;
+        let mut out = BytesMut::with_capacity(head.len() + self.body.len());
+        out.put_slice(&head);
+        out.put_slice(&self.body);
+        Ok(out.freeze())
+    }
+
+    /// The first bytes of the encoded entry, up to the body: what a refresh after a `304`
+    /// replaces.
+    pub(crate) fn encode_head(&self) -> Result<Bytes, postcard::Error> {
         let head = Head {
             status: self.status.as_u16(),
             initial_age_ms: u64::try_from(self.initial_age.as_millis()).unwrap_or(u64::MAX),
@@ -78,12 +89,19 @@ impl Entry {
                 .collect(),
         };
         let head = postcard::to_stdvec(&head)?;
-        let mut out = BytesMut::with_capacity(5 + head.len() + self.body.len());
+        let mut out = BytesMut::with_capacity(5 + head.len());
         out.put_u8(FORMAT);
         out.put_u32(u32::try_from(head.len()).map_err(|_| postcard::Error::SerializeBufferFull)?);
         out.put_slice(&head);
-        out.put_slice(&self.body);
         Ok(out.freeze())
+    }
+
+    /// The head of encoded entry bytes (as [`encode_head`](Self::encode_head) made it), or
+    /// `None` when they are not an entry.
+    pub(crate) fn head_of(raw: &Bytes) -> Option<Bytes> {
+        let len: [u8; 4] = raw.get(1..5)?.try_into().ok()?;
+        let end = 5 + u32::from_be_bytes(len) as usize;
+        (raw.first() == Some(&FORMAT) && raw.len() >= end).then(|| raw.slice(..end))
     }
 
     pub(crate) fn decode(raw: &Bytes) -> Result<Self, EntryError> {
@@ -151,6 +169,9 @@ mod tests {
         };
         let raw = entry.encode().unwrap();
         let back = Entry::decode(&raw).unwrap();
+        let head = Entry::head_of(&raw).unwrap();
+        assert_eq!(head, entry.encode_head().unwrap());
+        assert_eq!(&raw[head.len()..], b"hello");
         assert_eq!(back.status, StatusCode::NOT_FOUND);
         assert_eq!(back.initial_age, entry.initial_age);
         assert_eq!(back.fresh_for, entry.fresh_for);

@@ -10,7 +10,13 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::{
-    entry::Entry, freshness::Exchange, key, policy, response, target::Target, ResponseBody, TARGET,
+    conditional::Conditional,
+    entry::Entry,
+    freshness::Exchange,
+    key, policy, response,
+    revalidate::{self, Prior, Revalidation},
+    target::Target,
+    ResponseBody, TARGET,
 };
 use crate::{
     body::read_up_to,
@@ -25,8 +31,11 @@ pub(super) struct Fill {
     /// The fill lock, when this request holds it; released (or handed to the write) whatever
     /// happens.
     lock: Option<FillToken>,
-    /// A stale entry (and its age) served instead when the handler fails.
-    stale: Option<(Entry, Duration)>,
+    /// The stored entry this fill replaces: revalidated with a conditional request when it
+    /// has a validator, and served instead when the handler fails if it may stand in.
+    prior: Option<Prior>,
+    /// The client's own preconditions, evaluated on the entry a `304` confirms.
+    conditional: Option<Conditional>,
     /// The `Cache-Status` parameters of the response (`; stored` is added when it is stored).
     status: &'static str,
 }
@@ -50,7 +59,8 @@ impl Fill {
         Self {
             version,
             lock,
-            stale: None,
+            prior: None,
+            conditional: None,
             status,
         }
     }
@@ -60,9 +70,16 @@ impl Fill {
         Self::new(None, None, status)
     }
 
-    /// Serves `entry` instead if the handler fails (stale-if-error).
-    pub(super) fn standing_in(mut self, entry: Entry, age: Duration) -> Self {
-        self.stale = Some((entry, age));
+    /// Revalidates `prior` (when it has a validator), and serves it instead if the handler
+    /// fails and it may stand in (stale-if-error).
+    pub(super) fn replacing(mut self, prior: Prior) -> Self {
+        self.prior = Some(prior);
+        self
+    }
+
+    /// Evaluates the client's `conditional` on an entry a `304` confirms.
+    pub(super) fn answering(mut self, conditional: Option<Conditional>) -> Self {
+        self.conditional = conditional;
         self
     }
 
@@ -80,9 +97,15 @@ impl Fill {
         B: CacheStore,
         ResBody: Body<Data = Bytes>,
     {
+        let mut request = request;
         let version = self.version.filter(|_| !target.head);
         // The request's headers select the variant stored.
         let request_headers = version.is_some().then(|| request.headers().clone());
+        // A `GET` for a stored entry with a validator asks the origin whether it still holds.
+        let validating = match &self.prior {
+            Some(prior) if !target.head => revalidate::condition(request.headers_mut(), prior),
+            _ => false,
+        };
         let started = Instant::now();
         let result = inner.call(request).await;
         let exchange = Exchange {
@@ -93,12 +116,18 @@ impl Fill {
             Err(_) => true,
             Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504),
         };
-        let stand_in = if failed { self.stale.take() } else { None };
-        if let Some((entry, age)) = stand_in {
+        let stand_in = match self.prior.take() {
+            Some(prior) if failed && prior.stand_in => Some(prior),
+            prior => {
+                self.prior = prior;
+                None
+            }
+        };
+        if let Some(prior) = stand_in {
             target.release(self.lock).await;
             tracing::info!(target: TARGET, "handler failed; serving the stale entry");
             let status = "fwd=stale; detail=stale-if-error";
-            return Ok(response::serve(entry, age, target.head, status));
+            return Ok(response::serve(prior.entry, prior.age, target.head, status));
         }
         let response = match result {
             Ok(response) => response,
@@ -107,6 +136,19 @@ impl Fill {
                 return Err(error);
             }
         };
+        let not_modified = validating && response.status() == http::StatusCode::NOT_MODIFIED;
+        if let Some(prior) = self.prior.take().filter(|_| not_modified) {
+            let revalidation = Revalidation {
+                prior,
+                version,
+                lock: self.lock,
+                conditional: self.conditional.take(),
+                status: self.status,
+            };
+            return Ok(revalidation
+                .confirmed(target, response.headers(), exchange)
+                .await);
+        }
         let (Some(version), Some(request_headers)) = (version, request_headers) else {
             return Ok(self.pass(target, response).await);
         };
@@ -206,6 +248,7 @@ impl Fill {
             stale_if_error: storing.storable.stale_if_error,
             // The handler's time and the body's: what a recompute costs (XFetch).
             compute_time: storing.started.elapsed(),
+            keep: storing.storable.keep,
         };
         target.write(request).await
     }
@@ -213,8 +256,11 @@ impl Fill {
 
 /// The TTL an entry is written with: its freshness left, with jitter. The heuristic TTL spreads
 /// both ways; an explicit lifetime only ever gets shorter (a shared cache must not serve past
-/// it).
-fn fresh_ttl(config: &super::config::Config, storable: policy::Storable) -> Duration {
+/// it). Zero (revalidate before every use) stays zero.
+pub(super) fn fresh_ttl(config: &super::config::Config, storable: policy::Storable) -> Duration {
+    if storable.ttl.is_zero() {
+        return Duration::ZERO;
+    }
     let jitter = match (config.jitter > 0.0, storable.explicit) {
         (false, _) => 1.0,
         (true, false) => 1.0 + rand::random_range(-config.jitter..=config.jitter),

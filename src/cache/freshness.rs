@@ -54,6 +54,11 @@ impl Directives {
         Self(out)
     }
 
+    /// Whether no directive was found.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether directive `name` (lowercase) is present, with or without an argument.
     pub(crate) fn has(&self, name: &str) -> bool {
         self.0.iter().any(|(n, _)| n == name)
@@ -186,8 +191,14 @@ pub(crate) enum Lifetime {
 }
 
 /// The freshness lifetime of a response (RFC 9111 section 4.2.1, for a shared cache), received
-/// at `received`.
-pub(crate) fn lifetime(headers: &HeaderMap, cc: &Directives, received: SystemTime) -> Lifetime {
+/// at `received`; `Expires` is read only when `expires` says so (a targeted field, RFC 9213,
+/// replaces it).
+pub(crate) fn lifetime(
+    headers: &HeaderMap,
+    cc: &Directives,
+    expires: bool,
+    received: SystemTime,
+) -> Lifetime {
     for name in ["s-maxage", "max-age"] {
         match cc.delta(name) {
             Delta::Absent => {}
@@ -195,7 +206,7 @@ pub(crate) fn lifetime(headers: &HeaderMap, cc: &Directives, received: SystemTim
             Delta::Invalid => return Lifetime::Explicit(Duration::ZERO),
         }
     }
-    let Some(expires) = date_field(headers, &header::EXPIRES) else {
+    let Some(expires) = date_field(headers, &header::EXPIRES).filter(|_| expires) else {
         return Lifetime::None;
     };
     let Some(expires) = expires else {
@@ -300,7 +311,7 @@ mod tests {
         let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
         let life = |pairs: &[(&'static str, &str)]| {
             let headers = h(pairs);
-            lifetime(&headers, &Directives::parse(&headers), now)
+            lifetime(&headers, &Directives::parse(&headers), true, now)
         };
         let secs = |s| Lifetime::Explicit(Duration::from_secs(s));
         assert_eq!(life(&[]), Lifetime::None);

@@ -1,13 +1,14 @@
 //! Invalidation after an unsafe method (RFC 9111 section 4.4): once the inner service has
 //! answered a `POST`, `PUT`, `DELETE`, `PATCH` (any method but `GET`, `HEAD`, `OPTIONS` and
 //! `TRACE`) with a non-error status (2xx or 3xx), the entries of the target URI and of the
-//! `Location` and `Content-Location` URIs on the same host are deleted. The entries are in the
-//! store, so every replica sees it.
+//! `Location` and `Content-Location` URIs on the same host are deleted, in one store call (all
+//! three are in the request's segment unless a segment closure says otherwise). The entries are
+//! in the store, so every replica sees it.
 
 use http::{header, request::Parts, HeaderMap, Method, StatusCode, Uri};
 
 use super::{config::Shared, key, TARGET};
-use crate::store::CacheStore;
+use crate::{store::CacheStore, StoreKey};
 
 /// Whether `method` is unsafe (RFC 9110 section 9.2.1).
 pub(super) fn is_unsafe(method: &Method) -> bool {
@@ -54,15 +55,28 @@ impl Unsafe {
                 }
             }
         }
-        let calls = uris.into_iter().filter_map(|uri| {
-            let parts = key::get_parts(uri, &self.headers)?;
-            let keys = shared.config.keys.keys(&parts, &shared.vary)?;
-            let call = shared.store.invalidate_key(keys.segment, keys.entry);
-            Some(shared.config.bound(&*shared.store, call))
+        // Grouped by segment: one atomic call per segment (one, unless a segment closure puts
+        // these URIs in different segments, which live in different cluster slots).
+        let mut groups: Vec<(StoreKey, Vec<StoreKey>)> = Vec::new();
+        for uri in uris {
+            let Some(keys) = key::get_parts(uri, &self.headers)
+                .and_then(|parts| shared.config.keys.keys(&parts, &shared.vary))
+            else {
+                continue;
+            };
+            match groups.iter_mut().find(|(s, _)| *s == keys.segment) {
+                Some((_, entries)) if !entries.contains(&keys.entry) => entries.push(keys.entry),
+                Some(_) => {}
+                None => groups.push((keys.segment, vec![keys.entry])),
+            }
+        }
+        let calls = groups.into_iter().map(|(segment, entries)| {
+            let call = shared.store.invalidate_keys(segment, entries);
+            shared.config.bound(&*shared.store, call)
         });
         for result in futures_util::future::join_all(calls).await {
             if let Err(error) = result {
-                tracing::warn!(target: TARGET, %error, "could not invalidate a cache entry after an unsafe method");
+                tracing::warn!(target: TARGET, %error, "could not invalidate cache entries after an unsafe method");
             }
         }
     }

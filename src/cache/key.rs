@@ -30,8 +30,43 @@ pub(crate) const DEFAULT_SEGMENT: &str = "";
 #[derive(Clone)]
 pub(crate) struct Keying {
     pub(crate) scope: String,
+    pub(crate) hosts: Hosts,
     pub(crate) partition: Option<Arc<PartitionFn>>,
     pub(crate) segment: Option<Arc<SegmentFn>>,
+}
+
+/// Which request hosts the cache serves, and the host in the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Hosts {
+    /// Every host; the request's host is in the key.
+    Any,
+    /// Only these hosts (lowercase, with or without a port); others bypass the cache.
+    Allowed(Vec<String>),
+    /// Every request is keyed under this host, whatever its own.
+    Fixed(String),
+}
+
+impl Hosts {
+    /// The host a request is keyed under, or `None` when its host is not allowed.
+    pub(crate) fn key_host(&self, parts: &Parts) -> Option<String> {
+        match self {
+            Hosts::Any => Some(host(parts)),
+            Hosts::Fixed(host) => Some(host.clone()),
+            Hosts::Allowed(list) => {
+                let host = host(parts);
+                let name = host_name(&host);
+                list.iter().any(|h| *h == host || h == name).then_some(host)
+            }
+        }
+    }
+}
+
+/// A host without its port (`[::1]:80` -> `[::1]`).
+fn host_name(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    }
 }
 
 /// The keys of a request's entry.
@@ -47,8 +82,10 @@ pub(crate) struct EntryKeys {
 
 impl Keying {
     /// The keys of the entry a request is served from, with the `Vary` names `vary` knows for
-    /// it. `None` when the partition closure gives no partition: the request bypasses the cache.
+    /// it. `None` when the partition closure gives no partition or the host is not allowed: the
+    /// request bypasses the cache.
     pub(crate) fn keys(&self, parts: &Parts, vary: &VaryRegistry) -> Option<EntryKeys> {
+        let host = self.hosts.key_host(parts)?;
         let partition = match &self.partition {
             Some(f) => Some(f(parts)?),
             None => None,
@@ -57,7 +94,7 @@ impl Keying {
             Some(f) => self.segment_key(&f(parts)),
             None => self.segment_key(DEFAULT_SEGMENT),
         };
-        let primary = primary_key(&self.scope, parts, partition.as_deref());
+        let primary = primary_key(&self.scope, &host, parts, partition.as_deref());
         let names = vary.get(primary);
         let values = vary_values(&parts.headers, names.as_deref().unwrap_or(&[]));
         Some(EntryKeys {
@@ -123,8 +160,7 @@ fn host(parts: &Parts) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct PrimaryKey(pub(crate) StoreKey);
 
-fn primary_key(scope: &str, parts: &Parts, partition: Option<&str>) -> PrimaryKey {
-    let host = host(parts);
+fn primary_key(scope: &str, host: &str, parts: &Parts, partition: Option<&str>) -> PrimaryKey {
     let query = canonical_query(parts.uri.query());
     let partition = partition.unwrap_or("");
     PrimaryKey(StoreKey::from_parts([
@@ -226,9 +262,10 @@ mod tests {
         let b = http::Request::get("http://x/p?a=1&b=2").body(()).unwrap();
         let c = http::Request::get("http://x/p?a=1&b=3").body(()).unwrap();
         let (a, b, c) = (a.into_parts().0, b.into_parts().0, c.into_parts().0);
-        assert_eq!(primary_key("s", &a, None), primary_key("s", &b, None));
-        assert_ne!(primary_key("s", &a, None), primary_key("s", &c, None));
-        assert_ne!(primary_key("s", &a, None), primary_key("s", &a, Some("t")));
+        let key = |p: &Parts, t| primary_key("s", "x", p, t);
+        assert_eq!(key(&a, None), key(&b, None));
+        assert_ne!(key(&a, None), key(&c, None));
+        assert_ne!(key(&a, None), key(&a, Some("t")));
     }
 
     #[test]
@@ -244,6 +281,7 @@ mod tests {
         let vary = VaryRegistry::default();
         let mut keying = Keying {
             scope: "s".to_owned(),
+            hosts: Hosts::Any,
             partition: None,
             segment: None,
         };
@@ -268,5 +306,27 @@ mod tests {
         keying.partition = Some(Arc::new(|_: &Parts| Some("tenant".to_owned())));
         let partitioned = keying.keys(&parts("fr"), &vary).unwrap();
         assert_ne!(partitioned.primary, fr.primary);
+    }
+
+    #[test]
+    fn host_rules() {
+        let parts = |host: &str| {
+            http::Request::get("/p")
+                .header("host", host)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let allowed = Hosts::Allowed(vec!["example.com".into(), "[::1]:8080".into()]);
+        assert_eq!(
+            allowed.key_host(&parts("Example.COM:8443")).as_deref(),
+            Some("example.com:8443")
+        );
+        assert!(allowed.key_host(&parts("[::1]:8080")).is_some());
+        assert!(allowed.key_host(&parts("[::1]")).is_none());
+        assert!(allowed.key_host(&parts("evil.example")).is_none());
+        let fixed = Hosts::Fixed("origin".into());
+        assert_eq!(fixed.key_host(&parts("a")), fixed.key_host(&parts("b")));
     }
 }

@@ -1,14 +1,28 @@
 use std::{fmt, sync::Arc, time::Duration};
 
-use http::{request::Parts, Request, StatusCode};
+use bytes::Bytes;
+use http::{request::Parts, HeaderName, Request, Response, StatusCode};
 use tower_layer::Layer;
 
 use super::{
-    config::{Config, FillLock, Shared},
-    key::{Keying, VaryRegistry, DEFAULT_SEGMENT},
+    config::{Config, FillLock, Heuristic, Shared},
+    key::{Hosts, Keying, VaryRegistry, DEFAULT_SEGMENT},
     Cache,
 };
 use crate::store::{CacheStore, FailureMode, StoreError};
+
+/// Why the layer answered a request itself: what a [`CacheLayer::rejection`] builder is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The lookup failed and the layer fails closed ([`FailureMode::Closed`]): `503` by
+    /// default.
+    Unavailable,
+    /// The request said `only-if-cached` and nothing usable is stored: `504` by default.
+    NotCached,
+}
+
+pub(crate) type RejectionFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 
 /// Caches responses in a store.
 ///
@@ -35,6 +49,7 @@ impl<B> CacheLayer<B> {
             config: Arc::new(Config {
                 keys: Keying {
                     scope: "default".to_owned(),
+                    hosts: Hosts::Any,
                     partition: None,
                     segment: None,
                 },
@@ -55,6 +70,10 @@ impl<B> CacheLayer<B> {
                 stale_if_error: Duration::ZERO,
                 allow_authorized: false,
                 invalidate_unsafe: true,
+                heuristic: None,
+                targeted: None,
+                keep: Duration::from_secs(600),
+                rejection: None,
             }),
             vary: Arc::new(VaryRegistry::default()),
         }
@@ -186,12 +205,20 @@ impl<B> CacheLayer<B> {
         self
     }
 
-    /// Probabilistic early recompute (XFetch) with this `beta` (default 1; 0 turns it off). A
-    /// lookup recomputes a fresh entry early with a probability that grows as its expiry nears
-    /// and with how long it took to compute; with the fill lock on, one request recomputes while
-    /// the others get the cached entry.
+    /// Probabilistic early recompute (XFetch) with this `beta` (default 1; larger recomputes
+    /// earlier). A lookup recomputes a fresh entry early with a probability that grows as its
+    /// expiry nears and with how long it took to compute; with the fill lock on, one request
+    /// recomputes (or revalidates) while the others get the cached entry.
+    /// [`no_early_recompute`](Self::no_early_recompute) turns it off (as does a `beta` that is
+    /// not a positive number).
     pub fn early_recompute(mut self, beta: f64) -> Self {
         self.config_mut().early_beta = if beta.is_finite() { beta.max(0.0) } else { 0.0 };
+        self
+    }
+
+    /// Turns early recompute off: an entry is recomputed once it is stale.
+    pub fn no_early_recompute(mut self) -> Self {
+        self.config_mut().early_beta = 0.0;
         self
     }
 
@@ -237,6 +264,83 @@ impl<B> CacheLayer<B> {
     /// or for responses that are the same for everyone.
     pub fn allow_authorized(mut self, allow: bool) -> Self {
         self.config_mut().allow_authorized = allow;
+        self
+    }
+
+    /// Heuristic freshness from `Last-Modified` (RFC 9111 section 4.2.2), in place of the fixed
+    /// [`ttl`](Self::ttl): a response without explicit freshness (`s-maxage`, `max-age`,
+    /// `Expires`) is fresh for `fraction` of the time since its `Last-Modified` (measured at
+    /// its `Date`, else when it arrived), at most `cap`. The usual value is `0.1` (10%) with a
+    /// cap of a day.
+    ///
+    /// As with the fixed TTL, it applies only to the heuristically cacheable statuses (200, 203,
+    /// 204, 300, 301, 404, 405, 410, 414, 501), `public` responses or the
+    /// [`statuses`](Self::statuses) named. A response without `Last-Modified` (or with one not
+    /// in its past) then gets no heuristic at all and is not stored: the TTL is not used.
+    /// [`no_response_ttl`](Self::no_response_ttl) overrides this (every entry lives for the
+    /// TTL). `fraction` is clamped to `0..=1`.
+    pub fn heuristic(mut self, fraction: f64, cap: Duration) -> Self {
+        let fraction = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.config_mut().heuristic = Some(Heuristic { fraction, cap });
+        self
+    }
+
+    /// A targeted cache-control field (RFC 9213) for this cache, for example
+    /// `CDN-Cache-Control` (off by default). When a response carries it with a valid, non-empty
+    /// value, its directives replace the response's `Cache-Control` and `Expires` for this
+    /// cache's decisions (storing, freshness, stale windows, revalidation); otherwise
+    /// `Cache-Control` applies as usual. Responses are passed on with both fields unchanged: the
+    /// RFC leaves forwarding to the cache, and a further cache of the same class may use it.
+    pub fn targeted_field(mut self, name: HeaderName) -> Self {
+        self.config_mut().targeted = Some(name);
+        self
+    }
+
+    /// Serves only requests for these hosts (`Host`, else the URI's authority; compared
+    /// without case, with or without the port): a request for any other host bypasses the
+    /// cache (`Cache-Status: ...; fwd=bypass; detail=host`). Behind a proxy that forwards any
+    /// client `Host`, this keeps invented hosts from making entries of their own.
+    pub fn hosts<I, H>(mut self, hosts: I) -> Self
+    where
+        I: IntoIterator<Item = H>,
+        H: Into<String>,
+    {
+        let list = hosts
+            .into_iter()
+            .map(|h| h.into().to_ascii_lowercase())
+            .collect();
+        self.config_mut().keys.hosts = Hosts::Allowed(list);
+        self
+    }
+
+    /// Keys every request under `host`, whatever its own `Host`: for a cache in front of one
+    /// origin. Replaces [`hosts`](Self::hosts).
+    pub fn fixed_host(mut self, host: impl Into<String>) -> Self {
+        self.config_mut().keys.hosts = Hosts::Fixed(host.into().to_ascii_lowercase());
+        self
+    }
+
+    /// How long an entry with a validator (`ETag` or `Last-Modified`) is kept past its
+    /// freshness and stale windows, so that it can be revalidated with a conditional request
+    /// instead of fetched again (default 10 minutes; zero keeps none).
+    pub fn revalidation_window(mut self, window: Duration) -> Self {
+        self.config_mut().keep = window;
+        self
+    }
+
+    /// Builds the responses the layer sends itself: the `503` when a lookup fails under
+    /// [`FailureMode::Closed`] and the `504` for `only-if-cached` with nothing usable stored.
+    /// The layer adds `Cache-Status` (and `Retry-After: 1` to a `503`) unless the response has
+    /// them.
+    pub fn rejection<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+    {
+        self.config_mut().rejection = Some(Arc::new(f));
         self
     }
 
@@ -296,6 +400,10 @@ impl<B: fmt::Debug> fmt::Debug for CacheLayer<B> {
             .field("stale_if_error", &c.stale_if_error)
             .field("allow_authorized", &c.allow_authorized)
             .field("invalidate_unsafe", &c.invalidate_unsafe)
+            .field("heuristic", &c.heuristic)
+            .field("targeted_field", &c.targeted)
+            .field("hosts", &c.keys.hosts)
+            .field("revalidation_window", &c.keep)
             .finish_non_exhaustive()
     }
 }

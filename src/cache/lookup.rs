@@ -11,11 +11,13 @@ use tower_service::Service;
 
 use super::{
     conditional::{self, Conditional},
-    config::FillLock,
+    config::{Config, FillLock},
     entry::Entry,
     fill::Fill,
+    policy,
     request::Limits,
     response,
+    revalidate::Prior,
     target::Target,
     ResponseBody, TARGET,
 };
@@ -33,19 +35,37 @@ enum Step {
 
 /// The step for `lookup`, whose entry (decoded, of the request's variant) is `entry`; `token`
 /// is the fill lock's token if the lookup took it. The request's `limits` decide whether it
-/// accepts the entry at all, and whether it takes it stale.
-fn step(lookup: &Lookup, entry: Option<Entry>, token: FillToken, limits: &Limits) -> Step {
+/// accepts the entry at all, and whether it takes it stale. An entry that is not served is
+/// handed to the fill (revalidated when it has a validator; served if the handler fails while
+/// it is inside its stale-if-error window).
+fn step(
+    lookup: &Lookup,
+    entry: Option<Entry>,
+    token: FillToken,
+    limits: &Limits,
+    config: &Config,
+) -> Step {
     let held = lookup.fill == FillState::Held;
     let lock = (lookup.fill == FillState::Acquired).then_some(token);
     let version = Some(lookup.version);
     let age = lookup.age;
+    let fill = |status| Fill::new(version, lock, status);
+    let prior = |entry, stand_in| Prior::new(entry, lookup, stand_in);
     // A stored response the request's `max-age` / `min-fresh` refuse (RFC 9211 `fwd=request`).
-    let refused = entry.as_ref().is_some_and(|e| !limits.allows(e, age));
-    let entry = entry.filter(|_| !refused);
+    let (entry, refused) = match entry {
+        Some(e) if !limits.allows(&e, age) => (None, Some(e)),
+        e => (e, None),
+    };
+    let stale = matches!(
+        lookup.freshness,
+        Freshness::Stale | Freshness::StaleIfError | Freshness::Expired
+    );
     match (lookup.freshness, entry) {
         (Freshness::Fresh, Some(entry)) => Step::Serve(entry, age, "hit"),
-        (Freshness::Stale | Freshness::StaleIfError, Some(entry))
-            if limits.takes_stale(&entry, age) =>
+        (_, Some(entry))
+            if stale
+                && limits.takes_stale(&entry, age)
+                && !policy::forbids_stale(&entry.headers, config) =>
         {
             Step::Serve(entry, age, "hit; detail=max-stale")
         }
@@ -59,16 +79,21 @@ fn step(lookup: &Lookup, entry: Option<Entry>, token: FillToken, limits: &Limits
         }
         (Freshness::Early, Some(entry)) => {
             let status = "fwd=stale; detail=early-recompute";
-            Step::Fill(Fill::new(version, lock, status).standing_in(entry, age))
+            Step::Fill(fill(status).replacing(prior(entry, true)))
         }
-        // Only usable on error, and another request is refreshing it: wait.
-        (Freshness::StaleIfError, Some(_)) if held => Step::Wait,
+        // Only usable on error or once revalidated, and another request is on it: wait.
+        (Freshness::StaleIfError | Freshness::Expired, Some(_)) if held => Step::Wait,
         (Freshness::Stale | Freshness::StaleIfError, Some(entry)) => {
-            Step::Fill(Fill::new(version, lock, "fwd=stale").standing_in(entry, age))
+            Step::Fill(fill("fwd=stale").replacing(prior(entry, true)))
         }
-        _ if refused && !held => Step::Fill(Fill::new(version, lock, "fwd=request")),
-        _ if !held => Step::Fill(Fill::new(version, lock, "fwd=miss")),
-        _ => Step::Wait,
+        (Freshness::Expired, Some(entry)) => {
+            Step::Fill(fill("fwd=stale").replacing(prior(entry, false)))
+        }
+        _ if held => Step::Wait,
+        _ => match refused {
+            Some(entry) => Step::Fill(fill("fwd=request").replacing(prior(entry, false))),
+            None => Step::Fill(fill("fwd=miss")),
+        },
     }
 }
 
@@ -129,7 +154,7 @@ where
                 return Ok(unavailable);
             }
             if limits.only_if_cached {
-                return Ok(response::not_cached());
+                return Ok(response::not_cached(target.config()));
             }
             let request = Request::from_parts(parts, body);
             return Fill::unstored("fwd=miss").run(target, inner, request).await;
@@ -138,7 +163,7 @@ where
     let mut waiting = fill_lock.map(Waiting::new);
     loop {
         let entry = target.usable_entry(&lookup, &parts.headers).await;
-        match step(&lookup, entry, token, &limits) {
+        match step(&lookup, entry, token, &limits, target.config()) {
             Step::Serve(entry, age, status) => {
                 if lookup.fill == FillState::Acquired {
                     // Served stale to a `max-stale` request: the lock is not needed.
@@ -152,9 +177,10 @@ where
                 }
                 return Ok(response::serve(entry, age, target.head, status));
             }
-            _ if limits.only_if_cached => return Ok(response::not_cached()),
+            _ if limits.only_if_cached => return Ok(response::not_cached(target.config())),
             Step::Fill(fill) => {
                 let request = Request::from_parts(parts, body);
+                let fill = fill.answering(conditional);
                 return fill.run(target, inner, request).await;
             }
             Step::Wait => {}

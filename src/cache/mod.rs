@@ -146,12 +146,13 @@ mod lookup;
 mod policy;
 mod request;
 mod response;
+mod revalidate;
 mod service;
 mod target;
 
 pub use self::{
     future::ResponseFuture,
-    layer::{CacheHandle, CacheLayer},
+    layer::{CacheHandle, CacheLayer, Rejection},
     service::Cache,
 };
 pub use crate::{store::FailureMode, ResponseBody};

@@ -1,11 +1,11 @@
 //! Cacheability rules for a shared cache (RFC 9111 sections 3, 3.5, 4.2 and 5.2).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{header, request::Parts, HeaderMap, HeaderName, Method, StatusCode};
 
 use super::{
-    config::{Config, HEURISTIC_STATUSES},
+    config::{Config, Heuristic, HEURISTIC_STATUSES},
     freshness::{self, Delta, Directives, Exchange, Lifetime},
 };
 
@@ -20,6 +20,8 @@ pub(crate) enum Bypass {
     NoStore,
     /// The partition closure returned `None`.
     NoPartition,
+    /// The request's host is not on the layer's list.
+    Host,
 }
 
 impl Bypass {
@@ -30,6 +32,7 @@ impl Bypass {
             Bypass::Cookie => "cookie",
             Bypass::NoStore => "no-store",
             Bypass::NoPartition => "no-partition",
+            Bypass::Host => "host",
         }
     }
 }
@@ -122,6 +125,29 @@ pub(crate) struct Storable {
     pub(crate) stale_while_revalidate: Duration,
     /// How long past its freshness it may be served when the inner service fails.
     pub(crate) stale_if_error: Duration,
+    /// How long it is kept past its freshness to be revalidated (zero without a validator).
+    pub(crate) keep: Duration,
+}
+
+/// Whether a response has a validator (`ETag` or `Last-Modified`) a conditional request can
+/// use.
+pub(crate) fn has_validator(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
+}
+
+/// Whether a stored response may never be served stale, even to a request's `max-stale`:
+/// `must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache` (RFC 9111 sections
+/// 4.2.4, 5.2.2).
+pub(crate) fn forbids_stale(headers: &HeaderMap, config: &Config) -> bool {
+    let (cc, _) = response_directives(headers, config);
+    [
+        "must-revalidate",
+        "proxy-revalidate",
+        "s-maxage",
+        "no-cache",
+    ]
+    .iter()
+    .any(|d| cc.has(d))
 }
 
 /// The stale windows of a response (RFC 5861): its `stale-while-revalidate` and
@@ -129,7 +155,11 @@ pub(crate) struct Storable {
 /// response has none; an invalid value is 0). `must-revalidate`, `proxy-revalidate` and
 /// `s-maxage` forbid serving it stale at all (RFC 9111 sections 4.2.4, 5.2.2.2, 5.2.2.8, 5.2.2.10).
 fn stale_windows(cc: &Directives, config: &Config) -> (Duration, Duration) {
-    if cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("s-maxage") {
+    if cc.has("must-revalidate")
+        || cc.has("proxy-revalidate")
+        || cc.has("s-maxage")
+        || cc.has("no-cache")
+    {
         return (Duration::ZERO, Duration::ZERO);
     }
     let window = |name: &str, layer: Duration| match cc.delta(name) {
@@ -141,6 +171,33 @@ fn stale_windows(cc: &Directives, config: &Config) -> (Duration, Duration) {
         window("stale-while-revalidate", config.stale_while_revalidate),
         window("stale-if-error", config.stale_if_error),
     )
+}
+
+/// The cache directives of a response for this cache: those of the layer's targeted field
+/// (RFC 9213) when the response has it with a valid, non-empty value (then `true`: `Expires` is
+/// ignored too), else those of `Cache-Control`.
+pub(crate) fn response_directives(headers: &HeaderMap, config: &Config) -> (Directives, bool) {
+    if let Some(name) = &config.targeted {
+        let targeted = Directives::parse_fields(headers, name);
+        if !targeted.is_empty() {
+            return (targeted, true);
+        }
+    }
+    (Directives::parse(headers), false)
+}
+
+/// The heuristic freshness lifetime from `Last-Modified` (RFC 9111 section 4.2.2): a fraction
+/// of the time between it and the response's `Date` (else its arrival), capped. `None`
+/// without a valid `Last-Modified` in the past.
+fn heuristic_lifetime(headers: &HeaderMap, h: Heuristic, received: SystemTime) -> Option<Duration> {
+    let date = |name| {
+        let value = headers.get(name)?.to_str().ok()?;
+        httpdate::parse_http_date(value.trim()).ok()
+    };
+    let modified = date(header::LAST_MODIFIED)?;
+    let now = date(header::DATE).unwrap_or(received);
+    let since = now.duration_since(modified).ok()?;
+    Some(since.mul_f64(h.fraction).min(h.cap))
 }
 
 /// Whether a response may be stored, and for how long (before jitter).
@@ -166,14 +223,18 @@ pub(crate) fn storable(
     if headers.contains_key(header::SET_COOKIE) {
         return Err(NotStored::SetCookie);
     }
-    let cc = Directives::parse(headers);
+    let (cc, targeted) = response_directives(headers, config);
     if cc.has("private") {
         return Err(NotStored::Private);
     }
     if cc.has("no-store") {
         return Err(NotStored::NoStore);
     }
-    if cc.has("no-cache") {
+    // With a validator, a response that must be revalidated before each use (`no-cache`) or
+    // that is stale already is kept to be revalidated, never served without it.
+    let validated = !config.keep.is_zero() && has_validator(headers);
+    let no_cache = cc.has("no-cache");
+    if no_cache && !validated {
         return Err(NotStored::NoCache);
     }
     vary_names(headers)?;
@@ -186,7 +247,7 @@ pub(crate) fn storable(
         return Err(NotStored::TooLarge);
     }
     let lifetime = if config.response_ttl {
-        freshness::lifetime(headers, &cc, exchange.received)
+        freshness::lifetime(headers, &cc, !targeted, exchange.received)
     } else {
         Lifetime::None
     };
@@ -199,12 +260,22 @@ pub(crate) fn storable(
             if !heuristic {
                 return Err(NotStored::Status);
             }
-            (config.ttl, false)
+            match config.heuristic.filter(|_| config.response_ttl) {
+                Some(h) => (
+                    heuristic_lifetime(headers, h, exchange.received).unwrap_or_default(),
+                    false,
+                ),
+                None => (config.ttl, false),
+            }
         }
     };
     let initial_age = freshness::initial_age(headers, exchange);
-    let ttl = lifetime.saturating_sub(initial_age);
-    if ttl.is_zero() {
+    let ttl = if no_cache {
+        Duration::ZERO
+    } else {
+        lifetime.saturating_sub(initial_age)
+    };
+    if ttl.is_zero() && !validated {
         return Err(NotStored::Stale);
     }
     let (stale_while_revalidate, stale_if_error) = stale_windows(&cc, config);
@@ -214,6 +285,11 @@ pub(crate) fn storable(
         explicit,
         stale_while_revalidate,
         stale_if_error,
+        keep: if validated {
+            config.keep
+        } else {
+            Duration::ZERO
+        },
     })
 }
 
@@ -331,6 +407,65 @@ pub(super) mod tests {
         assert_eq!(
             l(200, &[("cache-control", "max-age=5")]),
             Err(NotStored::Status)
+        );
+    }
+
+    #[test]
+    fn heuristic_and_targeted_field() {
+        let mut config = config(None);
+        config.heuristic = Some(Heuristic {
+            fraction: 0.1,
+            cap: Duration::from_secs(3600),
+        });
+        config.targeted = Some(HeaderName::from_static("cdn-cache-control"));
+        let date = "Thu, 01 Jan 1970 10:00:00 GMT";
+        let st = |status: u16, hs: &[(&'static str, &'static str)]| {
+            storable(StatusCode::from_u16(status).unwrap(), &h(hs), &config, NOW)
+                .map(|s| (s.ttl.as_secs(), s.explicit))
+        };
+        // 10% of 1000 s; capped at an hour; none without Last-Modified.
+        let lm = ("last-modified", "Thu, 01 Jan 1970 09:43:20 GMT");
+        assert_eq!(st(200, &[("date", date), lm]), Ok((100, false)));
+        let old = ("last-modified", "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(st(200, &[("date", date), old]), Ok((3600, false)));
+        assert_eq!(st(200, &[("date", date)]), Err(NotStored::Stale));
+        // With a validator, kept to be revalidated (never fresh).
+        let etag = ("etag", "\"1\"");
+        assert_eq!(st(200, &[("date", date), etag]), Ok((0, false)));
+        assert_eq!(
+            st(200, &[("cache-control", "no-cache, max-age=60"), etag]),
+            Ok((0, true))
+        );
+        assert_eq!(
+            st(200, &[("cache-control", "max-age=0, must-revalidate"), lm]),
+            Ok((0, true))
+        );
+        assert_eq!(
+            st(200, &[("cache-control", "no-cache, max-age=60")]),
+            Err(NotStored::NoCache)
+        );
+        assert_eq!(st(201, &[("date", date), lm]), Err(NotStored::Status));
+        assert_eq!(
+            st(201, &[("date", date), lm, ("cache-control", "public")]),
+            Ok((100, false))
+        );
+        // The targeted field wins over Cache-Control and Expires, when valid and non-empty.
+        let cdn = |v| ("cdn-cache-control", v);
+        assert_eq!(
+            st(200, &[("cache-control", "no-store"), cdn("max-age=30")]),
+            Ok((30, true))
+        );
+        assert_eq!(
+            st(200, &[("cache-control", "max-age=30"), cdn("no-store")]),
+            Err(NotStored::NoStore)
+        );
+        assert_eq!(
+            st(200, &[("expires", "0"), cdn("public"), ("date", date), lm]),
+            Ok((100, false))
+        );
+        assert_eq!(
+            st(200, &[("cache-control", "max-age=30"), cdn(" ")]),
+            Ok((30, true))
         );
     }
 

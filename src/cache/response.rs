@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Body;
 
-use super::{entry::Entry, freshness, ResponseBody};
+use super::{config::Config, entry::Entry, freshness, layer::Rejection, ResponseBody};
 
 /// The `Cache-Status` field (RFC 9211).
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -62,14 +62,28 @@ pub(super) fn serve<B: Body>(
 }
 
 /// `503 Service Unavailable` with `Retry-After: 1`: the store failed and the layer fails closed.
-pub(super) fn unavailable<B: Body>() -> Response<ResponseBody<B>> {
-    let mut response =
-        crate::problem::problem_static(StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE_BODY);
-    response
-        .headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-    mark(response.headers_mut(), UNAVAILABLE_STATUS);
+/// From the configured rejection builder if there is one.
+pub(super) fn unavailable<B: Body>(config: &Config) -> Response<ResponseBody<B>> {
+    let mut response = match &config.rejection {
+        Some(f) => f(&Rejection::Unavailable),
+        None => crate::problem::problem_static(StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE_BODY),
+    };
+    if !response.headers().contains_key(http::header::RETRY_AFTER) {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    mark_own(response.headers_mut(), UNAVAILABLE_STATUS);
     response.map(ResponseBody::full)
+}
+
+/// [`mark`], unless a rejection builder set `Cache-Status` itself (still counted).
+fn mark_own(headers: &mut HeaderMap, params: &str) {
+    if headers.contains_key(CACHE_STATUS) {
+        count(outcome_of(params));
+    } else {
+        mark(headers, params);
+    }
 }
 
 /// The `Cache-Status` parameters of the `504` answered to `only-if-cached` when nothing usable
@@ -78,12 +92,15 @@ const NOT_CACHED_STATUS: &str = "detail=only-if-cached";
 
 /// `504 Gateway Timeout`: the request said `only-if-cached` and nothing usable is stored (RFC
 /// 9111 section 5.2.1.7); the inner service is not called.
-pub(super) fn not_cached<B: Body>() -> Response<ResponseBody<B>> {
-    let mut response = crate::problem::problem(
-        StatusCode::GATEWAY_TIMEOUT,
-        "only-if-cached: no usable response is stored",
-    );
-    mark(response.headers_mut(), NOT_CACHED_STATUS);
+pub(super) fn not_cached<B: Body>(config: &Config) -> Response<ResponseBody<B>> {
+    let mut response = match &config.rejection {
+        Some(f) => f(&Rejection::NotCached),
+        None => crate::problem::problem(
+            StatusCode::GATEWAY_TIMEOUT,
+            "only-if-cached: no usable response is stored",
+        ),
+    };
+    mark_own(response.headers_mut(), NOT_CACHED_STATUS);
     response.map(ResponseBody::full)
 }
 

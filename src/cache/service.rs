@@ -9,6 +9,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::{
+    conditional::Conditional,
     config::Shared,
     fill::Fill,
     future::ResponseFuture,
@@ -17,6 +18,7 @@ use super::{
     policy::{self, Bypass, RequestUse},
     request::Limits,
     response,
+    revalidate::Prior,
     target::Target,
     ResponseBody,
 };
@@ -92,6 +94,9 @@ where
         }
         Err(why) => return bypass(&mut inner, parts, body, why).await,
     };
+    if config.keys.hosts.key_host(&parts).is_none() {
+        return bypass(&mut inner, parts, body, Bypass::Host).await;
+    }
     let Some(keys) = config.keys.keys(&parts, &shared.vary) else {
         return bypass(&mut inner, parts, body, Bypass::NoPartition).await;
     };
@@ -104,20 +109,28 @@ where
         RequestUse::Normal => lookup::serve_or_fill(&target, &mut inner, parts, body).await,
         // `no-cache` with `only-if-cached`: nothing may be served, nothing forwarded.
         RequestUse::Refresh if Limits::of(&parts.headers).only_if_cached => {
-            Ok(response::not_cached())
+            Ok(response::not_cached(config))
         }
         RequestUse::Refresh => {
-            // Read the version only (no lock, no entry served), then run the handler and store.
-            let version = match target.lookup(None).await {
-                Ok(lookup) => Some(lookup.version),
+            // No entry is served unvalidated: read it (no lock), then revalidate it when it has
+            // a validator, or run the handler and store.
+            let (version, prior) = match target.lookup(None).await {
+                Ok(lookup) => {
+                    let entry = target.usable_entry(&lookup, &parts.headers).await;
+                    let prior = entry.map(|e| Prior::new(e, &lookup, false));
+                    (Some(lookup.version), prior)
+                }
                 Err(error) => match target.lookup_failed(&error, "refresh") {
                     Some(unavailable) => return Ok(unavailable),
-                    None => None,
+                    None => (None, None),
                 },
             };
-            let request = Request::from_parts(parts, body);
-            Fill::new(version, None, "fwd=request")
-                .run(&target, &mut inner, request)
+            let mut fill =
+                Fill::new(version, None, "fwd=request").answering(Conditional::of(&parts.headers));
+            if let Some(prior) = prior {
+                fill = fill.replacing(prior);
+            }
+            fill.run(&target, &mut inner, Request::from_parts(parts, body))
                 .await
         }
     }

@@ -11,8 +11,8 @@ use super::{
     response, ResponseBody, TARGET,
 };
 use crate::store::{
-    Bounded, CacheStore, FailureMode, FillRequest, FillToken, Lookup, LookupRequest, StoreError,
-    StoreFuture, StoreOutcome, StoreRequest,
+    Bounded, CacheStore, FailureMode, FillRequest, FillToken, Lookup, LookupRequest,
+    RefreshRequest, StoreError, StoreFuture, StoreOutcome, StoreRequest,
 };
 
 /// A request's entry: where it lives in the store, and the calls on it.
@@ -63,7 +63,7 @@ impl<'a, B: CacheStore> Target<'a, B> {
             }
             FailureMode::Closed => {
                 tracing::warn!(target: TARGET, %error, stage, "cache lookup failed; answering 503");
-                Some(response::unavailable())
+                Some(response::unavailable(self.config()))
             }
         }
     }
@@ -124,6 +124,22 @@ impl<'a, B: CacheStore> Target<'a, B> {
             }
             Err(error) => {
                 tracing::warn!(target: TARGET, %error, "cache store failed; dropped");
+                false
+            }
+        }
+    }
+
+    /// Refreshes an entry in place after a `304` (and releases the fill lock the request
+    /// names). Answers whether it was refreshed; a failure is logged and dropped.
+    pub(super) async fn refresh(&self, request: RefreshRequest) -> bool {
+        match self.bound(self.shared.store.refresh(request)).await {
+            Ok(StoreOutcome::Stored) => true,
+            Ok(outcome) => {
+                tracing::debug!(target: TARGET, ?outcome, "cache entry not refreshed");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(target: TARGET, %error, "cache refresh failed; dropped");
                 false
             }
         }

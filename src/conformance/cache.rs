@@ -6,8 +6,8 @@ use futures_util::future::join_all;
 
 use super::random_key;
 use crate::store::{
-    CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreOutcome,
-    StoreRequest,
+    CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest,
+    RefreshRequest, StoreOutcome, StoreRequest,
 };
 use crate::StoreKey;
 
@@ -53,6 +53,7 @@ fn store_request(
         stale_while_revalidate: Duration::ZERO,
         stale_if_error: Duration::ZERO,
         compute_time: Duration::from_millis(5),
+        keep: Duration::ZERO,
     }
 }
 
@@ -72,6 +73,8 @@ pub async fn cache_suite<S: CacheStore>(store: &S) {
         cache_key_invalidation_and_isolation(store),
         cache_fill_lock(store),
         cache_early_recompute(store),
+        cache_revalidation_and_refresh(store),
+        cache_several_keys_in_one_call(store),
     );
 }
 
@@ -234,4 +237,88 @@ async fn cache_early_recompute<S: CacheStore>(store: &S) {
     assert_eq!(early.fill, FillState::Acquired);
     let second = lookup(store, seg, key, Some(FillToken::random()), 1.0, 1e-12).await;
     assert_eq!(second.fill, FillState::Held, "two early recomputes at once");
+}
+
+/// An entry kept for revalidation reads `Expired` past its windows (and takes the fill lock);
+/// a refresh with the lock replaces its head and freshness in place and keeps the rest of its
+/// bytes; a refresh of an entry that was replaced, or without the lock, is dropped.
+async fn cache_revalidation_and_refresh<S: CacheStore>(store: &S) {
+    let (seg, key) = (random_key(), random_key());
+    let mut req = store_request(seg, key, 0, "head1:body");
+    req.ttl = Duration::ZERO;
+    req.keep = Duration::from_secs(10);
+    assert_eq!(put(store, req).await, StoreOutcome::Stored);
+    let token = FillToken::random();
+    let l = lookup(store, seg, key, Some(token), 0.0, 1.0).await;
+    assert_eq!(
+        l.freshness,
+        Freshness::Expired,
+        "a zero TTL entry is never fresh"
+    );
+    assert_eq!(l.entry.as_deref(), Some(&b"head1:body"[..]));
+    assert_eq!(
+        l.fill,
+        FillState::Acquired,
+        "a revalidation takes the fill lock"
+    );
+    let refresh = |old: &'static str, new: &'static str, fill| RefreshRequest {
+        segment: seg,
+        key,
+        version: l.version,
+        fill,
+        old_head: bytes::Bytes::from_static(old.as_bytes()),
+        new_head: bytes::Bytes::from_static(new.as_bytes()),
+        ttl: Duration::from_secs(10),
+        stale_while_revalidate: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        keep: Duration::from_secs(10),
+    };
+    let other = FillToken::random();
+    let outcome = store.refresh(refresh("head1:", "h2:", Some((key, other))));
+    assert_eq!(outcome.await.expect("refresh"), StoreOutcome::LockLost);
+    let outcome = store.refresh(refresh("head9:", "h2:", Some((key, token))));
+    assert_eq!(outcome.await.expect("refresh"), StoreOutcome::Missing);
+    // The lock was released by the dropped refresh (its token held): retake it.
+    let l2 = lookup(store, seg, key, Some(token), 0.0, 1.0).await;
+    assert_eq!(l2.fill, FillState::Acquired);
+    let outcome = store.refresh(refresh("head1:", "h2:", Some((key, token))));
+    assert_eq!(outcome.await.expect("refresh"), StoreOutcome::Stored);
+    let l = lookup(store, seg, key, Some(FillToken::random()), 0.0, 1.0).await;
+    assert_eq!(l.freshness, Freshness::Fresh);
+    assert_eq!(l.entry.as_deref(), Some(&b"h2:body"[..]));
+    assert_eq!(l.fill, FillState::NotTried);
+    let gone = random_key();
+    let mut missing = refresh("head1:", "h2:", None);
+    missing.key = gone;
+    assert_eq!(
+        store.refresh(missing).await.expect("refresh"),
+        StoreOutcome::Missing
+    );
+}
+
+/// `invalidate_keys` deletes several entries of a segment at once and counts those that
+/// existed.
+async fn cache_several_keys_in_one_call<S: CacheStore>(store: &S) {
+    let seg = random_key();
+    let (a, b, c) = (random_key(), random_key(), random_key());
+    put(store, store_request(seg, a, 0, "a")).await;
+    put(store, store_request(seg, b, 0, "b")).await;
+    put(store, store_request(seg, c, 0, "c")).await;
+    let deleted = store.invalidate_keys(seg, vec![a, b, random_key()]).await;
+    assert_eq!(deleted.expect("delete"), 2);
+    for key in [a, b] {
+        assert_eq!(
+            lookup(store, seg, key, None, 0.0, 1.0).await.freshness,
+            Freshness::Miss
+        );
+    }
+    let l = lookup(store, seg, c, None, 0.0, 1.0).await;
+    assert_eq!(l.entry.as_deref(), Some(&b"c"[..]));
+    assert_eq!(
+        store
+            .invalidate_keys(seg, Vec::new())
+            .await
+            .expect("delete"),
+        0
+    );
 }

@@ -1,7 +1,7 @@
--- Deletes one cache entry.
+-- Deletes cache entries (all of one segment: one hash slot).
 --
--- KEYS[1]   the entry
+-- KEYS      the entries
 --
--- Reply: 1 deleted, 0 absent.
+-- Reply: how many existed.
 
-return redis.call('DEL', KEYS[1])
+return redis.call('DEL', unpack(KEYS))

@@ -10,10 +10,12 @@
 -- ARGV[4]   a uniform random number in (0, 1]
 --
 -- Entry fields: v version, t stored at (us), f fresh until (us), w stale-while-revalidate
--- until (us), e stale-if-error until (us), d compute time (us), b the encoded response.
+-- until (us), e stale-if-error until (us), x kept for revalidation until (us; absent in entries
+-- of older versions), d compute time (us), b the encoded response.
 --
 -- Reply: { state, version, age ms, lock, body }
---   state 0 miss, 1 fresh, 2 early (XFetch), 3 stale, 4 stale only on error, 5 corrupt (deleted)
+--   state 0 miss, 1 fresh, 2 early (XFetch), 3 stale, 4 stale only on error, 5 corrupt (deleted),
+--         6 expired but kept to be revalidated
 --   lock  0 not tried, 1 acquired, 2 held by another
 -- Time comes from the server (TIME), in microseconds.
 
@@ -29,7 +31,7 @@ local state = 0
 local age = 0
 local body = false
 
-local r = redis.pcall('HMGET', KEYS[2], 'v', 't', 'f', 'w', 'e', 'd', 'b')
+local r = redis.pcall('HMGET', KEYS[2], 'v', 't', 'f', 'w', 'e', 'd', 'b', 'x')
 if type(r) == 'table' and r.err then
   -- Not a hash (written by something else): unreadable, delete it.
   redis.call('DEL', KEYS[2])
@@ -50,6 +52,8 @@ elseif r[1] or r[7] then
       state = 3
     elseif now < e then
       state = 4
+    elseif now < (tonumber(r[8]) or 0) then
+      state = 6
     end
     if state ~= 0 then
       body = r[7]

@@ -11,6 +11,7 @@
 -- ARGV[5]   stale-if-error window ms
 -- ARGV[6]   compute time us
 -- ARGV[7]   the encoded response
+-- ARGV[8]   how long the entry is kept after its freshness to be revalidated, ms
 --
 -- Reply: 1 stored, 0 segment version changed, -1 fill lock lost.
 
@@ -31,8 +32,9 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local fresh = tonumber(ARGV[3])
 local swr = tonumber(ARGV[4])
 local sie = tonumber(ARGV[5])
+local kept = tonumber(ARGV[8]) or 0
 local f = now + fresh * 1000
-local keep = fresh + math.max(swr, sie)
+local keep = fresh + math.max(swr, sie, kept)
 -- The version key must outlive every entry written under it (so that when it expires, and the
 -- version reads 0 again, no entry of an older version is left).
 local vttl = redis.call('PTTL', KEYS[1])
@@ -43,6 +45,6 @@ elseif vttl >= 0 and vttl < keep then
 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'v', version, 't', now, 'f', f, 'w', f + swr * 1000,
-  'e', f + sie * 1000, 'd', tonumber(ARGV[6]), 'b', ARGV[7])
+  'e', f + sie * 1000, 'x', f + kept * 1000, 'd', tonumber(ARGV[6]), 'b', ARGV[7])
 redis.call('PEXPIRE', KEYS[2], math.max(keep, 1))
 return 1

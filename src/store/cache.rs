@@ -79,6 +79,9 @@ pub enum Freshness {
     /// Past the stale-while-revalidate window but inside the stale-if-error window: usable only
     /// when the handler fails.
     StaleIfError,
+    /// Past its freshness and every stale window, but kept to be revalidated (see
+    /// [`StoreRequest::keep`]): usable once the origin confirms it (a `304`).
+    Expired,
 }
 
 /// What happened to the fill lock during a lookup.
@@ -132,6 +135,40 @@ pub struct StoreRequest {
     pub stale_if_error: Duration,
     /// How long the response took to compute (XFetch's `delta`).
     pub compute_time: Duration,
+    /// How long the entry is kept after `ttl` to be revalidated ([`Freshness::Expired`] once
+    /// past the stale windows); zero for an entry without a validator.
+    pub keep: Duration,
+}
+
+/// An in-place refresh of an entry that a `304 Not Modified` confirmed: new head bytes, new
+/// freshness, the stored body kept (it is not sent again).
+///
+/// The entry's bytes start with `old_head`, which the refresh replaces with `new_head`; the
+/// refresh is dropped when the entry is gone, was replaced (it no longer starts with
+/// `old_head`), or belongs to another segment version.
+#[derive(Debug, Clone)]
+pub struct RefreshRequest {
+    /// The hashed segment.
+    pub segment: StoreKey,
+    /// The hashed entry key.
+    pub key: StoreKey,
+    /// The segment version read at lookup.
+    pub version: u64,
+    /// The fill lock held (its key and token): the refresh is dropped unless it still holds,
+    /// and the lock is released with it.
+    pub fill: Option<(StoreKey, FillToken)>,
+    /// The first bytes of the stored entry, as read.
+    pub old_head: Bytes,
+    /// What replaces them.
+    pub new_head: Bytes,
+    /// How long the entry is fresh from now.
+    pub ttl: Duration,
+    /// Stale-while-revalidate window after `ttl`.
+    pub stale_while_revalidate: Duration,
+    /// Stale-if-error window after `ttl`.
+    pub stale_if_error: Duration,
+    /// How long the entry is kept after `ttl` to be revalidated.
+    pub keep: Duration,
 }
 
 /// The outcome of a [`StoreRequest`].
@@ -144,6 +181,8 @@ pub enum StoreOutcome {
     VersionChanged,
     /// Dropped: the fill lock expired or is held by someone else.
     LockLost,
+    /// Dropped: the entry to refresh is gone or was replaced.
+    Missing,
 }
 
 /// A store for [`CacheLayer`](crate::cache::CacheLayer).
@@ -171,6 +210,34 @@ pub trait CacheStore: Send + Sync + 'static {
 
     /// Deletes one entry. Answers whether it existed.
     fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool>;
+
+    /// Refreshes an entry in place after a `304` (one atomic call): see [`RefreshRequest`].
+    /// Releases the fill lock the request names.
+    ///
+    /// The default answers [`StoreOutcome::Missing`] without touching the store: the layer
+    /// then serves the stored body and releases the lock, and the entry is revalidated again
+    /// next time. Every store of this crate implements it.
+    fn refresh(&self, request: RefreshRequest) -> StoreFuture<StoreOutcome> {
+        let _ = request;
+        Box::pin(std::future::ready(Ok(StoreOutcome::Missing)))
+    }
+
+    /// Deletes several entries of one segment in one atomic call. Answers how many existed.
+    ///
+    /// The default deletes them one by one with [`invalidate_key`](Self::invalidate_key).
+    fn invalidate_keys(&self, segment: StoreKey, keys: Vec<StoreKey>) -> StoreFuture<u64> {
+        let calls: Vec<_> = keys
+            .into_iter()
+            .map(|key| self.invalidate_key(segment, key))
+            .collect();
+        Box::pin(async move {
+            let mut deleted = 0;
+            for call in calls {
+                deleted += u64::from(call.await?);
+            }
+            Ok(deleted)
+        })
+    }
 
     /// Whether calls leave the process (the layer puts a timeout only around those that do).
     /// Defaults to `true`.
@@ -203,6 +270,14 @@ impl<T: CacheStore + ?Sized> CacheStore for std::sync::Arc<T> {
 
     fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool> {
         (**self).invalidate_key(segment, key)
+    }
+
+    fn refresh(&self, request: RefreshRequest) -> StoreFuture<StoreOutcome> {
+        (**self).refresh(request)
+    }
+
+    fn invalidate_keys(&self, segment: StoreKey, keys: Vec<StoreKey>) -> StoreFuture<u64> {
+        (**self).invalidate_keys(segment, keys)
     }
 
     fn is_remote(&self) -> bool {

@@ -41,8 +41,8 @@ mod redis;
 
 pub(crate) use self::cache::VERSION_RETENTION;
 pub use self::cache::{
-    CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreOutcome,
-    StoreRequest,
+    CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest,
+    RefreshRequest, StoreOutcome, StoreRequest,
 };
 pub use self::call::FailureMode;
 pub(crate) use self::call::{bounded, Bounded};

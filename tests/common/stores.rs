@@ -11,8 +11,8 @@ use std::{future::Future, pin::Pin, time::Duration};
 use tower_redis_layers::{
     store::{
         CacheStore, Claim, ClaimRequest, Decision, FillToken, IdempotencyStore, LockStore, Lookup,
-        LookupRequest, MemoryStore, RateCheck, RateLimitStore, StoreFuture, StoreOutcome,
-        StoreRequest,
+        LookupRequest, MemoryStore, RateCheck, RateLimitStore, RefreshRequest, StoreFuture,
+        StoreOutcome, StoreRequest,
     },
     StoreError, StoreKey,
 };
@@ -180,6 +180,14 @@ impl CacheStore for AnyStore {
 
     fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool> {
         each!(self, s => s.invalidate_key(segment, key))
+    }
+
+    fn refresh(&self, request: RefreshRequest) -> StoreFuture<StoreOutcome> {
+        each!(self, s => s.refresh(request))
+    }
+
+    fn invalidate_keys(&self, segment: StoreKey, keys: Vec<StoreKey>) -> StoreFuture<u64> {
+        each!(self, s => s.invalidate_keys(segment, keys))
     }
 
     fn is_remote(&self) -> bool {

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use super::{done, MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
-        CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreError,
-        StoreFuture, StoreOutcome, StoreRequest, VERSION_RETENTION,
+        CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest, RefreshRequest,
+        StoreError, StoreFuture, StoreOutcome, StoreRequest, VERSION_RETENTION,
     },
     StoreKey,
 };
@@ -29,14 +29,33 @@ struct MemEntry {
     fresh_until: u64,
     swr_until: u64,
     sie_until: u64,
+    /// Kept until then to be revalidated.
+    keep_until: u64,
     delta: u64,
     body: Bytes,
 }
 
 impl MemEntry {
     fn expires_at(&self) -> u64 {
-        self.swr_until.max(self.sie_until)
+        self.swr_until.max(self.sie_until).max(self.keep_until)
     }
+}
+
+/// Microseconds in `d` (whole milliseconds, as the Redis scripts take them).
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4) * 1000
+}
+
+/// The freshness deadlines of an entry written at `now`: fresh, stale-while-revalidate,
+/// stale-if-error, kept for revalidation.
+fn deadlines(now: u64, ttl: Duration, swr: Duration, sie: Duration, keep: Duration) -> [u64; 4] {
+    let fresh_until = now + us(ttl);
+    [
+        fresh_until,
+        fresh_until + us(swr),
+        fresh_until + us(sie),
+        fresh_until + us(keep),
+    ]
 }
 
 fn lookup(shard: &mut Shard, now: u64, req: &LookupRequest) -> Result<Lookup, StoreError> {
@@ -67,6 +86,8 @@ fn lookup(shard: &mut Shard, now: u64, req: &LookupRequest) -> Result<Lookup, St
                 Freshness::Stale
             } else if now < e.sie_until {
                 Freshness::StaleIfError
+            } else if now < e.keep_until {
+                Freshness::Expired
             } else {
                 Freshness::Miss
             };
@@ -99,39 +120,87 @@ fn lookup(shard: &mut Shard, now: u64, req: &LookupRequest) -> Result<Lookup, St
     })
 }
 
-fn store(shard: &mut Shard, now: u64, req: &StoreRequest) -> Result<StoreOutcome, StoreError> {
-    if let Some((lock, token)) = &req.fill {
-        let id = (req.segment, *lock);
-        let holds = shard
-            .locks
-            .get(&id)
-            .is_some_and(|(t, until)| t == token && *until > now);
-        if !holds {
-            return Ok(StoreOutcome::LockLost);
-        }
+/// Checks (and releases) the fill lock a write names: `false` when it no longer holds.
+fn take_lock(
+    shard: &mut Shard,
+    now: u64,
+    segment: StoreKey,
+    fill: Option<&(StoreKey, FillToken)>,
+) -> bool {
+    let Some((lock, token)) = fill else {
+        return true;
+    };
+    let id = (segment, *lock);
+    let holds = shard
+        .locks
+        .get(&id)
+        .is_some_and(|(t, until)| t == token && *until > now);
+    if holds {
         shard.locks.remove(&id);
+    }
+    holds
+}
+
+fn store(shard: &mut Shard, now: u64, req: &StoreRequest) -> Result<StoreOutcome, StoreError> {
+    if !take_lock(shard, now, req.segment, req.fill.as_ref()) {
+        return Ok(StoreOutcome::LockLost);
     }
     let version = shard.version(&req.segment, now);
     if version != req.version {
         return Ok(StoreOutcome::VersionChanged);
     }
-    let us = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4) * 1000;
-    let fresh_until = now + us(req.ttl.max(Duration::from_millis(1)));
-    let keep_until = fresh_until + us(req.stale_while_revalidate.max(req.stale_if_error));
-    let slot = shard.versions.entry(req.segment).or_insert((version, 0));
-    slot.1 = slot.1.max(keep_until);
-    shard.entries.insert(
-        (req.segment, req.key),
-        MemEntry {
-            version,
-            stored_at: now,
-            fresh_until,
-            swr_until: fresh_until + us(req.stale_while_revalidate),
-            sie_until: fresh_until + us(req.stale_if_error),
-            delta: u64::try_from(req.compute_time.as_micros()).unwrap_or(0),
-            body: req.entry.clone(),
-        },
+    let [fresh_until, swr_until, sie_until, keep_until] = deadlines(
+        now,
+        req.ttl,
+        req.stale_while_revalidate,
+        req.stale_if_error,
+        req.keep,
     );
+    let entry = MemEntry {
+        version,
+        stored_at: now,
+        fresh_until,
+        swr_until,
+        sie_until,
+        keep_until,
+        delta: u64::try_from(req.compute_time.as_micros()).unwrap_or(0),
+        body: req.entry.clone(),
+    };
+    let slot = shard.versions.entry(req.segment).or_insert((version, 0));
+    slot.1 = slot.1.max(entry.expires_at());
+    shard.entries.insert((req.segment, req.key), entry);
+    Ok(StoreOutcome::Stored)
+}
+
+fn refresh(shard: &mut Shard, now: u64, req: &RefreshRequest) -> Result<StoreOutcome, StoreError> {
+    if !take_lock(shard, now, req.segment, req.fill.as_ref()) {
+        return Ok(StoreOutcome::LockLost);
+    }
+    let version = shard.version(&req.segment, now);
+    if version != req.version {
+        return Ok(StoreOutcome::VersionChanged);
+    }
+    let Some(e) = shard.entries.get_mut(&(req.segment, req.key)) else {
+        return Ok(StoreOutcome::Missing);
+    };
+    if e.version != version || now >= e.expires_at() || !e.body.starts_with(&req.old_head) {
+        return Ok(StoreOutcome::Missing);
+    }
+    let mut body = Vec::with_capacity(e.body.len() - req.old_head.len() + req.new_head.len());
+    body.extend_from_slice(&req.new_head);
+    body.extend_from_slice(&e.body[req.old_head.len()..]);
+    [e.fresh_until, e.swr_until, e.sie_until, e.keep_until] = deadlines(
+        now,
+        req.ttl,
+        req.stale_while_revalidate,
+        req.stale_if_error,
+        req.keep,
+    );
+    e.stored_at = now;
+    e.body = Bytes::from(body);
+    let expires = e.expires_at();
+    let slot = shard.versions.entry(req.segment).or_insert((version, 0));
+    slot.1 = slot.1.max(expires);
     Ok(StoreOutcome::Stored)
 }
 
@@ -165,16 +234,18 @@ fn invalidate_segment(shard: &mut Shard, now: u64, segment: StoreKey) -> Result<
     Ok(version)
 }
 
-fn invalidate_key(
+fn invalidate_keys(
     shard: &mut Shard,
     now: u64,
     segment: StoreKey,
-    key: StoreKey,
-) -> Result<bool, StoreError> {
-    Ok(shard
-        .entries
-        .remove(&(segment, key))
-        .is_some_and(|e| e.expires_at() > now))
+    keys: &[StoreKey],
+) -> Result<u64, StoreError> {
+    let mut deleted = 0;
+    for key in keys {
+        let removed = shard.entries.remove(&(segment, *key));
+        deleted += u64::from(removed.is_some_and(|e| e.expires_at() > now));
+    }
+    Ok(deleted)
 }
 
 impl Shard {
@@ -235,7 +306,17 @@ impl CacheStore for MemoryStore {
     }
 
     fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool> {
-        self.with_cache(&segment, |s, now| invalidate_key(s, now, segment, key))
+        self.with_cache(&segment, |s, now| {
+            invalidate_keys(s, now, segment, &[key]).map(|n| n > 0)
+        })
+    }
+
+    fn refresh(&self, request: RefreshRequest) -> StoreFuture<StoreOutcome> {
+        self.with_cache(&request.segment, |s, now| refresh(s, now, &request))
+    }
+
+    fn invalidate_keys(&self, segment: StoreKey, keys: Vec<StoreKey>) -> StoreFuture<u64> {
+        self.with_cache(&segment, |s, now| invalidate_keys(s, now, segment, &keys))
     }
 
     fn is_remote(&self) -> bool {

@@ -6,7 +6,7 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `<prefix>:c:{<segment>}:v` | string | the segment version (INCR to invalidate); expires after its last entry |
-//! | `<prefix>:c:{<segment>}:e:<key>` | hash | one entry (see `cache_lookup.lua`) |
+//! | `<prefix>:c:{<segment>}:e:<key>` | hash | one entry (see `cache_lookup.lua`); a `304` rewrites its head in place (`cache_refresh.lua`) |
 //! | `<prefix>:c:{<segment>}:l:<key>` | string | the fill lock: a random token, `PX` |
 //!
 //! `<segment>` and `<key>` are hashes ([`StoreKey`]): no request text reaches a key.
@@ -22,8 +22,8 @@ use super::{
 };
 use crate::{
     store::{
-        CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest, StoreError,
-        StoreFuture, StoreOutcome, StoreRequest, VERSION_RETENTION,
+        CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest, RefreshRequest,
+        StoreError, StoreFuture, StoreOutcome, StoreRequest, VERSION_RETENTION,
     },
     StoreKey,
 };
@@ -33,14 +33,16 @@ static CACHE_STORE: Lua = Lua::new(include_str!("../../scripts/cache_store.lua")
 static CACHE_RELEASE: Lua = Lua::new(include_str!("../../scripts/cache_release.lua"));
 static CACHE_INVALIDATE: Lua = Lua::new(include_str!("../../scripts/cache_invalidate.lua"));
 static CACHE_DELETE: Lua = Lua::new(include_str!("../../scripts/cache_delete.lua"));
+static CACHE_REFRESH: Lua = Lua::new(include_str!("../../scripts/cache_refresh.lua"));
 
 /// Every cache script, loaded on each (re)connect.
-pub(super) static SCRIPTS: [&Lua; 5] = [
+pub(super) static SCRIPTS: [&Lua; 6] = [
     &CACHE_LOOKUP,
     &CACHE_STORE,
     &CACHE_RELEASE,
     &CACHE_INVALIDATE,
     &CACHE_DELETE,
+    &CACHE_REFRESH,
 ];
 
 fn base(prefix: &str, segment: &StoreKey) -> String {
@@ -105,6 +107,7 @@ fn decode_lookup(reply: Reply) -> Result<Lookup, StoreError> {
         2 => Freshness::Early,
         3 => Freshness::Stale,
         4 => Freshness::StaleIfError,
+        6 => Freshness::Expired,
         _ => Freshness::Miss,
     };
     let fill = match lock {
@@ -140,20 +143,50 @@ fn store<R: Runner + ?Sized>(runner: &R, req: StoreRequest) -> StoreFuture<Store
     let args = vec![
         req.version.to_string().into_bytes(),
         token.into_bytes(),
-        millis(req.ttl.max(Duration::from_millis(1))),
+        millis(req.ttl),
         millis(req.stale_while_revalidate),
         millis(req.stale_if_error),
         req.compute_time.as_micros().to_string().into_bytes(),
         req.entry.to_vec(),
+        millis(req.keep),
     ];
     let call = runner.run(&CACHE_STORE, keys, args);
-    Box::pin(async move {
-        Ok(match call.await?.int()? {
-            1 => StoreOutcome::Stored,
-            0 => StoreOutcome::VersionChanged,
-            _ => StoreOutcome::LockLost,
-        })
+    Box::pin(async move { outcome(call.await?) })
+}
+
+/// The outcome of a store or refresh script.
+fn outcome(reply: Reply) -> Result<StoreOutcome, StoreError> {
+    Ok(match reply.int()? {
+        1 => StoreOutcome::Stored,
+        0 => StoreOutcome::VersionChanged,
+        2 => StoreOutcome::Missing,
+        _ => StoreOutcome::LockLost,
     })
+}
+
+fn refresh<R: Runner + ?Sized>(runner: &R, req: RefreshRequest) -> StoreFuture<StoreOutcome> {
+    let p = runner.prefix();
+    let (lock, token) = match &req.fill {
+        Some((lock, token)) => (lock_key(p, &req.segment, lock), token.to_hex()),
+        None => (lock_key(p, &req.segment, &req.key), String::new()),
+    };
+    let keys = vec![
+        version_key(p, &req.segment),
+        entry_key(p, &req.segment, &req.key),
+        lock,
+    ];
+    let args = vec![
+        req.version.to_string().into_bytes(),
+        token.into_bytes(),
+        millis(req.ttl),
+        millis(req.stale_while_revalidate),
+        millis(req.stale_if_error),
+        millis(req.keep),
+        req.old_head.to_vec(),
+        req.new_head.to_vec(),
+    ];
+    let call = runner.run(&CACHE_REFRESH, keys, args);
+    Box::pin(async move { outcome(call.await?) })
 }
 
 impl<R: ScriptRunner> CacheStore for R {
@@ -181,5 +214,19 @@ impl<R: ScriptRunner> CacheStore for R {
         let keys = vec![entry_key(self.prefix(), &segment, &key)];
         let call = self.run(&CACHE_DELETE, keys, Vec::new());
         Box::pin(async move { Ok(call.await?.int()? == 1) })
+    }
+
+    fn refresh(&self, request: RefreshRequest) -> StoreFuture<StoreOutcome> {
+        refresh(self, request)
+    }
+
+    fn invalidate_keys(&self, segment: StoreKey, keys: Vec<StoreKey>) -> StoreFuture<u64> {
+        if keys.is_empty() {
+            return Box::pin(std::future::ready(Ok(0)));
+        }
+        let p = self.prefix();
+        let keys = keys.iter().map(|k| entry_key(p, &segment, k)).collect();
+        let call = self.run(&CACHE_DELETE, keys, Vec::new());
+        Box::pin(async move { Ok(u64::try_from(call.await?.int()?).unwrap_or(0)) })
     }
 }
