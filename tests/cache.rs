@@ -149,6 +149,15 @@ mod stale_directives;
 #[path = "cache/conditional.rs"]
 mod conditional;
 
+/// Validation of stored entries (conditional requests, `304` refresh), against every store.
+#[path = "cache/revalidation.rs"]
+mod revalidation;
+
+/// The builder's options for a cache in front of an origin: hosts, heuristic, targeted field,
+/// rejection responses, against every store.
+#[path = "cache/options.rs"]
+mod options;
+
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 // ---------------------------------------------------------------------------------------------

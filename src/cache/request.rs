@@ -51,11 +51,12 @@ impl Limits {
     }
 
     /// Whether the request accepts `entry`, which has spent `resident` in the store, as far as
-    /// its age and freshness left go (`max-age`, `min-fresh`).
+    /// its age and freshness left go (`max-age`, `min-fresh`). `max-age=0` accepts no stored
+    /// response without validation, whatever its age.
     pub(super) fn allows(&self, entry: &Entry, resident: Duration) -> bool {
         let age = entry.initial_age + resident;
         let left = entry.fresh_for.saturating_sub(resident);
-        self.max_age.is_none_or(|max| age <= max) && left >= self.min_fresh
+        self.max_age.is_none_or(|max| !max.is_zero() && age <= max) && left >= self.min_fresh
     }
 
     /// Whether the request accepts `entry` stale (`max-stale` covers its staleness).
@@ -92,6 +93,7 @@ mod tests {
         assert!(limits("max-age=8").allows(&entry, s(3)));
         assert!(!limits("Max-Age=7").allows(&entry, s(3)));
         assert!(!limits("max-age=\"60\"").allows(&entry, s(3)));
+        assert!(!limits("max-age=0").allows(&entry, s(0)));
         assert!(limits("min-fresh=7").allows(&entry, s(3)));
         assert!(!limits("min-fresh=8").allows(&entry, s(3)));
         assert!(limits("").allows(&entry, s(3)));
