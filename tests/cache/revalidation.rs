@@ -73,12 +73,15 @@ impl CacheStore for Counting {
     }
 }
 
+/// The validator fields of one request: `If-None-Match`, `If-Modified-Since`.
+type Validators = (Option<String>, Option<String>);
+
 /// What the origin saw of each request: its validator fields.
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(Option<String>, Option<String>)>>>);
+struct Seen(Arc<Mutex<Vec<Validators>>>);
 
 impl Seen {
-    fn take(&self) -> Vec<(Option<String>, Option<String>)> {
+    fn take(&self) -> Vec<Validators> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
 }
