@@ -62,10 +62,16 @@
 //!   ([`CacheLayer::no_unsafe_invalidation`] turns it off).
 //! - `Cache-Control` directive names are case-insensitive; quoted values and several fields are
 //!   understood.
-//! - Never stored: responses with `Set-Cookie`, `Cache-Control: private`, `no-store` or
-//!   `no-cache`, `Vary: *`, or a body larger than [`CacheLayer::max_body`] (1 MiB by default; such a
-//!   body is streamed through, and the layer never buffers more than the cap). Hop-by-hop headers
-//!   are not stored.
+//! - Never stored: responses with `Set-Cookie`, `Cache-Control: private` or `no-store`,
+//!   `Vary: *`, or a body larger than [`CacheLayer::max_body`] (1 MiB by default; such a body is
+//!   streamed through, and the layer never buffers more than the cap). Hop-by-hop headers are
+//!   not stored. A `no-cache` response, or one already stale, is stored only when it has a
+//!   validator, and then only to be revalidated.
+//! - [`CacheLayer::heuristic`] replaces the fixed TTL with a fraction of the time since
+//!   `Last-Modified`; [`CacheLayer::targeted_field`] names a field (RFC 9213, for example
+//!   `CDN-Cache-Control`) whose directives replace `Cache-Control` and `Expires` when a response
+//!   has it; [`CacheLayer::hosts`] / [`CacheLayer::fixed_host`] keep invented `Host` values
+//!   from making entries of their own.
 //! - Requests with `Authorization` or `Cookie` bypass the cache unless
 //!   [`CacheLayer::allow_authorized`] says otherwise. A request's `Cache-Control: no-store`
 //!   bypasses it; `no-cache` skips the lookup but stores the fresh response; `max-age` and
@@ -75,6 +81,20 @@
 //! - A client's `If-None-Match` / `If-Modified-Since` on a hit gets `304 Not Modified`; on a
 //!   miss it is forwarded unchanged, and a `304` is never stored.
 //!
+//! # Validation
+//!
+//! An entry with a validator (`ETag`, `Last-Modified`) is kept past its freshness for
+//! [`CacheLayer::revalidation_window`] (10 minutes by default). When it is stale (or was stored
+//! `no-cache`, or the request says `no-cache` / `max-age=0`), the inner service gets a
+//! conditional request (`If-None-Match` from the `ETag`, else `If-Modified-Since` from
+//! `Last-Modified`, in place of the client's own preconditions). A `304` updates the stored
+//! fields with its own, refreshes the entry's head and freshness in one store call (the body is
+//! not written again) and serves the stored body with `Cache-Status: ...; fwd=stale;
+//! fwd-status=304; stored`; a `200` replaces the entry. The fill lock and early recompute cover
+//! revalidations as they cover fills: one request across replicas revalidates an entry.
+//! `must-revalidate`, `proxy-revalidate`, `s-maxage` and `no-cache` responses are never served
+//! stale without it, even to `max-stale`.
+//!
 //! # Stampedes
 //!
 //! Three mechanisms, each switchable:
@@ -83,7 +103,8 @@
 //!    every replica takes a short lock (`SET NX PX`, in the same script as the lookup) and runs the
 //!    handler; the others poll for the entry up to a bound, then run the handler without storing.
 //!    The store script writes only while the lock holds and releases it (compare and delete).
-//! 2. **Early recompute** ([`CacheLayer::early_recompute`], XFetch, on with `beta = 1`): a
+//! 2. **Early recompute** ([`CacheLayer::early_recompute`], XFetch, on with `beta = 1`;
+//!    [`CacheLayer::no_early_recompute`] turns it off): a
 //!    lookup recomputes a still-fresh entry with a probability that grows as its expiry nears,
 //!    weighted by how long the handler took; the others keep getting the entry meanwhile.
 //! 3. **Stale serving** ([`CacheLayer::stale_while_revalidate`],
@@ -108,14 +129,17 @@
 //! `tower-redis-layers; hit; detail=stale`, `tower-redis-layers; fwd=bypass; detail=cookie`.
 //!
 //! On Redis, a hit is one script call (the lookup reads the version, the entry and takes the
-//! lock when needed); a miss is two (lookup, then store, which also releases the lock).
+//! lock when needed); a miss is two (lookup, then store, which also releases the lock); a
+//! revalidation is two (lookup, then refresh, which also releases the lock); the invalidation
+//! after an unsafe method is one.
 //!
 //! # Observability
 //!
 //! Events go to `tracing` (target `tower_redis_layers::cache`): warnings for store failures and
 //! corrupt entries, debug events for responses not stored. With the `metrics` feature,
 //! `tower_redis_layers_cache_requests_total{outcome}` counts `hit`, `stale`, `stale_if_error`,
-//! `miss`, `miss_stored`, `bypass` and `unavailable` (the `503` of a failed lookup, see below).
+//! `revalidated`, `miss`, `miss_stored`, `bypass`, `not_cached` and `unavailable` (the `503` of
+//! a failed lookup, see below).
 //!
 //! # When the store fails
 //!
@@ -127,7 +151,8 @@
 //!   its response is not stored.
 //! - [`FailureMode::Closed`]: the layer answers `503 Service Unavailable` with `Retry-After: 1`,
 //!   a problem details body (RFC 9457) and `Cache-Status: tower-redis-layers;
-//!   detail=store-unavailable`; the inner service is not called.
+//!   detail=store-unavailable`; the inner service is not called. [`CacheLayer::rejection`]
+//!   builds that response (and the `504` of `only-if-cached`) instead.
 //!
 //! Once the handler has run, its response is served whatever the store does: a failed write (or
 //! lock release) is logged and dropped. A corrupt or undecodable entry is a miss and is deleted.

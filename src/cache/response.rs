@@ -110,6 +110,8 @@ fn outcome_of(params: &str) -> &'static str {
         "stale"
     } else if params.starts_with("hit") {
         "hit"
+    } else if params.contains("fwd-status=304") {
+        "revalidated"
     } else if params.contains("stale-if-error") {
         "stale_if_error"
     } else if params.starts_with("fwd=bypass") {
@@ -161,6 +163,10 @@ mod tests {
         assert_eq!(outcome_of("fwd=bypass; detail=cookie"), "bypass");
         assert_eq!(outcome_of("fwd=miss; stored"), "miss_stored");
         assert_eq!(outcome_of("fwd=miss"), "miss");
+        assert_eq!(
+            outcome_of("fwd=stale; fwd-status=304; stored"),
+            "revalidated"
+        );
         assert_eq!(outcome_of(UNAVAILABLE_STATUS), "unavailable");
         assert_eq!(outcome_of(NOT_CACHED_STATUS), "not_cached");
     }

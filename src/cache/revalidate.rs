@@ -163,3 +163,33 @@ impl Revalidation {
         response::serve(entry, Duration::ZERO, target.head, &status)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::tests::h;
+
+    #[test]
+    fn a_304_updates_the_stored_fields() {
+        let stored = h(&[
+            ("content-type", "text/plain"),
+            ("content-length", "5"),
+            ("etag", "\"1\""),
+            ("x-a", "old"),
+            ("x-a", "older"),
+        ]);
+        let not_modified = h(&[
+            ("x-a", "new"),
+            ("content-length", "0"),
+            ("connection", "close"),
+            ("age", "9"),
+            ("cache-control", "max-age=5"),
+        ]);
+        let m = merged(&stored, &not_modified);
+        assert_eq!(m.get_all("x-a").iter().collect::<Vec<_>>(), ["new"]);
+        assert_eq!(m["content-length"], "5");
+        assert_eq!(m["cache-control"], "max-age=5");
+        assert_eq!(m["content-type"], "text/plain");
+        assert!(!m.contains_key("connection") && !m.contains_key("age"));
+    }
+}
