@@ -64,6 +64,20 @@ async fn origin(State(o): State<Origin>, method: Method, uri: Uri, h: HeaderMap)
         "/old" => ([date, ("last-modified", http_date(10 * day))], body).into_response(),
         "/new" => ([date, ("last-modified", http_date(Duration::ZERO))], body).into_response(),
         "/plain" => body.into_response(),
+        "/private" => ([("cache-control", "private, max-age=60")], body).into_response(),
+        "/vary" => {
+            let lang = h
+                .get("accept-language")
+                .map_or(String::new(), |v| v.to_str().unwrap_or_default().to_owned());
+            (
+                [
+                    ("cache-control", "max-age=60".to_owned()),
+                    ("vary", "Accept-Language".to_owned()),
+                ],
+                format!("{body} {lang}"),
+            )
+                .into_response()
+        }
         "/cdn" => (
             [
                 ("cache-control", "no-store"),
@@ -250,6 +264,26 @@ async fn scenarios(redis_url: Option<String>) {
         let again = c.get(path).await;
         assert_eq!(again.cache_status().ends_with("; hit"), stored, "{path}");
     }
+
+    // `private` is never stored; `Vary` selects the variant.
+    c.get("/private").await;
+    assert!(!c.get("/private").await.cache_status().contains("hit"));
+    for (lang, hit) in [("fr", false), ("de", false), ("fr", true), ("de", true)] {
+        let got = c
+            .send(Method::GET, "/vary", &[("accept-language", lang)])
+            .await;
+        assert_eq!(got.cache_status().ends_with("; hit"), hit, "{lang}");
+        assert!(got.body.ends_with(lang));
+    }
+    // A client's own conditional request on a hit gets 304.
+    let etag_less = c
+        .send(
+            Method::GET,
+            "/fresh",
+            &[("if-modified-since", &http_date(Duration::ZERO))],
+        )
+        .await;
+    assert_eq!(etag_less.status, StatusCode::NOT_MODIFIED);
 
     // CDN-Cache-Control wins over Cache-Control, both ways.
     c.get("/cdn").await;

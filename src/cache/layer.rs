@@ -93,7 +93,8 @@ impl<B> CacheLayer<B> {
     /// 300, 301, 404, 405, 410, 414, 501), a `public` response, or the
     /// [`statuses`](Self::statuses) named. A response's own freshness always wins, whether
     /// longer or shorter. The response's age (its `Age` field, its `Date`, and the time the
-    /// inner service took) counts against it.
+    /// inner service took) counts against it. [`heuristic`](Self::heuristic) replaces it
+    /// (except with [`no_response_ttl`](Self::no_response_ttl)).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.config_mut().ttl = ttl;
         self
@@ -103,6 +104,7 @@ impl<B> CacheLayer<B> {
     /// [`ttl`](Self::ttl) (as with nginx's `proxy_ignore_headers`). This departs from RFC 9111
     /// and is meant for origins whose freshness information is known to be wrong. By default
     /// the response's own freshness wins, and an expired or invalid one means "do not store".
+    /// [`heuristic`](Self::heuristic) is then not used.
     pub fn no_response_ttl(mut self) -> Self {
         self.config_mut().response_ttl = false;
         self

@@ -110,14 +110,28 @@ impl Revalidation {
         exchange: Exchange,
     ) -> Response<ResponseBody<T>> {
         let config = target.config();
+        let mut headers = merged(&self.prior.entry.headers, not_modified);
+        // The stored `Date` is the old response's: without a new one, the confirmation is dated
+        // when it arrived (RFC 9110 section 6.6.1), so the entry is not as old as the original.
+        if !not_modified.contains_key(header::DATE) {
+            let now = httpdate::fmt_http_date(exchange.received);
+            if let Ok(date) = HeaderValue::from_str(&now) {
+                headers.insert(header::DATE, date);
+            }
+        }
+        // The `304`'s own `Age` counts (it is not stored).
+        let mut aged = headers.clone();
+        if let Some(age) = not_modified.get(header::AGE) {
+            aged.insert(header::AGE, age.clone());
+        }
         let mut entry = Entry {
-            headers: merged(&self.prior.entry.headers, not_modified),
+            headers,
             ..self.prior.entry
         };
-        let storable = policy::storable(entry.status, &entry.headers, config, exchange);
+        let storable = policy::storable(entry.status, &aged, config, exchange);
         entry.initial_age = match &storable {
             Ok(s) => s.initial_age,
-            Err(_) => freshness::initial_age(&entry.headers, exchange),
+            Err(_) => freshness::initial_age(&aged, exchange),
         };
         let refresh = match (storable, self.version, self.prior.old_head) {
             (Ok(storable), Some(version), Some(old_head)) => {
