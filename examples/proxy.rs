@@ -56,8 +56,10 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 /// How long the upstream may take to send its response headers.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The fields that concern one connection only (RFC 9110 section 7.6.1): never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// The fields that concern one connection only (RFC 9110 section 7.6.1), and `Expect` (the
+/// proxy's server side answers `100 Continue` itself): never forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::EXPECT,
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
