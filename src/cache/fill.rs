@@ -90,14 +90,13 @@ impl Fill {
         mut self,
         target: &Target<'_, B>,
         inner: &mut S,
-        request: Request<ReqBody>,
+        mut request: Request<ReqBody>,
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         B: CacheStore,
         ResBody: Body<Data = Bytes>,
     {
-        let mut request = request;
         let version = self.version.filter(|_| !target.head);
         // The request's headers select the variant stored.
         let request_headers = version.is_some().then(|| request.headers().clone());
@@ -116,14 +115,7 @@ impl Fill {
             Err(_) => true,
             Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504),
         };
-        let stand_in = match self.prior.take() {
-            Some(prior) if failed && prior.stand_in => Some(prior),
-            prior => {
-                self.prior = prior;
-                None
-            }
-        };
-        if let Some(prior) = stand_in {
+        if let Some(prior) = self.stand_in(failed) {
             target.release(self.lock).await;
             tracing::info!(target: TARGET, "handler failed; serving the stale entry");
             let status = "fwd=stale; detail=stale-if-error";
@@ -167,6 +159,15 @@ impl Fill {
                 tracing::debug!(target: TARGET, ?why, "response not stored");
                 Ok(self.pass(target, response).await)
             }
+        }
+    }
+
+    /// The stored entry to serve instead of a failed response, if it may stand in.
+    fn stand_in(&mut self, failed: bool) -> Option<Prior> {
+        if failed && self.prior.as_ref().is_some_and(|p| p.stand_in) {
+            self.prior.take()
+        } else {
+            None
         }
     }
 

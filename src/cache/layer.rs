@@ -278,7 +278,8 @@ impl<B> CacheLayer<B> {
     /// As with the fixed TTL, it applies only to the heuristically cacheable statuses (200, 203,
     /// 204, 300, 301, 404, 405, 410, 414, 501), `public` responses or the
     /// [`statuses`](Self::statuses) named. A response without `Last-Modified` (or with one not
-    /// in its past) then gets no heuristic at all and is not stored: the TTL is not used.
+    /// in its past) then gets no heuristic freshness at all: the TTL is not used, and it is not
+    /// stored (but to be revalidated, when it has an `ETag`).
     /// [`no_response_ttl`](Self::no_response_ttl) overrides this (every entry lives for the
     /// TTL). `fraction` is clamped to `0..=1`.
     pub fn heuristic(mut self, fraction: f64, cap: Duration) -> Self {
