@@ -330,7 +330,8 @@ stores!(
 );
 
 /// Round trips on Redis, counted by the server: a revalidation is two script calls (the
-/// lookup, which takes the fill lock, and the refresh, which releases it).
+/// lookup, which takes the fill lock, and the refresh, which releases it); the invalidation
+/// after an unsafe method with `Location` and `Content-Location` is one.
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_per_revalidation() {
@@ -353,4 +354,26 @@ async fn round_trips_per_revalidation() {
     let per_revalidation = calls() - before;
     println!("round trips: revalidation {per_revalidation}");
     assert_eq!(per_revalidation, 2);
+
+    let created = |_req: Req, _n: usize| {
+        let mut r = Response::new(full("created"));
+        *r.status_mut() = StatusCode::CREATED;
+        r.headers_mut().insert("location", "/a/1".parse().unwrap());
+        r.headers_mut()
+            .insert("content-location", "/a/view".parse().unwrap());
+        std::future::ready(Ok::<_, Error>(r))
+    };
+    let svc = service(layer(env.store().await), Runs::default(), created);
+    let post = || {
+        get("/a")
+            .method(Method::POST)
+            .body(Full::default())
+            .unwrap()
+    };
+    send(&svc, post()).await;
+    let before = calls();
+    send(&svc, post()).await;
+    let per_unsafe = calls() - before;
+    println!("round trips: unsafe-method invalidation {per_unsafe}");
+    assert_eq!(per_unsafe, 1);
 }
