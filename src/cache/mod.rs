@@ -86,7 +86,7 @@
 //! An entry with a validator (`ETag`, `Last-Modified`) is kept past its freshness for
 //! [`CacheLayer::revalidation_window`] (10 minutes by default). When it is stale (or was stored
 //! `no-cache`, or the request says `no-cache` / `max-age=0`), the inner service gets a
-//! conditional request (`If-None-Match` from the `ETag`, else `If-Modified-Since` from
+//! conditional request (`If-None-Match` from the `ETag` and `If-Modified-Since` from
 //! `Last-Modified`, in place of the client's own preconditions). A `304` updates the stored
 //! fields with its own, refreshes the entry's head and freshness in one store call (the body is
 //! not written again) and serves the stored body with `Cache-Status: ...; fwd=stale;

@@ -24,10 +24,22 @@ const UNAVAILABLE_STATUS: &str = "detail=store-unavailable";
 /// nothing per request.
 const UNAVAILABLE_BODY: &str = r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"the cache store is unavailable; retry shortly"}"#;
 
-/// Sets `Cache-Status` to `params` and counts the outcome it says.
+/// Adds this cache's member, `params`, to `Cache-Status` (after those of the caches nearer the
+/// origin, RFC 9211 section 2) and counts the outcome it says.
 pub(super) fn mark(headers: &mut HeaderMap, params: &str) {
     count(outcome_of(params));
-    if let Ok(v) = HeaderValue::from_str(&format!("{CACHE_NAME}; {params}")) {
+    let ours = format!("{CACHE_NAME}; {params}");
+    let upstream: Vec<&str> = headers
+        .get_all(CACHE_STATUS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let value = if upstream.is_empty() {
+        ours
+    } else {
+        format!("{}, {ours}", upstream.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(CACHE_STATUS, v);
     }
 }
@@ -149,6 +161,24 @@ mod tests {
         assert_eq!(
             formatted.into_body(),
             Bytes::from_static(UNAVAILABLE_BODY.as_bytes())
+        );
+    }
+
+    #[test]
+    fn cache_status_keeps_the_members_nearer_the_origin() {
+        let mut headers = HeaderMap::new();
+        mark(&mut headers, "hit");
+        assert_eq!(headers[CACHE_STATUS], "tower-redis-layers; hit");
+        let mut headers = HeaderMap::new();
+        headers.append(
+            CACHE_STATUS,
+            HeaderValue::from_static("origin; fwd=uri-miss"),
+        );
+        headers.append(CACHE_STATUS, HeaderValue::from_static("cdn; hit"));
+        mark(&mut headers, "fwd=miss");
+        assert_eq!(
+            headers[CACHE_STATUS],
+            "origin; fwd=uri-miss, cdn; hit, tower-redis-layers; fwd=miss"
         );
     }
 

@@ -1,5 +1,5 @@
 //! Validation of a stored entry (RFC 9111 section 4.3): the conditional request sent for it
-//! (`If-None-Match` from its `ETag`, else `If-Modified-Since` from its `Last-Modified`), and a
+//! (`If-None-Match` from its `ETag`, `If-Modified-Since` from its `Last-Modified`), and a
 //! `304 Not Modified` that confirms it: the stored headers are updated with the `304`'s
 //! (section 3.2), the entry's head and freshness are refreshed in one store call (its body is
 //! not written again), and the stored body is served.
@@ -54,19 +54,26 @@ impl Prior {
     }
 }
 
-/// Makes `headers` (a request's) ask whether `prior` still holds: its validator in place of the
-/// client's own preconditions. `false` (the request unchanged) when it has no validator.
+/// Makes `headers` (a request's) ask whether `prior` still holds: its validators in place of
+/// the client's own preconditions (RFC 9111 section 4.3.1: `If-None-Match` with its `ETag`,
+/// and `If-Modified-Since` with its `Last-Modified`). `false` (the request unchanged) when it
+/// has neither.
 pub(super) fn condition(headers: &mut HeaderMap, prior: &Prior) -> bool {
     let stored = &prior.entry.headers;
-    let validator = match (stored.get(header::ETAG), stored.get(header::LAST_MODIFIED)) {
-        (Some(etag), _) => (header::IF_NONE_MATCH, etag.clone()),
-        (None, Some(modified)) => (header::IF_MODIFIED_SINCE, modified.clone()),
-        (None, None) => return false,
-    };
+    let etag = stored.get(header::ETAG);
+    let modified = stored.get(header::LAST_MODIFIED);
+    if etag.is_none() && modified.is_none() {
+        return false;
+    }
     for name in PRECONDITIONS {
         headers.remove(name);
     }
-    headers.insert(validator.0, validator.1);
+    if let Some(etag) = etag {
+        headers.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = modified {
+        headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+    }
     true
 }
 
@@ -182,6 +189,39 @@ impl Revalidation {
 mod tests {
     use super::*;
     use crate::cache::policy::tests::h;
+
+    #[test]
+    fn the_conditional_request_carries_both_validators() {
+        let prior = |stored| Prior {
+            entry: Entry {
+                status: http::StatusCode::OK,
+                initial_age: Duration::ZERO,
+                fresh_for: Duration::ZERO,
+                headers: stored,
+                vary: Vec::new(),
+                body: Bytes::new(),
+            },
+            age: Duration::ZERO,
+            stand_in: false,
+            old_head: None,
+        };
+        let client = || h(&[("if-none-match", "\"mine\""), ("if-match", "*"), ("x", "1")]);
+        let mut request = client();
+        let both = prior(h(&[
+            ("etag", "\"1\""),
+            ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]));
+        assert!(condition(&mut request, &both));
+        assert_eq!(request["if-none-match"], "\"1\"");
+        assert_eq!(
+            request["if-modified-since"],
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert!(!request.contains_key("if-match") && request.contains_key("x"));
+        let mut request = client();
+        assert!(!condition(&mut request, &prior(h(&[]))));
+        assert_eq!(request, client());
+    }
 
     #[test]
     fn a_304_updates_the_stored_fields() {
