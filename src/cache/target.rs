@@ -130,10 +130,19 @@ impl<'a, B: CacheStore> Target<'a, B> {
     }
 
     /// Refreshes an entry in place after a `304` (and releases the fill lock the request
-    /// names). Answers whether it was refreshed; a failure is logged and dropped.
+    /// names; when the entry was gone, the lock is released by a second call, as the store may
+    /// not have). Answers whether it was refreshed; a failure is logged and dropped.
     pub(super) async fn refresh(&self, request: RefreshRequest) -> bool {
+        let token = request.fill.map(|(_, token)| token);
         match self.bound(self.shared.store.refresh(request)).await {
             Ok(StoreOutcome::Stored) => true,
+            Ok(StoreOutcome::Missing) => {
+                // A store without in-place refresh (the trait's default) left the lock held;
+                // releasing one already released is a no-op.
+                tracing::debug!(target: TARGET, "cache entry to refresh is gone");
+                self.release(token).await;
+                false
+            }
             Ok(outcome) => {
                 tracing::debug!(target: TARGET, ?outcome, "cache entry not refreshed");
                 false

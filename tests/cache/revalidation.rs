@@ -377,3 +377,51 @@ async fn round_trips_per_revalidation() {
     println!("round trips: unsafe-method invalidation {per_unsafe}");
     assert_eq!(per_unsafe, 1);
 }
+
+/// A store that keeps the trait's default `refresh` (answers `Missing`, touches nothing).
+struct NoRefresh(MemoryStore);
+
+impl CacheStore for NoRefresh {
+    fn lookup(&self, request: LookupRequest) -> StoreFuture<Lookup> {
+        self.0.lookup(request)
+    }
+    fn store(&self, request: StoreRequest) -> StoreFuture<StoreOutcome> {
+        self.0.store(request)
+    }
+    fn release_fill(&self, s: StoreKey, k: StoreKey, t: FillToken) -> StoreFuture<bool> {
+        self.0.release_fill(s, k, t)
+    }
+    fn invalidate_segment(&self, segment: StoreKey) -> StoreFuture<u64> {
+        self.0.invalidate_segment(segment)
+    }
+    fn invalidate_key(&self, segment: StoreKey, key: StoreKey) -> StoreFuture<bool> {
+        self.0.invalidate_key(segment, key)
+    }
+}
+
+/// With a store that cannot refresh in place, a `304` still serves the stored body, and the
+/// fill lock is released (the next request revalidates at once instead of waiting for it).
+#[tokio::test]
+async fn a_store_without_refresh_still_serves_the_304() {
+    let seen = Seen::default();
+    let runs = Runs::default();
+    let svc = service(
+        CacheLayer::new(NoRefresh(MemoryStore::new()))
+            .jitter(0.0)
+            .fill_lock(Duration::from_secs(30), Duration::from_secs(30)),
+        runs.clone(),
+        etag_origin("no-cache", seen.clone()),
+    );
+    send(&svc, req("/n")).await;
+    for _ in 0..2 {
+        let got = tokio::time::timeout(Duration::from_secs(5), send(&svc, req("/n")))
+            .await
+            .expect("waited for a lock that was never released");
+        assert_eq!(got.text(), "run 1");
+        assert_eq!(
+            got.cache_status(),
+            "tower-redis-layers; fwd=stale; fwd-status=304"
+        );
+    }
+    assert_eq!(runs.get(), 3);
+}
