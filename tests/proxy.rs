@@ -337,3 +337,26 @@ async fn proxy_with_redis() {
     let redis = common::RedisServer::start();
     scenarios(Some(redis.url())).await;
 }
+
+/// A startup error is one line on stderr, and the exit code is 1.
+#[test]
+fn proxy_without_upstream_fails_with_one_line() {
+    for (upstream, expected) in [
+        (None, "error: UPSTREAM is not set"),
+        (Some("ftp://x"), "error: UPSTREAM must be an http:// URI"),
+    ] {
+        let mut cmd = Command::new(proxy_binary());
+        cmd.env_remove("UPSTREAM")
+            .env_remove("REDIS_URL")
+            .env("PORT", "0");
+        if let Some(u) = upstream {
+            cmd.env("UPSTREAM", u);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with(expected), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
