@@ -30,7 +30,7 @@ pub use self::rate_limit::rate_limit_script;
 pub use self::redis_rs::RedisStore;
 
 use self::script::{Lua, Reply, ScriptCall};
-use crate::store::StoreError;
+use crate::store::{Breaker, StoreError};
 
 /// A Redis client that runs this crate's scripts: [`RedisStore`] and [`FredStore`].
 ///
@@ -50,20 +50,42 @@ pub(crate) mod sealed {
     /// What a runner does; private, so [`ScriptRunner`] is sealed.
     pub trait Runner: Send + Sync + 'static {
         /// Runs `call.lua` with the call's keys (all in one hash slot) and arguments: one round
-        /// trip (`EVALSHA`, then `EVAL` on `NOSCRIPT`).
+        /// trip (`EVALSHA`, then `EVAL` on `NOSCRIPT`). Operations call it through
+        /// [`Runner::guarded`].
         fn call(
             &self,
             call: ScriptCall,
         ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static;
 
-        /// [`Runner::call`] with owned keys and arguments.
+        /// The store's circuit breaker, shared by its clones.
+        fn breaker_state(&self) -> &Breaker;
+
+        /// [`Runner::call`] through the circuit breaker: the way every operation calls Redis.
+        /// While the breaker is open the call is not sent and fails at once
+        /// ([`StoreError::CircuitOpen`]); otherwise its end is recorded (a failure, a success,
+        /// or, when the caller drops it unfinished, a failure).
+        fn guarded(
+            &self,
+            call: ScriptCall,
+        ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static {
+            let attempt = self
+                .breaker_state()
+                .admit()
+                .map(|permit| (permit, self.call(call)));
+            async move {
+                let (permit, call) = attempt?;
+                permit.record(call.await)
+            }
+        }
+
+        /// [`Runner::guarded`] with owned keys and arguments.
         fn run(
             &self,
             lua: &'static Lua,
             keys: Vec<String>,
             args: Vec<Vec<u8>>,
         ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static {
-            self.call(ScriptCall::from_vecs(lua, keys, args))
+            self.guarded(ScriptCall::from_vecs(lua, keys, args))
         }
 
         /// The prefix of every key.
