@@ -93,6 +93,7 @@
 
 mod decision;
 mod deny_cache;
+mod fallback;
 mod future;
 mod headers;
 mod key;
@@ -101,6 +102,7 @@ mod policy;
 mod service;
 
 pub use self::{
+    fallback::LocalFallback,
     future::ResponseFuture,
     headers::Headers,
     key::KeyExtractor,
