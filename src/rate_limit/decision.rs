@@ -170,7 +170,7 @@ impl Check {
         }
         let check = Check {
             policy: self.policy,
-            key: self.key.clone(),
+            key: self.key,
             cost: self.cost,
             remote: false,
             #[cfg(feature = "metrics")]
