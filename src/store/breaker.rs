@@ -10,13 +10,16 @@
 //! - **open**: every call fails at once with [`StoreError::CircuitOpen`]; the layers then answer
 //!   from their fallback (the rate limiter's local limits, the cache's inner service,
 //!   idempotency's `503`). After [`CircuitBreaker::probe_interval`] the breaker is half-open.
-//! - **half-open**: one call (a real request's) goes to Redis as a probe, the others still fail
-//!   at once; its success closes the breaker, its failure opens it for another interval.
+//! - **half-open**: the next call still fails at once, and starts one probe in the background:
+//!   a read-only script on the call's first key (so on the node that owns its slot), bounded by
+//!   the probe interval. Its success closes the breaker, its failure opens it for another
+//!   interval. No request ever waits on a probe.
 //!
 //! Transitions are logged (`tracing`, target `tower_redis_layers::breaker`) and, with the
 //! `metrics` feature, reported as the gauge `tower_redis_layers_breaker_open` (1 while open or
 //! half-open) and the counters `tower_redis_layers_breaker_transitions_total{to}` and
 //! `tower_redis_layers_breaker_rejected_total` (calls failed at once).
+#![cfg_attr(not(any(feature = "redis", feature = "fred")), allow(dead_code))]
 
 use std::{
     sync::{
@@ -83,6 +86,7 @@ const OPEN: u8 = 1;
 /// A store's breaker state, shared by the store's clones; `None` when turned off. Public only
 /// because the sealed runner trait names it.
 #[derive(Clone, Debug, Default)]
+#[cfg_attr(not(any(feature = "redis", feature = "fred")), allow(unreachable_pub))]
 pub struct Breaker(Option<Arc<State>>);
 
 #[derive(Debug)]
@@ -118,7 +122,6 @@ impl Breaker {
     }
 
     /// Whether the breaker is open or half-open.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn is_open(&self) -> bool {
         self.0
             .as_ref()
@@ -126,30 +129,54 @@ impl Breaker {
     }
 
     /// Lets a call through (with a permit that records how it ended), or fails it at once while
-    /// the breaker is open.
-    pub(crate) fn admit(&self) -> Result<Permit, StoreError> {
+    /// the breaker is open; once a probe interval has passed, the refusal carries the permit of
+    /// the probe the caller sends in the background.
+    pub(crate) fn admit(&self) -> Admission {
         let Some(state) = &self.0 else {
-            return Ok(Permit(None));
+            return Admission::Go(Permit(None));
         };
         if state.state.load(Ordering::Acquire) == CLOSED {
-            return Ok(Permit(Some((state.clone(), false))));
+            return Admission::Go(Permit(Some((state.clone(), false))));
         }
         let now = state.nanos();
         let probe_at = state.probe_at.load(Ordering::Acquire);
-        if now >= probe_at
+        let probe = (now >= probe_at
             && state
                 .probing
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            tracing::debug!(target: TARGET, "circuit breaker half-open: one probe call to Redis");
-            return Ok(Permit(Some((state.clone(), true))));
-        }
+                .is_ok())
+        .then(|| {
+            tracing::debug!(target: TARGET, "circuit breaker half-open: probing Redis");
+            Permit(Some((state.clone(), true)))
+        });
         #[cfg(feature = "metrics")]
         metrics::counter!("tower_redis_layers_breaker_rejected_total").increment(1);
         let wait = Duration::from_nanos(probe_at.saturating_sub(now));
-        Err(StoreError::CircuitOpen(wait))
+        Admission::Open {
+            error: StoreError::CircuitOpen(wait),
+            probe,
+        }
     }
+
+    /// How long a probe may take before it counts as failed: the probe interval.
+    pub(crate) fn probe_timeout(&self) -> Duration {
+        self.0
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.config.probe_interval)
+    }
+}
+
+/// What the breaker says to a call.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// Send the call, then record how it ended with the permit.
+    Go(Permit),
+    /// Fail the call at once with `error`; when `probe` is given, send a probe in the
+    /// background and record how it ended with that permit.
+    Open {
+        error: StoreError,
+        probe: Option<Permit>,
+    },
 }
 
 impl State {
@@ -261,6 +288,25 @@ mod tests {
         Err(StoreError::Timeout(Duration::from_millis(1)))
     }
 
+    impl Admission {
+        fn go(self) -> Permit {
+            match self {
+                Admission::Go(permit) => permit,
+                Admission::Open { .. } => panic!("refused"),
+            }
+        }
+
+        fn probe(self) -> Option<Permit> {
+            match self {
+                Admission::Go(_) => panic!("admitted"),
+                Admission::Open { probe, error } => {
+                    assert!(matches!(error, StoreError::CircuitOpen(_)));
+                    probe
+                }
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn opens_after_a_run_of_failures_and_closes_on_a_probe() {
         let config = CircuitBreaker::default()
@@ -268,30 +314,31 @@ mod tests {
             .probe_interval(Duration::from_millis(100));
         let breaker = Breaker::new(config);
         for _ in 0..2 {
-            let _ = breaker.admit().unwrap().record(failed());
+            let _ = breaker.admit().go().record(failed());
         }
         // A success ends the run.
-        let _ = breaker.admit().unwrap().record(Ok(()));
+        let _ = breaker.admit().go().record(Ok(()));
         for _ in 0..2 {
-            let _ = breaker.admit().unwrap().record(failed());
+            let _ = breaker.admit().go().record(failed());
         }
         assert!(!breaker.is_open());
         // A call given up unfinished is a failure.
-        drop(breaker.admit().unwrap());
+        drop(breaker.admit().go());
         assert!(breaker.is_open());
-        assert!(matches!(breaker.admit(), Err(StoreError::CircuitOpen(_))));
+        assert!(breaker.admit().probe().is_none());
 
         tokio::time::advance(Duration::from_millis(100)).await;
-        let probe = breaker.admit().unwrap();
+        let probe = breaker.admit().probe().expect("a probe after the interval");
         // One probe at a time.
-        assert!(matches!(breaker.admit(), Err(StoreError::CircuitOpen(_))));
+        assert!(breaker.admit().probe().is_none());
         let _ = probe.record(failed());
-        assert!(matches!(breaker.admit(), Err(StoreError::CircuitOpen(_))));
+        assert!(breaker.admit().probe().is_none());
 
         tokio::time::advance(Duration::from_millis(100)).await;
-        let _ = breaker.admit().unwrap().record(Ok(()));
+        let probe = breaker.admit().probe().expect("a probe after the interval");
+        let _ = probe.record(Ok(()));
         assert!(!breaker.is_open());
-        assert!(breaker.admit().is_ok());
+        let _ = breaker.admit().go();
     }
 
     #[test]
@@ -299,9 +346,9 @@ mod tests {
         let breaker = Breaker::new(CircuitBreaker::default().failures(1));
         let _ = breaker
             .admit()
-            .unwrap()
+            .go()
             .record::<()>(Err(StoreError::Reply("odd".into())));
         assert!(!breaker.is_open());
-        assert!(Breaker::off().admit().is_ok());
+        let _ = Breaker::off().admit().go();
     }
 }

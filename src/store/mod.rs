@@ -33,7 +33,7 @@
 
 use std::{future::Future, time::Duration};
 
-mod breaker;
+pub(crate) mod breaker;
 mod cache;
 mod call;
 mod idempotency;
