@@ -190,7 +190,16 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true, &[])).collect();
+        Self::start_with_replicas(0)
+    }
+
+    /// 3 masters with `replicas` replicas each (`--cluster-replicas`): `nodes[..3]` are the
+    /// masters as created (a failover may change that; see [`RedisCluster::masters`]).
+    pub fn start_with_replicas(replicas: usize) -> Self {
+        let count = 3 * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..count)
+            .map(|_| RedisServer::start_with(true, &[]))
+            .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -199,7 +208,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -219,6 +228,30 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         Self { nodes }
+    }
+
+    /// The ports of the nodes that are masters now (as the live nodes see it).
+    pub fn masters(&self) -> Vec<u16> {
+        let view = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .find_map(|n| n.cli(&["CLUSTER", "NODES"]))
+            .unwrap_or_default();
+        view.lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter_map(|addr| addr.split(['@', ':']).nth(1)?.parse().ok())
+            .collect()
+    }
+
+    /// Whether every live node reports `cluster_state:ok`.
+    pub fn is_ok(&self) -> bool {
+        self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+            n.cli(&["CLUSTER", "INFO"])
+                .map(|s| s.contains("cluster_state:ok"))
+                .unwrap_or(false)
+        })
     }
 
     /// `redis+cluster://a,b,c`
