@@ -227,6 +227,20 @@ impl RedisCluster {
             assert!(Instant::now() < deadline, "cluster did not become ready");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // A replica that has not synced with its master cannot take over from it.
+        while replicas > 0 {
+            let synced = nodes
+                .iter()
+                .filter_map(|n| n.cli(&["INFO", "replication"]))
+                .filter(|info| info.contains("role:slave"))
+                .filter(|info| info.contains("master_link_status:up"))
+                .count();
+            if synced == 3 * replicas {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the replicas did not sync");
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Self { nodes }
     }
 
