@@ -117,12 +117,13 @@ impl Check {
         error: &StoreError,
     ) -> Answer {
         let config = &shared.config;
+        // Refused calls hold too: a breaker that closes between failures (a cluster failover,
+        // a lossy network) must not hand the budget back to the store each time it closes.
+        shared.local.failed(fallback.hold);
         if matches!(error, StoreError::CircuitOpen(_)) {
-            // Not a failure of its own (the call was not sent): the breaker logged its opening,
-            // and its probe decides when the store is back, with nothing more to hold.
+            // The breaker logged its opening; one line per request would flood the log.
             tracing::debug!(target: TARGET, key = %self.key, %error, "rate-limit store unavailable; local limits apply");
         } else {
-            shared.local.failed(fallback.hold);
             tracing::warn!(target: TARGET, key = %self.key, %error, "rate-limit store failed; local limits apply");
         }
         // A local denial is not the store's: it does not go into the deny cache.

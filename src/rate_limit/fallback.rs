@@ -25,10 +25,11 @@ use crate::{
 /// every request during the outage (`429` with `Retry-After: 1`).
 ///
 /// While the store works, each replica also counts what it admitted in memory, and for
-/// [`hold`](Self::hold) after a failure a request needs the local rules' consent as well as the
-/// store's, so that a store that fails now and then (a lossy network) cannot double the budget.
-/// When the store is back the local counts are not merged into it: after `hold` the store alone
-/// decides again.
+/// [`hold`](Self::hold) after a failed (or breaker-refused) call a request needs the local
+/// rules' consent as well as the store's, so that a store that fails now and then (a lossy
+/// network, a breaker that closes and opens again during a cluster failover) cannot double the
+/// budget. When the store is back the local counts are not merged into it: `hold` after the
+/// last failure the store alone decides again.
 ///
 /// See the [module docs](super) for an example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,12 +44,13 @@ impl LocalFallback {
     pub fn new(replicas: u32) -> Self {
         Self {
             replicas: replicas.max(1),
-            hold: Duration::from_millis(500),
+            hold: Duration::from_millis(100),
         }
     }
 
     /// How long after the last store failure the local limits still apply to requests that the
-    /// store admits (default 500 ms, the default probe interval of a store's circuit breaker).
+    /// store admits (default 100 ms). Once Redis is back, limits are exact again after the
+    /// breaker's probe closes it plus this.
     pub fn hold(mut self, hold: Duration) -> Self {
         self.hold = hold;
         self

@@ -259,6 +259,25 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The port of a replica of the master on `port`.
+    pub fn replica_of(&self, port: u16) -> Option<u16> {
+        let view = self
+            .nodes
+            .iter()
+            .find_map(|n| n.cli(&["CLUSTER", "NODES"]))?;
+        let addr = format!("127.0.0.1:{port}@");
+        let id = view
+            .lines()
+            .find(|l| l.contains(&addr))?
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        view.lines()
+            .find(|l| l.contains("slave") && l.split_whitespace().nth(3) == Some(id.as_str()))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|addr| addr.split(['@', ':']).nth(1)?.parse().ok())
+    }
+
     /// Whether every live node reports `cluster_state:ok`.
     pub fn is_ok(&self) -> bool {
         self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
