@@ -228,7 +228,7 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         // A replica that has not synced with its master cannot take over from it.
-        while replicas > 0 {
+        loop {
             let synced = nodes
                 .iter()
                 .filter_map(|n| n.cli(&["INFO", "replication"]))
