@@ -31,6 +31,11 @@ use crate::{
 /// budget. When the store is back the local counts are not merged into it: `hold` after the
 /// last failure the store alone decides again.
 ///
+/// What it costs while the store works: one in-memory check per admitted request, and in each
+/// process one memory-store entry per active key and rule (expired entries are swept). A service
+/// with a huge number of keys per window that would rather fail open can turn it off with
+/// [`no_local_fallback`](super::RateLimitLayer::no_local_fallback).
+///
 /// See the [module docs](super) for an example.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
