@@ -95,12 +95,21 @@
 //!
 //! Every store call of every layer and of the lock is bounded by a timeout, set with
 //! `.store_timeout(d)`. What a layer then does with the request is set with
-//! `.on_store_error(mode)` ([`FailureMode`]); either way a `tracing` warning is logged, and
-//! nothing about the failure is remembered: the next request asks the store again.
+//! `.on_store_error(mode)` ([`FailureMode`]); either way a `tracing` warning is logged. The
+//! rate limiter's default is neither mode but its
+//! [local fallback](rate_limit::LocalFallback): the same rules enforced in process, each quota
+//! divided among the configured replicas, so that during an outage at most
+//! `limit × replicas running / replicas configured` requests per window are admitted.
+//!
+//! Each Redis store has a [circuit breaker](store::CircuitBreaker), on by default and shared by
+//! every layer on that store: after 5 failed calls in a row it opens, and every call fails at
+//! once ([`StoreError::CircuitOpen`]) instead of waiting for the store timeout, so each layer
+//! answers from its fallback in microseconds. Every 500 ms a probe goes to Redis in the
+//! background; its success closes the breaker, with nothing to restart.
 //!
 //! | | store timeout | on store error (default) | `FailureMode::Open` | `FailureMode::Closed` |
 //! |---|---|---|---|---|
-//! | rate limit | 250 ms | `Open` | the request goes through, not limited | `503` with `Retry-After: 1` |
+//! | rate limit | 250 ms | local fallback | the request goes through, not limited | `503` with `Retry-After: 1` |
 //! | cache | 250 ms | `Open` | the request goes to the inner service; nothing is served from or stored in the cache | `503` with `Retry-After: 1` |
 //! | idempotency | 1 s | `Closed` | the handler runs without protection | `503` with `Retry-After: 1`; the handler does not run |
 //! | [`Lock`](lock::Lock) | 1 s | (not a layer) | | every call returns the [`StoreError`] (`StoreError::Timeout` on a timeout) |

@@ -196,7 +196,8 @@ async fn redis_down_slow_and_back() {
             RedisStore::connect(&server.url()).await.unwrap(),
             Policy::new(rule.clone()).scope("open"),
         )
-        .store_timeout(timeout),
+        .store_timeout(timeout)
+        .on_store_error(FailureMode::Open),
         runs.clone(),
     );
     let closed = service(

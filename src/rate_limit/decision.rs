@@ -11,7 +11,7 @@ use super::{
     headers::{has_state, insert_retry_after},
     layer::{Config, Shared},
     policy::CompiledPolicy,
-    Rejection,
+    LocalFallback, Rejection,
 };
 use crate::{
     key::StoreKey,
@@ -79,11 +79,21 @@ impl Check {
         match result {
             Err(error) => {
                 count("store_error");
+                if let Some(fallback) = config.local_fallback.filter(|_| self.remote) {
+                    return self.fallback(shared, policy, fallback, &error);
+                }
                 let open = matches!(config.failure_mode, FailureMode::Open);
                 tracing::warn!(target: TARGET, key = %self.key, %error, fail_open = open, "rate-limit store failed");
                 failed(config)
             }
-            Ok(decision) if decision.allowed => admitted(config, policy, &self.key, &decision),
+            Ok(decision) if decision.allowed => {
+                if self.remote && config.local_fallback.is_some() {
+                    if let Some(answer) = self.count_locally(shared, policy) {
+                        return answer;
+                    }
+                }
+                admitted(config, policy, &self.key, &decision)
+            }
             Ok(decision) if config.shadow => {
                 count("denied_shadow");
                 let rule = decision.denied_by.map(|i| policy.fields.name(i));
@@ -96,6 +106,79 @@ impl Check {
             }
             Ok(decision) => self.denied(shared, policy, &decision),
         }
+    }
+
+    /// The answer of the local fallback, when the store failed with `error`.
+    fn fallback<B>(
+        mut self,
+        shared: &Shared<B>,
+        policy: &CompiledPolicy,
+        fallback: LocalFallback,
+        error: &StoreError,
+    ) -> Answer {
+        let config = &shared.config;
+        // Refused calls hold too: a breaker that closes between failures (a cluster failover,
+        // a lossy network) must not hand the budget back to the store each time it closes.
+        shared.local.failed(fallback.hold);
+        if matches!(error, StoreError::CircuitOpen(_)) {
+            // The breaker logged its opening; one line per request would flood the log.
+            tracing::debug!(target: TARGET, key = %self.key, %error, "rate-limit store unavailable; local limits apply");
+        } else {
+            tracing::warn!(target: TARGET, key = %self.key, %error, "rate-limit store failed; local limits apply");
+        }
+        // A local denial is not the store's: it does not go into the deny cache.
+        self.remote = false;
+        let Some(rules) = &policy.local else {
+            count("denied_fallback");
+            let response = denied_locally(config, policy, &self.key, 0, Duration::from_secs(1));
+            return Answer::Reject(response);
+        };
+        match shared
+            .local
+            .check(&self.key, rules, self.cost, config.wants_state())
+        {
+            Ok(decision) if decision.allowed => {
+                count("allowed_fallback");
+                admitted(config, policy, &self.key, &decision)
+            }
+            Ok(decision) if !config.shadow => self.denied(shared, policy, &decision),
+            Ok(_) => Answer::Admit(None),
+            Err(error) => {
+                tracing::error!(target: TARGET, %error, "the local rate-limit fallback failed");
+                failed(config)
+            }
+        }
+    }
+
+    /// Counts a request the store admitted against the local rules too. While the local limits
+    /// hold after a recent failure, a local denial denies the request: the answer is then
+    /// `Some`.
+    fn count_locally<B>(&self, shared: &Shared<B>, policy: &CompiledPolicy) -> Option<Answer> {
+        let config = &shared.config;
+        let holding = shared.local.holding();
+        let Some(rules) = &policy.local else {
+            return holding.then(|| {
+                count("denied_fallback");
+                let wait = Duration::from_secs(1);
+                Answer::Reject(denied_locally(config, policy, &self.key, 0, wait))
+            });
+        };
+        let decision = shared
+            .local
+            .check(&self.key, rules, self.cost, holding)
+            .ok()?;
+        if decision.allowed || !holding || config.shadow {
+            return None;
+        }
+        let check = Check {
+            policy: self.policy,
+            key: self.key,
+            cost: self.cost,
+            remote: false,
+            #[cfg(feature = "metrics")]
+            started: None,
+        };
+        Some(check.denied(shared, policy, &decision))
     }
 
     fn denied<B>(self, shared: &Shared<B>, policy: &CompiledPolicy, decision: &Decision) -> Answer {

@@ -5,9 +5,10 @@ use http::{request::Parts, Method, Response};
 
 use super::{
     deny_cache::DenyCache,
+    fallback::Local,
     headers::Fields,
     policy::{CompiledPolicy, Route},
-    Headers, KeyExtractor, Policy,
+    Headers, KeyExtractor, LocalFallback, Policy,
 };
 use crate::store::FailureMode;
 
@@ -24,6 +25,8 @@ pub(crate) struct Shared<B> {
     pub(crate) store: Arc<B>,
     pub(crate) config: Config,
     pub(crate) deny_cache: Arc<DenyCache>,
+    /// The local fallback's counts.
+    pub(crate) local: Arc<Local>,
 }
 
 // Not derived: a store need not be `Clone`.
@@ -33,6 +36,7 @@ impl<B> Clone for Shared<B> {
             store: Arc::clone(&self.store),
             config: self.config.clone(),
             deny_cache: Arc::clone(&self.deny_cache),
+            local: Arc::clone(&self.local),
         }
     }
 }
@@ -83,12 +87,20 @@ pub(crate) struct Config {
     pub(crate) cost: Option<Arc<CostFn>>,
     pub(crate) store_timeout: Duration,
     pub(crate) failure_mode: FailureMode,
+    pub(crate) local_fallback: Option<LocalFallback>,
     pub(crate) missing_key: MissingKey,
     pub(crate) deny_cache: bool,
     pub(crate) shadow: bool,
     pub(crate) headers: Headers,
     pub(crate) legacy_headers: bool,
     pub(crate) rejection: Option<Arc<RejectionFn>>,
+}
+
+impl Config {
+    /// The replicas the local fallback divides quotas among (1 without a fallback).
+    fn replicas(&self) -> u32 {
+        self.local_fallback.map_or(1, |f| f.replicas)
+    }
 }
 
 /// Index of the default policy in the deny cache; routes use their position.
@@ -142,11 +154,9 @@ impl<B> RateLimitLayer<B> {
     pub fn new(store: B, policy: impl Into<Policy>) -> Self {
         let mut layer = Self::routed(store);
         let config = layer.config_mut();
-        config.default = Some(CompiledPolicy::new(
-            policy.into(),
-            String::new(),
-            &config.scope,
-        ));
+        let mut policy = CompiledPolicy::new(policy.into(), String::new(), &config.scope);
+        policy.set_replicas(config.replicas());
+        config.default = Some(policy);
         layer
     }
 
@@ -164,6 +174,7 @@ impl<B> RateLimitLayer<B> {
                     cost: None,
                     store_timeout: Duration::from_millis(250),
                     failure_mode: FailureMode::Open,
+                    local_fallback: Some(LocalFallback::default()),
                     missing_key: MissingKey::default(),
                     deny_cache: true,
                     shadow: false,
@@ -172,6 +183,7 @@ impl<B> RateLimitLayer<B> {
                     rejection: None,
                 },
                 deny_cache: Arc::new(DenyCache::new()),
+                local: Arc::new(Local::new()),
             }),
         }
     }
@@ -185,7 +197,8 @@ impl<B> RateLimitLayer<B> {
     /// and path unless the policy has a scope.
     pub fn route(mut self, method: Option<Method>, path: &str, policy: impl Into<Policy>) -> Self {
         let config = self.config_mut();
-        let route = Route::new(method, path, policy.into(), &config.scope);
+        let mut route = Route::new(method, path, policy.into(), &config.scope);
+        route.policy.set_replicas(config.replicas());
         config.routes.push(route);
         self
     }
@@ -233,11 +246,39 @@ impl<B> RateLimitLayer<B> {
         self
     }
 
-    /// What to do when the store fails or times out (default [`FailureMode::Open`]: the request
-    /// goes through unlimited; [`FailureMode::Closed`] answers `503` with `Retry-After: 1`).
-    /// A warning is logged either way. An invalid policy is handled the same way.
+    /// What to do when the store fails or times out, instead of the
+    /// [local fallback](Self::local_fallback) (which this turns off): [`FailureMode::Open`]
+    /// lets the request through unlimited, [`FailureMode::Closed`] answers `503` with
+    /// `Retry-After: 1`. A warning is logged either way. An invalid policy is handled by this
+    /// mode in every case (default [`FailureMode::Open`]).
     pub fn on_store_error(mut self, mode: FailureMode) -> Self {
-        self.config_mut().failure_mode = mode;
+        let config = self.config_mut();
+        config.failure_mode = mode;
+        config.local_fallback = None;
+        self
+    }
+
+    /// When the store fails or times out, enforce the same rules in this process, each quota
+    /// divided among `fallback`'s replicas: during an outage at most
+    /// `limit × replicas running / replicas configured` requests per window are admitted. The
+    /// default, with one replica ([`LocalFallback::default`]). See [`LocalFallback`].
+    pub fn local_fallback(mut self, fallback: LocalFallback) -> Self {
+        let config = self.config_mut();
+        config.local_fallback = Some(fallback);
+        let replicas = fallback.replicas;
+        if let Some(policy) = &mut config.default {
+            policy.set_replicas(replicas);
+        }
+        for route in &mut config.routes {
+            route.policy.set_replicas(replicas);
+        }
+        self
+    }
+
+    /// Turns the local fallback off: on a store failure,
+    /// [`on_store_error`](Self::on_store_error) applies (default [`FailureMode::Open`]).
+    pub fn no_local_fallback(mut self) -> Self {
+        self.config_mut().local_fallback = None;
         self
     }
 
@@ -311,6 +352,7 @@ impl<B: fmt::Debug> fmt::Debug for RateLimitLayer<B> {
             .field("key", &c.key)
             .field("store_timeout", &c.store_timeout)
             .field("failure_mode", &c.failure_mode)
+            .field("local_fallback", &c.local_fallback)
             .field("missing_key", &c.missing_key)
             .field("deny_cache", &c.deny_cache)
             .field("shadow", &c.shadow)

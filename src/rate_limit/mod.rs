@@ -83,16 +83,36 @@
 //! # When the store fails
 //!
 //! Every call to a remote store is bounded by [`RateLimitLayer::store_timeout`] (default
-//! 250 ms). On an error or a timeout the layer logs a warning and does what
-//! [`RateLimitLayer::on_store_error`] says: by default ([`FailureMode::Open`]) it lets the
-//! request through without a limit; with [`FailureMode::Closed`] it answers
+//! 250 ms), and a Redis store's [circuit breaker](crate::store::CircuitBreaker) makes calls fail
+//! at once after a run of failures. On an error or a timeout the layer logs a warning and, by
+//! default, decides with its [`LocalFallback`]: the same rules, enforced in this process with a
+//! [`MemoryStore`](crate::store::MemoryStore), each quota divided by the configured number of
+//! replicas (rounded down). During an outage at most `limit × replicas / divisor` requests per
+//! window are admitted (`limit` when the divisor is the real number of replicas), not every
+//! request; such a decision takes microseconds while the breaker is open. When Redis answers
+//! again its state decides at once: the local counts are not merged into it.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_redis_layers::store::MemoryStore;
+//! use tower_redis_layers::rate_limit::{LocalFallback, RateLimitLayer, Rule};
+//!
+//! // Three replicas share 300 per minute; during an outage each admits 100 per minute.
+//! let layer = RateLimitLayer::new(MemoryStore::new(), Rule::fixed_window(300, Duration::from_secs(60)))
+//!     .local_fallback(LocalFallback::new(3));
+//! # let _ = layer;
+//! ```
+//!
+//! [`RateLimitLayer::on_store_error`] replaces the fallback: with [`FailureMode::Open`] a
+//! request goes through without a limit; with [`FailureMode::Closed`] the layer answers
 //! `503 Service Unavailable` with `Retry-After: 1` (problem details, or the
 //! [rejection](RateLimitLayer::rejection) response). A policy with an invalid rule is handled
-//! the same way (and logged as an error). Nothing is cached about a failure: the next request
-//! asks the store again, so the layer recovers by itself when Redis comes back.
+//! by that mode (default `Open`, and logged as an error). The layer recovers by itself when
+//! Redis comes back.
 
 mod decision;
 mod deny_cache;
+mod fallback;
 mod future;
 mod headers;
 mod key;
@@ -101,6 +121,7 @@ mod policy;
 mod service;
 
 pub use self::{
+    fallback::LocalFallback,
     future::ResponseFuture,
     headers::Headers,
     key::KeyExtractor,

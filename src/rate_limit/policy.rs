@@ -3,7 +3,7 @@
 
 use http::{request::Parts, Method};
 
-use super::{headers::PolicyFields, Rule};
+use super::{fallback::divide, headers::PolicyFields, Rule};
 
 /// A set of rules checked together for one request, all-or-nothing.
 ///
@@ -61,6 +61,8 @@ pub(crate) struct CompiledPolicy {
     pub(crate) namespace: String,
     /// Why the rules cannot be checked, if they cannot.
     pub(crate) invalid: Option<String>,
+    /// The rules of the local fallback (see [`divide`]).
+    pub(crate) local: Option<Vec<Rule>>,
 }
 
 impl CompiledPolicy {
@@ -72,12 +74,18 @@ impl CompiledPolicy {
         };
         let scope = policy.scope.unwrap_or(default_scope);
         Self {
+            local: divide(&policy.rules, 1),
             fields: PolicyFields::new(&policy.rules),
             namespace: namespace(layer_scope, &scope),
             scope,
             rules: policy.rules,
             invalid,
         }
+    }
+
+    /// Divides the local fallback's rules among `replicas` replicas.
+    pub(crate) fn set_replicas(&mut self, replicas: u32) {
+        self.local = divide(&self.rules, replicas);
     }
 
     /// Moves the policy under another layer scope.

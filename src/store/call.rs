@@ -20,7 +20,7 @@ use super::StoreError;
 ///
 /// | layer | `Open` | `Closed` | default |
 /// |---|---|---|---|
-/// | [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) | the request is admitted without a limit | `503` | `Open` |
+/// | [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) | the request is admitted without a limit | `503` | its [local fallback](crate::rate_limit::LocalFallback), which `.on_store_error` replaces |
 /// | [`CacheLayer`](crate::cache::CacheLayer) | the request goes to the inner service, nothing is stored | `503` | `Open` |
 /// | [`IdempotencyLockLayer`](crate::idempotency::IdempotencyLockLayer) | the handler runs without protection | `503` | `Closed` |
 ///

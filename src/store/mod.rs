@@ -23,13 +23,17 @@
 //! the time read from the Redis server and every key of a call in one hash slot.
 //!
 //! Every layer bounds each store call with its store timeout and does what its
-//! [`FailureMode`] says when a call fails (see each layer's docs for its defaults).
+//! [`FailureMode`] says when a call fails (see each layer's docs for its defaults). Each Redis
+//! store has a [`CircuitBreaker`] (on by default), shared by every layer on it: after a run of
+//! failures, calls fail at once with [`StoreError::CircuitOpen`] until a probe call succeeds,
+//! so no request waits on a Redis that is away.
 //!
 //! To plug in a store of your own, implement the traits you need and run the conformance suites
 //! against it (feature `test-support`, module `conformance`).
 
 use std::{future::Future, time::Duration};
 
+pub(crate) mod breaker;
 mod cache;
 mod call;
 mod idempotency;
@@ -39,6 +43,9 @@ mod rate_limit;
 #[cfg(any(feature = "redis", feature = "fred"))]
 mod redis;
 
+#[cfg_attr(not(any(feature = "redis", feature = "fred")), allow(unused_imports))]
+pub(crate) use self::breaker::Breaker;
+pub use self::breaker::CircuitBreaker;
 pub(crate) use self::cache::VERSION_RETENTION;
 pub use self::cache::{
     CacheStore, FillRequest, FillState, FillToken, Freshness, Lookup, LookupRequest,
@@ -64,6 +71,14 @@ pub enum StoreError {
     /// The call did not finish in time.
     #[error("the store did not answer within {0:?}")]
     Timeout(Duration),
+    /// The store's [circuit breaker](CircuitBreaker) is open after a run of failed calls: the
+    /// call was not sent. Retry after the duration (the time until the breaker lets a probe
+    /// call through), or later.
+    #[error(
+        "the store is unavailable (its circuit breaker opened after repeated failures); retry \
+         in {0:?} or later"
+    )]
+    CircuitOpen(Duration),
     /// The store could not be reached or reported an error.
     #[error("store error: {0}")]
     Store(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -5,7 +5,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -30,6 +30,8 @@ struct State {
     swallow_replies: AtomicBool,
     /// Hold bytes in both directions.
     stalled: AtomicBool,
+    /// The share (per million) of client commands that cut every connection and are lost.
+    drop_ppm: AtomicU32,
     /// The pump tasks of the open connections.
     pumps: Mutex<Vec<AbortHandle>>,
     /// How many connections were cut.
@@ -120,6 +122,14 @@ impl FaultProxy {
         self.state.swallow_replies.store(on, Ordering::SeqCst);
     }
 
+    /// From now on, each command a client sends cuts every connection (and is lost) with
+    /// probability `fraction` (0 turns this off): a lossy network that the clients' own
+    /// reconnects and retries must get through.
+    pub fn drop_fraction(&self, fraction: f64) {
+        let ppm = (fraction.clamp(0.0, 1.0) * 1_000_000.0) as u32;
+        self.state.drop_ppm.store(ppm, Ordering::SeqCst);
+    }
+
     /// Holds (`true`) or releases (`false`) the bytes in both directions.
     pub fn stall(&self, on: bool) {
         self.state.stalled.store(on, Ordering::SeqCst);
@@ -158,7 +168,9 @@ async fn requests(state: Arc<State>, mut from: OwnedReadHalf, mut to: OwnedWrite
             .lock()
             .unwrap()
             .is_some_and(|until| std::time::Instant::now() < until);
-        if down || state.reset_on_next_command.swap(false, Ordering::SeqCst) {
+        let ppm = state.drop_ppm.load(Ordering::SeqCst);
+        let dropped = ppm > 0 && rand::random_range(0..1_000_000) < ppm;
+        if down || dropped || state.reset_on_next_command.swap(false, Ordering::SeqCst) {
             state.reset_all();
             return;
         }

@@ -190,7 +190,16 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true, &[])).collect();
+        Self::start_with_replicas(0)
+    }
+
+    /// 3 masters with `replicas` replicas each (`--cluster-replicas`): `nodes[..3]` are the
+    /// masters as created (a failover may change that; see [`RedisCluster::masters`]).
+    pub fn start_with_replicas(replicas: usize) -> Self {
+        let count = 3 * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..count)
+            .map(|_| RedisServer::start_with(true, &[]))
+            .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -199,7 +208,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -218,7 +227,64 @@ impl RedisCluster {
             assert!(Instant::now() < deadline, "cluster did not become ready");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // A replica that has not synced with its master cannot take over from it.
+        loop {
+            let synced = nodes
+                .iter()
+                .filter_map(|n| n.cli(&["INFO", "replication"]))
+                .filter(|info| info.contains("role:slave"))
+                .filter(|info| info.contains("master_link_status:up"))
+                .count();
+            if synced == 3 * replicas {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the replicas did not sync");
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Self { nodes }
+    }
+
+    /// The ports of the nodes that are masters now (as the live nodes see it).
+    pub fn masters(&self) -> Vec<u16> {
+        let view = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .find_map(|n| n.cli(&["CLUSTER", "NODES"]))
+            .unwrap_or_default();
+        view.lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter_map(|addr| addr.split(['@', ':']).nth(1)?.parse().ok())
+            .collect()
+    }
+
+    /// The port of a replica of the master on `port`.
+    pub fn replica_of(&self, port: u16) -> Option<u16> {
+        let view = self
+            .nodes
+            .iter()
+            .find_map(|n| n.cli(&["CLUSTER", "NODES"]))?;
+        let addr = format!("127.0.0.1:{port}@");
+        let id = view
+            .lines()
+            .find(|l| l.contains(&addr))?
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        view.lines()
+            .find(|l| l.contains("slave") && l.split_whitespace().nth(3) == Some(id.as_str()))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|addr| addr.split(['@', ':']).nth(1)?.parse().ok())
+    }
+
+    /// Whether every live node reports `cluster_state:ok`.
+    pub fn is_ok(&self) -> bool {
+        self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+            n.cli(&["CLUSTER", "INFO"])
+                .map(|s| s.contains("cluster_state:ok"))
+                .unwrap_or(false)
+        })
     }
 
     /// `redis+cluster://a,b,c`

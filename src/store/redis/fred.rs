@@ -19,7 +19,7 @@ use super::{
     sealed::Runner,
     KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
-use crate::store::StoreError;
+use crate::store::{Breaker, CircuitBreaker, StoreError};
 
 /// A store on Redis through [fred](https://docs.rs/fred): a [`Client`] or a [`Pool`] that the
 /// application has already initialised, standalone or cluster as its configuration says.
@@ -31,6 +31,7 @@ pub struct FredStore {
     client: FredClient,
     prefix: KeyPrefix,
     reload: Arc<Reload>,
+    breaker: Breaker,
 }
 
 #[derive(Clone)]
@@ -91,11 +92,28 @@ impl FredStore {
         self
     }
 
+    /// The circuit breaker of this store and its clones (default: [`CircuitBreaker::default`],
+    /// 5 failures in a row open it, a probe every 500 ms while open). While it is open every
+    /// call fails at once with [`StoreError::CircuitOpen`], and each layer answers from its
+    /// fallback without waiting.
+    pub fn breaker(mut self, config: CircuitBreaker) -> Self {
+        self.breaker = Breaker::new(config);
+        self
+    }
+
+    /// Turns the circuit breaker off: every call goes to Redis and waits up to the layer's
+    /// store timeout, however many failed before.
+    pub fn no_breaker(mut self) -> Self {
+        self.breaker = Breaker::off();
+        self
+    }
+
     fn with(client: FredClient) -> Self {
         Self {
             client,
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
+            breaker: Breaker::new(CircuitBreaker::default()),
         }
     }
 }
@@ -306,5 +324,9 @@ impl Runner for FredStore {
 
     fn prefix(&self) -> &str {
         self.prefix.as_str()
+    }
+
+    fn breaker_state(&self) -> &Breaker {
+        &self.breaker
     }
 }

@@ -30,7 +30,10 @@ pub use self::rate_limit::rate_limit_script;
 pub use self::redis_rs::RedisStore;
 
 use self::script::{Lua, Reply, ScriptCall};
-use crate::store::StoreError;
+use crate::store::{
+    breaker::{Admission, Permit},
+    Breaker, StoreError,
+};
 
 /// A Redis client that runs this crate's scripts: [`RedisStore`] and [`FredStore`].
 ///
@@ -40,7 +43,14 @@ use crate::store::StoreError;
 /// the scripts, keys and reply decoding are shared, and a runner only sends a call and reads the
 /// reply. The trait is sealed: it names the stores this crate ships, and cannot be implemented
 /// outside it.
-pub trait ScriptRunner: sealed::Runner {}
+pub trait ScriptRunner: sealed::Runner {
+    /// Whether the store's [circuit breaker](crate::store::CircuitBreaker) is open (or
+    /// half-open): calls fail at once with [`StoreError::CircuitOpen`]. For health checks and
+    /// dashboards; always `false` without a breaker.
+    fn breaker_open(&self) -> bool {
+        self.breaker_state().is_open()
+    }
+}
 
 impl<T: sealed::Runner> ScriptRunner for T {}
 
@@ -50,24 +60,72 @@ pub(crate) mod sealed {
     /// What a runner does; private, so [`ScriptRunner`] is sealed.
     pub trait Runner: Send + Sync + 'static {
         /// Runs `call.lua` with the call's keys (all in one hash slot) and arguments: one round
-        /// trip (`EVALSHA`, then `EVAL` on `NOSCRIPT`).
+        /// trip (`EVALSHA`, then `EVAL` on `NOSCRIPT`). Operations call it through
+        /// [`Runner::guarded`].
         fn call(
             &self,
             call: ScriptCall,
         ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static;
 
-        /// [`Runner::call`] with owned keys and arguments.
+        /// The store's circuit breaker, shared by its clones.
+        fn breaker_state(&self) -> &Breaker;
+
+        /// [`Runner::call`] through the circuit breaker: the way every operation calls Redis.
+        /// While the breaker is open the call is not sent and fails at once
+        /// ([`StoreError::CircuitOpen`]), and once per probe interval a probe on the call's
+        /// first key goes in the background; otherwise the call's end is recorded (a failure, a
+        /// success, or, when the caller drops it unfinished, a failure).
+        fn guarded(
+            &self,
+            call: ScriptCall,
+        ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static {
+            let attempt = match self.breaker_state().admit() {
+                Admission::Go(permit) => Ok((permit, self.call(call))),
+                Admission::Open { error, probe } => {
+                    if let Some(permit) = probe {
+                        send_probe(self, permit, &call);
+                    }
+                    Err(error)
+                }
+            };
+            async move {
+                let (permit, call) = attempt?;
+                permit.record(call.await)
+            }
+        }
+
+        /// [`Runner::guarded`] with owned keys and arguments.
         fn run(
             &self,
             lua: &'static Lua,
             keys: Vec<String>,
             args: Vec<Vec<u8>>,
         ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static {
-            self.call(ScriptCall::from_vecs(lua, keys, args))
+            self.guarded(ScriptCall::from_vecs(lua, keys, args))
         }
 
         /// The prefix of every key.
         fn prefix(&self) -> &str;
+    }
+}
+
+/// Sends a probe ([`PROBE`] on the first key of `call`) in the background, and records how it
+/// ended with `permit`.
+fn send_probe<R: sealed::Runner + ?Sized>(runner: &R, permit: Permit, call: &ScriptCall) {
+    let (mut keys, _) = call.key_and_arg_ranges();
+    let key = keys
+        .next()
+        .and_then(|range| call.buffer().get(range))
+        .map(|key| String::from_utf8_lossy(key).into_owned());
+    let probe = runner.call(ScriptCall::from_vecs(
+        &PROBE,
+        key.into_iter().collect(),
+        Vec::new(),
+    ));
+    let timeout = Some(runner.breaker_state().probe_timeout());
+    // Without a runtime the permit is dropped: a failed probe.
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move { permit.record(crate::store::bounded(timeout, probe).await) });
     }
 }
 
@@ -93,6 +151,9 @@ static LOCK_AND_IDEMPOTENCY: [Lua; 6] = [
     Lua::new(include_str!("../../scripts/idempotency_lease.lua")),
 ];
 
+/// The circuit breaker's probe: reads whether the key exists, on the node that owns its slot.
+static PROBE: Lua = Lua::new("return redis.call('EXISTS', KEYS[1])");
+
 /// Every script this crate runs, loaded with `SCRIPT LOAD` on every node each time a client
 /// connects or reconnects, so that the first `EVALSHA` finds it. A call still falls back to
 /// `EVAL` on `NOSCRIPT` (a `SCRIPT FLUSH`, a failover to a node that never saw the load).
@@ -102,6 +163,7 @@ pub(crate) fn scripts() -> impl Iterator<Item = &'static Lua> {
         .copied()
         .chain(cache::SCRIPTS.iter().copied())
         .chain(LOCK_AND_IDEMPOTENCY.iter())
+        .chain(std::iter::once(&PROBE))
 }
 
 /// Whether a server error at connect means the server refuses this crate's commands (a missing

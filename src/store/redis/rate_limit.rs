@@ -212,7 +212,7 @@ impl<R: ScriptRunner> RateLimitStore for R {
 
     fn check(&self, check: RateCheck<'_>) -> Self::Future {
         let rules = check.rules.len();
-        let call = self.call(rate_limit_call(self.prefix(), &check));
+        let call = self.guarded(rate_limit_call(self.prefix(), &check));
         Box::pin(async move { decode_decision(call.await?, rules) })
     }
 }

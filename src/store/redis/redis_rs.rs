@@ -17,7 +17,7 @@ use super::{
     sealed::Runner,
     KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
-use crate::store::StoreError;
+use crate::store::{Breaker, CircuitBreaker, StoreError};
 
 /// A store on Redis through [redis-rs](https://docs.rs/redis): a standalone server through a
 /// [`ConnectionManager`] (which reconnects on its own) or a cluster through a
@@ -38,6 +38,7 @@ pub struct RedisStore {
     conn: Connection,
     prefix: KeyPrefix,
     reload: Arc<Reload>,
+    breaker: Breaker,
 }
 
 #[derive(Clone)]
@@ -119,11 +120,28 @@ impl RedisStore {
         self
     }
 
+    /// The circuit breaker of this store and its clones (default: [`CircuitBreaker::default`],
+    /// 5 failures in a row open it, a probe every 500 ms while open). While it is open every
+    /// call fails at once with [`StoreError::CircuitOpen`], and each layer answers from its
+    /// fallback without waiting.
+    pub fn breaker(mut self, config: CircuitBreaker) -> Self {
+        self.breaker = Breaker::new(config);
+        self
+    }
+
+    /// Turns the circuit breaker off: every call goes to Redis and waits up to the layer's
+    /// store timeout, however many failed before.
+    pub fn no_breaker(mut self) -> Self {
+        self.breaker = Breaker::off();
+        self
+    }
+
     fn with(conn: Connection) -> Self {
         Self {
             conn,
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
+            breaker: Breaker::new(CircuitBreaker::default()),
         }
     }
 }
@@ -297,5 +315,9 @@ impl Runner for RedisStore {
 
     fn prefix(&self) -> &str {
         self.prefix.as_str()
+    }
+
+    fn breaker_state(&self) -> &Breaker {
+        &self.breaker
     }
 }

@@ -162,7 +162,6 @@ impl ScriptCall {
         self.ends.len() - self.keys
     }
 
-    #[cfg(any(feature = "redis", test))]
     pub(crate) fn buffer(&self) -> &[u8] {
         &self.buf
     }
