@@ -56,6 +56,12 @@ impl RedisServer {
         Self::start_with(false, &[])
     }
 
+    /// A server with an append-only file (`appendonly yes`, `appendfsync <fsync>`): a
+    /// [`restart`](Self::restart) keeps its data.
+    pub fn start_with_aof(fsync: &str) -> Self {
+        Self::start_with(false, &["--appendonly", "yes", "--appendfsync", fsync])
+    }
+
     fn start_with(cluster: bool, extra: &[&str]) -> Self {
         let port = free_port(cluster);
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -158,7 +164,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port, empty.
+    /// Starts the server again on the same port: empty, or with the data of its append-only
+    /// file ([`start_with_aof`](Self::start_with_aof)).
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
@@ -190,7 +197,19 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true, &[])).collect();
+        Self::start_nodes(&[])
+    }
+
+    /// A cluster whose nodes keep an append-only file (`appendonly yes`, `appendfsync <fsync>`):
+    /// a node [restarted](RedisServer::restart) keeps its data and its slots.
+    pub fn start_with_aof(fsync: &str) -> Self {
+        Self::start_nodes(&["--appendonly", "yes", "--appendfsync", fsync])
+    }
+
+    fn start_nodes(extra: &[&str]) -> Self {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(true, extra))
+            .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -205,20 +224,26 @@ impl RedisCluster {
             .status()
             .expect("redis-cli");
         assert!(status.success(), "redis-cli --cluster create failed");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let cluster = Self { nodes };
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok` (after a start, or a node's restart).
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
-            let ok = nodes.iter().all(|n| {
+            let ok = self.nodes.iter().all(|n| {
                 n.cli(&["CLUSTER", "INFO"])
                     .map(|s| s.contains("cluster_state:ok"))
                     .unwrap_or(false)
             });
             if ok {
-                break;
+                return;
             }
             assert!(Instant::now() < deadline, "cluster did not become ready");
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
         }
-        Self { nodes }
     }
 
     /// `redis+cluster://a,b,c`
