@@ -81,23 +81,9 @@ pub(super) fn release_unknown(
     record: StoreKey,
     token: String,
 ) {
-    let (timeout, deadline) = (config.store_timeout, Instant::now() + config.lease);
-    tokio::spawn(async move {
-        let mut pause = Duration::from_millis(100);
-        while Instant::now() < deadline {
-            let release = store.release_claim(&record, &token);
-            match bounded(Some(timeout), release).await {
-                Ok(released) => {
-                    tracing::debug!(target: TARGET, record = %record, released, "a claim whose answer was lost is released");
-                    return;
-                }
-                Err(error) => {
-                    tracing::debug!(target: TARGET, record = %record, %error, "releasing a claim whose answer was lost failed; retrying");
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
-        }
+    tracing::debug!(target: TARGET, record = %record, "releasing a claim whose answer was lost");
+    crate::lock::release_unknown(config.store_timeout, config.lease, move || {
+        store.release_claim(&record, &token)
     });
 }
 

@@ -24,6 +24,37 @@ pub(crate) fn spawn_detached(timeout: Duration, release: StoreFuture<bool>) {
     }
 }
 
+/// After a call whose answer was lost (an error or a timeout: it may have reached the store and
+/// taken a lease for `token`), releases that lease in the background as soon as the store
+/// answers again, so that what never ran does not block a resource for a whole lease. Tried
+/// with backoff (100 ms doubling up to 1 s), each try bounded by `timeout`, until the store
+/// answers or `lease` has passed (a lease that landed has then expired). Needs a runtime.
+pub(crate) fn release_unknown<F>(timeout: Duration, lease: Duration, release: F)
+where
+    F: Fn() -> StoreFuture<bool> + Send + 'static,
+{
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let deadline = Instant::now() + lease;
+    handle.spawn(async move {
+        let mut pause = Duration::from_millis(100);
+        while Instant::now() < deadline {
+            match bounded(Some(timeout), release()).await {
+                Ok(released) => {
+                    tracing::debug!(released, "a lease whose answer was lost is released");
+                    return;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "releasing a lease whose answer was lost failed; retrying");
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    });
+}
+
 /// The first pause before a failed renewal is tried again (doubling up to a sixth of the lease).
 const RENEW_RETRY: Duration = Duration::from_millis(50);
 

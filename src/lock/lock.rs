@@ -2,7 +2,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
-use super::{guard::LockGuard, lease::new_token, Lease};
+use super::{guard::LockGuard, lease::new_token, release_unknown, Lease};
 use crate::{
     store::{bounded, LockStore, StoreError},
     StoreKey,
@@ -64,10 +64,19 @@ impl<B: LockStore> Lock<B> {
         let key = StoreKey::from_parts([b"lock".as_slice(), resource.as_bytes()]);
         let token = new_token();
         let acquire = self.store.acquire_lock(&key, &token, self.lease);
-        let Some(fence) = bounded(Some(self.store_timeout), acquire).await? else {
-            return Ok(None);
-        };
         let store: Arc<dyn LockStore> = self.store.clone();
+        let fence = match bounded(Some(self.store_timeout), acquire).await {
+            Ok(Some(fence)) => fence,
+            Ok(None) => return Ok(None),
+            Err(error) => {
+                // The acquisition may have reached the store: take it back once it answers.
+                let (store, key) = (Arc::clone(&store), key);
+                release_unknown(self.store_timeout, self.lease, move || {
+                    store.release_lock(&key, &token)
+                });
+                return Err(error);
+            }
+        };
         let renewal = {
             let (store, key, token, lease) = (Arc::clone(&store), key, token.clone(), self.lease);
             Lease::start(self.lease, self.store_timeout, move || {
