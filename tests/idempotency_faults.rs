@@ -31,7 +31,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::stores::AnyStore;
+use common::{fault_proxy::FaultProxy, stores::AnyStore};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
@@ -270,6 +270,23 @@ async fn send_and_drop(svc: &Svc, key: &str, handler: &Handler) {
     assert!(request.await.is_err_and(|e| e.is_cancelled()));
 }
 
+/// Sends a request to `svc` while the proxy in front of it stalls, drops it 200 ms later (its
+/// claim not answered), then lets the proxy go (the claim lands) and marks Redis reachable.
+async fn drop_during_claim(svc: &Svc, key: &str, proxy: &FaultProxy, reachable: &Reachable) {
+    proxy.stall(true);
+    let request = {
+        let (svc, key) = (svc.clone(), key.to_owned());
+        tokio::spawn(async move { send(&svc, &key).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    request.abort();
+    assert!(request.await.is_err_and(|e| e.is_cancelled()));
+    proxy.stall(false);
+    reachable.now();
+    // The held-up claim lands before the duplicates begin.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 /// One fault case: the request goes to `first` (whose handler or proxy sets off the fault), its
 /// duplicates to `second`.
 struct Case {
@@ -278,8 +295,21 @@ struct Case {
     second: Svc,
     handler: Handler,
     reachable: Reachable,
-    /// The client drops the first request once its handler has begun.
-    drop_first: bool,
+    /// Whether the client drops the first request, and when.
+    dropped: Dropped,
+    /// How long the key may stay blocked once Redis is reachable: a lease, or less where a
+    /// whole lease would be the bug.
+    max_blocked: Duration,
+}
+
+/// Whether (and when) the client drops the first request.
+enum Dropped {
+    No,
+    /// Once its handler has begun.
+    InHandler,
+    /// While its claim is held up (the proxy in front of the first replica stalls), before the
+    /// claim's answer arrives: the claim lands after the drop.
+    InClaim(Arc<FaultProxy>),
 }
 
 /// Runs `case`: the request to `first`, then duplicates to `second` every 50 ms until one is
@@ -296,14 +326,18 @@ async fn exactly_once(case: Case) {
         second,
         handler,
         reachable,
-        drop_first,
+        dropped,
+        max_blocked,
     } = case;
     let key = format!("fault-{:x}", rand_id());
     let start = Instant::now();
     let mut original = None;
     let mut first_status = "dropped".to_owned();
-    if drop_first {
+    if let Dropped::InHandler = dropped {
         send_and_drop(&first, &key, &handler).await;
+    } else if let Dropped::InClaim(proxy) = &dropped {
+        drop_during_claim(&first, &key, proxy, &reachable).await;
+        assert_eq!(handler.runs(), 0);
     } else {
         let answer = send(&first, &key).await;
         let waited = start.elapsed();
@@ -339,7 +373,7 @@ async fn exactly_once(case: Case) {
         .map_or(Duration::ZERO, |at| unblocked.saturating_duration_since(at));
     assert_first_response(&name, original.as_ref(), &replay);
     assert!(
-        blocked < LEASE,
+        blocked < max_blocked,
         "{name}: the key was blocked {blocked:?} after Redis was reachable again"
     );
     later_duplicates(&name, &first, &second, &key, &replay).await;

@@ -70,21 +70,53 @@ pub(super) async fn claim(
     }
 }
 
-/// After a claim whose answer was lost (an error or a timeout: it may have reached the store),
-/// releases the claim `token` may hold on `record` in the background, as soon as the store
-/// answers again, so that a key whose handler never ran is not blocked for a whole lease.
-/// Retried with backoff (100 ms doubling up to 1 s) until the store answers, or until the lease
-/// is over (the claim, if it landed, has then expired).
-pub(super) fn release_unknown(
-    store: Arc<dyn IdempotencyStore>,
-    config: &Config,
+/// A claim under way. Dropped before it is [settled](PendingClaim::settled) (the claim's
+/// answer was lost to an error or a timeout, or the request was dropped while waiting for it),
+/// it releases in the background the claim the token may hold: the claim may have reached the
+/// store, and a key whose handler never ran must not stay blocked for a whole lease. The release
+/// is tried as soon as the store answers again, with backoff (100 ms doubling up to 1 s), until
+/// the store answers or the lease is over (the claim, if it landed, has then expired).
+pub(super) struct PendingClaim {
+    store: Option<Arc<dyn IdempotencyStore>>,
     record: StoreKey,
     token: String,
-) {
-    tracing::debug!(target: TARGET, record = %record, "releasing a claim whose answer was lost");
-    crate::lock::release_unknown(config.store_timeout, config.lease, move || {
-        store.release_claim(&record, &token)
-    });
+    store_timeout: Duration,
+    lease: Duration,
+}
+
+impl PendingClaim {
+    pub(super) fn new(
+        store: Arc<dyn IdempotencyStore>,
+        config: &Config,
+        record: StoreKey,
+        token: String,
+    ) -> Self {
+        Self {
+            store: Some(store),
+            record,
+            token,
+            store_timeout: config.store_timeout,
+            lease: config.lease,
+        }
+    }
+
+    /// The store answered the claim: nothing to take back.
+    pub(super) fn settled(mut self) {
+        self.store = None;
+    }
+}
+
+impl Drop for PendingClaim {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let (record, token) = (self.record, std::mem::take(&mut self.token));
+        tracing::debug!(target: TARGET, record = %record, "releasing a claim whose answer was lost");
+        crate::lock::release_unknown(self.store_timeout, self.lease, move || {
+            store.release_claim(&record, &token)
+        });
+    }
 }
 
 /// `409` for a request still in flight, with `Retry-After` from the time left on its lease (at

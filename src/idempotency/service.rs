@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tower_service::Service;
 
 use super::{
-    claim::{claim, release_unknown, Claimed},
+    claim::{claim, Claimed, PendingClaim},
     complete::complete,
     config::Config,
     execute::Execution,
@@ -101,12 +101,20 @@ where
     };
     let record = request::record_key(&config, &parts, &key);
     let token = new_token();
+    // Until the store answers, the claim may or may not have landed: if this future is dropped
+    // meanwhile, or the answer is lost, `pending` takes it back once the store answers.
+    let pending = PendingClaim::new(Arc::clone(&store), &config, record, token.clone());
     let fence = match claim(&*store, &config, &record, &token, &Sha256::digest(&body)).await {
-        Claimed::Fence(fence) => fence,
-        Claimed::Answer(response) => return Ok(response.map(ResponseBody::full)),
+        Claimed::Fence(fence) => {
+            pending.settled();
+            fence
+        }
+        Claimed::Answer(response) => {
+            pending.settled();
+            return Ok(response.map(ResponseBody::full));
+        }
         Claimed::StoreFailed(error) => {
-            // The claim may have reached the store: take it back once the store answers.
-            release_unknown(Arc::clone(&store), &config, record, token);
+            drop(pending);
             let open = matches!(config.on_store_error, FailureMode::Open);
             tracing::warn!(target: TARGET, %error, fail_open = open, "idempotency store failed");
             if open {

@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use super::{clients, exactly_once, replicas, trigger, Case, Client, Handler, Reachable, Trigger};
+use super::{
+    clients, exactly_once, replicas, trigger, Case, Client, Dropped, Handler, Reachable, Trigger,
+    LEASE,
+};
 use crate::common::RedisCluster;
 
 /// Cuts every client connection of every node, then marks Redis reachable.
@@ -47,7 +50,8 @@ async fn run(
         second,
         handler,
         reachable,
-        drop_first: false,
+        dropped: Dropped::No,
+        max_blocked: LEASE,
     })
     .await;
 }

@@ -8,7 +8,14 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{clients, exactly_once, replicas, trigger, Case, Client, Handler, Reachable};
+use super::{
+    clients, exactly_once, replicas, trigger, Case, Client, Dropped, Handler, Reachable, LEASE,
+};
+use tower_redis_layers::{
+    store::{ClaimRequest, IdempotencyStore},
+    StoreKey,
+};
+
 use crate::common::{fault_proxy::FaultProxy, RedisServer};
 
 // ---- Standalone: a fault on the proxy in front of the first replica. ----
@@ -59,7 +66,13 @@ async fn proxy_case(client: Client, fault: Fault) {
         second: handler.plain().replica(direct),
         handler,
         reachable,
-        drop_first: false,
+        dropped: Dropped::No,
+        // A claim whose reply was lost is released (or re-sent and held): the key must not stay
+        // blocked for a whole lease.
+        max_blocked: match fault {
+            Fault::ClaimReplyCut => LEASE / 2,
+            _ => LEASE,
+        },
     })
     .await;
     assert!(proxy.resets() >= 1, "the fault did not fire");
@@ -142,7 +155,8 @@ async fn redis_stopped_across_the_completion(client: Client) {
         second,
         handler,
         reachable,
-        drop_first: false,
+        dropped: Dropped::No,
+        max_blocked: LEASE,
     })
     .await;
 }
@@ -175,7 +189,8 @@ async fn redis_restarted_with_aof_mid_request(client: Client) {
         second,
         handler,
         reachable,
-        drop_first: false,
+        dropped: Dropped::No,
+        max_blocked: LEASE,
     })
     .await;
 }
@@ -194,7 +209,35 @@ async fn client_drops_the_request_mid_handler(client: Client) {
         second,
         handler,
         reachable,
-        drop_first: true,
+        dropped: Dropped::InHandler,
+        max_blocked: LEASE,
+    })
+    .await;
+}
+
+/// The client drops the request while its claim is held up on the way (a stalled connection):
+/// the claim lands after the drop, and is released at once, so the key is not blocked for a
+/// lease and the retry runs the handler (once).
+async fn client_drops_the_request_during_its_claim(client: Client) {
+    let server = RedisServer::start();
+    let proxy = Arc::new(FaultProxy::start(server.port).await);
+    let handler = Handler::new(Duration::from_millis(50));
+    let proxied = client.connect(&proxy.url()).await;
+    // The claim script is loaded first, so that the claim held up is one `EVALSHA` that runs
+    // when the proxy lets it go (a `NOSCRIPT` would need the dropped caller to send `EVAL`).
+    let (warm, lease) = (StoreKey::from_parts([b"warm".as_slice()]), LEASE);
+    let claim = ClaimRequest::new("warm", b"", lease, lease);
+    proxied.claim(&warm, claim).await.unwrap();
+    let first = handler.replica(proxied);
+    let second = handler.plain().replica(client.connect(&server.url()).await);
+    exactly_once(Case {
+        name: format!("{} request dropped during its claim", client.name()),
+        first,
+        second,
+        handler,
+        reachable: Reachable::default(),
+        dropped: Dropped::InClaim(proxy),
+        max_blocked: LEASE / 2,
     })
     .await;
 }
@@ -208,4 +251,5 @@ clients!(
     redis_stopped_across_the_completion,
     redis_restarted_with_aof_mid_request,
     client_drops_the_request_mid_handler,
+    client_drops_the_request_during_its_claim,
 );
