@@ -344,24 +344,65 @@ async fn acquire_reply_cut(
     taken_within(&other, &r, Duration::from_secs(3)).await;
 }
 
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_rs_acquire_reply_cut() {
-    use tower_redis_layers::store::RedisStore;
-    let server = common::RedisServer::start();
-    let proxy = common::fault_proxy::FaultProxy::start(server.port).await;
-    let proxied = AnyStore::Redis(RedisStore::connect(&proxy.url()).await.unwrap());
-    let direct = AnyStore::Redis(RedisStore::connect(&server.url()).await.unwrap());
-    acquire_reply_cut(proxied, direct, &proxy).await;
+/// An acquisition whose caller goes away while it is on the way (the connection stalls, the
+/// future is dropped, then the acquisition lands): it is released once the store answers, so
+/// the lock is not blocked for a lease by an acquisition nobody holds.
+#[cfg(any(feature = "redis", feature = "fred"))]
+async fn acquire_dropped_on_the_way(
+    proxied: AnyStore,
+    direct: AnyStore,
+    proxy: &common::fault_proxy::FaultProxy,
+) {
+    let lock = Lock::new(proxied).lease(Duration::from_secs(10));
+    let other = Lock::new(direct);
+    // The script is loaded first, so that the held-up acquisition is one `EVALSHA` that runs.
+    let warm = lock.try_acquire(&resource()).await.unwrap().expect("free");
+    assert!(warm.release().await.unwrap());
+    let r = resource();
+    proxy.stall(true);
+    let attempt = {
+        let (lock, r) = (lock.clone(), r.clone());
+        tokio::spawn(async move { lock.try_acquire(&r).await.map(|g| g.is_some()) })
+    };
+    sleep(Duration::from_millis(200)).await;
+    attempt.abort();
+    assert!(attempt.await.is_err_and(|e| e.is_cancelled()));
+    proxy.stall(false);
+    sleep(Duration::from_millis(100)).await; // the acquisition lands
+    taken_within(&other, &r, Duration::from_secs(3)).await;
 }
 
-#[cfg(feature = "fred")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fred_acquire_reply_cut() {
-    use tower_redis_layers::store::FredStore;
-    let server = common::RedisServer::start();
-    let proxy = common::fault_proxy::FaultProxy::start(server.port).await;
-    let proxied = AnyStore::Fred(FredStore::connect(&proxy.url()).await.unwrap());
-    let direct = AnyStore::Fred(FredStore::connect(&server.url()).await.unwrap());
-    acquire_reply_cut(proxied, direct, &proxy).await;
+/// One client's stores for the proxy cases: through the proxy, and direct.
+macro_rules! proxy_cases {
+    ($module:ident, $feature:literal, $variant:ident, $store:ident) => {
+        #[cfg(feature = $feature)]
+        mod $module {
+            use super::*;
+            use common::{fault_proxy::FaultProxy, RedisServer};
+            use tower_redis_layers::store::$store;
+
+            async fn stores() -> (RedisServer, FaultProxy, AnyStore, AnyStore) {
+                let server = RedisServer::start();
+                let proxy = FaultProxy::start(server.port).await;
+                let proxied = AnyStore::$variant($store::connect(&proxy.url()).await.unwrap());
+                let direct = AnyStore::$variant($store::connect(&server.url()).await.unwrap());
+                (server, proxy, proxied, direct)
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn acquire_reply_cut() {
+                let (_server, proxy, proxied, direct) = stores().await;
+                super::acquire_reply_cut(proxied, direct, &proxy).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn acquire_dropped_on_the_way() {
+                let (_server, proxy, proxied, direct) = stores().await;
+                super::acquire_dropped_on_the_way(proxied, direct, &proxy).await;
+            }
+        }
+    };
 }
+
+proxy_cases!(redis_rs_faults, "redis", Redis, RedisStore);
+proxy_cases!(fred_faults, "fred", Fred, FredStore);

@@ -9,7 +9,8 @@ use tokio::time::Instant;
 
 use super::{config::Config, record::StoredResponse, rejection::Rejection, TARGET};
 use crate::{
-    store::{bounded, Claim, ClaimRequest, IdempotencyStore, StoreError},
+    lock::Unsettled,
+    store::{bounded, Claim, ClaimRequest, IdempotencyStore, StoreError, StoreFuture},
     StoreKey,
 };
 
@@ -70,53 +71,22 @@ pub(super) async fn claim(
     }
 }
 
-/// A claim under way. Dropped before it is [settled](PendingClaim::settled) (the claim's
-/// answer was lost to an error or a timeout, or the request was dropped while waiting for it),
-/// it releases in the background the claim the token may hold: the claim may have reached the
-/// store, and a key whose handler never ran must not stay blocked for a whole lease. The release
-/// is tried as soon as the store answers again, with backoff (100 ms doubling up to 1 s), until
-/// the store answers or the lease is over (the claim, if it landed, has then expired).
-pub(super) struct PendingClaim {
-    store: Option<Arc<dyn IdempotencyStore>>,
+/// A claim under way. Dropped before it is settled (the claim's answer was lost to an error or
+/// a timeout, or the request was dropped while waiting for it), it releases in the background
+/// the claim the token may hold: the claim may have reached the store, and a key whose handler
+/// never ran must not stay blocked for a whole lease. The release is tried as soon as the store
+/// answers again, with backoff (100 ms doubling up to 1 s), until the store answers or the lease
+/// is over (the claim, if it landed, has then expired).
+pub(super) fn pending_claim(
+    store: Arc<dyn IdempotencyStore>,
+    config: &Config,
     record: StoreKey,
     token: String,
-    store_timeout: Duration,
-    lease: Duration,
-}
-
-impl PendingClaim {
-    pub(super) fn new(
-        store: Arc<dyn IdempotencyStore>,
-        config: &Config,
-        record: StoreKey,
-        token: String,
-    ) -> Self {
-        Self {
-            store: Some(store),
-            record,
-            token,
-            store_timeout: config.store_timeout,
-            lease: config.lease,
-        }
-    }
-
-    /// The store answered the claim: nothing to take back.
-    pub(super) fn settled(mut self) {
-        self.store = None;
-    }
-}
-
-impl Drop for PendingClaim {
-    fn drop(&mut self) {
-        let Some(store) = self.store.take() else {
-            return;
-        };
-        let (record, token) = (self.record, std::mem::take(&mut self.token));
+) -> Unsettled<impl Fn() -> StoreFuture<bool> + Send + 'static> {
+    Unsettled::new(config.store_timeout, config.lease, move || {
         tracing::debug!(target: TARGET, record = %record, "releasing a claim whose answer was lost");
-        crate::lock::release_unknown(self.store_timeout, self.lease, move || {
-            store.release_claim(&record, &token)
-        });
-    }
+        store.release_claim(&record, &token)
+    })
 }
 
 /// `409` for a request still in flight, with `Retry-After` from the time left on its lease (at

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tower_service::Service;
 
 use super::{
-    claim::{claim, Claimed, PendingClaim},
+    claim::{claim, pending_claim, Claimed},
     complete::complete,
     config::Config,
     execute::Execution,
@@ -103,7 +103,7 @@ where
     let token = new_token();
     // Until the store answers, the claim may or may not have landed: if this future is dropped
     // meanwhile, or the answer is lost, `pending` takes it back once the store answers.
-    let pending = PendingClaim::new(Arc::clone(&store), &config, record, token.clone());
+    let pending = pending_claim(Arc::clone(&store), &config, record, token.clone());
     let fence = match claim(&*store, &config, &record, &token, &Sha256::digest(&body)).await {
         Claimed::Fence(fence) => {
             pending.settled();

@@ -55,6 +55,48 @@ where
     });
 }
 
+/// A store call that may take a lease for a token, until its answer arrives. Dropped before it
+/// is [settled](Unsettled::settled) (the answer was lost to an error or a timeout, or the caller
+/// went away while waiting), it releases that lease with [`release_unknown`].
+pub(crate) struct Unsettled<F>
+where
+    F: Fn() -> StoreFuture<bool> + Send + 'static,
+{
+    release: Option<F>,
+    timeout: Duration,
+    lease: Duration,
+}
+
+impl<F> Unsettled<F>
+where
+    F: Fn() -> StoreFuture<bool> + Send + 'static,
+{
+    /// A call under way whose lease `release` gives back; see [`release_unknown`].
+    pub(crate) fn new(timeout: Duration, lease: Duration, release: F) -> Self {
+        Self {
+            release: Some(release),
+            timeout,
+            lease,
+        }
+    }
+
+    /// The store answered: nothing to give back.
+    pub(crate) fn settled(mut self) {
+        self.release = None;
+    }
+}
+
+impl<F> Drop for Unsettled<F>
+where
+    F: Fn() -> StoreFuture<bool> + Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release_unknown(self.timeout, self.lease, release);
+        }
+    }
+}
+
 /// The first pause before a failed renewal is tried again (doubling up to a sixth of the lease).
 const RENEW_RETRY: Duration = Duration::from_millis(50);
 

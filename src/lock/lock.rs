@@ -2,7 +2,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
-use super::{guard::LockGuard, lease::new_token, release_unknown, Lease};
+use super::{guard::LockGuard, lease::new_token, Lease, Unsettled};
 use crate::{
     store::{bounded, LockStore, StoreError},
     StoreKey,
@@ -65,18 +65,23 @@ impl<B: LockStore> Lock<B> {
         let token = new_token();
         let acquire = self.store.acquire_lock(&key, &token, self.lease);
         let store: Arc<dyn LockStore> = self.store.clone();
-        let fence = match bounded(Some(self.store_timeout), acquire).await {
-            Ok(Some(fence)) => fence,
-            Ok(None) => return Ok(None),
-            Err(error) => {
-                // The acquisition may have reached the store: take it back once it answers.
-                let (store, key) = (Arc::clone(&store), key);
-                release_unknown(self.store_timeout, self.lease, move || {
-                    store.release_lock(&key, &token)
-                });
-                return Err(error);
+        // Until the store answers, the acquisition may or may not have landed: if the answer is
+        // lost, or this future is dropped meanwhile, `unsettled` releases it once the store
+        // answers again.
+        let unsettled = {
+            let (store, token) = (Arc::clone(&store), token.clone());
+            Unsettled::new(self.store_timeout, self.lease, move || {
+                store.release_lock(&key, &token)
+            })
+        };
+        let fence = match bounded(Some(self.store_timeout), acquire).await? {
+            Some(fence) => fence,
+            None => {
+                unsettled.settled();
+                return Ok(None);
             }
         };
+        unsettled.settled();
         let renewal = {
             let (store, key, token, lease) = (Arc::clone(&store), key, token.clone(), self.lease);
             Lease::start(self.lease, self.store_timeout, move || {
