@@ -24,7 +24,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -140,8 +140,8 @@ impl Reachable {
 }
 
 /// The handler of a replica: counts its runs on `runs` (its side effect, first thing), works for
-/// `work`, and answers `201` with `x-order: <n>` and `run=<n>`. On its first run it awaits
-/// `at_start` before its work and `at_end` after it.
+/// `work`, and answers `201` with `x-order: <n>` and `run=<n>`. On its first run in a replica
+/// it awaits `at_start` before its work and `at_end` after it.
 #[derive(Clone, Default)]
 struct Handler {
     runs: Arc<AtomicUsize>,
@@ -185,11 +185,12 @@ impl Handler {
     /// A replica: the layer (store timeout 300 ms, lease 5 s) on `store` over this handler.
     fn replica(&self, store: AnyStore) -> Svc {
         let handler = self.clone();
+        let ran = Arc::new(AtomicBool::new(false));
         let inner = service_fn(move |_req: Req| {
             let handler = handler.clone();
+            let first = !ran.swap(true, Ordering::SeqCst);
             async move {
                 let n = handler.runs.fetch_add(1, Ordering::SeqCst) + 1;
-                let first = n == 1;
                 if let (true, Some(t)) = (first, &handler.at_start) {
                     t().await;
                 }
