@@ -78,7 +78,7 @@ async fn acquire_waits_with_backoff_and_gives_up_after_its_bound(env: Env) {
 async fn extend_and_renewal_keep_the_lock(env: Env) {
     let store = env.store().await;
     let key = StoreKey::from_parts([resource().as_bytes()]);
-    let short = Duration::from_millis(300);
+    let short = Duration::from_millis(800);
     assert!(store
         .acquire_lock(&key, "a", short)
         .await
@@ -89,7 +89,7 @@ async fn extend_and_renewal_keep_the_lock(env: Env) {
         .await
         .unwrap());
     assert!(!store.extend_lock(&key, "b", short).await.unwrap());
-    sleep(Duration::from_millis(600)).await;
+    sleep(short + Duration::from_millis(400)).await;
     assert_eq!(
         store.acquire_lock(&key, "b", short).await.unwrap(),
         None,
