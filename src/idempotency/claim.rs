@@ -19,8 +19,9 @@ const IN_FLIGHT_POLL: Duration = Duration::from_millis(50);
 
 /// What claiming a record came to.
 pub(super) enum Claimed {
-    /// The record is this request's, under this fencing token: the handler runs.
-    Fence(u64),
+    /// The record is this request's, under this fencing token: the handler runs. `sent`: when
+    /// the claim that took it was sent (its lease started then at the earliest).
+    Fence { fence: u64, sent: Instant },
     /// The layer answers: the stored response, or a rejection (in flight, another body).
     Answer(Response<Bytes>),
     /// The store failed or did not answer in time.
@@ -38,6 +39,7 @@ pub(super) async fn claim(
 ) -> Claimed {
     let deadline = config.in_flight_wait.map(|w| Instant::now() + w);
     loop {
+        let sent = Instant::now();
         let claim = store.claim(
             record,
             ClaimRequest {
@@ -48,7 +50,7 @@ pub(super) async fn claim(
             },
         );
         let why = match bounded(Some(config.store_timeout), claim).await {
-            Ok(Claim::Claimed { fence }) => return Claimed::Fence(fence),
+            Ok(Claim::Claimed { fence }) => return Claimed::Fence { fence, sent },
             Err(error) => return Claimed::StoreFailed(error),
             Ok(Claim::Completed(stored)) => {
                 tracing::debug!(target: TARGET, record = %record, outcome = "replayed");

@@ -104,10 +104,11 @@ where
     // Until the store answers, the claim may or may not have landed: if this future is dropped
     // meanwhile, or the answer is lost, `pending` takes it back once the store answers.
     let pending = pending_claim(Arc::clone(&store), &config, record, token.clone());
-    let fence = match claim(&*store, &config, &record, &token, &Sha256::digest(&body)).await {
-        Claimed::Fence(fence) => {
+    let claimed = claim(&*store, &config, &record, &token, &Sha256::digest(&body)).await;
+    let (fence, sent) = match claimed {
+        Claimed::Fence { fence, sent } => {
             pending.settled();
-            fence
+            (fence, sent)
         }
         Claimed::Answer(response) => {
             pending.settled();
@@ -124,7 +125,7 @@ where
             return Ok(rejected(&config, Rejection::Unavailable));
         }
     };
-    let execution = Execution::start(store, &config, record, token, fence);
+    let execution = Execution::start(store, &config, record, token, fence, sent);
     let mut request = Request::from_parts(parts, ReqBody::from(body));
     request.extensions_mut().insert(execution.fence());
     // The claim is held: from here the handler runs to its end and its response is recorded,

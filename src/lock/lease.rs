@@ -108,11 +108,13 @@ pub(crate) struct Lease {
 
 impl Lease {
     /// Renews with `extend` every third of `lease`, each call bounded by `timeout` and by that
-    /// third. The lease is lost only when `extend` answers `false` (the store says the token no
+    /// third. The first renewal is due a third of the lease after `since`, the moment the call
+    /// that took the lease was sent: the store started the lease when it ran that call, at the
+    /// earliest then, so a slow answer does not eat into the lease before the first renewal. The lease is lost only when `extend` answers `false` (the store says the token no
     /// longer holds). A failed or timed-out renewal is not a loss: it is tried again within the
     /// lease, after 50 ms, then twice as long each time (at most a sixth of the lease), for as
     /// long as the store does not answer; the first answer decides.
-    pub(crate) fn start<F>(lease: Duration, timeout: Duration, extend: F) -> Self
+    pub(crate) fn start<F>(since: Instant, lease: Duration, timeout: Duration, extend: F) -> Self
     where
         F: Fn() -> StoreFuture<bool> + Send + 'static,
     {
@@ -120,7 +122,7 @@ impl Lease {
         let every = lease / 3;
         let bound = timeout.min(every);
         let task = tokio::spawn(async move {
-            let mut pause = every;
+            let mut pause = (since + every).saturating_duration_since(Instant::now());
             let mut failing_since: Option<Instant> = None;
             loop {
                 tokio::time::sleep(pause).await;
