@@ -267,7 +267,10 @@ mod tests {
         let lock = Lock::new(SlowReply::default()).lease(Duration::from_millis(300));
         let guard = lock.try_acquire("r").await.unwrap().expect("a free lock");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(!guard.is_lost(), "the lease ran out before its first renewal");
+        assert!(
+            !guard.is_lost(),
+            "the lease ran out before its first renewal"
+        );
         assert!(guard.release().await.unwrap());
     }
 
