@@ -56,8 +56,8 @@ impl RedisServer {
         Self::start_with(false, &[])
     }
 
-    /// A server with an append-only file (`appendonly yes`, `appendfsync <fsync>`): a
-    /// [`restart`](Self::restart) keeps its data.
+    /// A server with an append-only file (`appendonly yes`, `appendfsync <fsync>`): unlike the
+    /// others, a [`restart`](Self::restart) brings it back with its data.
     pub fn start_with_aof(fsync: &str) -> Self {
         Self::start_with(false, &["--appendonly", "yes", "--appendfsync", fsync])
     }
@@ -164,8 +164,7 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port: empty, or with the data of its append-only
-    /// file ([`start_with_aof`](Self::start_with_aof)).
+    /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
@@ -197,19 +196,7 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        Self::start_nodes(&[])
-    }
-
-    /// A cluster whose nodes keep an append-only file (`appendonly yes`, `appendfsync <fsync>`):
-    /// a node [restarted](RedisServer::restart) keeps its data and its slots.
-    pub fn start_with_aof(fsync: &str) -> Self {
-        Self::start_nodes(&["--appendonly", "yes", "--appendfsync", fsync])
-    }
-
-    fn start_nodes(extra: &[&str]) -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start_with(true, extra))
-            .collect();
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true, &[])).collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -224,12 +211,52 @@ impl RedisCluster {
             .status()
             .expect("redis-cli");
         assert!(status.success(), "redis-cli --cluster create failed");
-        let cluster = Self { nodes };
-        cluster.wait_ok(Duration::from_secs(30));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "INFO"])
+                    .map(|s| s.contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            });
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { nodes }
+    }
+
+    /// A cluster whose nodes keep an append-only file (`appendonly yes`, `appendfsync <fsync>`),
+    /// turned on once the cluster is up: a node [restarted](RedisServer::restart) keeps its data
+    /// and its slots.
+    pub fn start_with_aof(fsync: &str) -> Self {
+        let mut cluster = Self::start();
+        for node in &mut cluster.nodes {
+            node.cli(&["CONFIG", "SET", "appendfsync", fsync]);
+            node.cli(&["CONFIG", "SET", "appendonly", "yes"]);
+            node.extra
+                .extend(["--appendonly", "yes", "--appendfsync", fsync].map(String::from));
+        }
+        // Turning AOF on writes the file in the background: wait until it is written.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for node in &cluster.nodes {
+            loop {
+                let info = node.cli(&["INFO", "persistence"]).unwrap_or_default();
+                if info.contains("aof_enabled:1")
+                    && info.contains("aof_rewrite_in_progress:0")
+                    && !info.contains("aof_rewrite_scheduled:1")
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "AOF was not turned on");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         cluster
     }
 
-    /// Waits until every node reports `cluster_state:ok` (after a start, or a node's restart).
+    /// Waits until every node reports `cluster_state:ok` (after a node's restart).
     pub fn wait_ok(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
