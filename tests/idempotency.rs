@@ -198,7 +198,13 @@ async fn duplicate_in_flight_gets_409_then_the_replay<B: IdempotencyStore + Clon
         let key = key.clone();
         async move { send(&svc, post("/orders", Some(&key), "x")).await }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The duplicate goes once the handler has begun (the first holds the claim then), however
+    // long the claim took on a loaded machine.
+    let began = tokio::time::Instant::now();
+    while runs.load(Ordering::SeqCst) == 0 {
+        assert!(began.elapsed() < Duration::from_secs(5), "never began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let dup = send(&svc, post("/orders", Some(&key), "x")).await;
     assert_eq!(dup.status, 409);
     // Retry-After: the time left on the 10 s lease, rounded up (issue 11; it was a constant 1).
@@ -298,14 +304,15 @@ async fn routes_and_tenants_are_isolated<B: IdempotencyStore + Clone>(store: B) 
 
 async fn renewal_keeps_a_long_handler_exclusive<B: IdempotencyStore + Clone>(a: B, b: B) {
     // The handler takes over 3 leases; the renewal keeps the claim, so a duplicate on another
-    // replica is refused instead of running again.
-    let (runs, h1) = handler(1000);
+    // replica is refused instead of running again. (A 600 ms lease leaves a renewal 400 ms to
+    // land, enough on a loaded machine; 300 ms was not.)
+    let (runs, h1) = handler(2000);
     let h2 = Handler {
         runs: runs.clone(),
         delay: h1.delay,
         fail_first: false,
     };
-    let lease = Duration::from_millis(300);
+    let lease = Duration::from_millis(600);
     let first = service(IdempotencyLockLayer::new(a).lease(lease), h1);
     let second = service(IdempotencyLockLayer::new(b).lease(lease), h2);
     let key = unique("renew");
@@ -314,7 +321,7 @@ async fn renewal_keeps_a_long_handler_exclusive<B: IdempotencyStore + Clone>(a: 
         async move { send(&first, post("/orders", Some(&key), "x")).await }
     });
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
             send(&second, post("/orders", Some(&key), "x")).await.status,
             409

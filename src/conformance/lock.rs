@@ -11,6 +11,7 @@ pub async fn lock_suite<S: LockStore>(store: &S) {
         lock_is_exclusive_and_fenced(store),
         lock_release_and_extend_need_the_token(store),
         expired_lock_is_free_and_safe_from_its_old_holder(store),
+        acquire_resent_by_its_holder_changes_nothing(store),
     );
 }
 
@@ -87,5 +88,27 @@ async fn expired_lock_is_free_and_safe_from_its_old_holder<S: LockStore>(store: 
             .await
             .unwrap(),
         None
+    );
+}
+
+/// An acquisition re-sent with the holder's own token (a client that re-sends a command after a
+/// cut reply) answers the same fence again, and changes nothing.
+async fn acquire_resent_by_its_holder_changes_nothing<S: LockStore>(store: &S) {
+    let key = random_key();
+    let lease = Duration::from_secs(10);
+    let (a, b) = (token(), token());
+    let fence = store.acquire_lock(&key, &a, lease).await.unwrap();
+    assert!(fence.is_some(), "a free lock was not taken");
+    assert_eq!(
+        store.acquire_lock(&key, &a, lease).await.unwrap(),
+        fence,
+        "a re-sent acquisition must answer the same fence"
+    );
+    assert_eq!(store.acquire_lock(&key, &b, lease).await.unwrap(), None);
+    assert!(store.release_lock(&key, &a).await.unwrap());
+    let next = store.acquire_lock(&key, &b, lease).await.unwrap();
+    assert!(
+        next > fence,
+        "fencing tokens must grow: {fence:?} then {next:?}"
     );
 }

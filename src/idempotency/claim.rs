@@ -9,7 +9,8 @@ use tokio::time::Instant;
 
 use super::{config::Config, record::StoredResponse, rejection::Rejection, TARGET};
 use crate::{
-    store::{bounded, Claim, ClaimRequest, IdempotencyStore, StoreError},
+    lock::Unsettled,
+    store::{bounded, Claim, ClaimRequest, IdempotencyStore, StoreError, StoreFuture},
     StoreKey,
 };
 
@@ -18,8 +19,9 @@ const IN_FLIGHT_POLL: Duration = Duration::from_millis(50);
 
 /// What claiming a record came to.
 pub(super) enum Claimed {
-    /// The record is this request's, under this fencing token: the handler runs.
-    Fence(u64),
+    /// The record is this request's, under this fencing token: the handler runs. `sent`: when
+    /// the claim that took it was sent (its lease started then at the earliest).
+    Fence { fence: u64, sent: Instant },
     /// The layer answers: the stored response, or a rejection (in flight, another body).
     Answer(Response<Bytes>),
     /// The store failed or did not answer in time.
@@ -37,6 +39,7 @@ pub(super) async fn claim(
 ) -> Claimed {
     let deadline = config.in_flight_wait.map(|w| Instant::now() + w);
     loop {
+        let sent = Instant::now();
         let claim = store.claim(
             record,
             ClaimRequest {
@@ -47,7 +50,7 @@ pub(super) async fn claim(
             },
         );
         let why = match bounded(Some(config.store_timeout), claim).await {
-            Ok(Claim::Claimed { fence }) => return Claimed::Fence(fence),
+            Ok(Claim::Claimed { fence }) => return Claimed::Fence { fence, sent },
             Err(error) => return Claimed::StoreFailed(error),
             Ok(Claim::Completed(stored)) => {
                 tracing::debug!(target: TARGET, record = %record, outcome = "replayed");
@@ -70,35 +73,22 @@ pub(super) async fn claim(
     }
 }
 
-/// After a claim whose answer was lost (an error or a timeout: it may have reached the store),
-/// releases the claim `token` may hold on `record` in the background, as soon as the store
-/// answers again, so that a key whose handler never ran is not blocked for a whole lease.
-/// Retried with backoff (100 ms doubling up to 1 s) until the store answers, or until the lease
+/// A claim under way. Dropped before it is settled (the claim's answer was lost to an error or
+/// a timeout, or the request was dropped while waiting for it), it releases in the background
+/// the claim the token may hold: the claim may have reached the store, and a key whose handler
+/// never ran must not stay blocked for a whole lease. The release is tried as soon as the store
+/// answers again, with backoff (100 ms doubling up to 1 s), until the store answers or the lease
 /// is over (the claim, if it landed, has then expired).
-pub(super) fn release_unknown(
+pub(super) fn pending_claim(
     store: Arc<dyn IdempotencyStore>,
     config: &Config,
     record: StoreKey,
     token: String,
-) {
-    let (timeout, deadline) = (config.store_timeout, Instant::now() + config.lease);
-    tokio::spawn(async move {
-        let mut pause = Duration::from_millis(100);
-        while Instant::now() < deadline {
-            let release = store.release_claim(&record, &token);
-            match bounded(Some(timeout), release).await {
-                Ok(released) => {
-                    tracing::debug!(target: TARGET, record = %record, released, "a claim whose answer was lost is released");
-                    return;
-                }
-                Err(error) => {
-                    tracing::debug!(target: TARGET, record = %record, %error, "releasing a claim whose answer was lost failed; retrying");
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
-        }
-    });
+) -> Unsettled<impl Fn() -> StoreFuture<bool> + Send + 'static> {
+    Unsettled::new(config.store_timeout, config.lease, move || {
+        tracing::debug!(target: TARGET, record = %record, "releasing a claim whose answer was lost");
+        store.release_claim(&record, &token)
+    })
 }
 
 /// `409` for a request still in flight, with `Retry-After` from the time left on its lease (at

@@ -62,17 +62,19 @@ struct Held {
 }
 
 impl Execution {
-    /// Starts renewing the lease of the claim `token` holds on `record`.
+    /// Starts renewing the lease of the claim `token` holds on `record` under `fence`, taken
+    /// by a claim sent at `sent`.
     pub(super) fn start(
         store: Arc<dyn IdempotencyStore>,
         config: &Config,
         record: StoreKey,
         token: String,
         fence: u64,
+        sent: Instant,
     ) -> Self {
         let lease = {
             let (store, token, lease) = (Arc::clone(&store), token.clone(), config.lease);
-            Lease::start(config.lease, config.store_timeout, move || {
+            Lease::start(sent, config.lease, config.store_timeout, move || {
                 store.extend_claim(&record, &token, lease)
             })
         };

@@ -79,7 +79,9 @@
 //!   with the request's token as soon as the store answers again, so the key is not blocked
 //!   for a whole lease.
 //! - **The client goes away** (the response future is dropped: the client hung up, a proxy
-//!   timed out) once the request holds the claim: the handler is not cancelled. It runs to its
+//!   timed out) while the claim is on the way: the claim, if it landed, is released in the
+//!   background as soon as the store answers, as above. Once the request holds the claim, the
+//!   handler is not cancelled. It runs to its
 //!   end in a spawned task and its response is recorded, so the retry gets the replay instead of
 //!   running the handler a second time.
 //! - **The handler fails or panics**: the claim is released in the background, so the client
@@ -99,8 +101,10 @@
 //!   lease, after which the request may run again.
 //!
 //! Redis is not durable by default: keeping records across a Redis restart needs AOF
-//! (`appendonly yes`, `appendfsync everysec` at least), and an `allkeys-*` eviction policy can
-//! drop records; use `noeviction` or a `volatile-*` policy.
+//! (`appendonly yes`, `appendfsync everysec` at least; then a crash of the Redis process loses
+//! no acknowledged record, a crash of the machine the last second or two), and every eviction
+//! policy but `noeviction` can drop records (they all have a TTL). The crate's README says what
+//! each setting guarantees.
 
 mod claim;
 mod complete;

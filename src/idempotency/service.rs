@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tower_service::Service;
 
 use super::{
-    claim::{claim, release_unknown, Claimed},
+    claim::{claim, pending_claim, Claimed},
     complete::complete,
     config::Config,
     execute::Execution,
@@ -101,12 +101,21 @@ where
     };
     let record = request::record_key(&config, &parts, &key);
     let token = new_token();
-    let fence = match claim(&*store, &config, &record, &token, &Sha256::digest(&body)).await {
-        Claimed::Fence(fence) => fence,
-        Claimed::Answer(response) => return Ok(response.map(ResponseBody::full)),
+    // Until the store answers, the claim may or may not have landed: if this future is dropped
+    // meanwhile, or the answer is lost, `pending` takes it back once the store answers.
+    let pending = pending_claim(Arc::clone(&store), &config, record, token.clone());
+    let claimed = claim(&*store, &config, &record, &token, &Sha256::digest(&body)).await;
+    let (fence, sent) = match claimed {
+        Claimed::Fence { fence, sent } => {
+            pending.settled();
+            (fence, sent)
+        }
+        Claimed::Answer(response) => {
+            pending.settled();
+            return Ok(response.map(ResponseBody::full));
+        }
         Claimed::StoreFailed(error) => {
-            // The claim may have reached the store: take it back once the store answers.
-            release_unknown(Arc::clone(&store), &config, record, token);
+            drop(pending);
             let open = matches!(config.on_store_error, FailureMode::Open);
             tracing::warn!(target: TARGET, %error, fail_open = open, "idempotency store failed");
             if open {
@@ -116,7 +125,7 @@ where
             return Ok(rejected(&config, Rejection::Unavailable));
         }
     };
-    let execution = Execution::start(store, &config, record, token, fence);
+    let execution = Execution::start(store, &config, record, token, fence, sent);
     let mut request = Request::from_parts(parts, ReqBody::from(body));
     request.extensions_mut().insert(execution.fence());
     // The claim is held: from here the handler runs to its end and its response is recorded,

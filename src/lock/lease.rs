@@ -24,6 +24,79 @@ pub(crate) fn spawn_detached(timeout: Duration, release: StoreFuture<bool>) {
     }
 }
 
+/// After a call whose answer was lost (an error or a timeout: it may have reached the store and
+/// taken a lease for `token`), releases that lease in the background as soon as the store
+/// answers again, so that what never ran does not block a resource for a whole lease. Tried
+/// with backoff (100 ms doubling up to 1 s), each try bounded by `timeout`, until the store
+/// answers or `lease` has passed (a lease that landed has then expired). Needs a runtime.
+pub(crate) fn release_unknown<F>(timeout: Duration, lease: Duration, release: F)
+where
+    F: Fn() -> StoreFuture<bool> + Send + 'static,
+{
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let deadline = Instant::now() + lease;
+    handle.spawn(async move {
+        let mut pause = Duration::from_millis(100);
+        while Instant::now() < deadline {
+            match bounded(Some(timeout), release()).await {
+                Ok(released) => {
+                    tracing::debug!(released, "a lease whose answer was lost is released");
+                    return;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "releasing a lease whose answer was lost failed; retrying");
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    });
+}
+
+/// A store call that may take a lease for a token, until its answer arrives. Dropped before it
+/// is [settled](Unsettled::settled) (the answer was lost to an error or a timeout, or the caller
+/// went away while waiting), it releases that lease with [`release_unknown`].
+pub(crate) struct Unsettled<F>
+where
+    F: Fn() -> StoreFuture<bool> + Send + 'static,
+{
+    release: Option<F>,
+    timeout: Duration,
+    lease: Duration,
+}
+
+impl<F> Unsettled<F>
+where
+    F: Fn() -> StoreFuture<bool> + Send + 'static,
+{
+    /// A call under way whose lease `release` gives back; see [`release_unknown`].
+    pub(crate) fn new(timeout: Duration, lease: Duration, release: F) -> Self {
+        Self {
+            release: Some(release),
+            timeout,
+            lease,
+        }
+    }
+
+    /// The store answered: nothing to give back.
+    pub(crate) fn settled(mut self) {
+        self.release = None;
+    }
+}
+
+impl<F> Drop for Unsettled<F>
+where
+    F: Fn() -> StoreFuture<bool> + Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release_unknown(self.timeout, self.lease, release);
+        }
+    }
+}
+
 /// The first pause before a failed renewal is tried again (doubling up to a sixth of the lease).
 const RENEW_RETRY: Duration = Duration::from_millis(50);
 
@@ -35,11 +108,13 @@ pub(crate) struct Lease {
 
 impl Lease {
     /// Renews with `extend` every third of `lease`, each call bounded by `timeout` and by that
-    /// third. The lease is lost only when `extend` answers `false` (the store says the token no
+    /// third. The first renewal is due a third of the lease after `since`, the moment the call
+    /// that took the lease was sent: the store started the lease when it ran that call, at the
+    /// earliest then, so a slow answer does not eat into the lease before the first renewal. The lease is lost only when `extend` answers `false` (the store says the token no
     /// longer holds). A failed or timed-out renewal is not a loss: it is tried again within the
     /// lease, after 50 ms, then twice as long each time (at most a sixth of the lease), for as
     /// long as the store does not answer; the first answer decides.
-    pub(crate) fn start<F>(lease: Duration, timeout: Duration, extend: F) -> Self
+    pub(crate) fn start<F>(since: Instant, lease: Duration, timeout: Duration, extend: F) -> Self
     where
         F: Fn() -> StoreFuture<bool> + Send + 'static,
     {
@@ -47,7 +122,7 @@ impl Lease {
         let every = lease / 3;
         let bound = timeout.min(every);
         let task = tokio::spawn(async move {
-            let mut pause = every;
+            let mut pause = (since + every).saturating_duration_since(Instant::now());
             let mut failing_since: Option<Instant> = None;
             loop {
                 tokio::time::sleep(pause).await;

@@ -2,7 +2,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
-use super::{guard::LockGuard, lease::new_token, Lease};
+use super::{guard::LockGuard, lease::new_token, Lease, Unsettled};
 use crate::{
     store::{bounded, LockStore, StoreError},
     StoreKey,
@@ -63,14 +63,29 @@ impl<B: LockStore> Lock<B> {
     pub async fn try_acquire(&self, resource: &str) -> Result<Option<LockGuard>, StoreError> {
         let key = StoreKey::from_parts([b"lock".as_slice(), resource.as_bytes()]);
         let token = new_token();
+        let sent = Instant::now();
         let acquire = self.store.acquire_lock(&key, &token, self.lease);
-        let Some(fence) = bounded(Some(self.store_timeout), acquire).await? else {
-            return Ok(None);
-        };
         let store: Arc<dyn LockStore> = self.store.clone();
+        // Until the store answers, the acquisition may or may not have landed: if the answer is
+        // lost, or this future is dropped meanwhile, `unsettled` releases it once the store
+        // answers again.
+        let unsettled = {
+            let (store, token) = (Arc::clone(&store), token.clone());
+            Unsettled::new(self.store_timeout, self.lease, move || {
+                store.release_lock(&key, &token)
+            })
+        };
+        let fence = match bounded(Some(self.store_timeout), acquire).await? {
+            Some(fence) => fence,
+            None => {
+                unsettled.settled();
+                return Ok(None);
+            }
+        };
+        unsettled.settled();
         let renewal = {
             let (store, key, token, lease) = (Arc::clone(&store), key, token.clone(), self.lease);
-            Lease::start(self.lease, self.store_timeout, move || {
+            Lease::start(sent, self.lease, self.store_timeout, move || {
                 store.extend_lock(&key, &token, lease)
             })
         };
@@ -222,6 +237,40 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!guard.is_lost());
+        assert!(guard.release().await.unwrap());
+    }
+
+    /// A memory store whose acquisitions answer 250 ms after they took the lock (a slow reply).
+    #[derive(Clone, Default)]
+    struct SlowReply(MemoryStore);
+
+    impl LockStore for SlowReply {
+        fn acquire_lock(&self, r: &StoreKey, t: &str, l: Duration) -> StoreFuture<Option<u64>> {
+            let taken = self.0.acquire_lock(r, t, l); // the memory store acts when called
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                taken.await
+            })
+        }
+        fn extend_lock(&self, r: &StoreKey, t: &str, l: Duration) -> StoreFuture<bool> {
+            self.0.extend_lock(r, t, l)
+        }
+        fn release_lock(&self, r: &StoreKey, t: &str) -> StoreFuture<bool> {
+            self.0.release_lock(r, t)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_renewal_counts_from_when_the_acquisition_was_sent() {
+        // The lease (300 ms) began when the store ran the acquisition; its answer came 250 ms
+        // later. Renewing a third of the lease after the answer (at 350 ms) would come too late.
+        let lock = Lock::new(SlowReply::default()).lease(Duration::from_millis(300));
+        let guard = lock.try_acquire("r").await.unwrap().expect("a free lock");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !guard.is_lost(),
+            "the lease ran out before its first renewal"
+        );
         assert!(guard.release().await.unwrap());
     }
 

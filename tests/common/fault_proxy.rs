@@ -28,6 +28,8 @@ struct State {
     down_until: Mutex<Option<std::time::Instant>>,
     /// Discard what the server sends.
     swallow_replies: AtomicBool,
+    /// Cut every connection when the server next sends something (a reply: not delivered).
+    cut_next_reply: AtomicBool,
     /// Hold bytes in both directions.
     stalled: AtomicBool,
     /// The share (per million) of client commands that cut every connection and are lost.
@@ -116,6 +118,12 @@ impl FaultProxy {
         *self.state.down_until.lock().unwrap() = Some(std::time::Instant::now() + period);
     }
 
+    /// Cuts every connection when the server next replies to a client: the command ran on the
+    /// server, its reply is lost.
+    pub fn cut_next_reply(&self) {
+        self.state.cut_next_reply.store(true, Ordering::SeqCst);
+    }
+
     /// Discards (`true`) or forwards (`false`) what the server sends. Replies swallowed in the
     /// middle of a connection leave the client's reply order broken: end it with [`reset`].
     pub fn swallow_replies(&self, on: bool) {
@@ -190,6 +198,10 @@ async fn replies(state: Arc<State>, mut from: OwnedReadHalf, mut to: OwnedWriteH
             Ok(n) => n,
         };
         state.while_stalled().await;
+        if state.cut_next_reply.swap(false, Ordering::SeqCst) {
+            state.reset_all();
+            return;
+        }
         if state.swallow_replies.load(Ordering::SeqCst) {
             state.swallowed.fetch_add(1, Ordering::SeqCst);
             continue;

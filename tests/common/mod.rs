@@ -56,6 +56,12 @@ impl RedisServer {
         Self::start_with(false, &[])
     }
 
+    /// A server with an append-only file (`appendonly yes`, `appendfsync <fsync>`): unlike the
+    /// others, a [`restart`](Self::restart) brings it back with its data.
+    pub fn start_with_aof(fsync: &str) -> Self {
+        Self::start_with(false, &["--appendonly", "yes", "--appendfsync", fsync])
+    }
+
     fn start_with(cluster: bool, extra: &[&str]) -> Self {
         let port = free_port(cluster);
         let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -285,6 +291,52 @@ impl RedisCluster {
                 .map(|s| s.contains("cluster_state:ok"))
                 .unwrap_or(false)
         })
+    }
+
+    /// A cluster whose nodes keep an append-only file (`appendonly yes`, `appendfsync <fsync>`),
+    /// turned on once the cluster is up: a node [restarted](RedisServer::restart) keeps its data
+    /// and its slots.
+    pub fn start_with_aof(fsync: &str) -> Self {
+        let mut cluster = Self::start();
+        for node in &mut cluster.nodes {
+            node.cli(&["CONFIG", "SET", "appendfsync", fsync]);
+            node.cli(&["CONFIG", "SET", "appendonly", "yes"]);
+            node.extra
+                .extend(["--appendonly", "yes", "--appendfsync", fsync].map(String::from));
+        }
+        // Turning AOF on writes the file in the background: wait until it is written.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for node in &cluster.nodes {
+            loop {
+                let info = node.cli(&["INFO", "persistence"]).unwrap_or_default();
+                if info.contains("aof_enabled:1")
+                    && info.contains("aof_rewrite_in_progress:0")
+                    && !info.contains("aof_rewrite_scheduled:1")
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "AOF was not turned on");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok` (after a node's restart).
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "INFO"])
+                    .map(|s| s.contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cluster did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `redis+cluster://a,b,c`

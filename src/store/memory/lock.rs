@@ -12,8 +12,18 @@ impl LockStore for MemoryStore {
     fn acquire_lock(&self, r: &StoreKey, token: &str, lease: Duration) -> StoreFuture<Option<u64>> {
         let resource = r;
         done(self.with_records(resource, |records, now| {
-            if records.live((Kind::Lock, *resource), now).is_some() {
-                return None;
+            if let Some(slot) = records.live((Kind::Lock, *resource), now) {
+                if !matches!(&slot.value, Value::Lock { token: t } if t == token) {
+                    return None;
+                }
+                // Re-sent by its holder: the same fence, and nothing changes.
+                return match records.live((Kind::LockFence, *resource), now) {
+                    Some(Slot {
+                        value: Value::Fence(fence),
+                        ..
+                    }) => Some(*fence),
+                    _ => Some(0),
+                };
             }
             records.map.insert(
                 (Kind::Lock, *resource),
