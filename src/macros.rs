@@ -50,3 +50,16 @@ macro_rules! middleware_service {
         }
     };
 }
+
+/// Logs a store failure met on the request path: a `warn!`, except while the store's circuit
+/// breaker is open ([`StoreError::CircuitOpen`](crate::StoreError::CircuitOpen)), where the
+/// breaker logged its opening once and one line per request would flood the log (`debug!`).
+macro_rules! log_store_failure {
+    ($error:expr, $($arg:tt)+) => {
+        if matches!($error, $crate::StoreError::CircuitOpen(_)) {
+            tracing::debug!($($arg)+)
+        } else {
+            tracing::warn!($($arg)+)
+        }
+    };
+}

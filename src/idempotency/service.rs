@@ -117,7 +117,7 @@ where
         Claimed::StoreFailed(error) => {
             drop(pending);
             let open = matches!(config.on_store_error, FailureMode::Open);
-            tracing::warn!(target: TARGET, %error, fail_open = open, "idempotency store failed");
+            log_store_failure!(error, target: TARGET, %error, fail_open = open, "idempotency store failed");
             if open {
                 let request = Request::from_parts(parts, ReqBody::from(body));
                 return pass(&mut inner, request).await;

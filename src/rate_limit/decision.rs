@@ -83,7 +83,7 @@ impl Check {
                     return self.fallback(shared, policy, fallback, &error);
                 }
                 let open = matches!(config.failure_mode, FailureMode::Open);
-                tracing::warn!(target: TARGET, key = %self.key, %error, fail_open = open, "rate-limit store failed");
+                log_store_failure!(error, target: TARGET, key = %self.key, %error, fail_open = open, "rate-limit store failed");
                 failed(config)
             }
             Ok(decision) if decision.allowed => {
@@ -120,12 +120,7 @@ impl Check {
         // Refused calls hold too: a breaker that closes between failures (a cluster failover,
         // a lossy network) must not hand the budget back to the store each time it closes.
         shared.local.failed(fallback.hold);
-        if matches!(error, StoreError::CircuitOpen(_)) {
-            // The breaker logged its opening; one line per request would flood the log.
-            tracing::debug!(target: TARGET, key = %self.key, %error, "rate-limit store unavailable; local limits apply");
-        } else {
-            tracing::warn!(target: TARGET, key = %self.key, %error, "rate-limit store failed; local limits apply");
-        }
+        log_store_failure!(error, target: TARGET, key = %self.key, %error, "rate-limit store failed; local limits apply");
         // A local denial is not the store's: it does not go into the deny cache.
         self.remote = false;
         let Some(rules) = &policy.local else {
