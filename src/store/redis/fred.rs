@@ -6,10 +6,11 @@ use bytes::Bytes;
 
 use fred::{
     prelude::{
-        Builder, Client, ClientLike, ClusterInterface, Config, Error, LuaInterface, Pool,
-        ReconnectPolicy,
+        Builder, Client, ClientLike, ClusterInterface, Config, Error, LuaInterface, Options, Pool,
+        ReconnectPolicy, TransactionInterface,
     },
     types::{ClusterHash, CustomCommand, Key, Value},
+    util::redis_keyslot,
 };
 
 use super::{
@@ -17,6 +18,7 @@ use super::{
     script::{detached, Lua, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
+    watchdog::Watchdog,
     KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
 use crate::store::StoreError;
@@ -28,7 +30,7 @@ use crate::store::StoreError;
 /// on `NOSCRIPT`, which also caches it on that node). Cloning is cheap.
 #[derive(Clone)]
 pub struct FredStore {
-    client: FredClient,
+    client: Arc<Watchdog<FredClient>>,
     prefix: KeyPrefix,
     reload: Arc<Reload>,
 }
@@ -42,12 +44,12 @@ enum FredClient {
 impl FredStore {
     /// Uses an initialised client (`client.init().await` already called).
     pub fn from_client(client: Client) -> Self {
-        Self::with(FredClient::Client(client))
+        Self::with(Watchdog::new(FredClient::Client(client), None, None))
     }
 
     /// Uses an initialised pool.
     pub fn from_pool(pool: Pool) -> Self {
-        Self::with(FredClient::Pool(pool))
+        Self::with(Watchdog::new(FredClient::Pool(pool), None, None))
     }
 
     /// Connects a new client from a URL: `redis://host:port` for one server,
@@ -62,26 +64,18 @@ impl FredStore {
     /// Connecting loads every script of the crate (on every primary of a cluster), and fails if
     /// the server refuses it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let url = normalise_cluster_url(url);
-        let config = Config::from_url(&url).map_err(StoreError::store)?;
-        let client = Builder::from_config(config)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-            .with_connection_config(|c| {
-                c.connection_timeout = CLIENT_TIMEOUT;
-                c.internal_command_timeout = CLIENT_TIMEOUT;
-                c.max_command_attempts = 3;
-                c.max_redirections = 5;
-                c.unresponsive.max_timeout = Some(CLIENT_TIMEOUT);
-                c.unresponsive.interval = Duration::from_millis(500);
-            })
-            .with_performance_config(|p| p.default_command_timeout = CLIENT_TIMEOUT)
-            .build()
-            .map_err(StoreError::store)?;
-        client.init().await.map_err(connect_error)?;
-        let client = FredClient::Client(client);
-        client.load_scripts().await.map_err(connect_error)?;
+        let client = open(url).await?;
         client.check_config().await;
-        Ok(Self::with(client))
+        let url: Arc<str> = Arc::from(url);
+        let rebuild: super::watchdog::Rebuild<FredClient> = Box::new(move || {
+            let url = url.clone();
+            Box::pin(async move { open(&url).await })
+        });
+        Ok(Self::with(Watchdog::new(
+            client,
+            Some(rebuild),
+            Some(retire),
+        )))
     }
 
     /// The prefix of every key this store writes (default `trl`), the same as
@@ -91,13 +85,50 @@ impl FredStore {
         self
     }
 
-    fn with(client: FredClient) -> Self {
+    fn with(client: Arc<Watchdog<FredClient>>) -> Self {
         Self {
             client,
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
         }
     }
+}
+
+/// Connects a new client from a URL and loads every script (see [`FredStore::connect`]).
+async fn open(url: &str) -> Result<FredClient, StoreError> {
+    let url = normalise_cluster_url(url);
+    let config = Config::from_url(&url).map_err(StoreError::store)?;
+    let client = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .with_connection_config(|c| {
+            c.connection_timeout = CLIENT_TIMEOUT;
+            c.internal_command_timeout = CLIENT_TIMEOUT;
+            c.max_command_attempts = 3;
+            // Redirections are followed by the store (see `FredClient::eval`): 0 is "none".
+            c.max_redirections = 0;
+            c.unresponsive.max_timeout = Some(CLIENT_TIMEOUT);
+            c.unresponsive.interval = Duration::from_millis(500);
+        })
+        .with_performance_config(|p| p.default_command_timeout = CLIENT_TIMEOUT)
+        .build()
+        .map_err(StoreError::store)?;
+    client.init().await.map_err(connect_error)?;
+    let client = FredClient::Client(client);
+    client.load_scripts().await.map_err(connect_error)?;
+    Ok(client)
+}
+
+/// Closes a client the watchdog replaced, once the calls still on it had their time.
+fn retire(client: FredClient) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        tokio::time::sleep(CLIENT_TIMEOUT).await;
+        if let FredClient::Client(client) = client {
+            let _ = client.quit().await;
+        }
+    });
 }
 
 /// `redis+cluster://a:1,b:2` becomes `redis-cluster://a:1?node=b:2`.
@@ -212,18 +243,43 @@ impl FredClient {
         configs.warn();
     }
 
+    /// One call: `EVALSHA` (then `EVAL` on `NOSCRIPT`) told not to follow redirections; on a
+    /// redirection, the call again in a transaction, which fred redirects safely.
+    ///
+    /// fred 10.1 follows an `ASK` redirection by writing `ASKING` on a connection shared with
+    /// other calls and reading the next reply on it as the answer to `ASKING`: with other calls
+    /// in flight that reply is theirs, and every later reply on the connection goes to the call
+    /// after its own. Its transactions wait for every connection to be idle first, so a call sent
+    /// in one follows `ASK` (and `MOVED`) correctly; this costs a wait, paid only by calls to a
+    /// slot that moves.
     async fn eval(
         &self,
         lua: &'static Lua,
         call: &Packed,
         reload: &Arc<Reload>,
     ) -> Result<Value, Error> {
-        let (keys, args) = call.parts();
-        let first = match self {
-            FredClient::Client(c) => c.evalsha(lua.sha(), keys, args).await,
-            FredClient::Pool(p) => p.evalsha(lua.sha(), keys, args).await,
-        };
-        match first {
+        let client = self.one();
+        match self
+            .eval_on(&client, Route::Direct, lua, call, reload)
+            .await
+        {
+            Err(err) if redirected(&err) => {
+                self.eval_on(&client, Route::Transaction, lua, call, reload)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn eval_on(
+        &self,
+        client: &Client,
+        route: Route,
+        lua: &'static Lua,
+        call: &Packed,
+        reload: &Arc<Reload>,
+    ) -> Result<Value, Error> {
+        match send(client, route, lua.sha(), true, call).await {
             Err(err) if err.details().starts_with("NOSCRIPT") => {
                 // The server lost its scripts (restart, failover, SCRIPT FLUSH): this call
                 // sends its text, and the others are loaded again in the background.
@@ -233,13 +289,70 @@ impl FredClient {
                         tracing::debug!(%err, "reloading the scripts failed");
                     }
                 });
-                let (keys, args) = call.parts();
-                match self {
-                    FredClient::Client(c) => c.eval(lua.text, keys, args).await,
-                    FredClient::Pool(p) => p.eval(lua.text, keys, args).await,
-                }
+                send(client, route, lua.text, false, call).await
             }
             other => other,
+        }
+    }
+}
+
+/// How many redirections a call sent in a transaction follows (a slot that moves: `ASK` to the
+/// importing node, `MOVED` once it is handed over).
+const TRANSACTION_REDIRECTIONS: u32 = 5;
+
+/// How a script call is sent: on its own, or in a `MULTI`/`EXEC` transaction.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    Direct,
+    Transaction,
+}
+
+/// Whether a call was answered with a cluster redirection (which [`Route::Direct`] does not
+/// follow).
+fn redirected(err: &Error) -> bool {
+    err.is_moved() || err.is_ask() || err.details().contains("Too many redirections")
+}
+
+/// Sends `EVALSHA script` (`by_sha`) or `EVAL script` with the call's keys and arguments.
+async fn send(
+    client: &Client,
+    route: Route,
+    script: &str,
+    by_sha: bool,
+    call: &Packed,
+) -> Result<Value, Error> {
+    let (keys, args) = call.parts();
+    match route {
+        Route::Direct => {
+            if by_sha {
+                client.evalsha(script, keys, args).await
+            } else {
+                client.eval(script, keys, args).await
+            }
+        }
+        Route::Transaction => {
+            // A transaction has no `EVALSHA` of its own: the command as sent, hashed by its first
+            // key (every key of a call has the same hash tag).
+            let slot = keys.first().map_or(0, |k| redis_keyslot(k.as_bytes()));
+            let name = if by_sha { "EVALSHA" } else { "EVAL" };
+            let command = CustomCommand::new_static(name, ClusterHash::Custom(slot), false);
+            let mut values = Vec::with_capacity(2 + keys.len() + args.len());
+            values.push(Value::from(script));
+            values.push(Value::from(keys.len() as i64));
+            values.extend(keys.into_iter().map(|k| Value::Bytes(k.into_bytes())));
+            values.extend(args);
+            let trx = client.multi();
+            let options = Options {
+                max_redirections: Some(TRANSACTION_REDIRECTIONS),
+                ..Options::default()
+            };
+            trx.with_options(&options)
+                .custom::<Value, _>(command, values)
+                .await?;
+            match trx.exec::<Value>(true).await? {
+                Value::Array(mut replies) if replies.len() == 1 => Ok(replies.remove(0)),
+                other => Ok(other),
+            }
         }
     }
 }
@@ -257,6 +370,16 @@ fn strings(value: Value) -> Vec<String> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// Whether an error is the server's own answer (so the client still makes progress), rather
+/// than a connection that failed or a reply that did not come.
+fn answered(err: &Error) -> bool {
+    use fred::error::ErrorKind;
+    !matches!(
+        err.kind(),
+        ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Routing
+    )
 }
 
 /// A failure to connect, or the server refusing the crate's commands at connect.
@@ -287,7 +410,7 @@ impl Runner for FredStore {
         &self,
         call: ScriptCall,
     ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
-        let client = self.client.clone();
+        let (client, progress) = self.client.client();
         let lua = call.lua;
         let abandon = call.abandons();
         // Keys and arguments are slices of one shared buffer: no copies.
@@ -296,7 +419,11 @@ impl Runner for FredStore {
         detached(abandon, async move {
             let mut again = TryAgain::new();
             loop {
-                match client.eval(lua, &packed, &reload).await {
+                let result = client.eval(lua, &packed, &reload).await;
+                if result.as_ref().map_or_else(answered, |_| true) {
+                    progress.answered();
+                }
+                match result {
                     Err(err) if TryAgain::asked(err.details()) && again.wait().await => {}
                     other => return reply(other.map_err(StoreError::store)?),
                 }

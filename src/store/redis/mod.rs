@@ -17,6 +17,7 @@ mod idempotency;
 mod lock;
 mod rate_limit;
 mod script;
+mod watchdog;
 
 #[cfg(feature = "fred")]
 mod fred;

@@ -15,6 +15,7 @@ use super::{
     script::{detached, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
+    watchdog::Watchdog,
     KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
 use crate::store::StoreError;
@@ -35,7 +36,7 @@ use crate::store::StoreError;
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: Connection,
+    conn: Arc<Watchdog<Connection>>,
     prefix: KeyPrefix,
     reload: Arc<Reload>,
 }
@@ -57,12 +58,12 @@ const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 200;
 impl RedisStore {
     /// Uses a connection manager that the application already has.
     pub fn from_manager(manager: ConnectionManager) -> Self {
-        Self::with(Connection::Single(manager))
+        Self::with(Watchdog::new(Connection::Single(manager), None, None))
     }
 
     /// Uses a cluster connection that the application already has.
     pub fn from_cluster(cluster: ClusterConnection) -> Self {
-        Self::with(Connection::Cluster(cluster))
+        Self::with(Watchdog::new(Connection::Cluster(cluster), None, None))
     }
 
     /// Connects from a URL.
@@ -78,38 +79,14 @@ impl RedisStore {
     /// doubling to 200 ms apart. Connecting loads every script of the crate (on every primary of
     /// a cluster), and fails if the server refuses it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        // The server's address, for the warnings of a standalone server.
-        let mut server = String::new();
-        let mut conn = if let Some((scheme, nodes)) = cluster_nodes(url) {
-            let nodes: Vec<String> = nodes.map(|n| format!("{scheme}://{n}")).collect();
-            let client = ClusterClient::builder(nodes)
-                .connection_timeout(CLIENT_TIMEOUT)
-                .response_timeout(CLIENT_TIMEOUT)
-                .overall_response_timeout(Some(CLIENT_TIMEOUT))
-                .retries(CLUSTER_RETRIES)
-                .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
-                .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
-                .build()
-                .map_err(StoreError::store)?;
-            let conn = client.get_async_connection().await.map_err(connect_error)?;
-            Connection::Cluster(conn)
-        } else {
-            let client = redis::Client::open(url).map_err(StoreError::store)?;
-            server = client.get_connection_info().addr().to_string();
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CLIENT_TIMEOUT))
-                .set_response_timeout(Some(CLIENT_TIMEOUT))
-                .set_number_of_retries(2)
-                .set_min_delay(Duration::from_millis(100))
-                .set_max_delay(Duration::from_millis(500));
-            let manager = ConnectionManager::new_with_config(client, config)
-                .await
-                .map_err(connect_error)?;
-            Connection::Single(manager)
-        };
-        load_scripts(&mut conn).await.map_err(connect_error)?;
+        let (mut conn, server) = open(url).await?;
         check_config(&mut conn, &server).await;
-        Ok(Self::with(conn))
+        let url: Arc<str> = Arc::from(url);
+        let rebuild: super::watchdog::Rebuild<Connection> = Box::new(move || {
+            let url = url.clone();
+            Box::pin(async move { open(&url).await.map(|(conn, _)| conn) })
+        });
+        Ok(Self::with(Watchdog::new(conn, Some(rebuild), None)))
     }
 
     /// The prefix of every key this store writes (default `trl`). Keys look like
@@ -119,13 +96,48 @@ impl RedisStore {
         self
     }
 
-    fn with(conn: Connection) -> Self {
+    fn with(conn: Arc<Watchdog<Connection>>) -> Self {
         Self {
             conn,
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
         }
     }
+}
+
+/// Connects a client from a URL and loads every script (see [`RedisStore::connect`]); also
+/// returns the server's address for the warnings of a standalone server.
+async fn open(url: &str) -> Result<(Connection, String), StoreError> {
+    let mut server = String::new();
+    let mut conn = if let Some((scheme, nodes)) = cluster_nodes(url) {
+        let nodes: Vec<String> = nodes.map(|n| format!("{scheme}://{n}")).collect();
+        let client = ClusterClient::builder(nodes)
+            .connection_timeout(CLIENT_TIMEOUT)
+            .response_timeout(CLIENT_TIMEOUT)
+            .overall_response_timeout(Some(CLIENT_TIMEOUT))
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+            .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
+            .build()
+            .map_err(StoreError::store)?;
+        let conn = client.get_async_connection().await.map_err(connect_error)?;
+        Connection::Cluster(conn)
+    } else {
+        let client = redis::Client::open(url).map_err(StoreError::store)?;
+        server = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CLIENT_TIMEOUT))
+            .set_response_timeout(Some(CLIENT_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_millis(500));
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(connect_error)?;
+        Connection::Single(manager)
+    };
+    load_scripts(&mut conn).await.map_err(connect_error)?;
+    Ok((conn, server))
 }
 
 /// Reads, on every node, the settings [`warn_on_config`](super::warn_on_config) checks, and
@@ -198,7 +210,7 @@ async fn load_scripts(conn: &mut Connection) -> RedisResult<()> {
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.conn {
+        let kind = match self.conn.client().0 {
             Connection::Single(_) => "standalone",
             Connection::Cluster(_) => "cluster",
         };
@@ -254,6 +266,16 @@ fn retryable(err: &redis::RedisError) -> bool {
     matches!(err.code(), Some("TRYAGAIN" | "ASK" | "MOVED"))
 }
 
+/// Whether an error is the server's own answer (so the client still makes progress), rather
+/// than a connection that failed or a reply that did not come.
+fn answered(err: &redis::RedisError) -> bool {
+    !(err.is_timeout()
+        || err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_unrecoverable_error())
+}
+
 /// One try of a call: `EVALSHA`, then `EVAL` on `NOSCRIPT`.
 async fn eval(
     conn: &mut Connection,
@@ -282,12 +304,16 @@ impl Runner for RedisStore {
         &self,
         call: ScriptCall,
     ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
-        let mut conn = self.conn.clone();
+        let (mut conn, progress) = self.conn.client();
         let reload = self.reload.clone();
         detached(call.abandons(), async move {
             let mut again = TryAgain::new();
             loop {
-                match eval(&mut conn, &call, &reload).await {
+                let result = eval(&mut conn, &call, &reload).await;
+                if result.as_ref().map_or_else(answered, |_| true) {
+                    progress.answered();
+                }
+                match result {
                     Err(err) if retryable(&err) && again.wait().await => {}
                     other => return reply(other.map_err(StoreError::store)?),
                 }
