@@ -365,6 +365,37 @@ async fn full_server_keeps_denying_at_limit(client: &str) {
     set(&server, "maxmemory", "0");
 }
 
+/// A store given a client timeout longer than the default 2 s (for a layer whose `store_timeout`
+/// is longer): a call the server answers after 2.5 s succeeds, where 2 s would have cut it.
+async fn client_timeout_is_the_stores(client: &str) {
+    let server = common::RedisServer::start();
+    let url = server.url();
+    let timeout = Duration::from_secs(4);
+    let store = match client {
+        #[cfg(feature = "redis")]
+        "redis" => tower_redis_layers::store::RedisStore::connect_with_timeout(&url, timeout)
+            .await
+            .map(AnyStore::Redis),
+        #[cfg(feature = "fred")]
+        "fred" => tower_redis_layers::store::FredStore::connect_with_timeout(&url, timeout)
+            .await
+            .map(AnyStore::Fred),
+        other => panic!("client {other} not compiled in"),
+    }
+    .expect("connects");
+    let rules = [Rule::fixed_window(5, Duration::from_secs(60))];
+    let key = StoreKey::from_parts([b"slow".as_slice()]);
+    assert!(admit(&store, &key, &rules).await);
+    server.pause();
+    let resume = async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        server.resume();
+    };
+    let (decision, ()) = tokio::join!(store.check(RateCheck::new(&key, &rules, 1, false)), resume);
+    let decision = decision.unwrap_or_else(|e| panic!("{client}: answered after 2.5 s: {e}"));
+    assert!(decision.allowed);
+}
+
 macro_rules! per_client {
     ($($name:ident),* $(,)?) => {
         #[cfg(feature = "redis")]
@@ -393,5 +424,6 @@ per_client!(
     warns_for_every_cluster_node,
     requirepass_refused_at_connect,
     acl_user_without_scripts_refused_at_connect,
-    full_server_keeps_denying_at_limit
+    full_server_keeps_denying_at_limit,
+    client_timeout_is_the_stores
 );

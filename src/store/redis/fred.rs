@@ -31,6 +31,7 @@ use crate::store::StoreError;
 #[derive(Clone)]
 pub struct FredStore {
     client: Arc<Watchdog<FredClient>>,
+    client_timeout: Duration,
     prefix: KeyPrefix,
     reload: Arc<Reload>,
 }
@@ -59,23 +60,39 @@ impl FredStore {
     /// Every client timeout is set, none is left to fred's defaults: connecting, fred's own
     /// commands and each reply are bounded by 2 s (longer than every layer's default
     /// `store_timeout`, which decides first), and a connection with a command unanswered for
-    /// 2 s is dropped and made again; a command is tried at most 3 times and follows at most 5
-    /// cluster redirections; the client reconnects forever, 100 ms doubling to 2 s apart.
+    /// 2 s is dropped and made again; a command is tried at most 3 times; the client reconnects
+    /// forever, 100 ms doubling to 2 s apart. The client follows no cluster redirection itself
+    /// (`max_redirections = 0`): a redirected call is sent again in a transaction, which follows
+    /// `ASK` and `MOVED` (at most 5) safely. A client that stops answering (calls sent, nothing
+    /// back for 500 ms) is replaced by a new one made from `url`, once a new one connects.
     /// Connecting loads every script of the crate (on every primary of a cluster), and fails if
     /// the server refuses it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = open(url).await?;
+        Self::connect_with_timeout(url, CLIENT_TIMEOUT).await
+    }
+
+    /// [`FredStore::connect`] with `client_timeout` in place of 2 s: the bound on connecting,
+    /// on fred's own commands, on each reply (and how long a connection may leave a command
+    /// unanswered), and on the retries of a call answered `TRYAGAIN`.
+    ///
+    /// The rule: give the store a client timeout at least as long as the longest
+    /// `store_timeout` of the layers that use it (2 s covers every layer's default). A shorter
+    /// one cuts a call the layer would still wait for; the layer's own bound always decides when
+    /// a call has failed.
+    pub async fn connect_with_timeout(
+        url: &str,
+        client_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let client = open(url, client_timeout).await?;
         client.check_config().await;
         let url: Arc<str> = Arc::from(url);
         let rebuild: super::watchdog::Rebuild<FredClient> = Box::new(move || {
             let url = url.clone();
-            Box::pin(async move { open(&url).await })
+            Box::pin(async move { open(&url, client_timeout).await })
         });
-        Ok(Self::with(Watchdog::new(
-            client,
-            Some(rebuild),
-            Some(retire),
-        )))
+        let mut store = Self::with(Watchdog::new(client, Some(rebuild), Some(retire)));
+        store.client_timeout = client_timeout;
+        Ok(store)
     }
 
     /// The prefix of every key this store writes (default `trl`), the same as
@@ -88,6 +105,7 @@ impl FredStore {
     fn with(client: Arc<Watchdog<FredClient>>) -> Self {
         Self {
             client,
+            client_timeout: CLIENT_TIMEOUT,
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
         }
@@ -95,21 +113,21 @@ impl FredStore {
 }
 
 /// Connects a new client from a URL and loads every script (see [`FredStore::connect`]).
-async fn open(url: &str) -> Result<FredClient, StoreError> {
+async fn open(url: &str, timeout: Duration) -> Result<FredClient, StoreError> {
     let url = normalise_cluster_url(url);
     let config = Config::from_url(&url).map_err(StoreError::store)?;
     let client = Builder::from_config(config)
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
         .with_connection_config(|c| {
-            c.connection_timeout = CLIENT_TIMEOUT;
-            c.internal_command_timeout = CLIENT_TIMEOUT;
+            c.connection_timeout = timeout;
+            c.internal_command_timeout = timeout;
             c.max_command_attempts = 3;
             // Redirections are followed by the store (see `FredClient::eval`): 0 is "none".
             c.max_redirections = 0;
-            c.unresponsive.max_timeout = Some(CLIENT_TIMEOUT);
+            c.unresponsive.max_timeout = Some(timeout);
             c.unresponsive.interval = Duration::from_millis(500);
         })
-        .with_performance_config(|p| p.default_command_timeout = CLIENT_TIMEOUT)
+        .with_performance_config(|p| p.default_command_timeout = timeout)
         .build()
         .map_err(StoreError::store)?;
     client.init().await.map_err(connect_error)?;
@@ -243,8 +261,8 @@ impl FredClient {
         configs.warn();
     }
 
-    /// One call: `EVALSHA` (then `EVAL` on `NOSCRIPT`) told not to follow redirections; on a
-    /// redirection, the call again in a transaction, which fred redirects safely.
+    /// One call: `EVALSHA` (then `EVAL` on `NOSCRIPT`), which a client made by `connect` does not
+    /// redirect; on a redirection, the call again in a transaction, which fred redirects safely.
     ///
     /// fred 10.1 follows an `ASK` redirection by writing `ASKING` on a connection shared with
     /// other calls and reading the next reply on it as the answer to `ASKING`: with other calls
@@ -411,13 +429,14 @@ impl Runner for FredStore {
         call: ScriptCall,
     ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
         let (client, progress) = self.client.client();
+        let limit = self.client_timeout;
         let lua = call.lua;
         let abandon = call.abandons();
         // Keys and arguments are slices of one shared buffer: no copies.
         let packed = Packed::new(call);
         let reload = self.reload.clone();
         detached(abandon, async move {
-            let mut again = TryAgain::new();
+            let mut again = TryAgain::new(limit);
             loop {
                 let result = client.eval(lua, &packed, &reload).await;
                 if result.as_ref().map_or_else(answered, |_| true) {

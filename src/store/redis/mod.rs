@@ -73,7 +73,8 @@ pub(crate) mod sealed {
 }
 
 /// How long either client may take to connect, and to answer one command, when the store makes
-/// the client itself (`RedisStore::connect`, `FredStore::connect`).
+/// the client itself (`RedisStore::connect`, `FredStore::connect`); `connect_with_timeout` sets
+/// another bound, for layers with a `store_timeout` longer than this.
 ///
 /// Both clients have hidden defaults (redis-rs gives up on a reply after 500 ms and on a
 /// connection after 1 s; fred waits 10 s to connect and forever for a reply); this crate sets

@@ -37,6 +37,7 @@ use crate::store::StoreError;
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Arc<Watchdog<Connection>>,
+    client_timeout: Duration,
     prefix: KeyPrefix,
     reload: Arc<Reload>,
 }
@@ -78,15 +79,35 @@ impl RedisStore {
     /// apart) when it breaks; the cluster client tries a command again up to 6 times, 10 ms
     /// doubling to 200 ms apart. Connecting loads every script of the crate (on every primary of
     /// a cluster), and fails if the server refuses it.
+    ///
+    /// A client that stops answering (calls sent, nothing back for 500 ms) is replaced by a new
+    /// one made from `url`, once a new one connects: redis-rs's cluster connection can deadlock
+    /// its slot refresh while a slot migrates under concurrent calls, and then sends nothing.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let (mut conn, server) = open(url).await?;
+        Self::connect_with_timeout(url, CLIENT_TIMEOUT).await
+    }
+
+    /// [`RedisStore::connect`] with `client_timeout` in place of 2 s: the bound on connecting,
+    /// on each reply, and on the retries of a call answered `TRYAGAIN`.
+    ///
+    /// The rule: give the store a client timeout at least as long as the longest
+    /// `store_timeout` of the layers that use it (2 s covers every layer's default). A shorter
+    /// one cuts a call the layer would still wait for; the layer's own bound always decides when
+    /// a call has failed.
+    pub async fn connect_with_timeout(
+        url: &str,
+        client_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let (mut conn, server) = open(url, client_timeout).await?;
         check_config(&mut conn, &server).await;
         let url: Arc<str> = Arc::from(url);
         let rebuild: super::watchdog::Rebuild<Connection> = Box::new(move || {
             let url = url.clone();
-            Box::pin(async move { open(&url).await.map(|(conn, _)| conn) })
+            Box::pin(async move { open(&url, client_timeout).await.map(|(conn, _)| conn) })
         });
-        Ok(Self::with(Watchdog::new(conn, Some(rebuild), None)))
+        let mut store = Self::with(Watchdog::new(conn, Some(rebuild), None));
+        store.client_timeout = client_timeout;
+        Ok(store)
     }
 
     /// The prefix of every key this store writes (default `trl`). Keys look like
@@ -99,6 +120,7 @@ impl RedisStore {
     fn with(conn: Arc<Watchdog<Connection>>) -> Self {
         Self {
             conn,
+            client_timeout: CLIENT_TIMEOUT,
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
         }
@@ -107,14 +129,14 @@ impl RedisStore {
 
 /// Connects a client from a URL and loads every script (see [`RedisStore::connect`]); also
 /// returns the server's address for the warnings of a standalone server.
-async fn open(url: &str) -> Result<(Connection, String), StoreError> {
+async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), StoreError> {
     let mut server = String::new();
     let mut conn = if let Some((scheme, nodes)) = cluster_nodes(url) {
         let nodes: Vec<String> = nodes.map(|n| format!("{scheme}://{n}")).collect();
         let client = ClusterClient::builder(nodes)
-            .connection_timeout(CLIENT_TIMEOUT)
-            .response_timeout(CLIENT_TIMEOUT)
-            .overall_response_timeout(Some(CLIENT_TIMEOUT))
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .overall_response_timeout(Some(timeout))
             .retries(CLUSTER_RETRIES)
             .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
             .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
@@ -126,8 +148,8 @@ async fn open(url: &str) -> Result<(Connection, String), StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::store)?;
         server = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CLIENT_TIMEOUT))
-            .set_response_timeout(Some(CLIENT_TIMEOUT))
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(100))
             .set_max_delay(Duration::from_millis(500));
@@ -306,8 +328,9 @@ impl Runner for RedisStore {
     ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
         let (mut conn, progress) = self.conn.client();
         let reload = self.reload.clone();
+        let limit = self.client_timeout;
         detached(call.abandons(), async move {
-            let mut again = TryAgain::new();
+            let mut again = TryAgain::new(limit);
             loop {
                 let result = eval(&mut conn, &call, &reload).await;
                 if result.as_ref().map_or_else(answered, |_| true) {
