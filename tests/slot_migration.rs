@@ -230,13 +230,30 @@ struct Tally {
 
 /// A burst of `n` concurrent checks, spread over the stores.
 async fn burst(stores: &[AnyStore], key: &StoreKey, rules: &[Rule], n: usize, tally: &mut Tally) {
+    burst_waiting(stores, key, rules, n, WAIT, tally).await;
+}
+
+/// How long a call may take during the tests (as a layer's `store_timeout` of 1 s would), and
+/// while waiting for the recovery (as the rate-limit layer's default of 250 ms would).
+const WAIT: Duration = Duration::from_secs(1);
+const RECOVERY_WAIT: Duration = Duration::from_millis(250);
+
+/// [`burst`], each call waited for `wait` at most.
+async fn burst_waiting(
+    stores: &[AnyStore],
+    key: &StoreKey,
+    rules: &[Rule],
+    n: usize,
+    wait: Duration,
+    tally: &mut Tally,
+) {
     let calls = (0..n).map(|i| {
         let store = stores[i % stores.len()].clone();
         let key = *key;
         let rules = rules.to_vec();
         async move {
             let check = RateCheck::new(&key, &rules, 1, false);
-            tokio::time::timeout(Duration::from_secs(1), store.check(check)).await
+            tokio::time::timeout(wait, store.check(check)).await
         }
     });
     for result in futures_util::future::join_all(calls).await {
@@ -307,7 +324,7 @@ impl Orders {
 /// Each service claims every order at once (one token per service and order, as a client
 /// retrying the same request would send): a service that gets the claim runs the order and
 /// completes the record.
-async fn order_round(stores: &[AnyStore], orders: &[StoreKey], tally: &mut Orders) {
+async fn order_round(stores: &[AnyStore], orders: &[StoreKey], wait: Duration, tally: &mut Orders) {
     let calls = orders.iter().enumerate().flat_map(|(i, key)| {
         stores.iter().enumerate().map(move |(s, store)| {
             let store = store.clone();
@@ -316,12 +333,11 @@ async fn order_round(stores: &[AnyStore], orders: &[StoreKey], tally: &mut Order
                 let token = format!("service{s}-order{i}");
                 let minute = Duration::from_secs(60);
                 let claim = ClaimRequest::new(&token, b"body", Duration::from_secs(5), minute);
-                let claimed =
-                    tokio::time::timeout(Duration::from_secs(1), store.claim(&key, claim)).await;
+                let claimed = tokio::time::timeout(wait, store.claim(&key, claim)).await;
                 match claimed {
                     Ok(Ok(Claim::Claimed { .. })) => {
                         let done = store.complete(&key, &token, b"done".to_vec(), minute);
-                        let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
+                        let _ = tokio::time::timeout(wait, done).await;
                         (i, s, Some(true))
                     }
                     Ok(Ok(_)) => (i, s, Some(false)),
@@ -351,8 +367,9 @@ fn rules(limit: u64) -> ([Rule; 1], [Rule; 2]) {
     )
 }
 
-/// Bursts of 10 single- and multi-key checks and a round of orders until every call answers;
-/// the time that took after `since`, or `None` after 10 s.
+/// Bursts of 10 single- and multi-key checks and a round of orders, each call waited for 250 ms,
+/// until every call answers: how long after `since` the calls that all answered were sent, or
+/// `None` after 10 s.
 async fn recovery(
     stores: &[AnyStore],
     key: &StoreKey,
@@ -362,13 +379,16 @@ async fn recovery(
 ) -> Option<Duration> {
     let (one, two) = rules(limit);
     while since.elapsed() < Duration::from_secs(10) {
-        let mut t = Tally::default();
-        burst(stores, key, &one, 10, &mut t).await;
-        burst(stores, key, &two, 10, &mut t).await;
+        let (mut t, mut m) = (Tally::default(), Tally::default());
         let mut o = Orders::new(orders.len());
-        order_round(stores, orders, &mut o).await;
-        if t.errors == 0 && o.errors == 0 {
-            return Some(since.elapsed());
+        let round = Instant::now();
+        tokio::join!(
+            burst_waiting(stores, key, &one, 10, RECOVERY_WAIT, &mut t),
+            burst_waiting(stores, key, &two, 10, RECOVERY_WAIT, &mut m),
+            order_round(stores, orders, RECOVERY_WAIT, &mut o),
+        );
+        if t.errors == 0 && m.errors == 0 && o.errors == 0 {
+            return Some(round.duration_since(since));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -382,6 +402,10 @@ async fn recovery(
 /// never more admitted than the limit, no order run twice, and every call answers again within
 /// one second of the hand-over.
 async fn slot_migration_held_for_three_seconds(client: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let cluster = common::RedisCluster::start();
     let url = cluster.url();
     let stores = [connect(client, &url).await, connect(client, &url).await];
@@ -404,11 +428,13 @@ async fn slot_migration_held_for_three_seconds(client: &str) {
     let started = Instant::now();
     let mut moved = 0;
     while started.elapsed() < Duration::from_secs(3) {
-        burst(&stores, &key, &one, 100, &mut single).await;
-        burst(&stores, &key, &two, 100, &mut multi).await;
-        order_round(&stores, &orders, &mut ran).await;
+        tokio::join!(
+            burst(&stores, &key, &one, 100, &mut single),
+            burst(&stores, &key, &two, 100, &mut multi),
+            order_round(&stores, &orders, WAIT, &mut ran),
+        );
         let left = migration.remaining_keys();
-        if moved < 6 && !left.is_empty() && started.elapsed() > Duration::from_millis(500) {
+        if moved < 6 && !left.is_empty() && started.elapsed() > Duration::from_millis(200) {
             migration.migrate(&left[..1]);
             moved += 1;
         }
@@ -488,7 +514,7 @@ async fn reshard_under_traffic(client: &str) {
     while !reshard.is_finished() && started.elapsed() < Duration::from_secs(60) {
         burst(&stores, &key, &one, 100, &mut single).await;
         burst(&stores, &key, &two, 100, &mut multi).await;
-        order_round(&stores, &orders, &mut ran).await;
+        order_round(&stores, &orders, WAIT, &mut ran).await;
     }
     let resharded = reshard.join().expect("the reshard thread");
     let done = Instant::now();

@@ -64,7 +64,7 @@ impl FredStore {
     /// forever, 100 ms doubling to 2 s apart. The client follows no cluster redirection itself
     /// (`max_redirections = 0`): a redirected call is sent again in a transaction, which follows
     /// `ASK` and `MOVED` (at most 5) safely. A client that stops answering (calls sent, nothing
-    /// back for 500 ms) is replaced by a new one made from `url`, once a new one connects.
+    /// back for 300 ms) is replaced by a new one made from `url`, once a new one connects.
     /// Connecting loads every script of the crate (on every primary of a cluster), and fails if
     /// the server refuses it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {

@@ -80,7 +80,7 @@ impl RedisStore {
     /// doubling to 200 ms apart. Connecting loads every script of the crate (on every primary of
     /// a cluster), and fails if the server refuses it.
     ///
-    /// A client that stops answering (calls sent, nothing back for 500 ms) is replaced by a new
+    /// A client that stops answering (calls sent, nothing back for 300 ms) is replaced by a new
     /// one made from `url`, once a new one connects: redis-rs's cluster connection can deadlock
     /// its slot refresh while a slot migrates under concurrent calls, and then sends nothing.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {

@@ -21,10 +21,10 @@ use crate::store::StoreError;
 /// How long calls may go without any answer before the client is taken as stopped: far longer
 /// than a healthy server takes to answer a script, short enough that a stopped client is
 /// replaced within a second of the fault that stopped it.
-pub(crate) const STALL: Duration = Duration::from_millis(500);
+pub(crate) const STALL: Duration = Duration::from_millis(300);
 
 /// The shortest time between two attempts to rebuild a client.
-const REBUILD_EVERY: Duration = Duration::from_millis(500);
+const REBUILD_EVERY: Duration = Duration::from_millis(300);
 
 /// Makes a new client (from the store's URL).
 pub(crate) type Rebuild<C> = Box<dyn Fn() -> BoxFuture<Result<C, StoreError>> + Send + Sync>;
