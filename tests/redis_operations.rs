@@ -315,6 +315,48 @@ async fn acl_user_without_scripts_refused_at_connect(client: &str) {
     );
 }
 
+/// An ACL user allowed every command but no key under the crate's prefix is refused at connect
+/// (the store probes a key under its prefix), not on every call later.
+async fn acl_user_without_key_rights_refused_at_connect(client: &str) {
+    let server = common::RedisServer::start();
+    let user = ["ACL", "SETUSER", "app", "on", ">pw", "~other:*", "+@all"];
+    assert_eq!(server.cli(&user).as_deref(), Some("OK\n"));
+    let url = server.url().replace("redis://", "redis://app:pw@");
+    let err = connect(client, &url).await.expect_err("no rights to trl:*");
+    assert!(
+        matches!(err, tower_redis_layers::StoreError::Refused(ref m)
+            if m.to_ascii_uppercase().contains("NOPERM")),
+        "{client}: {err}"
+    );
+    let user = ["ACL", "SETUSER", "app", "~trl:*"];
+    assert_eq!(server.cli(&user).as_deref(), Some("OK\n"));
+    connect(client, &url).await.expect("rights to trl:*");
+}
+
+/// One cluster URL with the password, `redis+cluster://:password@a,b,c`, works for both clients
+/// (the password applies to every node); without it, connect is refused.
+async fn cluster_url_with_password(client: &str) {
+    let cluster = common::RedisCluster::start();
+    let url = cluster.url();
+    for node in &cluster.nodes {
+        set(node, "requirepass", "s3cret");
+    }
+    let err = connect(client, &url).await.expect_err("no password");
+    assert!(
+        matches!(err, tower_redis_layers::StoreError::Refused(_)),
+        "{client}: {err}"
+    );
+    let with_password = url.replace("redis+cluster://", "redis+cluster://:s3cret@");
+    let store = connect(client, &with_password)
+        .await
+        .unwrap_or_else(|e| panic!("{client}: {with_password}: {e}"));
+    let rules = [Rule::fixed_window(2, Duration::from_secs(60))];
+    for i in 0..20u8 {
+        let key = StoreKey::from_parts([b"password".as_slice(), &[i]]);
+        assert!(admit(&store, &key, &rules).await, "{client}: key {i}");
+    }
+}
+
 /// A full server (`maxmemory` reached under `noeviction`, so every write is refused) never turns a
 /// deny into an allow: a key at its limit is denied without a write, for every strategy; a key
 /// under its limit fails (and the layer applies its failure mode).
@@ -425,5 +467,7 @@ per_client!(
     requirepass_refused_at_connect,
     acl_user_without_scripts_refused_at_connect,
     full_server_keeps_denying_at_limit,
-    client_timeout_is_the_stores
+    client_timeout_is_the_stores,
+    acl_user_without_key_rights_refused_at_connect,
+    cluster_url_with_password
 );

@@ -19,7 +19,7 @@ use super::{
     scripts,
     sealed::Runner,
     watchdog::Watchdog,
-    KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
+    KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
 use crate::store::StoreError;
 
@@ -133,6 +133,11 @@ async fn open(url: &str, timeout: Duration) -> Result<FredClient, StoreError> {
     client.init().await.map_err(connect_error)?;
     let client = FredClient::Client(client);
     client.load_scripts().await.map_err(connect_error)?;
+    let probe = client
+        .one()
+        .eval::<Value, _, _, _>(ACL_PROBE.text, ACL_PROBE_KEY, ())
+        .await;
+    probe.map_err(connect_error)?;
     Ok(client)
 }
 
@@ -149,17 +154,21 @@ fn retire(client: FredClient) {
     });
 }
 
-/// `redis+cluster://a:1,b:2` becomes `redis-cluster://a:1?node=b:2`.
+/// `redis+cluster://[user:password@]a:1,b:2` becomes
+/// `redis-cluster://[user:password@]a:1?node=b:2`.
 fn normalise_cluster_url(url: &str) -> String {
-    let Some((base, mut nodes)) = cluster_nodes(url) else {
+    let Some(cluster) = cluster_nodes(url) else {
         return url.to_owned();
     };
-    let first = nodes.next().unwrap_or_default();
+    let auth = cluster.auth_prefix();
+    let mut nodes = cluster.nodes.iter();
+    let first = nodes.next().copied().unwrap_or_default();
     let extra: Vec<String> = nodes.map(|n| format!("node={n}")).collect();
+    let base = cluster.scheme;
     if extra.is_empty() {
-        format!("{base}-cluster://{first}")
+        format!("{base}-cluster://{auth}{first}")
     } else {
-        format!("{base}-cluster://{first}?{}", extra.join("&"))
+        format!("{base}-cluster://{auth}{first}?{}", extra.join("&"))
     }
 }
 

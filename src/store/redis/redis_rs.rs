@@ -16,7 +16,7 @@ use super::{
     scripts,
     sealed::Runner,
     watchdog::Watchdog,
-    KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
+    KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
 use crate::store::StoreError;
 
@@ -131,8 +131,12 @@ impl RedisStore {
 /// returns the server's address for the warnings of a standalone server.
 async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), StoreError> {
     let mut server = String::new();
-    let mut conn = if let Some((scheme, nodes)) = cluster_nodes(url) {
-        let nodes: Vec<String> = nodes.map(|n| format!("{scheme}://{n}")).collect();
+    let mut conn = if let Some(cluster) = cluster_nodes(url) {
+        let auth = cluster.auth_prefix();
+        let scheme = cluster.scheme;
+        let nodes: Vec<String> = (cluster.nodes.iter())
+            .map(|n| format!("{scheme}://{auth}{n}"))
+            .collect();
         let client = ClusterClient::builder(nodes)
             .connection_timeout(timeout)
             .response_timeout(timeout)
@@ -159,6 +163,11 @@ async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), Stor
         Connection::Single(manager)
     };
     load_scripts(&mut conn).await.map_err(connect_error)?;
+    let probe = ScriptCall::from_vecs(&ACL_PROBE, vec![ACL_PROBE_KEY.to_owned()], Vec::new());
+    (conn
+        .query(&script_cmd("EVAL", ACL_PROBE.text, &probe))
+        .await)
+        .map_err(connect_error)?;
     Ok((conn, server))
 }
 
