@@ -438,6 +438,32 @@ async fn client_timeout_is_the_stores(client: &str) {
     assert!(decision.allowed);
 }
 
+/// fred loads every script again when it connects again to a restarted server, before any call
+/// (redis-rs has no reconnect hook: its first call after a restart falls back to `EVAL`).
+#[cfg(feature = "fred")]
+#[tokio::test]
+async fn fred_reloads_scripts_on_reconnect() {
+    let mut server = common::RedisServer::start();
+    let _store = connect("fred", &server.url()).await.expect("connects");
+    server.restart();
+    let cached = |server: &common::RedisServer| -> u64 {
+        let info = server.cli(&["INFO", "memory"]).unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("number_of_cached_scripts:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cached(&server) < SCRIPTS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scripts after the reconnect: {}",
+            cached(&server)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 macro_rules! per_client {
     ($($name:ident),* $(,)?) => {
         #[cfg(feature = "redis")]

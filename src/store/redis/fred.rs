@@ -6,8 +6,8 @@ use bytes::Bytes;
 
 use fred::{
     prelude::{
-        Builder, Client, ClientLike, ClusterInterface, Config, Error, LuaInterface, Options, Pool,
-        ReconnectPolicy, TransactionInterface,
+        Builder, Client, ClientLike, ClusterInterface, Config, Error, EventInterface, LuaInterface,
+        Options, Pool, ReconnectPolicy, TransactionInterface,
     },
     types::{ClusterHash, CustomCommand, Key, Value},
     util::redis_keyslot,
@@ -133,12 +133,32 @@ async fn open(url: &str, timeout: Duration) -> Result<FredClient, StoreError> {
     client.init().await.map_err(connect_error)?;
     let client = FredClient::Client(client);
     client.load_scripts().await.map_err(connect_error)?;
+    reload_on_reconnect(&client);
     let probe = client
         .one()
         .eval::<Value, _, _, _>(ACL_PROBE.text, ACL_PROBE_KEY, ())
         .await;
     probe.map_err(connect_error)?;
     Ok(client)
+}
+
+/// Loads every script again each time the client connects again to a server (a restarted
+/// server has none), so the first calls after it find them; `NOSCRIPT` still falls back to
+/// `EVAL` for a server that lost them otherwise (`SCRIPT FLUSH`).
+fn reload_on_reconnect(client: &FredClient) {
+    let FredClient::Client(fred) = client else {
+        return;
+    };
+    let loader = client.clone();
+    let _listener = fred.on_reconnect(move |server| {
+        let loader = loader.clone();
+        async move {
+            if let Err(err) = loader.load_scripts().await {
+                tracing::debug!(%err, %server, "loading the scripts after a reconnect failed");
+            }
+            Ok(())
+        }
+    });
 }
 
 /// Closes a client the watchdog replaced, once the calls still on it had their time.
