@@ -441,6 +441,7 @@ async fn slot_migration_held_for_three_seconds(client: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let handed_over = migration.finish();
+    tracing::warn!("handed over");
     let recovered = recovery(&stores, &key, limit, &orders, handed_over).await;
     println!(
         "{client} migration held 3 s: single-key {single:?}, multi-key {multi:?} (limit \

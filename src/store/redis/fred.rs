@@ -136,7 +136,7 @@ async fn open(url: &str, timeout: Duration) -> Result<FredClient, StoreError> {
     reload_on_reconnect(&client);
     let probe = client
         .one()
-        .eval::<Value, _, _, _>(ACL_PROBE.text, ACL_PROBE_KEY, ())
+        .evalsha::<Value, _, _, _>(ACL_PROBE.sha(), ACL_PROBE_KEY, ())
         .await;
     probe.map_err(connect_error)?;
     Ok(client)
@@ -206,17 +206,23 @@ struct Packed {
     buf: Bytes,
     ranges: Vec<std::ops::Range<usize>>,
     keys: usize,
+    /// Whether the call fails at once, rather than waits in fred's queue, while the connection
+    /// is down: a call given up by its caller (see `ScriptCall::abandon_when_dropped`) must not
+    /// be sent later, when fred reconnects.
+    fail_fast: bool,
 }
 
 impl Packed {
     fn new(call: ScriptCall) -> Self {
         let keys = call.key_count();
+        let fail_fast = call.abandons();
         let (key_ranges, arg_ranges) = call.key_and_arg_ranges();
         let ranges = key_ranges.chain(arg_ranges).collect();
         Self {
             buf: Bytes::from(call.into_buffer()),
             ranges,
             keys,
+            fail_fast,
         }
     }
 
@@ -370,6 +376,18 @@ async fn send(
 ) -> Result<Value, Error> {
     let (keys, args) = call.parts();
     match route {
+        Route::Direct if call.fail_fast => {
+            let options = Options {
+                fail_fast: true,
+                ..Options::default()
+            };
+            let client = client.with_options(&options);
+            if by_sha {
+                client.evalsha(script, keys, args).await
+            } else {
+                client.eval(script, keys, args).await
+            }
+        }
         Route::Direct => {
             if by_sha {
                 client.evalsha(script, keys, args).await
@@ -391,6 +409,7 @@ async fn send(
             let trx = client.multi();
             let options = Options {
                 max_redirections: Some(TRANSACTION_REDIRECTIONS),
+                fail_fast: call.fail_fast,
                 ..Options::default()
             };
             trx.with_options(&options)

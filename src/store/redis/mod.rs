@@ -104,14 +104,15 @@ pub(crate) fn scripts() -> impl Iterator<Item = &'static Lua> {
         .copied()
         .chain(cache::SCRIPTS.iter().copied())
         .chain(LOCK_AND_IDEMPOTENCY.iter())
+        .chain(std::iter::once(&ACL_PROBE))
 }
 
 /// The script a store runs at connect to learn whether the server lets it use keys under its
-/// prefix: it reads and writes (`EXISTS`, `PEXPIRE` of a key that does not exist, which changes
-/// nothing) [`ACL_PROBE_KEY`], so an ACL user without rights to the crate's keys, or without
+/// prefix: it reads and writes (`GET`, `PEXPIRE` of a key that does not exist, which changes
+/// nothing; sent with `EVALSHA`, loaded with the other scripts) [`ACL_PROBE_KEY`], so an ACL user without rights to the crate's keys, or without
 /// `EVAL`, is refused at connect rather than on every call.
 pub(crate) static ACL_PROBE: Lua =
-    Lua::new("redis.call('EXISTS', KEYS[1]) return redis.call('PEXPIRE', KEYS[1], 1)");
+    Lua::new("redis.call('GET', KEYS[1]) return redis.call('PEXPIRE', KEYS[1], 1)");
 
 /// The key [`ACL_PROBE`] touches: under the default prefix, as every key the store writes.
 pub(crate) const ACL_PROBE_KEY: &str = "trl:{acl-probe}:probe";

@@ -165,7 +165,7 @@ async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), Stor
     load_scripts(&mut conn).await.map_err(connect_error)?;
     let probe = ScriptCall::from_vecs(&ACL_PROBE, vec![ACL_PROBE_KEY.to_owned()], Vec::new());
     (conn
-        .query(&script_cmd("EVAL", ACL_PROBE.text, &probe))
+        .query(&script_cmd("EVALSHA", ACL_PROBE.sha(), &probe))
         .await)
         .map_err(connect_error)?;
     Ok((conn, server))

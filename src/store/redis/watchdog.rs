@@ -62,7 +62,7 @@ impl<C: Clone + Send + Sync + 'static> Watchdog<C> {
         rebuild: Option<Rebuild<C>>,
         retire: Option<Retire<C>>,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let watchdog = Arc::new(Self {
             client: RwLock::new(client),
             rebuild,
             retire,
@@ -70,7 +70,35 @@ impl<C: Clone + Send + Sync + 'static> Watchdog<C> {
             unanswered_since: AtomicU64::new(0),
             last_rebuild: AtomicU64::new(0),
             rebuilding: AtomicBool::new(false),
-        })
+        });
+        if watchdog.rebuild.is_some() {
+            watchdog.watch();
+        }
+        watchdog
+    }
+
+    /// Checks, every third of [`STALL`] while the store lives, whether calls went unanswered
+    /// for longer, so that a stopped client is replaced even when no new call comes to notice.
+    fn watch(self: &Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(STALL / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(this) = weak.upgrade() else {
+                    return;
+                };
+                let since = this.unanswered_since.load(Ordering::Acquire);
+                let now = this.now();
+                if since != 0 && now.saturating_sub(since) > millis(STALL) {
+                    this.start_rebuild(now);
+                }
+            }
+        });
     }
 
     fn now(&self) -> u64 {
