@@ -63,8 +63,9 @@ impl FredStore {
     /// 2 s is dropped and made again; a command is tried at most 3 times; the client reconnects
     /// forever, 100 ms doubling to 2 s apart. The client follows no cluster redirection itself
     /// (`max_redirections = 0`): a redirected call is sent again in a transaction, which follows
-    /// `ASK` and `MOVED` (at most 5) safely. A client that stops answering (calls sent, nothing
-    /// back for 300 ms) is replaced by a new one made from `url`, once a new one connects.
+    /// `ASK` and `MOVED` (at most 5) safely. A cluster client that stops answering (calls sent,
+    /// nothing back for 300 ms) is replaced by a new one made from `url`, once a new one
+    /// connects.
     /// Connecting loads every script of the crate (on every primary of a cluster), and fails if
     /// the server refuses it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -85,12 +86,19 @@ impl FredStore {
     ) -> Result<Self, StoreError> {
         let client = open(url, client_timeout).await?;
         client.check_config().await;
+        // Only a cluster client is rebuilt: a standalone one reconnects on its own, and the
+        // clients stop for good only on cluster redirections.
+        let cluster = cluster_nodes(url).is_some();
         let url: Arc<str> = Arc::from(url);
         let rebuild: super::watchdog::Rebuild<FredClient> = Box::new(move || {
             let url = url.clone();
             Box::pin(async move { open(&url, client_timeout).await })
         });
-        let mut store = Self::with(Watchdog::new(client, Some(rebuild), Some(retire)));
+        let mut store = Self::with(Watchdog::new(
+            client,
+            cluster.then_some(rebuild),
+            Some(retire),
+        ));
         store.client_timeout = client_timeout;
         Ok(store)
     }

@@ -80,9 +80,10 @@ impl RedisStore {
     /// doubling to 200 ms apart. Connecting loads every script of the crate (on every primary of
     /// a cluster), and fails if the server refuses it.
     ///
-    /// A client that stops answering (calls sent, nothing back for 300 ms) is replaced by a new
-    /// one made from `url`, once a new one connects: redis-rs's cluster connection can deadlock
-    /// its slot refresh while a slot migrates under concurrent calls, and then sends nothing.
+    /// A cluster client that stops answering (calls sent, nothing back for 300 ms) is replaced by
+    /// a new one made from `url`, once a new one connects: redis-rs's cluster connection can
+    /// deadlock its slot refresh while a slot migrates under concurrent calls, and then sends
+    /// nothing.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_timeout(url, CLIENT_TIMEOUT).await
     }
@@ -100,12 +101,15 @@ impl RedisStore {
     ) -> Result<Self, StoreError> {
         let (mut conn, server) = open(url, client_timeout).await?;
         check_config(&mut conn, &server).await;
+        // Only a cluster client is rebuilt: a standalone one reconnects on its own, and the
+        // clients stop for good only on cluster redirections.
+        let cluster = cluster_nodes(url).is_some();
         let url: Arc<str> = Arc::from(url);
         let rebuild: super::watchdog::Rebuild<Connection> = Box::new(move || {
             let url = url.clone();
             Box::pin(async move { open(&url, client_timeout).await.map(|(conn, _)| conn) })
         });
-        let mut store = Self::with(Watchdog::new(conn, Some(rebuild), None));
+        let mut store = Self::with(Watchdog::new(conn, cluster.then_some(rebuild), None));
         store.client_timeout = client_timeout;
         Ok(store)
     }
