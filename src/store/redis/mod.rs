@@ -108,9 +108,10 @@ pub(crate) fn scripts() -> impl Iterator<Item = &'static Lua> {
 }
 
 /// The script a store runs at connect to learn whether the server lets it use keys under its
-/// prefix: it reads and writes (`GET`, `PEXPIRE` of a key that does not exist, which changes
-/// nothing; sent with `EVALSHA`, loaded with the other scripts) [`ACL_PROBE_KEY`], so an ACL user without rights to the crate's keys, or without
-/// `EVAL`, is refused at connect rather than on every call.
+/// prefix: it reads and writes [`ACL_PROBE_KEY`] (`GET`, then `PEXPIRE` of a key that does not
+/// exist, which changes nothing; sent with `EVALSHA`, loaded with the other scripts), so an ACL
+/// user without rights to the crate's keys, or without `EVALSHA`, is refused at connect rather
+/// than on every call.
 pub(crate) static ACL_PROBE: Lua =
     Lua::new("redis.call('GET', KEYS[1]) return redis.call('PEXPIRE', KEYS[1], 1)");
 
