@@ -315,6 +315,48 @@ async fn acl_user_without_scripts_refused_at_connect(client: &str) {
     );
 }
 
+/// An ACL user allowed every command but no key under the crate's prefix is refused at connect
+/// (the store probes a key under its prefix), not on every call later.
+async fn acl_user_without_key_rights_refused_at_connect(client: &str) {
+    let server = common::RedisServer::start();
+    let user = ["ACL", "SETUSER", "app", "on", ">pw", "~other:*", "+@all"];
+    assert_eq!(server.cli(&user).as_deref(), Some("OK\n"));
+    let url = server.url().replace("redis://", "redis://app:pw@");
+    let err = connect(client, &url).await.expect_err("no rights to trl:*");
+    assert!(
+        matches!(err, tower_redis_layers::StoreError::Refused(ref m)
+            if m.to_ascii_uppercase().contains("NOPERM")),
+        "{client}: {err}"
+    );
+    let user = ["ACL", "SETUSER", "app", "~trl:*"];
+    assert_eq!(server.cli(&user).as_deref(), Some("OK\n"));
+    connect(client, &url).await.expect("rights to trl:*");
+}
+
+/// One cluster URL with the password, `redis+cluster://:password@a,b,c`, works for both clients
+/// (the password applies to every node); without it, connect is refused.
+async fn cluster_url_with_password(client: &str) {
+    let cluster = common::RedisCluster::start();
+    let url = cluster.url();
+    for node in &cluster.nodes {
+        set(node, "requirepass", "s3cret");
+    }
+    let err = connect(client, &url).await.expect_err("no password");
+    assert!(
+        matches!(err, tower_redis_layers::StoreError::Refused(_)),
+        "{client}: {err}"
+    );
+    let with_password = url.replace("redis+cluster://", "redis+cluster://:s3cret@");
+    let store = connect(client, &with_password)
+        .await
+        .unwrap_or_else(|e| panic!("{client}: {with_password}: {e}"));
+    let rules = [Rule::fixed_window(2, Duration::from_secs(60))];
+    for i in 0..20u8 {
+        let key = StoreKey::from_parts([b"password".as_slice(), &[i]]);
+        assert!(admit(&store, &key, &rules).await, "{client}: key {i}");
+    }
+}
+
 /// A full server (`maxmemory` reached under `noeviction`, so every write is refused) never turns a
 /// deny into an allow: a key at its limit is denied without a write, for every strategy; a key
 /// under its limit fails (and the layer applies its failure mode).
@@ -365,6 +407,63 @@ async fn full_server_keeps_denying_at_limit(client: &str) {
     set(&server, "maxmemory", "0");
 }
 
+/// A store given a client timeout longer than the default 2 s (for a layer whose `store_timeout`
+/// is longer): a call the server answers after 2.5 s succeeds, where 2 s would have cut it.
+async fn client_timeout_is_the_stores(client: &str) {
+    let server = common::RedisServer::start();
+    let url = server.url();
+    let timeout = Duration::from_secs(4);
+    let store = match client {
+        #[cfg(feature = "redis")]
+        "redis" => tower_redis_layers::store::RedisStore::connect_with_timeout(&url, timeout)
+            .await
+            .map(AnyStore::Redis),
+        #[cfg(feature = "fred")]
+        "fred" => tower_redis_layers::store::FredStore::connect_with_timeout(&url, timeout)
+            .await
+            .map(AnyStore::Fred),
+        other => panic!("client {other} not compiled in"),
+    }
+    .expect("connects");
+    let rules = [Rule::fixed_window(5, Duration::from_secs(60))];
+    let key = StoreKey::from_parts([b"slow".as_slice()]);
+    assert!(admit(&store, &key, &rules).await);
+    server.pause();
+    let resume = async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        server.resume();
+    };
+    let (decision, ()) = tokio::join!(store.check(RateCheck::new(&key, &rules, 1, false)), resume);
+    let decision = decision.unwrap_or_else(|e| panic!("{client}: answered after 2.5 s: {e}"));
+    assert!(decision.allowed);
+}
+
+/// fred loads every script again when it connects again to a restarted server, before any call
+/// (redis-rs has no reconnect hook: its first call after a restart falls back to `EVAL`).
+#[cfg(feature = "fred")]
+#[tokio::test]
+async fn fred_reloads_scripts_on_reconnect() {
+    let mut server = common::RedisServer::start();
+    let _store = connect("fred", &server.url()).await.expect("connects");
+    server.restart();
+    let cached = |server: &common::RedisServer| -> u64 {
+        let info = server.cli(&["INFO", "memory"]).unwrap_or_default();
+        info.lines()
+            .find_map(|l| l.strip_prefix("number_of_cached_scripts:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cached(&server) < SCRIPTS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scripts after the reconnect: {}",
+            cached(&server)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 macro_rules! per_client {
     ($($name:ident),* $(,)?) => {
         #[cfg(feature = "redis")]
@@ -393,291 +492,8 @@ per_client!(
     warns_for_every_cluster_node,
     requirepass_refused_at_connect,
     acl_user_without_scripts_refused_at_connect,
-    full_server_keeps_denying_at_limit
+    full_server_keeps_denying_at_limit,
+    client_timeout_is_the_stores,
+    acl_user_without_key_rights_refused_at_connect,
+    cluster_url_with_password
 );
-
-/// A multi-key call whose slot is migrating with its keys split between the two nodes gets
-/// `TRYAGAIN`; the store tries again (within its bounds) and the call succeeds once the keys are
-/// together, here 800 ms later (longer than the client's own retries, about 500 ms for redis-rs).
-async fn tryagain_is_retried(client: &str) {
-    let cluster = common::RedisCluster::start();
-    let store = connect(client, &cluster.url()).await.expect("connects");
-    let minute = Duration::from_secs(60);
-    let two = [
-        Rule::sliding_window(10, minute),
-        Rule::token_bucket(10, 1, minute),
-    ];
-    let key = StoreKey::from_parts([b"tryagain".as_slice()]);
-    assert!(admit(&store, &key, &two).await);
-    let env = Env::RedisCluster(cluster);
-    let keys: Vec<String> = env.keys("trl:*").into_iter().map(|(_, k)| k).collect();
-    assert_eq!(keys.len(), 2, "{keys:?}");
-    let Env::RedisCluster(cluster) = env else {
-        unreachable!()
-    };
-    let migration = migration::Migration::start(&cluster, &keys[0]);
-    migration.migrate(&keys[..1]);
-    let check = store.check(RateCheck::new(&key, &two, 1, false));
-    let rest = async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        migration.migrate(&keys[1..]);
-    };
-    let (decision, ()) = tokio::join!(check, rest);
-    let decision = decision.unwrap_or_else(|e| panic!("{client}: TRYAGAIN retried: {e}"));
-    assert!(decision.allowed);
-    migration.finish();
-    let decision = store
-        .check(RateCheck::new(&key, &two, 0, true))
-        .await
-        .expect("after the hand-over");
-    assert_eq!(
-        decision.rules[0].remaining, 8,
-        "{client}: both requests counted once"
-    );
-}
-
-/// The migration test on each client: ignored until the dead clients are handled (issue 13).
-/// Today both clients keep the limit exact, but neither answers again after the hand-over: every
-/// call times out while a fresh client works. Run with `--ignored --nocapture` for the figures.
-mod slot_migration {
-    #[cfg(feature = "redis")]
-    #[tokio::test]
-    async fn tryagain_is_retried_redis_rs() {
-        super::tryagain_is_retried("redis").await;
-    }
-
-    #[cfg(feature = "fred")]
-    #[tokio::test]
-    #[ignore = "issue 13: fred's ASK handling (ASKING read off the shared connection) times out"]
-    async fn tryagain_is_retried_fred() {
-        super::tryagain_is_retried("fred").await;
-    }
-
-    #[cfg(feature = "redis")]
-    #[tokio::test]
-    #[ignore = "issue 13: redis-rs's cluster connection stops answering after a burst of 100 at a migrating slot"]
-    async fn redis_rs() {
-        super::slot_migration_held_for_three_seconds("redis").await;
-    }
-
-    #[cfg(feature = "fred")]
-    #[tokio::test]
-    #[ignore = "issue 13: fred stops answering for a key once it was ASK-redirected"]
-    async fn fred_client() {
-        super::slot_migration_held_for_three_seconds("fred").await;
-    }
-}
-
-/// A slot migrated by hand on a 3-master cluster: `CLUSTER SETSLOT .. IMPORTING / MIGRATING`,
-/// keys moved with `MIGRATE` one by one, the slot held for 3 s, then handed over.
-mod migration {
-    use std::time::Instant;
-
-    use super::common::{RedisCluster, RedisServer};
-
-    fn cli(node: &RedisServer, args: &[&str]) -> String {
-        node.cli(args)
-            .unwrap_or_else(|| panic!("redis-cli {args:?}"))
-            .trim()
-            .to_owned()
-    }
-
-    /// One hand-made migration of `slot` from the node that owns it to another.
-    pub struct Migration<'a> {
-        pub source: &'a RedisServer,
-        pub target: &'a RedisServer,
-        others: Vec<&'a RedisServer>,
-        slot: String,
-        target_id: String,
-    }
-
-    impl<'a> Migration<'a> {
-        /// Puts `slot` (of `key`) in MIGRATING on its owner and IMPORTING on another node.
-        pub fn start(cluster: &'a RedisCluster, key: &str) -> Self {
-            let first = &cluster.nodes[0];
-            let slot = cli(first, &["CLUSTER", "KEYSLOT", key]);
-            let owner = |n: &&RedisServer| cli(n, &["CLUSTER", "COUNTKEYSINSLOT", &slot]) != "0";
-            let source = cluster
-                .nodes
-                .iter()
-                .find(owner)
-                .expect("a node holds the key");
-            let target = cluster
-                .nodes
-                .iter()
-                .find(|n| n.port != source.port)
-                .expect("another node");
-            let others = cluster
-                .nodes
-                .iter()
-                .filter(|n| n.port != source.port && n.port != target.port)
-                .collect();
-            let source_id = cli(source, &["CLUSTER", "MYID"]);
-            let target_id = cli(target, &["CLUSTER", "MYID"]);
-            let ok = |s: String| assert_eq!(s, "OK");
-            ok(cli(
-                target,
-                &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id],
-            ));
-            ok(cli(
-                source,
-                &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
-            ));
-            Self {
-                source,
-                target,
-                others,
-                slot,
-                target_id,
-            }
-        }
-
-        /// The keys still on the source node.
-        pub fn remaining_keys(&self) -> Vec<String> {
-            cli(
-                self.source,
-                &["CLUSTER", "GETKEYSINSLOT", &self.slot, "1000"],
-            )
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect()
-        }
-
-        /// Moves `keys` to the target node.
-        pub fn migrate(&self, keys: &[String]) {
-            let port = self.target.port.to_string();
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(keys.iter().map(String::as_str));
-            let reply = cli(self.source, &args);
-            assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
-        }
-
-        /// Moves what is left and gives the slot to the target on every node.
-        pub fn finish(self) -> Instant {
-            let keys = self.remaining_keys();
-            if !keys.is_empty() {
-                self.migrate(&keys);
-            }
-            let node = ["CLUSTER", "SETSLOT", &self.slot, "NODE", &self.target_id];
-            for n in [self.target, self.source].into_iter().chain(self.others) {
-                assert_eq!(cli(n, &node), "OK");
-            }
-            Instant::now()
-        }
-    }
-}
-
-/// What bursts of checks against two clients saw.
-#[derive(Debug, Default)]
-struct Tally {
-    admitted: u64,
-    denied: u64,
-    errors: u64,
-    first_error: Option<String>,
-}
-
-/// A burst of `n` concurrent checks, spread over the stores.
-async fn burst(stores: &[AnyStore], key: &StoreKey, rules: &[Rule], n: usize, tally: &mut Tally) {
-    let calls = (0..n).map(|i| {
-        let store = stores[i % stores.len()].clone();
-        let key = *key;
-        let rules = rules.to_vec();
-        async move {
-            let check = RateCheck::new(&key, &rules, 1, false);
-            tokio::time::timeout(Duration::from_secs(1), store.check(check)).await
-        }
-    });
-    for result in futures_util::future::join_all(calls).await {
-        match result {
-            Ok(Ok(d)) if d.allowed => tally.admitted += 1,
-            Ok(Ok(_)) => tally.denied += 1,
-            Ok(Err(e)) => {
-                tally.errors += 1;
-                tally.first_error.get_or_insert(e.to_string());
-            }
-            Err(_) => {
-                tally.errors += 1;
-                tally.first_error.get_or_insert("timeout".into());
-            }
-        }
-    }
-}
-
-/// A slot holding keys in use is migrated by hand and held for 3 s while two clients send bursts
-/// of 100 concurrent checks, single-key (one rule) and multi-key (two rules, whose keys move one
-/// at a time, so the importing node answers `TRYAGAIN`): never more admitted than the limit, and
-/// every call succeeds again within one second of the hand-over.
-async fn slot_migration_held_for_three_seconds(client: &str) {
-    let cluster = common::RedisCluster::start();
-    let url = cluster.url();
-    let stores = [
-        connect(client, &url).await.expect("first client"),
-        connect(client, &url).await.expect("second client"),
-    ];
-    let minute = Duration::from_secs(60);
-    let limit = 250;
-    let key = StoreKey::from_parts([b"migrating".as_slice()]);
-    let one = [Rule::fixed_window(limit, minute)];
-    let two = [
-        Rule::sliding_window(limit, minute),
-        Rule::token_bucket(limit, 1, minute),
-    ];
-    let mut single = Tally::default();
-    let mut multi = Tally::default();
-    burst(&stores, &key, &one, 10, &mut single).await;
-    burst(&stores, &key, &two, 10, &mut multi).await;
-    let sample = Env::RedisCluster(cluster);
-    let keys: Vec<String> = sample.keys("trl:*").into_iter().map(|(_, k)| k).collect();
-    assert_eq!(keys.len(), 3, "{keys:?}");
-    let Env::RedisCluster(cluster) = sample else {
-        unreachable!()
-    };
-
-    let migration = migration::Migration::start(&cluster, &keys[0]);
-    let started = std::time::Instant::now();
-    let mut moved = 0;
-    while started.elapsed() < Duration::from_secs(3) {
-        burst(&stores, &key, &one, 100, &mut single).await;
-        burst(&stores, &key, &two, 100, &mut multi).await;
-        let left = migration.remaining_keys();
-        if moved < 2 && !left.is_empty() && started.elapsed() > Duration::from_millis(500) {
-            migration.migrate(&left[..1]);
-            moved += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let handed_over = migration.finish();
-    println!("{client} during: single {single:?}; multi {multi:?}");
-    let mut last = Tally::default();
-    let mut recovered = None;
-    while handed_over.elapsed() < Duration::from_secs(10) {
-        let mut t = Tally::default();
-        burst(&stores, &key, &one, 10, &mut t).await;
-        burst(&stores, &key, &two, 10, &mut t).await;
-        if t.errors == 0 {
-            recovered = Some(handed_over.elapsed());
-            break;
-        }
-        last = t;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    println!("{client}: recovered {recovered:?} after the hand-over; last failing burst {last:?}");
-    if recovered.is_none() {
-        let fresh = [connect(client, &url).await.expect("a fresh client")];
-        let mut t = Tally::default();
-        burst(&fresh, &key, &one, 10, &mut t).await;
-        burst(&fresh, &key, &two, 10, &mut t).await;
-        println!("{client}: a fresh client: {t:?}");
-        for node in &cluster.nodes {
-            println!("{}", node.cli(&["CLUSTER", "NODES"]).unwrap_or_default());
-        }
-    }
-    let recovered = recovered.unwrap_or_else(|| panic!("{client}: no recovery: {last:?}"));
-    assert!(
-        recovered < Duration::from_secs(1),
-        "{client}: {recovered:?}"
-    );
-    assert!(single.admitted <= limit, "{client}: single {single:?}");
-    assert!(multi.admitted <= limit, "{client}: multi {multi:?}");
-}

@@ -6,10 +6,11 @@ use bytes::Bytes;
 
 use fred::{
     prelude::{
-        Builder, Client, ClientLike, ClusterInterface, Config, Error, LuaInterface, Pool,
-        ReconnectPolicy,
+        Builder, Client, ClientLike, ClusterInterface, Config, Error, EventInterface, LuaInterface,
+        Options, Pool, ReconnectPolicy, TransactionInterface,
     },
     types::{ClusterHash, CustomCommand, Key, Value},
+    util::redis_keyslot,
 };
 
 use super::{
@@ -17,7 +18,8 @@ use super::{
     script::{detached, Lua, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
-    KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
+    watchdog::Watchdog,
+    KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
 use crate::store::{Breaker, CircuitBreaker, StoreError};
 
@@ -28,7 +30,8 @@ use crate::store::{Breaker, CircuitBreaker, StoreError};
 /// on `NOSCRIPT`, which also caches it on that node). Cloning is cheap.
 #[derive(Clone)]
 pub struct FredStore {
-    client: FredClient,
+    client: Arc<Watchdog<FredClient>>,
+    client_timeout: Duration,
     prefix: KeyPrefix,
     reload: Arc<Reload>,
     breaker: Breaker,
@@ -43,12 +46,12 @@ enum FredClient {
 impl FredStore {
     /// Uses an initialised client (`client.init().await` already called).
     pub fn from_client(client: Client) -> Self {
-        Self::with(FredClient::Client(client))
+        Self::with(Watchdog::new(FredClient::Client(client), None, None))
     }
 
     /// Uses an initialised pool.
     pub fn from_pool(pool: Pool) -> Self {
-        Self::with(FredClient::Pool(pool))
+        Self::with(Watchdog::new(FredClient::Pool(pool), None, None))
     }
 
     /// Connects a new client from a URL: `redis://host:port` for one server,
@@ -58,31 +61,47 @@ impl FredStore {
     /// Every client timeout is set, none is left to fred's defaults: connecting, fred's own
     /// commands and each reply are bounded by 2 s (longer than every layer's default
     /// `store_timeout`, which decides first), and a connection with a command unanswered for
-    /// 2 s is dropped and made again; a command is tried at most 3 times and follows at most 5
-    /// cluster redirections; the client reconnects forever, 100 ms doubling to 2 s apart.
+    /// 2 s is dropped and made again; a command is tried at most 3 times; the client reconnects
+    /// forever, 100 ms doubling to 2 s apart. The client follows no cluster redirection itself
+    /// (`max_redirections = 0`): a redirected call is sent again in a transaction, which follows
+    /// `ASK` and `MOVED` (at most 5) safely. A cluster client that stops answering (calls sent,
+    /// nothing back for 300 ms) is replaced by a new one made from `url`, once a new one
+    /// connects.
     /// Connecting loads every script of the crate (on every primary of a cluster), and fails if
     /// the server refuses it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let url = normalise_cluster_url(url);
-        let config = Config::from_url(&url).map_err(StoreError::store)?;
-        let client = Builder::from_config(config)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-            .with_connection_config(|c| {
-                c.connection_timeout = CLIENT_TIMEOUT;
-                c.internal_command_timeout = CLIENT_TIMEOUT;
-                c.max_command_attempts = 3;
-                c.max_redirections = 5;
-                c.unresponsive.max_timeout = Some(CLIENT_TIMEOUT);
-                c.unresponsive.interval = Duration::from_millis(500);
-            })
-            .with_performance_config(|p| p.default_command_timeout = CLIENT_TIMEOUT)
-            .build()
-            .map_err(StoreError::store)?;
-        client.init().await.map_err(connect_error)?;
-        let client = FredClient::Client(client);
-        client.load_scripts().await.map_err(connect_error)?;
+        Self::connect_with_timeout(url, CLIENT_TIMEOUT).await
+    }
+
+    /// [`FredStore::connect`] with `client_timeout` in place of 2 s: the bound on connecting,
+    /// on fred's own commands, on each reply (and how long a connection may leave a command
+    /// unanswered), and on the retries of a call answered `TRYAGAIN`.
+    ///
+    /// The rule: give the store a client timeout at least as long as the longest
+    /// `store_timeout` of the layers that use it (2 s covers every layer's default). A shorter
+    /// one cuts a call the layer would still wait for; the layer's own bound always decides when
+    /// a call has failed.
+    pub async fn connect_with_timeout(
+        url: &str,
+        client_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let client = open(url, client_timeout).await?;
         client.check_config().await;
-        Ok(Self::with(client))
+        // Only a cluster client is rebuilt: a standalone one reconnects on its own, and the
+        // clients stop for good only on cluster redirections.
+        let cluster = cluster_nodes(url).is_some();
+        let url: Arc<str> = Arc::from(url);
+        let rebuild: super::watchdog::Rebuild<FredClient> = Box::new(move || {
+            let url = url.clone();
+            Box::pin(async move { open(&url, client_timeout).await })
+        });
+        let mut store = Self::with(Watchdog::new(
+            client,
+            cluster.then_some(rebuild),
+            Some(retire),
+        ));
+        store.client_timeout = client_timeout;
+        Ok(store)
     }
 
     /// The prefix of every key this store writes (default `trl`), the same as
@@ -108,9 +127,10 @@ impl FredStore {
         self
     }
 
-    fn with(client: FredClient) -> Self {
+    fn with(client: Arc<Watchdog<FredClient>>) -> Self {
         Self {
             client,
+            client_timeout: CLIENT_TIMEOUT,
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
             breaker: Breaker::new(CircuitBreaker::default()),
@@ -118,17 +138,83 @@ impl FredStore {
     }
 }
 
-/// `redis+cluster://a:1,b:2` becomes `redis-cluster://a:1?node=b:2`.
+/// Connects a new client from a URL and loads every script (see [`FredStore::connect`]).
+async fn open(url: &str, timeout: Duration) -> Result<FredClient, StoreError> {
+    let url = normalise_cluster_url(url);
+    let config = Config::from_url(&url).map_err(StoreError::store)?;
+    let client = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout;
+            c.internal_command_timeout = timeout;
+            c.max_command_attempts = 3;
+            // Redirections are followed by the store (see `FredClient::eval`): 0 is "none".
+            c.max_redirections = 0;
+            c.unresponsive.max_timeout = Some(timeout);
+            c.unresponsive.interval = Duration::from_millis(500);
+        })
+        .with_performance_config(|p| p.default_command_timeout = timeout)
+        .build()
+        .map_err(StoreError::store)?;
+    client.init().await.map_err(connect_error)?;
+    let client = FredClient::Client(client);
+    client.load_scripts().await.map_err(connect_error)?;
+    reload_on_reconnect(&client);
+    let probe = client
+        .one()
+        .evalsha::<Value, _, _, _>(ACL_PROBE.sha(), ACL_PROBE_KEY, ())
+        .await;
+    probe.map_err(connect_error)?;
+    Ok(client)
+}
+
+/// Loads every script again each time the client connects again to a server (a restarted
+/// server has none), so the first calls after it find them; `NOSCRIPT` still falls back to
+/// `EVAL` for a server that lost them otherwise (`SCRIPT FLUSH`).
+fn reload_on_reconnect(client: &FredClient) {
+    let FredClient::Client(fred) = client else {
+        return;
+    };
+    let loader = client.clone();
+    let _listener = fred.on_reconnect(move |server| {
+        let loader = loader.clone();
+        async move {
+            if let Err(err) = loader.load_scripts().await {
+                tracing::debug!(%err, %server, "loading the scripts after a reconnect failed");
+            }
+            Ok(())
+        }
+    });
+}
+
+/// Closes a client the watchdog replaced, once the calls still on it had their time.
+fn retire(client: FredClient) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        tokio::time::sleep(CLIENT_TIMEOUT).await;
+        if let FredClient::Client(client) = client {
+            let _ = client.quit().await;
+        }
+    });
+}
+
+/// `redis+cluster://[user:password@]a:1,b:2` becomes
+/// `redis-cluster://[user:password@]a:1?node=b:2`.
 fn normalise_cluster_url(url: &str) -> String {
-    let Some((base, mut nodes)) = cluster_nodes(url) else {
+    let Some(cluster) = cluster_nodes(url) else {
         return url.to_owned();
     };
-    let first = nodes.next().unwrap_or_default();
+    let auth = cluster.auth_prefix();
+    let mut nodes = cluster.nodes.iter();
+    let first = nodes.next().copied().unwrap_or_default();
     let extra: Vec<String> = nodes.map(|n| format!("node={n}")).collect();
+    let base = cluster.scheme;
     if extra.is_empty() {
-        format!("{base}-cluster://{first}")
+        format!("{base}-cluster://{auth}{first}")
     } else {
-        format!("{base}-cluster://{first}?{}", extra.join("&"))
+        format!("{base}-cluster://{auth}{first}?{}", extra.join("&"))
     }
 }
 
@@ -146,17 +232,23 @@ struct Packed {
     buf: Bytes,
     ranges: Vec<std::ops::Range<usize>>,
     keys: usize,
+    /// Whether the call fails at once, rather than waits in fred's queue, while the connection
+    /// is down: a call given up by its caller (see `ScriptCall::abandon_when_dropped`) must not
+    /// be sent later, when fred reconnects.
+    fail_fast: bool,
 }
 
 impl Packed {
     fn new(call: ScriptCall) -> Self {
         let keys = call.key_count();
+        let fail_fast = call.abandons();
         let (key_ranges, arg_ranges) = call.key_and_arg_ranges();
         let ranges = key_ranges.chain(arg_ranges).collect();
         Self {
             buf: Bytes::from(call.into_buffer()),
             ranges,
             keys,
+            fail_fast,
         }
     }
 
@@ -230,18 +322,43 @@ impl FredClient {
         configs.warn();
     }
 
+    /// One call: `EVALSHA` (then `EVAL` on `NOSCRIPT`), which a client made by `connect` does not
+    /// redirect; on a redirection, the call again in a transaction, which fred redirects safely.
+    ///
+    /// fred 10.1 follows an `ASK` redirection by writing `ASKING` on a connection shared with
+    /// other calls and reading the next reply on it as the answer to `ASKING`: with other calls
+    /// in flight that reply is theirs, and every later reply on the connection goes to the call
+    /// after its own. Its transactions wait for every connection to be idle first, so a call sent
+    /// in one follows `ASK` (and `MOVED`) correctly; this costs a wait, paid only by calls to a
+    /// slot that moves.
     async fn eval(
         &self,
         lua: &'static Lua,
         call: &Packed,
         reload: &Arc<Reload>,
     ) -> Result<Value, Error> {
-        let (keys, args) = call.parts();
-        let first = match self {
-            FredClient::Client(c) => c.evalsha(lua.sha(), keys, args).await,
-            FredClient::Pool(p) => p.evalsha(lua.sha(), keys, args).await,
-        };
-        match first {
+        let client = self.one();
+        match self
+            .eval_on(&client, Route::Direct, lua, call, reload)
+            .await
+        {
+            Err(err) if redirected(&err) => {
+                self.eval_on(&client, Route::Transaction, lua, call, reload)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn eval_on(
+        &self,
+        client: &Client,
+        route: Route,
+        lua: &'static Lua,
+        call: &Packed,
+        reload: &Arc<Reload>,
+    ) -> Result<Value, Error> {
+        match send(client, route, lua.sha(), true, call).await {
             Err(err) if err.details().starts_with("NOSCRIPT") => {
                 // The server lost its scripts (restart, failover, SCRIPT FLUSH): this call
                 // sends its text, and the others are loaded again in the background.
@@ -251,13 +368,83 @@ impl FredClient {
                         tracing::debug!(%err, "reloading the scripts failed");
                     }
                 });
-                let (keys, args) = call.parts();
-                match self {
-                    FredClient::Client(c) => c.eval(lua.text, keys, args).await,
-                    FredClient::Pool(p) => p.eval(lua.text, keys, args).await,
-                }
+                send(client, route, lua.text, false, call).await
             }
             other => other,
+        }
+    }
+}
+
+/// How many redirections a call sent in a transaction follows (a slot that moves: `ASK` to the
+/// importing node, `MOVED` once it is handed over).
+const TRANSACTION_REDIRECTIONS: u32 = 5;
+
+/// How a script call is sent: on its own, or in a `MULTI`/`EXEC` transaction.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    Direct,
+    Transaction,
+}
+
+/// Whether a call was answered with a cluster redirection (which [`Route::Direct`] does not
+/// follow).
+fn redirected(err: &Error) -> bool {
+    err.is_moved() || err.is_ask() || err.details().contains("Too many redirections")
+}
+
+/// Sends `EVALSHA script` (`by_sha`) or `EVAL script` with the call's keys and arguments.
+async fn send(
+    client: &Client,
+    route: Route,
+    script: &str,
+    by_sha: bool,
+    call: &Packed,
+) -> Result<Value, Error> {
+    let (keys, args) = call.parts();
+    match route {
+        Route::Direct if call.fail_fast => {
+            let options = Options {
+                fail_fast: true,
+                ..Options::default()
+            };
+            let client = client.with_options(&options);
+            if by_sha {
+                client.evalsha(script, keys, args).await
+            } else {
+                client.eval(script, keys, args).await
+            }
+        }
+        Route::Direct => {
+            if by_sha {
+                client.evalsha(script, keys, args).await
+            } else {
+                client.eval(script, keys, args).await
+            }
+        }
+        Route::Transaction => {
+            // A transaction has no `EVALSHA` of its own: the command as sent, hashed by its first
+            // key (every key of a call has the same hash tag).
+            let slot = keys.first().map_or(0, |k| redis_keyslot(k.as_bytes()));
+            let name = if by_sha { "EVALSHA" } else { "EVAL" };
+            let command = CustomCommand::new_static(name, ClusterHash::Custom(slot), false);
+            let mut values = Vec::with_capacity(2 + keys.len() + args.len());
+            values.push(Value::from(script));
+            values.push(Value::from(keys.len() as i64));
+            values.extend(keys.into_iter().map(|k| Value::Bytes(k.into_bytes())));
+            values.extend(args);
+            let trx = client.multi();
+            let options = Options {
+                max_redirections: Some(TRANSACTION_REDIRECTIONS),
+                fail_fast: call.fail_fast,
+                ..Options::default()
+            };
+            trx.with_options(&options)
+                .custom::<Value, _>(command, values)
+                .await?;
+            match trx.exec::<Value>(true).await? {
+                Value::Array(mut replies) if replies.len() == 1 => Ok(replies.remove(0)),
+                other => Ok(other),
+            }
         }
     }
 }
@@ -275,6 +462,16 @@ fn strings(value: Value) -> Vec<String> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// Whether an error is the server's own answer (so the client still makes progress), rather
+/// than a connection that failed or a reply that did not come.
+fn answered(err: &Error) -> bool {
+    use fred::error::ErrorKind;
+    !matches!(
+        err.kind(),
+        ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Routing
+    )
 }
 
 /// A failure to connect, or the server refusing the crate's commands at connect.
@@ -305,16 +502,21 @@ impl Runner for FredStore {
         &self,
         call: ScriptCall,
     ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
-        let client = self.client.clone();
+        let (client, progress) = self.client.client();
+        let limit = self.client_timeout;
         let lua = call.lua;
         let abandon = call.abandons();
         // Keys and arguments are slices of one shared buffer: no copies.
         let packed = Packed::new(call);
         let reload = self.reload.clone();
         detached(abandon, async move {
-            let mut again = TryAgain::new();
+            let mut again = TryAgain::new(limit);
             loop {
-                match client.eval(lua, &packed, &reload).await {
+                let result = client.eval(lua, &packed, &reload).await;
+                if result.as_ref().map_or_else(answered, |_| true) {
+                    progress.answered();
+                }
+                match result {
                     Err(err) if TryAgain::asked(err.details()) && again.wait().await => {}
                     other => return reply(other.map_err(StoreError::store)?),
                 }

@@ -17,6 +17,7 @@ mod idempotency;
 mod lock;
 mod rate_limit;
 mod script;
+mod watchdog;
 
 #[cfg(feature = "fred")]
 mod fred;
@@ -130,7 +131,8 @@ fn send_probe<R: sealed::Runner + ?Sized>(runner: &R, permit: Permit, call: &Scr
 }
 
 /// How long either client may take to connect, and to answer one command, when the store makes
-/// the client itself (`RedisStore::connect`, `FredStore::connect`).
+/// the client itself (`RedisStore::connect`, `FredStore::connect`); `connect_with_timeout` sets
+/// another bound, for layers with a `store_timeout` longer than this.
 ///
 /// Both clients have hidden defaults (redis-rs gives up on a reply after 500 ms and on a
 /// connection after 1 s; fred waits 10 s to connect and forever for a reply); this crate sets
@@ -163,8 +165,19 @@ pub(crate) fn scripts() -> impl Iterator<Item = &'static Lua> {
         .copied()
         .chain(cache::SCRIPTS.iter().copied())
         .chain(LOCK_AND_IDEMPOTENCY.iter())
-        .chain(std::iter::once(&PROBE))
+        .chain([&PROBE, &ACL_PROBE])
 }
+
+/// The script a store runs at connect to learn whether the server lets it use keys under its
+/// prefix: it reads and writes [`ACL_PROBE_KEY`] (`GET`, then `PEXPIRE` of a key that does not
+/// exist, which changes nothing; sent with `EVALSHA`, loaded with the other scripts), so an ACL
+/// user without rights to the crate's keys, or without `EVALSHA`, is refused at connect rather
+/// than on every call.
+pub(crate) static ACL_PROBE: Lua =
+    Lua::new("redis.call('GET', KEYS[1]) return redis.call('PEXPIRE', KEYS[1], 1)");
+
+/// The key [`ACL_PROBE`] touches: under the default prefix, as every key the store writes.
+pub(crate) const ACL_PROBE_KEY: &str = "trl:{acl-probe}:probe";
 
 /// Whether a server error at connect means the server refuses this crate's commands (a missing
 /// or wrong password, an ACL user without the rights), rather than a failure to reach it.
@@ -269,13 +282,61 @@ pub(crate) fn fenced_keys(prefix: &str, kind: &str, key: &crate::StoreKey) -> [S
     ]
 }
 
-/// Splits `redis+cluster://a:1,b:2` (or `rediss+cluster://`) into the scheme without `+cluster`
-/// and the nodes; `None` for a URL of one server.
-pub(crate) fn cluster_nodes(url: &str) -> Option<(&str, impl Iterator<Item = &str>)> {
+/// A cluster URL, `redis+cluster://[user:password@]a:1,b:2` (or `rediss+cluster://`): the scheme
+/// without `+cluster`, the credentials (written on any one node, they apply to every node), and
+/// the nodes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ClusterUrl<'a> {
+    pub(crate) scheme: &'a str,
+    pub(crate) auth: Option<&'a str>,
+    pub(crate) nodes: Vec<&'a str>,
+}
+
+impl ClusterUrl<'_> {
+    /// `auth@`, or nothing.
+    pub(crate) fn auth_prefix(&self) -> String {
+        self.auth.map(|a| format!("{a}@")).unwrap_or_default()
+    }
+}
+
+/// Splits a cluster URL (see [`ClusterUrl`]); `None` for a URL of one server.
+pub(crate) fn cluster_nodes(url: &str) -> Option<ClusterUrl<'_>> {
     let (scheme, rest) = url.split_once("://")?;
     let scheme = scheme.strip_suffix("+cluster")?;
-    Some((
+    let mut auth = None;
+    let nodes = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|node| match node.rsplit_once('@') {
+            Some((credentials, node)) => {
+                auth.get_or_insert(credentials);
+                node
+            }
+            None => node,
+        })
+        .collect();
+    Some(ClusterUrl {
         scheme,
-        rest.split(',').map(str::trim).filter(|n| !n.is_empty()),
-    ))
+        auth,
+        nodes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_url_credentials_apply_to_every_node() {
+        let url = cluster_nodes("redis+cluster://app:pw@a:1, b:2,c:3").expect("a cluster URL");
+        assert_eq!(url.scheme, "redis");
+        assert_eq!(url.auth, Some("app:pw"));
+        assert_eq!(url.nodes, ["a:1", "b:2", "c:3"]);
+        assert_eq!(url.auth_prefix(), "app:pw@");
+        let url = cluster_nodes("rediss+cluster://a:1,:pw@b:2").expect("a cluster URL");
+        assert_eq!((url.scheme, url.auth), ("rediss", Some(":pw")));
+        assert_eq!(url.nodes, ["a:1", "b:2"]);
+        assert!(cluster_nodes("redis://a:1").is_none());
+    }
 }

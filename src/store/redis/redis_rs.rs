@@ -15,7 +15,8 @@ use super::{
     script::{detached, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
-    KeyPrefix, NodeConfigs, CHECKED_CONFIG, CLIENT_TIMEOUT,
+    watchdog::Watchdog,
+    KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
 use crate::store::{Breaker, CircuitBreaker, StoreError};
 
@@ -35,7 +36,8 @@ use crate::store::{Breaker, CircuitBreaker, StoreError};
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: Connection,
+    conn: Arc<Watchdog<Connection>>,
+    client_timeout: Duration,
     prefix: KeyPrefix,
     reload: Arc<Reload>,
     breaker: Breaker,
@@ -58,12 +60,12 @@ const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 200;
 impl RedisStore {
     /// Uses a connection manager that the application already has.
     pub fn from_manager(manager: ConnectionManager) -> Self {
-        Self::with(Connection::Single(manager))
+        Self::with(Watchdog::new(Connection::Single(manager), None, None))
     }
 
     /// Uses a cluster connection that the application already has.
     pub fn from_cluster(cluster: ClusterConnection) -> Self {
-        Self::with(Connection::Cluster(cluster))
+        Self::with(Watchdog::new(Connection::Cluster(cluster), None, None))
     }
 
     /// Connects from a URL.
@@ -78,39 +80,39 @@ impl RedisStore {
     /// apart) when it breaks; the cluster client tries a command again up to 6 times, 10 ms
     /// doubling to 200 ms apart. Connecting loads every script of the crate (on every primary of
     /// a cluster), and fails if the server refuses it.
+    ///
+    /// A cluster client that stops answering (calls sent, nothing back for 300 ms) is replaced by
+    /// a new one made from `url`, once a new one connects: redis-rs's cluster connection can
+    /// deadlock its slot refresh while a slot migrates under concurrent calls, and then sends
+    /// nothing.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        // The server's address, for the warnings of a standalone server.
-        let mut server = String::new();
-        let mut conn = if let Some((scheme, nodes)) = cluster_nodes(url) {
-            let nodes: Vec<String> = nodes.map(|n| format!("{scheme}://{n}")).collect();
-            let client = ClusterClient::builder(nodes)
-                .connection_timeout(CLIENT_TIMEOUT)
-                .response_timeout(CLIENT_TIMEOUT)
-                .overall_response_timeout(Some(CLIENT_TIMEOUT))
-                .retries(CLUSTER_RETRIES)
-                .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
-                .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
-                .build()
-                .map_err(StoreError::store)?;
-            let conn = client.get_async_connection().await.map_err(connect_error)?;
-            Connection::Cluster(conn)
-        } else {
-            let client = redis::Client::open(url).map_err(StoreError::store)?;
-            server = client.get_connection_info().addr().to_string();
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CLIENT_TIMEOUT))
-                .set_response_timeout(Some(CLIENT_TIMEOUT))
-                .set_number_of_retries(2)
-                .set_min_delay(Duration::from_millis(100))
-                .set_max_delay(Duration::from_millis(500));
-            let manager = ConnectionManager::new_with_config(client, config)
-                .await
-                .map_err(connect_error)?;
-            Connection::Single(manager)
-        };
-        load_scripts(&mut conn).await.map_err(connect_error)?;
+        Self::connect_with_timeout(url, CLIENT_TIMEOUT).await
+    }
+
+    /// [`RedisStore::connect`] with `client_timeout` in place of 2 s: the bound on connecting,
+    /// on each reply, and on the retries of a call answered `TRYAGAIN`.
+    ///
+    /// The rule: give the store a client timeout at least as long as the longest
+    /// `store_timeout` of the layers that use it (2 s covers every layer's default). A shorter
+    /// one cuts a call the layer would still wait for; the layer's own bound always decides when
+    /// a call has failed.
+    pub async fn connect_with_timeout(
+        url: &str,
+        client_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let (mut conn, server) = open(url, client_timeout).await?;
         check_config(&mut conn, &server).await;
-        Ok(Self::with(conn))
+        // Only a cluster client is rebuilt: a standalone one reconnects on its own, and the
+        // clients stop for good only on cluster redirections.
+        let cluster = cluster_nodes(url).is_some();
+        let url: Arc<str> = Arc::from(url);
+        let rebuild: super::watchdog::Rebuild<Connection> = Box::new(move || {
+            let url = url.clone();
+            Box::pin(async move { open(&url, client_timeout).await.map(|(conn, _)| conn) })
+        });
+        let mut store = Self::with(Watchdog::new(conn, cluster.then_some(rebuild), None));
+        store.client_timeout = client_timeout;
+        Ok(store)
     }
 
     /// The prefix of every key this store writes (default `trl`). Keys look like
@@ -136,14 +138,59 @@ impl RedisStore {
         self
     }
 
-    fn with(conn: Connection) -> Self {
+    fn with(conn: Arc<Watchdog<Connection>>) -> Self {
         Self {
             conn,
+            client_timeout: CLIENT_TIMEOUT,
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
             breaker: Breaker::new(CircuitBreaker::default()),
         }
     }
+}
+
+/// Connects a client from a URL and loads every script (see [`RedisStore::connect`]); also
+/// returns the server's address for the warnings of a standalone server.
+async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), StoreError> {
+    let mut server = String::new();
+    let mut conn = if let Some(cluster) = cluster_nodes(url) {
+        let auth = cluster.auth_prefix();
+        let scheme = cluster.scheme;
+        let nodes: Vec<String> = (cluster.nodes.iter())
+            .map(|n| format!("{scheme}://{auth}{n}"))
+            .collect();
+        let client = ClusterClient::builder(nodes)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .overall_response_timeout(Some(timeout))
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+            .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
+            .build()
+            .map_err(StoreError::store)?;
+        let conn = client.get_async_connection().await.map_err(connect_error)?;
+        Connection::Cluster(conn)
+    } else {
+        let client = redis::Client::open(url).map_err(StoreError::store)?;
+        server = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_millis(500));
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(connect_error)?;
+        Connection::Single(manager)
+    };
+    load_scripts(&mut conn).await.map_err(connect_error)?;
+    let probe = ScriptCall::from_vecs(&ACL_PROBE, vec![ACL_PROBE_KEY.to_owned()], Vec::new());
+    (conn
+        .query(&script_cmd("EVALSHA", ACL_PROBE.sha(), &probe))
+        .await)
+        .map_err(connect_error)?;
+    Ok((conn, server))
 }
 
 /// Reads, on every node, the settings [`warn_on_config`](super::warn_on_config) checks, and
@@ -216,7 +263,7 @@ async fn load_scripts(conn: &mut Connection) -> RedisResult<()> {
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.conn {
+        let kind = match self.conn.client().0 {
             Connection::Single(_) => "standalone",
             Connection::Cluster(_) => "cluster",
         };
@@ -272,6 +319,16 @@ fn retryable(err: &redis::RedisError) -> bool {
     matches!(err.code(), Some("TRYAGAIN" | "ASK" | "MOVED"))
 }
 
+/// Whether an error is the server's own answer (so the client still makes progress), rather
+/// than a connection that failed or a reply that did not come.
+fn answered(err: &redis::RedisError) -> bool {
+    !(err.is_timeout()
+        || err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_unrecoverable_error())
+}
+
 /// One try of a call: `EVALSHA`, then `EVAL` on `NOSCRIPT`.
 async fn eval(
     conn: &mut Connection,
@@ -300,12 +357,17 @@ impl Runner for RedisStore {
         &self,
         call: ScriptCall,
     ) -> impl std::future::Future<Output = Result<Reply, StoreError>> + Send + 'static {
-        let mut conn = self.conn.clone();
+        let (mut conn, progress) = self.conn.client();
         let reload = self.reload.clone();
+        let limit = self.client_timeout;
         detached(call.abandons(), async move {
-            let mut again = TryAgain::new();
+            let mut again = TryAgain::new(limit);
             loop {
-                match eval(&mut conn, &call, &reload).await {
+                let result = eval(&mut conn, &call, &reload).await;
+                if result.as_ref().map_or_else(answered, |_| true) {
+                    progress.answered();
+                }
+                match result {
                     Err(err) if retryable(&err) && again.wait().await => {}
                     other => return reply(other.map_err(StoreError::store)?),
                 }

@@ -188,8 +188,9 @@ pub(crate) async fn detached<T: Send + 'static>(
 
 /// The waits between tries of a call that a cluster node answered with `TRYAGAIN` (a multi-key
 /// call whose slot is migrating, with its keys split between the two nodes): 5 ms doubling to
-/// 100 ms, for at most the client timeout. The layer's `store_timeout` usually ends the call first
-/// (it stops waiting); a call that runs to its end on its own (see [`detached`]) stops here.
+/// 100 ms, for at most the store's client timeout. The layer's `store_timeout` usually ends the
+/// call first (it stops waiting); a call that runs to its end on its own (see [`detached`]) stops
+/// here.
 #[derive(Debug)]
 pub(crate) struct TryAgain {
     deadline: tokio::time::Instant,
@@ -197,9 +198,10 @@ pub(crate) struct TryAgain {
 }
 
 impl TryAgain {
-    pub(crate) fn new() -> Self {
+    /// Tries for at most `limit` (the store's client timeout).
+    pub(crate) fn new(limit: Duration) -> Self {
         Self {
-            deadline: tokio::time::Instant::now() + super::CLIENT_TIMEOUT,
+            deadline: tokio::time::Instant::now() + limit,
             wait: Duration::from_millis(5),
         }
     }
