@@ -143,7 +143,9 @@ async fn open(url: &str, timeout: Duration) -> Result<FredClient, StoreError> {
     let url = normalise_cluster_url(url);
     let config = Config::from_url(&url).map_err(StoreError::store)?;
     let client = Builder::from_config(config)
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        // Reconnect attempts at most 200 ms apart: fred holds every command while it reconnects
+        // (healthy nodes' too), so a longer cap is time lost after a failover's promotion.
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 200, 2))
         .with_connection_config(|c| {
             c.connection_timeout = timeout;
             c.internal_command_timeout = timeout;
