@@ -104,7 +104,7 @@
 //! Each Redis store has a [circuit breaker](store::CircuitBreaker), on by default and shared by
 //! every layer on that store: after 5 failed calls in a row it opens, and every call fails at
 //! once ([`StoreError::CircuitOpen`]) instead of waiting for the store timeout, so each layer
-//! answers from its fallback in microseconds. Every 500 ms a probe goes to Redis in the
+//! answers from its fallback in microseconds. Every 250 ms a probe goes to Redis in the
 //! background; its success closes the breaker, with nothing to restart.
 //!
 //! | | store timeout | on store error (default) | `FailureMode::Open` | `FailureMode::Closed` |

@@ -56,11 +56,11 @@ pub struct CircuitBreaker {
 }
 
 impl Default for CircuitBreaker {
-    /// Opens after 5 failures in a row; probes every 500 ms while open.
+    /// Opens after 5 failures in a row; probes every 250 ms while open.
     fn default() -> Self {
         Self {
             failures: 5,
-            probe_interval: Duration::from_millis(500),
+            probe_interval: Duration::from_millis(250),
         }
     }
 }
@@ -72,7 +72,7 @@ impl CircuitBreaker {
         self
     }
 
-    /// How long the breaker stays open before it lets one probe call through (default 500 ms).
+    /// How long the breaker stays open before it lets one probe call through (default 250 ms).
     /// A failover or an outage costs the time Redis is away plus at most this interval.
     pub fn probe_interval(mut self, interval: Duration) -> Self {
         self.probe_interval = interval;
@@ -277,7 +277,40 @@ impl Drop for Permit {
 /// Whether an error says Redis is not answering (rather than that it answered something this
 /// crate did not expect).
 fn counts_as_failure(err: &StoreError) -> bool {
-    matches!(err, StoreError::Timeout(_) | StoreError::Store(_))
+    match err {
+        StoreError::Timeout(_) => true,
+        StoreError::Store(err) => !err.is::<ServerAnswer>(),
+        _ => false,
+    }
+}
+
+/// An error that the server itself answered (a script error, `TRYAGAIN` once its retries are
+/// used up, `OOM` on a full server): the server is up and answering, so it does not count
+/// towards opening the breaker. A slot that migrates answers `TRYAGAIN` to calls on several of
+/// its keys for as long as the migration lasts; counting those would open the breaker for every
+/// key of the store.
+#[derive(Debug)]
+#[cfg_attr(not(any(feature = "redis", feature = "fred")), allow(dead_code))]
+pub(crate) struct ServerAnswer(pub(crate) Box<dyn std::error::Error + Send + Sync>);
+
+impl ServerAnswer {
+    /// The store error of an error the server answered.
+    #[cfg_attr(not(any(feature = "redis", feature = "fred")), allow(dead_code))]
+    pub(crate) fn error(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+        StoreError::Store(Box::new(Self(Box::new(err))))
+    }
+}
+
+impl std::fmt::Display for ServerAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ServerAnswer {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 #[cfg(test)]
@@ -348,6 +381,13 @@ mod tests {
             .admit()
             .go()
             .record::<()>(Err(StoreError::Reply("odd".into())));
+        // An error the server answered is an answer: it does not count either.
+        for _ in 0..10 {
+            let _ = breaker
+                .admit()
+                .go()
+                .record::<()>(Err(ServerAnswer::error(std::fmt::Error)));
+        }
         assert!(!breaker.is_open());
         let _ = Breaker::off().admit().go();
     }

@@ -21,7 +21,7 @@ use super::{
     watchdog::Watchdog,
     KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
-use crate::store::{Breaker, CircuitBreaker, StoreError};
+use crate::store::{breaker::ServerAnswer, Breaker, CircuitBreaker, StoreError};
 
 /// A store on Redis through [fred](https://docs.rs/fred): a [`Client`] or a [`Pool`] that the
 /// application has already initialised, standalone or cluster as its configuration says.
@@ -112,7 +112,7 @@ impl FredStore {
     }
 
     /// The circuit breaker of this store and its clones (default: [`CircuitBreaker::default`],
-    /// 5 failures in a row open it, a probe every 500 ms while open). While it is open every
+    /// 5 failures in a row open it, a probe every 250 ms while open). While it is open every
     /// call fails at once with [`StoreError::CircuitOpen`], and each layer answers from its
     /// fallback without waiting.
     pub fn breaker(mut self, config: CircuitBreaker) -> Self {
@@ -466,6 +466,16 @@ fn strings(value: Value) -> Vec<String> {
     }
 }
 
+/// The store error of a failed call: an error the server answered does not count towards
+/// opening the circuit breaker.
+fn store_error(err: Error) -> StoreError {
+    if answered(&err) {
+        ServerAnswer::error(err)
+    } else {
+        StoreError::store(err)
+    }
+}
+
 /// Whether an error is the server's own answer (so the client still makes progress), rather
 /// than a connection that failed or a reply that did not come.
 fn answered(err: &Error) -> bool {
@@ -520,7 +530,7 @@ impl Runner for FredStore {
                 }
                 match result {
                     Err(err) if TryAgain::asked(err.details()) && again.wait().await => {}
-                    other => return reply(other.map_err(StoreError::store)?),
+                    other => return reply(other.map_err(store_error)?),
                 }
             }
         })

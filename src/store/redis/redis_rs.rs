@@ -18,7 +18,7 @@ use super::{
     watchdog::Watchdog,
     KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG, CLIENT_TIMEOUT,
 };
-use crate::store::{Breaker, CircuitBreaker, StoreError};
+use crate::store::{breaker::ServerAnswer, Breaker, CircuitBreaker, StoreError};
 
 /// A store on Redis through [redis-rs](https://docs.rs/redis): a standalone server through a
 /// [`ConnectionManager`] (which reconnects on its own) or a cluster through a
@@ -123,7 +123,7 @@ impl RedisStore {
     }
 
     /// The circuit breaker of this store and its clones (default: [`CircuitBreaker::default`],
-    /// 5 failures in a row open it, a probe every 500 ms while open). While it is open every
+    /// 5 failures in a row open it, a probe every 250 ms while open). While it is open every
     /// call fails at once with [`StoreError::CircuitOpen`], and each layer answers from its
     /// fallback without waiting.
     pub fn breaker(mut self, config: CircuitBreaker) -> Self {
@@ -319,6 +319,16 @@ fn retryable(err: &redis::RedisError) -> bool {
     matches!(err.code(), Some("TRYAGAIN" | "ASK" | "MOVED"))
 }
 
+/// The store error of a failed call: an error the server answered does not count towards
+/// opening the circuit breaker.
+fn store_error(err: redis::RedisError) -> StoreError {
+    if answered(&err) {
+        ServerAnswer::error(err)
+    } else {
+        StoreError::store(err)
+    }
+}
+
 /// Whether an error is the server's own answer (so the client still makes progress), rather
 /// than a connection that failed or a reply that did not come.
 fn answered(err: &redis::RedisError) -> bool {
@@ -369,7 +379,7 @@ impl Runner for RedisStore {
                 }
                 match result {
                     Err(err) if retryable(&err) && again.wait().await => {}
-                    other => return reply(other.map_err(StoreError::store)?),
+                    other => return reply(other.map_err(store_error)?),
                 }
             }
         })
