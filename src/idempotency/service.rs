@@ -8,6 +8,7 @@ use http::{Request, Response};
 use http_body::Body;
 use sha2::{Digest, Sha256};
 use tower_service::Service;
+use tracing::Instrument;
 
 use super::{
     claim::{claim, pending_claim, Claimed},
@@ -115,7 +116,12 @@ where
             return Ok(response.map(ResponseBody::full));
         }
         Claimed::StoreFailed(error) => {
-            drop(pending);
+            if matches!(error, crate::StoreError::CircuitOpen(_)) {
+                // The breaker refused the call: it was never sent, there is nothing to release.
+                pending.settled();
+            } else {
+                drop(pending);
+            }
             let open = matches!(config.on_store_error, FailureMode::Open);
             log_store_failure!(error, target: TARGET, %error, fail_open = open, "idempotency store failed");
             if open {
@@ -133,10 +139,14 @@ where
     // instead of running the handler again. On an error or a panic, `execution` releases the
     // claim.
     let task_config = Arc::clone(&config);
-    let handler = tokio::spawn(async move {
-        let response = inner.call(request).await?;
-        Ok(complete(execution, &task_config, response).await)
-    });
+    // The handler keeps the request's span (its logs stay the request's).
+    let handler = tokio::spawn(
+        async move {
+            let response = inner.call(request).await?;
+            Ok(complete(execution, &task_config, response).await)
+        }
+        .in_current_span(),
+    );
     match handler.await {
         Ok(result) => result,
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),

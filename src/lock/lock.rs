@@ -75,7 +75,13 @@ impl<B: LockStore> Lock<B> {
                 store.release_lock(&key, &token)
             })
         };
-        let fence = match bounded(Some(self.store_timeout), acquire).await? {
+        let answer = bounded(Some(self.store_timeout), acquire).await;
+        if let Err(StoreError::CircuitOpen(_)) = answer {
+            // The breaker refused the call: it was never sent, there is nothing to release.
+            unsettled.settled();
+            return answer.map(|_| None);
+        }
+        let fence = match answer? {
             Some(fence) => fence,
             None => {
                 unsettled.settled();

@@ -151,13 +151,9 @@ impl Check {
     fn count_locally<B>(&self, shared: &Shared<B>, policy: &CompiledPolicy) -> Option<Answer> {
         let config = &shared.config;
         let holding = shared.local.holding();
-        let Some(rules) = &policy.local else {
-            return holding.then(|| {
-                count("denied_fallback");
-                let wait = Duration::from_secs(1);
-                Answer::Reject(denied_locally(config, policy, &self.key, 0, wait))
-            });
-        };
+        // A rule whose share rounds down to 0 admits nothing locally, so there is no local
+        // budget to keep from doubling: the store's answer stands.
+        let rules = policy.local.as_ref()?;
         let decision = shared
             .local
             .check(&self.key, rules, self.cost, holding)

@@ -74,11 +74,24 @@ impl CircuitBreaker {
 
     /// How long the breaker stays open before it lets one probe call through (default 250 ms).
     /// A failover or an outage costs the time Redis is away plus at most this interval.
+    /// At least 10 ms.
     pub fn probe_interval(mut self, interval: Duration) -> Self {
-        self.probe_interval = interval;
+        self.probe_interval = interval.max(MIN_PROBE_INTERVAL);
         self
     }
 }
+
+/// The shortest probe interval.
+const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The shortest bound on a probe: a probe may have to reconnect (and load the scripts) before
+/// it answers, so a short probe interval must not fail every probe of a healthy Redis.
+const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How long a call must have been under way for its caller giving up on it to count as a
+/// failure. A healthy Redis answers well within it, so a call dropped sooner was cancelled by
+/// its caller (a client that hung up, a timeout above the layer), not left unanswered.
+const DROPPED_AFTER: Duration = Duration::from_millis(50);
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
@@ -136,7 +149,7 @@ impl Breaker {
             return Admission::Go(Permit(None));
         };
         if state.state.load(Ordering::Acquire) == CLOSED {
-            return Admission::Go(Permit(Some((state.clone(), false))));
+            return Admission::Go(Permit(Some((state.clone(), false, Instant::now()))));
         }
         let now = state.nanos();
         let probe_at = state.probe_at.load(Ordering::Acquire);
@@ -147,7 +160,7 @@ impl Breaker {
                 .is_ok())
         .then(|| {
             tracing::debug!(target: TARGET, "circuit breaker half-open: probing Redis");
-            Permit(Some((state.clone(), true)))
+            Permit(Some((state.clone(), true, Instant::now())))
         });
         #[cfg(feature = "metrics")]
         metrics::counter!("tower_redis_layers_breaker_rejected_total").increment(1);
@@ -158,11 +171,12 @@ impl Breaker {
         }
     }
 
-    /// How long a probe may take before it counts as failed: the probe interval.
+    /// How long a probe may take before it counts as failed: the probe interval, at least
+    /// 250 ms.
     pub(crate) fn probe_timeout(&self) -> Duration {
-        self.0
-            .as_ref()
-            .map_or(Duration::ZERO, |s| s.config.probe_interval)
+        self.0.as_ref().map_or(Duration::ZERO, |s| {
+            s.config.probe_interval.max(MIN_PROBE_TIMEOUT)
+        })
     }
 }
 
@@ -207,13 +221,19 @@ impl State {
             return;
         }
         let run = self.run.fetch_add(1, Ordering::AcqRel).saturating_add(1);
-        if run >= self.config.failures
-            && self
-                .state
-                .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
+        if run < self.config.failures {
+            return;
+        }
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            // The time of the first probe is set before the breaker opens, so that no call
+            // admitted in between reads a stale one.
             self.open_until_next_probe();
+        }
+        if self
+            .state
+            .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             tracing::warn!(
                 target: TARGET,
                 failures = run,
@@ -248,15 +268,17 @@ fn transition(to: &'static str) {
     let _ = to;
 }
 
-/// A call let through the breaker. Dropped before [`Permit::record`] (the caller gave up on the
-/// call: the layer's store timeout) it counts as a failure.
+/// A call let through the breaker (the state, whether it is a probe, when it was sent). Dropped
+/// before [`Permit::record`] after [`DROPPED_AFTER`] under way (the layer's store timeout gave
+/// up on it) it counts as a failure; dropped sooner, its caller cancelled it and it counts for
+/// nothing.
 #[derive(Debug)]
-pub(crate) struct Permit(Option<(Arc<State>, bool)>);
+pub(crate) struct Permit(Option<(Arc<State>, bool, Instant)>);
 
 impl Permit {
     /// Records how the call ended, and passes its result on.
     pub(crate) fn record<T>(mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
-        if let Some((state, probe)) = self.0.take() {
+        if let Some((state, probe, _)) = self.0.take() {
             match &result {
                 Err(err) if counts_as_failure(err) => state.failure(probe, &err.to_string()),
                 _ => state.success(probe),
@@ -268,8 +290,10 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some((state, probe)) = self.0.take() {
-            state.failure(probe, "the call was given up unfinished (store timeout)");
+        if let Some((state, probe, sent)) = self.0.take() {
+            if probe || sent.elapsed() >= DROPPED_AFTER {
+                state.failure(probe, "the call was given up unfinished (store timeout)");
+            }
         }
     }
 }
@@ -355,8 +379,13 @@ mod tests {
             let _ = breaker.admit().go().record(failed());
         }
         assert!(!breaker.is_open());
-        // A call given up unfinished is a failure.
+        // A call cancelled by its caller at once is nothing.
         drop(breaker.admit().go());
+        assert!(!breaker.is_open());
+        // A call given up unfinished (after the store timeout) is a failure.
+        let given_up = breaker.admit().go();
+        tokio::time::advance(DROPPED_AFTER).await;
+        drop(given_up);
         assert!(breaker.is_open());
         assert!(breaker.admit().probe().is_none());
 
