@@ -24,6 +24,11 @@ pub(crate) fn spawn_detached(timeout: Duration, release: StoreFuture<bool>) {
     }
 }
 
+/// How long after it was sent a call may still land: the clients retry a call (`TRYAGAIN`, the
+/// full script after `NOSCRIPT`) for up to their client timeout (2 s by default) after its
+/// caller stopped waiting; with a margin.
+const LATE_LANDING: Duration = Duration::from_secs(3);
+
 /// After a call whose answer was lost (an error or a timeout: it may have reached the store and
 /// taken a lease for `token`), releases that lease in the background as soon as the store
 /// answers again, so that what never ran does not block a resource for a whole lease. Tried
@@ -36,11 +41,21 @@ where
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let deadline = Instant::now() + lease;
+    let start = Instant::now();
+    let deadline = start + lease;
     handle.spawn(async move {
         let mut pause = Duration::from_millis(100);
+        let mut looked_late = false;
         while Instant::now() < deadline {
             match bounded(Some(timeout), release()).await {
+                Ok(false) if !looked_late && start + LATE_LANDING < deadline => {
+                    // Nothing to release yet, but the call may still be under way in the
+                    // client (retried after `TRYAGAIN`, or sent in full after `NOSCRIPT`):
+                    // look once more when the client has surely given up on it.
+                    looked_late = true;
+                    tokio::time::sleep_until(start + LATE_LANDING).await;
+                    continue;
+                }
                 Ok(released) => {
                     tracing::debug!(released, "a lease whose answer was lost is released");
                     return;
