@@ -179,7 +179,7 @@ fn stale_windows(cc: &Directives, config: &Config) -> (Duration, Duration) {
 pub(crate) fn response_directives(headers: &HeaderMap, config: &Config) -> (Directives, bool) {
     if let Some(name) = &config.targeted {
         let targeted = Directives::parse_fields(headers, name);
-        if !targeted.is_empty() {
+        if !targeted.is_empty() && targeted.names_are_keys() {
             return (targeted, true);
         }
     }
