@@ -20,6 +20,8 @@
 //!   heuristic freshness of 10% of the time since `Last-Modified` (at most a day), for the
 //!   heuristically cacheable statuses and `public` responses only; no fixed TTL;
 //! - reads `CDN-Cache-Control` (RFC 9213) in preference to `Cache-Control`;
+//! - serves stale within a response's own `stale-while-revalidate` / `stale-if-error` (RFC
+//!   5861, up to a week), never for responses without them;
 //! - revalidates stale entries that have a validator with a conditional request;
 //! - invalidates the target URI (and same-host `Location` / `Content-Location`) after a
 //!   successful unsafe method;
@@ -173,6 +175,8 @@ fn app<B: CacheStore>(store: B, upstream: &Upstream) -> Router {
         .fixed_host(upstream.authority.clone())
         .heuristic(0.1, Duration::from_secs(24 * 3600))
         .targeted_field(HeaderName::from_static("cdn-cache-control"))
+        // RFC 5861 windows only when the origin asks for them, up to a week.
+        .stale_directives_up_to(Duration::from_secs(7 * 24 * 3600))
         .max_body(8 * 1024 * 1024);
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);

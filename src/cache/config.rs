@@ -49,6 +49,8 @@ pub(crate) struct Config {
     pub(crate) early_beta: f64,
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
+    /// The cap of a response's own RFC 5861 windows, when above the layer's.
+    pub(crate) stale_directive_cap: Duration,
     pub(crate) allow_authorized: bool,
     /// Invalidate entries after unsafe methods (RFC 9111 section 4.4).
     pub(crate) invalidate_unsafe: bool,

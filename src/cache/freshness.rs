@@ -59,6 +59,20 @@ impl Directives {
         self.0.is_empty()
     }
 
+    /// Whether every directive name is a Structured Field key once lowercased (RFC 8941
+    /// section 3.2: a lowercase letter or `*`, then lowercase letters, digits, `_-.*`): a
+    /// targeted field (RFC 9213) with another name is invalid and ignored as a whole.
+    pub(crate) fn names_are_keys(&self) -> bool {
+        self.0.iter().all(|(n, _)| {
+            let mut bytes = n.bytes();
+            bytes
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+                && bytes
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b))
+        })
+    }
+
     /// Whether directive `name` (lowercase) is present, with or without an argument.
     pub(crate) fn has(&self, name: &str) -> bool {
         self.0.iter().any(|(n, _)| n == name)
@@ -233,7 +247,8 @@ pub(crate) struct Exchange {
 /// The response's `Age` field (section 5.1): `None` when absent or invalid; capped at 2^31.
 fn age_value(headers: &HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(header::AGE).iter();
-    let first = values.next()?.to_str().ok()?.trim();
+    // A list value: its first member counts (section 5.1).
+    let first = values.next()?.to_str().ok()?.split(',').next()?.trim();
     match delta_seconds(first) {
         Delta::Seconds(s) => Some(s),
         _ => None,
@@ -377,6 +392,8 @@ mod tests {
             102
         );
         assert_eq!(age(&[("age", "-5")]), 2);
+        assert_eq!(age(&[("age", "100, 0")]), 102);
+        assert_eq!(age(&[("age", "0, 100")]), 2);
         assert_eq!(age(&[("age", "99999999999999")]), MAX_DELTA);
         assert_eq!(
             current_age(Duration::from_secs(5), Duration::from_millis(2500)),

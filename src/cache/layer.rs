@@ -68,6 +68,7 @@ impl<B> CacheLayer<B> {
                 early_beta: 1.0,
                 stale_while_revalidate: Duration::ZERO,
                 stale_if_error: Duration::ZERO,
+                stale_directive_cap: Duration::ZERO,
                 allow_authorized: false,
                 invalidate_unsafe: true,
                 heuristic: None,
@@ -247,6 +248,18 @@ impl<B> CacheLayer<B> {
         self
     }
 
+    /// Lets a response's own `stale-while-revalidate` / `stale-if-error` (RFC 5861) set its
+    /// window up to `cap`, even when the layer's window is shorter or off (default: zero, so
+    /// the layer's windows are the caps).
+    ///
+    /// Responses without the directives keep the layer's windows: with
+    /// `.stale_directives_up_to(d)` alone, only an origin that asks for stale serving gets it,
+    /// as a shared cache in front of an origin should (what the proxy example does).
+    pub fn stale_directives_up_to(mut self, cap: Duration) -> Self {
+        self.config_mut().stale_directive_cap = cap;
+        self
+    }
+
     /// Turns off the invalidation after unsafe methods (on by default, as RFC 9111 section 4.4
     /// requires): after a 2xx or 3xx response to a `POST`, `PUT`, `DELETE`, `PATCH` (any method
     /// but `GET`, `HEAD`, `OPTIONS`, `TRACE`), the layer deletes the entry of the request's
@@ -401,6 +414,7 @@ impl<B: fmt::Debug> fmt::Debug for CacheLayer<B> {
             .field("early_beta", &c.early_beta)
             .field("stale_while_revalidate", &c.stale_while_revalidate)
             .field("stale_if_error", &c.stale_if_error)
+            .field("stale_directives_up_to", &c.stale_directive_cap)
             .field("allow_authorized", &c.allow_authorized)
             .field("invalidate_unsafe", &c.invalidate_unsafe)
             .field("heuristic", &c.heuristic)

@@ -151,8 +151,8 @@ pub(crate) fn forbids_stale(headers: &HeaderMap, config: &Config) -> bool {
 }
 
 /// The stale windows of a response (RFC 5861): its `stale-while-revalidate` and
-/// `stale-if-error`, each capped by the layer's window (which is also the default when the
-/// response has none; an invalid value is 0). `must-revalidate`, `proxy-revalidate` and
+/// `stale-if-error`, each capped by the layer's window or `.stale_directives_up_to` if larger
+/// (the layer's window is also the default when the response has none; an invalid value is 0). `must-revalidate`, `proxy-revalidate` and
 /// `s-maxage` forbid serving it stale at all (RFC 9111 sections 4.2.4, 5.2.2.2, 5.2.2.8, 5.2.2.10).
 fn stale_windows(cc: &Directives, config: &Config) -> (Duration, Duration) {
     if cc.has("must-revalidate")
@@ -164,7 +164,7 @@ fn stale_windows(cc: &Directives, config: &Config) -> (Duration, Duration) {
     }
     let window = |name: &str, layer: Duration| match cc.delta(name) {
         Delta::Absent => layer,
-        Delta::Seconds(s) => Duration::from_secs(s).min(layer),
+        Delta::Seconds(s) => Duration::from_secs(s).min(layer.max(config.stale_directive_cap)),
         Delta::Invalid => Duration::ZERO,
     };
     (
@@ -179,7 +179,7 @@ fn stale_windows(cc: &Directives, config: &Config) -> (Duration, Duration) {
 pub(crate) fn response_directives(headers: &HeaderMap, config: &Config) -> (Directives, bool) {
     if let Some(name) = &config.targeted {
         let targeted = Directives::parse_fields(headers, name);
-        if !targeted.is_empty() {
+        if !targeted.is_empty() && targeted.names_are_keys() {
             return (targeted, true);
         }
     }

@@ -94,6 +94,8 @@ async fn targeted_field_takes_precedence(env: Env) {
         let (cc, cdn) = match req.uri().path() {
             "/cdn-allows" => ("no-store", "max-age=60"),
             "/cdn-forbids" => ("max-age=60", "private"),
+            // Not a Structured Field dictionary (RFC 9213 section 2.1): ignored as a whole.
+            "/cdn-invalid" => ("no-store", "max-age=10000, &&&&&"),
             _ => ("max-age=60", ""),
         };
         let mut r = Response::new(full(format!("run {n}")));
@@ -117,6 +119,8 @@ async fn targeted_field_takes_precedence(env: Env) {
     assert!(!send(&svc, req("/cdn-forbids")).await.hit());
     send(&svc, req("/none")).await;
     assert!(send(&svc, req("/none")).await.hit());
+    send(&svc, req("/cdn-invalid")).await;
+    assert!(!send(&svc, req("/cdn-invalid")).await.hit());
     // Without the option, the field means nothing to the layer.
     let plain = service(layer(env.store().await).scope("plain"), runs, origin);
     send(&plain, req("/cdn-forbids")).await;

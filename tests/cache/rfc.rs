@@ -191,6 +191,14 @@ async fn the_origin_age_counts(env: Env) {
     assert!((30..=32).contains(&age), "Age {age}");
 }
 
+async fn a_list_age_counts_its_first_member(env: Env) {
+    // RFC 9111 section 5.1: a list-based `Age` uses its first member.
+    let stale = || fixed(&[("cache-control", "max-age=3600"), ("age", "7200, 0")]);
+    assert_eq!(runs_for(&env, 200, stale).await, 3);
+    let fresh = || fixed(&[("cache-control", "max-age=3600"), ("age", "0, 7200")]);
+    assert_eq!(runs_for(&env, 200, fresh).await, 1);
+}
+
 async fn statuses_with_explicit_freshness_are_stored(env: Env) {
     let with = |cc: &'static str| move || vec![("cache-control", cc.to_owned())];
     assert_eq!(runs_for(&env, 201, with("max-age=60")).await, 1);
@@ -225,5 +233,6 @@ stores!(
     explicit_expiry_beats_the_ttl,
     expires_in_every_date_format,
     the_origin_age_counts,
+    a_list_age_counts_its_first_member,
     statuses_with_explicit_freshness_are_stored,
 );

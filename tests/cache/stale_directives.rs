@@ -99,7 +99,61 @@ async fn stale_while_revalidate_from_the_response(env: Env) {
     }
 }
 
+async fn response_windows_up_to_the_cap(env: Env) {
+    // `.stale_directives_up_to(cap)` with the layer's windows off: only the responses that ask
+    // for stale serving get it (the proxy example's configuration).
+    let sie = [
+        ("max-age=1, stale-if-error=3600", true),
+        ("max-age=1", false),
+    ];
+    let swr = [
+        ("max-age=1, stale-while-revalidate=3600", true),
+        ("max-age=1", false),
+    ];
+    let failing = Arc::new(AtomicUsize::new(0));
+    let mut services = Vec::new();
+    for (i, (cc, _)) in sie.iter().chain(&swr).enumerate() {
+        let capped = layer(env.store().await)
+            .scope(format!("cap{i}"))
+            .stale_directives_up_to(Duration::from_secs(7200));
+        let cc: &'static str = cc;
+        let svc = if i < sie.len() {
+            flaky(capped, cc, failing.clone())
+        } else {
+            // A slow handler: the other requests find the refresh under way.
+            service(capped, Runs::default(), move |_req: Req, n| async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut r = Response::new(full(format!("run {n}")));
+                r.headers_mut().insert("cache-control", cc.parse().unwrap());
+                Ok(r)
+            })
+        };
+        assert_eq!(send(&svc, req("/c")).await.text(), "run 1");
+        services.push(svc);
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for ((cc, served), svc) in swr.iter().zip(&services[2..]) {
+        let calls = (0..4).map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move { send(&svc, req("/c")).await })
+        });
+        let stale = join_all(calls)
+            .await
+            .into_iter()
+            .filter(|g| g.as_ref().unwrap().cache_status().contains("detail=stale"))
+            .count();
+        assert_eq!(stale > 0, *served, "{cc}");
+    }
+    failing.store(1, Ordering::SeqCst);
+    for ((cc, served), svc) in sie.iter().zip(&services) {
+        let got = send(svc, req("/c")).await;
+        let stale = got.status == StatusCode::OK && got.text() == "run 1";
+        assert_eq!(stale, *served, "{cc}: {}", got.cache_status());
+    }
+}
+
 stores!(
     stale_if_error_from_the_response,
     stale_while_revalidate_from_the_response,
+    response_windows_up_to_the_cap,
 );
