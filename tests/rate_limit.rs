@@ -97,6 +97,14 @@ async fn denies_over_the_limit_with_retry_after_and_ratelimit_fields() {
     let body = body_of(res).await;
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(json["status"], 429);
+    // RFC 9457 with draft-ietf-httpapi-ratelimit-headers' problem type, naming the policy of
+    // the `RateLimit` field.
+    assert_eq!(
+        json["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
+    assert_eq!(json["title"], "Quota Exceeded");
+    assert_eq!(json["violated-policies"], serde_json::json!(["per10s"]));
     assert_eq!(
         runs.load(Ordering::SeqCst),
         2,

@@ -178,7 +178,8 @@ impl Check {
         count("denied");
         let retry_after_ms = decision.retry_after.as_millis() as u64;
         tracing::info!(target: TARGET, key = %self.key, rule = name, outcome = "denied", retry_after_ms);
-        let mut response = limited(config, name, decision.retry_after);
+        let violated = violated(policy, decision, self.cost);
+        let mut response = limited(config, name, &violated, decision.retry_after);
         let headers = response.headers_mut();
         insert_retry_after(headers, decision.retry_after);
         if !has_state(headers) {
@@ -228,7 +229,7 @@ pub(crate) fn denied_locally(
     count("denied_local");
     let name = policy.fields.name(rule);
     tracing::debug!(target: TARGET, key = %key, rule = name, outcome = "denied_local", retry_after_ms = wait.as_millis() as u64);
-    let mut response = limited(config, name, wait);
+    let mut response = limited(config, name, &[name], wait);
     let headers = response.headers_mut();
     insert_retry_after(headers, wait);
     if !has_state(headers) {
@@ -257,17 +258,40 @@ pub(crate) fn missing_key(config: &Config) -> Response<Bytes> {
     rejection(config, &Rejection::MissingKey)
 }
 
-/// The `429` for `rule`: the rule's name is copied only for a configured rejection builder.
-fn limited(config: &Config, rule: &str, retry_after: Duration) -> Response<Bytes> {
+/// The names of the rules `decision` says a request of `cost` exceeds, in the policy's order (the
+/// order of the `RateLimit` field): the rule that denied it (the longest wait) and every other
+/// rule that the field shows with less than `cost` remaining.
+fn violated<'a>(policy: &'a CompiledPolicy, decision: &Decision, cost: u64) -> Vec<&'a str> {
+    let Some(denied_by) = decision.denied_by else {
+        return Vec::new();
+    };
+    let exceeded =
+        |(i, state): &(usize, &crate::store::RuleState)| *i == denied_by || state.remaining < cost;
+    let mut names: Vec<&str> = (decision.rules.iter().enumerate())
+        .filter(exceeded)
+        .map(|(i, _)| policy.fields.name(i))
+        .collect();
+    if decision.rules.get(denied_by).is_none() {
+        names.insert(0, policy.fields.name(denied_by));
+    }
+    names
+}
+
+/// The `429` for `rule` (the rule with the longest wait) and the `violated` rules: the names are
+/// copied only for a configured rejection builder.
+fn limited(
+    config: &Config,
+    rule: &str,
+    violated: &[&str],
+    retry_after: Duration,
+) -> Response<Bytes> {
     match &config.rejection {
         Some(f) => f(&Rejection::Limited {
             rule: rule.to_owned(),
+            violated_policies: violated.iter().map(|&name| name.to_owned()).collect(),
             retry_after,
         }),
-        None => {
-            let (status, _, body) = DEFAULT_BODIES[0];
-            crate::problem::problem_static(status, body)
-        }
+        None => crate::problem::quota_exceeded(violated),
     }
 }
 
@@ -277,23 +301,25 @@ fn rejection(config: &Config, why: &Rejection) -> Response<Bytes> {
     if let Some(f) = &config.rejection {
         return f(why);
     }
-    let [limited, unavailable, missing] = DEFAULT_BODIES;
+    let [unavailable, missing] = DEFAULT_BODIES;
     let (status, _, body) = match why {
-        Rejection::Limited { .. } => limited,
+        Rejection::Limited {
+            violated_policies, ..
+        } => {
+            let names: Vec<&str> = violated_policies.iter().map(String::as_str).collect();
+            return crate::problem::quota_exceeded(&names);
+        }
         Rejection::Unavailable => unavailable,
         Rejection::MissingKey => missing,
     };
     crate::problem::problem_static(status, body)
 }
 
-/// The default rejections: status, detail, and the problem details body (written out, so that
-/// a flood of rejections formats nothing).
-pub(crate) const DEFAULT_BODIES: [(StatusCode, &str, &str); 3] = [
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate limit exceeded; retry after the time in Retry-After",
-        r#"{"type":"about:blank","title":"Too Many Requests","status":429,"detail":"rate limit exceeded; retry after the time in Retry-After"}"#,
-    ),
+/// The default rejections other than a `429` (see [`crate::problem::quota_exceeded`]): status,
+/// detail, and the problem details body (written out, so that a flood of rejections formats
+/// nothing). They are not about a client's quota, so their type is `about:blank`: the draft's
+/// `temporary-reduced-capacity` type names violated policies, and none is.
+pub(crate) const DEFAULT_BODIES: [(StatusCode, &str, &str); 2] = [
     (
         StatusCode::SERVICE_UNAVAILABLE,
         "the rate limiter is unavailable; retry shortly",

@@ -65,6 +65,9 @@ pub enum Rejection {
     Limited {
         /// The name of the rule with the longest wait.
         rule: String,
+        /// The names of every rule the request exceeded, `rule` among them, in the order of
+        /// the `RateLimit` field: the `violated-policies` of the default body.
+        violated_policies: Vec<String>,
         /// How long until a request of the same cost can pass.
         retry_after: Duration,
     },
