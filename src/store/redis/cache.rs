@@ -130,16 +130,7 @@ fn decode_lookup(reply: Reply) -> Result<Lookup, StoreError> {
 }
 
 fn store<R: Runner + ?Sized>(runner: &R, req: StoreRequest) -> StoreFuture<StoreOutcome> {
-    let p = runner.prefix();
-    let (lock, token) = match &req.fill {
-        Some((lock, token)) => (lock_key(p, &req.segment, lock), token.to_hex()),
-        None => (lock_key(p, &req.segment, &req.key), String::new()),
-    };
-    let keys = vec![
-        version_key(p, &req.segment),
-        entry_key(p, &req.segment, &req.key),
-        lock,
-    ];
+    let (keys, token) = write_keys(runner.prefix(), &req.segment, &req.key, &req.fill);
     let args = vec![
         req.version.to_string().into_bytes(),
         token.into_bytes(),
@@ -154,6 +145,24 @@ fn store<R: Runner + ?Sized>(runner: &R, req: StoreRequest) -> StoreFuture<Store
     Box::pin(async move { outcome(call.await?) })
 }
 
+/// The keys of a store or refresh script (version, entry, fill lock) and the fill lock's token
+/// (empty when the write holds no fill lock).
+fn write_keys(
+    p: &str,
+    segment: &StoreKey,
+    key: &StoreKey,
+    fill: &Option<(StoreKey, FillToken)>,
+) -> (Vec<String>, String) {
+    let (lock, token) = match fill {
+        Some((lock, token)) => (lock_key(p, segment, lock), token.to_hex()),
+        None => (lock_key(p, segment, key), String::new()),
+    };
+    (
+        vec![version_key(p, segment), entry_key(p, segment, key), lock],
+        token,
+    )
+}
+
 /// The outcome of a store or refresh script.
 fn outcome(reply: Reply) -> Result<StoreOutcome, StoreError> {
     Ok(match reply.int()? {
@@ -165,16 +174,7 @@ fn outcome(reply: Reply) -> Result<StoreOutcome, StoreError> {
 }
 
 fn refresh<R: Runner + ?Sized>(runner: &R, req: RefreshRequest) -> StoreFuture<StoreOutcome> {
-    let p = runner.prefix();
-    let (lock, token) = match &req.fill {
-        Some((lock, token)) => (lock_key(p, &req.segment, lock), token.to_hex()),
-        None => (lock_key(p, &req.segment, &req.key), String::new()),
-    };
-    let keys = vec![
-        version_key(p, &req.segment),
-        entry_key(p, &req.segment, &req.key),
-        lock,
-    ];
+    let (keys, token) = write_keys(runner.prefix(), &req.segment, &req.key, &req.fill);
     let args = vec![
         req.version.to_string().into_bytes(),
         token.into_bytes(),
