@@ -49,7 +49,7 @@ use serde_json::{json, Value};
 use tower_redis_layers::{
     cache::CacheLayer,
     idempotency::IdempotencyLockLayer,
-    rate_limit::{Headers, KeyExtractor, RateLimitLayer, Rule},
+    rate_limit::{Headers, KeyExtractor, Policy, RateLimitLayer, Rule},
     store::{CacheStore, IdempotencyStore, MemoryStore, RateLimitStore},
 };
 
@@ -284,8 +284,8 @@ fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(store: B) -> R
     let stats = Arc::new(Stats::default());
     let key =
         KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
-    let limit = |rule: Rule| {
-        RateLimitLayer::new(store.clone(), rule)
+    let limit = |name: &str, rule: Rule| {
+        RateLimitLayer::new(store.clone(), Policy::new(name, rule))
             .key(key.clone())
             .headers(Headers::All)
     };
@@ -298,17 +298,21 @@ fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(store: B) -> R
         .route(
             "/fixed",
             get(|State(s): State<Arc<Stats>>| async move { run(&s.fixed, "fixed") })
-                .layer(limit(Rule::fixed_window(5, ten_s).name("fixed"))),
+                .layer(limit("fixed", Rule::fixed_window(5, ten_s).name("fixed"))),
         )
         .route(
             "/sliding",
-            get(|State(s): State<Arc<Stats>>| async move { run(&s.sliding, "sliding") })
-                .layer(limit(Rule::sliding_log(5, ten_s).name("sliding"))),
+            get(|State(s): State<Arc<Stats>>| async move { run(&s.sliding, "sliding") }).layer(
+                limit("sliding", Rule::sliding_log(5, ten_s).name("sliding")),
+            ),
         )
         .route(
             "/bucket",
             get(|State(s): State<Arc<Stats>>| async move { run(&s.bucket, "bucket") }).layer(
-                limit(Rule::token_bucket(5, 1, Duration::from_secs(1)).name("bucket")),
+                limit(
+                    "bucket",
+                    Rule::token_bucket(5, 1, Duration::from_secs(1)).name("bucket"),
+                ),
             ),
         )
         .route(
