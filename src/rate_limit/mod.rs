@@ -113,6 +113,7 @@
 mod decision;
 mod deny_cache;
 mod fallback;
+mod forwarded;
 mod future;
 mod headers;
 mod key;
@@ -122,6 +123,7 @@ mod service;
 
 pub use self::{
     fallback::LocalFallback,
+    forwarded::{InvalidRange, Trusted},
     future::ResponseFuture,
     headers::Headers,
     key::KeyExtractor,
