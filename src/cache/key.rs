@@ -357,7 +357,10 @@ mod tests {
             shards: None,
         };
         let plain = keying.keys(&parts("fr"), &vary).unwrap();
-        assert_eq!(plain.segment, keying.shards(DEFAULT_SEGMENT).of(plain.primary));
+        assert_eq!(
+            plain.segment,
+            keying.shards(DEFAULT_SEGMENT).of(plain.primary)
+        );
         assert_eq!(plain.entry, plain.primary.0);
         // Once `Vary: accept-language` is known, the entry key holds the request's value.
         let names = [HeaderName::from_static("accept-language")];
