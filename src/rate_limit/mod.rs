@@ -130,7 +130,7 @@ pub use self::{
     service::RateLimit,
 };
 pub use crate::{
-    store::{FailureMode, Rule, Strategy},
+    store::{Calendar, FailureMode, InvalidUtcOffset, Rule, Strategy, UtcOffset},
     ResponseBody,
 };
 

@@ -1,0 +1,1 @@
+    redis.call('SET', key, plan[1], 'PXAT', plan[2])
