@@ -55,6 +55,8 @@ pub use self::call::FailureMode;
 pub(crate) use self::call::{bounded, Bounded};
 pub use self::idempotency::{Claim, ClaimRequest, IdempotencyStore};
 pub use self::lock::LockStore;
+#[cfg(feature = "test-support")]
+pub(crate) use self::memory::calendar_period;
 pub use self::memory::MemoryStore;
 pub use self::rate_limit::{
     Calendar, Decision, InvalidUtcOffset, RateCheck, RateLimitStore, Rule, RuleState, Strategy,

@@ -25,6 +25,9 @@ mod idempotency;
 mod lock;
 mod rate_limit;
 
+#[cfg(feature = "test-support")]
+pub(crate) use self::rate_limit::calendar_period;
+
 /// An in-process store with the same semantics as the Redis scripts.
 ///
 /// It is sharded (a request locks one shard, never the whole map) and forgets expired state on
