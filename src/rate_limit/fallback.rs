@@ -221,4 +221,24 @@ mod tests {
         assert_eq!(divide(&rules, 1).unwrap(), rules);
         assert!(divide(&[Rule::sliding_log(2, s)], 3).is_none());
     }
+
+    #[test]
+    fn calendar_quotas_divide_and_keep_their_periods() {
+        use crate::store::{Calendar, UtcOffset};
+        let offset = UtcOffset::minutes(330);
+        let rule = Rule::calendar(1000, Calendar::Month)
+            .utc_offset(offset)
+            .name("monthly");
+        let local = divide(std::slice::from_ref(&rule), 3).unwrap();
+        assert_eq!(
+            *local[0].strategy(),
+            Strategy::Calendar {
+                limit: 333,
+                period: Calendar::Month,
+                offset
+            }
+        );
+        assert_eq!(local[0].policy_name(), "monthly");
+        assert!(divide(&[Rule::calendar(2, Calendar::Day)], 3).is_none());
+    }
 }

@@ -532,6 +532,18 @@ mod tests {
     const UTC: u64 = 1440;
 
     #[test]
+    fn an_offset_of_a_day_or_more_is_invalid() {
+        use crate::store::{Calendar, UtcOffset};
+        let day = |m| Rule::calendar(1, Calendar::Day).utc_offset(UtcOffset::minutes(m));
+        assert!(day(1439).validate().is_ok() && day(-1439).validate().is_ok());
+        assert!(day(1440).validate().is_err() && day(-1440).validate().is_err());
+        assert!(Rule::calendar(0, Calendar::Week).validate().is_err());
+        // The wire form: unit * 10000 + offset minutes + 1440.
+        assert_eq!(day(-480).encode(), (1, 86_400_000, 10_960));
+        assert_eq!(Rule::calendar(7, Calendar::Month).encode().2, 31_440);
+    }
+
+    #[test]
     fn civil_dates_round_trip() {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(
