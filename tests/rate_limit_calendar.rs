@@ -272,6 +272,8 @@ fn offsets_parse_and_print() {
     assert_eq!("-08:00".parse::<UtcOffset>(), Ok(UtcOffset::hours(-8)));
     assert_eq!("-00:30".parse::<UtcOffset>(), Ok(UtcOffset::minutes(-30)));
     assert_eq!("Z".parse::<UtcOffset>(), Ok(UtcOffset::UTC));
+    assert_eq!("+0545".parse::<UtcOffset>(), Ok(UtcOffset::minutes(345)));
+    assert_eq!("-03".parse::<UtcOffset>(), Ok(UtcOffset::hours(-3)));
     for bad in ["05:30", "+24:00", "+05:60", "+5:3x", "", "+"] {
         assert!(bad.parse::<UtcOffset>().is_err(), "{bad:?}");
     }

@@ -140,7 +140,7 @@ impl Calendar {
 
 /// A fixed offset from UTC, in whole minutes, for a [`Calendar`] rule (default: UTC).
 ///
-/// Parsed from `"+05:30"`, `"-08:00"`, `"Z"` or `"UTC"`, or made with [`UtcOffset::hours`] and
+/// Parsed from `"+05:30"`, `"-08:00"` (also `"+0530"`, `"-08"`), `"Z"` or `"UTC"`, or made with [`UtcOffset::hours`] and
 /// [`UtcOffset::minutes`]. No daylight saving time: the offset never changes.
 ///
 /// ```
@@ -217,7 +217,12 @@ impl FromStr for UtcOffset {
             Some(b'-') => (-1, &t[1..]),
             _ => return Err(err()),
         };
-        let (h, m) = rest.split_once(':').unwrap_or((rest, "00"));
+        // `+HH:MM`, `+HHMM` or `+HH`.
+        let (h, m) = match rest.split_once(':') {
+            Some(hm) => hm,
+            None if rest.len() == 4 => rest.split_at(2),
+            None => (rest, "00"),
+        };
         let digits = |v: &str| {
             (!v.is_empty() && v.len() <= 2 && v.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| v.parse::<i16>().ok())

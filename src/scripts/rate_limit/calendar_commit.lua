@@ -1,1 +1,3 @@
-    redis.call('SET', key, plan[1], 'PXAT', plan[2])
+    -- PEXPIREAT rather than SET's PXAT (Redis 6.2): any Redis that runs the other scripts.
+    redis.call('SET', key, plan[1])
+    redis.call('PEXPIREAT', key, plan[2])
