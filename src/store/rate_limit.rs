@@ -220,7 +220,7 @@ impl FromStr for UtcOffset {
         // `+HH:MM`, `+HHMM` or `+HH`.
         let (h, m) = match rest.split_once(':') {
             Some(hm) => hm,
-            None if rest.len() == 4 => rest.split_at(2),
+            None if rest.len() == 4 && rest.is_ascii() => rest.split_at(2),
             None => (rest, "00"),
         };
         let digits = |v: &str| {
