@@ -61,6 +61,24 @@
 //! | [`Rule::sliding_window`] | two counters | approximate | O(1); see [`Strategy::SlidingWindow`] for the bound |
 //! | [`Rule::token_bucket`] | tokens + time | yes | bursts up to the capacity, steady refill |
 //! | [`Rule::gcra`] | one timestamp | yes | same admissions as a token bucket, cheapest exact one |
+//! | [`Rule::calendar`] | one counter | per period | a day, ISO week or month in a fixed UTC offset; up to 2x the limit across a boundary |
+//!
+//! # Calendar quotas
+//!
+//! [`Rule::calendar`] counts per calendar period: "1,000 per day" starts again at midnight,
+//! "50,000 per month" on the 1st ([`Calendar`]: days, ISO weeks from Monday 00:00, months of
+//! 28 to 31 days with leap years), in UTC or a fixed [`UtcOffset`] (no time zones, so no
+//! daylight saving time). The period is read from the store's clock (the Redis server's `TIME`).
+//! `Retry-After` and `t` count the seconds to the next boundary; `RateLimit-Policy`'s `w` is
+//! the nominal length of the period (a month is 30 days). See [`Strategy::Calendar`].
+//!
+//! ```
+//! use tower_redis_layers::rate_limit::{Calendar, Policy, Rule, UtcOffset};
+//!
+//! // 1,000 a day from midnight to midnight in California (UTC-08:00, all year).
+//! let policy = Policy::new(Rule::calendar(1_000, Calendar::Day).utc_offset(UtcOffset::hours(-8)));
+//! # let _ = policy;
+//! ```
 //!
 //! # Where the counters live
 //!
@@ -132,7 +150,7 @@ pub use self::{
     service::RateLimit,
 };
 pub use crate::{
-    store::{FailureMode, Rule, Strategy},
+    store::{Calendar, FailureMode, InvalidUtcOffset, Rule, Strategy, UtcOffset},
     ResponseBody,
 };
 
