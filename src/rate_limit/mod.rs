@@ -119,6 +119,7 @@ mod key;
 mod layer;
 mod policy;
 mod service;
+mod settle;
 
 pub use self::{
     fallback::LocalFallback,
@@ -128,6 +129,7 @@ pub use self::{
     layer::{MissingKey, RateLimitLayer, Rejection},
     policy::Policy,
     service::RateLimit,
+    settle::{ActualCost, Settlement},
 };
 pub use crate::{
     store::{FailureMode, Rule, Strategy},
