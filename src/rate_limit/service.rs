@@ -84,7 +84,12 @@ where
         let key = match key_of(config, policy, &parts) {
             Keyed::Key(key) => key,
             Keyed::Answered(answer) => {
-                return respond(&mut self.inner, Request::from_parts(parts, body), answer, None);
+                return respond(
+                    &mut self.inner,
+                    Request::from_parts(parts, body),
+                    answer,
+                    None,
+                );
             }
         };
         let cost = config.cost.as_ref().map_or(1, |f| f(&parts));

@@ -9,8 +9,7 @@ use super::{
     ScriptRunner,
 };
 use crate::store::{
-    Decision, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
-    StoreFuture,
+    Decision, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError, StoreFuture,
 };
 
 /// The fragments of the rate-limit scripts (see `src/scripts/rate_limit/README.md`).
@@ -170,12 +169,7 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
 /// [`rate_limit_call`]), then delta, age in ms, and kind, a, b, c per rule.
 fn settle_call(prefix: &str, settlement: &RateSettlement<'_>) -> ScriptCall {
     let n = settlement.rules.len();
-    let mut call = ScriptCall::new(
-        &SETTLE,
-        n,
-        2 + 4 * n,
-        n * (prefix.len() + 96) + 48 + 32 * n,
-    );
+    let mut call = ScriptCall::new(&SETTLE, n, 2 + 4 * n, n * (prefix.len() + 96) + 48 + 32 * n);
     let mut tag = [0u8; 32];
     // 16 bytes always fit in 32 hex digits.
     let _ = hex::encode_to_slice(settlement.key.as_bytes(), &mut tag);
