@@ -387,8 +387,8 @@ pub trait RateLimitStore: Send + Sync + 'static {
     ///
     /// The default (for a store that predates settlement) changes nothing and answers
     /// [`StoreError::Invalid`], so the layer logs that the estimate stands; a store of its own
-    /// implements it to meter costs, and runs
-    /// [`rate_limit_settlement_suite`](crate::conformance) (feature `test-support`) against it.
+    /// implements it to meter costs, and runs the conformance suite
+    /// `conformance::rate_limit_settlement_suite` (feature `test-support`) against it.
     fn settle(&self, settlement: RateSettlement<'_>) -> super::StoreFuture<()> {
         let _ = settlement;
         Box::pin(std::future::ready(Err(StoreError::Invalid(
