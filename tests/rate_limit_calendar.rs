@@ -274,7 +274,9 @@ fn offsets_parse_and_print() {
     assert_eq!("Z".parse::<UtcOffset>(), Ok(UtcOffset::UTC));
     assert_eq!("+0545".parse::<UtcOffset>(), Ok(UtcOffset::minutes(345)));
     assert_eq!("-03".parse::<UtcOffset>(), Ok(UtcOffset::hours(-3)));
-    for bad in ["05:30", "+24:00", "+05:60", "+5:3x", "", "+", "+1é2", "+é12"] {
+    for bad in [
+        "05:30", "+24:00", "+05:60", "+5:3x", "", "+", "+1é2", "+é12",
+    ] {
         assert!(bad.parse::<UtcOffset>().is_err(), "{bad:?}");
     }
     assert_eq!(UtcOffset::minutes(-570).to_string(), "-09:30");
@@ -532,8 +534,8 @@ async fn headers_point_at_the_next_boundary(env: Env) {
         let scope = format!("cal-{cal:?}-{offset}");
         // One rule (its own script) and the same rule with a fixed window (the multi-rule one).
         for multi in [false, true] {
-            let mut policy =
-                Policy::new(rule(2, cal, offset).name("quota")).scope(format!("{scope}-{multi}"));
+            let mut policy = Policy::new("quota", rule(2, cal, offset).name("quota"))
+                .scope(format!("{scope}-{multi}"));
             if multi {
                 policy =
                     policy.rule(Rule::fixed_window(100, Duration::from_secs(3600)).name("hourly"));

@@ -10,7 +10,10 @@ use tokio::time::Instant;
 
 use crate::{
     key::StoreKey,
-    store::{Decision, MemoryStore, RateCheck, RateLimitStore, Rule, StoreError, Strategy},
+    store::{
+        Decision, MemoryStore, RateCheck, RateLimitStore, RateSettlement, Rule, StoreError,
+        Strategy,
+    },
 };
 
 /// Limits enforced in this process when the store fails: the default of a
@@ -181,6 +184,13 @@ impl Local {
         let check = RateCheck::new(key, rules, cost, want_state);
         self.store
             .check_now(check)
+            .unwrap_or_else(|| Err(StoreError::Invalid("no local answer".into())))
+    }
+
+    /// Settles a metered request that the local `rules` admitted.
+    pub(crate) fn settle(&self, settlement: RateSettlement<'_>) -> Result<(), StoreError> {
+        self.store
+            .settle_now(settlement)
             .unwrap_or_else(|| Err(StoreError::Invalid("no local answer".into())))
     }
 }

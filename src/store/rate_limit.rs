@@ -606,6 +606,31 @@ pub trait RateLimitStore: Send + Sync + 'static {
     fn is_remote(&self) -> bool {
         true
     }
+
+    /// Settles a metered request that an earlier [`check`](Self::check) admitted at an
+    /// estimated cost: charges (`delta > 0`) or refunds (`delta < 0`) the difference between
+    /// its actual cost and the estimate, on every rule of the check at once (see
+    /// [`RateSettlement`] for what each strategy does). Nothing is denied: a charge may push a
+    /// key past its limit, and later requests wait longer.
+    ///
+    /// The default (for a store that predates settlement) changes nothing and answers
+    /// [`StoreError::Invalid`], so the layer logs that the estimate stands; a store of its own
+    /// implements it to meter costs, and runs the conformance suite
+    /// `conformance::rate_limit_settlement_suite` (feature `test-support`) against it.
+    fn settle(&self, settlement: RateSettlement<'_>) -> super::StoreFuture<()> {
+        let _ = settlement;
+        Box::pin(std::future::ready(Err(StoreError::Invalid(
+            "this rate-limit store does not settle metered costs; the estimate stands".into(),
+        ))))
+    }
+
+    /// Settles at once when the store can do it without waiting (an in-process store), as
+    /// [`check_now`](Self::check_now) does for a check. `None` (the default) sends the
+    /// settlement through [`RateLimitStore::settle`].
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        let _ = settlement;
+        None
+    }
 }
 
 impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
@@ -621,5 +646,75 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
 
     fn is_remote(&self) -> bool {
         (**self).is_remote()
+    }
+
+    fn settle(&self, settlement: RateSettlement<'_>) -> super::StoreFuture<()> {
+        (**self).settle(settlement)
+    }
+
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        (**self).settle_now(settlement)
+    }
+}
+
+/// A settlement of a metered request: the difference between its actual cost and the estimate
+/// that its [`RateCheck`] consumed, applied to the same key and rules.
+///
+/// What each strategy does with it:
+///
+/// - fixed window: the counter of the window the check counted in goes up by `delta` (down for
+///   a refund, never below 0). When that window has already ended (its counter expired, or a
+///   new window started more recently than `age` ago), nothing changes: an old request is not
+///   charged to a fresh window, and a fresh window is not handed units it never gave;
+/// - token bucket: the bucket, refilled up to now, loses `delta` tokens (it may go below zero:
+///   the debt is paid back by the refill before the next request passes), or gets `-delta`
+///   back, never more than its capacity;
+/// - GCRA: the theoretical arrival time moves by `delta` emission intervals (from now at the
+///   earliest), or back by `-delta`, never before now;
+/// - sliding log and sliding window: left as they are (the layer refuses a metered policy with
+///   such a rule).
+///
+/// A settlement is not idempotent: a store must apply it once (as a check).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RateSettlement<'a> {
+    /// The key of the check being settled.
+    pub key: &'a StoreKey,
+    /// The rules of the check being settled.
+    pub rules: &'a [Rule],
+    /// Units to charge (positive) or refund (negative).
+    pub delta: i64,
+    /// How long ago the check was answered, at least (measured by the caller from the moment it
+    /// received the answer): a fixed window that started more recently than this is not the
+    /// check's window.
+    pub age: Duration,
+}
+
+impl<'a> RateSettlement<'a> {
+    /// A settlement of `delta` units (a charge when positive, a refund when negative) for a
+    /// check of `rules` for `key` answered `age` ago.
+    pub fn new(key: &'a StoreKey, rules: &'a [Rule], delta: i64, age: Duration) -> Self {
+        Self {
+            key,
+            rules,
+            delta: delta.clamp(-(MAX_NUMBER as i64), MAX_NUMBER as i64),
+            age,
+        }
+    }
+
+    /// Whether the settlement can be skipped (nothing to charge or refund).
+    pub fn is_empty(&self) -> bool {
+        self.delta == 0
+    }
+}
+
+impl Strategy {
+    /// Whether a metered cost can be settled on a rule of this strategy after the response
+    /// (fixed window, token bucket, GCRA); see [`RateSettlement`].
+    pub fn settles(&self) -> bool {
+        matches!(
+            self,
+            Strategy::FixedWindow { .. } | Strategy::TokenBucket { .. } | Strategy::Gcra { .. }
+        )
     }
 }

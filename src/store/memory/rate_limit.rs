@@ -8,7 +8,10 @@ use std::{
 
 use super::{MemoryStore, SWEEP_EVERY_US};
 use crate::{
-    store::{Decision, RateCheck, RateLimitStore, Rule, RuleState, StoreError, Strategy},
+    store::{
+        Decision, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
+        StoreFuture, Strategy,
+    },
     StoreKey,
 };
 
@@ -130,6 +133,14 @@ impl RateLimitStore for MemoryStore {
 
     fn is_remote(&self) -> bool {
         false
+    }
+
+    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
+        Box::pin(ready(self.settle_rules(&settlement)))
+    }
+
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        Some(self.settle_rules(&settlement))
     }
 }
 
@@ -518,6 +529,111 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+impl MemoryStore {
+    /// Applies a settlement to every rule, as the settle script does.
+    fn settle_rules(&self, settlement: &RateSettlement<'_>) -> Result<(), StoreError> {
+        if settlement.delta == 0 {
+            return Ok(());
+        }
+        let mut shard = self.inner.rate_limit.lock(settlement.key)?;
+        let now = self.now_us();
+        let age = u64::try_from(settlement.age.as_micros()).unwrap_or(u64::MAX);
+        for rule in settlement.rules {
+            let key = slot_key(settlement.key, rule);
+            let slot = shard.map.get(&key).filter(|s| s.expires_at > now);
+            match settle(rule, slot, now, age, settlement.delta) {
+                Settled::Keep => {}
+                Settled::Set(slot) => {
+                    shard.map.insert(key, slot);
+                }
+                Settled::Remove => {
+                    shard.map.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a settlement does to one rule's slot.
+enum Settled {
+    /// Leave it as it is.
+    Keep,
+    /// Replace it.
+    Set(Slot),
+    /// Back to the initial state (a full bucket, a TAT of now): as good as absent.
+    Remove,
+}
+
+/// The state of one rule after a settlement of `delta` units for a check answered at least
+/// `age` µs ago.
+fn settle(rule: &Rule, slot: Option<&Slot>, now: u64, age: u64, delta: i64) -> Settled {
+    let (a, period_ms, c) = rule.encode();
+    let period = period_ms * 1000;
+    let deltaf = delta as f64;
+    match rule.strategy() {
+        Strategy::FixedWindow { .. } => {
+            let Some(Slot {
+                state: State::Counter(used),
+                expires_at,
+            }) = slot
+            else {
+                // The check's window ended: nothing to charge or refund.
+                return Settled::Keep;
+            };
+            let started = expires_at.saturating_sub(period);
+            if now.saturating_sub(age) < started {
+                // A newer window: the check counted in one that ended.
+                return Settled::Keep;
+            }
+            let used = used.saturating_add_signed(delta);
+            Settled::Set(Slot {
+                state: State::Counter(used),
+                expires_at: *expires_at,
+            })
+        }
+        Strategy::TokenBucket { .. } => {
+            let (capacity, per_us) = (a as f64, c as f64 / period as f64);
+            let tokens = match slot.map(|s| &s.state) {
+                Some(State::Bucket { tokens, ts }) => {
+                    capacity.min(tokens + now.saturating_sub(*ts) as f64 * per_us)
+                }
+                _ => capacity,
+            };
+            let left = capacity.min(tokens - deltaf);
+            if left >= capacity {
+                return Settled::Remove;
+            }
+            let full = (capacity - left) / per_us;
+            Settled::Set(Slot {
+                state: State::Bucket {
+                    tokens: left,
+                    ts: now,
+                },
+                expires_at: now + (full.ceil() as u64).max(1000),
+            })
+        }
+        Strategy::Gcra { .. } => {
+            let interval = period as f64 / a as f64;
+            let tat = match slot.map(|s| &s.state) {
+                Some(State::Tat(t)) => (*t).max(now),
+                _ => now,
+            };
+            let moved = (tat as f64 + deltaf * interval).ceil();
+            if moved <= now as f64 {
+                return Settled::Remove;
+            }
+            let stored = moved as u64;
+            Settled::Set(Slot {
+                state: State::Tat(stored),
+                expires_at: stored.max(now + 1000),
+            })
+        }
+        // Nothing to settle: the layer refuses metered policies with these rules.
+        _ => Settled::Keep,
+    }
 }
 
 #[cfg(test)]

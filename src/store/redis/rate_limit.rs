@@ -8,7 +8,9 @@ use super::{
     script::{BoxFuture, Lua, Reply, ScriptCall},
     ScriptRunner,
 };
-use crate::store::{Decision, RateCheck, RateLimitStore, Rule, RuleState, StoreError};
+use crate::store::{
+    Decision, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError, StoreFuture,
+};
 
 /// The fragments of the rate-limit scripts (see `src/scripts/rate_limit/README.md`).
 macro_rules! rl {
@@ -48,7 +50,7 @@ static CALENDAR: Lua = Lua::new(concat!(
 ));
 
 /// Every rate-limit script, loaded on each (re)connect.
-pub(super) static SCRIPTS: [&Lua; 7] = [
+pub(super) static SCRIPTS: [&Lua; 8] = [
     &FIXED_WINDOW,
     &SLIDING_LOG,
     &SLIDING_WINDOW,
@@ -56,7 +58,11 @@ pub(super) static SCRIPTS: [&Lua; 7] = [
     &GCRA,
     &CALENDAR,
     &MULTI_RULE,
+    &SETTLE,
 ];
+
+/// The settlement of a metered request, for one rule or several.
+static SETTLE: Lua = Lua::new(rl!("settle"));
 
 /// Several rules, all or nothing.
 pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
@@ -194,6 +200,36 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
     call
 }
 
+/// The call that settles `settlement`: the keys of the check it settles (see
+/// [`rate_limit_call`]), then delta, age in ms, and kind, a, b, c per rule.
+fn settle_call(prefix: &str, settlement: &RateSettlement<'_>) -> ScriptCall {
+    let n = settlement.rules.len();
+    let mut call = ScriptCall::new(&SETTLE, n, 2 + 4 * n, n * (prefix.len() + 96) + 48 + 32 * n);
+    let mut tag = [0u8; 32];
+    // 16 bytes always fit in 32 hex digits.
+    let _ = hex::encode_to_slice(settlement.key.as_bytes(), &mut tag);
+    for rule in settlement.rules {
+        call.key(|buf| {
+            buf.extend_from_slice(prefix.as_bytes());
+            buf.extend_from_slice(b":{");
+            buf.extend_from_slice(&tag);
+            buf.extend_from_slice(b"}:");
+            rule.write_signature(buf);
+        });
+    }
+    let delta = settlement.delta;
+    call.arg(|buf| buf.extend_from_slice(itoa::Buffer::new().format(delta).as_bytes()));
+    call.int(u64::try_from(settlement.age.as_millis()).unwrap_or(u64::MAX));
+    for rule in settlement.rules {
+        let (a, b, c) = rule.encode();
+        call.int(u64::from(rule.kind()));
+        call.int(a);
+        call.int(b);
+        call.int(c);
+    }
+    call
+}
+
 /// Turns the script's reply into a [`Decision`].
 fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, StoreError> {
     if reply == Reply::Int(1) {
@@ -249,6 +285,19 @@ impl<R: ScriptRunner> RateLimitStore for R {
         let rules = check.rules.len();
         let call = self.guarded(rate_limit_call(self.prefix(), &check));
         Box::pin(async move { decode_decision(call.await?, rules) })
+    }
+
+    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
+        if settlement.delta == 0 {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        // Run to its end once sent (the default of a call): a settlement lands or not by what
+        // the server did, not by when the caller stopped waiting.
+        let call = self.guarded(settle_call(self.prefix(), &settlement));
+        Box::pin(async move {
+            call.await?.int()?;
+            Ok(())
+        })
     }
 }
 
