@@ -257,6 +257,32 @@ async fn an_estimate_larger_than_what_is_left_is_denied(env: Env) {
     }
 }
 
+/// A refund makes room at once, even for a key just denied (no deny cache repeats the denial
+/// until its `Retry-After`).
+async fn a_refund_makes_room_at_once(env: Env) {
+    for (name, rule) in settling_rules() {
+        let policy = Policy::new(rule).scope(format!("room-{name}"));
+        let m = metered(env.store().await, policy, Settlement::extension());
+        let big = tokio::spawn(m.svc.clone().oneshot(request(90, Some("10"), true)));
+        while m.started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let status = send(&m, 20, Some("20")).await.unwrap();
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{name}");
+        m.gate.add_permits(1);
+        assert_eq!(big.await.unwrap().unwrap().status(), StatusCode::OK);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while send(&m, 20, Some("20")).await.unwrap() != StatusCode::OK {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: still denied"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        eventually(&m, &[70], name).await;
+    }
+}
+
 /// The actual cost read from a configured response header, which reaches the client.
 async fn a_header_reports_the_actual_cost(env: Env) {
     let store = env.store().await;
@@ -360,6 +386,7 @@ stores!(
     a_dropped_request_refunds,
     every_rule_of_a_policy_is_settled,
     an_estimate_larger_than_what_is_left_is_denied,
+    a_refund_makes_room_at_once,
     a_header_reports_the_actual_cost,
     a_settlement_after_its_window_changes_nothing,
     a_settled_request_is_two_script_calls,

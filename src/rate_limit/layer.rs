@@ -257,8 +257,14 @@ impl<B> RateLimitLayer<B> {
     /// sliding window rule is invalid in a metered layer (logged as an error on each request,
     /// and handled by [`on_store_error`](Self::on_store_error), default open). See the
     /// [module docs](super#metered-costs).
+    ///
+    /// It turns the local deny cache off (see [`no_deny_cache`](Self::no_deny_cache)): a
+    /// refund can make room before a cached denial's time is up, so every request of a metered
+    /// layer asks the store.
     pub fn settlement(mut self, settlement: Settlement) -> Self {
-        self.config_mut().settlement = Some(settlement);
+        let config = self.config_mut();
+        config.settlement = Some(settlement);
+        config.deny_cache = false;
         self
     }
 

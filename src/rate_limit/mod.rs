@@ -155,6 +155,9 @@
 //!   its settlement applies to its state now, never above its capacity.
 //! - **Fields.** The `RateLimit` fields of a metered response report the state after the
 //!   estimate was taken, before the settlement.
+//! - **No deny cache.** A metered layer asks the store for every request, denied ones too: a
+//!   refund may make room before a denial's `Retry-After` is up, so the local deny cache, which
+//!   would repeat the denial until then, is off.
 //! - **When the store fails.** A settlement is bounded by the
 //!   [store timeout](RateLimitLayer::store_timeout) and goes through the store's circuit
 //!   breaker; if it fails it is logged (and counted with feature `metrics`, in
