@@ -261,7 +261,7 @@ async fn an_estimate_larger_than_what_is_left_is_denied(env: Env) {
 /// until its `Retry-After`).
 async fn a_refund_makes_room_at_once(env: Env) {
     for (name, rule) in settling_rules() {
-        let policy = Policy::new(rule).scope(format!("room-{name}"));
+        let policy = Policy::new("metered", rule).scope(format!("room-{name}"));
         let m = metered(env.store().await, policy, Settlement::extension());
         let big = tokio::spawn(m.svc.clone().oneshot(request(90, Some("10"), true)));
         while m.started.load(Ordering::SeqCst) == 0 {
