@@ -142,8 +142,8 @@
 //! - **No actual cost.** An error of the inner service, or a response future dropped before the
 //!   response (the client went away), refunds the estimate. A response that reports no actual
 //!   cost keeps the estimate.
-//! - **Strategies.** Fixed window, token bucket and GCRA rules settle, all the rules of a policy
-//!   in one script call, on the same keys as the check. A policy with a sliding log or sliding
+//! - **Strategies.** Fixed window, calendar, token bucket and GCRA rules settle, all the rules
+//!   of a policy in one script call, on the same keys as the check. A policy with a sliding log or sliding
 //!   window rule is invalid in a metered layer (their state is a log or a weighted estimate that
 //!   a later correction cannot apply to exactly): it is logged as an error and handled by the
 //!   failure mode, like every invalid policy.

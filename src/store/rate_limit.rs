@@ -710,11 +710,14 @@ impl<'a> RateSettlement<'a> {
 
 impl Strategy {
     /// Whether a metered cost can be settled on a rule of this strategy after the response
-    /// (fixed window, token bucket, GCRA); see [`RateSettlement`].
+    /// (fixed window, calendar, token bucket, GCRA); see [`RateSettlement`].
     pub fn settles(&self) -> bool {
         matches!(
             self,
-            Strategy::FixedWindow { .. } | Strategy::TokenBucket { .. } | Strategy::Gcra { .. }
+            Strategy::FixedWindow { .. }
+                | Strategy::Calendar { .. }
+                | Strategy::TokenBucket { .. }
+                | Strategy::Gcra { .. }
         )
     }
 }

@@ -539,11 +539,12 @@ impl MemoryStore {
         }
         let mut shard = self.inner.rate_limit.lock(settlement.key)?;
         let now = self.now_us();
+        let wall = self.inner.clock.wall_us(now);
         let age = u64::try_from(settlement.age.as_micros()).unwrap_or(u64::MAX);
         for rule in settlement.rules {
             let key = slot_key(settlement.key, rule);
             let slot = shard.map.get(&key).filter(|s| s.expires_at > now);
-            match settle(rule, slot, now, age, settlement.delta) {
+            match settle(rule, slot, (now, wall), age, settlement.delta) {
                 Settled::Keep => {}
                 Settled::Set(slot) => {
                     shard.map.insert(key, slot);
@@ -568,8 +569,9 @@ enum Settled {
 }
 
 /// The state of one rule after a settlement of `delta` units for a check answered at least
-/// `age` µs ago.
-fn settle(rule: &Rule, slot: Option<&Slot>, now: u64, age: u64, delta: i64) -> Settled {
+/// `age` µs ago; `clock` is the store time and the civil time (calendar rules) of now.
+fn settle(rule: &Rule, slot: Option<&Slot>, clock: (u64, u64), age: u64, delta: i64) -> Settled {
+    let (now, wall) = clock;
     let (a, period_ms, c) = rule.encode();
     let period = period_ms * 1000;
     let deltaf = delta as f64;
@@ -591,6 +593,28 @@ fn settle(rule: &Rule, slot: Option<&Slot>, now: u64, age: u64, delta: i64) -> S
             let used = used.saturating_add_signed(delta);
             Settled::Set(Slot {
                 state: State::Counter(used),
+                expires_at: *expires_at,
+            })
+        }
+        Strategy::Calendar { .. } => {
+            let Some(Slot {
+                state: State::Period { first, used },
+                expires_at,
+            }) = slot
+            else {
+                return Settled::Keep;
+            };
+            // Settled only while the period that counted the check lasts: the period holding
+            // the latest time the check can have been answered must be the counter's.
+            let checked = i64::try_from(wall.saturating_sub(age)).unwrap_or(i64::MAX / 2);
+            if calendar_period(checked, c).0 != *first {
+                return Settled::Keep;
+            }
+            Settled::Set(Slot {
+                state: State::Period {
+                    first: *first,
+                    used: used.saturating_add_signed(delta),
+                },
                 expires_at: *expires_at,
             })
         }

@@ -61,8 +61,8 @@ pub(super) static SCRIPTS: [&Lua; 8] = [
     &SETTLE,
 ];
 
-/// The settlement of a metered request, for one rule or several.
-static SETTLE: Lua = Lua::new(rl!("settle"));
+/// The settlement of a metered request, for one rule or several (with the calendar functions).
+static SETTLE: Lua = Lua::new(concat!(rl!("calendar"), rl!("settle")));
 
 /// Several rules, all or nothing.
 pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
