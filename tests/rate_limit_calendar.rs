@@ -21,9 +21,9 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    rate_limit::{Calendar, Headers, Policy, RateLimitLayer, Rule, UtcOffset},
-    store::{MemoryStore, RateCheck, RateLimitStore, RateSettlement},
-    StoreKey,
+    rate_limit::{Calendar, Headers, LocalFallback, Policy, RateLimitLayer, Rule, UtcOffset},
+    store::{Decision, MemoryStore, RateCheck, RateLimitStore, RateSettlement},
+    StoreError, StoreKey,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -644,7 +644,7 @@ async fn metered_costs_settle_on_the_period(env: Env) {
             }
             let key = StoreKey::from_parts([format!("settle-{i}-{multi}").as_bytes()]);
             let what = format!("{period:?} multi={multi}");
-            let left = |d: tower_redis_layers::store::Decision| d.rules[0].remaining;
+            let left = |d: Decision| d.rules[0].remaining;
             let check = |cost| store.check(RateCheck::new(&key, &rules, cost, true));
             assert_eq!(left(check(10).await.unwrap()), 90, "{what}");
             // The actual cost was 3: 7 back.
@@ -686,6 +686,42 @@ async fn a_late_settlement_leaves_the_next_period_alone() {
     let refund = RateSettlement::new(&k, &rules, -1, Duration::ZERO);
     store.settle(refund).await.unwrap();
     assert_eq!(take(&store, &k, &rules, 0).await.1, 10);
+}
+
+/// A store that is always down (its breaker open).
+#[derive(Clone)]
+struct Down;
+
+impl RateLimitStore for Down {
+    type Future = std::future::Ready<Result<Decision, StoreError>>;
+
+    fn check(&self, _check: RateCheck<'_>) -> Self::Future {
+        std::future::ready(Err(StoreError::CircuitOpen(Duration::from_secs(1))))
+    }
+}
+
+/// While the store is down, the local fallback keeps the calendar: each of 2 replicas admits
+/// half the day's quota, and its `429` waits for the same boundary.
+#[tokio::test]
+async fn the_local_fallback_keeps_the_calendar() {
+    let inner = service_fn(|_req: Req| async {
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("ok")))
+    });
+    for (cal, offset) in [(Calendar::Day, -480), (Calendar::Month, 330)] {
+        let policy = Policy::new("daily", rule(4, cal, offset));
+        let layer = RateLimitLayer::new(Down, policy).local_fallback(LocalFallback::new(2));
+        let svc = ServiceBuilder::new().layer(layer).service(inner);
+        for _ in 0..2 {
+            let res = svc.clone().oneshot(request()).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{cal:?}");
+        }
+        let before = now_secs();
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        let after = now_secs();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "{cal:?}");
+        let retry: i64 = field(&res, "retry-after").parse().unwrap();
+        assert_boundary(retry, before, after, cal, offset, "fallback Retry-After");
+    }
 }
 
 stores!(
