@@ -5,7 +5,8 @@
 //! # Layers, and the lock
 //!
 //! - [`RateLimitLayer`](rate_limit::RateLimitLayer): fixed window, sliding window (exact log and
-//!   approximate counter), token bucket and GCRA; several rules per route checked in one atomic
+//!   approximate counter), token bucket, GCRA and calendar quotas (per day, ISO week or month,
+//!   in a fixed UTC offset); several rules per route checked in one atomic
 //!   call; `429` with `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy` fields.
 //! - [`CacheLayer`](cache::CacheLayer): a response cache shared by every replica, safe by default
 //!   for a shared cache (RFC 9111), with O(1) segment invalidation and three kinds of stampede

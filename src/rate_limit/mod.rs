@@ -76,7 +76,8 @@
 //! use tower_redis_layers::rate_limit::{Calendar, Policy, Rule, UtcOffset};
 //!
 //! // 1,000 a day from midnight to midnight in California (UTC-08:00, all year).
-//! let policy = Policy::new(Rule::calendar(1_000, Calendar::Day).utc_offset(UtcOffset::hours(-8)));
+//! let daily = Rule::calendar(1_000, Calendar::Day).utc_offset(UtcOffset::hours(-8));
+//! let policy = Policy::new("daily", daily);
 //! # let _ = policy;
 //! ```
 //!

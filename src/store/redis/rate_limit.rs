@@ -61,7 +61,7 @@ pub(super) static SCRIPTS: [&Lua; 8] = [
     &SETTLE,
 ];
 
-/// The settlement of a metered request, for one rule or several (with the calendar functions).
+/// The settlement of a metered request, for one rule or several.
 static SETTLE: Lua = Lua::new(concat!(rl!("calendar"), rl!("settle")));
 
 /// Several rules, all or nothing.
