@@ -30,9 +30,9 @@ pub use self::rate_limit::rate_limit_script;
 #[cfg(feature = "redis")]
 pub use self::redis_rs::RedisStore;
 
-use self::script::{Lua, Reply, ScriptCall};
+use self::script::{Answered, Lua, NotNow, Reply, ScriptCall};
 use crate::store::{
-    breaker::{Admission, Permit},
+    breaker::{Admission, Permit, ServerAnswer},
     Breaker, StoreError,
 };
 
@@ -76,12 +76,22 @@ pub(crate) mod sealed {
         /// ([`StoreError::CircuitOpen`]), and once per probe interval a probe on the call's
         /// first key goes in the background; otherwise the call's end is recorded (a failure, a
         /// success, or, when the caller drops it unfinished, a failure).
+        ///
+        /// A call that its caller gives up while a server keeps answering it "not now"
+        /// (`TRYAGAIN` while its slot migrates), or within [`NOT_NOW_WINDOW`] of any call of
+        /// the store answered so, counts as answered, not as a failure: one migrating slot must
+        /// not open the breaker for every other slot. (redis-rs retries `TRYAGAIN` itself before
+        /// the store sees it, often past a layer's store timeout: the store's window covers
+        /// those calls once one of them was answered "not now".)
         fn guarded(
             &self,
-            call: ScriptCall,
+            mut call: ScriptCall,
         ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static {
             let attempt = match self.breaker_state().admit() {
-                Admission::Go(permit) => Ok((permit, self.call(call))),
+                Admission::Go(permit) => {
+                    let answered = call.watch(self.not_now());
+                    Ok((Recorder(Some((permit, answered))), self.call(call)))
+                }
                 Admission::Open { error, probe } => {
                     if let Some(permit) = probe {
                         send_probe(self, permit, &call);
@@ -90,8 +100,8 @@ pub(crate) mod sealed {
                 }
             };
             async move {
-                let (permit, call) = attempt?;
-                permit.record(call.await)
+                let (recorder, call) = attempt?;
+                recorder.record(call.await)
             }
         }
 
@@ -107,6 +117,39 @@ pub(crate) mod sealed {
 
         /// The prefix of every key.
         fn prefix(&self) -> &str;
+
+        /// When a server last answered a call of this store "not now" (shared by its clones).
+        fn not_now(&self) -> &Arc<NotNow>;
+    }
+}
+
+/// Records how a call let through the breaker ended; dropped unfinished, a call the server
+/// answered "not now" counts as answered (see [`sealed::Runner::guarded`]), any other as the
+/// [`Permit`] says.
+struct Recorder(Option<(Permit, Answered)>);
+
+impl Recorder {
+    fn record(mut self, result: Result<Reply, StoreError>) -> Result<Reply, StoreError> {
+        match self.0.take() {
+            Some((permit, _)) => permit.record(result),
+            None => result,
+        }
+    }
+}
+
+/// How long after a call of a store was answered "not now" its other calls given up unanswered
+/// still count as answered: a slot's migration answers `TRYAGAIN` to each of its calls, again
+/// and again, for as long as it lasts.
+pub(crate) const NOT_NOW_WINDOW: Duration = Duration::from_secs(2);
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some((permit, answered)) = self.0.take() {
+            if answered.get(NOT_NOW_WINDOW) {
+                let answer = std::io::Error::other("the server asked to try again");
+                let _ = permit.record::<()>(Err(ServerAnswer::error(answer)));
+            }
+        }
     }
 }
 
