@@ -551,6 +551,40 @@ mod tests {
         assert!(cluster_nodes("redis://a:1").is_none());
     }
 
+    /// A call given up unfinished opens the breaker (one failure is enough here), unless it
+    /// or another call of the store was answered "not now" lately.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_answered_not_now_is_no_failure() {
+        let store = Arc::new(NotNow::default());
+        let give_up = |breaker: &Breaker, not_now: bool, store: &Arc<NotNow>| {
+            let Admission::Go(permit) = breaker.admit() else {
+                panic!("the breaker is closed");
+            };
+            let mut call = ScriptCall::from_vecs(&PROBE, vec!["k".to_owned()], Vec::new());
+            let answered = call.watch(store);
+            if not_now {
+                answered.set();
+            }
+            Recorder(Some((permit, answered)))
+        };
+        let breaker = Breaker::new(crate::store::CircuitBreaker::default().failures(1));
+        let recorder = give_up(&breaker, true, &store);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        drop(recorder);
+        assert!(!breaker.is_open(), "answered TRYAGAIN");
+        // Another call of the same store, within the window.
+        let recorder = give_up(&breaker, false, &store);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        drop(recorder);
+        assert!(!breaker.is_open(), "within the window");
+        // Past the window, or on another store: a failure.
+        let fresh = Arc::new(NotNow::default());
+        let recorder = give_up(&breaker, false, &fresh);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        drop(recorder);
+        assert!(breaker.is_open(), "a call given up unanswered is a failure");
+    }
+
     #[test]
     fn rediss_needs_the_tls_feature() {
         assert!(is_tls_url("rediss://a:1"));
