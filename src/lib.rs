@@ -38,6 +38,7 @@
 //! |---|---|---|
 //! | `redis` | yes | `store::RedisStore`, on [redis-rs](https://docs.rs/redis) |
 //! | `fred` | no | `store::FredStore`, on [fred](https://docs.rs/fred) |
+//! | `tls` | no | `rediss://` URLs on the Redis stores (rustls with `ring`; `store::ConnectOptions` trusts a CA of your own) |
 //! | `axum` | yes | `KeyExtractor::peer_ip()` reads axum's `ConnectInfo<SocketAddr>` (and `MockConnectInfo`) |
 //! | `metrics` | no | counters and histograms through the [`metrics`](https://docs.rs/metrics) facade |
 //! | `test-support` | no | the `conformance` module: the suites a store of your own must pass |
