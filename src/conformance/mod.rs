@@ -1,5 +1,6 @@
 //! Conformance suites for store implementations (feature `test-support`), one per concern:
-//! [`rate_limit_suite`], [`cache_suite`], [`lock_suite`] and [`idempotency_suite`].
+//! [`rate_limit_suite`], [`cache_suite`], [`lock_suite`] and [`idempotency_suite`], and
+//! [`rate_limit_settlement_suite`] for a rate-limit store that settles metered costs.
 //!
 //! The crate runs them against the memory, `redis` and `fred` stores (standalone and cluster).
 //! Run them against a store of your own from a test:
@@ -9,6 +10,7 @@
 //! use tower_redis_layers::{conformance, store::MemoryStore};
 //! let store = MemoryStore::new();
 //! conformance::rate_limit_suite(&store).await;
+//! conformance::rate_limit_settlement_suite(&store).await;
 //! conformance::cache_suite(&store).await;
 //! conformance::lock_suite(&store).await;
 //! conformance::idempotency_suite(&store).await;
@@ -25,8 +27,10 @@ mod lock;
 mod rate_limit;
 
 pub use self::{
-    cache::cache_suite, idempotency::idempotency_suite, lock::lock_suite,
-    rate_limit::rate_limit_suite,
+    cache::cache_suite,
+    idempotency::idempotency_suite,
+    lock::lock_suite,
+    rate_limit::{rate_limit_settlement_suite, rate_limit_suite},
 };
 
 use crate::StoreKey;
