@@ -36,6 +36,8 @@ pub(crate) enum Answer {
 pub(crate) enum Taken {
     /// From the store.
     Store,
+    /// From the store, and from the local fallback's counts that shadow it while it works.
+    StoreAndLocal,
     /// From the local fallback, while the store failed.
     Local,
 }
@@ -99,12 +101,15 @@ impl Check {
                 failed(config)
             }
             Ok(decision) if decision.allowed => {
+                let mut taken = Taken::Store;
                 if self.remote && config.local_fallback.is_some() {
-                    if let Some(answer) = self.count_locally(shared, policy) {
-                        return answer;
+                    match self.count_locally(shared, policy) {
+                        Err(answer) => return answer,
+                        Ok(true) => taken = Taken::StoreAndLocal,
+                        Ok(false) => {}
                     }
                 }
-                admitted(config, policy, &self.key, &decision, Taken::Store)
+                admitted(config, policy, &self.key, &decision, taken)
             }
             Ok(decision) if config.shadow => {
                 count("denied_shadow");
@@ -157,21 +162,26 @@ impl Check {
         }
     }
 
-    /// Counts a request the store admitted against the local rules too. While the local limits
-    /// hold after a recent failure, a local denial denies the request: the answer is then
-    /// `Some`.
-    fn count_locally<B>(&self, shared: &Shared<B>, policy: &CompiledPolicy) -> Option<Answer> {
+    /// Counts a request the store admitted against the local rules too: whether the local
+    /// rules took its cost. While the local limits hold after a recent failure, a local denial
+    /// denies the request: the answer is then the error.
+    fn count_locally<B>(
+        &self,
+        shared: &Shared<B>,
+        policy: &CompiledPolicy,
+    ) -> Result<bool, Answer> {
         let config = &shared.config;
         let holding = shared.local.holding();
         // A rule whose share rounds down to 0 admits nothing locally, so there is no local
         // budget to keep from doubling: the store's answer stands.
-        let rules = policy.local.as_ref()?;
-        let decision = shared
-            .local
-            .check(&self.key, rules, self.cost, holding)
-            .ok()?;
+        let Some(rules) = policy.local.as_ref() else {
+            return Ok(false);
+        };
+        let Ok(decision) = shared.local.check(&self.key, rules, self.cost, holding) else {
+            return Ok(false);
+        };
         if decision.allowed || !holding || config.shadow {
-            return None;
+            return Ok(decision.allowed);
         }
         let check = Check {
             policy: self.policy,
@@ -181,7 +191,7 @@ impl Check {
             #[cfg(feature = "metrics")]
             started: None,
         };
-        Some(check.denied(shared, policy, &decision))
+        Err(check.denied(shared, policy, &decision))
     }
 
     fn denied<B>(self, shared: &Shared<B>, policy: &CompiledPolicy, decision: &Decision) -> Answer {
