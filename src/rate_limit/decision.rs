@@ -42,6 +42,14 @@ pub(crate) enum Taken {
     Local,
 }
 
+/// Whether the local fallback's counts took the cost of a request the store admitted.
+enum Counted {
+    Yes,
+    No,
+    /// No, and the request is denied (the local limits hold after a recent failure).
+    Denied(Answer),
+}
+
 /// One request's check, as the answer needs it once the store has replied.
 pub(crate) struct Check {
     /// The index of the policy in the configuration.
@@ -104,9 +112,9 @@ impl Check {
                 let mut taken = Taken::Store;
                 if self.remote && config.local_fallback.is_some() {
                     match self.count_locally(shared, policy) {
-                        Err(answer) => return answer,
-                        Ok(true) => taken = Taken::StoreAndLocal,
-                        Ok(false) => {}
+                        Counted::Denied(answer) => return answer,
+                        Counted::Yes => taken = Taken::StoreAndLocal,
+                        Counted::No => {}
                     }
                 }
                 admitted(config, policy, &self.key, &decision, taken)
@@ -162,26 +170,24 @@ impl Check {
         }
     }
 
-    /// Counts a request the store admitted against the local rules too: whether the local
-    /// rules took its cost. While the local limits hold after a recent failure, a local denial
-    /// denies the request: the answer is then the error.
-    fn count_locally<B>(
-        &self,
-        shared: &Shared<B>,
-        policy: &CompiledPolicy,
-    ) -> Result<bool, Answer> {
+    /// Counts a request the store admitted against the local rules too. While the local limits
+    /// hold after a recent failure, a local denial denies the request.
+    fn count_locally<B>(&self, shared: &Shared<B>, policy: &CompiledPolicy) -> Counted {
         let config = &shared.config;
         let holding = shared.local.holding();
         // A rule whose share rounds down to 0 admits nothing locally, so there is no local
         // budget to keep from doubling: the store's answer stands.
         let Some(rules) = policy.local.as_ref() else {
-            return Ok(false);
+            return Counted::No;
         };
         let Ok(decision) = shared.local.check(&self.key, rules, self.cost, holding) else {
-            return Ok(false);
+            return Counted::No;
         };
-        if decision.allowed || !holding || config.shadow {
-            return Ok(decision.allowed);
+        if decision.allowed {
+            return Counted::Yes;
+        }
+        if !holding || config.shadow {
+            return Counted::No;
         }
         let check = Check {
             policy: self.policy,
@@ -191,7 +197,7 @@ impl Check {
             #[cfg(feature = "metrics")]
             started: None,
         };
-        Err(check.denied(shared, policy, &decision))
+        Counted::Denied(check.denied(shared, policy, &decision))
     }
 
     fn denied<B>(self, shared: &Shared<B>, policy: &CompiledPolicy, decision: &Decision) -> Answer {
