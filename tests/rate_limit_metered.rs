@@ -168,7 +168,7 @@ fn settling_rules() -> [(&'static str, Rule); 3] {
 /// An actual cost above the estimate is charged: what is left goes down by the actual cost.
 async fn an_under_estimate_is_charged(env: Env) {
     for (name, rule) in settling_rules() {
-        let policy = Policy::new(rule).scope(format!("under-{name}"));
+        let policy = Policy::new("metered", rule).scope(format!("under-{name}"));
         let m = metered(env.store().await, policy, Settlement::extension());
         assert_eq!(send(&m, 10, Some("30")).await.unwrap(), StatusCode::OK);
         eventually(&m, &[70], name).await;
@@ -180,7 +180,7 @@ async fn an_under_estimate_is_charged(env: Env) {
 /// An actual cost below the estimate is refunded.
 async fn an_over_estimate_is_refunded(env: Env) {
     for (name, rule) in settling_rules() {
-        let policy = Policy::new(rule).scope(format!("over-{name}"));
+        let policy = Policy::new("metered", rule).scope(format!("over-{name}"));
         let m = metered(env.store().await, policy, Settlement::extension());
         assert_eq!(send(&m, 30, Some("5")).await.unwrap(), StatusCode::OK);
         eventually(&m, &[95], name).await;
@@ -196,7 +196,7 @@ async fn an_over_estimate_is_refunded(env: Env) {
 /// A handler error refunds the estimate, and the error passes through.
 async fn a_handler_error_refunds(env: Env) {
     for (name, rule) in settling_rules() {
-        let policy = Policy::new(rule).scope(format!("error-{name}"));
+        let policy = Policy::new("metered", rule).scope(format!("error-{name}"));
         let m = metered(env.store().await, policy, Settlement::extension());
         assert_eq!(send(&m, 10, Some("10")).await.unwrap(), StatusCode::OK);
         let error = send(&m, 40, Some("error")).await.unwrap_err();
@@ -209,7 +209,7 @@ async fn a_handler_error_refunds(env: Env) {
 /// estimate.
 async fn a_dropped_request_refunds(env: Env) {
     for (name, rule) in settling_rules() {
-        let policy = Policy::new(rule).scope(format!("dropped-{name}"));
+        let policy = Policy::new("metered", rule).scope(format!("dropped-{name}"));
         let m = metered(env.store().await, policy, Settlement::extension());
         let call = m.svc.clone().oneshot(request(30, Some("50"), true));
         let task = tokio::spawn(call);
@@ -226,7 +226,7 @@ async fn a_dropped_request_refunds(env: Env) {
 
 /// Several rules are settled together, each by the same difference.
 async fn every_rule_of_a_policy_is_settled(env: Env) {
-    let policy = Policy::new(Rule::fixed_window(100, MINUTE))
+    let policy = Policy::new("metered", Rule::fixed_window(100, MINUTE))
         .rule(Rule::token_bucket(200, 1, MINUTE))
         .rule(Rule::gcra(1, MINUTE, 300))
         .scope("multi");
@@ -243,7 +243,7 @@ async fn every_rule_of_a_policy_is_settled(env: Env) {
 /// and later requests wait until it is paid back.
 async fn an_estimate_larger_than_what_is_left_is_denied(env: Env) {
     for (name, rule) in settling_rules() {
-        let policy = Policy::new(rule).scope(format!("deny-{name}"));
+        let policy = Policy::new("metered", rule).scope(format!("deny-{name}"));
         let m = metered(env.store().await, policy, Settlement::extension());
         assert_eq!(send(&m, 10, Some("95")).await.unwrap(), StatusCode::OK);
         eventually(&m, &[5], name).await;
@@ -261,7 +261,7 @@ async fn an_estimate_larger_than_what_is_left_is_denied(env: Env) {
 /// until its `Retry-After`).
 async fn a_refund_makes_room_at_once(env: Env) {
     for (name, rule) in settling_rules() {
-        let policy = Policy::new(rule).scope(format!("room-{name}"));
+        let policy = Policy::new("metered", rule).scope(format!("room-{name}"));
         let m = metered(env.store().await, policy, Settlement::extension());
         let big = tokio::spawn(m.svc.clone().oneshot(request(90, Some("10"), true)));
         while m.started.load(Ordering::SeqCst) == 0 {
@@ -286,7 +286,7 @@ async fn a_refund_makes_room_at_once(env: Env) {
 /// The actual cost read from a configured response header, which reaches the client.
 async fn a_header_reports_the_actual_cost(env: Env) {
     let store = env.store().await;
-    let policy = Policy::new(Rule::fixed_window(100, MINUTE)).scope("header");
+    let policy = Policy::new("metered", Rule::fixed_window(100, MINUTE)).scope("header");
     let handler = service_fn(|req: Request<String>| async move {
         let mut response = Response::builder();
         if req.headers().contains_key("x-report") {
@@ -332,7 +332,7 @@ async fn a_header_reports_the_actual_cost(env: Env) {
 /// gave.
 async fn a_settlement_after_its_window_changes_nothing(env: Env) {
     let window = Duration::from_secs(1);
-    let policy = Policy::new(Rule::fixed_window(100, window)).scope("late");
+    let policy = Policy::new("metered", Rule::fixed_window(100, window)).scope("late");
     let m = metered(env.store().await, policy, Settlement::extension());
     let svc = m.svc.clone();
     let refund = tokio::spawn(svc.clone().oneshot(request(50, Some("0"), true)));
@@ -360,11 +360,11 @@ async fn a_settled_request_is_two_script_calls(env: Env) {
     if env.servers().is_empty() {
         return;
     }
-    let policy = Policy::new(Rule::gcra(1, MINUTE, 100))
+    let policy = Policy::new("metered", Rule::gcra(1, MINUTE, 100))
         .rule(Rule::fixed_window(100, MINUTE))
         .scope("calls");
     let m = metered(env.store().await, policy, Settlement::extension());
-    let policy = Policy::new(Rule::token_bucket(100, 1, MINUTE)).scope("calls-one");
+    let policy = Policy::new("metered", Rule::token_bucket(100, 1, MINUTE)).scope("calls-one");
     let one = metered(env.store().await, policy, Settlement::extension());
     for (m, name) in [(&m, "two rules"), (&one, "one rule")] {
         let before = script_calls(&env);
@@ -400,7 +400,7 @@ async fn a_sliding_rule_in_a_metered_policy_is_refused() {
         Rule::sliding_log(5, MINUTE),
         Rule::sliding_window(5, MINUTE),
     ] {
-        let policy = Policy::new(Rule::fixed_window(5, MINUTE)).rule(rule);
+        let policy = Policy::new("metered", Rule::fixed_window(5, MINUTE)).rule(rule);
         let layer = RateLimitLayer::new(MemoryStore::new(), policy)
             .key(KeyExtractor::global())
             .settlement(Settlement::extension())
@@ -419,10 +419,13 @@ async fn a_sliding_rule_in_a_metered_policy_is_refused() {
 /// Without a settlement the layer charges the estimate, whatever the response says.
 #[tokio::test]
 async fn without_a_settlement_the_estimate_stands() {
-    let layer = RateLimitLayer::new(MemoryStore::new(), Rule::fixed_window(100, MINUTE))
-        .key(KeyExtractor::global())
-        .headers(Headers::All)
-        .cost(|_| 10);
+    let layer = RateLimitLayer::new(
+        MemoryStore::new(),
+        Policy::new("metered", Rule::fixed_window(100, MINUTE)),
+    )
+    .key(KeyExtractor::global())
+    .headers(Headers::All)
+    .cost(|_| 10);
     let svc =
         ServiceBuilder::new()
             .layer(layer)

@@ -6,6 +6,11 @@
 //! and the segment name. Both are [`StoreKey`]s: SHA-256, truncated, so a Redis key never holds
 //! request text.
 //!
+//! A segment is spread over [`Shards`]: the primary key (so every `Vary` variant of a resource,
+//! and its fill lock) picks one shard, and each shard is a segment of its own in the store (its
+//! own version, and on Redis its own hash tag, so its own cluster slot). Shard 0 of a segment
+//! has the key an unsharded segment has. Invalidating a segment invalidates each of its shards.
+//!
 //! [`Keying::keys`] is the one place a request's keys are derived: the service looks the request
 //! up by them, and [`CacheHandle::invalidate_request`](super::CacheHandle::invalidate_request)
 //! deletes by them.
@@ -26,6 +31,13 @@ pub(crate) type SegmentFn = dyn Fn(&Parts) -> String + Send + Sync;
 /// closure is set.
 pub(crate) const DEFAULT_SEGMENT: &str = "";
 
+/// How many shards each segment is spread over when the layer names none: this many for the
+/// layer's default segment (no segment closure), one when a closure names the segments.
+pub(crate) const DEFAULT_SHARDS: u16 = 16;
+
+/// The most shards a segment can have (an invalidation makes one store call per shard).
+pub(crate) const MAX_SHARDS: u16 = 1024;
+
 /// What a layer's keys are made of: its static scope, and the per-request partition and segment.
 #[derive(Clone)]
 pub(crate) struct Keying {
@@ -33,6 +45,129 @@ pub(crate) struct Keying {
     pub(crate) hosts: Hosts,
     pub(crate) partition: Option<Arc<PartitionFn>>,
     pub(crate) segment: Option<Arc<SegmentFn>>,
+    /// The shards of every segment; `None`: [`DEFAULT_SHARDS`] without a segment closure, else 1.
+    pub(crate) shards: Option<u16>,
+    /// The shard keys found so far (shared by clones of the layer).
+    pub(crate) shard_memo: Arc<ShardMemo>,
+}
+
+/// The shards a segment is spread over: `count` segments of the store (the segment's own key
+/// when `count` is 1).
+///
+/// On Redis a segment's keys carry its key's hex digits as their hash tag, so each shard has a
+/// cluster slot of its own; the shard keys are chosen so that the slots of a segment's shards
+/// fall evenly across the slot space (shard `i` in the `i`-th of `min(count, 16)` equal bands,
+/// cycling). A cluster's nodes own contiguous ranges of slots, mostly of about equal size (what
+/// `redis-cli --cluster create` makes), so a segment's entries spread about evenly over the
+/// nodes, not by the luck of 16 random slots.
+#[derive(Debug, Clone)]
+pub(crate) struct Shards<'a> {
+    segment: StoreKey,
+    count: u16,
+    memo: &'a ShardMemo,
+}
+
+impl Shards<'_> {
+    /// The shard of the entries under `primary`: the same for every variant of a resource.
+    pub(crate) fn of(&self, primary: PrimaryKey) -> StoreKey {
+        let bytes = primary.0.as_bytes();
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&bytes[..8]);
+        let index = u64::from_le_bytes(head) % u64::from(self.count.max(1));
+        // `index` < `count`, a u16.
+        self.shard(u16::try_from(index).unwrap_or(0))
+    }
+
+    /// Every shard's key, shard 0 first.
+    pub(crate) fn all(&self) -> Vec<StoreKey> {
+        (0..self.count.max(1))
+            .map(|index| self.shard(index))
+            .collect()
+    }
+
+    /// The key of shard `index`.
+    fn shard(&self, index: u16) -> StoreKey {
+        if self.count <= 1 {
+            return self.segment;
+        }
+        self.memo
+            .get_or_insert((self.segment, self.count, index), || {
+                shard_key(self.segment, self.count, index)
+            })
+    }
+}
+
+/// How many bands of the slot space a segment's shards are placed in, at most.
+const SLOT_BANDS: u16 = 16;
+
+/// The key of shard `index` of `count`: the first of a series of hashes of the segment key and
+/// `index` whose cluster slot is in the shard's band (16 tries on average, at most 16).
+fn shard_key(segment: StoreKey, count: u16, index: u16) -> StoreKey {
+    let bands = u32::from(count.clamp(1, SLOT_BANDS));
+    let band = u32::from(index) % bands;
+    let (low, high) = (band * SLOTS / bands, (band + 1) * SLOTS / bands);
+    let mut key = segment;
+    // A miss is 15 in 16 at worst: 1,000 misses in a row never happen, and would only cost the
+    // even spread of this one shard.
+    for attempt in 0u32..1000 {
+        key = StoreKey::from_parts([
+            b"trl-cache-shard".as_slice(),
+            segment.as_bytes().as_slice(),
+            &index.to_le_bytes(),
+            &attempt.to_le_bytes(),
+        ]);
+        let slot = u32::from(cluster_slot(&key));
+        if (low..high).contains(&slot) {
+            break;
+        }
+    }
+    key
+}
+
+/// The number of Redis Cluster hash slots.
+const SLOTS: u32 = 16384;
+
+/// The Redis Cluster slot of the keys of segment `key` in the Redis stores (their hash tag is
+/// the key's 32 hex digits; see `src/store/redis/cache.rs`): CRC16 (XMODEM) modulo 16384.
+pub(crate) fn cluster_slot(key: &StoreKey) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in key.to_hex().bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    // The modulo keeps it below 16384.
+    u16::try_from(u32::from(crc) % SLOTS).unwrap_or(0)
+}
+
+/// The shard keys already found (finding one takes about 16 hashes), by segment, count and
+/// index. Bounded: forgotten when it grows too big.
+#[derive(Debug, Default)]
+pub(crate) struct ShardMemo {
+    map: Mutex<HashMap<(StoreKey, u16, u16), StoreKey>>,
+}
+
+const SHARD_MEMO_MAX: usize = 10_000;
+
+impl ShardMemo {
+    fn get_or_insert(&self, id: (StoreKey, u16, u16), make: impl FnOnce() -> StoreKey) -> StoreKey {
+        if let Some(key) = self.map.lock().ok().and_then(|map| map.get(&id).copied()) {
+            return key;
+        }
+        let key = make();
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= SHARD_MEMO_MAX {
+                map.clear();
+            }
+            map.insert(id, key);
+        }
+        key
+    }
 }
 
 /// Which request hosts the cache serves, and the host in the key.
@@ -91,10 +226,11 @@ impl Keying {
             None => None,
         };
         let segment = match &self.segment {
-            Some(f) => self.segment_key(&f(parts)),
-            None => self.segment_key(DEFAULT_SEGMENT),
+            Some(f) => self.shards(&f(parts)),
+            None => self.shards(DEFAULT_SEGMENT),
         };
         let primary = primary_key(&self.scope, &host, parts, partition.as_deref());
+        let segment = segment.of(primary);
         let names = vary.get(primary);
         let values = vary_values(&parts.headers, names.as_deref().unwrap_or(&[]));
         Some(EntryKeys {
@@ -104,9 +240,28 @@ impl Keying {
         })
     }
 
-    /// The key of the segment `name`.
+    /// The key of the segment `name` (unsharded: its shard 0).
     pub(crate) fn segment_key(&self, name: &str) -> StoreKey {
         segment_key(&self.scope, name)
+    }
+
+    /// The shards of the segment `name`.
+    pub(crate) fn shards(&self, name: &str) -> Shards<'_> {
+        Shards {
+            segment: self.segment_key(name),
+            count: self.shard_count(),
+            memo: &self.shard_memo,
+        }
+    }
+
+    /// How many shards every segment of the layer has.
+    pub(crate) fn shard_count(&self) -> u16 {
+        let default = if self.segment.is_some() {
+            1
+        } else {
+            DEFAULT_SHARDS
+        };
+        self.shards.unwrap_or(default).clamp(1, MAX_SHARDS)
     }
 }
 
@@ -284,9 +439,14 @@ mod tests {
             hosts: Hosts::Any,
             partition: None,
             segment: None,
+            shards: None,
+            shard_memo: Arc::default(),
         };
         let plain = keying.keys(&parts("fr"), &vary).unwrap();
-        assert_eq!(plain.segment, keying.segment_key(DEFAULT_SEGMENT));
+        assert_eq!(
+            plain.segment,
+            keying.shards(DEFAULT_SEGMENT).of(plain.primary)
+        );
         assert_eq!(plain.entry, plain.primary.0);
         // Once `Vary: accept-language` is known, the entry key holds the request's value.
         let names = [HeaderName::from_static("accept-language")];
@@ -300,12 +460,97 @@ mod tests {
         // The segment closure names the segment; a partition closure without an answer bypasses.
         keying.segment = Some(Arc::new(|p: &Parts| p.uri.path().to_owned()));
         let segmented = keying.keys(&parts("fr"), &vary).unwrap();
+        // One shard per named segment by default: the segment's own key.
         assert_eq!(segmented.segment, keying.segment_key("/users/1"));
         keying.partition = Some(Arc::new(|_: &Parts| None));
         assert!(keying.keys(&parts("fr"), &vary).is_none());
         keying.partition = Some(Arc::new(|_: &Parts| Some("tenant".to_owned())));
         let partitioned = keying.keys(&parts("fr"), &vary).unwrap();
         assert_ne!(partitioned.primary, fr.primary);
+    }
+
+    #[test]
+    fn shards_spread_entries_and_keep_variants_together() {
+        let mut keying = Keying {
+            scope: "s".to_owned(),
+            hosts: Hosts::Any,
+            partition: None,
+            segment: None,
+            shards: None,
+            shard_memo: Arc::default(),
+        };
+        assert_eq!(keying.shard_count(), DEFAULT_SHARDS);
+        let all = keying.shards(DEFAULT_SEGMENT).all();
+        assert_eq!(all.len(), usize::from(DEFAULT_SHARDS));
+        assert_eq!(
+            all,
+            keying.shards(DEFAULT_SEGMENT).all(),
+            "the same keys every time"
+        );
+        // Shard i in the i-th sixteenth of the slot space.
+        for (i, shard) in all.iter().enumerate() {
+            let band = usize::from(cluster_slot(shard)) * 16 / 16384;
+            assert_eq!(band, i, "shard {i}");
+        }
+        // Beyond 16 shards the bands cycle; one shard is the segment itself.
+        keying.shards = Some(40);
+        let forty = keying.shards(DEFAULT_SEGMENT).all();
+        for (i, shard) in forty.iter().enumerate() {
+            assert_eq!(usize::from(cluster_slot(shard)) * 16 / 16384, i % 16);
+        }
+        keying.shards = Some(1);
+        assert_eq!(
+            keying.shards(DEFAULT_SEGMENT).all(),
+            [keying.segment_key(DEFAULT_SEGMENT)]
+        );
+        keying.shards = None;
+        // 1,000 resources land on every shard, and always on one of them.
+        let vary = VaryRegistry::default();
+        let mut used = std::collections::HashSet::new();
+        for i in 0..1000 {
+            let parts = http::Request::get(format!("http://x/items/{i}"))
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            let keys = keying.keys(&parts, &vary).unwrap();
+            assert!(all.contains(&keys.segment));
+            assert_eq!(
+                keys.segment,
+                keying.shards(DEFAULT_SEGMENT).of(keys.primary)
+            );
+            used.insert(keys.segment);
+        }
+        assert_eq!(used.len(), all.len());
+        // A segment closure: one shard unless asked; the count is clamped.
+        keying.segment = Some(Arc::new(|_: &Parts| "named".to_owned()));
+        assert_eq!(keying.shard_count(), 1);
+        keying.shards = Some(0);
+        assert_eq!(keying.shard_count(), 1);
+        keying.shards = Some(u16::MAX);
+        assert_eq!(keying.shard_count(), MAX_SHARDS);
+    }
+
+    #[test]
+    fn cluster_slots_as_redis_computes_them() {
+        // CRC16/XMODEM of "123456789" is 0x31C3; a key's slot is that of its hex digits.
+        let crc = |s: &str| {
+            let mut crc: u16 = 0;
+            for byte in s.bytes() {
+                crc ^= u16::from(byte) << 8;
+                for _ in 0..8 {
+                    crc = if crc & 0x8000 != 0 {
+                        (crc << 1) ^ 0x1021
+                    } else {
+                        crc << 1
+                    };
+                }
+            }
+            crc
+        };
+        assert_eq!(crc("123456789"), 0x31C3);
+        let key = StoreKey::from_parts([b"x".as_slice()]);
+        assert_eq!(cluster_slot(&key), crc(&key.to_hex()) % 16384);
     }
 
     #[test]

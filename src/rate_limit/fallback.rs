@@ -27,6 +27,14 @@ use crate::{
 /// is the real number of replicas), instead of everything. A quota that rounds down to 0 denies
 /// every request during the outage (`429` with `Retry-After: 1`).
 ///
+/// A [calendar](super::Rule::calendar) quota is divided the same way and keeps its periods,
+/// on this process's system clock rather than the Redis server's (they differ by the clocks'
+/// skew). The local counts cover what this replica admitted since the period began (or since
+/// it started): during an outage each replica admits up to its share minus what it already
+/// admitted in the period, so a period holding an outage admits less than twice the limit, and
+/// a replica that took its share before the outage denies until the next boundary (or the
+/// store's return).
+///
 /// While the store works, each replica also counts what it admitted in memory, and for
 /// [`hold`](Self::hold) after a failed (or breaker-refused) call a request needs the local
 /// rules' consent as well as the store's, so that a store that fails now and then (a lossy
@@ -111,6 +119,17 @@ fn divide_rule(rule: &Rule, replicas: u32) -> Option<Rule> {
             rate,
             period: longer(period),
             burst: burst / d,
+        },
+        // A calendar quota is divided like a window's limit; the period stays the calendar's
+        // (on this process's clock, see `LocalFallback`).
+        Strategy::Calendar {
+            limit,
+            period,
+            offset,
+        } => Strategy::Calendar {
+            limit: limit / d,
+            period,
+            offset,
         },
     };
     let local = Rule {
@@ -211,5 +230,25 @@ mod tests {
         );
         assert_eq!(divide(&rules, 1).unwrap(), rules);
         assert!(divide(&[Rule::sliding_log(2, s)], 3).is_none());
+    }
+
+    #[test]
+    fn calendar_quotas_divide_and_keep_their_periods() {
+        use crate::store::{Calendar, UtcOffset};
+        let offset = UtcOffset::minutes(330);
+        let rule = Rule::calendar(1000, Calendar::Month)
+            .utc_offset(offset)
+            .name("monthly");
+        let local = divide(std::slice::from_ref(&rule), 3).unwrap();
+        assert_eq!(
+            *local[0].strategy(),
+            Strategy::Calendar {
+                limit: 333,
+                period: Calendar::Month,
+                offset
+            }
+        );
+        assert_eq!(local[0].policy_name(), "monthly");
+        assert!(divide(&[Rule::calendar(2, Calendar::Day)], 3).is_none());
     }
 }

@@ -17,7 +17,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! // 2 per second AND 1000 per hour, per API key (else per peer IP).
-//! let policy = Policy::new(Rule::gcra(2, Duration::from_secs(1), 2).name("per-second"))
+//! let policy = Policy::new("api", Rule::gcra(2, Duration::from_secs(1), 2).name("per-second"))
 //!     .rule(Rule::fixed_window(1000, Duration::from_secs(3600)).name("per-hour"));
 //! let layer = RateLimitLayer::new(MemoryStore::new(), policy)
 //!     .scope("api")
@@ -61,6 +61,24 @@
 //! | [`Rule::sliding_window`] | two counters | approximate | O(1); see [`Strategy::SlidingWindow`] for the bound |
 //! | [`Rule::token_bucket`] | tokens + time | yes | bursts up to the capacity, steady refill |
 //! | [`Rule::gcra`] | one timestamp | yes | same admissions as a token bucket, cheapest exact one |
+//! | [`Rule::calendar`] | one counter | per period | a day, ISO week or month in a fixed UTC offset; up to 2x the limit across a boundary |
+//!
+//! # Calendar quotas
+//!
+//! [`Rule::calendar`] counts per calendar period: "1,000 per day" starts again at midnight,
+//! "50,000 per month" on the 1st ([`Calendar`]: days, ISO weeks from Monday 00:00, months of
+//! 28 to 31 days with leap years), in UTC or a fixed [`UtcOffset`] (no time zones, so no
+//! daylight saving time). The period is read from the store's clock (the Redis server's `TIME`).
+//! `Retry-After` and `t` count the seconds to the next boundary; `RateLimit-Policy`'s `w` is
+//! the nominal length of the period (a month is 30 days). See [`Strategy::Calendar`].
+//!
+//! ```
+//! use tower_redis_layers::rate_limit::{Calendar, Policy, Rule, UtcOffset};
+//!
+//! // 1,000 a day from midnight to midnight in California (UTC-08:00, all year).
+//! let policy = Policy::new(Rule::calendar(1_000, Calendar::Day).utc_offset(UtcOffset::hours(-8)));
+//! # let _ = policy;
+//! ```
 //!
 //! # Where the counters live
 //!
@@ -124,8 +142,8 @@
 //! - **No actual cost.** An error of the inner service, or a response future dropped before the
 //!   response (the client went away), refunds the estimate. A response that reports no actual
 //!   cost keeps the estimate.
-//! - **Strategies.** Fixed window, token bucket and GCRA rules settle, all the rules of a policy
-//!   in one script call, on the same keys as the check. A policy with a sliding log or sliding
+//! - **Strategies.** Fixed window, calendar, token bucket and GCRA rules settle, all the rules
+//!   of a policy in one script call, on the same keys as the check. A policy with a sliding log or sliding
 //!   window rule is invalid in a metered layer (their state is a log or a weighted estimate that
 //!   a later correction cannot apply to exactly): it is logged as an error and handled by the
 //!   failure mode, like every invalid policy.
@@ -163,11 +181,11 @@
 //! ```
 //! use std::time::Duration;
 //! use tower_redis_layers::store::MemoryStore;
-//! use tower_redis_layers::rate_limit::{LocalFallback, RateLimitLayer, Rule};
+//! use tower_redis_layers::rate_limit::{LocalFallback, Policy, RateLimitLayer, Rule};
 //!
 //! // Three replicas share 300 per minute; during an outage each admits 100 per minute.
-//! let layer = RateLimitLayer::new(MemoryStore::new(), Rule::fixed_window(300, Duration::from_secs(60)))
-//!     .local_fallback(LocalFallback::new(3));
+//! let policy = Policy::new("api", Rule::fixed_window(300, Duration::from_secs(60)));
+//! let layer = RateLimitLayer::new(MemoryStore::new(), policy).local_fallback(LocalFallback::new(3));
 //! # let _ = layer;
 //! ```
 //!
@@ -181,6 +199,7 @@
 mod decision;
 mod deny_cache;
 mod fallback;
+mod forwarded;
 mod future;
 mod headers;
 mod key;
@@ -191,6 +210,7 @@ mod settle;
 
 pub use self::{
     fallback::LocalFallback,
+    forwarded::{InvalidRange, Trusted},
     future::ResponseFuture,
     headers::Headers,
     key::KeyExtractor,
@@ -200,7 +220,7 @@ pub use self::{
     settle::{ActualCost, Settlement},
 };
 pub use crate::{
-    store::{FailureMode, Rule, Strategy},
+    store::{Calendar, FailureMode, InvalidUtcOffset, Rule, Strategy, UtcOffset},
     ResponseBody,
 };
 

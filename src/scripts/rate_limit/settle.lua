@@ -15,6 +15,9 @@
 --                 debt that the refill pays back), at most back to its capacity on a refund
 --   GCRA          the TAT, from now at the earliest, moves by delta emission intervals; a TAT
 --                 back at or before now is deleted (the same as absent)
+--   calendar      like the fixed window: the count moves by delta (never below 0) only while
+--                 the period that counted the check lasts (the period holding now - age is
+--                 the counter's); the counter keeps its expiry (KEEPTTL)
 --   sliding log and sliding window: left as they are (the layer refuses them in a metered
 --                 policy)
 -- Reply: the number of rules changed. Time comes from the server (TIME).
@@ -42,6 +45,17 @@ for i = 1, #KEYS do
         local change = math.max(used + delta, 0) - used
         -- INCRBY keeps the window's expiry.
         if change ~= 0 then redis.call('INCRBY', key, change) end
+        changed = changed + 1
+      end
+    end
+  elseif kind == '6' then
+    local v = redis.call('GET', key)
+    if v then
+      local p, u = string.match(v, '^(%-?%d+):(%d+)$')
+      local first = calendar_period(now - age * 1000, c)
+      if p and tonumber(p) == first then
+        local used = tonumber(u)
+        redis.call('SET', key, string.format('%d:%d', first, math.max(used + delta, 0)), 'KEEPTTL')
         changed = changed + 1
       end
     end

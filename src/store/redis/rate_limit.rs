@@ -39,23 +39,34 @@ static SLIDING_LOG: Lua = single_rule!("sliding_log");
 static SLIDING_WINDOW: Lua = single_rule!("sliding_window");
 static TOKEN_BUCKET: Lua = single_rule!("token_bucket");
 static GCRA: Lua = single_rule!("gcra");
+/// A calendar rule: the single-rule script with the calendar functions after its head.
+static CALENDAR: Lua = Lua::new(concat!(
+    rl!("single_head"),
+    rl!("calendar"),
+    rl!("calendar_check"),
+    rl!("single_mid"),
+    rl!("calendar_commit"),
+    rl!("single_tail"),
+));
 
 /// Every rate-limit script, loaded on each (re)connect.
-pub(super) static SCRIPTS: [&Lua; 7] = [
+pub(super) static SCRIPTS: [&Lua; 8] = [
     &FIXED_WINDOW,
     &SLIDING_LOG,
     &SLIDING_WINDOW,
     &TOKEN_BUCKET,
     &GCRA,
+    &CALENDAR,
     &MULTI_RULE,
     &SETTLE,
 ];
 
-/// The settlement of a metered request, for one rule or several.
-static SETTLE: Lua = Lua::new(rl!("settle"));
+/// The settlement of a metered request, for one rule or several (with the calendar functions).
+static SETTLE: Lua = Lua::new(concat!(rl!("calendar"), rl!("settle")));
 
 /// Several rules, all or nothing.
 pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
+    rl!("calendar"),
     rl!("multi_head"),
     "  if kind == '1' then\n",
     rl!("fixed_window_check"),
@@ -65,6 +76,8 @@ pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
     rl!("sliding_window_check"),
     "  elseif kind == '4' then\n",
     rl!("token_bucket_check"),
+    "  elseif kind == '6' then\n",
+    rl!("calendar_check"),
     "  else\n",
     rl!("gcra_check"),
     "  end\n",
@@ -77,6 +90,8 @@ pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
     rl!("sliding_window_commit"),
     "    elseif kind == '4' then\n",
     rl!("token_bucket_commit"),
+    "    elseif kind == '6' then\n",
+    rl!("calendar_commit"),
     "    else\n",
     rl!("gcra_commit"),
     "    end\n",
@@ -92,6 +107,7 @@ fn script_for(rules: &[Rule]) -> &'static Lua {
             2 => &SLIDING_LOG,
             3 => &SLIDING_WINDOW,
             4 => &TOKEN_BUCKET,
+            6 => &CALENDAR,
             _ => &GCRA,
         },
         _ => &MULTI_RULE,
@@ -103,6 +119,25 @@ fn script_for(rules: &[Rule]) -> &'static Lua {
 /// `SCRIPT LOAD` ahead of time (the stores load it themselves on `NOSCRIPT`).
 pub fn rate_limit_script(rules: &[Rule]) -> &'static str {
     script_for(rules).text
+}
+
+/// The calendar functions of the rate-limit scripts (`calendar.lua`, the very text they run)
+/// with an entry point that returns the period holding a given time: `EVAL` it with no keys and
+/// `ARGV[1]` = µs since the epoch, `ARGV[2]` = the rule's calendar spec (see
+/// [`calendar_spec`]); the reply is `{ first day of the period (days since the epoch, on the
+/// offset's clock), end of the period (µs since the epoch) }`. For tests only.
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub fn calendar_period_script() -> &'static str {
+    concat!(rl!("calendar"), rl!("calendar_period"))
+}
+
+/// The calendar spec the scripts read for `rule` (its `c`), or `None` for a rule that is not a
+/// calendar rule. For tests only (see [`calendar_period_script`]).
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub fn calendar_spec(rule: &Rule) -> Option<u64> {
+    (rule.kind() == 6).then(|| rule.encode().2)
 }
 
 /// The call that checks `check`: keys `<prefix>:{<hashed key>}:<rule signature>` (one hash tag,
