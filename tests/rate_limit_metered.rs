@@ -456,7 +456,7 @@ async fn with_redis_down_the_local_fallback_settles() {
     let store = tower_redis_layers::store::RedisStore::connect(&server.url())
         .await
         .unwrap();
-    let policy = Policy::new(Rule::fixed_window(100, MINUTE)).scope("down");
+    let policy = Policy::new("metered", Rule::fixed_window(100, MINUTE)).scope("down");
     let m = metered(store, policy, Settlement::extension());
     assert_eq!(send(&m, 10, Some("30")).await.unwrap(), StatusCode::OK);
     eventually(&m, &[70], "on Redis").await;
