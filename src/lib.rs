@@ -139,6 +139,7 @@ pub mod lock;
 mod problem;
 pub mod rate_limit;
 pub mod store;
+pub mod throttle;
 
 pub use body::ResponseBody;
 pub use key::StoreKey;

@@ -120,6 +120,7 @@ mod layer;
 mod policy;
 mod service;
 
+pub(crate) use self::policy::CompiledPolicy;
 pub use self::{
     fallback::LocalFallback,
     future::ResponseFuture,
