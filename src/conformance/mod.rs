@@ -1,5 +1,6 @@
 //! Conformance suites for store implementations (feature `test-support`), one per concern:
-//! [`rate_limit_suite`], [`cache_suite`], [`lock_suite`] and [`idempotency_suite`].
+//! [`rate_limit_suite`] (and [`rate_limit_admin_suite`] for a store's administration methods),
+//! [`cache_suite`], [`lock_suite`] and [`idempotency_suite`].
 //!
 //! The crate runs them against the memory, `redis` and `fred` stores (standalone and cluster).
 //! Run them against a store of your own from a test:
@@ -25,8 +26,10 @@ mod lock;
 mod rate_limit;
 
 pub use self::{
-    cache::cache_suite, idempotency::idempotency_suite, lock::lock_suite,
-    rate_limit::rate_limit_suite,
+    cache::cache_suite,
+    idempotency::idempotency_suite,
+    lock::lock_suite,
+    rate_limit::{rate_limit_admin_suite, rate_limit_suite},
 };
 
 use crate::StoreKey;

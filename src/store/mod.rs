@@ -56,7 +56,9 @@ pub(crate) use self::call::{bounded, Bounded};
 pub use self::idempotency::{Claim, ClaimRequest, IdempotencyStore};
 pub use self::lock::LockStore;
 pub use self::memory::MemoryStore;
-pub use self::rate_limit::{Decision, RateCheck, RateLimitStore, Rule, RuleState, Strategy};
+pub use self::rate_limit::{
+    Decision, Override, RateCheck, RateLimitStore, Rule, RuleState, Strategy,
+};
 #[cfg(feature = "fred")]
 pub use self::redis::FredStore;
 #[cfg(feature = "redis")]

@@ -8,7 +8,10 @@ use std::{
 
 use super::{MemoryStore, SWEEP_EVERY_US};
 use crate::{
-    store::{Decision, RateCheck, RateLimitStore, Rule, RuleState, StoreError, Strategy},
+    store::{
+        Decision, Override, RateCheck, RateLimitStore, Rule, RuleState, StoreError, StoreFuture,
+        Strategy,
+    },
     StoreKey,
 };
 
@@ -43,6 +46,10 @@ enum State {
         ts: u64,
     },
     Tat(u64),
+    /// The override of a key (see [`override_slot`]): blocked, or allowed.
+    Override {
+        allow: bool,
+    },
 }
 
 impl MemoryStore {
@@ -124,6 +131,14 @@ impl RateLimitStore for MemoryStore {
 
     fn is_remote(&self) -> bool {
         false
+    }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        Box::pin(ready(self.reset_key(key, rules)))
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        Box::pin(ready(self.override_key(key, state)))
     }
 }
 
@@ -436,4 +451,40 @@ fn gcra(i: &Input<'_>) -> Eval {
     };
     let remaining = ((now - (tat - burst)) / interval).floor().max(0.0) as u64;
     Eval::deny(remaining, tat - now, retry)
+}
+
+// Administration: resetting a key, and its override.
+
+/// Where the override of `key` lives: a slot of kind 0, which no rule has.
+fn override_slot(key: &StoreKey) -> SlotKey {
+    (*key, 0, 0, 0, 0)
+}
+
+impl MemoryStore {
+    fn reset_key(&self, key: &StoreKey, rules: &[Rule]) -> Result<(), StoreError> {
+        let mut shard = self.inner.rate_limit.lock(key)?;
+        for rule in rules {
+            shard.map.remove(&slot_key(key, rule));
+        }
+        Ok(())
+    }
+
+    fn override_key(&self, key: &StoreKey, state: Option<Override>) -> Result<(), StoreError> {
+        let mut shard = self.inner.rate_limit.lock(key)?;
+        let Some(state) = state else {
+            shard.map.remove(&override_slot(key));
+            return Ok(());
+        };
+        let now = self.now_us();
+        // At least 1 ms, as on Redis.
+        let lasts = u64::try_from(state.duration().as_micros()).unwrap_or(u64::MAX);
+        let slot = Slot {
+            state: State::Override {
+                allow: matches!(state, Override::Allow(_)),
+            },
+            expires_at: now.saturating_add(lasts.max(1000)),
+        };
+        shard.map.insert(override_slot(key), slot);
+        Ok(())
+    }
 }

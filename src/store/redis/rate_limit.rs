@@ -8,7 +8,12 @@ use super::{
     script::{BoxFuture, Lua, Reply, ScriptCall},
     ScriptRunner,
 };
-use crate::store::{Decision, RateCheck, RateLimitStore, Rule, RuleState, StoreError};
+use crate::{
+    store::{
+        Decision, Override, RateCheck, RateLimitStore, Rule, RuleState, StoreError, StoreFuture,
+    },
+    StoreKey,
+};
 
 /// The fragments of the rate-limit scripts (see `src/scripts/rate_limit/README.md`).
 macro_rules! rl {
@@ -214,6 +219,14 @@ impl<R: ScriptRunner> RateLimitStore for R {
         let rules = check.rules.len();
         let call = self.guarded(rate_limit_call(self.prefix(), &check));
         Box::pin(async move { decode_decision(call.await?, rules) })
+    }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        super::rate_limit_admin::reset(self, key, rules)
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        super::rate_limit_admin::set_override(self, key, state)
     }
 }
 
