@@ -36,7 +36,7 @@ use redis::aio::ConnectionManager;
 use strategies::{strategies, HUGE};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    rate_limit::{KeyExtractor, MissingKey, RateLimitLayer, Rule},
+    rate_limit::{KeyExtractor, MissingKey, Policy, RateLimitLayer, Rule},
     store::{FredStore, MemoryStore, RateCheck, RateLimitStore, RedisStore},
     StoreKey,
 };
@@ -177,7 +177,7 @@ async fn app(redis: &RedisServer) -> Router {
             "/memory",
             get(ok).layer(RateLimitLayer::new(
                 memory.clone(),
-                Rule::gcra(HUGE, Duration::from_secs(1), HUGE),
+                Policy::new("memory", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
             )),
         )
         .route(
@@ -190,21 +190,23 @@ async fn app(redis: &RedisServer) -> Router {
             get(ok).layer(
                 RateLimitLayer::new(
                     redis_store.clone(),
-                    Rule::gcra(HUGE, Duration::from_secs(1), HUGE),
+                    Policy::new("keys", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
                 )
                 .key(KeyExtractor::header(HeaderName::from_static("x-api-key")))
                 .on_missing_key(MissingKey::Shared),
             ),
         );
     for (name, rule) in strategies() {
+        // redis-rs and fred count under one name, as two replicas of a service would.
+        let policy = Policy::new(name, rule.clone());
         router = router
             .route(
                 &format!("/redis/{name}"),
-                get(ok).layer(RateLimitLayer::new(redis_store.clone(), rule.clone())),
+                get(ok).layer(RateLimitLayer::new(redis_store.clone(), policy.clone())),
             )
             .route(
                 &format!("/fred/{name}"),
-                get(ok).layer(RateLimitLayer::new(fred_store.clone(), rule.clone())),
+                get(ok).layer(RateLimitLayer::new(fred_store.clone(), policy)),
             );
         let script = tower_redis_layers::store::rate_limit_script(std::slice::from_ref(&rule));
         let sha: String = redis::cmd("SCRIPT")
@@ -252,7 +254,7 @@ async fn app(redis: &RedisServer) -> Router {
         ),
     );
     // A flood from one key that is over its limit.
-    let over = Rule::fixed_window(1, Duration::from_secs(600));
+    let over = Policy::new("flood", Rule::fixed_window(1, Duration::from_secs(600)));
     router
         .route(
             "/flood/deny-cache",
@@ -532,7 +534,7 @@ async fn allocations_per_request() -> (f64, f64) {
     let limited = ServiceBuilder::new()
         .layer(RateLimitLayer::new(
             MemoryStore::new(),
-            Rule::gcra(HUGE, Duration::from_secs(1), HUGE),
+            Policy::new("bench", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
         ))
         .service(bare);
     let request = || {

@@ -81,14 +81,20 @@ fn app<B: RateLimitStore + Clone>(store: B) -> Router {
     let key =
         KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
     // 10 per second AND 1000 per hour, checked in one atomic call.
-    let api = Policy::new(Rule::gcra(10, Duration::from_secs(1), 10).name("per-second"))
-        .rule(Rule::fixed_window(1000, Duration::from_secs(3600)).name("per-hour"));
+    let api = Policy::new(
+        "api",
+        Rule::gcra(10, Duration::from_secs(1), 10).name("per-second"),
+    )
+    .rule(Rule::fixed_window(1000, Duration::from_secs(3600)).name("per-hour"));
     let api_limit = RateLimitLayer::new(store.clone(), api)
         .key(key.clone())
         .headers(Headers::All);
     // A stricter, exact limit on one route only.
-    let login_limit =
-        RateLimitLayer::new(store, Rule::sliding_log(5, Duration::from_secs(60))).key(key);
+    let login_limit = RateLimitLayer::new(
+        store,
+        Policy::new("login", Rule::sliding_log(5, Duration::from_secs(60))),
+    )
+    .key(key);
 
     Router::new()
         .route("/", get(|| async { "hello" }))

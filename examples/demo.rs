@@ -8,7 +8,15 @@
 //!
 //! Serves on `127.0.0.1:$PORT` (default 3000) and prints `listening on http://127.0.0.1:PORT`
 //! once ready, then the store in use and every route with a `curl` line to try. The rate-limit
-//! key is the `x-api-key` header, else the peer IP.
+//! key is the `x-api-key` header, else the peer IP. The demo does not check API keys, so each
+//! new `x-api-key` value is a new budget: a real service keys on a header only once it is
+//! authenticated.
+//!
+//! Behind reverse proxies, set `TRUSTED_PROXIES` to how many proxies are in front of the demo
+//! (`TRUSTED_PROXIES=1`) or to their CIDR ranges (`TRUSTED_PROXIES=10.0.0.0/8,127.0.0.1/32`):
+//! then the key without an `x-api-key` is the client address those proxies wrote to
+//! `X-Forwarded-For` (IPv6 clients grouped by /64), not the proxy's address. Unset, it is the
+//! peer IP.
 //!
 //! - `GET /fixed`: fixed window, 5 requests per 10 s
 //! - `GET /sliding`: sliding window log, 5 requests per 10 s
@@ -49,7 +57,7 @@ use serde_json::{json, Value};
 use tower_redis_layers::{
     cache::CacheLayer,
     idempotency::IdempotencyLockLayer,
-    rate_limit::{Headers, KeyExtractor, RateLimitLayer, Rule},
+    rate_limit::{Headers, KeyExtractor, Policy, RateLimitLayer, Rule, Trusted},
     store::{CacheStore, IdempotencyStore, MemoryStore, RateLimitStore},
 };
 
@@ -146,6 +154,8 @@ async fn serve() -> Result<(), Error> {
         Err(_) => 3000,
     };
     let choice = store_choice()?;
+    // Checked here so that a bad TRUSTED_PROXIES is a startup error; `app` reads it again.
+    rate_limit_key()?;
     let (app, store) = match &choice {
         StoreChoice::Memory => (
             app(MemoryStore::new()),
@@ -204,7 +214,13 @@ fn store_choice() -> Result<StoreChoice, String> {
 fn print_banner(port: u16, store: &str) {
     let base = format!("http://127.0.0.1:{port}");
     let mut text = format!("listening on {base}\nstore: {store}\n");
-    text.push_str("routes (rate-limit key: the x-api-key header, else the peer IP):\n");
+    let client = match std::env::var("TRUSTED_PROXIES") {
+        Ok(t) if !t.trim().is_empty() => format!("the client behind TRUSTED_PROXIES={t}"),
+        _ => "the peer IP".to_owned(),
+    };
+    text.push_str(&format!(
+        "routes (rate-limit key: the x-api-key header, else {client}):\n"
+    ));
     for (method, path, what, curl) in ROUTES {
         text.push_str(&format!("  {method:<4} {path:<18} {what}\n"));
         text.push_str(&format!("       curl {}\n", curl.replace("{base}", &base)));
@@ -280,12 +296,27 @@ async fn fred_app(_url: &str, _from: &str) -> Result<Router, Error> {
     Err("DEMO_BACKEND=fred needs `--features fred`".into())
 }
 
+/// The rate-limit key: the `x-api-key` header, else the peer IP, or with `TRUSTED_PROXIES` set
+/// (a hop count or CIDR ranges) the client address behind those proxies.
+fn rate_limit_key() -> Result<KeyExtractor, String> {
+    let api_key = KeyExtractor::header(HeaderName::from_static("x-api-key"));
+    match std::env::var("TRUSTED_PROXIES") {
+        Ok(trusted) if !trusted.trim().is_empty() => {
+            let trusted: Trusted = trusted
+                .parse()
+                .map_err(|e| format!("TRUSTED_PROXIES: {e}"))?;
+            Ok(api_key.or(KeyExtractor::forwarded_for(trusted)))
+        }
+        _ => Ok(api_key.or(KeyExtractor::peer_ip())),
+    }
+}
+
 fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(store: B) -> Router {
     let stats = Arc::new(Stats::default());
-    let key =
-        KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
-    let limit = |rule: Rule| {
-        RateLimitLayer::new(store.clone(), rule)
+    // Checked in `serve` before the app is built.
+    let key = rate_limit_key().unwrap_or_else(|_| KeyExtractor::peer_ip());
+    let limit = |name: &str, rule: Rule| {
+        RateLimitLayer::new(store.clone(), Policy::new(name, rule))
             .key(key.clone())
             .headers(Headers::All)
     };
@@ -298,17 +329,21 @@ fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(store: B) -> R
         .route(
             "/fixed",
             get(|State(s): State<Arc<Stats>>| async move { run(&s.fixed, "fixed") })
-                .layer(limit(Rule::fixed_window(5, ten_s).name("fixed"))),
+                .layer(limit("fixed", Rule::fixed_window(5, ten_s).name("fixed"))),
         )
         .route(
             "/sliding",
-            get(|State(s): State<Arc<Stats>>| async move { run(&s.sliding, "sliding") })
-                .layer(limit(Rule::sliding_log(5, ten_s).name("sliding"))),
+            get(|State(s): State<Arc<Stats>>| async move { run(&s.sliding, "sliding") }).layer(
+                limit("sliding", Rule::sliding_log(5, ten_s).name("sliding")),
+            ),
         )
         .route(
             "/bucket",
             get(|State(s): State<Arc<Stats>>| async move { run(&s.bucket, "bucket") }).layer(
-                limit(Rule::token_bucket(5, 1, Duration::from_secs(1)).name("bucket")),
+                limit(
+                    "bucket",
+                    Rule::token_bucket(5, 1, Duration::from_secs(1)).name("bucket"),
+                ),
             ),
         )
         .route(

@@ -19,7 +19,7 @@ use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    rate_limit::{KeyExtractor, RateLimitLayer, Rule},
+    rate_limit::{KeyExtractor, Policy, RateLimitLayer, Rule},
     store::MemoryStore,
 };
 
@@ -81,9 +81,13 @@ async fn accept_until(
         .route(
             Some(Method::POST),
             "/login",
-            Rule::sliding_log(5, Duration::from_secs(60)),
+            Policy::new("login", Rule::sliding_log(5, Duration::from_secs(60))),
         )
-        .route(None, "/api/*", Rule::gcra(100, Duration::from_secs(1), 50));
+        .route(
+            None,
+            "/api/*",
+            Policy::new("api", Rule::gcra(100, Duration::from_secs(1), 50)),
+        );
     let service = ServiceBuilder::new().layer(limit).service_fn(handler);
 
     let (stop, stopping) = watch::channel(());

@@ -49,11 +49,13 @@
 //! ```no_run
 //! use std::{net::SocketAddr, time::Duration};
 //! use axum::{routing::get, Router};
-//! use tower_redis_layers::{store::MemoryStore, rate_limit::{KeyExtractor, RateLimitLayer, Rule}};
+//! use tower_redis_layers::store::MemoryStore;
+//! use tower_redis_layers::rate_limit::{KeyExtractor, Policy, RateLimitLayer, Rule};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = MemoryStore::new(); // or RedisStore::connect("redis://127.0.0.1:6379").await?
-//! let limit = RateLimitLayer::new(store, Rule::fixed_window(5, Duration::from_secs(10)))
+//! let policy = Policy::new("hello", Rule::fixed_window(5, Duration::from_secs(10)));
+//! let limit = RateLimitLayer::new(store, policy)
 //!     .key(KeyExtractor::header("x-api-key").or(KeyExtractor::peer_ip()));
 //!
 //! let app = Router::new().route("/", get(|| async { "hello" })).layer(limit);

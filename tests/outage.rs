@@ -38,7 +38,7 @@ use tower::{service_fn, util::BoxCloneSyncService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
     cache::CacheLayer,
     idempotency::IdempotencyLockLayer,
-    rate_limit::{FailureMode, KeyExtractor, LocalFallback, RateLimitLayer, Rule},
+    rate_limit::{FailureMode, KeyExtractor, LocalFallback, Policy, RateLimitLayer, Rule},
     store::{CircuitBreaker, FredStore, RedisStore, ScriptRunner},
     StoreError,
 };
@@ -116,7 +116,8 @@ fn ok_handler() -> impl tower::Service<
 /// One replica's rate limiter: `LIMIT` per minute per `x-key`, a local fallback for
 /// `REPLICAS` replicas (fail open, no fallback, in the "before" runs).
 fn rate_limiter(store: AnyStore) -> Svc {
-    let layer = RateLimitLayer::new(store, Rule::fixed_window(LIMIT, Duration::from_secs(60)))
+    let policy = Policy::new("outage", Rule::fixed_window(LIMIT, Duration::from_secs(60)));
+    let layer = RateLimitLayer::new(store, policy)
         .key(KeyExtractor::header("x-key"))
         .store_timeout(Duration::from_millis(100))
         // Every decision asks the store (the deny cache would answer most of them locally).

@@ -71,7 +71,10 @@ async fn denies_over_the_limit_with_retry_after_and_ratelimit_fields() {
     let (runs, inner) = counting();
     let layer = RateLimitLayer::new(
         MemoryStore::new(),
-        Rule::fixed_window(2, Duration::from_secs(10)).name("per10s"),
+        Policy::new(
+            "limit",
+            Rule::fixed_window(2, Duration::from_secs(10)).name("per10s"),
+        ),
     );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     for _ in 0..2 {
@@ -115,8 +118,11 @@ async fn denies_over_the_limit_with_retry_after_and_ratelimit_fields() {
 #[tokio::test]
 async fn fields_on_every_response_and_legacy_fields() {
     let (_, inner) = counting();
-    let policy = Policy::new(Rule::fixed_window(5, Duration::from_secs(10)).name("a"))
-        .rule(Rule::fixed_window(3, Duration::from_secs(60)).name("b"));
+    let policy = Policy::new(
+        "limit",
+        Rule::fixed_window(5, Duration::from_secs(10)).name("a"),
+    )
+    .rule(Rule::fixed_window(3, Duration::from_secs(60)).name("b"));
     let layer = RateLimitLayer::new(MemoryStore::new(), policy)
         .headers(Headers::All)
         .legacy_headers(true);
@@ -139,7 +145,7 @@ async fn fields_on_every_response_and_legacy_fields() {
 #[tokio::test]
 async fn missing_key_is_rejected_allowed_or_shared() {
     let key = KeyExtractor::header(HeaderName::from_static("x-api-key"));
-    let rule = Rule::fixed_window(1, Duration::from_secs(10));
+    let rule = Policy::new("limit", Rule::fixed_window(1, Duration::from_secs(10)));
     let no_key = || {
         Request::builder()
             .uri("/")
@@ -185,7 +191,7 @@ async fn shadow_mode_reports_but_never_rejects() {
     let (runs, inner) = counting();
     let layer = RateLimitLayer::new(
         MemoryStore::new(),
-        Rule::fixed_window(1, Duration::from_secs(10)),
+        Policy::new("limit", Rule::fixed_window(1, Duration::from_secs(10))),
     )
     .shadow(true);
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
@@ -201,7 +207,7 @@ async fn custom_rejection_and_cost() {
     let (_, inner) = counting();
     let layer = RateLimitLayer::new(
         MemoryStore::new(),
-        Rule::fixed_window(10, Duration::from_secs(10)),
+        Policy::new("limit", Rule::fixed_window(10, Duration::from_secs(10))),
     )
     .cost(|parts| {
         if parts.uri.path() == "/expensive" {
@@ -248,12 +254,12 @@ async fn routed_policies_match_method_and_path() {
         .route(
             Some(Method::POST),
             "/login",
-            Rule::fixed_window(1, Duration::from_secs(60)),
+            Policy::new("login", Rule::fixed_window(1, Duration::from_secs(60))),
         )
         .route(
             None,
             "/api/*",
-            Rule::fixed_window(2, Duration::from_secs(60)),
+            Policy::new("api", Rule::fixed_window(2, Duration::from_secs(60))),
         );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     let call = |method: Method, path: &str| {
@@ -286,11 +292,14 @@ async fn separate_scopes_have_separate_budgets() {
     let mut a = ServiceBuilder::new()
         .layer(RateLimitLayer::new(
             store.clone(),
-            Policy::new(rule.clone()).scope("a"),
+            Policy::new("limit", rule.clone()).scope("a"),
         ))
         .service(inner.clone());
     let mut b = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(store, Policy::new(rule).scope("b")))
+        .layer(RateLimitLayer::new(
+            store,
+            Policy::new("limit", rule).scope("b"),
+        ))
         .service(inner);
     assert_eq!(status_of(&mut a, request("/")).await, StatusCode::OK);
     assert_eq!(status_of(&mut b, request("/")).await, StatusCode::OK);
@@ -307,7 +316,7 @@ async fn inner_errors_pass_through_unchanged() {
     let inner = service_fn(|_req: Req| async { Err::<Response<Full<Bytes>>, _>(Boom) });
     let layer = RateLimitLayer::new(
         MemoryStore::new(),
-        Rule::fixed_window(5, Duration::from_secs(10)),
+        Policy::new("limit", Rule::fixed_window(5, Duration::from_secs(10))),
     );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     let err = svc
@@ -323,7 +332,7 @@ async fn inner_errors_pass_through_unchanged() {
 #[tokio::test]
 async fn invalid_rule_fails_open_or_closed() {
     let (runs, inner) = counting();
-    let bad = Rule::fixed_window(0, Duration::from_secs(10));
+    let bad = Policy::new("limit", Rule::fixed_window(0, Duration::from_secs(10)));
     let mut open = ServiceBuilder::new()
         .layer(RateLimitLayer::new(MemoryStore::new(), bad.clone()))
         .service(inner.clone());
@@ -351,7 +360,7 @@ async fn bad_input_never_panics() {
         .or(KeyExtractor::peer_ip());
     let layer = RateLimitLayer::new(
         MemoryStore::new(),
-        Rule::fixed_window(1, Duration::from_secs(60)),
+        Policy::new("limit", Rule::fixed_window(1, Duration::from_secs(60))),
     )
     .key(key);
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
@@ -405,7 +414,7 @@ async fn token_bucket_refills_with_paused_time() {
     let (_, inner) = counting();
     let layer = RateLimitLayer::new(
         MemoryStore::new(),
-        Rule::token_bucket(2, 1, Duration::from_secs(1)),
+        Policy::new("limit", Rule::token_bucket(2, 1, Duration::from_secs(1))),
     );
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     let mut statuses = Vec::new();
@@ -425,7 +434,7 @@ async fn axum_route_layer_with_connect_info() {
         .route("/limited", get(|| async { "limited" }))
         .route_layer(RateLimitLayer::new(
             MemoryStore::new(),
-            Rule::sliding_log(1, Duration::from_secs(60)),
+            Policy::new("limit", Rule::sliding_log(1, Duration::from_secs(60))),
         ))
         .route("/open", get(|| async { "open" }))
         .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 9999))));
@@ -457,8 +466,11 @@ async fn axum_route_layer_with_connect_info() {
 async fn memory_store_forgets_expired_keys() {
     let store = MemoryStore::new();
     let (_, inner) = counting();
-    let layer = RateLimitLayer::new(store.clone(), Rule::fixed_window(5, Duration::from_secs(1)))
-        .key(KeyExtractor::header(HeaderName::from_static("x-api-key")));
+    let layer = RateLimitLayer::new(
+        store.clone(),
+        Policy::new("limit", Rule::fixed_window(5, Duration::from_secs(1))),
+    )
+    .key(KeyExtractor::header(HeaderName::from_static("x-api-key")));
     let mut svc = ServiceBuilder::new().layer(layer).service(inner);
     for i in 0..5000 {
         let mut req = request("/");
@@ -497,7 +509,7 @@ async fn a_denial_reports_the_quota_the_other_rules_have_left() {
         let store = MemoryStore::new();
         let (_, inner) = counting();
         let other = other.name("other");
-        let both = Policy::new(Rule::fixed_window(2, long).name("tight"))
+        let both = Policy::new("limit", Rule::fixed_window(2, long).name("tight"))
             .rule(other.clone())
             .scope("left");
         let mut svc = ServiceBuilder::new()
@@ -518,7 +530,7 @@ async fn a_denial_reports_the_quota_the_other_rules_have_left() {
         let mut alone = ServiceBuilder::new()
             .layer(RateLimitLayer::new(
                 store,
-                Policy::new(other.clone()).scope("left"),
+                Policy::new("limit", other.clone()).scope("left"),
             ))
             .service(inner);
         let mut admitted = 0;
@@ -530,30 +542,29 @@ async fn a_denial_reports_the_quota_the_other_rules_have_left() {
     }
 }
 
-/// A layer's scope is a namespace for all of its counters: layers with the same rules share a
+/// A layer's scope is a namespace for all of its counters: layers with the same policy share a
 /// budget under the same scope (or none) and never across scopes; a policy's scope separates
 /// budgets inside a layer's scope, and a route is scoped by its method and path.
 #[tokio::test]
 async fn layer_scopes_separate_budgets() {
     let (_, inner) = counting();
-    let rule = Rule::fixed_window(1, Duration::from_secs(60));
+    let policy = Policy::new("limit", Rule::fixed_window(1, Duration::from_secs(60)));
     let store = MemoryStore::new();
     let status = |layer: RateLimitLayer<MemoryStore>| {
         let svc = ServiceBuilder::new().layer(layer).service(inner.clone());
         async move { svc.oneshot(request("/a")).await.unwrap().status().as_u16() }
     };
-    let plain = || RateLimitLayer::new(store.clone(), rule.clone());
+    let plain = || RateLimitLayer::new(store.clone(), policy.clone());
     let scoped = |scope: &str| plain().scope(scope);
     assert_eq!(status(plain()).await, 200);
     assert_eq!(status(plain()).await, 429, "no scope: one shared budget");
     assert_eq!(status(scoped("x")).await, 200, "a layer scope is apart");
     assert_eq!(status(scoped("x")).await, 429, "the same scope shares");
     assert_eq!(status(scoped("y")).await, 200);
-    let in_x =
-        |p: &str| RateLimitLayer::new(store.clone(), Policy::new(rule.clone()).scope(p)).scope("x");
+    let in_x = |p: &str| RateLimitLayer::new(store.clone(), policy.clone().scope(p)).scope("x");
     assert_eq!(status(in_x("p")).await, 200, "a policy scope inside x");
     assert_eq!(status(in_x("p")).await, 429);
-    let outside = RateLimitLayer::new(store.clone(), Policy::new(rule.clone()).scope("p"));
+    let outside = RateLimitLayer::new(store.clone(), policy.clone().scope("p"));
     assert_eq!(
         status(outside).await,
         200,
@@ -563,9 +574,9 @@ async fn layer_scopes_separate_budgets() {
     let routed = |scope: &str, first: bool| {
         let layer = RateLimitLayer::routed(store.clone());
         if first {
-            layer.scope(scope).route(None, "/a", rule.clone())
+            layer.scope(scope).route(None, "/a", policy.clone())
         } else {
-            layer.route(None, "/a", rule.clone()).scope(scope)
+            layer.route(None, "/a", policy.clone()).scope(scope)
         }
     };
     assert_eq!(status(routed("r", true)).await, 200);
@@ -582,7 +593,7 @@ async fn the_service_is_made_with_new_or_its_layer() {
     use tower::Layer;
     use tower_redis_layers::rate_limit::RateLimit;
     let (_, inner) = counting();
-    let rule = Rule::fixed_window(1, Duration::from_secs(60));
+    let rule = Policy::new("limit", Rule::fixed_window(1, Duration::from_secs(60)));
     let mut svc = RateLimit::new(inner.clone(), MemoryStore::new(), rule.clone());
     let _: &_ = svc.get_ref();
     let _: &mut _ = svc.get_mut();

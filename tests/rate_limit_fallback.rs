@@ -16,7 +16,7 @@ use std::{
 use http::{Request, Response, StatusCode};
 use tower::{service_fn, util::BoxCloneSyncService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    rate_limit::{FailureMode, LocalFallback, RateLimitLayer, Rule},
+    rate_limit::{FailureMode, LocalFallback, Policy, RateLimitLayer, Rule},
     store::{Decision, MemoryStore, RateCheck, RateLimitStore},
     StoreError,
 };
@@ -72,8 +72,8 @@ async fn admitted(svc: &Svc, n: usize) -> usize {
     admitted
 }
 
-fn minute(limit: u64) -> Rule {
-    Rule::fixed_window(limit, Duration::from_secs(60))
+fn minute(limit: u64) -> Policy {
+    Policy::new("minute", Rule::fixed_window(limit, Duration::from_secs(60)))
 }
 
 #[tokio::test]

@@ -83,7 +83,7 @@ async fn exactly_the_limit_passes_across_two_services(env: Env) {
     ] {
         // Two services with their own connections, as two replicas would have.
         let runs = Arc::new(AtomicUsize::new(0));
-        let policy = Policy::new(rule).scope(name);
+        let policy = Policy::new("limit", rule).scope(name);
         let mut services = Vec::new();
         for _ in 0..2 {
             let layer = RateLimitLayer::new(env.store().await, policy.clone())
@@ -103,14 +103,14 @@ async fn redis_rs_and_fred_services_share_one_budget() {
     use tower_redis_layers::store::FredStore;
     let server = RedisServer::start();
     let runs = Arc::new(AtomicUsize::new(0));
-    let rule = Rule::sliding_log(30, Duration::from_secs(60));
+    let policy = Policy::new("shared", Rule::sliding_log(30, Duration::from_secs(60)));
     let a = RateLimitLayer::new(
         RedisStore::connect(&server.url()).await.unwrap(),
-        rule.clone(),
+        policy.clone(),
     )
     .key(KeyExtractor::global())
     .store_timeout(Duration::from_secs(5));
-    let b = RateLimitLayer::new(FredStore::connect(&server.url()).await.unwrap(), rule)
+    let b = RateLimitLayer::new(FredStore::connect(&server.url()).await.unwrap(), policy)
         .key(KeyExtractor::global())
         .store_timeout(Duration::from_secs(5));
     let services = [service(a, runs.clone()), service(b, runs.clone())];
@@ -124,7 +124,7 @@ async fn one_round_trip_per_decision_and_none_when_the_deny_cache_answers() {
     // The store loads its scripts at connect; flushed, the first call finds none.
     server.cli(&["SCRIPT", "FLUSH"]).unwrap();
     // Three rules, one call.
-    let policy = Policy::new(Rule::fixed_window(10, Duration::from_secs(60)))
+    let policy = Policy::new("limit", Rule::fixed_window(10, Duration::from_secs(60)))
         .rule(Rule::sliding_log(10, Duration::from_secs(60)))
         .rule(Rule::gcra(10, Duration::from_secs(60), 10));
     let runs = Arc::new(AtomicUsize::new(0));
@@ -194,7 +194,7 @@ async fn redis_down_slow_and_back() {
     let open = service(
         RateLimitLayer::new(
             RedisStore::connect(&server.url()).await.unwrap(),
-            Policy::new(rule.clone()).scope("open"),
+            Policy::new("limit", rule.clone()).scope("open"),
         )
         .store_timeout(timeout)
         .on_store_error(FailureMode::Open),
@@ -203,7 +203,7 @@ async fn redis_down_slow_and_back() {
     let closed = service(
         RateLimitLayer::new(
             RedisStore::connect(&server.url()).await.unwrap(),
-            Policy::new(rule).scope("closed"),
+            Policy::new("limit", rule).scope("closed"),
         )
         .store_timeout(timeout)
         .on_store_error(FailureMode::Closed),
@@ -283,9 +283,12 @@ async fn fred_store_recovers_after_a_restart() {
     let mut server = RedisServer::start();
     let store = FredStore::connect(&server.url()).await.unwrap();
     let closed = service(
-        RateLimitLayer::new(store, Rule::fixed_window(2, Duration::from_secs(60)))
-            .store_timeout(Duration::from_millis(300))
-            .on_store_error(FailureMode::Closed),
+        RateLimitLayer::new(
+            store,
+            Policy::new("limit", Rule::fixed_window(2, Duration::from_secs(60))),
+        )
+        .store_timeout(Duration::from_millis(300))
+        .on_store_error(FailureMode::Closed),
         Arc::new(AtomicUsize::new(0)),
     );
     assert_eq!(status(&closed).await, StatusCode::OK);
@@ -336,7 +339,7 @@ async fn a_denial_reports_what_is_left(env: Env) {
         let scope = name.to_owned();
         let runs = Arc::new(AtomicUsize::new(0));
         let other = other.name("other");
-        let both = Policy::new(Rule::fixed_window(2, long).name("tight"))
+        let both = Policy::new("limit", Rule::fixed_window(2, long).name("tight"))
             .rule(other.clone())
             .scope(scope.clone());
         let svc = service(RateLimitLayer::new(store.clone(), both), runs.clone());
@@ -352,7 +355,7 @@ async fn a_denial_reports_what_is_left(env: Env) {
         // The other rule alone, under the same scope and key, shares its counter: it admits
         // exactly what the 429 said was left.
         let alone = service(
-            RateLimitLayer::new(store.clone(), Policy::new(other).scope(scope)),
+            RateLimitLayer::new(store.clone(), Policy::new("limit", other).scope(scope)),
             runs,
         );
         let mut admitted = 0;

@@ -6,6 +6,11 @@
 //! and the segment name. Both are [`StoreKey`]s: SHA-256, truncated, so a Redis key never holds
 //! request text.
 //!
+//! A segment is spread over [`Shards`]: the primary key (so every `Vary` variant of a resource,
+//! and its fill lock) picks one shard, and each shard is a segment of its own in the store (its
+//! own version, and on Redis its own hash tag, so its own cluster slot). Shard 0 of a segment
+//! has the key an unsharded segment has. Invalidating a segment invalidates each of its shards.
+//!
 //! [`Keying::keys`] is the one place a request's keys are derived: the service looks the request
 //! up by them, and [`CacheHandle::invalidate_request`](super::CacheHandle::invalidate_request)
 //! deletes by them.
@@ -26,6 +31,13 @@ pub(crate) type SegmentFn = dyn Fn(&Parts) -> String + Send + Sync;
 /// closure is set.
 pub(crate) const DEFAULT_SEGMENT: &str = "";
 
+/// How many shards each segment is spread over when the layer names none: this many for the
+/// layer's default segment (no segment closure), one when a closure names the segments.
+pub(crate) const DEFAULT_SHARDS: u16 = 16;
+
+/// The most shards a segment can have (an invalidation makes one store call per shard).
+pub(crate) const MAX_SHARDS: u16 = 1024;
+
 /// What a layer's keys are made of: its static scope, and the per-request partition and segment.
 #[derive(Clone)]
 pub(crate) struct Keying {
@@ -33,6 +45,45 @@ pub(crate) struct Keying {
     pub(crate) hosts: Hosts,
     pub(crate) partition: Option<Arc<PartitionFn>>,
     pub(crate) segment: Option<Arc<SegmentFn>>,
+    /// The shards of every segment; `None`: [`DEFAULT_SHARDS`] without a segment closure, else 1.
+    pub(crate) shards: Option<u16>,
+}
+
+/// The shards a segment is spread over: `count` segments of the store, the first with the
+/// segment's own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shards {
+    segment: StoreKey,
+    count: u16,
+}
+
+impl Shards {
+    /// The shard of the entries under `primary`: the same for every variant of a resource.
+    pub(crate) fn of(&self, primary: PrimaryKey) -> StoreKey {
+        let bytes = primary.0.as_bytes();
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&bytes[..8]);
+        let index = u64::from_le_bytes(head) % u64::from(self.count.max(1));
+        // `index` < `count`, a u16.
+        self.shard(u16::try_from(index).unwrap_or(0))
+    }
+
+    /// Every shard's key, shard 0 first.
+    pub(crate) fn all(self) -> impl Iterator<Item = StoreKey> {
+        (0..self.count.max(1)).map(move |index| self.shard(index))
+    }
+
+    /// The key of shard `index`: the segment's own key for shard 0.
+    fn shard(&self, index: u16) -> StoreKey {
+        if index == 0 {
+            return self.segment;
+        }
+        StoreKey::from_parts([
+            b"trl-cache-shard".as_slice(),
+            self.segment.as_bytes().as_slice(),
+            &index.to_le_bytes(),
+        ])
+    }
 }
 
 /// Which request hosts the cache serves, and the host in the key.
@@ -91,10 +142,11 @@ impl Keying {
             None => None,
         };
         let segment = match &self.segment {
-            Some(f) => self.segment_key(&f(parts)),
-            None => self.segment_key(DEFAULT_SEGMENT),
+            Some(f) => self.shards(&f(parts)),
+            None => self.shards(DEFAULT_SEGMENT),
         };
         let primary = primary_key(&self.scope, &host, parts, partition.as_deref());
+        let segment = segment.of(primary);
         let names = vary.get(primary);
         let values = vary_values(&parts.headers, names.as_deref().unwrap_or(&[]));
         Some(EntryKeys {
@@ -104,9 +156,27 @@ impl Keying {
         })
     }
 
-    /// The key of the segment `name`.
+    /// The key of the segment `name` (unsharded: its shard 0).
     pub(crate) fn segment_key(&self, name: &str) -> StoreKey {
         segment_key(&self.scope, name)
+    }
+
+    /// The shards of the segment `name`.
+    pub(crate) fn shards(&self, name: &str) -> Shards {
+        Shards {
+            segment: self.segment_key(name),
+            count: self.shard_count(),
+        }
+    }
+
+    /// How many shards every segment of the layer has.
+    pub(crate) fn shard_count(&self) -> u16 {
+        let default = if self.segment.is_some() {
+            1
+        } else {
+            DEFAULT_SHARDS
+        };
+        self.shards.unwrap_or(default).clamp(1, MAX_SHARDS)
     }
 }
 
@@ -284,9 +354,13 @@ mod tests {
             hosts: Hosts::Any,
             partition: None,
             segment: None,
+            shards: None,
         };
         let plain = keying.keys(&parts("fr"), &vary).unwrap();
-        assert_eq!(plain.segment, keying.segment_key(DEFAULT_SEGMENT));
+        assert_eq!(
+            plain.segment,
+            keying.shards(DEFAULT_SEGMENT).of(plain.primary)
+        );
         assert_eq!(plain.entry, plain.primary.0);
         // Once `Vary: accept-language` is known, the entry key holds the request's value.
         let names = [HeaderName::from_static("accept-language")];
@@ -300,12 +374,53 @@ mod tests {
         // The segment closure names the segment; a partition closure without an answer bypasses.
         keying.segment = Some(Arc::new(|p: &Parts| p.uri.path().to_owned()));
         let segmented = keying.keys(&parts("fr"), &vary).unwrap();
+        // One shard per named segment by default: the segment's own key.
         assert_eq!(segmented.segment, keying.segment_key("/users/1"));
         keying.partition = Some(Arc::new(|_: &Parts| None));
         assert!(keying.keys(&parts("fr"), &vary).is_none());
         keying.partition = Some(Arc::new(|_: &Parts| Some("tenant".to_owned())));
         let partitioned = keying.keys(&parts("fr"), &vary).unwrap();
         assert_ne!(partitioned.primary, fr.primary);
+    }
+
+    #[test]
+    fn shards_spread_entries_and_keep_variants_together() {
+        let mut keying = Keying {
+            scope: "s".to_owned(),
+            hosts: Hosts::Any,
+            partition: None,
+            segment: None,
+            shards: None,
+        };
+        assert_eq!(keying.shard_count(), DEFAULT_SHARDS);
+        let shards = keying.shards(DEFAULT_SEGMENT);
+        let all: Vec<StoreKey> = shards.all().collect();
+        assert_eq!(all.len(), usize::from(DEFAULT_SHARDS));
+        assert_eq!(all[0], keying.segment_key(DEFAULT_SEGMENT));
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len());
+        // 1,000 resources land on every shard, and always on one of them.
+        let vary = VaryRegistry::default();
+        let mut used = std::collections::HashSet::new();
+        for i in 0..1000 {
+            let parts = http::Request::get(format!("http://x/items/{i}"))
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            let keys = keying.keys(&parts, &vary).unwrap();
+            assert!(all.contains(&keys.segment));
+            assert_eq!(keys.segment, shards.of(keys.primary));
+            used.insert(keys.segment);
+        }
+        assert_eq!(used.len(), all.len());
+        // A segment closure: one shard unless asked; the count is clamped.
+        keying.segment = Some(Arc::new(|_: &Parts| "named".to_owned()));
+        assert_eq!(keying.shard_count(), 1);
+        keying.shards = Some(0);
+        assert_eq!(keying.shard_count(), 1);
+        keying.shards = Some(u16::MAX);
+        assert_eq!(keying.shard_count(), MAX_SHARDS);
     }
 
     #[test]

@@ -52,6 +52,7 @@ impl<B> CacheLayer<B> {
                     hosts: Hosts::Any,
                     partition: None,
                     segment: None,
+                    shards: None,
                 },
                 ttl: Duration::from_secs(60),
                 jitter: 0.1,
@@ -147,13 +148,35 @@ impl<B> CacheLayer<B> {
     /// Names the segment of a request's entry (for example from its path), so that a
     /// [`CacheHandle`] can invalidate that segment alone. Default: one segment for the layer.
     ///
-    /// All entries of a segment live in one Redis Cluster slot: a huge segment is one hot node,
-    /// so prefer finer segments.
+    /// With a segment closure each segment is one shard unless
+    /// [`segment_shards`](Self::segment_shards) says otherwise: all entries of a segment then
+    /// live in one Redis Cluster slot, so a huge segment is one hot node (prefer finer segments,
+    /// or shards).
     pub fn segment<F>(mut self, f: F) -> Self
     where
         F: Fn(&Parts) -> String + Send + Sync + 'static,
     {
         self.config_mut().keys.segment = Some(Arc::new(f));
+        self
+    }
+
+    /// Spreads each segment's entries over `shards` shards (default: 16 for the layer's default
+    /// segment, used when no [`segment`](Self::segment) closure is set; 1 with a closure).
+    /// Clamped to `1..=1024`.
+    ///
+    /// A hash of the entry's key (its URI, host and partition: every `Vary` variant of a
+    /// resource lands in the same shard) picks the shard; each shard has its own version, and on
+    /// Redis its own hash tag, so its own cluster slot. Every store call still touches one
+    /// shard, so one slot. What it buys: a slot that migrates or a node that is hot or down
+    /// affects only the entries of its shards (about `1/shards` of the segment), not the whole
+    /// segment. What it costs: [`CacheHandle::invalidate_segment`] makes one store call per shard
+    /// (in parallel), and an invalidation after an unsafe method one call per shard touched.
+    ///
+    /// Every replica sharing a [`scope`](Self::scope) must use the same count: a replica with
+    /// fewer shards invalidates only those it knows. Shard 0 has the key of an unsharded
+    /// segment.
+    pub fn segment_shards(mut self, shards: u16) -> Self {
+        self.config_mut().keys.shards = Some(shards);
         self
     }
 
@@ -403,6 +426,7 @@ impl<B: fmt::Debug> fmt::Debug for CacheLayer<B> {
         f.debug_struct("CacheLayer")
             .field("store", &self.store)
             .field("scope", &c.keys.scope)
+            .field("segment_shards", &c.keys.shard_count())
             .field("ttl", &c.ttl)
             .field("jitter", &c.jitter)
             .field("statuses", &c.statuses)
@@ -453,8 +477,9 @@ impl<B> Cache<(), B> {
 ///
 /// See the [module docs](super) for an example.
 ///
-/// Cloning is cheap. Every method is one store call, bounded by the layer's
-/// [store timeout](CacheLayer::store_timeout); its error is returned whatever the layer's
+/// Cloning is cheap. Every method is one store call per shard it touches (see
+/// [`CacheLayer::segment_shards`]), each bounded by the layer's
+/// [store timeout](CacheLayer::store_timeout); an error is returned whatever the layer's
 /// [`on_store_error`](CacheLayer::on_store_error).
 #[derive(Clone)]
 pub struct CacheHandle {
@@ -465,17 +490,29 @@ pub struct CacheHandle {
 
 impl CacheHandle {
     /// Invalidates every entry of the layer's default segment (the one used when no
-    /// [`CacheLayer::segment`] closure is set): one version bump, O(1).
+    /// [`CacheLayer::segment`] closure is set): one version bump per shard (16 by default), in
+    /// parallel; O(shards), whatever the number of entries.
     pub async fn invalidate(&self) -> Result<(), StoreError> {
         self.invalidate_segment(DEFAULT_SEGMENT).await
     }
 
     /// Invalidates every entry of the segment `name` (as returned by the
-    /// [`CacheLayer::segment`] closure): one version bump, O(1).
+    /// [`CacheLayer::segment`] closure): one version bump per shard (one unless
+    /// [`CacheLayer::segment_shards`] says otherwise), in parallel; O(shards), whatever the
+    /// number of entries.
+    ///
+    /// The shards are separate store calls: when one fails its error is returned, and the
+    /// shards whose bump succeeded stay invalidated. Invalidating again is harmless (a bump of
+    /// a shard already bumped only misses its entries written since).
     pub async fn invalidate_segment(&self, name: &str) -> Result<(), StoreError> {
-        let segment = self.config.keys.segment_key(name);
-        let call = self.store.invalidate_segment(segment);
-        self.config.bound(&*self.store, call).await.map(|_| ())
+        let calls = self.config.keys.shards(name).all().map(|shard| {
+            let call = self.store.invalidate_segment(shard);
+            self.config.bound(&*self.store, call)
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .try_for_each(|result| result.map(|_| ()))
     }
 
     /// Deletes the entry that `request` would be served from (its keys are derived as the

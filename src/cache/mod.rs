@@ -27,7 +27,7 @@
 //! let app = Router::new()
 //!     .route("/users/{id}", get(|Path(id): Path<u64>| async move { format!("user {id}") }).layer(cache))
 //!     .route("/users/invalidate", post(move || async move {
-//!         // One version bump: every entry of the segment is gone at once.
+//!         // One version bump per shard: every entry of the segment is gone at once.
 //!         let _ = handle.invalidate().await;
 //!     }));
 //!
@@ -119,8 +119,24 @@
 //! [`CacheLayer::segment`]). A segment has a version; entries record the version they were
 //! written under and a lookup ignores older ones, so [`CacheHandle::invalidate_segment`] is one
 //! increment whatever the segment's size. [`CacheHandle::invalidate_request`] deletes one entry.
-//! All entries of a segment share one Redis Cluster hash slot: a huge segment is one hot node,
-//! so choose finer segments for very large caches.
+//!
+//! # Segments and Redis Cluster slots
+//!
+//! Every store call is one script on one hash slot, so a segment cannot keep one version for
+//! entries spread over several slots. Instead a segment is split into *shards*
+//! ([`CacheLayer::segment_shards`]): a hash of the entry's key (URI, host, partition; not the
+//! `Vary` values, so a resource's variants and its fill lock stay together) picks the shard, and
+//! each shard has its own version key in its own slot. The layer's default segment has 16 shards;
+//! a segment named by a closure has one unless the layer asks for more.
+//!
+//! | | one shard | `n` shards |
+//! |---|---|---|
+//! | a lookup, a store, a refresh | one call, one slot | one call, one slot (the entry's shard) |
+//! | invalidating the segment | one call | `n` calls, in parallel (one version bump each) |
+//! | a slot migrating, a node hot or down | the whole segment | the entries of its shards, about `1/n` |
+//!
+//! When some of a segment's shard bumps fail, the invalidation returns the error and the others
+//! stay done: invalidate again.
 //!
 //! # Headers and round trips
 //!
@@ -131,7 +147,7 @@
 //! On Redis, a hit is one script call (the lookup reads the version, the entry and takes the
 //! lock when needed); a miss is two (lookup, then store, which also releases the lock); a
 //! revalidation is two (lookup, then refresh, which also releases the lock); the invalidation
-//! after an unsafe method is one.
+//! after an unsafe method is one per shard touched (its URIs may fall in different shards).
 //!
 //! # Observability
 //!

@@ -5,7 +5,9 @@ use std::{
 };
 
 use http::{header::HeaderName, request::Parts};
+use ipnet::{Ipv4Net, Ipv6Net};
 
+use super::forwarded::{self, canonical, Field, Trusted};
 use crate::key::StoreKey;
 
 /// Where the rate-limit key of a request comes from.
@@ -22,6 +24,48 @@ use crate::key::StoreKey;
 /// // The API key when there is one, else the peer address.
 /// let key = KeyExtractor::header(HeaderName::from_static("x-api-key")).or(KeyExtractor::peer_ip());
 /// ```
+///
+/// # Addresses are grouped by network
+///
+/// A client can change its address within what its provider gave it: an IPv6 client usually
+/// holds a whole `/64` (often a `/56` or a `/48`). So an address key is the network the address
+/// is in: by default its `/64` for IPv6 and the address itself (`/32`) for IPv4, with an
+/// IPv4-mapped IPv6 address (`::ffff:192.0.2.1`) counted as IPv4. Change the prefixes with
+/// [`ipv4_prefix`](Self::ipv4_prefix) and [`ipv6_prefix`](Self::ipv6_prefix); they apply to
+/// the peer address and to an address read from a forwarding field alike.
+///
+/// ```
+/// use tower_redis_layers::rate_limit::KeyExtractor;
+///
+/// // Every address of a /56 shares one budget; IPv4 clients by /32 (the default).
+/// let key = KeyExtractor::peer_ip().ipv6_prefix(56);
+/// ```
+///
+/// # Behind reverse proxies
+///
+/// Behind a load balancer the peer is the proxy, so [`peer_ip`](Self::peer_ip) would give every
+/// client the proxy's one budget. [`forwarded`](Self::forwarded) and
+/// [`forwarded_for`](Self::forwarded_for) read the client address that the proxies you
+/// [trust](Trusted) wrote, walking from the right so that what a client wrote itself is never
+/// used. See the README section "Deploying behind a load balancer".
+///
+/// ```
+/// use tower_redis_layers::rate_limit::{KeyExtractor, Trusted};
+///
+/// // nginx (proxy_add_x_forwarded_for) or HAProxy (option forwardfor) on 10.0.0.0/8.
+/// let key = KeyExtractor::forwarded_for(Trusted::ranges(["10.0.0.0/8"])?);
+/// // One proxy writing RFC 7239 `Forwarded`.
+/// let key = KeyExtractor::forwarded(Trusted::hops(1));
+/// # Ok::<(), tower_redis_layers::rate_limit::InvalidRange>(())
+/// ```
+///
+/// # A header is only a key once it is authenticated
+///
+/// [`header`](Self::header) keys on whatever the client sends: a client that invents a new
+/// `x-api-key` for each request gets a fresh budget for each. Key on a header only behind a
+/// layer that rejects unknown values, or take the key that such a layer put in the request
+/// extensions with [`custom`](Self::custom), with the peer (or forwarded) address as the
+/// fallback for requests without one.
 #[derive(Clone)]
 pub struct KeyExtractor {
     sources: Vec<Source>,
@@ -31,11 +75,27 @@ type CustomFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
 #[derive(Clone)]
 enum Source {
-    PeerIp,
+    /// The peer address, or the client address that trusted proxies wrote to a field.
+    Address {
+        forwarded: Option<(Field, Trusted)>,
+        prefix: Prefix,
+    },
     Header(HeaderName),
-    ForwardedFor(usize),
     Global,
     Custom(Arc<CustomFn>),
+}
+
+/// The network lengths addresses are grouped by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Prefix {
+    v4: u8,
+    v6: u8,
+}
+
+impl Default for Prefix {
+    fn default() -> Self {
+        Self { v4: 32, v6: 64 }
+    }
 }
 
 /// A key taken from a request, before hashing.
@@ -44,9 +104,9 @@ pub(crate) struct RawKey<'a> {
     value: Value<'a>,
 }
 
-/// The raw bytes of a key; an address is kept inline (no allocation on the request path).
+/// The raw bytes of a key; a network is kept inline (no allocation on the request path).
 enum Value<'a> {
-    Inline([u8; 16], usize),
+    Inline([u8; 17], usize),
     Header(&'a [u8], &'a [u8]),
     Owned(Vec<u8>),
 }
@@ -69,15 +129,26 @@ impl RawKey<'_> {
 }
 
 impl KeyExtractor {
-    /// The peer's IP address, from axum's `ConnectInfo<SocketAddr>` (serve with
+    /// The peer's IP address (grouped by network: see [above](Self#addresses-are-grouped-by-network)),
+    /// from axum's `ConnectInfo<SocketAddr>` (serve with
     /// `into_make_service_with_connect_info::<SocketAddr>()`) or from a `SocketAddr` that a
     /// hyper service put in the request extensions.
+    ///
+    /// Behind a reverse proxy this is the proxy's address: use [`forwarded`](Self::forwarded)
+    /// or [`forwarded_for`](Self::forwarded_for) there.
     pub fn peer_ip() -> Self {
-        Self::one(Source::PeerIp)
+        Self::one(Source::Address {
+            forwarded: None,
+            prefix: Prefix::default(),
+        })
     }
 
     /// The value of a request header (for example `"x-api-key"` or a [`HeaderName`]). Any bytes
     /// are accepted, including non-UTF-8; an empty value counts as missing.
+    ///
+    /// The value is not checked: each new value is a new budget, so a client that makes one up
+    /// per request is not limited at all. Use a header only once a layer in front has
+    /// authenticated it (see [above](Self#a-header-is-only-a-key-once-it-is-authenticated)).
     ///
     /// An invalid header name is logged as an error and never extracts a key (so requests are
     /// handled as [`MissingKey`](super::MissingKey) says).
@@ -97,13 +168,33 @@ impl KeyExtractor {
         }
     }
 
-    /// The client address from `X-Forwarded-For`, trusting exactly `trusted_proxies` reverse
-    /// proxies in front of this service: the address that the outermost trusted proxy saw, which
-    /// is the `trusted_proxies`-th entry from the right. Entries to its left were written by the
-    /// client and are never used. With fewer entries than trusted proxies, or an entry that is
-    /// not an IP address, the key is missing. `0` never extracts (no proxy is trusted).
-    pub fn forwarded_for(trusted_proxies: usize) -> Self {
-        Self::one(Source::ForwardedFor(trusted_proxies))
+    /// The client address from the RFC 7239 `Forwarded` field, as written by the `trusted`
+    /// proxies (a [`Trusted`] hop count or ranges), grouped by network like the peer address.
+    ///
+    /// Every line of the field is read, in order, as one list; entries are read from the right
+    /// and only as far as needed, so what a client wrote to the left is never used, and cannot
+    /// stop the proxies' entries from being read. The key is missing when the entry that names
+    /// the client is malformed, `unknown` or obfuscated (`for=_hidden`), or when there are
+    /// fewer entries than trusted hops. Only `Forwarded` is read, never `X-Forwarded-For`: a
+    /// field your proxies do not write is the client's (so do not chain the two with
+    /// [`or`](Self::or)).
+    pub fn forwarded(trusted: impl Into<Trusted>) -> Self {
+        Self::one(Source::Address {
+            forwarded: Some((Field::Forwarded, trusted.into())),
+            prefix: Prefix::default(),
+        })
+    }
+
+    /// The client address from `X-Forwarded-For`, as written by the `trusted` proxies: a
+    /// [`Trusted`] hop count (a number, as in `forwarded_for(1)`) or ranges. The same as
+    /// [`forwarded`](Self::forwarded) otherwise: every line, read from the right, grouped by
+    /// network; an entry that is not an IP address (optionally with a port) never becomes a
+    /// key. With `0` hops the key is the peer address.
+    pub fn forwarded_for(trusted: impl Into<Trusted>) -> Self {
+        Self::one(Source::Address {
+            forwarded: Some((Field::XForwardedFor, trusted.into())),
+            prefix: Prefix::default(),
+        })
     }
 
     /// One key for every request: a global limit.
@@ -124,6 +215,33 @@ impl KeyExtractor {
     pub fn or(mut self, other: KeyExtractor) -> Self {
         self.sources.extend(other.sources);
         self
+    }
+
+    /// Groups IPv4 addresses by their first `len` bits (default 32: each address on its own;
+    /// at most 32). Applies to the address sources of this extractor so far, not to those
+    /// added later with [`or`](Self::or).
+    pub fn ipv4_prefix(mut self, len: u8) -> Self {
+        for prefix in self.prefixes() {
+            prefix.v4 = len.min(32);
+        }
+        self
+    }
+
+    /// Groups IPv6 addresses by their first `len` bits (default 64, the usual allocation of
+    /// one subscriber line; at most 128). Applies to the address sources of this extractor so
+    /// far, not to those added later with [`or`](Self::or).
+    pub fn ipv6_prefix(mut self, len: u8) -> Self {
+        for prefix in self.prefixes() {
+            prefix.v6 = len.min(128);
+        }
+        self
+    }
+
+    fn prefixes(&mut self) -> impl Iterator<Item = &mut Prefix> {
+        self.sources.iter_mut().filter_map(|s| match s {
+            Source::Address { prefix, .. } => Some(prefix),
+            _ => None,
+        })
     }
 
     fn one(source: Source) -> Self {
@@ -147,7 +265,15 @@ impl Default for KeyExtractor {
 impl Source {
     fn extract<'a>(&'a self, parts: &'a Parts) -> Option<RawKey<'a>> {
         match self {
-            Source::PeerIp => peer_addr(parts).map(|ip| ip_key(b"ip", ip)),
+            Source::Address { forwarded, prefix } => {
+                let ip = match forwarded {
+                    None => peer_addr(parts)?,
+                    Some((field, trusted)) => {
+                        forwarded::client(trusted, *field, &parts.headers, peer_addr(parts))?
+                    }
+                };
+                Some(network_key(ip, *prefix))
+            }
             Source::Header(name) => {
                 let value = parts.headers.get(name)?.as_bytes();
                 if value.is_empty() {
@@ -158,12 +284,9 @@ impl Source {
                     value: Value::Header(name.as_str().as_bytes(), value),
                 })
             }
-            Source::ForwardedFor(trusted) => {
-                forwarded_for(parts, *trusted).map(|ip| ip_key(b"ip", ip))
-            }
             Source::Global => Some(RawKey {
                 tag: b"global",
-                value: Value::Inline([0; 16], 0),
+                value: Value::Inline([0; 17], 0),
             }),
             Source::Custom(f) => f(parts).map(|v| RawKey {
                 tag: b"custom",
@@ -173,25 +296,25 @@ impl Source {
     }
 }
 
-fn ip_key(tag: &'static [u8], ip: IpAddr) -> RawKey<'static> {
-    // The same address reached over IPv4 and IPv4-mapped IPv6 is one client.
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    let mut bytes = [0u8; 16];
-    let len = match ip {
+/// The key of the network `ip` is in: its first `prefix` bits and the prefix length.
+fn network_key(ip: IpAddr, prefix: Prefix) -> RawKey<'static> {
+    let mut bytes = [0u8; 17];
+    let len = match canonical(ip) {
         IpAddr::V4(v4) => {
-            bytes[..4].copy_from_slice(&v4.octets());
-            4
+            let net = Ipv4Net::new(v4, prefix.v4).map_or(v4, |n| n.network());
+            bytes[..4].copy_from_slice(&net.octets());
+            bytes[4] = prefix.v4;
+            5
         }
         IpAddr::V6(v6) => {
-            bytes.copy_from_slice(&v6.octets());
-            16
+            let net = Ipv6Net::new(v6, prefix.v6).map_or(v6, |n| n.network());
+            bytes[..16].copy_from_slice(&net.octets());
+            bytes[16] = prefix.v6;
+            17
         }
     };
     RawKey {
-        tag,
+        tag: b"ip",
         value: Value::Inline(bytes, len),
     }
 }
@@ -214,41 +337,21 @@ fn peer_addr(parts: &Parts) -> Option<IpAddr> {
     parts.extensions.get::<SocketAddr>().map(SocketAddr::ip)
 }
 
-fn forwarded_for(parts: &Parts, trusted: usize) -> Option<IpAddr> {
-    if trusted == 0 {
-        return None;
-    }
-    let mut entries: Vec<&[u8]> = Vec::new();
-    for value in parts.headers.get_all("x-forwarded-for") {
-        entries.extend(value.as_bytes().split(|b| *b == b','));
-    }
-    let index = entries.len().checked_sub(trusted)?;
-    parse_ip(entries.get(index)?)
-}
-
-fn parse_ip(entry: &[u8]) -> Option<IpAddr> {
-    let text = std::str::from_utf8(entry).ok()?.trim();
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Some(ip);
-    }
-    // `1.2.3.4:5678` or `[::1]:5678`
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Some(addr.ip());
-    }
-    text.strip_prefix('[')
-        .and_then(|t| t.strip_suffix(']'))
-        .and_then(|t| t.parse().ok())
-}
-
 impl fmt::Debug for KeyExtractor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<String> = self
             .sources
             .iter()
             .map(|s| match s {
-                Source::PeerIp => "peer_ip".to_owned(),
+                Source::Address {
+                    forwarded: None,
+                    prefix,
+                } => format!("peer_ip(/{}, /{})", prefix.v4, prefix.v6),
+                Source::Address {
+                    forwarded: Some((field, trusted)),
+                    prefix,
+                } => format!("{field:?}({trusted:?}, /{}, /{})", prefix.v4, prefix.v6),
                 Source::Header(h) => format!("header({h})"),
-                Source::ForwardedFor(n) => format!("forwarded_for({n})"),
                 Source::Global => "global".to_owned(),
                 Source::Custom(_) => "custom".to_owned(),
             })
@@ -309,6 +412,53 @@ mod tests {
             .hash("s");
         assert_eq!(a.to_hex().len(), 32);
         assert_eq!(b.to_hex().len(), 32);
+    }
+
+    fn key_of(key: &KeyExtractor, peer: &str, headers: &[(&str, &[u8])]) -> Option<StoreKey> {
+        let mut p = parts(headers);
+        p.extensions.insert(peer.parse::<SocketAddr>().unwrap());
+        key.extract(&p).map(|k| k.hash(""))
+    }
+
+    #[test]
+    fn addresses_are_grouped_by_network() {
+        let peer = KeyExtractor::peer_ip();
+        let k = |addr: &str| key_of(&peer, addr, &[]).unwrap();
+        assert_eq!(k("[2001:db8:1:2::1]:1"), k("[2001:db8:1:2:ffff::9]:2"));
+        assert_ne!(k("[2001:db8:1:2::1]:1"), k("[2001:db8:1:3::1]:1"));
+        assert_ne!(k("192.0.2.1:1"), k("192.0.2.2:1"));
+        assert_eq!(
+            k("192.0.2.1:1"),
+            k("[::ffff:192.0.2.1]:1"),
+            "mapped is IPv4"
+        );
+        let wide = KeyExtractor::peer_ip().ipv6_prefix(56).ipv4_prefix(24);
+        let w = |addr: &str| key_of(&wide, addr, &[]).unwrap();
+        assert_eq!(w("[2001:db8:1:2::1]:1"), w("[2001:db8:1:ff::1]:1"));
+        assert_ne!(w("[2001:db8:1:2::1]:1"), w("[2001:db8:1:100::1]:1"));
+        assert_eq!(w("192.0.2.1:1"), w("192.0.2.200:1"));
+        assert_ne!(
+            w("192.0.2.1:1"),
+            k("192.0.2.1:1"),
+            "another prefix, another key"
+        );
+        // Out of range lengths are the whole address.
+        let all = KeyExtractor::peer_ip().ipv6_prefix(200).ipv4_prefix(40);
+        assert_ne!(
+            key_of(&all, "[2001:db8::1]:1", &[]),
+            key_of(&all, "[2001:db8::2]:1", &[])
+        );
+        // Forwarded addresses are grouped alike; the prefix applies to sources so far.
+        let fwd = KeyExtractor::forwarded_for(1).ipv6_prefix(48);
+        let f = |xff: &[u8]| key_of(&fwd, "10.0.0.1:1", &[("x-forwarded-for", xff)]).unwrap();
+        assert_eq!(f(b"2001:db8:1:1::1"), f(b"2001:db8:1:ffff::1"));
+        let later = KeyExtractor::header("x-id")
+            .ipv6_prefix(48)
+            .or(KeyExtractor::peer_ip());
+        assert_ne!(
+            key_of(&later, "[2001:db8:1:1::1]:1", &[]),
+            key_of(&later, "[2001:db8:1:2::1]:1", &[])
+        );
     }
 
     #[test]

@@ -152,12 +152,13 @@ impl Config {
 }
 
 impl<B> RateLimitLayer<B> {
-    /// Limits every request with `policy` (a [`Rule`](super::Rule) or a [`Policy`] of several
-    /// rules), keyed by the peer IP address unless [`key`](Self::key) says otherwise.
-    pub fn new(store: B, policy: impl Into<Policy>) -> Self {
+    /// Limits every request with `policy`, keyed by the peer IP address unless
+    /// [`key`](Self::key) says otherwise. The policy's counters are its own (named by the
+    /// policy's name) unless it has a [scope](Policy::scope).
+    pub fn new(store: B, policy: Policy) -> Self {
         let mut layer = Self::routed(store);
         let config = layer.config_mut();
-        let mut policy = CompiledPolicy::new(policy.into(), String::new(), &config.scope);
+        let mut policy = CompiledPolicy::new(policy, "", &config.scope);
         policy.set_replicas(config.replicas());
         config.default = Some(policy);
         layer
@@ -196,11 +197,11 @@ impl<B> RateLimitLayer<B> {
     /// wins; requests that match none use the default policy, or pass unlimited in a
     /// [`routed`](Self::routed) layer.
     ///
-    /// The route's counters are its own: its policy is [scoped](Policy::scope) by the method
-    /// and path unless the policy has a scope.
-    pub fn route(mut self, method: Option<Method>, path: &str, policy: impl Into<Policy>) -> Self {
+    /// The route's counters are its own: they are named by the policy's name, the method and
+    /// the path, unless the policy has a [scope](Policy::scope).
+    pub fn route(mut self, method: Option<Method>, path: &str, policy: Policy) -> Self {
         let config = self.config_mut();
-        let mut route = Route::new(method, path, policy.into(), &config.scope);
+        let mut route = Route::new(method, path, policy, &config.scope);
         route.policy.set_replicas(config.replicas());
         config.routes.push(route);
         self
@@ -210,9 +211,10 @@ impl<B> RateLimitLayer<B> {
     /// or services sharing a store never share a budget by accident.
     ///
     /// The counters of a request are named by the layer's scope, then the policy's
-    /// [scope](Policy::scope) (for a route, its method and path unless the policy has a scope),
-    /// then the request's [key](Self::key), then the rule. Layers with the same scope (or none)
-    /// and the same rules share their counters: that is how the replicas of one service agree.
+    /// [scope](Policy::scope) (by default its name, and for a route its method and path), then
+    /// the request's [key](Self::key), then the rule. Layers with the same scope (or none) and
+    /// policies with the same names (or scopes) and rules share their counters: that is how the
+    /// replicas of one service agree.
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         let config = self.config_mut();
         config.scope = scope.into();
@@ -349,7 +351,7 @@ impl<B: fmt::Debug> fmt::Debug for RateLimitLayer<B> {
         let c = &self.shared.config;
         f.debug_struct("RateLimitLayer")
             .field("store", &self.shared.store)
-            .field("default", &c.default.as_ref().map(|p| &p.rules))
+            .field("default", &c.default.as_ref().map(|p| (&p.name, &p.rules)))
             .field("routes", &c.routes.len())
             .field("scope", &c.scope)
             .field("key", &c.key)

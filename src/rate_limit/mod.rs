@@ -17,7 +17,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! // 2 per second AND 1000 per hour, per API key (else per peer IP).
-//! let policy = Policy::new(Rule::gcra(2, Duration::from_secs(1), 2).name("per-second"))
+//! let policy = Policy::new("api", Rule::gcra(2, Duration::from_secs(1), 2).name("per-second"))
 //!     .rule(Rule::fixed_window(1000, Duration::from_secs(3600)).name("per-hour"));
 //! let layer = RateLimitLayer::new(MemoryStore::new(), policy)
 //!     .scope("api")
@@ -95,11 +95,11 @@
 //! ```
 //! use std::time::Duration;
 //! use tower_redis_layers::store::MemoryStore;
-//! use tower_redis_layers::rate_limit::{LocalFallback, RateLimitLayer, Rule};
+//! use tower_redis_layers::rate_limit::{LocalFallback, Policy, RateLimitLayer, Rule};
 //!
 //! // Three replicas share 300 per minute; during an outage each admits 100 per minute.
-//! let layer = RateLimitLayer::new(MemoryStore::new(), Rule::fixed_window(300, Duration::from_secs(60)))
-//!     .local_fallback(LocalFallback::new(3));
+//! let policy = Policy::new("api", Rule::fixed_window(300, Duration::from_secs(60)));
+//! let layer = RateLimitLayer::new(MemoryStore::new(), policy).local_fallback(LocalFallback::new(3));
 //! # let _ = layer;
 //! ```
 //!
@@ -113,6 +113,7 @@
 mod decision;
 mod deny_cache;
 mod fallback;
+mod forwarded;
 mod future;
 mod headers;
 mod key;
@@ -123,6 +124,7 @@ mod service;
 pub(crate) use self::policy::CompiledPolicy;
 pub use self::{
     fallback::LocalFallback,
+    forwarded::{InvalidRange, Trusted},
     future::ResponseFuture,
     headers::Headers,
     key::KeyExtractor,

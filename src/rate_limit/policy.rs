@@ -10,17 +10,29 @@ use super::{fallback::divide, headers::PolicyFields, Rule};
 /// See the [module docs](super) for an example.
 #[derive(Clone, Debug)]
 pub struct Policy {
+    name: String,
     rules: Vec<Rule>,
     scope: Option<String>,
 }
 
 impl Policy {
-    /// A policy of one rule.
-    pub fn new(rule: Rule) -> Self {
+    /// A policy named `name`, of one rule.
+    ///
+    /// The name is where the policy's counters live: two policies with different names count
+    /// on their own even with identical rules on one store (two programs, or two layers of one
+    /// program), unless they are given the same [`scope`](Self::scope). Keep a policy's name
+    /// when you deploy a new version of a program, or its counters start afresh.
+    pub fn new(name: impl Into<String>, rule: Rule) -> Self {
         Self {
+            name: name.into(),
             rules: vec![rule],
             scope: None,
         }
+    }
+
+    /// The policy's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Adds a rule, checked in the same atomic call as the others.
@@ -29,23 +41,17 @@ impl Policy {
         self
     }
 
-    /// Separates this policy's counters from those of other policies with the same rules and
-    /// key, inside the layer's [scope](super::RateLimitLayer::scope).
+    /// Where this policy's counters live, instead of its name: policies with the same scope
+    /// (and the same rules and key, under the same layer
+    /// [scope](super::RateLimitLayer::scope)) share one budget, whatever their names.
     ///
-    /// By default a policy's counters are shared by every policy with the same rules under the
-    /// same layer scope (state is keyed by the rules, so that every replica agrees). Give two
-    /// routes different scopes when each should have its own budget. Route policies of a
-    /// [`routed`](super::RateLimitLayer::routed) layer are scoped by their method and path
-    /// unless a scope is given here.
+    /// By default a policy counts on its own: its counters are named by the policy's
+    /// [name](Self::new), and a route of a [`routed`](super::RateLimitLayer::routed) layer by
+    /// the name and its method and path. Give the same scope to the policies of several
+    /// routes, layers or programs that must share one budget.
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = Some(scope.into());
         self
-    }
-}
-
-impl From<Rule> for Policy {
-    fn from(rule: Rule) -> Self {
-        Self::new(rule)
     }
 }
 
@@ -55,7 +61,9 @@ impl From<Rule> for Policy {
 pub(crate) struct CompiledPolicy {
     pub(crate) rules: Vec<Rule>,
     pub(crate) fields: PolicyFields,
-    /// The policy's own scope, or the default of its place (a route's method and path).
+    /// The policy's name.
+    pub(crate) name: String,
+    /// The policy's own scope, or its name (with a route's method and path).
     scope: String,
     /// What every key of the policy is hashed with: the layer's scope and the policy's.
     pub(crate) namespace: String,
@@ -66,14 +74,21 @@ pub(crate) struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
-    pub(crate) fn new(policy: Policy, default_scope: String, layer_scope: &str) -> Self {
+    /// Compiles `policy`; `route` is a route's method and path (empty for a layer's default
+    /// policy), part of the default scope.
+    pub(crate) fn new(policy: Policy, route: &str, layer_scope: &str) -> Self {
         let invalid = if policy.rules.is_empty() {
             Some("a policy needs at least one rule".to_owned())
         } else {
             policy.rules.iter().find_map(|r| r.validate().err())
         };
-        let scope = policy.scope.unwrap_or(default_scope);
+        let scope = match policy.scope {
+            Some(scope) => scope,
+            None if route.is_empty() => policy.name.clone(),
+            None => format!("{}\0{route}", policy.name),
+        };
         Self {
+            name: policy.name,
             local: divide(&policy.rules, 1),
             fields: PolicyFields::new(&policy.rules),
             namespace: namespace(layer_scope, &scope),
@@ -94,9 +109,9 @@ impl CompiledPolicy {
     }
 }
 
-/// The namespace of a policy's keys. Without a layer scope it is the policy's scope alone, as
-/// before layers had scopes (so that counters survive an upgrade); a layer scope is put in front,
-/// separated by a NUL (which a scope never contains in practice).
+/// The namespace of a policy's keys: the policy's scope (by default its name), with the layer's
+/// scope in front when there is one, separated by a NUL (which a scope never contains in
+/// practice). The rules' numbers are added by the store, so changing them starts afresh.
 fn namespace(layer_scope: &str, policy_scope: &str) -> String {
     if layer_scope.is_empty() {
         policy_scope.to_owned()
@@ -116,7 +131,7 @@ pub(crate) struct Route {
 
 impl Route {
     /// A route for `method` (any for `None`) and `path`, where a trailing `*` matches every path
-    /// with that prefix. Its policy is scoped by method and path unless it has a scope.
+    /// with that prefix. Its policy is scoped by its name, method and path unless it has a scope.
     pub(crate) fn new(
         method: Option<Method>,
         path: &str,
@@ -137,7 +152,7 @@ impl Route {
             method,
             path,
             prefix,
-            policy: CompiledPolicy::new(policy, scope, layer_scope),
+            policy: CompiledPolicy::new(policy, &scope, layer_scope),
         }
     }
 

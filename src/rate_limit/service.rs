@@ -29,9 +29,9 @@ pub struct RateLimit<S, B> {
 }
 
 impl<S, B> RateLimit<S, B> {
-    /// Limits `inner` with `policy` (a [`Rule`](super::Rule) or a [`Policy`]), keeping the
-    /// counters in `store`, with the default options of [`RateLimitLayer::new`].
-    pub fn new(inner: S, store: B, policy: impl Into<Policy>) -> Self {
+    /// Limits `inner` with `policy`, keeping the counters in `store`, with the default options
+    /// of [`RateLimitLayer::new`].
+    pub fn new(inner: S, store: B, policy: Policy) -> Self {
         RateLimitLayer::new(store, policy).layer(inner)
     }
 }
@@ -39,7 +39,7 @@ impl<S, B> RateLimit<S, B> {
 // Not in the block above: there `S` could not be inferred from a call to `layer`.
 impl<B> RateLimit<(), B> {
     /// A [`RateLimitLayer`] for `policy` (the same as [`RateLimitLayer::new`]).
-    pub fn layer(store: B, policy: impl Into<Policy>) -> RateLimitLayer<B> {
+    pub fn layer(store: B, policy: Policy) -> RateLimitLayer<B> {
         RateLimitLayer::new(store, policy)
     }
 }

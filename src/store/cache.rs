@@ -4,7 +4,10 @@
 //! version it was written under, and a lookup treats an entry of another version as absent. So
 //! invalidating a whole segment is one increment, whatever its size, and the old entries simply
 //! expire. On Redis, every key of a segment carries the segment's hash tag, so a segment lives
-//! in one cluster slot (a huge segment is one hot node: pick finer segments).
+//! in one cluster slot. The [`CacheLayer`](crate::cache::CacheLayer) spreads a large segment
+//! over several store segments, its shards (see
+//! [`CacheLayer::segment_shards`](crate::cache::CacheLayer::segment_shards)): to a store each
+//! shard is a segment like any other.
 
 use std::{fmt, time::Duration};
 

@@ -64,7 +64,7 @@ pub use self::redis::FredStore;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 #[cfg(any(feature = "redis", feature = "fred"))]
-pub use self::redis::{rate_limit_script, ScriptRunner};
+pub use self::redis::{rate_limit_script, ConnectOptions, ScriptRunner};
 
 /// What a store answers when it could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,17 @@ pub enum StoreError {
          SCRIPT LOAD"
     )]
     Refused(String),
+    /// The TLS handshake with a Redis server failed when the store connected to a `rediss://`
+    /// URL: its certificate is not signed by a trusted CA (the system's roots, or the one given
+    /// with [`ConnectOptions::ca_certificate`](crate::store::ConnectOptions)), does not name the
+    /// host connected to, or the server does not speak TLS on that port. The message is the
+    /// client's.
+    #[error(
+        "the TLS handshake with the Redis server failed at connect: {0}; check that the server's \
+         certificate names the host in the URL and is signed by a CA the store trusts (the \
+         system's roots, or ConnectOptions::ca_certificate)"
+    )]
+    Tls(String),
     /// The store answered something this crate does not understand (for example a script of
     /// another version under the same name).
     #[error("unexpected reply from the store: {0}")]

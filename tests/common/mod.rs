@@ -353,3 +353,242 @@ impl RedisCluster {
         self.nodes.iter().map(|n| n.command_calls(cmd)).sum()
     }
 }
+
+/// A CA and a server certificate it signs (for `127.0.0.1` and `localhost`, usable by every
+/// node of a local cluster), made at test time with rcgen and written as PEM files.
+pub struct TlsCerts {
+    dir: PathBuf,
+    /// The CA certificate, PEM: what a client must trust.
+    pub ca_pem: String,
+}
+
+impl TlsCerts {
+    pub fn generate() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = temp_dir("tls");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "tower-redis-layers test CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let key = KeyPair::generate().expect("server key");
+        let mut server =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("server params");
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "redis-server");
+        server.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = server.signed_by(&key, &ca).expect("server certificate");
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).expect(name);
+        write("ca.crt", &ca.pem());
+        write("redis.crt", &cert.pem());
+        write("redis.key", &key.serialize_pem());
+        Self {
+            dir,
+            ca_pem: ca.pem(),
+        }
+    }
+
+    /// The PEM of another CA, that signed none of the servers' certificates.
+    pub fn unrelated_ca_pem() -> String {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        ca.self_signed(&key).expect("CA certificate").pem()
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir
+            .join(name)
+            .to_str()
+            .expect("a UTF-8 path")
+            .to_owned()
+    }
+
+    /// The `redis-server` arguments of a TLS-only server (`--port 0`) on `port`.
+    fn server_args(&self, port: u16) -> Vec<String> {
+        [
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            self.file("redis.crt"),
+            "--tls-key-file".to_owned(),
+            self.file("redis.key"),
+            "--tls-ca-cert-file".to_owned(),
+            self.file("ca.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ]
+        .into()
+    }
+
+    /// The `redis-cli` arguments to reach a TLS server.
+    fn cli_args(&self) -> Vec<String> {
+        vec![
+            "--tls".to_owned(),
+            "--cacert".to_owned(),
+            self.file("ca.crt"),
+        ]
+    }
+}
+
+impl Drop for TlsCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TLS-only `redis-server` (`--port 0 --tls-port P`) serving the certificate of a
+/// [`TlsCerts`]; cluster nodes also run their bus over TLS (`--tls-cluster yes`). Killed on drop.
+pub struct RedisTlsServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    cli_args: Vec<String>,
+}
+
+impl RedisTlsServer {
+    pub fn start(certs: &TlsCerts) -> Self {
+        Self::start_node(certs, false)
+    }
+
+    fn start_node(certs: &TlsCerts, cluster: bool) -> Self {
+        // A cluster node's bus listens on the TLS port + 10000.
+        let port = free_port(cluster);
+        let dir = temp_dir("redis-tls");
+        let mut command = Command::new("redis-server");
+        command
+            .args(certs.server_args(port))
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no", "--loglevel", "warning"])
+            .args(["--dir", dir.to_str().unwrap()]);
+        if cluster {
+            command.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+            ]);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (run .ci/run or apt-get install redis-server)");
+        let server = Self {
+            port,
+            child: Some(child),
+            dir,
+            cli_args: certs.cli_args(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.cli(&["PING"]).map(|s| s.trim() == "PONG") != Some(true) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server with TLS on port {port} did not start (is it built with TLS?)"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// Runs `redis-cli` against this server, over TLS.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(&self.cli_args)
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `rediss://127.0.0.1:P`
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisTlsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A 3-master Redis Cluster of [`RedisTlsServer`]s: clients and the cluster bus over TLS.
+pub struct RedisTlsCluster {
+    pub nodes: Vec<RedisTlsServer>,
+}
+
+impl RedisTlsCluster {
+    pub fn start(certs: &TlsCerts) -> Self {
+        let nodes: Vec<RedisTlsServer> = (0..3)
+            .map(|_| RedisTlsServer::start_node(certs, true))
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(certs.cli_args())
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli");
+        assert!(status.success(), "redis-cli --tls --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !nodes.iter().all(|n| {
+            n.cli(&["CLUSTER", "INFO"])
+                .is_some_and(|s| s.contains("cluster_state:ok"))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the TLS cluster did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { nodes }
+    }
+
+    /// `rediss+cluster://a,b,c`
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("rediss+cluster://{}", nodes.join(","))
+    }
+}

@@ -9,7 +9,9 @@
 //! | `<prefix>:c:{<segment>}:e:<key>` | hash | one entry (see `cache_lookup.lua`); a `304` rewrites its head in place (`cache_refresh.lua`) |
 //! | `<prefix>:c:{<segment>}:l:<key>` | string | the fill lock: a random token, `PX` |
 //!
-//! `<segment>` and `<key>` are hashes ([`StoreKey`]): no request text reaches a key.
+//! `<segment>` and `<key>` are hashes ([`StoreKey`]): no request text reaches a key. A
+//! segment of the layer spread over shards is one such segment per shard (each its own tag, so
+//! its own slot); see `src/cache/key.rs`.
 
 use std::time::Duration;
 

@@ -14,12 +14,13 @@ use fred::{
 };
 
 use super::{
-    cluster_nodes, config_value, is_refusal,
+    check_tls, cluster_nodes, config_value, is_refusal, is_tls_failure, is_tls_url,
     script::{detached, Lua, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
     watchdog::Watchdog,
-    KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG, CLIENT_TIMEOUT,
+    ConnectOptions, KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG,
+    CLIENT_TIMEOUT,
 };
 use crate::store::{breaker::ServerAnswer, Breaker, CircuitBreaker, StoreError};
 
@@ -85,7 +86,31 @@ impl FredStore {
         url: &str,
         client_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let client = open(url, client_timeout).await?;
+        Self::connect_with(url, ConnectOptions::new().client_timeout(client_timeout)).await
+    }
+
+    /// [`FredStore::connect`] with [`ConnectOptions`]: the client timeout and, with the `tls`
+    /// feature, the CA that signs the servers' certificates.
+    ///
+    /// `rediss://host:port`, `rediss+cluster://host:port,host:port` and fred's
+    /// `rediss-cluster://host:port?node=host:port` connect with TLS (rustls; the `tls`
+    /// feature): every node of a cluster too, with the same trust. Without the feature a
+    /// `rediss://` URL fails with [`StoreError::Invalid`]; a handshake that fails (an untrusted
+    /// certificate) fails with [`StoreError::Tls`].
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tls")]
+    /// # async fn run() -> Result<(), tower_redis_layers::StoreError> {
+    /// use tower_redis_layers::store::{ConnectOptions, FredStore};
+    /// let ca = std::fs::read("/etc/redis/tls/ca.crt").expect("the CA certificate");
+    /// let options = ConnectOptions::new().ca_certificate(ca);
+    /// let store = FredStore::connect_with("rediss://redis.internal:6380", options).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Self, StoreError> {
+        check_tls(url, &options)?;
+        let client_timeout = options.client_timeout;
+        let client = open(url, &options).await?;
         client.check_config().await;
         // Only a cluster client is rebuilt: a standalone one reconnects on its own, and the
         // clients stop for good only on cluster redirections.
@@ -93,7 +118,8 @@ impl FredStore {
         let url: Arc<str> = Arc::from(url);
         let rebuild: super::watchdog::Rebuild<FredClient> = Box::new(move || {
             let url = url.clone();
-            Box::pin(async move { open(&url, client_timeout).await })
+            let options = options.clone();
+            Box::pin(async move { open(&url, &options).await })
         });
         let mut store = Self::with(Watchdog::new(
             client,
@@ -139,9 +165,17 @@ impl FredStore {
 }
 
 /// Connects a new client from a URL and loads every script (see [`FredStore::connect`]).
-async fn open(url: &str, timeout: Duration) -> Result<FredClient, StoreError> {
+async fn open(url: &str, options: &ConnectOptions) -> Result<FredClient, StoreError> {
+    let timeout = options.client_timeout;
+    let tls = is_tls_url(url);
+    let failed = |err| connect_error(tls, err);
     let url = normalise_cluster_url(url);
-    let config = Config::from_url(&url).map_err(StoreError::store)?;
+    #[allow(unused_mut)]
+    let mut config = Config::from_url(&url).map_err(failed)?;
+    #[cfg(feature = "tls")]
+    if let Some(pem) = &options.ca_certificate {
+        config.tls = Some(tls_config(pem)?);
+    }
     let client = Builder::from_config(config)
         // Reconnect attempts at most 200 ms apart: fred holds every command while it reconnects
         // (healthy nodes' too), so a longer cap is time lost after a failover's promotion.
@@ -158,15 +192,15 @@ async fn open(url: &str, timeout: Duration) -> Result<FredClient, StoreError> {
         .with_performance_config(|p| p.default_command_timeout = timeout)
         .build()
         .map_err(StoreError::store)?;
-    client.init().await.map_err(connect_error)?;
+    client.init().await.map_err(failed)?;
     let client = FredClient::Client(client);
-    client.load_scripts().await.map_err(connect_error)?;
+    client.load_scripts().await.map_err(failed)?;
     reload_on_reconnect(&client);
     let probe = client
         .one()
         .evalsha::<Value, _, _, _>(ACL_PROBE.sha(), ACL_PROBE_KEY, ())
         .await;
-    probe.map_err(connect_error)?;
+    probe.map_err(failed)?;
     Ok(client)
 }
 
@@ -486,11 +520,26 @@ fn answered(err: &Error) -> bool {
     )
 }
 
-/// A failure to connect, or the server refusing the crate's commands at connect.
-fn connect_error(err: Error) -> StoreError {
+/// fred's TLS configuration trusting only the CA certificates in `pem` (rustls, `ring`).
+#[cfg(feature = "tls")]
+fn tls_config(pem: &[u8]) -> Result<fred::types::config::TlsConfig, StoreError> {
+    let provider = Arc::new(super::ring_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(StoreError::store)?
+        .with_root_certificates(super::ca_roots(pem)?)
+        .with_no_client_auth();
+    Ok(fred::types::config::TlsConnector::from(config).into())
+}
+
+/// A failure to connect, the server refusing the crate's commands at connect, or (`tls`: a
+/// `rediss://` URL) a failed TLS handshake.
+fn connect_error(tls: bool, err: Error) -> StoreError {
     let message = err.to_string();
     if is_refusal(&message) {
         StoreError::Refused(message)
+    } else if tls && is_tls_failure(&message) {
+        StoreError::Tls(message)
     } else {
         StoreError::store(err)
     }

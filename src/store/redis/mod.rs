@@ -143,6 +143,174 @@ fn send_probe<R: sealed::Runner + ?Sized>(runner: &R, permit: Permit, call: &Scr
 /// it and connects again.
 pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How a Redis store connects ([`RedisStore::connect_with`](crate::store::RedisStore),
+/// [`FredStore::connect_with`](crate::store::FredStore)): the client timeout and, with the
+/// `tls` feature, the certificate authority that signs the servers' certificates.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_layers::store::ConnectOptions;
+///
+/// let options = ConnectOptions::new().client_timeout(Duration::from_secs(3));
+/// # let _ = options;
+/// ```
+#[derive(Clone)]
+pub struct ConnectOptions {
+    pub(crate) client_timeout: Duration,
+    #[cfg(feature = "tls")]
+    pub(crate) ca_certificate: Option<Arc<[u8]>>,
+}
+
+impl ConnectOptions {
+    /// The defaults: a client timeout of 2 s and, for `rediss://`, the system's root
+    /// certificates.
+    pub fn new() -> Self {
+        Self {
+            client_timeout: CLIENT_TIMEOUT,
+            #[cfg(feature = "tls")]
+            ca_certificate: None,
+        }
+    }
+
+    /// The bound on connecting, on each reply, and on the retries of a call answered
+    /// `TRYAGAIN` (default 2 s).
+    ///
+    /// The rule: give the store a client timeout at least as long as the longest
+    /// `store_timeout` of the layers that use it (2 s covers every layer's default). A shorter
+    /// one cuts a call the layer would still wait for; the layer's own bound always decides when
+    /// a call has failed.
+    pub fn client_timeout(mut self, timeout: Duration) -> Self {
+        self.client_timeout = timeout;
+        self
+    }
+
+    /// Trusts the certificate authority in `pem` (one or more PEM `CERTIFICATE` blocks, for
+    /// example the `ca.crt` of a self-signed setup, as `redis-server --tls-ca-cert-file` takes
+    /// it) for the servers of a `rediss://` URL, **in place of** the system's root certificates.
+    ///
+    /// Both clients then accept a server (every node of a cluster) only with a certificate that
+    /// this CA signed and that names the host of the URL (or the address a cluster node
+    /// announces: give the nodes' certificates their IP addresses, or host names they announce).
+    /// Connecting fails with [`StoreError::Tls`] otherwise, and with
+    /// [`StoreError::Invalid`] when `pem` holds no certificate or the URL is not `rediss://`.
+    ///
+    /// Without it, redis-rs and fred trust the system's roots (read by `rustls-native-certs`:
+    /// `SSL_CERT_FILE`, `SSL_CERT_DIR`, else the distribution's bundle).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_certificate = Some(Arc::from(pem.into()));
+        self
+    }
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("ConnectOptions");
+        d.field("client_timeout", &self.client_timeout);
+        #[cfg(feature = "tls")]
+        d.field(
+            "ca_certificate",
+            &self.ca_certificate.as_ref().map(|_| ".."),
+        );
+        d.finish()
+    }
+}
+
+/// Whether `url` asks for TLS: `rediss://`, `rediss+cluster://`, fred's `rediss-cluster://`
+/// (and `valkeys`, as fred reads it).
+pub(crate) fn is_tls_url(url: &str) -> bool {
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    let scheme = scheme.to_ascii_lowercase();
+    scheme.starts_with("rediss") || scheme.starts_with("valkeys")
+}
+
+/// Checks, before connecting, that `url` and `options` go together: `rediss://` needs the
+/// `tls` feature, and a CA certificate needs `rediss://` and at least one certificate. Installs
+/// rustls's `ring` provider as the process default when there is none (both clients build their
+/// TLS configuration from the process default).
+pub(crate) fn check_tls(url: &str, options: &ConnectOptions) -> Result<(), StoreError> {
+    let tls = is_tls_url(url);
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = options;
+        if tls {
+            return Err(StoreError::Invalid(
+                "a rediss:// URL needs TLS, and tower-redis-layers was built without its `tls` \
+                 feature: enable it (features = [\"tls\"]) or use redis://"
+                    .to_owned(),
+            ));
+        }
+    }
+    #[cfg(feature = "tls")]
+    {
+        if tls {
+            // Ours only if the application installed none (then it keeps its own).
+            let _ = ring_provider().install_default();
+        }
+        if let Some(pem) = &options.ca_certificate {
+            if !tls {
+                return Err(StoreError::Invalid(
+                    "a CA certificate was given for a URL without TLS: use rediss://".to_owned(),
+                ));
+            }
+            ca_roots(pem)?;
+        }
+    }
+    Ok(())
+}
+
+/// rustls's `ring` provider: it builds with a C compiler alone (no cmake, no OpenSSL), and is
+/// what fred's `enable-rustls-ring` uses. rustls 0.23.48 deprecates it for want of post-quantum
+/// key exchange; Redis's own TLS (OpenSSL) negotiates classic groups with it.
+#[cfg(feature = "tls")]
+#[allow(deprecated)]
+pub(crate) fn ring_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// The certificates of a PEM CA bundle, as trust anchors.
+#[cfg(feature = "tls")]
+pub(crate) fn ca_roots(pem: &[u8]) -> Result<rustls::RootCertStore, StoreError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let invalid = |detail: String| {
+        StoreError::Invalid(format!(
+            "the CA certificate is not a PEM certificate: {detail}"
+        ))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|err| invalid(err.to_string()))?;
+        roots.add(cert).map_err(|err| invalid(err.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid("no CERTIFICATE block".to_owned()));
+    }
+    Ok(roots)
+}
+
+/// Whether an error at connect is a failed TLS handshake (an untrusted or misnamed
+/// certificate, a server that does not speak TLS), from the client's message.
+pub(crate) fn is_tls_failure(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    [
+        "certificate",
+        "unknownissuer",
+        "handshake",
+        "tls",
+        "corrupt message",
+        "invalidcontenttype",
+    ]
+    .iter()
+    .any(|needle| message.contains(needle))
+}
+
 /// The lock and idempotency scripts, for loading on (re)connect (the same text, so the same
 /// SHA-1, as the statics their modules call).
 static LOCK_AND_IDEMPOTENCY: [Lua; 6] = [
@@ -340,5 +508,33 @@ mod tests {
         assert_eq!((url.scheme, url.auth), ("rediss", Some(":pw")));
         assert_eq!(url.nodes, ["a:1", "b:2"]);
         assert!(cluster_nodes("redis://a:1").is_none());
+    }
+
+    #[test]
+    fn rediss_needs_the_tls_feature() {
+        assert!(is_tls_url("rediss://a:1"));
+        assert!(is_tls_url("rediss+cluster://a:1,b:2"));
+        assert!(is_tls_url("REDISS-cluster://a:1"));
+        assert!(!is_tls_url("redis://a:1"));
+        assert!(!is_tls_url("redis+cluster://a:1"));
+        let result = check_tls("rediss://127.0.0.1:6380", &ConnectOptions::new());
+        #[cfg(not(feature = "tls"))]
+        assert!(
+            matches!(&result, Err(StoreError::Invalid(m)) if m.contains("`tls` feature")),
+            "{result:?}"
+        );
+        #[cfg(feature = "tls")]
+        assert!(result.is_ok(), "{result:?}");
+        assert!(check_tls("redis://127.0.0.1:6379", &ConnectOptions::new()).is_ok());
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_ca_needs_rediss_and_a_certificate() {
+        let options = ConnectOptions::new().ca_certificate(b"no PEM here".to_vec());
+        let result = check_tls("rediss://127.0.0.1:6380", &options);
+        assert!(matches!(result, Err(StoreError::Invalid(_))), "{result:?}");
+        let result = check_tls("redis://127.0.0.1:6379", &options);
+        assert!(matches!(result, Err(StoreError::Invalid(_))), "{result:?}");
     }
 }

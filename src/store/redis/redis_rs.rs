@@ -11,12 +11,13 @@ use redis::{
 };
 
 use super::{
-    cluster_nodes, config_value, is_refusal,
+    check_tls, cluster_nodes, config_value, is_refusal, is_tls_failure, is_tls_url,
     script::{detached, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
     watchdog::Watchdog,
-    KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG, CLIENT_TIMEOUT,
+    ConnectOptions, KeyPrefix, NodeConfigs, ACL_PROBE, ACL_PROBE_KEY, CHECKED_CONFIG,
+    CLIENT_TIMEOUT,
 };
 use crate::store::{breaker::ServerAnswer, Breaker, CircuitBreaker, StoreError};
 
@@ -100,15 +101,39 @@ impl RedisStore {
         url: &str,
         client_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let (mut conn, server) = open(url, client_timeout).await?;
+        Self::connect_with(url, ConnectOptions::new().client_timeout(client_timeout)).await
+    }
+
+    /// [`RedisStore::connect`] with [`ConnectOptions`]: the client timeout and, with the `tls`
+    /// feature, the CA that signs the servers' certificates.
+    ///
+    /// `rediss://host:port` and `rediss+cluster://host:port,host:port` connect with TLS
+    /// (rustls; the `tls` feature): every node of a cluster too, with the same trust. Without
+    /// the feature a `rediss://` URL fails with [`StoreError::Invalid`]; a handshake that fails
+    /// (an untrusted certificate) fails with [`StoreError::Tls`].
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tls")]
+    /// # async fn run() -> Result<(), tower_redis_layers::StoreError> {
+    /// use tower_redis_layers::store::{ConnectOptions, RedisStore};
+    /// let ca = std::fs::read("/etc/redis/tls/ca.crt").expect("the CA certificate");
+    /// let options = ConnectOptions::new().ca_certificate(ca);
+    /// let store = RedisStore::connect_with("rediss://redis.internal:6380", options).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Self, StoreError> {
+        check_tls(url, &options)?;
+        let (mut conn, server) = open(url, &options).await?;
         check_config(&mut conn, &server).await;
         // Only a cluster client is rebuilt: a standalone one reconnects on its own, and the
         // clients stop for good only on cluster redirections.
         let cluster = cluster_nodes(url).is_some();
+        let client_timeout = options.client_timeout;
         let url: Arc<str> = Arc::from(url);
         let rebuild: super::watchdog::Rebuild<Connection> = Box::new(move || {
             let url = url.clone();
-            Box::pin(async move { open(&url, client_timeout).await.map(|(conn, _)| conn) })
+            let options = options.clone();
+            Box::pin(async move { open(&url, &options).await.map(|(conn, _)| conn) })
         });
         let mut store = Self::with(Watchdog::new(conn, cluster.then_some(rebuild), None));
         store.client_timeout = client_timeout;
@@ -151,7 +176,10 @@ impl RedisStore {
 
 /// Connects a client from a URL and loads every script (see [`RedisStore::connect`]); also
 /// returns the server's address for the warnings of a standalone server.
-async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), StoreError> {
+async fn open(url: &str, options: &ConnectOptions) -> Result<(Connection, String), StoreError> {
+    let timeout = options.client_timeout;
+    let tls = is_tls_url(url);
+    let failed = |err| connect_error(tls, err);
     let mut server = String::new();
     let mut conn = if let Some(cluster) = cluster_nodes(url) {
         let auth = cluster.auth_prefix();
@@ -159,7 +187,13 @@ async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), Stor
         let nodes: Vec<String> = (cluster.nodes.iter())
             .map(|n| format!("{scheme}://{auth}{n}"))
             .collect();
-        let client = ClusterClient::builder(nodes)
+        let builder = ClusterClient::builder(nodes);
+        #[cfg(feature = "tls")]
+        let builder = match certificates(options) {
+            Some(certs) => builder.certs(certs),
+            None => builder,
+        };
+        let client = builder
             .connection_timeout(timeout)
             .response_timeout(timeout)
             .overall_response_timeout(Some(timeout))
@@ -168,10 +202,17 @@ async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), Stor
             .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
             .build()
             .map_err(StoreError::store)?;
-        let conn = client.get_async_connection().await.map_err(connect_error)?;
+        let conn = client.get_async_connection().await.map_err(failed)?;
         Connection::Cluster(conn)
     } else {
-        let client = redis::Client::open(url).map_err(StoreError::store)?;
+        #[cfg(feature = "tls")]
+        let client = match certificates(options) {
+            Some(certs) => redis::Client::build_with_tls(url, certs),
+            None => redis::Client::open(url),
+        };
+        #[cfg(not(feature = "tls"))]
+        let client = redis::Client::open(url);
+        let client = client.map_err(StoreError::store)?;
         server = client.get_connection_info().addr().to_string();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -181,15 +222,15 @@ async fn open(url: &str, timeout: Duration) -> Result<(Connection, String), Stor
             .set_max_delay(Duration::from_millis(500));
         let manager = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(connect_error)?;
+            .map_err(failed)?;
         Connection::Single(manager)
     };
-    load_scripts(&mut conn).await.map_err(connect_error)?;
+    load_scripts(&mut conn).await.map_err(failed)?;
     let probe = ScriptCall::from_vecs(&ACL_PROBE, vec![ACL_PROBE_KEY.to_owned()], Vec::new());
     (conn
         .query(&script_cmd("EVALSHA", ACL_PROBE.sha(), &probe))
         .await)
-        .map_err(connect_error)?;
+        .map_err(failed)?;
     Ok((conn, server))
 }
 
@@ -240,11 +281,24 @@ fn strings(value: Value) -> Vec<String> {
     }
 }
 
-/// A failure to connect, or the server refusing the crate's commands at connect.
-fn connect_error(err: redis::RedisError) -> StoreError {
+/// The CA certificate of `options` as redis-rs takes it (it replaces the system's roots).
+#[cfg(feature = "tls")]
+fn certificates(options: &ConnectOptions) -> Option<redis::TlsCertificates> {
+    let pem = options.ca_certificate.as_ref()?;
+    Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    })
+}
+
+/// A failure to connect, the server refusing the crate's commands at connect, or (`tls`: a
+/// `rediss://` URL) a failed TLS handshake.
+fn connect_error(tls: bool, err: redis::RedisError) -> StoreError {
     let message = err.to_string();
     if is_refusal(&message) {
         StoreError::Refused(message)
+    } else if tls && is_tls_failure(&message) {
+        StoreError::Tls(message)
     } else {
         StoreError::store(err)
     }
