@@ -19,7 +19,7 @@ use http::{Request, Response};
 use tokio::time::Instant;
 use tower::{service_fn, util::BoxCloneService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    rate_limit::{FailureMode, KeyExtractor, Rule},
+    rate_limit::{FailureMode, KeyExtractor, Policy, Rule},
     store::{Decision, RateCheck, RateLimitStore},
     throttle::{ThrottleError, ThrottleLayer},
     StoreError,
@@ -87,10 +87,11 @@ async fn every_call_passes_and_at_most_the_limit_per_window(env: Env) {
             store: env.store().await,
             checks: checks.clone(),
         };
-        let layer = ThrottleLayer::new(store, Rule::sliding_log(limit, window))
-            .scope(scope.clone())
-            .max_wait(Duration::from_secs(30))
-            .store_timeout(Duration::from_secs(2));
+        let layer =
+            ThrottleLayer::new(store, Policy::new("wait", Rule::sliding_log(limit, window)))
+                .scope(scope.clone())
+                .max_wait(Duration::from_secs(30))
+                .store_timeout(Duration::from_secs(2));
         services.push(client(layer, arrivals.clone()));
     }
     let started = Instant::now();
@@ -152,7 +153,7 @@ async fn every_strategy_lets_a_burst_through_in_time(env: Env) {
                 store: env.store().await,
                 checks: checks.clone(),
             };
-            let layer = ThrottleLayer::new(store, rule.clone())
+            let layer = ThrottleLayer::new(store, Policy::new("wait", rule.clone()))
                 .scope(scope.clone())
                 .max_wait(Duration::from_secs(30))
                 .store_timeout(Duration::from_secs(2));
@@ -178,10 +179,13 @@ async fn a_wait_beyond_the_maximum_fails_at_once(env: Env) {
         checks: checks.clone(),
     };
     let max_wait = Duration::from_millis(500);
-    let layer = ThrottleLayer::new(store, Rule::fixed_window(1, Duration::from_secs(30)))
-        .scope(scope())
-        .max_wait(max_wait)
-        .store_timeout(Duration::from_secs(2));
+    let layer = ThrottleLayer::new(
+        store,
+        Policy::new("wait", Rule::fixed_window(1, Duration::from_secs(30))),
+    )
+    .scope(scope())
+    .max_wait(max_wait)
+    .store_timeout(Duration::from_secs(2));
     let svc = client(layer.clone(), arrivals.clone());
     svc.clone()
         .oneshot(Request::new(()))
@@ -221,7 +225,7 @@ async fn a_wait_within_the_maximum_passes(env: Env) {
         checks: Arc::new(AtomicUsize::new(0)),
     };
     let window = Duration::from_millis(300);
-    let layer = ThrottleLayer::new(store, Rule::gcra(1, window, 1))
+    let layer = ThrottleLayer::new(store, Policy::new("wait", Rule::gcra(1, window, 1)))
         .scope(scope())
         .key(KeyExtractor::header("x-account"))
         .max_wait(Duration::from_secs(10))
@@ -266,9 +270,12 @@ async fn a_store_failure_fails_closed_by_default(env: Env) {
         store: env.store().await,
         checks: Arc::new(AtomicUsize::new(0)),
     };
-    let layer = ThrottleLayer::new(store, Rule::fixed_window(10, Duration::from_secs(30)))
-        .scope(scope())
-        .store_timeout(Duration::from_millis(200));
+    let layer = ThrottleLayer::new(
+        store,
+        Policy::new("wait", Rule::fixed_window(10, Duration::from_secs(30))),
+    )
+    .scope(scope())
+    .store_timeout(Duration::from_millis(200));
     let closed = client(layer.clone(), arrivals.clone());
     let open = client(layer.on_store_error(FailureMode::Open), arrivals.clone());
     closed
@@ -314,9 +321,12 @@ async fn sleeps_follow_the_store_and_stop_at_the_deadline() {
         store: AnyStore::Memory(MemoryStore::new()),
         checks: Arc::new(AtomicUsize::new(0)),
     };
-    let layer = ThrottleLayer::new(store, Rule::fixed_window(1, Duration::from_secs(1)))
-        .jitter(0.0)
-        .max_wait(Duration::from_secs(3));
+    let layer = ThrottleLayer::new(
+        store,
+        Policy::new("wait", Rule::fixed_window(1, Duration::from_secs(1))),
+    )
+    .jitter(0.0)
+    .max_wait(Duration::from_secs(3));
     let svc = client(layer, arrivals.clone());
     let started = Instant::now();
     for _ in 0..3 {

@@ -115,6 +115,7 @@ mod deny_cache;
 mod fallback;
 mod forwarded;
 mod future;
+mod handle;
 mod headers;
 mod key;
 mod layer;
@@ -126,6 +127,7 @@ pub use self::{
     fallback::LocalFallback,
     forwarded::{InvalidRange, Trusted},
     future::ResponseFuture,
+    handle::{KeyQuota, RateKey, RateLimitHandle, RuleQuota},
     headers::Headers,
     key::KeyExtractor,
     layer::{MissingKey, RateLimitLayer, Rejection},

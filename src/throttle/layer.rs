@@ -48,15 +48,17 @@ pub(crate) struct Config {
 }
 
 impl<B> ThrottleLayer<B> {
-    /// Delays requests until `policy` (a [`Rule`](crate::rate_limit::Rule) or a [`Policy`] of
-    /// several rules) lets them through, one global budget unless [`key`](Self::key) says
-    /// otherwise, for at most 10 seconds (see [`max_wait`](Self::max_wait)).
-    pub fn new(store: B, policy: impl Into<Policy>) -> Self {
+    /// Delays requests until `policy` lets them through, one global budget unless
+    /// [`key`](Self::key) says otherwise, for at most 10 seconds (see
+    /// [`max_wait`](Self::max_wait)). The counters are named by the policy's name (or its
+    /// [scope](Policy::scope)), as a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer)'s
+    /// are.
+    pub fn new(store: B, policy: Policy) -> Self {
         Self {
             shared: Arc::new(Shared {
                 store: Arc::new(store),
                 config: Config {
-                    policy: CompiledPolicy::new(policy.into(), String::new(), ""),
+                    policy: CompiledPolicy::new(policy, "", ""),
                     scope: String::new(),
                     key: KeyExtractor::global(),
                     cost: None,
@@ -71,7 +73,7 @@ impl<B> ThrottleLayer<B> {
 
     /// A namespace for this layer's counters in the store (default: none), exactly as
     /// [`RateLimitLayer::scope`](crate::rate_limit::RateLimitLayer::scope): a throttle and a
-    /// rate-limit layer with the same scope, policy and key share their counters.
+    /// rate-limit layer with the same scopes, policy name, rules and key share their counters.
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         let config = self.config_mut();
         config.scope = scope.into();

@@ -15,7 +15,7 @@
 //! use http::{Request, Response};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! use tower_redis_layers::{
-//!     rate_limit::Rule,
+//!     rate_limit::{Policy, Rule},
 //!     store::MemoryStore,
 //!     throttle::{ThrottleError, ThrottleLayer},
 //! };
@@ -23,8 +23,8 @@
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() {
 //! // The API allows our account 2 calls per second; a call may wait up to 5 seconds for its turn.
-//! let throttle = ThrottleLayer::new(MemoryStore::new(), Rule::fixed_window(2, Duration::from_secs(1)))
-//!     .scope("partner-api")
+//! let policy = Policy::new("partner-api", Rule::fixed_window(2, Duration::from_secs(1)));
+//! let throttle = ThrottleLayer::new(MemoryStore::new(), policy)
 //!     .max_wait(Duration::from_secs(5))
 //!     .cost(|parts| if parts.uri.path() == "/batch" { 2 } else { 1 });
 //! let client = ServiceBuilder::new().layer(throttle).service(service_fn(
@@ -41,8 +41,8 @@
 //!
 //! // A call that costs more than the quota would never pass: it fails at once.
 //! let batch = Request::builder().uri("/batch").body(String::new()).unwrap();
-//! let small = ThrottleLayer::new(MemoryStore::new(), Rule::fixed_window(1, Duration::from_secs(1)))
-//!     .cost(|_| 2);
+//! let policy = Policy::new("small", Rule::fixed_window(1, Duration::from_secs(1)));
+//! let small = ThrottleLayer::new(MemoryStore::new(), policy).cost(|_| 2);
 //! let err = ServiceBuilder::new()
 //!     .layer(small)
 //!     .service(service_fn(|_: Request<String>| async { Ok::<_, Infallible>(Response::new(())) }))

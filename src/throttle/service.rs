@@ -27,9 +27,9 @@ pub struct Throttle<S, B> {
 }
 
 impl<S, B> Throttle<S, B> {
-    /// Throttles `inner` with `policy` (a [`Rule`](crate::rate_limit::Rule) or a [`Policy`]),
-    /// keeping the counters in `store`, with the default options of [`ThrottleLayer::new`].
-    pub fn new(inner: S, store: B, policy: impl Into<Policy>) -> Self {
+    /// Throttles `inner` with `policy`, keeping the counters in `store`, with the default
+    /// options of [`ThrottleLayer::new`].
+    pub fn new(inner: S, store: B, policy: Policy) -> Self {
         ThrottleLayer::new(store, policy).layer(inner)
     }
 }
@@ -37,7 +37,7 @@ impl<S, B> Throttle<S, B> {
 // Not in the block above: there `S` could not be inferred from a call to `layer`.
 impl<B> Throttle<(), B> {
     /// A [`ThrottleLayer`] for `policy` (the same as [`ThrottleLayer::new`]).
-    pub fn layer(store: B, policy: impl Into<Policy>) -> ThrottleLayer<B> {
+    pub fn layer(store: B, policy: Policy) -> ThrottleLayer<B> {
         ThrottleLayer::new(store, policy)
     }
 }
