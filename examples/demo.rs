@@ -26,9 +26,14 @@
 //! - `GET /cached/{id}`: cached for 30 s; the handler sleeps 200 ms and answers JSON with the
 //!   `id` and how many times it has run in this process
 //! - `POST /cached/invalidate`: invalidates every `/cached/{id}` entry (one segment)
+//! - `POST /generate`: a metered budget of 10,000 tokens per minute (rule `tokens`); the handler
+//!   answers `200` with `{"tokens": n}`, n random from 50 to 500, and reports n to the layer
+//!   ([`ActualCost`]): a request is admitted if the estimate (500, the largest answer) fits,
+//!   and the difference is refunded after the response
 //! - `GET /stats`: how many times each handler ran in this process (JSON); for `/orders`, also
 //!   how many began (`orders_started`, counted before the 300 ms of work), so that a handler
-//!   cancelled half-way shows as `orders_started` > `orders`
+//!   cancelled half-way shows as `orders_started` > `orders`; `tokens`, the tokens `/generate`
+//!   reported for settlement in this process
 //!
 //! Ctrl-C (SIGINT) or SIGTERM stops it gracefully: it stops accepting connections and lets the
 //! requests in flight finish (an order being made completes and its record is stored). A startup
@@ -51,13 +56,15 @@ use axum::{
     extract::{Path, State},
     http::{HeaderName, StatusCode},
     routing::{get, post},
-    Json, Router,
+    Extension, Json, Router,
 };
 use serde_json::{json, Value};
 use tower_redis_layers::{
     cache::CacheLayer,
     idempotency::IdempotencyLockLayer,
-    rate_limit::{Headers, KeyExtractor, Policy, RateLimitLayer, Rule, Trusted},
+    rate_limit::{
+        ActualCost, Headers, KeyExtractor, Policy, RateLimitLayer, Rule, Settlement, Trusted,
+    },
     store::{CacheStore, IdempotencyStore, MemoryStore, RateLimitStore},
 };
 
@@ -71,6 +78,8 @@ struct Stats {
     orders_started: AtomicU64,
     orders: AtomicU64,
     cached: AtomicU64,
+    /// The tokens `/generate` reported (the actual costs settled).
+    tokens: AtomicU64,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -112,6 +121,12 @@ const ROUTES: &[(&str, &str, &str, &str)] = &[
         "/cached/invalidate",
         "invalidates every /cached/{id} entry",
         "-i -X POST {base}/cached/invalidate",
+    ),
+    (
+        "POST",
+        "/generate",
+        "10,000 tokens per minute, settled after the response",
+        "-i -X POST {base}/generate",
     ),
     (
         "GET",
@@ -363,6 +378,17 @@ fn app<B: RateLimitStore + IdempotencyStore + CacheStore + Clone>(store: B) -> R
                 }
             }),
         )
+        .route(
+            "/generate",
+            post(generate).layer(
+                limit(
+                    "tokens",
+                    Rule::fixed_window(10_000, Duration::from_secs(60)).name("tokens"),
+                )
+                .cost(|_| MAX_TOKENS)
+                .settlement(Settlement::extension()),
+            ),
+        )
         .route("/stats", get(stats_handler))
         .with_state(stats)
 }
@@ -389,6 +415,20 @@ async fn cached_handler(State(s): State<Arc<Stats>>, Path(id): Path<String>) -> 
     Json(json!({ "id": id, "runs": runs }))
 }
 
+/// The most tokens `/generate` answers: its estimate, so its budget is never overrun.
+const MAX_TOKENS: u64 = 500;
+
+/// "Generates" 50 to 500 tokens and reports how many to the rate-limit layer, which charges
+/// them instead of the estimate.
+async fn generate(State(s): State<Arc<Stats>>) -> (Extension<ActualCost>, Json<Value>) {
+    let tokens = rand::random_range(50..=MAX_TOKENS);
+    s.tokens.fetch_add(tokens, Ordering::Relaxed);
+    (
+        Extension(ActualCost(tokens)),
+        Json(json!({ "tokens": tokens })),
+    )
+}
+
 async fn stats_handler(State(s): State<Arc<Stats>>) -> Json<Value> {
     Json(json!({
         "fixed": s.fixed.load(Ordering::Relaxed),
@@ -397,5 +437,6 @@ async fn stats_handler(State(s): State<Arc<Stats>>) -> Json<Value> {
         "orders_started": s.orders_started.load(Ordering::Relaxed),
         "orders": s.orders.load(Ordering::Relaxed),
         "cached": s.cached.load(Ordering::Relaxed),
+        "tokens": s.tokens.load(Ordering::Relaxed),
     }))
 }

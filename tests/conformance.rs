@@ -5,7 +5,7 @@ mod common;
 
 use common::stores::{stores, Env};
 use tower_redis_layers::conformance::{
-    cache_suite, idempotency_suite, lock_suite, rate_limit_suite,
+    cache_suite, idempotency_suite, lock_suite, rate_limit_settlement_suite, rate_limit_suite,
 };
 
 /// Every suite, concurrently; on Redis, the calls were script calls, and on a cluster they were
@@ -14,6 +14,7 @@ async fn every_suite(env: Env) {
     let store = env.store().await;
     tokio::join!(
         rate_limit_suite(&store),
+        rate_limit_settlement_suite(&store),
         lock_suite(&store),
         idempotency_suite(&store),
         cache_suite(&store),

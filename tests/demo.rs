@@ -232,6 +232,79 @@ async fn check_cached(demo: &Demo, expect_first_runs: u64) -> u64 {
     json["runs"].as_u64().unwrap()
 }
 
+/// `POST /generate` with an API key; returns the status, the raw head (lower case) and the body.
+async fn generate(port: u16, api_key: &str) -> (u16, String, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /generate HTTP/1.1\r\nhost: localhost\r\nx-api-key: {api_key}\r\n\
+         content-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// `POST /generate` until its budget of 10,000 tokens per minute is spent: each answer reports
+/// 50 to 500 tokens, a request is admitted while its estimate (500) fits, and the budget is
+/// charged what the answers reported, so it ends with less than one estimate left. `/stats`
+/// counts the tokens. Returns the API key whose budget is spent.
+async fn check_generate(demo: &Demo) -> String {
+    let key = format!("generate-{}", demo.port);
+    let (mut total, mut admitted) = (0u64, 0u64);
+    let mut denied_since = None;
+    loop {
+        let (status, head, body) = generate(demo.port, &key).await;
+        if status == 200 {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let tokens = json["tokens"].as_u64().unwrap();
+            assert!((50..=500).contains(&tokens), "{body}");
+            // What is left after this request's estimate: at most what the earlier answers
+            // leave (less while a refund is on its way: a Redis store settles in the background).
+            let field = head
+                .lines()
+                .find_map(|l| l.strip_prefix("ratelimit: "))
+                .unwrap_or_default();
+            assert!(field.starts_with("\"tokens\""), "{head}");
+            let left: u64 = field
+                .split(';')
+                .find_map(|p| p.strip_prefix("r="))
+                .and_then(|r| r.parse().ok())
+                .unwrap();
+            assert!(left <= 10_000 - total - 500, "{left} left after {total}");
+            total += tokens;
+            admitted += 1;
+            denied_since = None;
+            continue;
+        }
+        assert_eq!(status, 429, "{head}");
+        // Denied for 2 s in a row: every refund has landed, the budget is spent.
+        let since = *denied_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Charged what the answers reported, not the estimates: less than one estimate is left.
+    assert!(
+        total <= 10_000 && total > 10_000 - 500,
+        "{admitted} admitted, {total} tokens"
+    );
+    assert!(admitted >= 20, "{admitted} admitted, {total} tokens");
+    let (_, body) = get(demo.port, "/stats", None).await;
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["tokens"], total);
+    key
+}
+
 async fn statuses(port: u16, path: &str, n: usize, key: Option<&str>) -> Vec<u16> {
     let mut out = Vec::new();
     for _ in 0..n {
@@ -281,6 +354,8 @@ async fn check_routes(demo: &Demo) {
     let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(stats["orders"], 1);
     assert_eq!(stats["orders_started"], 1, "an order handler began twice");
+
+    check_generate(demo).await;
 }
 
 #[tokio::test]
@@ -302,6 +377,12 @@ async fn demo_on_redis_limits_hold_across_two_replicas() {
     // A second replica on the same Redis shares the budget: still limited.
     let b = start_demo(&[("REDIS_URL", server.url())]);
     assert_eq!(statuses(b.port, "/fixed", 1, None).await, [429]);
+    let spent = format!("generate-{}", a.port);
+    assert_eq!(
+        generate(b.port, &spent).await.0,
+        429,
+        "the token budget is shared"
+    );
     assert_eq!(statuses(b.port, "/sliding", 1, Some("bob")).await, [200]);
     assert_eq!(
         statuses(a.port, "/sliding", 4, Some("bob")).await,
@@ -400,7 +481,7 @@ async fn demo_prints_the_store_and_every_route_with_a_curl_line_that_works() {
     let mut documented = readme_routes();
     printed.sort();
     documented.sort();
-    assert_eq!(printed.len(), 7, "{printed:?}");
+    assert_eq!(printed.len(), 8, "{printed:?}");
     assert_eq!(
         documented, printed,
         "the README's routes table differs from the demo"

@@ -47,17 +47,27 @@ pub(crate) struct Keying {
     pub(crate) segment: Option<Arc<SegmentFn>>,
     /// The shards of every segment; `None`: [`DEFAULT_SHARDS`] without a segment closure, else 1.
     pub(crate) shards: Option<u16>,
+    /// The shard keys found so far (shared by clones of the layer).
+    pub(crate) shard_memo: Arc<ShardMemo>,
 }
 
-/// The shards a segment is spread over: `count` segments of the store, the first with the
-/// segment's own key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Shards {
+/// The shards a segment is spread over: `count` segments of the store (the segment's own key
+/// when `count` is 1).
+///
+/// On Redis a segment's keys carry its key's hex digits as their hash tag, so each shard has a
+/// cluster slot of its own; the shard keys are chosen so that the slots of a segment's shards
+/// fall evenly across the slot space (shard `i` in the `i`-th of `min(count, 16)` equal bands,
+/// cycling). A cluster's nodes own contiguous ranges of slots, mostly of about equal size (what
+/// `redis-cli --cluster create` makes), so a segment's entries spread about evenly over the
+/// nodes, not by the luck of 16 random slots.
+#[derive(Debug, Clone)]
+pub(crate) struct Shards<'a> {
     segment: StoreKey,
     count: u16,
+    memo: &'a ShardMemo,
 }
 
-impl Shards {
+impl Shards<'_> {
     /// The shard of the entries under `primary`: the same for every variant of a resource.
     pub(crate) fn of(&self, primary: PrimaryKey) -> StoreKey {
         let bytes = primary.0.as_bytes();
@@ -69,20 +79,94 @@ impl Shards {
     }
 
     /// Every shard's key, shard 0 first.
-    pub(crate) fn all(self) -> impl Iterator<Item = StoreKey> {
-        (0..self.count.max(1)).map(move |index| self.shard(index))
+    pub(crate) fn all(&self) -> Vec<StoreKey> {
+        (0..self.count.max(1))
+            .map(|index| self.shard(index))
+            .collect()
     }
 
-    /// The key of shard `index`: the segment's own key for shard 0.
+    /// The key of shard `index`.
     fn shard(&self, index: u16) -> StoreKey {
-        if index == 0 {
+        if self.count <= 1 {
             return self.segment;
         }
-        StoreKey::from_parts([
+        self.memo
+            .get_or_insert((self.segment, self.count, index), || {
+                shard_key(self.segment, self.count, index)
+            })
+    }
+}
+
+/// How many bands of the slot space a segment's shards are placed in, at most.
+const SLOT_BANDS: u16 = 16;
+
+/// The key of shard `index` of `count`: the first of a series of hashes of the segment key and
+/// `index` whose cluster slot is in the shard's band (16 tries on average, at most 16).
+fn shard_key(segment: StoreKey, count: u16, index: u16) -> StoreKey {
+    let bands = u32::from(count.clamp(1, SLOT_BANDS));
+    let band = u32::from(index) % bands;
+    let (low, high) = (band * SLOTS / bands, (band + 1) * SLOTS / bands);
+    let mut key = segment;
+    // A miss is 15 in 16 at worst: 1,000 misses in a row never happen, and would only cost the
+    // even spread of this one shard.
+    for attempt in 0u32..1000 {
+        key = StoreKey::from_parts([
             b"trl-cache-shard".as_slice(),
-            self.segment.as_bytes().as_slice(),
+            segment.as_bytes().as_slice(),
             &index.to_le_bytes(),
-        ])
+            &attempt.to_le_bytes(),
+        ]);
+        let slot = u32::from(cluster_slot(&key));
+        if (low..high).contains(&slot) {
+            break;
+        }
+    }
+    key
+}
+
+/// The number of Redis Cluster hash slots.
+const SLOTS: u32 = 16384;
+
+/// The Redis Cluster slot of the keys of segment `key` in the Redis stores (their hash tag is
+/// the key's 32 hex digits; see `src/store/redis/cache.rs`): CRC16 (XMODEM) modulo 16384.
+pub(crate) fn cluster_slot(key: &StoreKey) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in key.to_hex().bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    // The modulo keeps it below 16384.
+    u16::try_from(u32::from(crc) % SLOTS).unwrap_or(0)
+}
+
+/// The shard keys already found (finding one takes about 16 hashes), by segment, count and
+/// index. Bounded: forgotten when it grows too big.
+#[derive(Debug, Default)]
+pub(crate) struct ShardMemo {
+    map: Mutex<HashMap<(StoreKey, u16, u16), StoreKey>>,
+}
+
+const SHARD_MEMO_MAX: usize = 10_000;
+
+impl ShardMemo {
+    fn get_or_insert(&self, id: (StoreKey, u16, u16), make: impl FnOnce() -> StoreKey) -> StoreKey {
+        if let Some(key) = self.map.lock().ok().and_then(|map| map.get(&id).copied()) {
+            return key;
+        }
+        let key = make();
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= SHARD_MEMO_MAX {
+                map.clear();
+            }
+            map.insert(id, key);
+        }
+        key
     }
 }
 
@@ -162,10 +246,11 @@ impl Keying {
     }
 
     /// The shards of the segment `name`.
-    pub(crate) fn shards(&self, name: &str) -> Shards {
+    pub(crate) fn shards(&self, name: &str) -> Shards<'_> {
         Shards {
             segment: self.segment_key(name),
             count: self.shard_count(),
+            memo: &self.shard_memo,
         }
     }
 
@@ -355,6 +440,7 @@ mod tests {
             partition: None,
             segment: None,
             shards: None,
+            shard_memo: Arc::default(),
         };
         let plain = keying.keys(&parts("fr"), &vary).unwrap();
         assert_eq!(
@@ -391,14 +477,33 @@ mod tests {
             partition: None,
             segment: None,
             shards: None,
+            shard_memo: Arc::default(),
         };
         assert_eq!(keying.shard_count(), DEFAULT_SHARDS);
-        let shards = keying.shards(DEFAULT_SEGMENT);
-        let all: Vec<StoreKey> = shards.all().collect();
+        let all = keying.shards(DEFAULT_SEGMENT).all();
         assert_eq!(all.len(), usize::from(DEFAULT_SHARDS));
-        assert_eq!(all[0], keying.segment_key(DEFAULT_SEGMENT));
-        let distinct: std::collections::HashSet<_> = all.iter().collect();
-        assert_eq!(distinct.len(), all.len());
+        assert_eq!(
+            all,
+            keying.shards(DEFAULT_SEGMENT).all(),
+            "the same keys every time"
+        );
+        // Shard i in the i-th sixteenth of the slot space.
+        for (i, shard) in all.iter().enumerate() {
+            let band = usize::from(cluster_slot(shard)) * 16 / 16384;
+            assert_eq!(band, i, "shard {i}");
+        }
+        // Beyond 16 shards the bands cycle; one shard is the segment itself.
+        keying.shards = Some(40);
+        let forty = keying.shards(DEFAULT_SEGMENT).all();
+        for (i, shard) in forty.iter().enumerate() {
+            assert_eq!(usize::from(cluster_slot(shard)) * 16 / 16384, i % 16);
+        }
+        keying.shards = Some(1);
+        assert_eq!(
+            keying.shards(DEFAULT_SEGMENT).all(),
+            [keying.segment_key(DEFAULT_SEGMENT)]
+        );
+        keying.shards = None;
         // 1,000 resources land on every shard, and always on one of them.
         let vary = VaryRegistry::default();
         let mut used = std::collections::HashSet::new();
@@ -410,7 +515,10 @@ mod tests {
                 .0;
             let keys = keying.keys(&parts, &vary).unwrap();
             assert!(all.contains(&keys.segment));
-            assert_eq!(keys.segment, shards.of(keys.primary));
+            assert_eq!(
+                keys.segment,
+                keying.shards(DEFAULT_SEGMENT).of(keys.primary)
+            );
             used.insert(keys.segment);
         }
         assert_eq!(used.len(), all.len());
@@ -421,6 +529,28 @@ mod tests {
         assert_eq!(keying.shard_count(), 1);
         keying.shards = Some(u16::MAX);
         assert_eq!(keying.shard_count(), MAX_SHARDS);
+    }
+
+    #[test]
+    fn cluster_slots_as_redis_computes_them() {
+        // CRC16/XMODEM of "123456789" is 0x31C3; a key's slot is that of its hex digits.
+        let crc = |s: &str| {
+            let mut crc: u16 = 0;
+            for byte in s.bytes() {
+                crc ^= u16::from(byte) << 8;
+                for _ in 0..8 {
+                    crc = if crc & 0x8000 != 0 {
+                        (crc << 1) ^ 0x1021
+                    } else {
+                        crc << 1
+                    };
+                }
+            }
+            crc
+        };
+        assert_eq!(crc("123456789"), 0x31C3);
+        let key = StoreKey::from_parts([b"x".as_slice()]);
+        assert_eq!(cluster_slot(&key), crc(&key.to_hex()) % 16384);
     }
 
     #[test]

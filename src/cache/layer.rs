@@ -53,6 +53,7 @@ impl<B> CacheLayer<B> {
                     partition: None,
                     segment: None,
                     shards: None,
+                    shard_memo: Arc::default(),
                 },
                 ttl: Duration::from_secs(60),
                 jitter: 0.1,
@@ -505,10 +506,16 @@ impl CacheHandle {
     /// shards whose bump succeeded stay invalidated. Invalidating again is harmless (a bump of
     /// a shard already bumped only misses its entries written since).
     pub async fn invalidate_segment(&self, name: &str) -> Result<(), StoreError> {
-        let calls = self.config.keys.shards(name).all().map(|shard| {
-            let call = self.store.invalidate_segment(shard);
-            self.config.bound(&*self.store, call)
-        });
+        let calls = self
+            .config
+            .keys
+            .shards(name)
+            .all()
+            .into_iter()
+            .map(|shard| {
+                let call = self.store.invalidate_segment(shard);
+                self.config.bound(&*self.store, call)
+            });
         futures_util::future::join_all(calls)
             .await
             .into_iter()

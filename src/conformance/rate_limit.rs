@@ -6,7 +6,10 @@ use futures_util::future::join_all;
 
 use super::random_key;
 use crate::{
-    store::{Decision, Override, RateCheck, RateLimitStore, Rule},
+    store::{
+        Calendar, Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, Strategy,
+        UtcOffset,
+    },
     StoreKey,
 };
 
@@ -82,6 +85,8 @@ pub async fn rate_limit_suite<S: RateLimitStore>(store: &S) {
         decides_the_same_without_state(store),
         keys_are_isolated(store),
         concurrent_checks_admit_exactly_the_limit(store),
+        calendar_periods_end_at_the_next_boundary(store),
+        calendar_rules_combine_with_the_others(store),
     );
 }
 
@@ -516,4 +521,263 @@ async fn a_cleared_override_restores_the_rules<S: RateLimitStore>(store: &S) {
     assert_eq!(d.rules[0].remaining, 1);
     // Clearing a key without an override is not an error.
     set_override(store, &random_key(), None).await;
+}
+
+/// The seconds from the system clock's now to the end of `rule`'s calendar period (the store's
+/// clock may differ from this process's by its skew: the checks allow a few seconds).
+fn to_boundary(rule: &Rule) -> Duration {
+    let spec = rule.encode().2;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let now = i64::try_from(now.as_micros()).unwrap_or(i64::MAX / 4);
+    let (_, end) = crate::store::calendar_period(now, spec);
+    Duration::from_micros(u64::try_from(end - now).unwrap_or(0))
+}
+
+/// How far apart a calendar answer and the system clock's boundary may be: the store's clock
+/// skew and the time the check takes.
+const CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+fn near(a: Duration, b: Duration) -> bool {
+    a.abs_diff(b) <= CLOCK_SKEW
+}
+
+/// A calendar rule (day, ISO week, month; UTC and two offsets) admits exactly its limit, and
+/// its reset and the wait of a denial are the time to the next boundary of the period.
+async fn calendar_periods_end_at_the_next_boundary<S: RateLimitStore>(store: &S) {
+    for (period, offset) in [
+        (Calendar::Day, 0),
+        (Calendar::Week, 0),
+        (Calendar::Month, 0),
+        (Calendar::Day, 330),
+        (Calendar::Month, -480),
+    ] {
+        let rule = Rule::calendar(3, period).utc_offset(UtcOffset::minutes(offset));
+        let rules = [rule.clone()];
+        let key = random_key();
+        for i in 0..3 {
+            let d = check(store, &key, &rules, 1).await;
+            assert!(d.allowed, "{rule:?}: request {} denied", i + 1);
+            assert_eq!(d.rules[0].remaining, 2 - i, "{rule:?}");
+            let boundary = to_boundary(&rule);
+            assert!(
+                near(d.rules[0].reset, boundary),
+                "{rule:?}: reset in {:?}, the period ends in {boundary:?}",
+                d.rules[0].reset
+            );
+        }
+        let d = check(store, &key, &rules, 1).await;
+        let boundary = to_boundary(&rule);
+        assert!(!d.allowed, "{rule:?}: over the limit admitted");
+        assert_eq!(
+            (d.denied_by, d.rules[0].remaining),
+            (Some(0), 0),
+            "{rule:?}"
+        );
+        assert!(
+            near(d.retry_after, boundary) && !d.retry_after.is_zero(),
+            "{rule:?}: retry after {:?}, the period ends in {boundary:?}",
+            d.retry_after
+        );
+        // Without the state asked for, the same decision.
+        let d = check_with(store, &key, &rules, 1, false).await;
+        assert!(
+            !d.allowed && near(d.retry_after, boundary),
+            "{rule:?}: {d:?}"
+        );
+        // A cost above the limit waits for the boundary too, and takes nothing.
+        let other = random_key();
+        let d = check(store, &other, &rules, 4).await;
+        assert!(!d.allowed && !d.retry_after.is_zero(), "{rule:?}: {d:?}");
+        assert_eq!(check(store, &other, &rules, 0).await.rules[0].remaining, 3);
+    }
+    // The offset is part of the rule: the same key counts apart under two offsets.
+    let key = random_key();
+    let utc = [Rule::calendar(1, Calendar::Day)];
+    let india = [Rule::calendar(1, Calendar::Day).utc_offset(UtcOffset::minutes(330))];
+    assert!(check(store, &key, &utc, 1).await.allowed);
+    assert!(check(store, &key, &india, 1).await.allowed);
+    assert!(matches!(
+        utc[0].strategy(),
+        Strategy::Calendar { limit: 1, .. }
+    ));
+}
+
+/// A calendar rule among others is all or nothing, like every rule, and concurrent checks
+/// admit exactly its limit.
+async fn calendar_rules_combine_with_the_others<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    for other in every_strategy(10, long) {
+        let key = random_key();
+        let rules = [Rule::calendar(2, Calendar::Month), other.clone()];
+        assert!(check(store, &key, &rules, 1).await.allowed);
+        let d = check(store, &key, &rules, 1).await;
+        assert!(d.allowed, "{other:?}");
+        assert_eq!(d.rules[0].remaining, 0, "{other:?}");
+        for _ in 0..3 {
+            let d = check(store, &key, &rules, 1).await;
+            assert!(!d.allowed, "{other:?}");
+            assert_eq!(d.denied_by, Some(0), "{other:?}");
+            assert_eq!(
+                d.rules[1].remaining, 8,
+                "{other:?}: the other rule gave nothing"
+            );
+        }
+    }
+    // Denied by the other rule: the calendar rule gives nothing either.
+    let key = random_key();
+    let rules = [
+        Rule::calendar(10, Calendar::Week),
+        Rule::fixed_window(1, long),
+    ];
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    let d = check(store, &key, &rules, 1).await;
+    assert_eq!((d.allowed, d.denied_by), (false, Some(1)));
+    assert_eq!(
+        d.rules[0].remaining, 9,
+        "the week gave nothing to a denied request"
+    );
+    let key = random_key();
+    let rules = [Rule::calendar(20, Calendar::Day)];
+    let all = join_all((0..100).map(|_| check(store, &key, &rules, 1))).await;
+    let admitted = all.iter().filter(|d| d.allowed).count();
+    assert_eq!(admitted, 20, "calendar: {admitted} of 100 admitted");
+}
+
+/// One settlement through `store`, panicking on a store error.
+async fn settle<S: RateLimitStore>(
+    store: &S,
+    key: &StoreKey,
+    rules: &[Rule],
+    delta: i64,
+    age: Duration,
+) {
+    let settlement = RateSettlement::new(key, rules, delta, age);
+    if let Err(e) = store.settle(settlement).await {
+        panic!("store error settling {delta} on {rules:?}: {e}");
+    }
+}
+
+/// What each rule has left (a check of cost 0, which may deny a key charged past its limit).
+async fn left<S: RateLimitStore>(store: &S, key: &StoreKey, rules: &[Rule]) -> Vec<u64> {
+    let d = check(store, key, rules, 0).await;
+    d.rules.iter().map(|s| s.remaining).collect()
+}
+
+/// Runs every check of the settlement of metered costs ([`RateLimitStore::settle`]) against
+/// `store`: charges and refunds on fixed windows, token buckets and GCRA, all rules at once, a
+/// charge past the limit, a late settlement of a fixed window, and sliding rules left as they
+/// are. A store that keeps the trait's default `settle` fails it.
+pub async fn rate_limit_settlement_suite<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(60);
+    tokio::join!(
+        settles_charges_and_refunds(store, Rule::fixed_window(100, long)),
+        settles_charges_and_refunds(store, Rule::token_bucket(100, 1, long)),
+        settles_charges_and_refunds(store, Rule::gcra(1, long, 100)),
+        a_charge_may_pass_the_limit(store, Rule::fixed_window(100, long)),
+        a_charge_may_pass_the_limit(store, Rule::token_bucket(100, 1, long)),
+        a_charge_may_pass_the_limit(store, Rule::gcra(1, long, 100)),
+        every_rule_is_settled_at_once(store),
+        a_late_fixed_window_settlement_changes_nothing(store),
+        sliding_rules_are_left_as_they_are(store),
+    );
+}
+
+/// A charge takes more, a refund gives back, never more than the quota.
+async fn settles_charges_and_refunds<S: RateLimitStore>(store: &S, rule: Rule) {
+    let key = random_key();
+    let rules = [rule.clone()];
+    assert!(check(store, &key, &rules, 10).await.allowed);
+    settle(store, &key, &rules, 20, Duration::ZERO).await;
+    assert_eq!(left(store, &key, &rules).await, [70], "charge: {rule:?}");
+    settle(store, &key, &rules, -15, Duration::ZERO).await;
+    assert_eq!(left(store, &key, &rules).await, [85], "refund: {rule:?}");
+    settle(store, &key, &rules, 0, Duration::ZERO).await;
+    assert_eq!(left(store, &key, &rules).await, [85], "nothing: {rule:?}");
+    settle(store, &key, &rules, -1000, Duration::ZERO).await;
+    assert_eq!(
+        left(store, &key, &rules).await,
+        [100],
+        "at most the quota: {rule:?}"
+    );
+    // A key never checked: a refund changes nothing.
+    let fresh = random_key();
+    settle(store, &fresh, &rules, -5, Duration::ZERO).await;
+    assert_eq!(
+        left(store, &fresh, &rules).await,
+        [100],
+        "fresh key: {rule:?}"
+    );
+}
+
+/// A settlement is never denied: a key charged past its limit denies the next request.
+async fn a_charge_may_pass_the_limit<S: RateLimitStore>(store: &S, rule: Rule) {
+    let key = random_key();
+    let rules = [rule.clone()];
+    assert!(check(store, &key, &rules, 10).await.allowed);
+    settle(store, &key, &rules, 120, Duration::ZERO).await;
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed, "over the limit: {rule:?}: {d:?}");
+    assert_eq!(d.rules[0].remaining, 0, "{rule:?}");
+    assert!(d.retry_after > Duration::ZERO, "{rule:?}");
+    // Refunding the overshoot makes room again.
+    settle(store, &key, &rules, -40, Duration::ZERO).await;
+    assert_eq!(left(store, &key, &rules).await, [10], "{rule:?}");
+}
+
+/// Every rule of a check is settled by the same difference.
+async fn every_rule_is_settled_at_once<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(60);
+    let key = random_key();
+    let rules = [
+        Rule::fixed_window(100, long),
+        Rule::token_bucket(200, 1, long),
+        Rule::gcra(1, long, 300),
+    ];
+    assert!(check(store, &key, &rules, 10).await.allowed);
+    settle(store, &key, &rules, 30, Duration::ZERO).await;
+    assert_eq!(left(store, &key, &rules).await, [60, 160, 260]);
+    settle(store, &key, &rules, -20, Duration::ZERO).await;
+    assert_eq!(left(store, &key, &rules).await, [80, 180, 280]);
+}
+
+/// A fixed window's settlement for a check answered before the current window began changes
+/// nothing; within the check's window it applies.
+async fn a_late_fixed_window_settlement_changes_nothing<S: RateLimitStore>(store: &S) {
+    let window = Duration::from_millis(400);
+    let key = random_key();
+    let rules = [Rule::fixed_window(100, window)];
+    assert!(check(store, &key, &rules, 10).await.allowed);
+    tokio::time::sleep(window + MARGIN).await;
+    // Expired: nothing to settle.
+    settle(store, &key, &rules, 50, window + MARGIN).await;
+    assert_eq!(
+        left(store, &key, &rules).await,
+        [100],
+        "charged a fresh window"
+    );
+    // A new window, then a settlement for a check older than it.
+    assert!(check(store, &key, &rules, 10).await.allowed);
+    settle(store, &key, &rules, -10, window).await;
+    assert_eq!(
+        left(store, &key, &rules).await,
+        [90],
+        "refunded a fresh window"
+    );
+    settle(store, &key, &rules, -5, Duration::ZERO).await;
+    assert_eq!(left(store, &key, &rules).await, [95], "the current window");
+}
+
+/// Sliding logs and windows are not settled (the layer refuses them in a metered policy).
+async fn sliding_rules_are_left_as_they_are<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(60);
+    for rule in [Rule::sliding_log(10, long), Rule::sliding_window(10, long)] {
+        let key = random_key();
+        let rules = [rule.clone()];
+        assert!(check(store, &key, &rules, 3).await.allowed);
+        settle(store, &key, &rules, 4, Duration::ZERO).await;
+        settle(store, &key, &rules, -2, Duration::ZERO).await;
+        assert_eq!(left(store, &key, &rules).await, [7], "{rule:?}");
+    }
 }

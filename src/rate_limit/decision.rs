@@ -24,8 +24,20 @@ pub(crate) const TARGET: &str = "tower_redis_layers::rate_limit";
 pub(crate) enum Answer {
     /// Call the inner service, then add these fields to its response.
     Admit(Option<HeaderMap>),
+    /// As [`Answer::Admit`], and the request's cost was taken from the store's counters (or,
+    /// [`Taken::Local`], the local fallback's): where a metered cost is settled.
+    Taken(Option<HeaderMap>, Taken),
     /// Answer with this response; the inner service is not called.
     Reject(Response<Bytes>),
+}
+
+/// Where an admitted request's cost was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// From the store.
+    Store,
+    /// From the local fallback, while the store failed.
+    Local,
 }
 
 /// One request's check, as the answer needs it once the store has replied.
@@ -92,7 +104,7 @@ impl Check {
                         return answer;
                     }
                 }
-                admitted(config, policy, &self.key, &decision)
+                admitted(config, policy, &self.key, &decision, Taken::Store)
             }
             Ok(decision) if config.shadow => {
                 count("denied_shadow");
@@ -134,7 +146,7 @@ impl Check {
         {
             Ok(decision) if decision.allowed => {
                 count("allowed_fallback");
-                admitted(config, policy, &self.key, &decision)
+                admitted(config, policy, &self.key, &decision, Taken::Local)
             }
             Ok(decision) if !config.shadow => self.denied(shared, policy, &decision),
             Ok(_) => Answer::Admit(None),
@@ -202,19 +214,20 @@ fn admitted(
     policy: &CompiledPolicy,
     key: &StoreKey,
     decision: &Decision,
+    taken: Taken,
 ) -> Answer {
     count("allowed");
     if !config.wants_state() {
         // The store was not asked for the state: `remaining` means nothing here.
         tracing::debug!(target: TARGET, key = %key, outcome = "allowed");
-        return Answer::Admit(None);
+        return Answer::Taken(None, taken);
     }
     let remaining = decision.rules.iter().map(|s| s.remaining).min();
     tracing::debug!(target: TARGET, key = %key, outcome = "allowed", remaining = remaining.unwrap_or(0));
     let mut h = HeaderMap::new();
     let which = config.admission_fields();
     policy.fields.insert_state(&mut h, decision, which);
-    Answer::Admit(Some(h))
+    Answer::Taken(Some(h), taken)
 }
 
 /// The `429` that the local deny cache answers for rule `rule` of `policy`, `wait` before the

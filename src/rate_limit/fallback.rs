@@ -10,7 +10,10 @@ use tokio::time::Instant;
 
 use crate::{
     key::StoreKey,
-    store::{Decision, MemoryStore, RateCheck, RateLimitStore, Rule, StoreError, Strategy},
+    store::{
+        Decision, MemoryStore, RateCheck, RateLimitStore, RateSettlement, Rule, StoreError,
+        Strategy,
+    },
 };
 
 /// Limits enforced in this process when the store fails: the default of a
@@ -23,6 +26,14 @@ use crate::{
 /// admit at most `limit × n / replicas` per window between them (at most `limit` when `replicas`
 /// is the real number of replicas), instead of everything. A quota that rounds down to 0 denies
 /// every request during the outage (`429` with `Retry-After: 1`).
+///
+/// A [calendar](super::Rule::calendar) quota is divided the same way and keeps its periods,
+/// on this process's system clock rather than the Redis server's (they differ by the clocks'
+/// skew). The local counts cover what this replica admitted since the period began (or since
+/// it started): during an outage each replica admits up to its share minus what it already
+/// admitted in the period, so a period holding an outage admits less than twice the limit, and
+/// a replica that took its share before the outage denies until the next boundary (or the
+/// store's return).
 ///
 /// While the store works, each replica also counts what it admitted in memory, and for
 /// [`hold`](Self::hold) after a failed (or breaker-refused) call a request needs the local
@@ -109,6 +120,17 @@ fn divide_rule(rule: &Rule, replicas: u32) -> Option<Rule> {
             period: longer(period),
             burst: burst / d,
         },
+        // A calendar quota is divided like a window's limit; the period stays the calendar's
+        // (on this process's clock, see `LocalFallback`).
+        Strategy::Calendar {
+            limit,
+            period,
+            offset,
+        } => Strategy::Calendar {
+            limit: limit / d,
+            period,
+            offset,
+        },
     };
     let local = Rule {
         strategy,
@@ -164,6 +186,13 @@ impl Local {
             .check_now(check)
             .unwrap_or_else(|| Err(StoreError::Invalid("no local answer".into())))
     }
+
+    /// Settles a metered request that the local `rules` admitted.
+    pub(crate) fn settle(&self, settlement: RateSettlement<'_>) -> Result<(), StoreError> {
+        self.store
+            .settle_now(settlement)
+            .unwrap_or_else(|| Err(StoreError::Invalid("no local answer".into())))
+    }
 }
 
 #[cfg(test)]
@@ -201,5 +230,25 @@ mod tests {
         );
         assert_eq!(divide(&rules, 1).unwrap(), rules);
         assert!(divide(&[Rule::sliding_log(2, s)], 3).is_none());
+    }
+
+    #[test]
+    fn calendar_quotas_divide_and_keep_their_periods() {
+        use crate::store::{Calendar, UtcOffset};
+        let offset = UtcOffset::minutes(330);
+        let rule = Rule::calendar(1000, Calendar::Month)
+            .utc_offset(offset)
+            .name("monthly");
+        let local = divide(std::slice::from_ref(&rule), 3).unwrap();
+        assert_eq!(
+            *local[0].strategy(),
+            Strategy::Calendar {
+                limit: 333,
+                period: Calendar::Month,
+                offset
+            }
+        );
+        assert_eq!(local[0].policy_name(), "monthly");
+        assert!(divide(&[Rule::calendar(2, Calendar::Day)], 3).is_none());
     }
 }

@@ -419,6 +419,22 @@ mod tests {
         assert!(all[2..].iter().all(Option::is_none), "{all:?}");
     }
 
+    /// Lines as nginx 1.22 wrote them with the README's `Forwarded` settings (captured).
+    #[test]
+    fn what_nginx_writes() {
+        let fwd = Field::Forwarded;
+        let peer = ip("127.0.0.1");
+        let one = Trusted::hops(1);
+        for (line, client_ip) in [
+            ("for=127.0.0.21", "127.0.0.21"),
+            ("for=\"_x, for=1.1.1.1, for=127.0.0.21", "127.0.0.21"),
+            ("for=\"[::1]\"", "::1"),
+        ] {
+            let h = headers("forwarded", &[line]);
+            assert_eq!(client(&one, fwd, &h, peer), ip(client_ip), "{line}");
+        }
+    }
+
     #[test]
     fn x_forwarded_for_entries() {
         let h = headers(

@@ -12,6 +12,7 @@ use tower_service::Service;
 
 use super::{
     decision::{Answer, Pending},
+    settle::Reservation,
     ResponseBody,
 };
 use crate::store::RateLimitStore;
@@ -20,7 +21,9 @@ pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
     ///
     /// It waits for the store when the store is remote, then runs the inner service or answers
-    /// with the rejection. See the [module docs](super) for an example.
+    /// with the rejection. In a metered layer it holds the request's reservation: the
+    /// settlement starts when the inner service's response is ready, and dropping the future
+    /// before that refunds the estimate. See the [module docs](super) for an example.
     pub struct ResponseFuture<S, B, ReqBody>
     where
         S: Service<Request<ReqBody>>,
@@ -30,6 +33,9 @@ pin_project! {
         state: State<B::Future, S::Future, S, Request<ReqBody>>,
         pending: Option<Pending<B>>,
         headers: Option<HeaderMap>,
+        // A metered request's reservation: not yet taken while checking, then taken (refunded
+        // if dropped unsettled).
+        reservation: Option<Reservation<B>>,
     }
 }
 
@@ -56,12 +62,18 @@ where
     S: Service<Request<ReqBody>>,
     B: RateLimitStore,
 {
-    /// Runs the inner service's `future`, then adds `headers` to its response.
-    pub(crate) fn running(future: S::Future, headers: Option<HeaderMap>) -> Self {
+    /// Runs the inner service's `future`, then adds `headers` to its response (and settles
+    /// `reservation` with it).
+    pub(crate) fn running(
+        future: S::Future,
+        headers: Option<HeaderMap>,
+        reservation: Option<Reservation<B>>,
+    ) -> Self {
         Self {
             state: State::Running { future },
             pending: None,
             headers,
+            reservation,
         }
     }
 
@@ -72,15 +84,19 @@ where
             },
             pending: None,
             headers: None,
+            reservation: None,
         }
     }
 
+    /// Waits for `check`, then calls `service` or rejects; `reservation` (not yet taken) is
+    /// taken when the store's answer says the cost was.
     pub(crate) fn checking(
         check: B::Future,
         timeout: Option<Duration>,
         service: S,
         request: Request<ReqBody>,
         pending: Pending<B>,
+        reservation: Option<Reservation<B>>,
     ) -> Self {
         Self {
             state: State::Checking {
@@ -89,6 +105,7 @@ where
             },
             pending: Some(pending),
             headers: None,
+            reservation,
         }
     }
 }
@@ -111,8 +128,20 @@ where
                         Some(pending) => pending.finish(result),
                         None => Answer::Admit(None),
                     };
-                    match answer {
+                    let headers = match answer {
                         Answer::Admit(headers) => {
+                            // Nothing was taken (fail open, shadow): nothing to settle.
+                            *this.reservation = None;
+                            Ok(headers)
+                        }
+                        Answer::Taken(headers, taken) => {
+                            *this.reservation = this.reservation.take().map(|r| r.taken(taken));
+                            Ok(headers)
+                        }
+                        Answer::Reject(response) => Err(response),
+                    };
+                    match headers {
+                        Ok(headers) => {
                             // `call` is `Some` until this transition, which happens once.
                             let Some((mut service, request)) = call.take() else {
                                 return Poll::Pending;
@@ -122,7 +151,8 @@ where
                                 future: service.call(request),
                             });
                         }
-                        Answer::Reject(response) => {
+                        Err(response) => {
+                            *this.reservation = None;
                             this.state.set(State::Rejected {
                                 response: Some(response),
                             });
@@ -130,7 +160,13 @@ where
                     }
                 }
                 StateProj::Running { future } => {
-                    let mut response = ready!(future.poll(cx))?;
+                    // An error drops the reservation: its estimate is refunded.
+                    let result = ready!(future.poll(cx));
+                    let reservation = this.reservation.take();
+                    let mut response = result?;
+                    if let Some(reservation) = reservation {
+                        reservation.settle(&response);
+                    }
                     if let Some(extra) = this.headers.take() {
                         for (name, value) in extra {
                             if let Some(name) = name {

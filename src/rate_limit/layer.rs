@@ -8,7 +8,7 @@ use super::{
     fallback::Local,
     headers::Fields,
     policy::{CompiledPolicy, Route},
-    Headers, KeyExtractor, LocalFallback, Policy,
+    Headers, KeyExtractor, LocalFallback, Policy, Settlement,
 };
 use crate::store::FailureMode;
 
@@ -88,6 +88,7 @@ pub(crate) struct Config {
     pub(crate) scope: String,
     pub(crate) key: KeyExtractor,
     pub(crate) cost: Option<Arc<CostFn>>,
+    pub(crate) settlement: Option<Settlement>,
     pub(crate) store_timeout: Duration,
     pub(crate) failure_mode: FailureMode,
     pub(crate) local_fallback: Option<LocalFallback>,
@@ -182,6 +183,7 @@ impl<B> RateLimitLayer<B> {
                     scope: String::new(),
                     key: KeyExtractor::default(),
                     cost: None,
+                    settlement: None,
                     store_timeout: Duration::from_millis(250),
                     failure_mode: FailureMode::Open,
                     local_fallback: Some(LocalFallback::default()),
@@ -241,12 +243,34 @@ impl<B> RateLimitLayer<B> {
     }
 
     /// The cost of a request, in units of the rules' limits (default 1). A cost of 0 only reads
-    /// the state.
+    /// the state. With a [`settlement`](Self::settlement), it is the estimate taken before the
+    /// inner service runs.
     pub fn cost<F>(mut self, cost: F) -> Self
     where
         F: Fn(&Parts) -> u64 + Send + Sync + 'static,
     {
         self.config_mut().cost = Some(Arc::new(cost));
+        self
+    }
+
+    /// Meters requests whose cost is known only once the inner service answered (default off):
+    /// a request is admitted if its estimate (the [`cost`](Self::cost)) fits and takes it, then
+    /// the difference with the actual cost that the response reports (see [`Settlement`]) is
+    /// charged or refunded in one more store call, in the background. An error of the inner
+    /// service, or a response future dropped unfinished, refunds the estimate.
+    ///
+    /// Fixed window, token bucket and GCRA rules settle; a policy with a sliding log or
+    /// sliding window rule is invalid in a metered layer (logged as an error on each request,
+    /// and handled by [`on_store_error`](Self::on_store_error), default open). See the
+    /// [module docs](super#metered-costs).
+    ///
+    /// It turns the local deny cache off (see [`no_deny_cache`](Self::no_deny_cache)): a
+    /// refund can make room before a cached denial's time is up, so every request of a metered
+    /// layer asks the store.
+    pub fn settlement(mut self, settlement: Settlement) -> Self {
+        let config = self.config_mut();
+        config.settlement = Some(settlement);
+        config.deny_cache = false;
         self
     }
 
@@ -371,6 +395,7 @@ impl<B: fmt::Debug> fmt::Debug for RateLimitLayer<B> {
             .field("routes", &c.routes.len())
             .field("scope", &c.scope)
             .field("key", &c.key)
+            .field("settlement", &c.settlement)
             .field("store_timeout", &c.store_timeout)
             .field("failure_mode", &c.failure_mode)
             .field("local_fallback", &c.local_fallback)

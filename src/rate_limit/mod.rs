@@ -61,6 +61,24 @@
 //! | [`Rule::sliding_window`] | two counters | approximate | O(1); see [`Strategy::SlidingWindow`] for the bound |
 //! | [`Rule::token_bucket`] | tokens + time | yes | bursts up to the capacity, steady refill |
 //! | [`Rule::gcra`] | one timestamp | yes | same admissions as a token bucket, cheapest exact one |
+//! | [`Rule::calendar`] | one counter | per period | a day, ISO week or month in a fixed UTC offset; up to 2x the limit across a boundary |
+//!
+//! # Calendar quotas
+//!
+//! [`Rule::calendar`] counts per calendar period: "1,000 per day" starts again at midnight,
+//! "50,000 per month" on the 1st ([`Calendar`]: days, ISO weeks from Monday 00:00, months of
+//! 28 to 31 days with leap years), in UTC or a fixed [`UtcOffset`] (no time zones, so no
+//! daylight saving time). The period is read from the store's clock (the Redis server's `TIME`).
+//! `Retry-After` and `t` count the seconds to the next boundary; `RateLimit-Policy`'s `w` is
+//! the nominal length of the period (a month is 30 days). See [`Strategy::Calendar`].
+//!
+//! ```
+//! use tower_redis_layers::rate_limit::{Calendar, Policy, Rule, UtcOffset};
+//!
+//! // 1,000 a day from midnight to midnight in California (UTC-08:00, all year).
+//! let policy = Policy::new(Rule::calendar(1_000, Calendar::Day).utc_offset(UtcOffset::hours(-8)));
+//! # let _ = policy;
+//! ```
 //!
 //! # Where the counters live
 //!
@@ -79,6 +97,74 @@
 //! cost, until `t` (the same time as `Retry-After`). Every other rule reports what it has left: a
 //! denied request takes nothing from any rule. A `429` from the local deny cache reports the
 //! denying rule only.
+//!
+//! # Metered costs
+//!
+//! Some budgets are counted in units known only once the handler ran: tokens an LLM generated,
+//! bytes sent, rows scanned. With a [`Settlement`], the layer admits a request if its estimate
+//! (the [`cost`](RateLimitLayer::cost), default 1) fits and takes it, then settles with the
+//! actual cost that the response reports (an [`ActualCost`] extension set by the handler, or a
+//! [header](Settlement::header)): the difference is charged or refunded in one more store call,
+//! sent in the background so the response does not wait for it. So a metered request is two
+//! store calls (one script call each on Redis), one when the actual cost equals the estimate.
+//!
+//! ```
+//! use std::{convert::Infallible, time::Duration};
+//! use http::{Request, Response, StatusCode};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_redis_layers::store::MemoryStore;
+//! use tower_redis_layers::rate_limit::{ActualCost, KeyExtractor, RateLimitLayer, Rule, Settlement};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // 10,000 tokens per minute; a request is admitted if its estimate of 500 fits.
+//! let layer = RateLimitLayer::new(MemoryStore::new(), Rule::fixed_window(10_000, Duration::from_secs(60)))
+//!     .key(KeyExtractor::global())
+//!     .cost(|_| 500)
+//!     .settlement(Settlement::extension());
+//! let svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service(service_fn(|_req: Request<String>| async {
+//!         let tokens = 120; // known once the work is done
+//!         let mut response = Response::new(format!(r#"{{"tokens":{tokens}}}"#));
+//!         response.extensions_mut().insert(ActualCost(tokens));
+//!         Ok::<_, Infallible>(response)
+//!     }));
+//! let res = svc.oneshot(Request::new(String::new())).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::OK); // 120 charged, not 500
+//! # }
+//! ```
+//!
+//! - **Estimates.** Only the estimate must fit. A settlement is never denied: a request that
+//!   costs more than was left pushes its key past the limit, and later requests wait until the
+//!   debt is paid back (the window's end for a fixed window, the refill for a token bucket or
+//!   GCRA). A generous estimate keeps the overshoot small; a tight one lets more requests in.
+//! - **No actual cost.** An error of the inner service, or a response future dropped before the
+//!   response (the client went away), refunds the estimate. A response that reports no actual
+//!   cost keeps the estimate.
+//! - **Strategies.** Fixed window, token bucket and GCRA rules settle, all the rules of a policy
+//!   in one script call, on the same keys as the check. A policy with a sliding log or sliding
+//!   window rule is invalid in a metered layer (their state is a log or a weighted estimate that
+//!   a later correction cannot apply to exactly): it is logged as an error and handled by the
+//!   failure mode, like every invalid policy.
+//! - **A settlement after its window.** A fixed window's settlement that arrives after the
+//!   window the estimate was taken in has ended changes nothing: the old request is not charged
+//!   to the fresh window, and the fresh window is not refunded units it never gave. (The layer
+//!   tells windows apart by the time since the check answered; within one round trip of a
+//!   window's edge a settlement may go to either side.) A bucket or a GCRA key has no windows:
+//!   its settlement applies to its state now, never above its capacity.
+//! - **Fields.** The `RateLimit` fields of a metered response report the state after the
+//!   estimate was taken, before the settlement.
+//! - **No deny cache.** A metered layer asks the store for every request, denied ones too: a
+//!   refund may make room before a denial's `Retry-After` is up, so the local deny cache, which
+//!   would repeat the denial until then, is off.
+//! - **When the store fails.** A settlement is bounded by the
+//!   [store timeout](RateLimitLayer::store_timeout) and goes through the store's circuit
+//!   breaker; if it fails it is logged (and counted with feature `metrics`, in
+//!   `tower_redis_layers_rate_limit_settlements_total` by outcome) and the estimate stands; the
+//!   client never sees it. A request that the [local fallback](LocalFallback) admitted is
+//!   settled in the fallback's counts. A settlement is not idempotent: a client that re-sends a
+//!   command after a reconnect (fred) may apply it twice, as it may a check.
 //!
 //! # When the store fails
 //!
@@ -121,6 +207,7 @@ mod key;
 mod layer;
 mod policy;
 mod service;
+mod settle;
 
 pub(crate) use self::policy::CompiledPolicy;
 pub use self::{
@@ -133,9 +220,10 @@ pub use self::{
     layer::{MissingKey, RateLimitLayer, Rejection},
     policy::Policy,
     service::RateLimit,
+    settle::{ActualCost, Settlement},
 };
 pub use crate::{
-    store::{FailureMode, Rule, Strategy},
+    store::{Calendar, FailureMode, InvalidUtcOffset, Rule, Strategy, UtcOffset},
     ResponseBody,
 };
 

@@ -12,6 +12,7 @@ use super::{
     future::ResponseFuture,
     layer::{Config, Shared},
     policy::CompiledPolicy,
+    settle::Reservation,
     MissingKey, Policy, RateLimitLayer, ResponseBody,
 };
 use crate::{
@@ -78,12 +79,17 @@ where
         let (parts, body) = req.into_parts();
         let Some((index, policy)) = config.select(&parts) else {
             let req = Request::from_parts(parts, body);
-            return ResponseFuture::running(self.inner.call(req), None);
+            return ResponseFuture::running(self.inner.call(req), None, None);
         };
         let key = match key_of(config, policy, &parts) {
             Keyed::Key(key) => key,
             Keyed::Answered(answer) => {
-                return respond(&mut self.inner, Request::from_parts(parts, body), answer);
+                return respond(
+                    &mut self.inner,
+                    Request::from_parts(parts, body),
+                    answer,
+                    None,
+                );
             }
         };
         let cost = config.cost.as_ref().map_or(1, |f| f(&parts));
@@ -103,6 +109,7 @@ where
             cost,
             want_state: config.wants_state(),
         };
+        let reservation = Reservation::new(shared, index, key, cost);
         let check = Check {
             policy: index,
             key,
@@ -115,14 +122,15 @@ where
         // synchronous limiter would (no clone of it, no state machine around the check).
         if !remote {
             if let Some(result) = shared.store.check_now(rate_check) {
-                return respond(&mut self.inner, req, check.answer(shared, result));
+                let answer = check.answer(shared, result);
+                return respond(&mut self.inner, req, answer, reservation);
             }
         }
         let future = shared.store.check(rate_check);
         let pending = Pending::new(shared, check);
         let timeout = remote.then_some(config.store_timeout);
         let ready = self.take_ready();
-        ResponseFuture::checking(future, timeout, ready, req, pending)
+        ResponseFuture::checking(future, timeout, ready, req, pending, reservation)
     }
 }
 
@@ -137,6 +145,13 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
     if let Some(problem) = &policy.invalid {
         tracing::error!(target: TARGET, %problem, "invalid rate-limit policy");
         return Keyed::Answered(decision::failed(config));
+    }
+    if config.settlement.is_some() {
+        if let Some(rule) = policy.rules.iter().find(|r| !r.strategy().settles()) {
+            let rule = rule.policy_name();
+            tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket and GCRA rules");
+            return Keyed::Answered(decision::failed(config));
+        }
     }
     if let Some(raw) = config.key.extract(parts) {
         return Keyed::Key(raw.hash(&policy.namespace));
@@ -160,18 +175,24 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
     }
 }
 
-/// Runs the inner service or rejects, as `answer` says.
+/// Runs the inner service or rejects, as `answer` says; a metered request's `reservation` is
+/// taken when the answer took its cost.
 fn respond<S, B, ReqBody, ResBody>(
     inner: &mut S,
     req: Request<ReqBody>,
     answer: Answer,
+    reservation: Option<Reservation<B>>,
 ) -> ResponseFuture<S, B, ReqBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     B: RateLimitStore,
 {
     match answer {
-        Answer::Admit(headers) => ResponseFuture::running(inner.call(req), headers),
+        Answer::Admit(headers) => ResponseFuture::running(inner.call(req), headers, None),
+        Answer::Taken(headers, taken) => {
+            let reservation = reservation.map(|r| r.taken(taken));
+            ResponseFuture::running(inner.call(req), headers, reservation)
+        }
         Answer::Reject(response) => ResponseFuture::rejected(response),
     }
 }

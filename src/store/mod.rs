@@ -55,14 +55,20 @@ pub use self::call::FailureMode;
 pub(crate) use self::call::{bounded, Bounded};
 pub use self::idempotency::{Claim, ClaimRequest, IdempotencyStore};
 pub use self::lock::LockStore;
+#[cfg(feature = "test-support")]
+pub(crate) use self::memory::calendar_period;
 pub use self::memory::MemoryStore;
 pub use self::rate_limit::{
-    Decision, Override, RateCheck, RateLimitStore, Rule, RuleState, Strategy,
+    Calendar, Decision, InvalidUtcOffset, Override, RateCheck, RateLimitStore, RateSettlement,
+    Rule, RuleState, Strategy, UtcOffset,
 };
 #[cfg(feature = "fred")]
 pub use self::redis::FredStore;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
+#[cfg(all(any(feature = "redis", feature = "fred"), feature = "test-support"))]
+#[doc(hidden)]
+pub use self::redis::{calendar_period_script, calendar_spec};
 #[cfg(any(feature = "redis", feature = "fred"))]
 pub use self::redis::{rate_limit_script, ConnectOptions, ScriptRunner};
 

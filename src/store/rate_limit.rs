@@ -1,9 +1,10 @@
 //! The rate-limit store: the trait, what it is asked ([`RateCheck`]) and what it answers
 //! ([`Decision`]), and the rules it enforces ([`Rule`], [`Strategy`]) with their wire form (the
 //! strategy codes and numbers that the scripts and the memory store read, and the signature that
-//! names a rule's state in a store key). The rate-limit layer re-exports `Rule` and `Strategy`.
+//! names a rule's state in a store key). The rate-limit layer re-exports `Rule`, `Strategy`,
+//! `Calendar` and `UtcOffset`.
 
-use std::{fmt, future::Future, time::Duration};
+use std::{fmt, future::Future, str::FromStr, time::Duration};
 
 use super::{StoreError, StoreFuture};
 use crate::StoreKey;
@@ -73,6 +74,166 @@ pub enum Strategy {
         /// Largest burst.
         burst: u64,
     },
+    /// At most `limit` units per calendar period (a day, an ISO week, a month) in a fixed
+    /// offset from UTC: a fixed window whose edges are the calendar's, so "1,000 per day" starts
+    /// again at midnight and "50,000 per month" on the 1st, whenever the first request came.
+    ///
+    /// The period is read from the store's clock (the Redis server's `TIME`; the memory store's
+    /// system clock). Months have their real lengths (28 to 31 days, leap years by the Gregorian
+    /// rule); weeks start on Monday at 00:00 (ISO 8601), so the first week of a year may start
+    /// in December. Only fixed offsets: there are no time zones with daylight saving time (a
+    /// zone that changes offset needs a rule per offset, or UTC).
+    ///
+    /// `Retry-After` and the `RateLimit` field's `t` point at the next boundary;
+    /// `RateLimit-Policy`'s `w` is the period's nominal length: 86400 s for a day, 604800 s for
+    /// a week and 2592000 s (30 days) for any month. Like any fixed window it admits up to twice
+    /// the limit across a boundary (the end of one period and the start of the next).
+    Calendar {
+        /// Units allowed per period.
+        limit: u64,
+        /// The period: a day, an ISO week or a month.
+        period: Calendar,
+        /// The offset from UTC of the clock whose midnight starts a period.
+        offset: UtcOffset,
+    },
+}
+
+/// A calendar period, for [`Rule::calendar`] ([`Strategy::Calendar`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Calendar {
+    /// From midnight to midnight.
+    Day,
+    /// An ISO 8601 week: from Monday 00:00 to the next Monday 00:00.
+    Week,
+    /// From the 1st at 00:00 to the 1st of the next month (28, 29, 30 or 31 days).
+    Month,
+}
+
+impl Calendar {
+    /// The period's nominal length, as `RateLimit-Policy`'s `w` shows it: a month is 30 days.
+    pub fn nominal(self) -> Duration {
+        const DAY: u64 = 86_400;
+        Duration::from_secs(match self {
+            Calendar::Day => DAY,
+            Calendar::Week => 7 * DAY,
+            Calendar::Month => 30 * DAY,
+        })
+    }
+
+    fn code(self) -> u64 {
+        match self {
+            Calendar::Day => 1,
+            Calendar::Week => 2,
+            Calendar::Month => 3,
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Calendar::Day => "day",
+            Calendar::Week => "week",
+            Calendar::Month => "month",
+        }
+    }
+}
+
+/// A fixed offset from UTC, in whole minutes, for a [`Calendar`] rule (default: UTC).
+///
+/// Parsed from `"+05:30"`, `"-08:00"` (also `"+0530"`, `"-08"`), `"Z"` or `"UTC"`, or made with [`UtcOffset::hours`] and
+/// [`UtcOffset::minutes`]. No daylight saving time: the offset never changes.
+///
+/// ```
+/// use tower_redis_layers::rate_limit::UtcOffset;
+///
+/// let india: UtcOffset = "+05:30".parse().unwrap();
+/// assert_eq!(india, UtcOffset::minutes(330));
+/// assert_eq!(UtcOffset::hours(-8).to_string(), "-08:00");
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UtcOffset {
+    minutes: i16,
+}
+
+impl UtcOffset {
+    /// UTC itself.
+    pub const UTC: UtcOffset = UtcOffset { minutes: 0 };
+
+    /// `hours` hours east of UTC (negative: west).
+    pub const fn hours(hours: i8) -> Self {
+        Self {
+            minutes: hours as i16 * 60,
+        }
+    }
+
+    /// `minutes` minutes east of UTC (negative: west). A rule checks that it is less than a
+    /// day.
+    pub const fn minutes(minutes: i16) -> Self {
+        Self { minutes }
+    }
+
+    /// Minutes east of UTC.
+    pub const fn as_minutes(self) -> i16 {
+        self.minutes
+    }
+}
+
+impl fmt::Display for UtcOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.minutes < 0 { '-' } else { '+' };
+        let m = self.minutes.unsigned_abs();
+        write!(f, "{sign}{:02}:{:02}", m / 60, m % 60)
+    }
+}
+
+/// A [`UtcOffset`] that could not be parsed: not `+HH:MM`, `-HH:MM`, `Z` or `UTC`, or a day or
+/// more.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidUtcOffset(String);
+
+impl fmt::Display for InvalidUtcOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid UTC offset {:?}: expected +HH:MM or -HH:MM (less than 24 hours), Z or UTC",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidUtcOffset {}
+
+impl FromStr for UtcOffset {
+    type Err = InvalidUtcOffset;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || InvalidUtcOffset(s.to_owned());
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("z") || t.eq_ignore_ascii_case("utc") {
+            return Ok(Self::UTC);
+        }
+        let (sign, rest) = match t.as_bytes().first() {
+            Some(b'+') => (1, &t[1..]),
+            Some(b'-') => (-1, &t[1..]),
+            _ => return Err(err()),
+        };
+        // `+HH:MM`, `+HHMM` or `+HH`.
+        let (h, m) = match rest.split_once(':') {
+            Some(hm) => hm,
+            None if rest.len() == 4 && rest.is_ascii() => rest.split_at(2),
+            None => (rest, "00"),
+        };
+        let digits = |v: &str| {
+            (!v.is_empty() && v.len() <= 2 && v.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| v.parse::<i16>().ok())
+                .flatten()
+        };
+        let (h, m) = (digits(h).ok_or_else(err)?, digits(m).ok_or_else(err)?);
+        if h >= 24 || m >= 60 {
+            return Err(err());
+        }
+        Ok(Self::minutes(sign * (h * 60 + m)))
+    }
 }
 
 impl Rule {
@@ -107,6 +268,35 @@ impl Rule {
             period,
             burst,
         })
+    }
+
+    /// `limit` units per calendar `period` (a day, an ISO week, a month), starting again at each
+    /// of its boundaries in UTC; [`Rule::utc_offset`] moves the boundaries to another offset.
+    ///
+    /// ```
+    /// use tower_redis_layers::rate_limit::{Calendar, Rule, UtcOffset};
+    ///
+    /// // 1,000 a day, from midnight to midnight in India.
+    /// let daily = Rule::calendar(1_000, Calendar::Day).utc_offset(UtcOffset::minutes(330));
+    /// // 50,000 a month, starting on the 1st at 00:00 UTC.
+    /// let monthly = Rule::calendar(50_000, Calendar::Month);
+    /// # let _ = (daily, monthly);
+    /// ```
+    pub fn calendar(limit: u64, period: Calendar) -> Self {
+        Self::from(Strategy::Calendar {
+            limit,
+            period,
+            offset: UtcOffset::UTC,
+        })
+    }
+
+    /// The offset from UTC of a [`Rule::calendar`]'s boundaries (default UTC). Other rules
+    /// have no calendar: it changes nothing for them.
+    pub fn utc_offset(mut self, offset: UtcOffset) -> Self {
+        if let Strategy::Calendar { offset: o, .. } = &mut self.strategy {
+            *o = offset;
+        }
+        self
     }
 
     /// Names the rule in the `RateLimit` / `RateLimit-Policy` fields (default: a name made from
@@ -149,6 +339,16 @@ impl Rule {
                 period,
                 burst,
             } => format!("gcra-{rate}-{}-{burst}", dur(period)),
+            Strategy::Calendar {
+                limit,
+                period,
+                offset,
+            } if offset == UtcOffset::UTC => format!("calendar-{limit}-{}", period.noun()),
+            Strategy::Calendar {
+                limit,
+                period,
+                offset,
+            } => format!("calendar-{limit}-{}-utc{offset}", period.noun()),
         }
     }
 
@@ -157,14 +357,16 @@ impl Rule {
         match self.strategy {
             Strategy::FixedWindow { limit, .. }
             | Strategy::SlidingLog { limit, .. }
-            | Strategy::SlidingWindow { limit, .. } => limit,
+            | Strategy::SlidingWindow { limit, .. }
+            | Strategy::Calendar { limit, .. } => limit,
             Strategy::TokenBucket { capacity, .. } => capacity,
             Strategy::Gcra { burst, .. } => burst,
         }
     }
 
-    /// The window advertised in `RateLimit-Policy` (`w`): the window, or for a bucket the time
-    /// to refill it from empty.
+    /// The window advertised in `RateLimit-Policy` (`w`): the window, for a bucket the time
+    /// to refill it from empty, for a calendar period its nominal length (a month is 30 days,
+    /// see [`Calendar::nominal`]).
     pub fn window(&self) -> Duration {
         match self.strategy {
             Strategy::FixedWindow { window, .. }
@@ -180,6 +382,7 @@ impl Rule {
                 period,
                 burst,
             } => period.mul_f64(burst as f64 / rate.max(1) as f64),
+            Strategy::Calendar { period, .. } => period.nominal(),
         }
     }
 
@@ -208,6 +411,14 @@ impl Rule {
                 self.policy_name()
             ));
         }
+        if let Strategy::Calendar { offset, .. } = self.strategy {
+            if offset.minutes.unsigned_abs() >= 1440 {
+                return Err(format!(
+                    "rule {}: the UTC offset must be less than a day",
+                    self.policy_name()
+                ));
+            }
+        }
         if a > MAX_NUMBER || c > MAX_NUMBER || p > MAX_NUMBER / 1000 {
             return Err(format!(
                 "rule {}: numbers are too large",
@@ -225,9 +436,13 @@ impl Rule {
             Strategy::SlidingWindow { .. } => 3,
             Strategy::TokenBucket { .. } => 4,
             Strategy::Gcra { .. } => 5,
+            Strategy::Calendar { .. } => 6,
         }
     }
 
+    /// Kind 6, a calendar period: a = limit, b = the nominal length in ms (the scripts compute
+    /// the real period from `c`), c = `unit * 10000 + offset minutes + 1440` (unit 1 day, 2 ISO
+    /// week, 3 month; the offset is checked to be less than a day, so this is positive).
     pub(crate) fn encode(&self) -> (u64, u64, u64) {
         match self.strategy {
             Strategy::FixedWindow { limit, window }
@@ -243,6 +458,19 @@ impl Rule {
                 period,
                 burst,
             } => (rate, ms(period), burst),
+            Strategy::Calendar {
+                limit,
+                period,
+                offset,
+            } => {
+                let minutes = i64::from(offset.minutes).clamp(-1439, 1439) + 1440;
+                let minutes = u64::try_from(minutes).unwrap_or(1440);
+                (
+                    limit,
+                    ms(period.nominal()),
+                    period.code() * 10_000 + minutes,
+                )
+            }
         }
     }
 
@@ -379,6 +607,31 @@ pub trait RateLimitStore: Send + Sync + 'static {
         true
     }
 
+    /// Settles a metered request that an earlier [`check`](Self::check) admitted at an
+    /// estimated cost: charges (`delta > 0`) or refunds (`delta < 0`) the difference between
+    /// its actual cost and the estimate, on every rule of the check at once (see
+    /// [`RateSettlement`] for what each strategy does). Nothing is denied: a charge may push a
+    /// key past its limit, and later requests wait longer.
+    ///
+    /// The default (for a store that predates settlement) changes nothing and answers
+    /// [`StoreError::Invalid`], so the layer logs that the estimate stands; a store of its own
+    /// implements it to meter costs, and runs the conformance suite
+    /// `conformance::rate_limit_settlement_suite` (feature `test-support`) against it.
+    fn settle(&self, settlement: RateSettlement<'_>) -> super::StoreFuture<()> {
+        let _ = settlement;
+        Box::pin(std::future::ready(Err(StoreError::Invalid(
+            "this rate-limit store does not settle metered costs; the estimate stands".into(),
+        ))))
+    }
+
+    /// Settles at once when the store can do it without waiting (an in-process store), as
+    /// [`check_now`](Self::check_now) does for a check. `None` (the default) sends the
+    /// settlement through [`RateLimitStore::settle`].
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        let _ = settlement;
+        None
+    }
+
     /// Deletes the state of `rules` for `key`, so the key starts afresh on each of them (one
     /// atomic call; an [`Override`] of the key is kept). Rules not given keep their state.
     ///
@@ -416,12 +669,82 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
         (**self).is_remote()
     }
 
+    fn settle(&self, settlement: RateSettlement<'_>) -> super::StoreFuture<()> {
+        (**self).settle(settlement)
+    }
+
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        (**self).settle_now(settlement)
+    }
+
     fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
         (**self).reset(key, rules)
     }
 
     fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
         (**self).set_override(key, state)
+    }
+}
+
+/// A settlement of a metered request: the difference between its actual cost and the estimate
+/// that its [`RateCheck`] consumed, applied to the same key and rules.
+///
+/// What each strategy does with it:
+///
+/// - fixed window: the counter of the window the check counted in goes up by `delta` (down for
+///   a refund, never below 0). When that window has already ended (its counter expired, or a
+///   new window started more recently than `age` ago), nothing changes: an old request is not
+///   charged to a fresh window, and a fresh window is not handed units it never gave;
+/// - token bucket: the bucket, refilled up to now, loses `delta` tokens (it may go below zero:
+///   the debt is paid back by the refill before the next request passes), or gets `-delta`
+///   back, never more than its capacity;
+/// - GCRA: the theoretical arrival time moves by `delta` emission intervals (from now at the
+///   earliest), or back by `-delta`, never before now;
+/// - sliding log and sliding window: left as they are (the layer refuses a metered policy with
+///   such a rule).
+///
+/// A settlement is not idempotent: a store must apply it once (as a check).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RateSettlement<'a> {
+    /// The key of the check being settled.
+    pub key: &'a StoreKey,
+    /// The rules of the check being settled.
+    pub rules: &'a [Rule],
+    /// Units to charge (positive) or refund (negative).
+    pub delta: i64,
+    /// How long ago the check was answered, at least (measured by the caller from the moment it
+    /// received the answer): a fixed window that started more recently than this is not the
+    /// check's window.
+    pub age: Duration,
+}
+
+impl<'a> RateSettlement<'a> {
+    /// A settlement of `delta` units (a charge when positive, a refund when negative) for a
+    /// check of `rules` for `key` answered `age` ago.
+    pub fn new(key: &'a StoreKey, rules: &'a [Rule], delta: i64, age: Duration) -> Self {
+        Self {
+            key,
+            rules,
+            delta: delta.clamp(-(MAX_NUMBER as i64), MAX_NUMBER as i64),
+            age,
+        }
+    }
+
+    /// Whether the settlement can be skipped (nothing to charge or refund).
+    pub fn is_empty(&self) -> bool {
+        self.delta == 0
+    }
+}
+
+impl Strategy {
+    /// Whether a metered cost can be settled on a rule of this strategy after the response
+    /// (fixed window, token bucket, GCRA); see [`RateSettlement`].
+    pub fn settles(&self) -> bool {
+        matches!(
+            self,
+            Strategy::FixedWindow { .. } | Strategy::TokenBucket { .. } | Strategy::Gcra { .. }
+        )
     }
 }
 

@@ -11,8 +11,8 @@ use std::{future::Future, pin::Pin, time::Duration};
 use tower_redis_layers::{
     store::{
         CacheStore, Claim, ClaimRequest, Decision, FillToken, IdempotencyStore, LockStore, Lookup,
-        LookupRequest, MemoryStore, RateCheck, RateLimitStore, RefreshRequest, StoreFuture,
-        StoreOutcome, StoreRequest,
+        LookupRequest, MemoryStore, RateCheck, RateLimitStore, RateSettlement, RefreshRequest,
+        StoreFuture, StoreOutcome, StoreRequest,
     },
     StoreError, StoreKey,
 };
@@ -153,6 +153,14 @@ impl RateLimitStore for AnyStore {
 
     fn is_remote(&self) -> bool {
         each!(self, s => RateLimitStore::is_remote(s))
+    }
+
+    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
+        each!(self, s => s.settle(settlement))
+    }
+
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        each!(self, s => s.settle_now(settlement))
     }
 }
 

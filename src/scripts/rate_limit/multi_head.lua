@@ -11,6 +11,9 @@
 --   kind 3  sliding counter   a = limit,    b = window ms
 --   kind 4  token bucket      a = capacity, b = refill period ms, c = tokens per period
 --   kind 5  GCRA              a = rate,     b = period ms,        c = burst
+--   kind 6  calendar period   a = limit,    b = nominal length ms, c = unit * 10000 + offset
+--                             minutes + 1440 (unit 1 day, 2 ISO week, 3 month; calendar.lua,
+--                             which the assembled script puts before this head)
 --
 -- Reply: { allowed (0/1), denying rule (1-based, 0 when allowed), retry after ms,
 --          then per rule: remaining, reset ms }, or 1 when allowed and the state is not wanted

@@ -8,8 +8,11 @@
 use std::{
     collections::HashMap,
     future::ready,
-    sync::{Arc, Mutex, MutexGuard, Weak},
-    time::Duration,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::time::Instant;
@@ -21,6 +24,9 @@ mod cache;
 mod idempotency;
 mod lock;
 mod rate_limit;
+
+#[cfg(feature = "test-support")]
+pub(crate) use self::rate_limit::calendar_period;
 
 /// An in-process store with the same semantics as the Redis scripts.
 ///
@@ -88,6 +94,15 @@ impl MemoryStore {
     fn now_us(&self) -> u64 {
         self.inner.clock.now_us()
     }
+
+    /// Sets the civil time that [calendar rules](crate::rate_limit::Rule::calendar) read (the
+    /// system time by default) to `now`; it then moves with the store's clock (real or
+    /// `tokio::time::pause()`d time). Counters of an earlier period are ignored. For tests.
+    #[cfg(feature = "test-support")]
+    #[doc(hidden)]
+    pub fn set_wall_clock(&self, now: SystemTime) {
+        self.inner.clock.set_wall(now);
+    }
 }
 
 impl Default for MemoryStore {
@@ -133,16 +148,23 @@ async fn sweeper(inner: Weak<Inner>) {
 
 /// The store's one clock: microseconds since an origin taken when the store was made, offset by
 /// one hour so that "zero" state is always in the past. It follows `tokio::time::pause()` in
-/// tests.
-#[derive(Debug, Clone, Copy)]
+/// tests. Calendar rules also need the civil time: the system time at the origin, plus the same
+/// elapsed time (so the calendar moves with paused time too).
+#[derive(Debug)]
 struct Clock {
     origin: Instant,
+    /// System time at `origin`, in µs since the Unix epoch (set again by `set_wall_clock`).
+    wall_at_origin: AtomicU64,
 }
+
+/// The one-hour offset of the store clock.
+const CLOCK_OFFSET_US: u64 = 3_600_000_000;
 
 impl Clock {
     fn new() -> Self {
         Self {
             origin: Instant::now(),
+            wall_at_origin: AtomicU64::new(system_us(SystemTime::now())),
         }
     }
 
@@ -150,8 +172,28 @@ impl Clock {
         let elapsed = Instant::now().saturating_duration_since(self.origin);
         u64::try_from(elapsed.as_micros())
             .unwrap_or(u64::MAX / 2)
-            .saturating_add(3_600_000_000)
+            .saturating_add(CLOCK_OFFSET_US)
     }
+
+    /// The civil time (µs since the Unix epoch) at the store time `now` (from `now_us`).
+    fn wall_us(&self, now: u64) -> u64 {
+        self.wall_at_origin
+            .load(Ordering::Relaxed)
+            .saturating_add(now.saturating_sub(CLOCK_OFFSET_US))
+    }
+
+    /// Makes the civil time `wall` now (tests).
+    #[cfg(any(test, feature = "test-support"))]
+    fn set_wall(&self, wall: SystemTime) {
+        let elapsed = self.now_us().saturating_sub(CLOCK_OFFSET_US);
+        let at_origin = system_us(wall).saturating_sub(elapsed);
+        self.wall_at_origin.store(at_origin, Ordering::Relaxed);
+    }
+}
+
+fn system_us(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
 }
 
 /// State split in shards by key, each behind its own lock: a request locks one shard.

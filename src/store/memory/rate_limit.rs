@@ -9,8 +9,8 @@ use std::{
 use super::{MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
-        Decision, Override, RateCheck, RateLimitStore, Rule, RuleState, StoreError, StoreFuture,
-        Strategy,
+        Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
+        StoreFuture, Strategy,
     },
     StoreKey,
 };
@@ -46,6 +46,11 @@ enum State {
         ts: u64,
     },
     Tat(u64),
+    /// A calendar counter: the first day of its period (days since the epoch) and units used.
+    Period {
+        first: i64,
+        used: u64,
+    },
     /// The override of a key (see [`override_slot`]): blocked, or allowed.
     Override {
         allow: bool,
@@ -56,6 +61,7 @@ impl MemoryStore {
     fn decide(&self, check: &RateCheck<'_>) -> Result<Decision, StoreError> {
         let mut shard = self.inner.rate_limit.lock(check.key)?;
         let now = self.now_us();
+        let wall = self.inner.clock.wall_us(now);
         shard.maybe_sweep(now);
 
         let cost = check.cost;
@@ -68,7 +74,7 @@ impl MemoryStore {
         for (i, rule) in check.rules.iter().enumerate() {
             let slot_key = slot_key(check.key, rule);
             let slot = shard.map.get(&slot_key).filter(|s| s.expires_at > now);
-            let eval = evaluate(rule, slot, now, cost);
+            let eval = evaluate(rule, slot, now, wall, cost);
             if !eval.ok {
                 allowed = false;
                 if denied_by.is_none() || eval.retry > wait {
@@ -99,7 +105,7 @@ impl MemoryStore {
                 for (rule, state) in check.rules.iter().zip(states.iter_mut()) {
                     let slot_key = slot_key(check.key, rule);
                     let slot = shard.map.get(&slot_key).filter(|s| s.expires_at > now);
-                    let eval = evaluate(rule, slot, now, cost);
+                    let eval = evaluate(rule, slot, now, wall, cost);
                     state.remaining = eval.remaining;
                     apply(&mut shard.map, slot_key, eval.plan, now, cost);
                 }
@@ -131,6 +137,14 @@ impl RateLimitStore for MemoryStore {
 
     fn is_remote(&self) -> bool {
         false
+    }
+
+    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
+        Box::pin(ready(self.settle_rules(&settlement)))
+    }
+
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        Some(self.settle_rules(&settlement))
     }
 
     fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
@@ -263,6 +277,8 @@ struct Input<'a> {
     c: u64,
     period: u64,
     now: u64,
+    /// The civil time (µs since the Unix epoch), for calendar rules.
+    wall: u64,
     cost: u64,
 }
 
@@ -282,7 +298,7 @@ impl Input<'_> {
     }
 }
 
-fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, cost: u64) -> Eval {
+fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, wall: u64, cost: u64) -> Eval {
     let (a, period_ms, c) = rule.encode();
     let input = Input {
         slot,
@@ -290,6 +306,7 @@ fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, cost: u64) -> Eval {
         c,
         period: period_ms * 1000,
         now,
+        wall,
         cost,
     };
     match rule.strategy() {
@@ -298,6 +315,7 @@ fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, cost: u64) -> Eval {
         Strategy::SlidingWindow { .. } => sliding_window(&input),
         Strategy::TokenBucket { .. } => token_bucket(&input),
         Strategy::Gcra { .. } => gcra(&input),
+        Strategy::Calendar { .. } => calendar(&input),
     }
 }
 
@@ -453,6 +471,183 @@ fn gcra(i: &Input<'_>) -> Eval {
     Eval::deny(remaining, tat - now, retry)
 }
 
+/// A calendar period: a counter of the period that holds the civil time, expiring at its end.
+fn calendar(i: &Input<'_>) -> Eval {
+    let wall = i64::try_from(i.wall).unwrap_or(i64::MAX / 2);
+    let (first, end) = calendar_period(wall, i.c);
+    let used = match i.state() {
+        Some(State::Period { first: f, used }) if *f == first => *used,
+        _ => 0,
+    };
+    let left = u64::try_from(end.saturating_sub(wall)).unwrap_or(0);
+    let reset = left as f64;
+    if used + i.cost <= i.a {
+        let state = State::Period {
+            first,
+            used: used + i.cost,
+        };
+        Eval::allow(i.a - used - i.cost, reset, replace(state, i.now + left))
+    } else {
+        Eval::deny(i.a.saturating_sub(used), reset, reset)
+    }
+}
+
+const DAY_US: i64 = 86_400_000_000;
+
+/// The calendar period that holds `now` (µs since the Unix epoch) for a rule's wire `spec`
+/// (`unit * 10000 + offset minutes + 1440`, see `Rule::encode`): its first day (days since the
+/// epoch, on the offset's clock) and its end (µs since the epoch). The same arithmetic as
+/// `calendar.lua`.
+pub(crate) fn calendar_period(now: i64, spec: u64) -> (i64, i64) {
+    let unit = spec / 10_000;
+    let offset = (i64::try_from(spec % 10_000).unwrap_or(1440) - 1440) * 60_000_000;
+    let day = (now + offset).div_euclid(DAY_US);
+    let (first, after) = match unit {
+        2 => {
+            // 1970-01-01 was a Thursday: Monday is the day where (day + 3) % 7 == 0.
+            let first = day - (day + 3).rem_euclid(7);
+            (first, first + 7)
+        }
+        3 => {
+            let (y, m, d) = civil_from_days(day);
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            (day - (d - 1), days_from_civil(ny, nm, 1))
+        }
+        _ => (day, day + 1),
+    };
+    (first, after * DAY_US - offset)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The proleptic Gregorian date (year, month, day) of a day since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+impl MemoryStore {
+    /// Applies a settlement to every rule, as the settle script does.
+    fn settle_rules(&self, settlement: &RateSettlement<'_>) -> Result<(), StoreError> {
+        if settlement.delta == 0 {
+            return Ok(());
+        }
+        let mut shard = self.inner.rate_limit.lock(settlement.key)?;
+        let now = self.now_us();
+        let age = u64::try_from(settlement.age.as_micros()).unwrap_or(u64::MAX);
+        for rule in settlement.rules {
+            let key = slot_key(settlement.key, rule);
+            let slot = shard.map.get(&key).filter(|s| s.expires_at > now);
+            match settle(rule, slot, now, age, settlement.delta) {
+                Settled::Keep => {}
+                Settled::Set(slot) => {
+                    shard.map.insert(key, slot);
+                }
+                Settled::Remove => {
+                    shard.map.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a settlement does to one rule's slot.
+enum Settled {
+    /// Leave it as it is.
+    Keep,
+    /// Replace it.
+    Set(Slot),
+    /// Back to the initial state (a full bucket, a TAT of now): as good as absent.
+    Remove,
+}
+
+/// The state of one rule after a settlement of `delta` units for a check answered at least
+/// `age` µs ago.
+fn settle(rule: &Rule, slot: Option<&Slot>, now: u64, age: u64, delta: i64) -> Settled {
+    let (a, period_ms, c) = rule.encode();
+    let period = period_ms * 1000;
+    let deltaf = delta as f64;
+    match rule.strategy() {
+        Strategy::FixedWindow { .. } => {
+            let Some(Slot {
+                state: State::Counter(used),
+                expires_at,
+            }) = slot
+            else {
+                // The check's window ended: nothing to charge or refund.
+                return Settled::Keep;
+            };
+            let started = expires_at.saturating_sub(period);
+            if now.saturating_sub(age) < started {
+                // A newer window: the check counted in one that ended.
+                return Settled::Keep;
+            }
+            let used = used.saturating_add_signed(delta);
+            Settled::Set(Slot {
+                state: State::Counter(used),
+                expires_at: *expires_at,
+            })
+        }
+        Strategy::TokenBucket { .. } => {
+            let (capacity, per_us) = (a as f64, c as f64 / period as f64);
+            let tokens = match slot.map(|s| &s.state) {
+                Some(State::Bucket { tokens, ts }) => {
+                    capacity.min(tokens + now.saturating_sub(*ts) as f64 * per_us)
+                }
+                _ => capacity,
+            };
+            let left = capacity.min(tokens - deltaf);
+            if left >= capacity {
+                return Settled::Remove;
+            }
+            let full = (capacity - left) / per_us;
+            Settled::Set(Slot {
+                state: State::Bucket {
+                    tokens: left,
+                    ts: now,
+                },
+                expires_at: now + (full.ceil() as u64).max(1000),
+            })
+        }
+        Strategy::Gcra { .. } => {
+            let interval = period as f64 / a as f64;
+            let tat = match slot.map(|s| &s.state) {
+                Some(State::Tat(t)) => (*t).max(now),
+                _ => now,
+            };
+            let moved = (tat as f64 + deltaf * interval).ceil();
+            if moved <= now as f64 {
+                return Settled::Remove;
+            }
+            let stored = moved as u64;
+            Settled::Set(Slot {
+                state: State::Tat(stored),
+                expires_at: stored.max(now + 1000),
+            })
+        }
+        // Nothing to settle: the layer refuses metered policies with these rules.
+        _ => Settled::Keep,
+    }
+}
+
 // Administration: resetting a key, and its override.
 
 /// Where the override of `key` lives: a slot of kind 0, which no rule has.
@@ -486,5 +681,104 @@ impl MemoryStore {
         };
         shard.map.insert(override_slot(key), slot);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// µs since the epoch of a UTC date and time.
+    fn at(y: i64, m: i64, d: i64, h: i64, min: i64) -> i64 {
+        days_from_civil(y, m, d) * DAY_US + (h * 60 + min) * 60_000_000
+    }
+
+    const UTC: u64 = 1440;
+
+    #[test]
+    fn an_offset_of_a_day_or_more_is_invalid() {
+        use crate::store::{Calendar, UtcOffset};
+        let day = |m| Rule::calendar(1, Calendar::Day).utc_offset(UtcOffset::minutes(m));
+        assert!(day(1439).validate().is_ok() && day(-1439).validate().is_ok());
+        assert!(day(1440).validate().is_err() && day(-1440).validate().is_err());
+        assert!(Rule::calendar(0, Calendar::Week).validate().is_err());
+        // The wire form: unit * 10000 + offset minutes + 1440.
+        assert_eq!(day(-480).encode(), (1, 86_400_000, 10_960));
+        assert_eq!(Rule::calendar(7, Calendar::Month).encode().2, 31_440);
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(
+            days_from_civil(2000, 3, 1) - days_from_civil(2000, 2, 28),
+            2
+        );
+        assert_eq!(
+            days_from_civil(2100, 3, 1) - days_from_civil(2100, 2, 28),
+            1
+        );
+        for z in -800_000..800_000 {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z);
+        }
+    }
+
+    #[test]
+    fn months_days_and_weeks_end_on_the_calendar() {
+        let month = 30_000 + UTC;
+        // Jan 31 -> Feb 1; Feb 2024 has 29 days, Feb 2023 and 2100 have 28, Feb 2000 has 29.
+        assert_eq!(
+            calendar_period(at(2024, 1, 31, 23, 59), month).1,
+            at(2024, 2, 1, 0, 0)
+        );
+        assert_eq!(
+            calendar_period(at(2024, 2, 28, 12, 0), month).1,
+            at(2024, 3, 1, 0, 0)
+        );
+        assert_eq!(
+            calendar_period(at(2024, 2, 29, 0, 0), month).1,
+            at(2024, 3, 1, 0, 0)
+        );
+        assert_eq!(
+            calendar_period(at(2023, 2, 28, 23, 0), month).1,
+            at(2023, 3, 1, 0, 0)
+        );
+        assert_eq!(
+            calendar_period(at(2100, 2, 28, 23, 0), month).1,
+            at(2100, 3, 1, 0, 0)
+        );
+        assert_eq!(
+            calendar_period(at(2000, 2, 29, 0, 0), month).1,
+            at(2000, 3, 1, 0, 0)
+        );
+        assert_eq!(
+            calendar_period(at(2023, 12, 31, 0, 0), month).1,
+            at(2024, 1, 1, 0, 0)
+        );
+        // 2024-02-29 is its own day.
+        let day = 10_000 + UTC;
+        assert_eq!(
+            calendar_period(at(2024, 2, 29, 5, 0), day).1,
+            at(2024, 3, 1, 0, 0)
+        );
+        // 2026-01-01 is a Thursday: its ISO week started on Monday 2025-12-29.
+        let week = 20_000 + UTC;
+        let (first, end) = calendar_period(at(2026, 1, 1, 10, 0), week);
+        assert_eq!(first, days_from_civil(2025, 12, 29));
+        assert_eq!(end, at(2026, 1, 5, 0, 0));
+        // +05:30: the day ends at 18:30 UTC; -08:00: at 08:00 UTC the next day.
+        assert_eq!(
+            calendar_period(at(2024, 2, 28, 18, 29), 10_000 + UTC + 330).1,
+            at(2024, 2, 28, 18, 30)
+        );
+        assert_eq!(
+            calendar_period(at(2024, 2, 28, 18, 30), 10_000 + UTC + 330).1,
+            at(2024, 2, 29, 18, 30)
+        );
+        assert_eq!(
+            calendar_period(at(2024, 3, 1, 7, 0), 30_000 + UTC - 480).1,
+            at(2024, 3, 1, 8, 0)
+        );
     }
 }

@@ -28,6 +28,9 @@ mod redis_rs;
 #[cfg(feature = "fred")]
 pub use self::fred::FredStore;
 pub use self::rate_limit::rate_limit_script;
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub use self::rate_limit::{calendar_period_script, calendar_spec};
 #[cfg(feature = "redis")]
 pub use self::redis_rs::RedisStore;
 

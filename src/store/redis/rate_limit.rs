@@ -10,7 +10,8 @@ use super::{
 };
 use crate::{
     store::{
-        Decision, Override, RateCheck, RateLimitStore, Rule, RuleState, StoreError, StoreFuture,
+        Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
+        StoreFuture,
     },
     StoreKey,
 };
@@ -42,19 +43,34 @@ static SLIDING_LOG: Lua = single_rule!("sliding_log");
 static SLIDING_WINDOW: Lua = single_rule!("sliding_window");
 static TOKEN_BUCKET: Lua = single_rule!("token_bucket");
 static GCRA: Lua = single_rule!("gcra");
+/// A calendar rule: the single-rule script with the calendar functions after its head.
+static CALENDAR: Lua = Lua::new(concat!(
+    rl!("single_head"),
+    rl!("calendar"),
+    rl!("calendar_check"),
+    rl!("single_mid"),
+    rl!("calendar_commit"),
+    rl!("single_tail"),
+));
 
 /// Every rate-limit script, loaded on each (re)connect.
-pub(super) static SCRIPTS: [&Lua; 6] = [
+pub(super) static SCRIPTS: [&Lua; 8] = [
     &FIXED_WINDOW,
     &SLIDING_LOG,
     &SLIDING_WINDOW,
     &TOKEN_BUCKET,
     &GCRA,
+    &CALENDAR,
     &MULTI_RULE,
+    &SETTLE,
 ];
+
+/// The settlement of a metered request, for one rule or several.
+static SETTLE: Lua = Lua::new(rl!("settle"));
 
 /// Several rules, all or nothing.
 pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
+    rl!("calendar"),
     rl!("multi_head"),
     "  if kind == '1' then\n",
     rl!("fixed_window_check"),
@@ -64,6 +80,8 @@ pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
     rl!("sliding_window_check"),
     "  elseif kind == '4' then\n",
     rl!("token_bucket_check"),
+    "  elseif kind == '6' then\n",
+    rl!("calendar_check"),
     "  else\n",
     rl!("gcra_check"),
     "  end\n",
@@ -76,6 +94,8 @@ pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
     rl!("sliding_window_commit"),
     "    elseif kind == '4' then\n",
     rl!("token_bucket_commit"),
+    "    elseif kind == '6' then\n",
+    rl!("calendar_commit"),
     "    else\n",
     rl!("gcra_commit"),
     "    end\n",
@@ -91,6 +111,7 @@ fn script_for(rules: &[Rule]) -> &'static Lua {
             2 => &SLIDING_LOG,
             3 => &SLIDING_WINDOW,
             4 => &TOKEN_BUCKET,
+            6 => &CALENDAR,
             _ => &GCRA,
         },
         _ => &MULTI_RULE,
@@ -102,6 +123,25 @@ fn script_for(rules: &[Rule]) -> &'static Lua {
 /// `SCRIPT LOAD` ahead of time (the stores load it themselves on `NOSCRIPT`).
 pub fn rate_limit_script(rules: &[Rule]) -> &'static str {
     script_for(rules).text
+}
+
+/// The calendar functions of the rate-limit scripts (`calendar.lua`, the very text they run)
+/// with an entry point that returns the period holding a given time: `EVAL` it with no keys and
+/// `ARGV[1]` = µs since the epoch, `ARGV[2]` = the rule's calendar spec (see
+/// [`calendar_spec`]); the reply is `{ first day of the period (days since the epoch, on the
+/// offset's clock), end of the period (µs since the epoch) }`. For tests only.
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub fn calendar_period_script() -> &'static str {
+    concat!(rl!("calendar"), rl!("calendar_period"))
+}
+
+/// The calendar spec the scripts read for `rule` (its `c`), or `None` for a rule that is not a
+/// calendar rule. For tests only (see [`calendar_period_script`]).
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub fn calendar_spec(rule: &Rule) -> Option<u64> {
+    (rule.kind() == 6).then(|| rule.encode().2)
 }
 
 /// The call that checks `check`: keys `<prefix>:{<hashed key>}:<rule signature>` (one hash tag,
@@ -164,6 +204,36 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
     call
 }
 
+/// The call that settles `settlement`: the keys of the check it settles (see
+/// [`rate_limit_call`]), then delta, age in ms, and kind, a, b, c per rule.
+fn settle_call(prefix: &str, settlement: &RateSettlement<'_>) -> ScriptCall {
+    let n = settlement.rules.len();
+    let mut call = ScriptCall::new(&SETTLE, n, 2 + 4 * n, n * (prefix.len() + 96) + 48 + 32 * n);
+    let mut tag = [0u8; 32];
+    // 16 bytes always fit in 32 hex digits.
+    let _ = hex::encode_to_slice(settlement.key.as_bytes(), &mut tag);
+    for rule in settlement.rules {
+        call.key(|buf| {
+            buf.extend_from_slice(prefix.as_bytes());
+            buf.extend_from_slice(b":{");
+            buf.extend_from_slice(&tag);
+            buf.extend_from_slice(b"}:");
+            rule.write_signature(buf);
+        });
+    }
+    let delta = settlement.delta;
+    call.arg(|buf| buf.extend_from_slice(itoa::Buffer::new().format(delta).as_bytes()));
+    call.int(u64::try_from(settlement.age.as_millis()).unwrap_or(u64::MAX));
+    for rule in settlement.rules {
+        let (a, b, c) = rule.encode();
+        call.int(u64::from(rule.kind()));
+        call.int(a);
+        call.int(b);
+        call.int(c);
+    }
+    call
+}
+
 /// Turns the script's reply into a [`Decision`].
 fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, StoreError> {
     if reply == Reply::Int(1) {
@@ -219,6 +289,19 @@ impl<R: ScriptRunner> RateLimitStore for R {
         let rules = check.rules.len();
         let call = self.guarded(rate_limit_call(self.prefix(), &check));
         Box::pin(async move { decode_decision(call.await?, rules) })
+    }
+
+    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
+        if settlement.delta == 0 {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        // Run to its end once sent (the default of a call): a settlement lands or not by what
+        // the server did, not by when the caller stopped waiting.
+        let call = self.guarded(settle_call(self.prefix(), &settlement));
+        Box::pin(async move {
+            call.await?.int()?;
+            Ok(())
+        })
     }
 
     fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
