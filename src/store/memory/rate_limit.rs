@@ -64,7 +64,12 @@ impl MemoryStore {
         let wall = self.inner.clock.wall_us(now);
         shard.maybe_sweep(now);
 
-        let cost = check.cost;
+        // The key's override decides first, as at the head of the scripts.
+        let cost = match overridden(&shard, check.key, now) {
+            Some(Err(left)) => return Ok(blocked(check.rules.len(), left)),
+            Some(Ok(())) => 0,
+            None => check.cost,
+        };
         let mut states = Vec::with_capacity(check.rules.len());
         let mut allowed = true;
         let mut denied_by = None;
@@ -653,6 +658,36 @@ fn settle(rule: &Rule, slot: Option<&Slot>, now: u64, age: u64, delta: i64) -> S
 /// Where the override of `key` lives: a slot of kind 0, which no rule has.
 fn override_slot(key: &StoreKey) -> SlotKey {
     (*key, 0, 0, 0, 0)
+}
+
+/// The override of `key` now: admitted without consuming (`Ok`), or blocked for so many more
+/// microseconds (`Err`).
+fn overridden(shard: &Shard, key: &StoreKey, now: u64) -> Option<Result<(), u64>> {
+    let slot = shard.map.get(&override_slot(key))?;
+    match slot.state {
+        _ if slot.expires_at <= now => None,
+        State::Override { allow: true } => Some(Ok(())),
+        State::Override { allow: false } => Some(Err(slot.expires_at - now)),
+        _ => None,
+    }
+}
+
+/// The answer for a blocked key: denied by the first rule, every rule at 0 until the block
+/// ends (`left` µs).
+fn blocked(rules: usize, left: u64) -> Decision {
+    let left = us_to_duration(left as f64);
+    Decision {
+        allowed: false,
+        denied_by: Some(0),
+        retry_after: left,
+        rules: vec![
+            RuleState {
+                remaining: 0,
+                reset: left,
+            };
+            rules
+        ],
+    }
 }
 
 impl MemoryStore {

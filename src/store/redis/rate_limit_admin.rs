@@ -29,7 +29,7 @@ fn rule_key(prefix: &str, key: &StoreKey, rule: &Rule) -> String {
 }
 
 /// The override key of `key`, under the hash tag of its rule keys.
-pub(super) fn override_key(prefix: &str, key: &StoreKey) -> String {
+fn override_key(prefix: &str, key: &StoreKey) -> String {
     format!("{prefix}:{{{key}}}:o")
 }
 
