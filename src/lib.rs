@@ -7,6 +7,9 @@
 //! - [`RateLimitLayer`](rate_limit::RateLimitLayer): fixed window, sliding window (exact log and
 //!   approximate counter), token bucket and GCRA; several rules per route checked in one atomic
 //!   call; `429` with `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy` fields.
+//! - [`ThrottleLayer`](throttle::ThrottleLayer): the same limits for the calls a service makes
+//!   (a client of a third-party API): a request waits until the limit lets it through, up to a
+//!   maximum wait, then fails with a typed error.
 //! - [`CacheLayer`](cache::CacheLayer): a response cache shared by every replica, safe by default
 //!   for a shared cache (RFC 9111), with O(1) segment invalidation and three kinds of stampede
 //!   protection (fill lock, early recompute, stale serving).
