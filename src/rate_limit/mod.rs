@@ -213,6 +213,7 @@ mod deny_cache;
 mod fallback;
 mod forwarded;
 mod future;
+mod handle;
 mod headers;
 mod key;
 mod layer;
@@ -220,10 +221,12 @@ mod policy;
 mod service;
 mod settle;
 
+pub(crate) use self::policy::CompiledPolicy;
 pub use self::{
     fallback::LocalFallback,
     forwarded::{InvalidRange, Trusted},
     future::ResponseFuture,
+    handle::{KeyQuota, RateKey, RateLimitHandle, RuleQuota},
     headers::Headers,
     key::KeyExtractor,
     layer::{MissingKey, RateLimitLayer, Rejection},

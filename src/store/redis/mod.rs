@@ -16,6 +16,7 @@ mod cache;
 mod idempotency;
 mod lock;
 mod rate_limit;
+mod rate_limit_admin;
 mod script;
 mod watchdog;
 
@@ -377,6 +378,7 @@ pub(crate) fn scripts() -> impl Iterator<Item = &'static Lua> {
     rate_limit::SCRIPTS
         .iter()
         .copied()
+        .chain(rate_limit_admin::SCRIPTS.iter().copied())
         .chain(cache::SCRIPTS.iter().copied())
         .chain(LOCK_AND_IDEMPOTENCY.iter())
         .chain([&PROBE, &ACL_PROBE])
