@@ -142,6 +142,12 @@ impl Config {
         }
     }
 
+    /// Every policy, with its index (routes first, then the default policy).
+    pub(crate) fn policies(&self) -> impl Iterator<Item = (usize, &CompiledPolicy)> {
+        let routes = self.routes.iter().enumerate().map(|(i, r)| (i, &r.policy));
+        routes.chain(self.default.as_ref().map(|p| (DEFAULT_POLICY, p)))
+    }
+
     /// The policy at an index that [`Config::select`] returned.
     pub(crate) fn policy(&self, index: usize) -> Option<&CompiledPolicy> {
         if index == DEFAULT_POLICY {
@@ -253,7 +259,7 @@ impl<B> RateLimitLayer<B> {
     /// charged or refunded in one more store call, in the background. An error of the inner
     /// service, or a response future dropped unfinished, refunds the estimate.
     ///
-    /// Fixed window, token bucket and GCRA rules settle; a policy with a sliding log or
+    /// Fixed window, calendar, token bucket and GCRA rules settle; a policy with a sliding log or
     /// sliding window rule is invalid in a metered layer (logged as an error on each request,
     /// and handled by [`on_store_error`](Self::on_store_error), default open). See the
     /// [module docs](super#metered-costs).
@@ -357,6 +363,16 @@ impl<B> RateLimitLayer<B> {
 
     fn config_mut(&mut self) -> &mut Config {
         &mut Arc::make_mut(&mut self.shared).config
+    }
+}
+
+impl<B: crate::store::RateLimitStore> RateLimitLayer<B> {
+    /// A handle that reads a key's quota without consuming it, resets a key, and blocks or
+    /// allows a key for a while, on every replica (the state is in the store): see
+    /// [`RateLimitHandle`](super::RateLimitHandle). Take it once the layer is configured: it
+    /// sees the policies, scope, key extractor and store timeout the layer has now.
+    pub fn handle(&self) -> super::RateLimitHandle<B> {
+        super::RateLimitHandle::new(&self.shared)
     }
 }
 

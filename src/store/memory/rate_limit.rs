@@ -9,7 +9,7 @@ use std::{
 use super::{MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
-        Decision, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
+        Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
         StoreFuture, Strategy,
     },
     StoreKey,
@@ -51,6 +51,10 @@ enum State {
         first: i64,
         used: u64,
     },
+    /// The override of a key (see [`override_slot`]): blocked, or allowed.
+    Override {
+        allow: bool,
+    },
 }
 
 impl MemoryStore {
@@ -60,7 +64,12 @@ impl MemoryStore {
         let wall = self.inner.clock.wall_us(now);
         shard.maybe_sweep(now);
 
-        let cost = check.cost;
+        // The key's override decides first, as at the head of the scripts.
+        let cost = match overridden(&shard, check.key, now) {
+            Some(Err(left)) => return Ok(blocked(check.rules.len(), left)),
+            Some(Ok(())) => 0,
+            None => check.cost,
+        };
         let mut states = Vec::with_capacity(check.rules.len());
         let mut allowed = true;
         let mut denied_by = None;
@@ -141,6 +150,14 @@ impl RateLimitStore for MemoryStore {
 
     fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
         Some(self.settle_rules(&settlement))
+    }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        Box::pin(ready(self.reset_key(key, rules)))
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        Box::pin(ready(self.override_key(key, state)))
     }
 }
 
@@ -673,6 +690,72 @@ fn settle(
         }
         // Nothing to settle: the layer refuses metered policies with these rules.
         _ => Settled::Keep,
+    }
+}
+
+// Administration: resetting a key, and its override.
+
+/// Where the override of `key` lives: a slot of kind 0, which no rule has.
+fn override_slot(key: &StoreKey) -> SlotKey {
+    (*key, 0, 0, 0, 0)
+}
+
+/// The override of `key` now: admitted without consuming (`Ok`), or blocked for so many more
+/// microseconds (`Err`).
+fn overridden(shard: &Shard, key: &StoreKey, now: u64) -> Option<Result<(), u64>> {
+    let slot = shard.map.get(&override_slot(key))?;
+    match slot.state {
+        _ if slot.expires_at <= now => None,
+        State::Override { allow: true } => Some(Ok(())),
+        State::Override { allow: false } => Some(Err(slot.expires_at - now)),
+        _ => None,
+    }
+}
+
+/// The answer for a blocked key: denied by the first rule, every rule at 0 until the block
+/// ends (`left` µs).
+fn blocked(rules: usize, left: u64) -> Decision {
+    let left = us_to_duration(left as f64);
+    Decision {
+        allowed: false,
+        denied_by: Some(0),
+        retry_after: left,
+        rules: vec![
+            RuleState {
+                remaining: 0,
+                reset: left,
+            };
+            rules
+        ],
+    }
+}
+
+impl MemoryStore {
+    fn reset_key(&self, key: &StoreKey, rules: &[Rule]) -> Result<(), StoreError> {
+        let mut shard = self.inner.rate_limit.lock(key)?;
+        for rule in rules {
+            shard.map.remove(&slot_key(key, rule));
+        }
+        Ok(())
+    }
+
+    fn override_key(&self, key: &StoreKey, state: Option<Override>) -> Result<(), StoreError> {
+        let mut shard = self.inner.rate_limit.lock(key)?;
+        let Some(state) = state else {
+            shard.map.remove(&override_slot(key));
+            return Ok(());
+        };
+        let now = self.now_us();
+        // At least 1 ms, as on Redis.
+        let lasts = u64::try_from(state.duration().as_micros()).unwrap_or(u64::MAX);
+        let slot = Slot {
+            state: State::Override {
+                allow: matches!(state, Override::Allow(_)),
+            },
+            expires_at: now.saturating_add(lasts.max(1000)),
+        };
+        shard.map.insert(override_slot(key), slot);
+        Ok(())
     }
 }
 
