@@ -142,6 +142,12 @@ impl Config {
         }
     }
 
+    /// Every policy, with its index (routes first, then the default policy).
+    pub(crate) fn policies(&self) -> impl Iterator<Item = (usize, &CompiledPolicy)> {
+        let routes = self.routes.iter().enumerate().map(|(i, r)| (i, &r.policy));
+        routes.chain(self.default.as_ref().map(|p| (DEFAULT_POLICY, p)))
+    }
+
     /// The policy at an index that [`Config::select`] returned.
     pub(crate) fn policy(&self, index: usize) -> Option<&CompiledPolicy> {
         if index == DEFAULT_POLICY {
@@ -357,6 +363,16 @@ impl<B> RateLimitLayer<B> {
 
     fn config_mut(&mut self) -> &mut Config {
         &mut Arc::make_mut(&mut self.shared).config
+    }
+}
+
+impl<B: crate::store::RateLimitStore> RateLimitLayer<B> {
+    /// A handle that reads a key's quota without consuming it, resets a key, and blocks or
+    /// allows a key for a while, on every replica (the state is in the store): see
+    /// [`RateLimitHandle`](super::RateLimitHandle). Take it once the layer is configured: it
+    /// sees the policies, scope, key extractor and store timeout the layer has now.
+    pub fn handle(&self) -> super::RateLimitHandle<B> {
+        super::RateLimitHandle::new(&self.shared)
     }
 }
 

@@ -57,7 +57,7 @@ impl<S, B> Layer<S> for RateLimitLayer<B> {
                 .iter()
                 .chain(config.routes.iter().map(|r| &r.policy));
             for rule in policies.filter_map(unsettled) {
-                tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, calendar, token bucket and GCRA rules; its requests are handled by the failure mode");
+                tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket, GCRA and calendar rules; its requests are handled by the failure mode");
             }
         }
         RateLimit {
@@ -159,7 +159,7 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
     }
     if config.settlement.is_some() {
         if let Some(rule) = unsettled(policy) {
-            tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, calendar, token bucket and GCRA rules");
+            tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket, GCRA and calendar rules");
             return Keyed::Answered(decision::failed(config));
         }
     }
