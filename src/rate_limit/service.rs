@@ -49,6 +49,17 @@ impl<S, B> Layer<S> for RateLimitLayer<B> {
     type Service = RateLimit<S, B>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let config = &self.shared.config;
+        if config.settlement.is_some() {
+            // Said once when the service is built, then on each request the policy applies to.
+            let policies = config
+                .default
+                .iter()
+                .chain(config.routes.iter().map(|r| &r.policy));
+            for rule in policies.filter_map(unsettled) {
+                tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket, GCRA and calendar rules; its requests are handled by the failure mode");
+            }
+        }
         RateLimit {
             inner,
             shared: Arc::clone(&self.shared),
@@ -147,8 +158,7 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
         return Keyed::Answered(decision::failed(config));
     }
     if config.settlement.is_some() {
-        if let Some(rule) = policy.rules.iter().find(|r| !r.strategy().settles()) {
-            let rule = rule.policy_name();
+        if let Some(rule) = unsettled(policy) {
             tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket, GCRA and calendar rules");
             return Keyed::Answered(decision::failed(config));
         }
@@ -173,6 +183,12 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
             Keyed::Answered(Answer::Reject(decision::missing_key(config)))
         }
     }
+}
+
+/// The name of the first rule of `policy` that a metered layer cannot settle, if any.
+fn unsettled(policy: &CompiledPolicy) -> Option<String> {
+    let rule = policy.rules.iter().find(|r| !r.strategy().settles())?;
+    Some(rule.policy_name())
 }
 
 /// Runs the inner service or rejects, as `answer` says; a metered request's `reservation` is
