@@ -120,7 +120,10 @@ fn script_for(rules: &[Rule]) -> &'static Lua {
 
 /// The Lua source that the `redis` and `fred` stores run to check `rules`: one script per
 /// strategy for a single rule, one for several rules. For auditing, or for loading it with
-/// `SCRIPT LOAD` ahead of time (the stores load it themselves on `NOSCRIPT`).
+/// `SCRIPT LOAD` ahead of time (the stores load it themselves on `NOSCRIPT`). Its keys are the
+/// rules' state keys, then the key's override (see
+/// [`RateLimitStore::set_override`](crate::store::RateLimitStore::set_override)), all with one
+/// hash tag.
 pub fn rate_limit_script(rules: &[Rule]) -> &'static str {
     script_for(rules).text
 }
