@@ -259,7 +259,7 @@ impl<B> RateLimitLayer<B> {
     /// charged or refunded in one more store call, in the background. An error of the inner
     /// service, or a response future dropped unfinished, refunds the estimate.
     ///
-    /// Fixed window, token bucket and GCRA rules settle; a policy with a sliding log or
+    /// Fixed window, calendar, token bucket and GCRA rules settle; a policy with a sliding log or
     /// sliding window rule is invalid in a metered layer (logged as an error on each request,
     /// and handled by [`on_store_error`](Self::on_store_error), default open). See the
     /// [module docs](super#metered-costs).

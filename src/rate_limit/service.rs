@@ -149,7 +149,7 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
     if config.settlement.is_some() {
         if let Some(rule) = policy.rules.iter().find(|r| !r.strategy().settles()) {
             let rule = rule.policy_name();
-            tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket and GCRA rules");
+            tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket, GCRA and calendar rules");
             return Keyed::Answered(decision::failed(config));
         }
     }

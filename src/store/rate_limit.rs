@@ -700,6 +700,8 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
 ///   back, never more than its capacity;
 /// - GCRA: the theoretical arrival time moves by `delta` emission intervals (from now at the
 ///   earliest), or back by `-delta`, never before now;
+/// - calendar: as a fixed window, the count of the calendar period the check counted in (not
+///   a later period's);
 /// - sliding log and sliding window: left as they are (the layer refuses a metered policy with
 ///   such a rule).
 ///
@@ -739,11 +741,14 @@ impl<'a> RateSettlement<'a> {
 
 impl Strategy {
     /// Whether a metered cost can be settled on a rule of this strategy after the response
-    /// (fixed window, token bucket, GCRA); see [`RateSettlement`].
+    /// (fixed window, token bucket, GCRA, calendar); see [`RateSettlement`].
     pub fn settles(&self) -> bool {
         matches!(
             self,
-            Strategy::FixedWindow { .. } | Strategy::TokenBucket { .. } | Strategy::Gcra { .. }
+            Strategy::FixedWindow { .. }
+                | Strategy::TokenBucket { .. }
+                | Strategy::Gcra { .. }
+                | Strategy::Calendar { .. }
         )
     }
 }

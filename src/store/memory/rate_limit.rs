@@ -505,7 +505,7 @@ const DAY_US: i64 = 86_400_000_000;
 /// `calendar.lua`.
 pub(crate) fn calendar_period(now: i64, spec: u64) -> (i64, i64) {
     let unit = spec / 10_000;
-    let offset = (i64::try_from(spec % 10_000).unwrap_or(1440) - 1440) * 60_000_000;
+    let offset = offset_us(spec);
     let day = (now + offset).div_euclid(DAY_US);
     let (first, after) = match unit {
         2 => {
@@ -521,6 +521,16 @@ pub(crate) fn calendar_period(now: i64, spec: u64) -> (i64, i64) {
         _ => (day, day + 1),
     };
     (first, after * DAY_US - offset)
+}
+
+/// The start (µs since the Unix epoch) of the calendar period whose first day is `first`.
+fn period_start(first: i64, spec: u64) -> i64 {
+    first * DAY_US - offset_us(spec)
+}
+
+/// The offset of a calendar `spec`, in µs.
+fn offset_us(spec: u64) -> i64 {
+    (i64::try_from(spec % 10_000).unwrap_or(1440) - 1440) * 60_000_000
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
@@ -556,11 +566,12 @@ impl MemoryStore {
         }
         let mut shard = self.inner.rate_limit.lock(settlement.key)?;
         let now = self.now_us();
+        let wall = self.inner.clock.wall_us(now);
         let age = u64::try_from(settlement.age.as_micros()).unwrap_or(u64::MAX);
         for rule in settlement.rules {
             let key = slot_key(settlement.key, rule);
             let slot = shard.map.get(&key).filter(|s| s.expires_at > now);
-            match settle(rule, slot, now, age, settlement.delta) {
+            match settle(rule, slot, (now, wall), age, settlement.delta) {
                 Settled::Keep => {}
                 Settled::Set(slot) => {
                     shard.map.insert(key, slot);
@@ -585,8 +596,14 @@ enum Settled {
 }
 
 /// The state of one rule after a settlement of `delta` units for a check answered at least
-/// `age` µs ago.
-fn settle(rule: &Rule, slot: Option<&Slot>, now: u64, age: u64, delta: i64) -> Settled {
+/// `age` µs ago, at the store time `now` and the civil time `wall` (for calendar rules).
+fn settle(
+    rule: &Rule,
+    slot: Option<&Slot>,
+    (now, wall): (u64, u64),
+    age: u64,
+    delta: i64,
+) -> Settled {
     let (a, period_ms, c) = rule.encode();
     let period = period_ms * 1000;
     let deltaf = delta as f64;
@@ -646,6 +663,29 @@ fn settle(rule: &Rule, slot: Option<&Slot>, now: u64, age: u64, delta: i64) -> S
             Settled::Set(Slot {
                 state: State::Tat(stored),
                 expires_at: stored.max(now + 1000),
+            })
+        }
+        Strategy::Calendar { .. } => {
+            let wall = i64::try_from(wall).unwrap_or(i64::MAX / 2);
+            let (first, _) = calendar_period(wall, c);
+            let Some(Slot {
+                state: State::Period { first: f, used },
+                expires_at,
+            }) = slot
+            else {
+                return Settled::Keep;
+            };
+            let age = i64::try_from(age).unwrap_or(i64::MAX / 2);
+            if *f != first || wall.saturating_sub(age) < period_start(first, c) {
+                // The check counted in a period that ended.
+                return Settled::Keep;
+            }
+            Settled::Set(Slot {
+                state: State::Period {
+                    first,
+                    used: used.saturating_add_signed(delta),
+                },
+                expires_at: *expires_at,
             })
         }
         // Nothing to settle: the layer refuses metered policies with these rules.

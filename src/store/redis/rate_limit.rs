@@ -66,7 +66,7 @@ pub(super) static SCRIPTS: [&Lua; 8] = [
 ];
 
 /// The settlement of a metered request, for one rule or several.
-static SETTLE: Lua = Lua::new(rl!("settle"));
+static SETTLE: Lua = Lua::new(concat!(rl!("calendar"), rl!("settle")));
 
 /// Several rules, all or nothing.
 pub(crate) static MULTI_RULE: Lua = Lua::new(concat!(
