@@ -170,6 +170,15 @@ async fn app(redis: &RedisServer) -> Router {
         client
     };
     let shared = Shared { conn: conn.clone() };
+    // The same fred store on a pool of two clients (two connections, round robin).
+    let fred_pool = {
+        use fred::prelude::{Builder, ClientLike, Config};
+        let pool = Builder::from_config(Config::from_url(&url).expect("fred url"))
+            .build_pool(2)
+            .expect("fred pool");
+        pool.init().await.expect("fred pool connect");
+        FredStore::from_pool(pool)
+    };
 
     let governor = tower_governor::governor::GovernorConfigBuilder::default()
         .per_nanosecond(1)
@@ -209,6 +218,10 @@ async fn app(redis: &RedisServer) -> Router {
             .route(
                 &format!("/redis/{name}"),
                 get(ok).layer(RateLimitLayer::new(redis_store.clone(), policy.clone())),
+            )
+            .route(
+                &format!("/fred-pool/{name}"),
+                get(ok).layer(RateLimitLayer::new(fred_pool.clone(), policy.clone())),
             )
             .route(
                 &format!("/fred/{name}"),
@@ -524,6 +537,117 @@ fn row(c: &Config, s: &Sample, baseline: f64) -> String {
     )
 }
 
+/// The physical limit: `redis-benchmark` running the layer's own GCRA script (`EVALSHA`, the
+/// arguments the layer sends, `-c 64`) against the same Redis, with one hot key or with 10,000
+/// keys (`__rand_int__`). Requests/s, and Redis µs per script from `INFO commandstats`.
+fn ceiling(redis: &RedisServer, sha: &str, args: &[String], keys: Option<u64>) -> (f64, f64) {
+    let port = redis.port.to_string();
+    let mut cmd = Command::new("redis-benchmark");
+    cmd.args(["-h", "127.0.0.1", "-p", &port, "-c", "64", "-n", "300000", "-q"]);
+    let key = match keys {
+        Some(n) => {
+            cmd.args(["-r", &n.to_string()]);
+            "ceiling:{k}:__rand_int__"
+        }
+        None => "ceiling:{k}:hot",
+    };
+    cmd.args(["EVALSHA", sha, "2", key, "ceiling:{k}:o"]).args(args);
+    let before = calls(redis);
+    let out = cmd.output();
+    let after = calls(redis);
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // `-q` prints `EVALSHA ...: 61236.22 requests per second, p50=...` (after `\r` updates).
+    let rps = text
+        .rsplit_once("requests per second")
+        .and_then(|(head, _)| head.rsplit(|c: char| c == ':' || c == ' ').find(|w| !w.is_empty()))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    let scripts = (after.scripts - before.scripts).max(1) as f64;
+    let usec = (after.script_usec - before.script_usec) as f64 / scripts;
+    (rps, usec)
+}
+
+/// Writes the SVG chart: requests/s (left) and Redis µs per decision (right) per configuration.
+fn chart(path: &std::path::Path, bars: &[(String, f64, f64)]) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let n = bars.len();
+    let rows = n as f64;
+    let height = 70 + 20 * n as u32;
+    let root = SVGBackend::new(path, (1500, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(1050);
+    let font = ("sans-serif", 12);
+    let max = |f: fn(&(String, f64, f64)) -> f64| {
+        bars.iter().map(f).filter(|v| v.is_finite()).fold(1.0, f64::max) * 1.08
+    };
+    let mut rps = ChartBuilder::on(&left)
+        .caption("requests/s (one run, medians)", ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(24)
+        .y_label_area_size(430)
+        .build_cartesian_2d(0.0..max(|b| b.1), 0.0..rows)?;
+    rps.configure_mesh()
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_labels(6)
+        .x_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+        .draw()?;
+    let y = |i: usize| rows - i as f64;
+    let colour = |label: &str| {
+        if label.starts_with("1.") {
+            BLACK.mix(0.6)
+        } else if label.contains("ceiling") {
+            RED.mix(0.6)
+        } else if label.contains("memory") || label.contains("governor") {
+            GREEN.mix(0.6)
+        } else if label.contains("hand-written") || label.contains("blog") {
+            BLUE.mix(0.35)
+        } else {
+            BLUE.mix(0.7)
+        }
+    };
+    rps.draw_series(bars.iter().enumerate().map(|(i, (label, v, _))| {
+        Rectangle::new(
+            [(0.0, y(i) - 0.8), (v.max(0.0), y(i) - 0.2)],
+            colour(label).filled(),
+        )
+    }))?;
+    rps.draw_series(bars.iter().enumerate().map(|(i, (label, _, _))| {
+        EmptyElement::at((0.0, y(i) - 0.5))
+            + Text::new(
+                label.clone(),
+                (-6, 0),
+                font.into_font()
+                    .into_text_style(&left)
+                    .pos(plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Right,
+                        plotters::style::text_anchor::VPos::Center,
+                    )),
+            )
+    }))?;
+    let mut usec = ChartBuilder::on(&right)
+        .caption("Redis µs per decision", ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(24)
+        .y_label_area_size(10)
+        .build_cartesian_2d(0.0..max(|b| b.2), 0.0..rows)?;
+    usec.configure_mesh()
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_labels(6)
+        .draw()?;
+    usec.draw_series(bars.iter().enumerate().map(|(i, (label, _, v))| {
+        Rectangle::new(
+            [(0.0, y(i) - 0.8), (v.max(0.0), y(i) - 0.2)],
+            colour(label).filled(),
+        )
+    }))?;
+    root.present()?;
+    Ok(())
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -708,6 +832,10 @@ fn main() {
             leak(format!("/fred/{name}")),
         ));
         main.push(config(
+            format!("4. RateLimitLayer, fred pool of 2: {name}"),
+            leak(format!("/fred-pool/{name}")),
+        ));
+        main.push(config(
             format!("6. hand-written EVALSHA, redis-rs: {name}"),
             leak(format!("/evalsha/{name}")),
         ));
@@ -785,6 +913,26 @@ fn main() {
     }
     let scaling_samples = bench.group(&scaling, 1);
 
+    // The ceiling: Redis alone running the layer's GCRA script, as fast as 64 clients can.
+    let gcra = Rule::gcra(HUGE, Duration::from_secs(1), HUGE);
+    let script = tower_redis_layers::store::rate_limit_script(std::slice::from_ref(&gcra));
+    let sha = redis
+        .cli(&["SCRIPT", "LOAD", &script])
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let args = script_args(&gcra);
+    let ceilings = [
+        ("0. ceiling: redis-benchmark -c 64, GCRA EVALSHA, one hot key", None),
+        ("0. ceiling: redis-benchmark -c 64, GCRA EVALSHA, 10,000 keys", Some(10_000)),
+    ]
+    .map(|(label, keys)| {
+        let (rps, usec) = ceiling(&redis, &sha, &args, keys);
+        eprintln!("  {label}: {rps:.0} req/s, {usec:.1} Redis µs per script");
+        (label, rps, usec)
+    });
+    let hot_ceiling = ceilings[0].1;
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -799,6 +947,40 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (c, s) in main.iter().zip(&samples) {
         println!("{}", row(c, s, baseline));
+    }
+    for (label, rps, usec) in &ceilings {
+        println!(
+            "| {label} | 64 | {rps:.0} | {:.2} | - | - | 1.00 | - | {usec:.1} | - | - |",
+            rps / baseline
+        );
+    }
+    println!();
+    println!("Each Redis row as a fraction of the ceiling (one hot key, {hot_ceiling:.0} scripts/s): ");
+    println!();
+    println!("| configuration | req/s | scripts/req | fraction of the ceiling (scripts/s) |");
+    println!("|---|---|---|---|");
+    for (c, s) in main.iter().zip(&samples) {
+        if s.scripts > 0.0 {
+            println!(
+                "| {} | {:.0} | {:.2} | {:.2} |",
+                c.label,
+                s.rps,
+                s.scripts,
+                s.rps * s.scripts / hot_ceiling
+            );
+        }
+    }
+    println!();
+    let mut bars: Vec<(String, f64, f64)> = main
+        .iter()
+        .zip(&samples)
+        .map(|(c, s)| (c.label.clone(), s.rps, s.usec))
+        .collect();
+    bars.extend(ceilings.iter().map(|(l, r, u)| (l.to_string(), *r, *u)));
+    let svg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/chart.svg");
+    match chart(&svg, &bars) {
+        Ok(()) => println!("Chart: {}", svg.display()),
+        Err(e) => eprintln!("chart not written: {e}"),
     }
     println!();
     println!("| ratio (same run) | value | goal |");
@@ -815,6 +997,15 @@ fn main() {
         "| memory store / tower_governor | {:.2} | >= 1.00 |",
         ratio(memory, "3. tower_governor (GCRA, in memory)")
     );
+    for name in names {
+        println!(
+            "| fred pool of 2 / hand-written EVALSHA (one fred client), {name} | {:.2} | (report) |",
+            ratio(
+                &format!("4. RateLimitLayer, fred pool of 2: {name}"),
+                &format!("6. hand-written EVALSHA, fred: {name}")
+            )
+        );
+    }
     for name in names {
         let layer = format!("4. RateLimitLayer, redis-rs: {name}");
         println!(

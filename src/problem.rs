@@ -41,6 +41,23 @@ pub(crate) fn problem_static(status: StatusCode, body: &'static str) -> Response
 /// [`Rule::name`](crate::rate_limit::Rule::name)), so they need no escaping in JSON; anything else
 /// is left out anyway. The body is built in one allocation (this is the flood path).
 pub(crate) fn quota_exceeded(policies: &[&str]) -> Response<Bytes> {
+    quota_exceeded_response(quota_exceeded_body(policies))
+}
+
+/// The default `429` with a body made by [`quota_exceeded_body`] (kept and cloned: no
+/// allocation per response for the body).
+pub(crate) fn quota_exceeded_response(body: Bytes) -> Response<Bytes> {
+    let mut response = Response::new(body);
+    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
+/// The body of [`quota_exceeded`].
+pub(crate) fn quota_exceeded_body(policies: &[&str]) -> Bytes {
     const HEAD: &str = concat!(
         r#"{"type":"https://iana.org/assignments/http-problem-types#quota-exceeded","#,
         r#""title":"Quota Exceeded","status":429,"#,
@@ -60,13 +77,7 @@ pub(crate) fn quota_exceeded(policies: &[&str]) -> Response<Bytes> {
         body.push('"');
     }
     body.push_str("]}");
-    let mut response = Response::new(Bytes::from(body));
-    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    response
+    Bytes::from(body)
 }
 
 #[cfg(test)]

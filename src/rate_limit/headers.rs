@@ -2,7 +2,11 @@
 //! `RateLimit-Policy` fields (draft-ietf-httpapi-ratelimit-headers), `Retry-After`, and the
 //! legacy `X-RateLimit-*` fields.
 
-use std::{fmt::Write, time::Duration};
+use std::{
+    fmt::Write,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -46,6 +50,42 @@ pub(crate) struct PolicyFields {
     names: Vec<String>,
     quotas: Vec<u64>,
     policy: Option<HeaderValue>,
+    /// Per rule, what a rejection by the local deny cache sends (the flood path), encoded once.
+    denied: Arc<[Denied]>,
+}
+
+/// What the local deny cache answers for one rule, pre-encoded so that a flood of rejections
+/// allocates nothing of its own: the default `429` body naming the rule, and the last
+/// `RateLimit` and `Retry-After` values sent (they change once a second at most; a clone of a
+/// [`HeaderValue`] is a reference count).
+#[derive(Debug)]
+struct Denied {
+    body: Bytes,
+    ratelimit: Last,
+    retry_after: Last,
+}
+
+/// The last value made for a number of seconds, and that number.
+#[derive(Debug, Default)]
+struct Last(RwLock<Option<(u64, HeaderValue)>>);
+
+impl Last {
+    /// The value for `secs`: the last one if it was for the same `secs`, else `make(secs)`
+    /// (kept for the next call).
+    fn get(&self, secs: u64, make: impl FnOnce(u64) -> Option<HeaderValue>) -> Option<HeaderValue> {
+        if let Ok(last) = self.0.read() {
+            if let Some((s, v)) = &*last {
+                if *s == secs {
+                    return Some(v.clone());
+                }
+            }
+        }
+        let value = make(secs)?;
+        if let Ok(mut last) = self.0.write() {
+            *last = Some((secs, value.clone()));
+        }
+        Some(value)
+    }
 }
 
 impl PolicyFields {
@@ -59,10 +99,41 @@ impl PolicyFields {
             let window = secs_up(rule.window()).max(1);
             let _ = write!(policy, "\"{name}\";q={};w={window}", rule.quota());
         }
+        let denied = names
+            .iter()
+            .map(|name| Denied {
+                body: crate::problem::quota_exceeded_body(&[name.as_str()]),
+                ratelimit: Last::default(),
+                retry_after: Last::default(),
+            })
+            .collect();
         Self {
             quotas: rules.iter().map(Rule::quota).collect(),
             policy: HeaderValue::from_str(&policy).ok(),
             names,
+            denied,
+        }
+    }
+
+    /// The default `429` body when rule `i` alone is exceeded, as
+    /// [`quota_exceeded`](crate::problem::quota_exceeded) makes it (encoded once).
+    pub(crate) fn denied_body(&self, i: usize) -> Option<Bytes> {
+        self.denied.get(i).map(|d| d.body.clone())
+    }
+
+    /// `Retry-After` for rule `i` denying for `wait` (as [`insert_retry_after`] writes it),
+    /// unless the response already has one.
+    pub(crate) fn insert_retry_after(&self, headers: &mut HeaderMap, i: usize, wait: Duration) {
+        if headers.contains_key(http::header::RETRY_AFTER) {
+            return;
+        }
+        let secs = secs_up(wait).max(1);
+        let value = match self.denied.get(i) {
+            Some(d) => d.retry_after.get(secs, |s| Some(HeaderValue::from(s))),
+            None => Some(HeaderValue::from(secs)),
+        };
+        if let Some(v) = value {
+            headers.insert(http::header::RETRY_AFTER, v);
         }
     }
 
@@ -123,16 +194,24 @@ impl PolicyFields {
         which: Fields,
     ) {
         if which.ietf {
-            // `"name";r=0;t=N`, built in one exact allocation (this is the flood path).
+            // `"name";r=0;t=N`, made once per rule and second (this is the flood path).
             let name = self.name(rule);
-            let mut secs = itoa::Buffer::new();
-            let secs = secs.format(secs_up(wait)).as_bytes();
-            let mut value = Vec::with_capacity(name.len() + 9 + secs.len());
-            value.push(b'"');
-            value.extend_from_slice(name.as_bytes());
-            value.extend_from_slice(b"\";r=0;t=");
-            value.extend_from_slice(secs);
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+            let make = |secs: u64| {
+                let mut buf = itoa::Buffer::new();
+                let secs = buf.format(secs).as_bytes();
+                let mut value = Vec::with_capacity(name.len() + 9 + secs.len());
+                value.push(b'"');
+                value.extend_from_slice(name.as_bytes());
+                value.extend_from_slice(b"\";r=0;t=");
+                value.extend_from_slice(secs);
+                HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
+            };
+            let secs = secs_up(wait);
+            let value = match self.denied.get(rule) {
+                Some(d) => d.ratelimit.get(secs, make),
+                None => make(secs),
+            };
+            if let Some(v) = value {
                 headers.insert(RATELIMIT.clone(), v);
             }
             self.insert_policy(headers);

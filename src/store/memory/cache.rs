@@ -1,11 +1,11 @@
 //! The response cache in the in-process store: the same semantics as the Redis scripts
 //! (`cache_*.lua`), sharded by segment (like Redis, a segment lives in one place).
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{done, MemoryStore, SWEEP_EVERY_US};
+use super::{done, Map, MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
         CacheStore, FillState, FillToken, Freshness, Lookup, LookupRequest, RefreshRequest,
@@ -17,9 +17,9 @@ use crate::{
 #[derive(Default)]
 pub(super) struct Shard {
     /// Version and when it may be forgotten (after every entry written under it).
-    versions: HashMap<StoreKey, (u64, u64)>,
-    entries: HashMap<(StoreKey, StoreKey), MemEntry>,
-    locks: HashMap<(StoreKey, StoreKey), (FillToken, u64)>,
+    versions: Map<StoreKey, (u64, u64)>,
+    entries: Map<(StoreKey, StoreKey), MemEntry>,
+    locks: Map<(StoreKey, StoreKey), (FillToken, u64)>,
     next_sweep: u64,
 }
 

@@ -10,7 +10,7 @@ use std::{
     future::ready,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -196,9 +196,19 @@ fn system_us(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
 }
 
+/// The maps of the store's own state: keyed by [`StoreKey`]s (already SHA-256 digests) and rule
+/// numbers, hashed in process with rapidhash (seeded per map at random), which is several times
+/// faster than the standard library's SipHash for these short keys.
+type Map<K, V> = HashMap<K, V, rapidhash::fast::RandomState>;
+
 /// State split in shards by key, each behind its own lock: a request locks one shard.
+///
+/// The lock is a reader-writer lock: a rate-limit decision on a key that already has a lock-free
+/// cell (a GCRA TAT) takes it shared and updates the cell with a compare-and-swap, so the
+/// threads deciding for one hot key do not wait for each other; everything else takes it
+/// exclusively.
 struct Shards<T> {
-    shards: Box<[Mutex<T>]>,
+    shards: Box<[RwLock<T>]>,
 }
 
 impl<T: Default> Shards<T> {
@@ -206,7 +216,7 @@ impl<T: Default> Shards<T> {
     fn new(count: usize) -> Self {
         let count = count.max(1).next_power_of_two();
         Self {
-            shards: (0..count).map(|_| Mutex::new(T::default())).collect(),
+            shards: (0..count).map(|_| RwLock::new(T::default())).collect(),
         }
     }
 }
@@ -214,21 +224,26 @@ impl<T: Default> Shards<T> {
 impl<T> Shards<T> {
     /// Locks the shard of `key`. A shard whose lock was poisoned (a thread panicked while
     /// holding it) answers [`StoreError::Poisoned`].
-    fn lock(&self, key: &StoreKey) -> Result<MutexGuard<'_, T>, StoreError> {
+    fn lock(&self, key: &StoreKey) -> Result<RwLockWriteGuard<'_, T>, StoreError> {
+        self.shard(key)?.write().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Locks the shard of `key` shared (see [`Shards`]).
+    fn read(&self, key: &StoreKey) -> Result<RwLockReadGuard<'_, T>, StoreError> {
+        self.shard(key)?.read().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn shard(&self, key: &StoreKey) -> Result<&RwLock<T>, StoreError> {
         let b = key.as_bytes();
         let v = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         // The number of shards is a power of two.
         let index = (v as usize) & (self.shards.len() - 1);
-        self.shards
-            .get(index)
-            .ok_or(StoreError::Poisoned)?
-            .lock()
-            .map_err(|_| StoreError::Poisoned)
+        self.shards.get(index).ok_or(StoreError::Poisoned)
     }
 
     /// Every shard that is not poisoned, locked in turn.
-    fn iter(&self) -> impl Iterator<Item = MutexGuard<'_, T>> {
-        self.shards.iter().filter_map(|s| s.lock().ok())
+    fn iter(&self) -> impl Iterator<Item = RwLockWriteGuard<'_, T>> {
+        self.shards.iter().filter_map(|s| s.write().ok())
     }
 }
 
@@ -248,7 +263,7 @@ fn us(d: Duration) -> u64 {
 /// lock and its fence counter, a record and its fence counter) are in one shard.
 #[derive(Default)]
 struct Records {
-    map: HashMap<(Kind, StoreKey), Slot>,
+    map: Map<(Kind, StoreKey), Slot>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,12 +1,13 @@
 //! Rate limiting in the in-process store, with the same semantics as the rate-limit scripts.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     future::{ready, Ready},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
-use super::{MemoryStore, SWEEP_EVERY_US};
+use super::{Map, MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
         Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
@@ -19,15 +20,25 @@ type SlotKey = (StoreKey, u8, u64, u64, u64);
 
 #[derive(Default)]
 pub(super) struct Shard {
-    map: HashMap<SlotKey, Slot>,
+    map: Map<SlotKey, Slot>,
     next_sweep: u64,
     len_after_sweep: usize,
 }
 
 struct Slot {
     state: State,
-    /// Microseconds (store clock) after which the slot is as good as absent.
+    /// Microseconds (store clock) after which the slot is as good as absent (a GCRA cell also
+    /// lives while its TAT is ahead, see [`Slot::live`]).
     expires_at: u64,
+}
+
+impl Slot {
+    /// Whether the slot still holds state at `now`. A GCRA cell is updated in place (its TAT,
+    /// with a compare-and-swap under the shared lock), so its `expires_at` may lag: it lives
+    /// while its TAT is ahead of `now`. A TAT at or before `now` means the same as no state.
+    fn live(&self, now: u64) -> bool {
+        self.expires_at > now || matches!(&self.state, State::Tat(t) if t.load(Ordering::Acquire) > now)
+    }
 }
 
 enum State {
@@ -45,7 +56,8 @@ enum State {
         tokens: f64,
         ts: u64,
     },
-    Tat(u64),
+    /// GCRA's theoretical arrival time: a lock-free cell (see [`MemoryStore::decide_gcra`]).
+    Tat(AtomicU64),
     /// A calendar counter: the first day of its period (days since the epoch) and units used.
     Period {
         first: i64,
@@ -59,6 +71,13 @@ enum State {
 
 impl MemoryStore {
     fn decide(&self, check: &RateCheck<'_>) -> Result<Decision, StoreError> {
+        if let [rule] = check.rules {
+            if matches!(rule.strategy(), Strategy::Gcra { .. }) {
+                if let Some(decision) = self.decide_gcra(check, rule) {
+                    return decision;
+                }
+            }
+        }
         let mut shard = self.inner.rate_limit.lock(check.key)?;
         let now = self.now_us();
         let wall = self.inner.clock.wall_us(now);
@@ -78,7 +97,7 @@ impl MemoryStore {
         let mut single_plan = None;
         for (i, rule) in check.rules.iter().enumerate() {
             let slot_key = slot_key(check.key, rule);
-            let slot = shard.map.get(&slot_key).filter(|s| s.expires_at > now);
+            let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
             let eval = evaluate(rule, slot, now, wall, cost);
             if !eval.ok {
                 allowed = false;
@@ -109,7 +128,7 @@ impl MemoryStore {
                 // change under the lock) and write it. No list of plans is kept.
                 for (rule, state) in check.rules.iter().zip(states.iter_mut()) {
                     let slot_key = slot_key(check.key, rule);
-                    let slot = shard.map.get(&slot_key).filter(|s| s.expires_at > now);
+                    let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
                     let eval = evaluate(rule, slot, now, wall, cost);
                     state.remaining = eval.remaining;
                     apply(&mut shard.map, slot_key, eval.plan, now, cost);
@@ -126,6 +145,75 @@ impl MemoryStore {
             },
             rules: states,
         })
+    }
+}
+
+impl MemoryStore {
+    /// A single GCRA rule on a key that has its cell already: decided under the shard's shared
+    /// lock, the TAT advanced with a compare-and-swap (retried if another thread moved it first),
+    /// so threads deciding for one hot key never wait for each other. `None` when the key has no
+    /// cell yet: the caller decides under the exclusive lock, which creates it.
+    fn decide_gcra(
+        &self,
+        check: &RateCheck<'_>,
+        rule: &Rule,
+    ) -> Option<Result<Decision, StoreError>> {
+        let shard = match self.inner.rate_limit.read(check.key) {
+            Ok(shard) => shard,
+            Err(e) => return Some(Err(e)),
+        };
+        let now = self.now_us();
+        let cost = match overridden(&shard, check.key, now) {
+            Some(Err(left)) => return Some(Ok(blocked(1, left))),
+            Some(Ok(())) => 0,
+            None => check.cost,
+        };
+        let slot = shard.map.get(&slot_key(check.key, rule))?;
+        let State::Tat(cell) = &slot.state else {
+            return None;
+        };
+        let (a, period_ms, c) = rule.encode();
+        let input = Input {
+            slot: None,
+            a,
+            c,
+            period: period_ms * 1000,
+            now,
+            wall: 0,
+            cost,
+        };
+        let mut tat = cell.load(Ordering::Acquire);
+        loop {
+            let eval = gcra_at(&input, Some(tat));
+            let stored = match &eval.plan {
+                Some(Plan::Replace(Slot {
+                    state: State::Tat(new),
+                    ..
+                })) if eval.ok && cost > 0 => new.load(Ordering::Relaxed),
+                _ => return Some(Ok(single(eval))),
+            };
+            match cell.compare_exchange_weak(tat, stored, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(Ok(single(eval))),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+}
+
+/// The decision of a single rule's evaluation.
+fn single(eval: Eval) -> Decision {
+    Decision {
+        allowed: eval.ok,
+        denied_by: (!eval.ok).then_some(0),
+        retry_after: if eval.ok {
+            Duration::ZERO
+        } else {
+            us_to_duration(eval.retry)
+        },
+        rules: vec![RuleState {
+            remaining: eval.remaining,
+            reset: us_to_duration(eval.reset),
+        }],
     }
 }
 
@@ -173,7 +261,7 @@ impl Shard {
     }
 
     pub(super) fn sweep(&mut self, now: u64) {
-        self.map.retain(|_, slot| slot.expires_at > now);
+        self.map.retain(|_, slot| slot.live(now));
         if self.map.capacity() > 4 * self.map.len() + 64 {
             self.map.shrink_to_fit();
         }
@@ -187,7 +275,7 @@ fn slot_key(key: &StoreKey, rule: &Rule) -> SlotKey {
     (*key, rule.kind(), a, b, c)
 }
 
-fn apply(map: &mut HashMap<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
+fn apply(map: &mut Map<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
     match plan {
         Some(Plan::Replace(slot)) => {
             map.insert(key, slot);
@@ -197,7 +285,7 @@ fn apply(map: &mut HashMap<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now
     }
 }
 
-fn push_log(map: &mut HashMap<SlotKey, Slot>, key: SlotKey, now: u64, cost: u64, period: u64) {
+fn push_log(map: &mut Map<SlotKey, Slot>, key: SlotKey, now: u64, cost: u64, period: u64) {
     let slot = map.entry(key).or_insert_with(|| Slot {
         state: State::Log {
             entries: VecDeque::new(),
@@ -449,18 +537,24 @@ fn token_bucket(i: &Input<'_>) -> Eval {
 
 /// GCRA: the theoretical arrival time.
 fn gcra(i: &Input<'_>) -> Eval {
+    let tat = match i.state() {
+        Some(State::Tat(t)) => Some(t.load(Ordering::Acquire)),
+        _ => None,
+    };
+    gcra_at(i, tat)
+}
+
+/// GCRA from a stored TAT (`None`: no state).
+fn gcra_at(i: &Input<'_>, tat: Option<u64>) -> Eval {
     let now = i.now as f64;
     let interval = i.pf() / i.a as f64;
     let burst = i.c as f64 * interval;
-    let tat = match i.state() {
-        Some(State::Tat(t)) => (*t as f64).max(now),
-        _ => now,
-    };
+    let tat = tat.map_or(now, |t| (t as f64).max(now));
     let new_tat = tat + i.cost as f64 * interval;
     let allow_at = new_tat - burst;
     if allow_at <= now {
         let stored = new_tat.ceil() as u64;
-        let plan = replace(State::Tat(stored), stored.max(i.now + 1000));
+        let plan = replace(State::Tat(AtomicU64::new(stored)), stored.max(i.now + 1000));
         return Eval::allow(
             ((now - allow_at) / interval).floor() as u64,
             new_tat - now,
@@ -574,7 +668,7 @@ impl MemoryStore {
         let age = u64::try_from(settlement.age.as_micros()).unwrap_or(u64::MAX);
         for rule in settlement.rules {
             let key = slot_key(settlement.key, rule);
-            let slot = shard.map.get(&key).filter(|s| s.expires_at > now);
+            let slot = shard.map.get(&key).filter(|s| s.live(now));
             match settle(rule, slot, (now, wall), age, settlement.delta) {
                 Settled::Keep => {}
                 Settled::Set(slot) => {
@@ -656,7 +750,7 @@ fn settle(
         Strategy::Gcra { .. } => {
             let interval = period as f64 / a as f64;
             let tat = match slot.map(|s| &s.state) {
-                Some(State::Tat(t)) => (*t).max(now),
+                Some(State::Tat(t)) => t.load(Ordering::Acquire).max(now),
                 _ => now,
             };
             let moved = (tat as f64 + deltaf * interval).ceil();
@@ -665,7 +759,7 @@ fn settle(
             }
             let stored = moved as u64;
             Settled::Set(Slot {
-                state: State::Tat(stored),
+                state: State::Tat(AtomicU64::new(stored)),
                 expires_at: stored.max(now + 1000),
             })
         }
