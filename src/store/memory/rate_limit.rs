@@ -869,6 +869,40 @@ mod tests {
     const UTC: u64 = 1440;
 
     #[test]
+    fn the_lock_free_gcra_cell_admits_exactly_its_burst_under_contention() {
+        // 8 threads race on one key whose cell already exists: the compare-and-swap loses no
+        // update and admits no unit twice (burst 500, no refill within the test).
+        let store = MemoryStore::new();
+        let key = StoreKey::from_parts([b"hot".as_slice()]);
+        let rules = [Rule::gcra(500, Duration::from_secs(3600), 500)];
+        let check = |cost| RateCheck {
+            key: &key,
+            rules: &rules,
+            cost,
+            want_state: true,
+        };
+        assert!(store.decide(&check(1)).unwrap().allowed);
+        let admitted = std::sync::atomic::AtomicU64::new(1);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        if store.decide(&check(1)).unwrap().allowed {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 500);
+        let last = store.decide(&check(0)).unwrap();
+        assert_eq!(last.rules[0].remaining, 0);
+        // A reset and a settlement still see the cell.
+        store.reset_key(&key, &rules).unwrap();
+        assert_eq!(store.decide(&check(0)).unwrap().rules[0].remaining, 500);
+    }
+
+    #[test]
     fn an_offset_of_a_day_or_more_is_invalid() {
         use crate::store::{Calendar, UtcOffset};
         let day = |m| Rule::calendar(1, Calendar::Day).utc_offset(UtcOffset::minutes(m));
