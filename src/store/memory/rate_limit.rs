@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use portable_atomic::AtomicU128;
+
 use super::{Map, MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
@@ -37,7 +39,12 @@ impl Slot {
     /// with a compare-and-swap under the shared lock), so its `expires_at` may lag: it lives
     /// while its TAT is ahead of `now`. A TAT at or before `now` means the same as no state.
     fn live(&self, now: u64) -> bool {
-        self.expires_at > now || matches!(&self.state, State::Tat(t) if t.load(Ordering::Acquire) > now)
+        self.expires_at > now
+            || match &self.state {
+                State::Tat(t) => t.load(Ordering::Acquire) > now,
+                State::Bucket { full_at, .. } => full_at.load(Ordering::Acquire) > now,
+                _ => false,
+            }
     }
 }
 
@@ -52,9 +59,11 @@ enum State {
         cur: u64,
         prev: u64,
     },
+    /// A token bucket: its tokens and the time they were counted, in one lock-free cell (see
+    /// [`pack`]), and when it is full again (its expiry, moved on by whoever updates the cell).
     Bucket {
-        tokens: f64,
-        ts: u64,
+        cell: AtomicU128,
+        full_at: AtomicU64,
     },
     /// GCRA's theoretical arrival time: a lock-free cell (see [`MemoryStore::decide_gcra`]).
     Tat(AtomicU64),
@@ -72,8 +81,11 @@ enum State {
 impl MemoryStore {
     fn decide(&self, check: &RateCheck<'_>) -> Result<Decision, StoreError> {
         if let [rule] = check.rules {
-            if matches!(rule.strategy(), Strategy::Gcra { .. }) {
-                if let Some(decision) = self.decide_gcra(check, rule) {
+            if matches!(
+                rule.strategy(),
+                Strategy::Gcra { .. } | Strategy::TokenBucket { .. }
+            ) {
+                if let Some(decision) = self.decide_cell(check, rule) {
                     return decision;
                 }
             }
@@ -149,11 +161,12 @@ impl MemoryStore {
 }
 
 impl MemoryStore {
-    /// A single GCRA rule on a key that has its cell already: decided under the shard's shared
-    /// lock, the TAT advanced with a compare-and-swap (retried if another thread moved it first),
-    /// so threads deciding for one hot key never wait for each other. `None` when the key has no
-    /// cell yet: the caller decides under the exclusive lock, which creates it.
-    fn decide_gcra(
+    /// A single GCRA or token-bucket rule on a key that has its cell already: decided under the
+    /// shard's shared lock, the cell (GCRA's TAT, the bucket's tokens and time) moved with a
+    /// compare-and-swap (retried if another thread moved it first), so threads deciding for one
+    /// hot key never wait for each other. `None` when the key has no cell yet: the caller
+    /// decides under the exclusive lock, which creates it.
+    fn decide_cell(
         &self,
         check: &RateCheck<'_>,
         rule: &Rule,
@@ -169,9 +182,6 @@ impl MemoryStore {
             None => check.cost,
         };
         let slot = shard.map.get(&slot_key(check.key, rule))?;
-        let State::Tat(cell) = &slot.state else {
-            return None;
-        };
         let (a, period_ms, c) = rule.encode();
         let input = Input {
             slot: None,
@@ -181,6 +191,13 @@ impl MemoryStore {
             now,
             wall: 0,
             cost,
+        };
+        let cell = match &slot.state {
+            State::Tat(cell) => cell,
+            State::Bucket { cell, full_at } => {
+                return Some(Ok(bucket_cell(cell, full_at, input)));
+            }
+            _ => return None,
         };
         let mut tat = cell.load(Ordering::Acquire);
         loop {
@@ -197,6 +214,61 @@ impl MemoryStore {
                 Err(actual) => tat = actual,
             }
         }
+    }
+}
+
+/// A token bucket decided on its cell (see [`MemoryStore::decide_cell`]).
+fn bucket_cell(cell: &AtomicU128, full_at: &AtomicU64, mut input: Input<'_>) -> Decision {
+    let now = input.now;
+    let mut current = cell.load(Ordering::Acquire);
+    loop {
+        let (tokens, ts) = unpack(current);
+        // Another thread may have counted the tokens a little later than this one read the
+        // clock: count from its time, never back (which would refill the same time twice).
+        input.now = now.max(ts);
+        let eval = token_bucket_at(&input, Some((tokens, ts)));
+        let (new, until) = match &eval.plan {
+            Some(Plan::Replace(Slot {
+                state: State::Bucket { cell, .. },
+                expires_at,
+            })) if eval.ok && input.cost > 0 => (cell.load(Ordering::Relaxed), *expires_at),
+            _ => return single(eval),
+        };
+        match cell.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                full_at.fetch_max(until, Ordering::AcqRel);
+                return single(eval);
+            }
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+/// A token bucket's state in one 128-bit word: the bits of its tokens (`f64`) above the time
+/// they were counted (store µs).
+fn pack(tokens: f64, ts: u64) -> u128 {
+    (u128::from(tokens.to_bits()) << 64) | u128::from(ts)
+}
+
+/// The tokens and time of a packed bucket (see [`pack`]).
+fn unpack(cell: u128) -> (f64, u64) {
+    // Truncations intended: the high and the low 64 bits.
+    (f64::from_bits((cell >> 64) as u64), cell as u64)
+}
+
+/// A token bucket's state, full again at `full_at`.
+fn bucket(tokens: f64, ts: u64, full_at: u64) -> State {
+    State::Bucket {
+        cell: AtomicU128::new(pack(tokens, ts)),
+        full_at: AtomicU64::new(full_at),
+    }
+}
+
+/// The tokens and time of a bucket state.
+fn bucket_of(state: Option<&State>) -> Option<(f64, u64)> {
+    match state {
+        Some(State::Bucket { cell, .. }) => Some(unpack(cell.load(Ordering::Acquire))),
+        _ => None,
     }
 }
 
@@ -509,22 +581,22 @@ fn sliding_window(i: &Input<'_>) -> Eval {
 
 /// A token bucket: tokens and the time they were counted.
 fn token_bucket(i: &Input<'_>) -> Eval {
+    token_bucket_at(i, bucket_of(i.state()))
+}
+
+/// A token bucket from its stored tokens and time (`None`: no state, a full bucket).
+fn token_bucket_at(i: &Input<'_>, state: Option<(f64, u64)>) -> Eval {
     let (capacity, costf) = (i.a as f64, i.cost as f64);
     let per_us = i.c as f64 / i.pf();
-    let tokens = match i.state() {
-        Some(State::Bucket { tokens, ts }) => {
-            capacity.min(tokens + i.now.saturating_sub(*ts) as f64 * per_us)
-        }
-        _ => capacity,
+    let tokens = match state {
+        Some((tokens, ts)) => capacity.min(tokens + i.now.saturating_sub(ts) as f64 * per_us),
+        None => capacity,
     };
     if tokens >= costf {
         let left = tokens - costf;
         let full = (capacity - left) / per_us;
-        let bucket = State::Bucket {
-            tokens: left,
-            ts: i.now,
-        };
-        let plan = replace(bucket, i.now + (full.ceil() as u64).max(1000));
+        let expires_at = i.now + (full.ceil() as u64).max(1000);
+        let plan = replace(bucket(left, i.now, expires_at), expires_at);
         return Eval::allow(left.floor() as u64, full, plan);
     }
     let retry = if i.over_limit(i.a) {
@@ -728,23 +800,19 @@ fn settle(
         }
         Strategy::TokenBucket { .. } => {
             let (capacity, per_us) = (a as f64, c as f64 / period as f64);
-            let tokens = match slot.map(|s| &s.state) {
-                Some(State::Bucket { tokens, ts }) => {
-                    capacity.min(tokens + now.saturating_sub(*ts) as f64 * per_us)
-                }
-                _ => capacity,
+            let tokens = match bucket_of(slot.map(|s| &s.state)) {
+                Some((tokens, ts)) => capacity.min(tokens + now.saturating_sub(ts) as f64 * per_us),
+                None => capacity,
             };
             let left = capacity.min(tokens - deltaf);
             if left >= capacity {
                 return Settled::Remove;
             }
             let full = (capacity - left) / per_us;
+            let expires_at = now + (full.ceil() as u64).max(1000);
             Settled::Set(Slot {
-                state: State::Bucket {
-                    tokens: left,
-                    ts: now,
-                },
-                expires_at: now + (full.ceil() as u64).max(1000),
+                state: bucket(left, now, expires_at),
+                expires_at,
             })
         }
         Strategy::Gcra { .. } => {
@@ -869,12 +937,18 @@ mod tests {
     const UTC: u64 = 1440;
 
     #[test]
-    fn the_lock_free_gcra_cell_admits_exactly_its_burst_under_contention() {
-        // 8 threads race on one key whose cell already exists: the compare-and-swap loses no
-        // update and admits no unit twice (burst 500, no refill within the test).
+    fn the_lock_free_cells_admit_exactly_their_burst_under_contention() {
+        let hour = Duration::from_secs(3600);
+        cells_under_contention(Rule::gcra(500, hour, 500));
+        cells_under_contention(Rule::token_bucket(500, 1, hour));
+    }
+
+    /// 8 threads race on one key whose cell already exists: the compare-and-swap loses no
+    /// update and admits no unit twice (500 units, less than one refilled within the test).
+    fn cells_under_contention(rule: Rule) {
         let store = MemoryStore::new();
         let key = StoreKey::from_parts([b"hot".as_slice()]);
-        let rules = [Rule::gcra(500, Duration::from_secs(3600), 500)];
+        let rules = [rule];
         let check = |cost| RateCheck {
             key: &key,
             rules: &rules,
