@@ -543,7 +543,17 @@ fn row(c: &Config, s: &Sample, baseline: f64) -> String {
 fn ceiling(redis: &RedisServer, sha: &str, args: &[String], keys: Option<u64>) -> (f64, f64) {
     let port = redis.port.to_string();
     let mut cmd = Command::new("redis-benchmark");
-    cmd.args(["-h", "127.0.0.1", "-p", &port, "-c", "64", "-n", "300000", "-q"]);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-c",
+        "64",
+        "-n",
+        "300000",
+        "-q",
+    ]);
     let key = match keys {
         Some(n) => {
             cmd.args(["-r", &n.to_string()]);
@@ -551,7 +561,8 @@ fn ceiling(redis: &RedisServer, sha: &str, args: &[String], keys: Option<u64>) -
         }
         None => "ceiling:{k}:hot",
     };
-    cmd.args(["EVALSHA", sha, "2", key, "ceiling:{k}:o"]).args(args);
+    cmd.args(["EVALSHA", sha, "2", key, "ceiling:{k}:o"])
+        .args(args);
     let before = calls(redis);
     let out = cmd.output();
     let after = calls(redis);
@@ -561,7 +572,10 @@ fn ceiling(redis: &RedisServer, sha: &str, args: &[String], keys: Option<u64>) -
     // `-q` prints `EVALSHA ...: 61236.22 requests per second, p50=...` (after `\r` updates).
     let rps = text
         .rsplit_once("requests per second")
-        .and_then(|(head, _)| head.rsplit(|c: char| c == ':' || c == ' ').find(|w| !w.is_empty()))
+        .and_then(|(head, _)| {
+            head.rsplit(|c: char| c == ':' || c == ' ')
+                .find(|w| !w.is_empty())
+        })
         .and_then(|n| n.trim().parse::<f64>().ok())
         .unwrap_or(f64::NAN);
     let scripts = (after.scripts - before.scripts).max(1) as f64;
@@ -570,7 +584,10 @@ fn ceiling(redis: &RedisServer, sha: &str, args: &[String], keys: Option<u64>) -
 }
 
 /// Writes the SVG chart: requests/s (left) and Redis µs per decision (right) per configuration.
-fn chart(path: &std::path::Path, bars: &[(String, f64, f64)]) -> Result<(), Box<dyn std::error::Error>> {
+fn chart(
+    path: &std::path::Path,
+    bars: &[(String, f64, f64)],
+) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let n = bars.len();
     let rows = n as f64;
@@ -580,7 +597,11 @@ fn chart(path: &std::path::Path, bars: &[(String, f64, f64)]) -> Result<(), Box<
     let (left, right) = root.split_horizontally(1050);
     let font = ("sans-serif", 12);
     let max = |f: fn(&(String, f64, f64)) -> f64| {
-        bars.iter().map(f).filter(|v| v.is_finite()).fold(1.0, f64::max) * 1.08
+        bars.iter()
+            .map(f)
+            .filter(|v| v.is_finite())
+            .fold(1.0, f64::max)
+            * 1.08
     };
     let mut rps = ChartBuilder::on(&left)
         .caption("requests/s (one run, medians)", ("sans-serif", 16))
@@ -619,12 +640,12 @@ fn chart(path: &std::path::Path, bars: &[(String, f64, f64)]) -> Result<(), Box<
             + Text::new(
                 label.clone(),
                 (-6, 0),
-                font.into_font()
-                    .into_text_style(&left)
-                    .pos(plotters::style::text_anchor::Pos::new(
+                font.into_font().into_text_style(&left).pos(
+                    plotters::style::text_anchor::Pos::new(
                         plotters::style::text_anchor::HPos::Right,
                         plotters::style::text_anchor::VPos::Center,
-                    )),
+                    ),
+                ),
             )
     }))?;
     let mut usec = ChartBuilder::on(&right)
@@ -923,8 +944,14 @@ fn main() {
         .to_owned();
     let args = script_args(&gcra);
     let ceilings = [
-        ("0. ceiling: redis-benchmark -c 64, GCRA EVALSHA, one hot key", None),
-        ("0. ceiling: redis-benchmark -c 64, GCRA EVALSHA, 10,000 keys", Some(10_000)),
+        (
+            "0. ceiling: redis-benchmark -c 64, GCRA EVALSHA, one hot key",
+            None,
+        ),
+        (
+            "0. ceiling: redis-benchmark -c 64, GCRA EVALSHA, 10,000 keys",
+            Some(10_000),
+        ),
     ]
     .map(|(label, keys)| {
         let (rps, usec) = ceiling(&redis, &sha, &args, keys);
@@ -955,7 +982,9 @@ fn main() {
         );
     }
     println!();
-    println!("Each Redis row as a fraction of the ceiling (one hot key, {hot_ceiling:.0} scripts/s): ");
+    println!(
+        "Each Redis row as a fraction of the ceiling (one hot key, {hot_ceiling:.0} scripts/s): "
+    );
     println!();
     println!("| configuration | req/s | scripts/req | fraction of the ceiling (scripts/s) |");
     println!("|---|---|---|---|");

@@ -1,5 +1,7 @@
 use std::{collections::HashMap, sync::RwLock, time::Duration};
 
+use rapidhash::fast::RandomState;
+
 use tokio::time::Instant;
 
 use crate::key::StoreKey;
@@ -15,7 +17,9 @@ pub(crate) struct DenyCache {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<(usize, StoreKey), Entry>,
+    /// Hashed with rapidhash (seeded at random): the keys are SHA-256 digests already, and this
+    /// lookup is on the flood path.
+    map: HashMap<(usize, StoreKey), Entry, RandomState>,
     len_after_sweep: usize,
 }
 
