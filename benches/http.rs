@@ -572,10 +572,7 @@ fn ceiling(redis: &RedisServer, sha: &str, args: &[String], keys: Option<u64>) -
     // `-q` prints `EVALSHA ...: 61236.22 requests per second, p50=...` (after `\r` updates).
     let rps = text
         .rsplit_once("requests per second")
-        .and_then(|(head, _)| {
-            head.rsplit(|c: char| c == ':' || c == ' ')
-                .find(|w| !w.is_empty())
-        })
+        .and_then(|(head, _)| head.rsplit([':', ' ']).find(|w| !w.is_empty()))
         .and_then(|n| n.trim().parse::<f64>().ok())
         .unwrap_or(f64::NAN);
     let scripts = (after.scripts - before.scripts).max(1) as f64;
@@ -938,7 +935,7 @@ fn main() {
     let gcra = Rule::gcra(HUGE, Duration::from_secs(1), HUGE);
     let script = tower_redis_layers::store::rate_limit_script(std::slice::from_ref(&gcra));
     let sha = redis
-        .cli(&["SCRIPT", "LOAD", &script])
+        .cli(&["SCRIPT", "LOAD", script])
         .unwrap_or_default()
         .trim()
         .to_owned();
