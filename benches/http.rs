@@ -93,6 +93,9 @@ struct Shared {
 struct Hand {
     conn: ConnectionManager,
     fred: fred::prelude::Client,
+    /// A fred client with the timeouts `FredStore::connect` sets (a 2 s command timeout, the
+    /// unresponsive-connection check), to tell their cost from the store's own.
+    fred_timed: fred::prelude::Client,
     sha: Arc<str>,
     key: Arc<str>,
     args: Arc<Vec<String>>,
@@ -135,6 +138,12 @@ async fn evalsha_fred(State(hand): State<Hand>) -> &'static str {
     "ok"
 }
 
+/// The same on a fred client with the store's timeouts.
+async fn evalsha_fred_timed(State(mut hand): State<Hand>) -> &'static str {
+    hand.fred = hand.fred_timed.clone();
+    evalsha_fred(State(hand)).await
+}
+
 /// The blog recipe: a pipeline of ZREMRANGEBYSCORE + ZADD + ZCARD + EXPIRE, caller's clock.
 async fn blog(State(shared): State<Shared>) -> &'static str {
     let mut conn = shared.conn.clone();
@@ -164,6 +173,19 @@ async fn app(redis: &RedisServer) -> Router {
     let fred_client = {
         use fred::prelude::{Builder, ClientLike, Config};
         let client = Builder::from_config(Config::from_url(&url).expect("fred url"))
+            .build()
+            .expect("fred client");
+        client.init().await.expect("fred connect");
+        client
+    };
+    let fred_timed = {
+        use fred::prelude::{Builder, ClientLike, Config};
+        let client = Builder::from_config(Config::from_url(&url).expect("fred url"))
+            .with_connection_config(|c| {
+                c.unresponsive.max_timeout = Some(Duration::from_secs(2));
+                c.unresponsive.interval = Duration::from_millis(500);
+            })
+            .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(2))
             .build()
             .expect("fred client");
         client.init().await.expect("fred connect");
@@ -237,6 +259,7 @@ async fn app(redis: &RedisServer) -> Router {
         let hand = Hand {
             conn: conn.clone(),
             fred: fred_client.clone(),
+            fred_timed: fred_timed.clone(),
             sha: Arc::from(sha),
             key: Arc::from(format!("hand:{{k}}:{name}")),
             args: Arc::new(script_args(&rule)),
@@ -246,6 +269,10 @@ async fn app(redis: &RedisServer) -> Router {
             .route(
                 &format!("/evalsha/{name}"),
                 get(evalsha).with_state(hand.clone()),
+            )
+            .route(
+                &format!("/evalsha-fred-timed/{name}"),
+                get(evalsha_fred_timed).with_state(hand.clone()),
             )
             .route(
                 &format!("/evalsha-fred/{name}"),
@@ -861,6 +888,10 @@ fn main() {
             format!("6. hand-written EVALSHA, fred: {name}"),
             leak(format!("/evalsha-fred/{name}")),
         ));
+        main.push(config(
+            format!("6. hand-written EVALSHA, fred with the store's timeouts: {name}"),
+            leak(format!("/evalsha-fred-timed/{name}")),
+        ));
     }
     main.push(config(
         "8. handler doing 5 ms of work, uncached",
@@ -1024,6 +1055,20 @@ fn main() {
         ratio(memory, "3. tower_governor (GCRA, in memory)")
     );
     for name in names {
+        println!(
+            "| fred layer / hand-written EVALSHA on a client with the store's timeouts, {name} | {:.2} | (report) |",
+            ratio(
+                &format!("4. RateLimitLayer, fred: {name}"),
+                &format!("6. hand-written EVALSHA, fred with the store's timeouts: {name}")
+            )
+        );
+        println!(
+            "| hand-written EVALSHA, fred with / without the store's timeouts, {name} | {:.2} | (report) |",
+            ratio(
+                &format!("6. hand-written EVALSHA, fred with the store's timeouts: {name}"),
+                &format!("6. hand-written EVALSHA, fred: {name}")
+            )
+        );
         println!(
             "| fred pool of 2 / hand-written EVALSHA (one fred client), {name} | {:.2} | (report) |",
             ratio(
