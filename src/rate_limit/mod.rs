@@ -217,6 +217,7 @@ mod handle;
 mod headers;
 mod key;
 mod layer;
+mod lease;
 mod policy;
 mod service;
 mod settle;
@@ -230,6 +231,7 @@ pub use self::{
     headers::Headers,
     key::KeyExtractor,
     layer::{MissingKey, RateLimitLayer, Rejection},
+    lease::{Lease, LeaseStats, Leased},
     policy::Policy,
     service::RateLimit,
     settle::{ActualCost, Settlement},
