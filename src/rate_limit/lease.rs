@@ -57,8 +57,9 @@ impl Lease {
     }
 
     /// How long a leased unit of a token bucket or GCRA rule stays valid after its debit (the
-    /// lease time τ; default: the rule's emission interval × the largest batch). The burst
-    /// bound grows with it: at most `burst + rate × (Δ + τ)` units in any interval Δ. Fixed
+    /// lease time τ; default: the rule's emission interval × the largest batch, and at least
+    /// 100 ms). The burst bound grows with it: at most
+    /// `burst + rate × Δ + min(rate × τ, replicas × max)` units in any interval Δ. Fixed
     /// window units live until their window ends, whatever this says.
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = Some(max_age);
@@ -93,17 +94,19 @@ impl Lease {
     }
 
     /// The lease time τ of a unit of `rule` (token bucket, GCRA): [`max_age`](Self::max_age),
-    /// or the emission interval × the largest batch. `None` for other strategies.
+    /// or the emission interval × the largest batch and at least 100 ms. `None` for other
+    /// strategies.
     pub fn lease_time(&self, rule: &Rule) -> Option<Duration> {
         let interval = match *rule.strategy() {
             Strategy::Gcra { rate, period, .. } => period.div_f64(rate.max(1) as f64),
             Strategy::TokenBucket { refill, every, .. } => every.div_f64(refill.max(1) as f64),
             _ => return None,
         };
-        Some(
-            self.max_age
-                .unwrap_or_else(|| interval.mul_f64(self.max as f64)),
-        )
+        Some(self.max_age.unwrap_or_else(|| {
+            interval
+                .mul_f64(self.max as f64)
+                .max(Duration::from_millis(100))
+        }))
     }
 }
 
@@ -114,6 +117,8 @@ impl Lease {
 pub struct LeaseStats {
     /// Lease calls (one store call each).
     pub leases: u64,
+    /// Lease calls that the store denied (nothing debited).
+    pub denied_leases: u64,
     /// Units the leases debited.
     pub leased_units: u64,
     /// Checks sent to the store request by request (rules that cannot be leased, a lease
@@ -158,6 +163,7 @@ struct Inner<B> {
     batches: Mutex<HashMap<BatchKey, Batch>>,
     calls: AtomicU64,
     leases: AtomicU64,
+    denied_leases: AtomicU64,
     leased_units: AtomicU64,
     direct_checks: AtomicU64,
     local_admissions: AtomicU64,
@@ -167,6 +173,9 @@ struct Inner<B> {
 }
 
 type SettleFn<B> = for<'a, 'b> fn(&'a B, RateSettlement<'b>) -> StoreFuture<()>;
+
+/// How many leases in flight a request waits for before it checks directly.
+const MAX_WAITS: u32 = 8;
 
 /// A key under one rule: the store key and the rule's wire form (kind, a, b, c).
 type BatchKey = (StoreKey, [u64; 4]);
@@ -187,8 +196,16 @@ struct Batch {
     /// When the rule's quota is fully available again, as of the last lease.
     reset_at: Instant,
     last_used: Instant,
-    /// A lease in flight for the key: the others wait for it once.
+    /// A lease in flight for the key: the others wait for it (a few times at most, then
+    /// they check directly).
     leasing: Option<Arc<Notify>>,
+    /// Requests waiting for the lease in flight.
+    waiting: u64,
+    /// The last lease's denial and until when it holds: the requests that waited for it are
+    /// denied without another call (it can only deny what the store denied).
+    denied: Option<(Instant, Decision)>,
+    /// The cost the last denial was for.
+    last_cost: u64,
 }
 
 impl Batch {
@@ -203,6 +220,9 @@ impl Batch {
             reset_at: now,
             last_used: now,
             leasing: None,
+            waiting: 0,
+            denied: None,
+            last_cost: 0,
         }
     }
 
@@ -212,6 +232,22 @@ impl Batch {
             expired.fetch_add(self.units, Ordering::Relaxed);
             self.units = 0;
             self.size = (self.size / 2).max(1);
+        }
+    }
+
+    /// The last denial, while it holds, for a cost at least the denied one.
+    fn denied(&mut self, cost: u64, now: Instant) -> Option<Decision> {
+        match &self.denied {
+            Some((until, decision)) if *until > now && cost >= self.last_cost => {
+                let mut decision = decision.clone();
+                decision.retry_after = until.saturating_duration_since(now);
+                Some(decision)
+            }
+            Some(_) => {
+                self.denied = None;
+                None
+            }
+            None => None,
         }
     }
 
@@ -252,6 +288,7 @@ impl<B: RateLimitStore> Leased<B> {
                 batches: Mutex::new(HashMap::new()),
                 calls: AtomicU64::new(0),
                 leases: AtomicU64::new(0),
+                denied_leases: AtomicU64::new(0),
                 leased_units: AtomicU64::new(0),
                 direct_checks: AtomicU64::new(0),
                 local_admissions: AtomicU64::new(0),
@@ -280,6 +317,7 @@ impl<B> Leased<B> {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         LeaseStats {
             leases: get(&i.leases),
+            denied_leases: get(&i.denied_leases),
             leased_units: get(&i.leased_units),
             direct_checks: get(&i.direct_checks),
             local_admissions: get(&i.local_admissions),
@@ -381,7 +419,7 @@ impl<B: RateLeaseStore> Inner<B> {
         want_state: bool,
     ) -> Result<Decision, StoreError> {
         let bk = batch_key(&key, &rule);
-        let mut waited = false;
+        let mut waits = 0;
         let (notify, want) = loop {
             let wait = {
                 let now = Instant::now();
@@ -402,13 +440,26 @@ impl<B: RateLeaseStore> Inner<B> {
                         self.local_admissions.fetch_add(1, Ordering::Relaxed);
                         return Ok(decision);
                     }
+                    if let Some(denial) = batch.denied(cost, now) {
+                        return Ok(denial);
+                    }
                     match &batch.leasing {
-                        Some(notify) if !waited => Some(Ok(Arc::clone(notify))),
+                        Some(notify) if waits < MAX_WAITS => {
+                            batch.waiting += cost;
+                            Some(Ok(Arc::clone(notify)))
+                        }
                         Some(_) => None,
                         None => {
                             let notify = Arc::new(Notify::new());
                             batch.leasing = Some(Arc::clone(&notify));
-                            Some(Err((notify, batch.size)))
+                            // Ask for what the waiting requests need too: the batch matches
+                            // the concurrency at once instead of growing to it.
+                            let want = batch
+                                .size
+                                .max(batch.waiting.saturating_add(cost))
+                                .min(self.lease.max.max(cost));
+                            batch.waiting = 0;
+                            Some(Err((notify, want)))
                         }
                     }
                 }
@@ -418,7 +469,7 @@ impl<B: RateLeaseStore> Inner<B> {
                 // batch or check directly.
                 Some(Ok(notify)) => {
                     let notified = notify.notified();
-                    waited = true;
+                    waits += 1;
                     notified.await;
                 }
                 Some(Err(lease)) => break lease,
@@ -475,6 +526,7 @@ impl<B: RateLeaseStore> Inner<B> {
                 batch.remaining = remaining;
                 batch.reset_at = now + reset;
                 batch.last_used = now;
+                batch.denied = None;
                 // Grow while the store gives all that was asked; follow it when it gives less.
                 batch.size = if units < want {
                     units.max(1)
@@ -491,13 +543,19 @@ impl<B: RateLeaseStore> Inner<B> {
                 remaining,
                 reset,
             }) => {
-                drop(done);
-                Ok(Decision {
+                self.denied_leases.fetch_add(1, Ordering::Relaxed);
+                let decision = Decision {
                     allowed: false,
                     denied_by: Some(0),
                     retry_after,
                     rules: vec![RuleState { remaining, reset }],
-                })
+                };
+                if let Some(batch) = self.batches().get_mut(&bk) {
+                    batch.denied = Some((now + retry_after, decision.clone()));
+                    batch.last_cost = cost;
+                }
+                drop(done);
+                Ok(decision)
             }
             Ok(LeaseGrant::Overridden) | Err(StoreError::Invalid(_)) => {
                 drop(done);
