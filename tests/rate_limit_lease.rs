@@ -158,6 +158,9 @@ const WINDOW: Duration = Duration::from_millis(1000);
 /// admissions are one window's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_window_never_over_admits_across_replicas() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
     for client in clients() {
         let server = RedisServer::start();
         let rule = Rule::fixed_window(LIMIT, WINDOW);
@@ -173,6 +176,7 @@ async fn fixed_window_never_over_admits_across_replicas() {
             let start = Instant::now();
             let (ok, denied) = hammer(&services, 64, start + WINDOW.mul_f64(0.6)).await;
             phases.push((ok, denied));
+            eprintln!("phase: {ok} admitted; {:?} {:?}", a.stats(), b.stats());
             assert!(ok <= LIMIT, "admitted {ok} > {LIMIT} in one window");
             assert!(
                 ok >= LIMIT - 2 * MAX_LEASE,
@@ -300,6 +304,8 @@ async fn a_dead_replica_loses_at_most_its_lease() {
             eprintln!("returned {returned}: a admitted {admitted_a}, held {held}; b admitted {admitted_b}");
             assert!(total <= LIMIT);
             if returned {
+                // Best effort: the return is one store call spawned when the store is dropped.
+                assert!(total >= LIMIT - held);
                 assert_eq!(total, LIMIT, "the dropped replica returned its {held} units");
             } else {
                 assert!(total >= LIMIT - held, "lost more than the lease");

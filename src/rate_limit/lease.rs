@@ -175,7 +175,10 @@ struct Inner<B> {
 type SettleFn<B> = for<'a, 'b> fn(&'a B, RateSettlement<'b>) -> StoreFuture<()>;
 
 /// How many leases in flight a request waits for before it checks directly.
-const MAX_WAITS: u32 = 8;
+const MAX_WAITS: u32 = 16;
+
+/// How long the units of a lease are kept for the requests that waited for it.
+const RESERVED_FOR: Duration = Duration::from_millis(20);
 
 /// A key under one rule: the store key and the rule's wire form (kind, a, b, c).
 type BatchKey = (StoreKey, [u64; 4]);
@@ -199,8 +202,11 @@ struct Batch {
     /// A lease in flight for the key: the others wait for it (a few times at most, then
     /// they check directly).
     leasing: Option<Arc<Notify>>,
-    /// Requests waiting for the lease in flight.
+    /// Units that requests waiting for the lease in flight need.
     waiting: u64,
+    /// Units of the batch kept for the requests that waited for it (the others, which did not
+    /// wait, take only the rest).
+    reserved: u64,
     /// The last lease's denial and until when it holds: the requests that waited for it are
     /// denied without another call (it can only deny what the store denied).
     denied: Option<(Instant, Decision)>,
@@ -221,6 +227,7 @@ impl Batch {
             last_used: now,
             leasing: None,
             waiting: 0,
+            reserved: 0,
             denied: None,
             last_cost: 0,
         }
@@ -231,6 +238,7 @@ impl Batch {
         if self.units > 0 && self.expires <= now {
             expired.fetch_add(self.units, Ordering::Relaxed);
             self.units = 0;
+            self.reserved = 0;
             self.size = (self.size / 2).max(1);
         }
     }
@@ -251,10 +259,26 @@ impl Batch {
         }
     }
 
-    /// Takes `cost` units if the batch holds them.
-    fn take(&mut self, cost: u64, now: Instant) -> Option<Decision> {
-        if cost == 0 || self.units < cost || self.expires <= now {
+    /// Takes `cost` units if the batch holds them: from the reserved ones for a request that
+    /// `waited` for the lease, else from the rest.
+    fn take(&mut self, cost: u64, now: Instant, waited: bool) -> Option<Decision> {
+        // The reservation is for the waiters woken by the lease; it lapses soon after, so a
+        // waiter that gave up never holds units back for long.
+        let reserved = if now.saturating_duration_since(self.answered) < RESERVED_FOR {
+            self.reserved
+        } else {
+            0
+        };
+        let available = if waited {
+            self.units
+        } else {
+            self.units.saturating_sub(reserved)
+        };
+        if cost == 0 || available < cost || self.expires <= now {
             return None;
+        }
+        if waited {
+            self.reserved = self.reserved.saturating_sub(cost);
         }
         self.units -= cost;
         self.last_used = now;
@@ -436,7 +460,7 @@ impl<B: RateLeaseStore> Inner<B> {
                         .entry(bk)
                         .or_insert_with(|| Batch::new(rule.clone(), now));
                     batch.expire(now, &self.expired_units);
-                    if let Some(decision) = batch.take(cost, now) {
+                    if let Some(decision) = batch.take(cost, now, waits > 0) {
                         self.local_admissions.fetch_add(1, Ordering::Relaxed);
                         return Ok(decision);
                     }
@@ -446,7 +470,9 @@ impl<B: RateLeaseStore> Inner<B> {
                     match &batch.leasing {
                         Some(notify) if waits < MAX_WAITS => {
                             batch.waiting += cost;
-                            Some(Ok(Arc::clone(notify)))
+                            // Made under the lock: the lease cannot end (and wake its waiters)
+                            // before this waiter is one of them.
+                            Some(Ok(Arc::clone(notify).notified_owned()))
                         }
                         Some(_) => None,
                         None => {
@@ -459,6 +485,7 @@ impl<B: RateLeaseStore> Inner<B> {
                                 .max(batch.waiting.saturating_add(cost))
                                 .min(self.lease.max.max(cost));
                             batch.waiting = 0;
+                            batch.reserved = 0;
                             Some(Err((notify, want)))
                         }
                     }
@@ -467,8 +494,7 @@ impl<B: RateLeaseStore> Inner<B> {
             match wait {
                 // Another request leases for the key: wait for it once, then take from its
                 // batch or check directly.
-                Some(Ok(notify)) => {
-                    let notified = notify.notified();
+                Some(Ok(notified)) => {
                     waits += 1;
                     notified.await;
                 }
@@ -515,13 +541,19 @@ impl<B: RateLeaseStore> Inner<B> {
                     .entry(bk)
                     .or_insert_with(|| Batch::new(rule.clone(), now));
                 batch.expire(now, &self.expired_units);
-                // Units of an older lease left unused (fewer than this cost) die with it.
-                if batch.units > 0 {
-                    self.expired_units
-                        .fetch_add(batch.units, Ordering::Relaxed);
-                }
-                batch.units = units.saturating_sub(cost);
-                batch.expires = sent + life;
+                // Units of an older lease still valid (kept for waiters, or fewer than this
+                // cost) stay, under the earlier of the two expiries: a fixed window's older
+                // units are of the same window, since it has not ended.
+                let expires = if batch.units > 0 {
+                    batch.expires.min(sent + life)
+                } else {
+                    sent + life
+                };
+                batch.units += units.saturating_sub(cost);
+                // The requests that waited for this lease come first.
+                batch.reserved = batch.units.min(batch.waiting);
+                batch.waiting = 0;
+                batch.expires = expires;
                 batch.answered = now;
                 batch.remaining = remaining;
                 batch.reset_at = now + reset;
@@ -640,7 +672,7 @@ impl<B: RateLeaseStore> RateLimitStore for Leased<B> {
         let mut batches = self.inner.batches();
         let batch = batches.get_mut(&batch_key(check.key, rule))?;
         batch.expire(now, &self.inner.expired_units);
-        let decision = batch.take(check.cost, now)?;
+        let decision = batch.take(check.cost, now, false)?;
         self.inner.local_admissions.fetch_add(1, Ordering::Relaxed);
         Some(Ok(decision))
     }
