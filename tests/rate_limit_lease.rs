@@ -246,7 +246,10 @@ async fn leases_shrink_to_one_near_the_limit() {
                 } => {
                     let seen = if i == 0 { 1 } else { 2 };
                     assert_eq!(replicas, seen);
-                    assert!(units <= 1 + (remaining - 1) / (2 * seen), "{units} of {remaining}");
+                    assert!(
+                        units <= 1 + (remaining - 1) / (2 * seen),
+                        "{units} of {remaining}"
+                    );
                     remaining -= units;
                     grants.push(units);
                 }
@@ -298,7 +301,8 @@ async fn a_dead_replica_loses_at_most_its_lease() {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let b = leased(client, &server.url(), Lease::up_to(MAX_LEASE)).await;
             let svc_b = service(b.clone(), rule.clone(), Arc::clone(&log));
-            let (admitted_b, _) = hammer(&[svc_b], 64, Instant::now() + Duration::from_millis(700)).await;
+            let (admitted_b, _) =
+                hammer(&[svc_b], 64, Instant::now() + Duration::from_millis(700)).await;
             // What `b` still holds when its callers stop was debited but not used.
             let total = admitted_a + admitted_b + b.held();
             eprintln!("returned {returned}: a admitted {admitted_a}, held {held}; b admitted {admitted_b}");
@@ -306,7 +310,10 @@ async fn a_dead_replica_loses_at_most_its_lease() {
             if returned {
                 // Best effort: the return is one store call spawned when the store is dropped.
                 assert!(total >= LIMIT - held);
-                assert_eq!(total, LIMIT, "the dropped replica returned its {held} units");
+                assert_eq!(
+                    total, LIMIT,
+                    "the dropped replica returned its {held} units"
+                );
             } else {
                 assert!(total >= LIMIT - held, "lost more than the lease");
                 assert_eq!(total, LIMIT - held, "the lease died with the replica");
@@ -366,7 +373,12 @@ async fn gcra_burst_bound_holds() {
     let mut times = log.lock().unwrap().clone();
     times.sort();
     assert_eq!(times.len() as u64, ok);
-    for delta in [Duration::from_millis(1), Duration::from_millis(50), Duration::from_millis(250), Duration::from_secs(1)] {
+    for delta in [
+        Duration::from_millis(1),
+        Duration::from_millis(50),
+        Duration::from_millis(250),
+        Duration::from_secs(1),
+    ] {
         let mut most = 0;
         let mut j = 0;
         for i in 0..times.len() {
@@ -382,7 +394,10 @@ async fn gcra_burst_bound_holds() {
             "GCRA {rate}/s burst {burst}, lease {max}, τ {tau:?}: at most {most} in {delta:?} (bound {bound:.0}, without leases {plain:.0})"
         );
         // A few units of slack for the time between a debit on the server and its log here.
-        assert!((most as f64) <= bound + 3.0, "{most} in {delta:?} > {bound}");
+        assert!(
+            (most as f64) <= bound + 3.0,
+            "{most} in {delta:?} > {bound}"
+        );
     }
     let elapsed = times.last().unwrap().duration_since(start);
     let long_run = burst as f64 + rate as f64 * elapsed.as_secs_f64() + 2.0 * max as f64;
@@ -395,7 +410,11 @@ async fn leases_run_on_a_cluster() {
     let cluster = RedisCluster::start();
     let store = leased(clients()[0], &cluster.url(), Lease::up_to(8)).await;
     let log = Arc::new(Mutex::new(Vec::new()));
-    let svc = service(store.clone(), Rule::fixed_window(20, Duration::from_secs(30)), log);
+    let svc = service(
+        store.clone(),
+        Rule::fixed_window(20, Duration::from_secs(30)),
+        log,
+    );
     let mut ok = 0;
     for _ in 0..30 {
         if svc.clone().oneshot(Request::new(())).await.unwrap() == StatusCode::OK {
@@ -411,7 +430,11 @@ async fn leases_run_on_a_cluster() {
 async fn a_leased_memory_store_checks_directly() {
     let store = Leased::new(MemoryStore::new(), Lease::up_to(64));
     let log = Arc::new(Mutex::new(Vec::new()));
-    let svc = service(store.clone(), Rule::fixed_window(10, Duration::from_secs(30)), log);
+    let svc = service(
+        store.clone(),
+        Rule::fixed_window(10, Duration::from_secs(30)),
+        log,
+    );
     let mut ok = 0;
     for _ in 0..15 {
         if svc.clone().oneshot(Request::new(())).await.unwrap() == StatusCode::OK {
@@ -423,6 +446,20 @@ async fn a_leased_memory_store_checks_directly() {
     // Its lease function grants as the script does, for one replica.
     let key = StoreKey::from_parts([b"k".as_slice()]);
     let rule = Rule::fixed_window(100, Duration::from_secs(30));
-    let grant = store.store().lease(RateLease::new(&key, &rule, 1, 64, "x")).await.unwrap();
-    assert!(matches!(grant, LeaseGrant::Granted { units: 50, remaining: 50, .. }), "{grant:?}");
+    let grant = store
+        .store()
+        .lease(RateLease::new(&key, &rule, 1, 64, "x"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            grant,
+            LeaseGrant::Granted {
+                units: 50,
+                remaining: 50,
+                ..
+            }
+        ),
+        "{grant:?}"
+    );
 }

@@ -1,6 +1,6 @@
 //! Leased quotas: a store wrapper that takes batches of units from the store in one call and
 //! admits from them in process, so a hot key far from its limit costs a store call per batch
-//! instead of per request. See the [module docs](super#leased-quotas) for the bounds.
+//! instead of per request. See [`Leased`] for the bounds.
 
 use std::{
     collections::HashMap,
@@ -16,8 +16,8 @@ use tokio::sync::Notify;
 
 use crate::{
     store::{
-        Decision, LeaseGrant, Override, RateCheck, RateLease, RateLeaseStore,
-        RateLimitStore, RateSettlement, Rule, RuleState, StoreError, StoreFuture, Strategy,
+        Decision, LeaseGrant, Override, RateCheck, RateLease, RateLeaseStore, RateLimitStore,
+        RateSettlement, Rule, RuleState, StoreError, StoreFuture, Strategy,
     },
     StoreKey,
 };
@@ -45,7 +45,7 @@ pub struct Lease {
 impl Lease {
     /// Batches of at most `max` units (at least 1). A batch starts at 1 unit, doubles while
     /// the key is busy (a batch used up before it expired) and halves when units expire
-    /// unused; the store gives less near the limit (see the [module docs](super#leased-quotas)).
+    /// unused; the store gives less near the limit (see [`Leased`]).
     pub fn up_to(max: u64) -> Self {
         Self {
             max: max.max(1),
@@ -141,15 +141,86 @@ impl LeaseStats {
     }
 }
 
-/// A [`RateLimitStore`] that leases: for a policy of one fixed-window, token-bucket or GCRA
-/// rule, it takes a batch of units of a key from the store in one call (debited there before
-/// any is used) and admits from it in process. Other policies, and every check when the
-/// wrapped store is in process, go to the store as they would without it.
+/// A [`RateLimitStore`] that leases quotas: for a policy of one fixed-window, token-bucket or
+/// GCRA rule, it takes a batch of units of a key from the store in one call (debited there
+/// before any is used) and admits from it in process, so a hot key far from its limit costs one
+/// store call per batch instead of one per request.
 ///
-/// Clone it to keep a handle on its [`stats`](Self::stats): clones share the batches. When the
-/// last clone is dropped (the layer and its services with it), the unused units are returned
-/// in one store call per key, if a Tokio runtime is running (best effort). See the
-/// [module docs](super#leased-quotas) for an example and the bounds.
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_layers::{
+///     rate_limit::{Lease, Leased, Policy, RateLimitLayer, Rule},
+///     store::MemoryStore,
+/// };
+///
+/// # let redis = MemoryStore::new(); // a `RedisStore` or `FredStore` in production
+/// let store = Leased::new(redis, Lease::up_to(64));
+/// let policy = Policy::new("api", Rule::gcra(1_000, Duration::from_secs(1), 100));
+/// let layer = RateLimitLayer::new(store.clone(), policy);
+/// // Later: store calls per request.
+/// let calls = store.stats().store_calls();
+/// # let _ = (layer, calls);
+/// ```
+///
+/// Opt-in by wrapping the store of a layer: every single-rule policy of a leasable strategy in
+/// that layer is leased. Policies of several rules, sliding logs, sliding windows and calendar
+/// rules are checked request by request, as without the wrapper, and so is every check when the
+/// wrapped store is in process (leasing from memory would gain nothing).
+///
+/// # Bounds
+///
+/// - **Fixed window: never more than the limit per window**, across any number of replicas. A
+///   unit is debited in its window's counter before it is used, and a batch dies no later than
+///   its window's end (the time left that the script reads, counted from before the call was
+///   sent, so earlier than the server's end).
+/// - **Token bucket and GCRA: in any interval Δ, at most
+///   `burst + rate × Δ + min(rate × τ, replicas × max)` units**, τ being the lease time
+///   ([`Lease::max_age`]; default the emission interval × the largest batch, at least 100 ms).
+///   The units used in `[s, s + Δ]` were debited in `[s − τ, s + Δ]`, where the store admits at
+///   most `burst + rate × (Δ + τ)`; and those debited before `s` were held at `s`, at most `max`
+///   per replica. The long-run rate is the rule's.
+/// - **Unused units: at most `replicas × max` per window** (bucket, GCRA: per lease time) are
+///   debited and never used, when leases are not returned (a replica killed, [`Lease::no_return`]):
+///   with demand above the limit, at least `limit − replicas × max` are admitted per window.
+///   Near the limit the batches shrink (below), so the loss is usually far smaller. Units
+///   are returned (best effort, one call) when a key has been idle for [`Lease::idle`] and
+///   when the last clone of this store is dropped.
+///
+/// # The batch
+///
+/// A key's batch starts at 1 unit; a lease asks for the next batch size or for what the
+/// requests waiting for it need, whichever is larger, up to `max`. The size doubles while the
+/// store gives all that was asked, and halves when units expire unused. The store gives the
+/// units needed now and at most `(remaining after them) / (2 × replicas seen recently)` more,
+/// so a nearly exhausted key is leased one unit at a time: exactly today's per-request mode.
+/// "Replicas seen recently" are counted in the same call, from a small hash in the key's slot
+/// (replica id → time of its last lease; an id counts for a window, at least 1 s, after its last
+/// lease, and stale ids are deleted).
+///
+/// One lease is in flight per key and rule in a replica: the other requests of the key wait for
+/// it (up to 16 leases in a row; then they check directly), and its units are kept for them
+/// first for a few milliseconds. A denied lease denies the requests that waited for it. The keys
+/// held are bounded ([`Lease::max_keys`]); idle keys are forgotten.
+///
+/// # Why not every strategy
+///
+/// An exact sliding log needs each unit's own timestamp at its use: a leased unit would be
+/// logged at its debit, earlier than its use, so the log would count it early and forget it
+/// early, and a later window could admit past the limit. The sliding window counter weighs the
+/// previous window by the time elapsed at the check: a unit debited in one window and used in
+/// the next is counted in the wrong window, and the estimate's bound no longer holds; it is
+/// checked per request. A calendar rule is checked per request too (not leased yet).
+///
+/// # Failures and overrides
+///
+/// While the store is down, a key admits what its batch holds until it runs out or expires;
+/// then the layer's failure behaviour (the local fallback by default) applies. A lease of a
+/// key with an [`Override`] makes the replica check that key directly. Blocking a key through
+/// this store (or the layer's [handle](super::RateLimitHandle)) drops the batches this replica
+/// holds for it; another replica's batches admit what they hold (at most `max` units each)
+/// until they expire or run out.
+///
+/// Clone it to keep a handle on its [`stats`](Self::stats): clones share the batches.
 pub struct Leased<B> {
     inner: Arc<Inner<B>>,
 }
@@ -480,10 +551,14 @@ impl<B: RateLeaseStore> Inner<B> {
                             batch.leasing = Some(Arc::clone(&notify));
                             // Ask for what the waiting requests need too: the batch matches
                             // the concurrency at once instead of growing to it.
+                            // Units still held (kept for waiters) count: a replica holds at
+                            // most `max` units after the grant.
                             let want = batch
                                 .size
                                 .max(batch.waiting.saturating_add(cost))
-                                .min(self.lease.max.max(cost));
+                                .min(self.lease.max.max(cost))
+                                .saturating_sub(batch.units)
+                                .max(cost);
                             batch.waiting = 0;
                             batch.reserved = 0;
                             Some(Err((notify, want)))

@@ -348,7 +348,12 @@ static LEASE: Lua = Lua::new(concat!(
 /// `...:o` and the replicas seen `...:<rule signature>:r` (one hash tag), then need, want,
 /// replica id, kind, a, b, c.
 fn lease_call(prefix: &str, lease: &RateLease<'_>) -> ScriptCall {
-    let mut call = ScriptCall::new(&LEASE, 3, 7, 3 * (prefix.len() + 96) + 64 + lease.replica.len());
+    let mut call = ScriptCall::new(
+        &LEASE,
+        3,
+        7,
+        3 * (prefix.len() + 96) + 64 + lease.replica.len(),
+    );
     // A lease the layer stopped waiting for is not used: landing later would debit units that
     // nobody admits (lost, never over-admitted), so drop it when it has not been sent.
     call.abandon_when_dropped();
