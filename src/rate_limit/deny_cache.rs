@@ -4,7 +4,9 @@ use tokio::time::Instant;
 
 use crate::key::StoreKey;
 
-/// Process-local memory of recent denials: `(policy, key) -> deny until T`.
+/// Process-local memory of recent denials: `(policy, key) -> deny until T`, where the policy is
+/// a compiled policy's id (`CompiledPolicy::id`): a policy replaced at runtime has a new id, so
+/// a denial of the policy before is never served for it.
 ///
 /// It only repeats what the store already decided (a request of at least the same cost, before
 /// the store said it could pass), so it never admits more than the store would; it saves the
@@ -15,7 +17,7 @@ pub(crate) struct DenyCache {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<(usize, StoreKey), Entry>,
+    map: HashMap<(u64, StoreKey), Entry>,
     len_after_sweep: usize,
 }
 
@@ -42,7 +44,7 @@ impl DenyCache {
     /// The remaining wait when `(policy, key)` at `cost` is known to be denied now.
     pub(crate) fn get(
         &self,
-        policy: usize,
+        policy: u64,
         key: &StoreKey,
         cost: u64,
     ) -> Option<(Duration, usize)> {
@@ -53,7 +55,7 @@ impl DenyCache {
         (entry.until > now && cost >= entry.cost).then(|| (entry.until - now, entry.rule))
     }
 
-    pub(crate) fn insert(&self, policy: usize, key: StoreKey, entry: Entry) {
+    pub(crate) fn insert(&self, policy: u64, key: StoreKey, entry: Entry) {
         let Some(Ok(mut shard)) = self.shard(&key).map(RwLock::write) else {
             return;
         };
