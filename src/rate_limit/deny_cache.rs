@@ -42,12 +42,7 @@ impl DenyCache {
     }
 
     /// The remaining wait when `(policy, key)` at `cost` is known to be denied now.
-    pub(crate) fn get(
-        &self,
-        policy: u64,
-        key: &StoreKey,
-        cost: u64,
-    ) -> Option<(Duration, usize)> {
+    pub(crate) fn get(&self, policy: u64, key: &StoreKey, cost: u64) -> Option<(Duration, usize)> {
         // A read lock: a flood from one key is answered from all threads at once.
         let shard = self.shard(key)?.read().ok()?;
         let entry = shard.map.get(&(policy, *key))?;

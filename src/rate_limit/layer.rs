@@ -149,7 +149,10 @@ impl Config {
     /// policy is selected from the named ones (`Policies::select`).
     #[inline]
     pub(crate) fn route(&self, parts: &Parts) -> Option<&Arc<CompiledPolicy>> {
-        self.routes.iter().find(|r| r.matches(parts)).map(|r| &r.policy)
+        self.routes
+            .iter()
+            .find(|r| r.matches(parts))
+            .map(|r| &r.policy)
     }
 }
 
