@@ -104,12 +104,17 @@ async fn ok() -> &'static str {
 }
 
 /// Hand-written best case: the handler runs one EVALSHA of the layer's script itself.
+/// The override key of the hand-made calls' key `hand:{k}:<name>` (see `rate_limit_override.lua`).
+const OVERRIDE_KEY: &str = "hand:{k}:o";
+
 async fn evalsha(State(hand): State<Hand>) -> &'static str {
     let mut conn = hand.conn.clone();
     let mut cmd = redis::cmd("EVALSHA");
+    // The rule's key, then the key's override (same hash tag), as the stores send them.
     cmd.arg(&*hand.sha)
-        .arg(1)
+        .arg(2)
         .arg(&*hand.key)
+        .arg(OVERRIDE_KEY)
         .arg(&hand.args[..]);
     if hand.nonce {
         cmd.arg(format!("{:016x}", rand::random::<u64>()));
@@ -125,7 +130,8 @@ async fn evalsha_fred(State(hand): State<Hand>) -> &'static str {
     if hand.nonce {
         args.push(format!("{:016x}", rand::random::<u64>()));
     }
-    let _: Result<fred::types::Value, _> = hand.fred.evalsha(&*hand.sha, &*hand.key, args).await;
+    let keys = vec![&*hand.key, OVERRIDE_KEY];
+    let _: Result<fred::types::Value, _> = hand.fred.evalsha(&*hand.sha, keys, args).await;
     "ok"
 }
 

@@ -105,10 +105,10 @@ EOF
   wait_port "$proxy_port"
 }
 
-# How many of 10 requests from client address $1 to port $2 pass; $3 "spoof" adds an
-# X-Forwarded-For with a new address each time.
+# How many of 10 requests from client address $1 to port $2 pass, and the other statuses;
+# $3 "spoof" adds an X-Forwarded-For with a new address each time.
 passed() {
-  local from=$1 port=$2 spoof=${3:-} ok=0 code
+  local from=$1 port=$2 spoof=${3:-} ok=0 code others=""
   for i in $(seq 10); do
     if [ "$spoof" = spoof ]; then
       code=$(curl -s -o /dev/null -w '%{http_code}' --interface "$from" \
@@ -117,9 +117,10 @@ passed() {
       code=$(curl -s -o /dev/null -w '%{http_code}' --interface "$from" \
         "http://127.0.0.1:$port/sliding")
     fi
-    [ "$code" = 200 ] && ok=$((ok + 1))
+    if [ "$code" = 200 ]; then ok=$((ok + 1)); else others="$others $code"; fi
   done
-  echo "$ok"
+  others=$(echo "$others" | tr ' ' '\n' | grep . | sort | uniq -c | awk '{printf " %sx%s", $1, $2}')
+  echo "$ok/10${others:+ (${others# })}"
 }
 
 scenario() {
@@ -131,7 +132,7 @@ scenario() {
   c=$(passed 127.0.0.13 "$proxy_port" spoof)
   # A client that reaches a replica directly, around the proxy.
   d=$(passed 127.0.0.14 "$r1" spoof)
-  printf '%-8s TRUSTED_PROXIES=%-13s A %2s/10  B %2s/10  C (spoofs XFF) %2s/10  D (direct, spoofs) %2s/10\n' \
+  printf '%-8s TRUSTED_PROXIES=%-13s A %-14s B %-14s C (spoofs XFF) %-14s D (direct, spoofs) %s\n' \
     "$proxy" "${trusted:-unset}" "$a" "$b" "$c" "$d"
   stop_all
 }

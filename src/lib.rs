@@ -5,8 +5,12 @@
 //! # Layers, and the lock
 //!
 //! - [`RateLimitLayer`](rate_limit::RateLimitLayer): fixed window, sliding window (exact log and
-//!   approximate counter), token bucket and GCRA; several rules per route checked in one atomic
+//!   approximate counter), token bucket, GCRA and calendar quotas (per day, ISO week or month,
+//!   in a fixed UTC offset); several rules per route checked in one atomic
 //!   call; `429` with `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy` fields.
+//! - [`ThrottleLayer`](throttle::ThrottleLayer): the same limits for the calls a service makes
+//!   (a client of a third-party API): a request waits until the limit lets it through, up to a
+//!   maximum wait, then fails with a typed error.
 //! - [`CacheLayer`](cache::CacheLayer): a response cache shared by every replica, safe by default
 //!   for a shared cache (RFC 9111), with O(1) segment invalidation and three kinds of stampede
 //!   protection (fill lock, early recompute, stale serving).
@@ -37,6 +41,7 @@
 //! |---|---|---|
 //! | `redis` | yes | `store::RedisStore`, on [redis-rs](https://docs.rs/redis) |
 //! | `fred` | no | `store::FredStore`, on [fred](https://docs.rs/fred) |
+//! | `tls` | no | `rediss://` URLs on the Redis stores (rustls with `ring`; `store::ConnectOptions` trusts a CA of your own) |
 //! | `axum` | yes | `KeyExtractor::peer_ip()` reads axum's `ConnectInfo<SocketAddr>` (and `MockConnectInfo`) |
 //! | `metrics` | no | counters and histograms through the [`metrics`](https://docs.rs/metrics) facade |
 //! | `test-support` | no | the `conformance` module: the suites a store of your own must pass |
@@ -141,6 +146,7 @@ pub mod lock;
 mod problem;
 pub mod rate_limit;
 pub mod store;
+pub mod throttle;
 
 pub use body::ResponseBody;
 pub use key::StoreKey;

@@ -21,9 +21,9 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    rate_limit::{Calendar, Headers, Policy, RateLimitLayer, Rule, UtcOffset},
-    store::{MemoryStore, RateCheck, RateLimitStore},
-    StoreKey,
+    rate_limit::{Calendar, Headers, LocalFallback, Policy, RateLimitLayer, Rule, UtcOffset},
+    store::{Decision, MemoryStore, RateCheck, RateLimitStore, RateSettlement},
+    StoreError, StoreKey,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -629,4 +629,102 @@ fn spec_of(key: &str) -> (Calendar, i16) {
     (cal, (spec % 10_000 - 1440) as i16)
 }
 
-stores!(headers_point_at_the_next_boundary);
+/// A metered cost settles on a calendar rule: a charge or a refund moves the period's count, in
+/// one rule or among others (the multi-rule settlement), never below zero.
+async fn metered_costs_settle_on_the_period(env: Env) {
+    let store = env.store().await;
+    for (i, period) in [Calendar::Day, Calendar::Week, Calendar::Month]
+        .into_iter()
+        .enumerate()
+    {
+        for multi in [false, true] {
+            let mut rules = vec![rule(100, period, 330)];
+            if multi {
+                rules.push(Rule::fixed_window(1000, Duration::from_secs(3600)));
+            }
+            let key = StoreKey::from_parts([format!("settle-{i}-{multi}").as_bytes()]);
+            let what = format!("{period:?} multi={multi}");
+            let left = |d: Decision| d.rules[0].remaining;
+            let check = |cost| store.check(RateCheck::new(&key, &rules, cost, true));
+            assert_eq!(left(check(10).await.unwrap()), 90, "{what}");
+            // The actual cost was 3: 7 back.
+            let refund = RateSettlement::new(&key, &rules, -7, Duration::ZERO);
+            store.settle(refund).await.expect("settles");
+            assert_eq!(left(check(0).await.unwrap()), 97, "{what}: refunded");
+            // The actual cost was 50 more than estimated: charged.
+            let charge = RateSettlement::new(&key, &rules, 50, Duration::ZERO);
+            store.settle(charge).await.expect("settles");
+            assert_eq!(left(check(0).await.unwrap()), 47, "{what}: charged");
+            // A refund larger than what was counted stops at zero.
+            let refund = RateSettlement::new(&key, &rules, -1000, Duration::ZERO);
+            store.settle(refund).await.expect("settles");
+            assert_eq!(
+                left(check(0).await.unwrap()),
+                100,
+                "{what}: back to the full quota"
+            );
+        }
+    }
+}
+
+/// A settlement that arrives after its check's period ended changes nothing in the new one.
+#[tokio::test(start_paused = true)]
+async fn a_late_settlement_leaves_the_next_period_alone() {
+    let store = MemoryStore::new();
+    let end = utc(2024, 3, 1, 0, 0, 0);
+    store.set_wall_clock(system(end - 2));
+    let rules = [rule(10, Calendar::Month, 0)];
+    let k = key(250);
+    assert_eq!(take(&store, &k, &rules, 4).await.1, 6);
+    tokio::time::advance(Duration::from_secs(3)).await;
+    // March: a new period, then the settlement of February's check (answered 3 s ago).
+    assert_eq!(take(&store, &k, &rules, 1).await.1, 9);
+    let charge = RateSettlement::new(&k, &rules, 5, Duration::from_secs(3));
+    store.settle(charge).await.unwrap();
+    assert_eq!(take(&store, &k, &rules, 0).await.1, 9, "February's charge");
+    // A settlement of March's check applies.
+    let refund = RateSettlement::new(&k, &rules, -1, Duration::ZERO);
+    store.settle(refund).await.unwrap();
+    assert_eq!(take(&store, &k, &rules, 0).await.1, 10);
+}
+
+/// A store that is always down (its breaker open).
+#[derive(Clone)]
+struct Down;
+
+impl RateLimitStore for Down {
+    type Future = std::future::Ready<Result<Decision, StoreError>>;
+
+    fn check(&self, _check: RateCheck<'_>) -> Self::Future {
+        std::future::ready(Err(StoreError::CircuitOpen(Duration::from_secs(1))))
+    }
+}
+
+/// While the store is down, the local fallback keeps the calendar: each of 2 replicas admits
+/// half the day's quota, and its `429` waits for the same boundary.
+#[tokio::test]
+async fn the_local_fallback_keeps_the_calendar() {
+    let inner = service_fn(|_req: Req| async {
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("ok")))
+    });
+    for (cal, offset) in [(Calendar::Day, -480), (Calendar::Month, 330)] {
+        let policy = Policy::new("daily", rule(4, cal, offset));
+        let layer = RateLimitLayer::new(Down, policy).local_fallback(LocalFallback::new(2));
+        let svc = ServiceBuilder::new().layer(layer).service(inner);
+        for _ in 0..2 {
+            let res = svc.clone().oneshot(request()).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{cal:?}");
+        }
+        let before = now_secs();
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        let after = now_secs();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "{cal:?}");
+        let retry: i64 = field(&res, "retry-after").parse().unwrap();
+        assert_boundary(retry, before, after, cal, offset, "fallback Retry-After");
+    }
+}
+
+stores!(
+    headers_point_at_the_next_boundary,
+    metered_costs_settle_on_the_period
+);

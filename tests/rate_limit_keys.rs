@@ -248,7 +248,7 @@ async fn garbage_entries_are_a_missing_key(env: Env) {
     let requests = || {
         garbage
             .iter()
-            .map(|g| from("10.0.0.1:1", &[("x-forwarded-for", format!("{g}"))]))
+            .map(|g| from("10.0.0.1:1", &[("x-forwarded-for", g.to_string())]))
     };
     let svc = keyed(
         &env,

@@ -446,3 +446,27 @@ async fn without_a_settlement_the_estimate_stands() {
             .contains(r));
     }
 }
+
+/// With Redis down, the local fallback admits a metered request and settles it in its own
+/// counts; the client never sees the store's failure.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_the_local_fallback_settles() {
+    let mut server = common::RedisServer::start();
+    let store = tower_redis_layers::store::RedisStore::connect(&server.url())
+        .await
+        .unwrap();
+    let policy = Policy::new("metered", Rule::fixed_window(100, MINUTE)).scope("down");
+    let m = metered(store, policy, Settlement::extension());
+    assert_eq!(send(&m, 10, Some("30")).await.unwrap(), StatusCode::OK);
+    eventually(&m, &[70], "on Redis").await;
+    server.stop();
+    // The fallback's counts (the full quota, one replica) shadowed the store's while it worked,
+    // settlement included (30 used); now they decide alone: 30 more, then 5.
+    assert_eq!(send(&m, 10, Some("30")).await.unwrap(), StatusCode::OK);
+    assert_eq!(remaining(&m).await, [40]);
+    assert_eq!(send(&m, 20, Some("5")).await.unwrap(), StatusCode::OK);
+    assert_eq!(remaining(&m).await, [35]);
+    assert!(send(&m, 30, Some("error")).await.is_err());
+    assert_eq!(remaining(&m).await, [35]);
+}

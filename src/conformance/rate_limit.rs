@@ -7,7 +7,8 @@ use futures_util::future::join_all;
 use super::random_key;
 use crate::{
     store::{
-        Calendar, Decision, RateCheck, RateLimitStore, RateSettlement, Rule, Strategy, UtcOffset,
+        Calendar, Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, Strategy,
+        UtcOffset,
     },
     StoreKey,
 };
@@ -80,6 +81,7 @@ pub async fn rate_limit_suite<S: RateLimitStore>(store: &S) {
         cost_is_weighted(store),
         cost_above_the_limit_is_always_denied(store),
         zero_cost_reads_without_consuming(store),
+        zero_cost_consumes_nothing_on_any_strategy(store),
         decides_the_same_without_state(store),
         keys_are_isolated(store),
         concurrent_checks_admit_exactly_the_limit(store),
@@ -349,6 +351,176 @@ async fn concurrent_checks_admit_exactly_the_limit<S: RateLimitStore>(store: &S)
         let admitted = all.iter().filter(|d| d.allowed).count();
         assert_eq!(admitted, 20, "{rule:?}: {admitted} of 100 admitted");
     }
+}
+
+/// A cost of 0 consumes nothing, whatever the strategy and for several rules at once: after
+/// any number of such reads, the same units are left.
+async fn zero_cost_consumes_nothing_on_any_strategy<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    let mut policies: Vec<Vec<Rule>> = every_strategy(3, long)
+        .into_iter()
+        .map(|r| vec![r])
+        .collect();
+    policies.push(every_strategy(3, long).to_vec());
+    for rules in policies {
+        let key = random_key();
+        assert!(check(store, &key, &rules, 1).await.allowed, "{rules:?}");
+        for _ in 0..5 {
+            for want_state in [true, false] {
+                let d = check_with(store, &key, &rules, 0, want_state).await;
+                assert!(d.allowed, "{rules:?}: a read was denied");
+            }
+            let d = check(store, &key, &rules, 0).await;
+            for (rule, state) in rules.iter().zip(&d.rules) {
+                assert_eq!(state.remaining, 2, "{rule:?}: a read consumed");
+            }
+        }
+        for _ in 0..2 {
+            assert!(check(store, &key, &rules, 1).await.allowed, "{rules:?}");
+        }
+        assert!(!check(store, &key, &rules, 1).await.allowed, "{rules:?}");
+    }
+}
+
+/// Runs the checks of a store's administration methods ([`RateLimitStore::reset`] and
+/// [`RateLimitStore::set_override`]) against `store`. Separate from [`rate_limit_suite`]: a
+/// store may leave them out (their defaults answer an error).
+pub async fn rate_limit_admin_suite<S: RateLimitStore>(store: &S) {
+    tokio::join!(
+        reset_starts_a_key_afresh(store),
+        a_blocked_key_is_denied_until_the_block_ends(store),
+        an_allowed_key_is_admitted_without_consuming(store),
+        a_cleared_override_restores_the_rules(store),
+    );
+}
+
+async fn reset<S: RateLimitStore>(store: &S, key: &StoreKey, rules: &[Rule]) {
+    if let Err(e) = store.reset(key, rules).await {
+        panic!("reset failed: {e}");
+    }
+}
+
+async fn set_override<S: RateLimitStore>(store: &S, key: &StoreKey, state: Option<Override>) {
+    if let Err(e) = store.set_override(key, state).await {
+        panic!("set_override failed: {e}");
+    }
+}
+
+/// A key at its limit on every strategy starts afresh after a reset of its rules; another key,
+/// and a rule that was not reset, keep their state.
+async fn reset_starts_a_key_afresh<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    let rules = every_strategy(2, long);
+    let (key, other) = (random_key(), random_key());
+    for k in [&key, &other] {
+        for _ in 0..2 {
+            assert!(check(store, k, &rules, 1).await.allowed);
+        }
+        assert!(!check(store, k, &rules, 1).await.allowed);
+    }
+    reset(store, &key, &rules[..4]).await;
+    let d = check(store, &key, &rules, 0).await;
+    let left: Vec<u64> = d.rules.iter().map(|s| s.remaining).collect();
+    assert_eq!(
+        left,
+        [2, 2, 2, 2, 0],
+        "the four rules reset, the fifth kept"
+    );
+    reset(store, &key, &rules).await;
+    for _ in 0..2 {
+        assert!(check(store, &key, &rules, 1).await.allowed, "reset key");
+    }
+    assert!(!check(store, &key, &rules, 1).await.allowed, "reset key");
+    assert!(!check(store, &other, &rules, 1).await.allowed, "other key");
+    // Resetting a key with no state is not an error.
+    reset(store, &random_key(), &rules).await;
+}
+
+/// A blocked key is denied at any cost (0 included), with every rule at 0 remaining and a wait
+/// of the block's remaining time; nothing is consumed, a reset does not lift the block, and
+/// once it ends the key's rules decide again.
+async fn a_blocked_key_is_denied_until_the_block_ends<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    let rules = [Rule::fixed_window(5, long), Rule::gcra(1, long, 5)];
+    let key = random_key();
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    let block = Duration::from_millis(1200);
+    set_override(store, &key, Some(Override::Block(block))).await;
+    for cost in [1, 0, 100] {
+        let d = check(store, &key, &rules, cost).await;
+        assert!(!d.allowed, "cost {cost}: a blocked key was admitted");
+        assert_eq!(d.denied_by, Some(0), "cost {cost}");
+        assert!(
+            d.retry_after <= block && d.retry_after > block / 2,
+            "cost {cost}: retry after {:?}",
+            d.retry_after
+        );
+        for state in &d.rules {
+            assert_eq!(state.remaining, 0, "cost {cost}");
+            assert_eq!(state.reset, d.retry_after, "cost {cost}");
+        }
+        let d = check_with(store, &key, &rules, cost, false).await;
+        assert!(!d.allowed, "cost {cost}, without state");
+    }
+    reset(store, &key, &rules).await;
+    let d = check(store, &key, &rules, 1).await;
+    assert!(!d.allowed, "a reset lifted the block");
+    tokio::time::sleep(d.retry_after + MARGIN).await;
+    let d = check(store, &key, &rules, 1).await;
+    assert!(d.allowed, "still blocked after the block: {d:?}");
+    assert_eq!(
+        d.rules[0].remaining, 4,
+        "the reset took effect, the block consumed nothing"
+    );
+}
+
+/// An allowed key is admitted at any cost without consuming anything, and reports its state.
+async fn an_allowed_key_is_admitted_without_consuming<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    for rules in [
+        vec![Rule::sliding_log(2, long)],
+        every_strategy(2, long).to_vec(),
+    ] {
+        let key = random_key();
+        assert!(check(store, &key, &rules, 1).await.allowed);
+        assert!(check(store, &key, &rules, 1).await.allowed);
+        assert!(!check(store, &key, &rules, 1).await.allowed);
+        set_override(store, &key, Some(Override::Allow(long))).await;
+        for cost in [1, 1, 5, 0] {
+            let d = check(store, &key, &rules, cost).await;
+            assert!(
+                d.allowed,
+                "{rules:?}, cost {cost}: an allowed key was denied"
+            );
+            assert!(d.rules.iter().all(|s| s.remaining == 0), "{rules:?}: {d:?}");
+            assert!(check_with(store, &key, &rules, cost, false).await.allowed);
+        }
+        set_override(store, &key, None).await;
+        assert!(
+            !check(store, &key, &rules, 1).await.allowed,
+            "{rules:?}: the allowed requests consumed or the override stayed"
+        );
+    }
+}
+
+/// Clearing a block restores the rules at once, with their state as it was; an override of one
+/// key leaves other keys alone.
+async fn a_cleared_override_restores_the_rules<S: RateLimitStore>(store: &S) {
+    let rules = [Rule::token_bucket(3, 1, Duration::from_secs(30))];
+    let (key, other) = (random_key(), random_key());
+    assert!(check(store, &key, &rules, 1).await.allowed);
+    set_override(store, &key, Some(Override::Block(Duration::from_secs(60)))).await;
+    assert!(!check(store, &key, &rules, 1).await.allowed);
+    assert!(
+        check(store, &other, &rules, 1).await.allowed,
+        "another key was blocked"
+    );
+    set_override(store, &key, None).await;
+    let d = check(store, &key, &rules, 1).await;
+    assert!(d.allowed, "still blocked after the block was cleared");
+    assert_eq!(d.rules[0].remaining, 1);
+    // Clearing a key without an override is not an error.
+    set_override(store, &random_key(), None).await;
 }
 
 /// The seconds from the system clock's now to the end of `rule`'s calendar period (the store's

@@ -36,8 +36,18 @@ pub(crate) enum Answer {
 pub(crate) enum Taken {
     /// From the store.
     Store,
+    /// From the store, and from the local fallback's counts that shadow it while it works.
+    StoreAndLocal,
     /// From the local fallback, while the store failed.
     Local,
+}
+
+/// Whether the local fallback's counts took the cost of a request the store admitted.
+enum Counted {
+    Yes,
+    No,
+    /// No, and the request is denied (the local limits hold after a recent failure).
+    Denied(Answer),
 }
 
 /// One request's check, as the answer needs it once the store has replied (with the policy it
@@ -100,12 +110,15 @@ impl Check {
                 failed(config)
             }
             Ok(decision) if decision.allowed => {
+                let mut taken = Taken::Store;
                 if self.remote && config.local_fallback.is_some() {
-                    if let Some(answer) = self.count_locally(shared, policy) {
-                        return answer;
+                    match self.count_locally(shared, policy) {
+                        Counted::Denied(answer) => return answer,
+                        Counted::Yes => taken = Taken::StoreAndLocal,
+                        Counted::No => {}
                     }
                 }
-                admitted(config, policy, &self.key, &decision, Taken::Store)
+                admitted(config, policy, &self.key, &decision, taken)
             }
             Ok(decision) if config.shadow => {
                 count("denied_shadow");
@@ -159,20 +172,23 @@ impl Check {
     }
 
     /// Counts a request the store admitted against the local rules too. While the local limits
-    /// hold after a recent failure, a local denial denies the request: the answer is then
-    /// `Some`.
-    fn count_locally<B>(&self, shared: &Shared<B>, policy: &CompiledPolicy) -> Option<Answer> {
+    /// hold after a recent failure, a local denial denies the request.
+    fn count_locally<B>(&self, shared: &Shared<B>, policy: &CompiledPolicy) -> Counted {
         let config = &shared.config;
         let holding = shared.local.holding();
         // A rule whose share rounds down to 0 admits nothing locally, so there is no local
         // budget to keep from doubling: the store's answer stands.
-        let rules = policy.local.as_ref()?;
-        let decision = shared
-            .local
-            .check(&self.key, rules, self.cost, holding)
-            .ok()?;
-        if decision.allowed || !holding || config.shadow {
-            return None;
+        let Some(rules) = policy.local.as_ref() else {
+            return Counted::No;
+        };
+        let Ok(decision) = shared.local.check(&self.key, rules, self.cost, holding) else {
+            return Counted::No;
+        };
+        if decision.allowed {
+            return Counted::Yes;
+        }
+        if !holding || config.shadow {
+            return Counted::No;
         }
         let check = Check {
             key: self.key,
@@ -181,7 +197,7 @@ impl Check {
             #[cfg(feature = "metrics")]
             started: None,
         };
-        Some(check.denied(shared, policy, &decision))
+        Counted::Denied(check.denied(shared, policy, &decision))
     }
 
     fn denied<B>(self, shared: &Shared<B>, policy: &CompiledPolicy, decision: &Decision) -> Answer {

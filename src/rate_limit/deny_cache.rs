@@ -50,6 +50,13 @@ impl DenyCache {
         (entry.until > now && cost >= entry.cost).then(|| (entry.until - now, entry.rule))
     }
 
+    /// Forgets the denial of `(policy, key)`, if any (the key was reset or allowed).
+    pub(crate) fn forget(&self, policy: u64, key: &StoreKey) {
+        if let Some(Ok(mut shard)) = self.shard(key).map(RwLock::write) {
+            shard.map.remove(&(policy, *key));
+        }
+    }
+
     pub(crate) fn insert(&self, policy: u64, key: StoreKey, entry: Entry) {
         let Some(Ok(mut shard)) = self.shard(&key).map(RwLock::write) else {
             return;

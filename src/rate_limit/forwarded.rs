@@ -494,6 +494,33 @@ mod tests {
         assert_eq!(client(&ranges, xff, &bad, peer), None);
     }
 
+    /// Arbitrary bytes never panic, and whatever they name was written in them.
+    #[test]
+    fn arbitrary_bytes() {
+        let alphabet = b"for=\"[]:;,_\\ \t0123456789abcdef.unknownFOR";
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..20_000 {
+            let mut line = Vec::new();
+            for _ in 0..(seed % 40) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                line.push(alphabet[(seed % alphabet.len() as u64) as usize]);
+            }
+            let mut rest = Some(&line[..]);
+            while let Some(l) = rest {
+                let (left, entry) = split_last(l);
+                rest = left;
+                for ip in [forwarded_for(entry), address(entry)].into_iter().flatten() {
+                    let text = String::from_utf8_lossy(entry);
+                    let first = ip.to_string();
+                    let head = first.split([':', '.']).next().unwrap_or_default();
+                    assert!(text.contains(head), "{text} gave {ip}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn parsing_trusted() {
         assert_eq!("2".parse::<Trusted>().unwrap(), Trusted::hops(2));

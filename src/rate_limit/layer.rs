@@ -154,6 +154,15 @@ impl Config {
             .find(|r| r.matches(parts))
             .map(|r| &r.policy)
     }
+
+    /// Every policy named `name`, as it is now: the routes' (in their order), then the named
+    /// policy of that name (the default policy among them).
+    pub(crate) fn policies_named(&self, name: &str) -> Vec<Arc<CompiledPolicy>> {
+        let routes = self.routes.iter().map(|r| &r.policy);
+        let mut found: Vec<_> = routes.filter(|p| p.name == name).cloned().collect();
+        found.extend(self.policies.load().get(name).cloned());
+        found
+    }
 }
 
 impl<B> RateLimitLayer<B> {
@@ -413,6 +422,16 @@ impl<B> RateLimitLayer<B> {
     fn configure_policies(&mut self, added: Option<(Policy, bool)>) {
         let config = self.config_mut();
         config.policies = config.policies.configured(config.context(), added);
+    }
+}
+
+impl<B: crate::store::RateLimitStore> RateLimitLayer<B> {
+    /// A handle that reads a key's quota without consuming it, resets a key, and blocks or
+    /// allows a key for a while, on every replica (the state is in the store): see
+    /// [`RateLimitHandle`](super::RateLimitHandle). Take it once the layer is configured: it
+    /// sees the policies, scope, key extractor and store timeout the layer has now.
+    pub fn handle(&self) -> super::RateLimitHandle<B> {
+        super::RateLimitHandle::new(&self.shared)
     }
 }
 

@@ -76,18 +76,30 @@
 //! use tower_redis_layers::rate_limit::{Calendar, Policy, Rule, UtcOffset};
 //!
 //! // 1,000 a day from midnight to midnight in California (UTC-08:00, all year).
-//! let policy = Policy::new(Rule::calendar(1_000, Calendar::Day).utc_offset(UtcOffset::hours(-8)));
+//! let daily = Rule::calendar(1_000, Calendar::Day).utc_offset(UtcOffset::hours(-8));
+//! let policy = Policy::new("daily", daily);
 //! # let _ = policy;
 //! ```
 //!
 //! # Where the counters live
 //!
 //! A request's counters are named by the layer's [scope](RateLimitLayer::scope) (default: none),
-//! the policy's [scope](Policy::scope) (default: none, or a route's method and path), the
-//! request's [key](RateLimitLayer::key) (hashed: no request text reaches the store) and the
-//! rule. Layers and services with the same scopes and rules share their counters, which is how
-//! the replicas of a service agree; give a layer its own scope when another layer or service
-//! that uses the same store must not share its budget.
+//! the policy's [scope](Policy::scope) (default: the policy's [name](Policy::new), and for a
+//! route also its method and path), the request's [key](RateLimitLayer::key) (hashed: no
+//! request text reaches the store) and the rule with its numbers. So each policy counts on its
+//! own: two programs whose policies have identical rules but different names do not share a
+//! budget on one Redis. Replicas of a service share their counters because their policies have
+//! the same names; policies that must share one budget across routes, layers or programs say so
+//! with the same [`Policy::scope`].
+//!
+//! # Keys
+//!
+//! The default key is the peer IP address, grouped by network (IPv6 by `/64`) so that a client
+//! cannot rotate through its allocation. Behind a load balancer the peer is the proxy: key on
+//! the client address that the proxies you [trust](Trusted) wrote, with
+//! [`KeyExtractor::forwarded_for`] (`X-Forwarded-For`) or [`KeyExtractor::forwarded`] (RFC 7239
+//! `Forwarded`). A header is only a key once a layer in front has authenticated it: a client
+//! that invents a new value per request has a fresh budget each. See [`KeyExtractor`].
 //!
 //! # Limits chosen at runtime
 //!
@@ -288,6 +300,7 @@ mod deny_cache;
 mod fallback;
 mod forwarded;
 mod future;
+mod handle;
 mod headers;
 mod key;
 mod layer;
@@ -296,10 +309,12 @@ mod resolver;
 mod service;
 mod settle;
 
+pub(crate) use self::policy::CompiledPolicy;
 pub use self::{
     fallback::LocalFallback,
     forwarded::{InvalidRange, Trusted},
     future::ResponseFuture,
+    handle::{KeyQuota, RateKey, RateLimitHandle, RuleQuota},
     headers::Headers,
     key::KeyExtractor,
     layer::{MissingKey, RateLimitLayer, Rejection},

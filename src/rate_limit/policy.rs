@@ -145,7 +145,7 @@ impl CompiledPolicy {
 
 /// Why a policy with a sliding rule cannot be metered.
 pub(crate) const METERED_STRATEGIES: &str = "a metered layer (with a settlement) settles only \
-     fixed window, calendar, token bucket and GCRA rules";
+     fixed window, token bucket, GCRA and calendar rules";
 
 /// The namespace of a policy's keys: the policy's scope (by default its name), with the layer's
 /// scope in front when there is one, separated by a NUL (which a scope never contains in

@@ -76,6 +76,11 @@ impl Policies {
         }
     }
 
+    /// The policy named `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<CompiledPolicy>> {
+        self.by_name.get(name)
+    }
+
     /// Puts `policy` in under its name, replacing the policy of that name. A policy that is
     /// the same as the one it replaces (name, scope and rules) leaves the old one in place, so
     /// that a configuration reloaded unchanged changes nothing at all (not even the deny

@@ -147,10 +147,17 @@ impl<B: RateLimitStore> Reservation<B> {
         let policy = &self.policy;
         let age = at.elapsed();
         let outcome = if delta > 0 { "charged" } else { "refunded" };
-        if taken == Taken::Local {
-            let Some(rules) = &policy.local else { return };
-            let settlement = RateSettlement::new(&self.key, rules, delta, age);
-            return done(&self.key, delta, outcome, shared.local.settle(settlement));
+        if taken != Taken::Store {
+            if let Some(rules) = &policy.local {
+                let settlement = RateSettlement::new(&self.key, rules, delta, age);
+                let result = shared.local.settle(settlement);
+                if taken == Taken::Local {
+                    return done(&self.key, delta, outcome, result);
+                }
+            }
+            if taken == Taken::Local {
+                return;
+            }
         }
         let settlement = RateSettlement::new(&self.key, &policy.rules, delta, age);
         let remote = shared.store.is_remote();

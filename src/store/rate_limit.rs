@@ -6,7 +6,7 @@
 
 use std::{fmt, future::Future, str::FromStr, time::Duration};
 
-use super::StoreError;
+use super::{StoreError, StoreFuture};
 use crate::StoreKey;
 
 /// One rate-limit rule: a strategy with its numbers, and a name used in the `RateLimit` fields.
@@ -631,6 +631,27 @@ pub trait RateLimitStore: Send + Sync + 'static {
         let _ = settlement;
         None
     }
+
+    /// Deletes the state of `rules` for `key`, so the key starts afresh on each of them (one
+    /// atomic call; an [`Override`] of the key is kept). Rules not given keep their state.
+    ///
+    /// The default answers [`StoreError::Invalid`] (a store that only checks); every store of
+    /// this crate implements it.
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        let _ = (key, rules);
+        unsupported("reset")
+    }
+
+    /// Sets the [`Override`] of `key` (every policy's key is its own), or clears it with
+    /// `None`. Checks read it in the same atomic call as the rules: a blocked key is denied, an
+    /// allowed key admitted without consuming, until the override expires.
+    ///
+    /// The default answers [`StoreError::Invalid`], and such a store never reports a key as
+    /// overridden; every store of this crate implements it.
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        let _ = (key, state);
+        unsupported("set_override")
+    }
 }
 
 impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
@@ -655,6 +676,14 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
     fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
         (**self).settle_now(settlement)
     }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        (**self).reset(key, rules)
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        (**self).set_override(key, state)
+    }
 }
 
 /// A settlement of a metered request: the difference between its actual cost and the estimate
@@ -671,6 +700,8 @@ impl<T: RateLimitStore> RateLimitStore for std::sync::Arc<T> {
 ///   back, never more than its capacity;
 /// - GCRA: the theoretical arrival time moves by `delta` emission intervals (from now at the
 ///   earliest), or back by `-delta`, never before now;
+/// - calendar: as a fixed window, the count of the calendar period the check counted in (not
+///   a later period's);
 /// - sliding log and sliding window: left as they are (the layer refuses a metered policy with
 ///   such a rule).
 ///
@@ -710,14 +741,44 @@ impl<'a> RateSettlement<'a> {
 
 impl Strategy {
     /// Whether a metered cost can be settled on a rule of this strategy after the response
-    /// (fixed window, calendar, token bucket, GCRA); see [`RateSettlement`].
+    /// (fixed window, token bucket, GCRA, calendar); see [`RateSettlement`].
     pub fn settles(&self) -> bool {
         matches!(
             self,
             Strategy::FixedWindow { .. }
-                | Strategy::Calendar { .. }
                 | Strategy::TokenBucket { .. }
                 | Strategy::Gcra { .. }
+                | Strategy::Calendar { .. }
         )
     }
+}
+
+// Administration: resetting a key, and overriding its limits for a while.
+
+/// A decision about one key that replaces its rules for a while, kept in the store so that every
+/// replica sees it (see [`RateLimitStore::set_override`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Override {
+    /// Deny every check of the key for this long: the answer names the first rule, with every
+    /// rule at 0 remaining until the block ends and a wait of the block's remaining time.
+    Block(Duration),
+    /// Admit every check of the key for this long without consuming anything (each rule reports
+    /// its state as a check of cost 0 would).
+    Allow(Duration),
+}
+
+impl Override {
+    /// How long the override lasts.
+    pub fn duration(&self) -> Duration {
+        match *self {
+            Self::Block(d) | Self::Allow(d) => d,
+        }
+    }
+}
+
+/// The answer of a store that does not implement an administration method.
+fn unsupported<T: Send + 'static>(what: &str) -> StoreFuture<T> {
+    let error = StoreError::Invalid(format!("this rate-limit store does not implement {what}"));
+    Box::pin(std::future::ready(Err(error)))
 }

@@ -11,8 +11,8 @@ use std::{future::Future, pin::Pin, time::Duration};
 use tower_redis_layers::{
     store::{
         CacheStore, Claim, ClaimRequest, Decision, FillToken, IdempotencyStore, LockStore, Lookup,
-        LookupRequest, MemoryStore, RateCheck, RateLimitStore, RateSettlement, RefreshRequest,
-        StoreFuture, StoreOutcome, StoreRequest,
+        LookupRequest, MemoryStore, Override, RateCheck, RateLimitStore, RateSettlement,
+        RefreshRequest, Rule, StoreFuture, StoreOutcome, StoreRequest,
     },
     StoreError, StoreKey,
 };
@@ -161,6 +161,14 @@ impl RateLimitStore for AnyStore {
 
     fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
         each!(self, s => s.settle_now(settlement))
+    }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        each!(self, s => s.reset(key, rules))
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        each!(self, s => s.set_override(key, state))
     }
 }
 

@@ -28,7 +28,7 @@ end
 
 -- The calendar period that holds `now` (µs since the epoch) for a rule's `spec` (its c:
 -- unit * 10000 + offset minutes + 1440; unit 1 day, 2 ISO week, 3 month): the period's first
--- day (days since the epoch, on the offset's clock) and its end (µs since the epoch).
+-- day (days since the epoch, on the offset's clock), its end and its start (µs since the epoch).
 local function calendar_period(now, spec)
   local unit = math.floor(spec / 10000)
   local offset = (spec % 10000 - 1440) * 60000000
@@ -44,5 +44,5 @@ local function calendar_period(now, spec)
     if m == 12 then y, m = y + 1, 1 else m = m + 1 end
     after = days_from_civil(y, m, 1)
   end
-  return first, after * 86400000000 - offset
+  return first, after * 86400000000 - offset, first * 86400000000 - offset
 end

@@ -3,11 +3,19 @@
 -- server (`maxmemory` with `noeviction`, which refuses writes) still denies it rather than
 -- failing the call (and the layer failing open).
 --
--- KEYS[1] the counter; ARGV: cost, want-state flag (1/0), limit, window ms.
+-- KEYS[1] the counter, KEYS[2] the key's override (see multi_head.lua); ARGV: cost, want-state
+-- flag (1/0), limit, window ms.
 -- Reply: { allowed (0/1), denying rule (1 or 0), retry after ms, remaining, reset ms }, or 1
 -- when allowed and the state is not wanted.
 local key = KEYS[1]
 local cost = tonumber(ARGV[1])
+local override = redis.call('GET', KEYS[2])
+if override == 'b' then
+  local left = math.max(redis.call('PTTL', KEYS[2]), 1)
+  return { 0, 1, left, 0, left }
+elseif override then
+  cost = 0
+end
 local limit = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])
 local used = tonumber(redis.call('GET', key) or '0')

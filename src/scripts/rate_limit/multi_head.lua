@@ -2,6 +2,10 @@
 -- (assembled from fragments, see src/scripts/rate_limit/README.md).
 --
 -- KEYS[i]   the state key of rule i (all keys share one hash tag, so one slot)
+-- KEYS[n+1] the key's override (same hash tag; see rate_limit_override.lua): 'b' (blocked)
+--           denies at any cost, every rule at 0 remaining until it expires, with its
+--           remaining time as the wait; 'a' (allowed) checks every rule at cost 0 (admitted,
+--           nothing consumed, the state reported)
 -- ARGV[1]   cost of the request (non-negative integer)
 -- ARGV[2]   1 when the per-rule state (remaining, reset) is wanted, else 0
 -- ARGV[3]   a random nonce, to make sliding-log members unique
@@ -22,7 +26,20 @@
 local cost = tonumber(ARGV[1])
 local want_state = ARGV[2] == '1'
 local nonce = ARGV[3]
-local n = #KEYS
+local n = #KEYS - 1
+
+local override = redis.call('GET', KEYS[n + 1])
+if override == 'b' then
+  local left = math.max(redis.call('PTTL', KEYS[n + 1]), 1)
+  local blocked = { 0, 1, left }
+  for i = 1, n do
+    blocked[2 + 2 * i] = 0
+    blocked[3 + 2 * i] = left
+  end
+  return blocked
+elseif override then
+  cost = 0
+end
 
 -- Server time in microseconds, read only when a rule needs it.
 local now = 0

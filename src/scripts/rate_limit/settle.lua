@@ -15,9 +15,9 @@
 --                 debt that the refill pays back), at most back to its capacity on a refund
 --   GCRA          the TAT, from now at the earliest, moves by delta emission intervals; a TAT
 --                 back at or before now is deleted (the same as absent)
---   calendar      like the fixed window: the count moves by delta (never below 0) only while
---                 the period that counted the check lasts (the period holding now - age is
---                 the counter's); the counter keeps its expiry (KEEPTTL)
+--   calendar      like a fixed window: the count of the period the check counted in moves by
+--                 delta (never below 0) while that period lasts; a period that began less
+--                 than `age` ago is a newer one (calendar.lua comes before this script)
 --   sliding log and sliding window: left as they are (the layer refuses them in a metered
 --                 policy)
 -- Reply: the number of rules changed. Time comes from the server (TIME).
@@ -48,17 +48,6 @@ for i = 1, #KEYS do
         changed = changed + 1
       end
     end
-  elseif kind == '6' then
-    local v = redis.call('GET', key)
-    if v then
-      local p, u = string.match(v, '^(%-?%d+):(%d+)$')
-      local first = calendar_period(now - age * 1000, c)
-      if p and tonumber(p) == first then
-        local used = tonumber(u)
-        redis.call('SET', key, string.format('%d:%d', first, math.max(used + delta, 0)), 'KEEPTTL')
-        changed = changed + 1
-      end
-    end
   elseif kind == '4' then
     local h = redis.call('HMGET', key, 't', 'ts')
     local per_us = c / period
@@ -86,6 +75,21 @@ for i = 1, #KEYS do
       redis.call('SET', key, string.format('%d', tat), 'PX', math.max(math.ceil((tat - now) / 1000), 1))
     end
     changed = changed + 1
+  elseif kind == '6' then
+    local first, ends, starts = calendar_period(now, c)
+    local v = redis.call('GET', key)
+    if v and age <= (now - starts) / 1000 then
+      local p, u = string.match(v, '^(%-?%d+):(%d+)$')
+      if tonumber(p) == first then
+        local used = tonumber(u)
+        local after = math.max(used + delta, 0)
+        if after ~= used then
+          redis.call('SET', key, string.format('%d:%d', first, after))
+          redis.call('PEXPIREAT', key, string.format('%d', ends / 1000))
+        end
+        changed = changed + 1
+      end
+    end
   end
 end
 

@@ -9,7 +9,7 @@ use std::{
 use super::{MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
-        Decision, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
+        Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
         StoreFuture, Strategy,
     },
     StoreKey,
@@ -51,6 +51,10 @@ enum State {
         first: i64,
         used: u64,
     },
+    /// The override of a key (see [`override_slot`]): blocked, or allowed.
+    Override {
+        allow: bool,
+    },
 }
 
 impl MemoryStore {
@@ -60,7 +64,12 @@ impl MemoryStore {
         let wall = self.inner.clock.wall_us(now);
         shard.maybe_sweep(now);
 
-        let cost = check.cost;
+        // The key's override decides first, as at the head of the scripts.
+        let cost = match overridden(&shard, check.key, now) {
+            Some(Err(left)) => return Ok(blocked(check.rules.len(), left)),
+            Some(Ok(())) => 0,
+            None => check.cost,
+        };
         let mut states = Vec::with_capacity(check.rules.len());
         let mut allowed = true;
         let mut denied_by = None;
@@ -141,6 +150,14 @@ impl RateLimitStore for MemoryStore {
 
     fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
         Some(self.settle_rules(&settlement))
+    }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        Box::pin(ready(self.reset_key(key, rules)))
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        Box::pin(ready(self.override_key(key, state)))
     }
 }
 
@@ -488,7 +505,7 @@ const DAY_US: i64 = 86_400_000_000;
 /// `calendar.lua`.
 pub(crate) fn calendar_period(now: i64, spec: u64) -> (i64, i64) {
     let unit = spec / 10_000;
-    let offset = (i64::try_from(spec % 10_000).unwrap_or(1440) - 1440) * 60_000_000;
+    let offset = offset_us(spec);
     let day = (now + offset).div_euclid(DAY_US);
     let (first, after) = match unit {
         2 => {
@@ -504,6 +521,16 @@ pub(crate) fn calendar_period(now: i64, spec: u64) -> (i64, i64) {
         _ => (day, day + 1),
     };
     (first, after * DAY_US - offset)
+}
+
+/// The start (µs since the Unix epoch) of the calendar period whose first day is `first`.
+fn period_start(first: i64, spec: u64) -> i64 {
+    first * DAY_US - offset_us(spec)
+}
+
+/// The offset of a calendar `spec`, in µs.
+fn offset_us(spec: u64) -> i64 {
+    (i64::try_from(spec % 10_000).unwrap_or(1440) - 1440) * 60_000_000
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
@@ -569,9 +596,14 @@ enum Settled {
 }
 
 /// The state of one rule after a settlement of `delta` units for a check answered at least
-/// `age` µs ago; `clock` is the store time and the civil time (calendar rules) of now.
-fn settle(rule: &Rule, slot: Option<&Slot>, clock: (u64, u64), age: u64, delta: i64) -> Settled {
-    let (now, wall) = clock;
+/// `age` µs ago, at the store time `now` and the civil time `wall` (for calendar rules).
+fn settle(
+    rule: &Rule,
+    slot: Option<&Slot>,
+    (now, wall): (u64, u64),
+    age: u64,
+    delta: i64,
+) -> Settled {
     let (a, period_ms, c) = rule.encode();
     let period = period_ms * 1000;
     let deltaf = delta as f64;
@@ -593,28 +625,6 @@ fn settle(rule: &Rule, slot: Option<&Slot>, clock: (u64, u64), age: u64, delta: 
             let used = used.saturating_add_signed(delta);
             Settled::Set(Slot {
                 state: State::Counter(used),
-                expires_at: *expires_at,
-            })
-        }
-        Strategy::Calendar { .. } => {
-            let Some(Slot {
-                state: State::Period { first, used },
-                expires_at,
-            }) = slot
-            else {
-                return Settled::Keep;
-            };
-            // Settled only while the period that counted the check lasts: the period holding
-            // the latest time the check can have been answered must be the counter's.
-            let checked = i64::try_from(wall.saturating_sub(age)).unwrap_or(i64::MAX / 2);
-            if calendar_period(checked, c).0 != *first {
-                return Settled::Keep;
-            }
-            Settled::Set(Slot {
-                state: State::Period {
-                    first: *first,
-                    used: used.saturating_add_signed(delta),
-                },
                 expires_at: *expires_at,
             })
         }
@@ -655,8 +665,97 @@ fn settle(rule: &Rule, slot: Option<&Slot>, clock: (u64, u64), age: u64, delta: 
                 expires_at: stored.max(now + 1000),
             })
         }
+        Strategy::Calendar { .. } => {
+            let wall = i64::try_from(wall).unwrap_or(i64::MAX / 2);
+            let (first, _) = calendar_period(wall, c);
+            let Some(Slot {
+                state: State::Period { first: f, used },
+                expires_at,
+            }) = slot
+            else {
+                return Settled::Keep;
+            };
+            let age = i64::try_from(age).unwrap_or(i64::MAX / 2);
+            if *f != first || wall.saturating_sub(age) < period_start(first, c) {
+                // The check counted in a period that ended.
+                return Settled::Keep;
+            }
+            Settled::Set(Slot {
+                state: State::Period {
+                    first,
+                    used: used.saturating_add_signed(delta),
+                },
+                expires_at: *expires_at,
+            })
+        }
         // Nothing to settle: the layer refuses metered policies with these rules.
         _ => Settled::Keep,
+    }
+}
+
+// Administration: resetting a key, and its override.
+
+/// Where the override of `key` lives: a slot of kind 0, which no rule has.
+fn override_slot(key: &StoreKey) -> SlotKey {
+    (*key, 0, 0, 0, 0)
+}
+
+/// The override of `key` now: admitted without consuming (`Ok`), or blocked for so many more
+/// microseconds (`Err`).
+fn overridden(shard: &Shard, key: &StoreKey, now: u64) -> Option<Result<(), u64>> {
+    let slot = shard.map.get(&override_slot(key))?;
+    match slot.state {
+        _ if slot.expires_at <= now => None,
+        State::Override { allow: true } => Some(Ok(())),
+        State::Override { allow: false } => Some(Err(slot.expires_at - now)),
+        _ => None,
+    }
+}
+
+/// The answer for a blocked key: denied by the first rule, every rule at 0 until the block
+/// ends (`left` µs).
+fn blocked(rules: usize, left: u64) -> Decision {
+    let left = us_to_duration(left as f64);
+    Decision {
+        allowed: false,
+        denied_by: Some(0),
+        retry_after: left,
+        rules: vec![
+            RuleState {
+                remaining: 0,
+                reset: left,
+            };
+            rules
+        ],
+    }
+}
+
+impl MemoryStore {
+    fn reset_key(&self, key: &StoreKey, rules: &[Rule]) -> Result<(), StoreError> {
+        let mut shard = self.inner.rate_limit.lock(key)?;
+        for rule in rules {
+            shard.map.remove(&slot_key(key, rule));
+        }
+        Ok(())
+    }
+
+    fn override_key(&self, key: &StoreKey, state: Option<Override>) -> Result<(), StoreError> {
+        let mut shard = self.inner.rate_limit.lock(key)?;
+        let Some(state) = state else {
+            shard.map.remove(&override_slot(key));
+            return Ok(());
+        };
+        let now = self.now_us();
+        // At least 1 ms, as on Redis.
+        let lasts = u64::try_from(state.duration().as_micros()).unwrap_or(u64::MAX);
+        let slot = Slot {
+            state: State::Override {
+                allow: matches!(state, Override::Allow(_)),
+            },
+            expires_at: now.saturating_add(lasts.max(1000)),
+        };
+        shard.map.insert(override_slot(key), slot);
+        Ok(())
     }
 }
 

@@ -15,7 +15,7 @@ use fred::{
 
 use super::{
     check_tls, cluster_nodes, config_value, is_refusal, is_tls_failure, is_tls_url,
-    script::{detached, Lua, Reload, Reply, ScriptCall, TryAgain},
+    script::{detached, Lua, NotNow, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
     watchdog::Watchdog,
@@ -36,6 +36,7 @@ pub struct FredStore {
     prefix: KeyPrefix,
     reload: Arc<Reload>,
     breaker: Breaker,
+    not_now: Arc<NotNow>,
 }
 
 #[derive(Clone)]
@@ -160,6 +161,7 @@ impl FredStore {
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
             breaker: Breaker::new(CircuitBreaker::default()),
+            not_now: Arc::default(),
         }
     }
 }
@@ -567,11 +569,12 @@ impl Runner for FredStore {
         let limit = self.client_timeout;
         let lua = call.lua;
         let abandon = call.abandons();
+        let not_now = call.answered();
         // Keys and arguments are slices of one shared buffer: no copies.
         let packed = Packed::new(call);
         let reload = self.reload.clone();
         detached(abandon, async move {
-            let mut again = TryAgain::new(limit);
+            let mut again = TryAgain::new(limit, not_now);
             loop {
                 let result = client.eval(lua, &packed, &reload).await;
                 if result.as_ref().map_or_else(answered, |_| true) {
@@ -591,5 +594,9 @@ impl Runner for FredStore {
 
     fn breaker_state(&self) -> &Breaker {
         &self.breaker
+    }
+
+    fn not_now(&self) -> &Arc<NotNow> {
+        &self.not_now
     }
 }

@@ -16,6 +16,7 @@ mod cache;
 mod idempotency;
 mod lock;
 mod rate_limit;
+mod rate_limit_admin;
 mod script;
 mod watchdog;
 
@@ -33,9 +34,9 @@ pub use self::rate_limit::{calendar_period_script, calendar_spec};
 #[cfg(feature = "redis")]
 pub use self::redis_rs::RedisStore;
 
-use self::script::{Lua, Reply, ScriptCall};
+use self::script::{Answered, Lua, NotNow, Reply, ScriptCall};
 use crate::store::{
-    breaker::{Admission, Permit},
+    breaker::{Admission, Permit, ServerAnswer},
     Breaker, StoreError,
 };
 
@@ -79,12 +80,22 @@ pub(crate) mod sealed {
         /// ([`StoreError::CircuitOpen`]), and once per probe interval a probe on the call's
         /// first key goes in the background; otherwise the call's end is recorded (a failure, a
         /// success, or, when the caller drops it unfinished, a failure).
+        ///
+        /// A call that its caller gives up while a server keeps answering it "not now"
+        /// (`TRYAGAIN` while its slot migrates), or within [`NOT_NOW_WINDOW`] of any call of
+        /// the store answered so, counts as answered, not as a failure: one migrating slot must
+        /// not open the breaker for every other slot. (redis-rs retries `TRYAGAIN` itself before
+        /// the store sees it, often past a layer's store timeout: the store's window covers
+        /// those calls once one of them was answered "not now".)
         fn guarded(
             &self,
-            call: ScriptCall,
+            mut call: ScriptCall,
         ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static {
             let attempt = match self.breaker_state().admit() {
-                Admission::Go(permit) => Ok((permit, self.call(call))),
+                Admission::Go(permit) => {
+                    let answered = call.watch(self.not_now());
+                    Ok((Recorder(Some((permit, answered))), self.call(call)))
+                }
                 Admission::Open { error, probe } => {
                     if let Some(permit) = probe {
                         send_probe(self, permit, &call);
@@ -93,8 +104,8 @@ pub(crate) mod sealed {
                 }
             };
             async move {
-                let (permit, call) = attempt?;
-                permit.record(call.await)
+                let (recorder, call) = attempt?;
+                recorder.record(call.await)
             }
         }
 
@@ -110,6 +121,39 @@ pub(crate) mod sealed {
 
         /// The prefix of every key.
         fn prefix(&self) -> &str;
+
+        /// When a server last answered a call of this store "not now" (shared by its clones).
+        fn not_now(&self) -> &Arc<NotNow>;
+    }
+}
+
+/// Records how a call let through the breaker ended; dropped unfinished, a call the server
+/// answered "not now" counts as answered (see [`sealed::Runner::guarded`]), any other as the
+/// [`Permit`] says.
+struct Recorder(Option<(Permit, Answered)>);
+
+impl Recorder {
+    fn record(mut self, result: Result<Reply, StoreError>) -> Result<Reply, StoreError> {
+        match self.0.take() {
+            Some((permit, _)) => permit.record(result),
+            None => result,
+        }
+    }
+}
+
+/// How long after a call of a store was answered "not now" its other calls given up unanswered
+/// still count as answered: a slot's migration answers `TRYAGAIN` to each of its calls, again
+/// and again, for as long as it lasts.
+pub(crate) const NOT_NOW_WINDOW: Duration = Duration::from_secs(2);
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some((permit, answered)) = self.0.take() {
+            if answered.get(NOT_NOW_WINDOW) {
+                let answer = std::io::Error::other("the server asked to try again");
+                let _ = permit.record::<()>(Err(ServerAnswer::error(answer)));
+            }
+        }
     }
 }
 
@@ -334,6 +378,7 @@ pub(crate) fn scripts() -> impl Iterator<Item = &'static Lua> {
     rate_limit::SCRIPTS
         .iter()
         .copied()
+        .chain(rate_limit_admin::SCRIPTS.iter().copied())
         .chain(cache::SCRIPTS.iter().copied())
         .chain(LOCK_AND_IDEMPOTENCY.iter())
         .chain([&PROBE, &ACL_PROBE])
@@ -509,6 +554,40 @@ mod tests {
         assert_eq!((url.scheme, url.auth), ("rediss", Some(":pw")));
         assert_eq!(url.nodes, ["a:1", "b:2"]);
         assert!(cluster_nodes("redis://a:1").is_none());
+    }
+
+    /// A call given up unfinished opens the breaker (one failure is enough here), unless it
+    /// or another call of the store was answered "not now" lately.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_answered_not_now_is_no_failure() {
+        let store = Arc::new(NotNow::default());
+        let give_up = |breaker: &Breaker, not_now: bool, store: &Arc<NotNow>| {
+            let Admission::Go(permit) = breaker.admit() else {
+                panic!("the breaker is closed");
+            };
+            let mut call = ScriptCall::from_vecs(&PROBE, vec!["k".to_owned()], Vec::new());
+            let answered = call.watch(store);
+            if not_now {
+                answered.set();
+            }
+            Recorder(Some((permit, answered)))
+        };
+        let breaker = Breaker::new(crate::store::CircuitBreaker::default().failures(1));
+        let recorder = give_up(&breaker, true, &store);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        drop(recorder);
+        assert!(!breaker.is_open(), "answered TRYAGAIN");
+        // Another call of the same store, within the window.
+        let recorder = give_up(&breaker, false, &store);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        drop(recorder);
+        assert!(!breaker.is_open(), "within the window");
+        // Past the window, or on another store: a failure.
+        let fresh = Arc::new(NotNow::default());
+        let recorder = give_up(&breaker, false, &fresh);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        drop(recorder);
+        assert!(breaker.is_open(), "a call given up unanswered is a failure");
     }
 
     #[test]

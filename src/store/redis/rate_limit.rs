@@ -8,8 +8,12 @@ use super::{
     script::{BoxFuture, Lua, Reply, ScriptCall},
     ScriptRunner,
 };
-use crate::store::{
-    Decision, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError, StoreFuture,
+use crate::{
+    store::{
+        Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
+        StoreFuture,
+    },
+    StoreKey,
 };
 
 /// The fragments of the rate-limit scripts (see `src/scripts/rate_limit/README.md`).
@@ -61,7 +65,7 @@ pub(super) static SCRIPTS: [&Lua; 8] = [
     &SETTLE,
 ];
 
-/// The settlement of a metered request, for one rule or several (with the calendar functions).
+/// The settlement of a metered request, for one rule or several.
 static SETTLE: Lua = Lua::new(concat!(rl!("calendar"), rl!("settle")));
 
 /// Several rules, all or nothing.
@@ -140,17 +144,17 @@ pub fn calendar_spec(rule: &Rule) -> Option<u64> {
     (rule.kind() == 6).then(|| rule.encode().2)
 }
 
-/// The call that checks `check`: keys `<prefix>:{<hashed key>}:<rule signature>` (one hash tag,
-/// so one cluster slot), and the arguments of [`rate_limit_script`]: cost, want-state flag, then
+/// The call that checks `check`: keys `<prefix>:{<hashed key>}:<rule signature>`, then the
+/// override `<prefix>:{<hashed key>}:o` (one hash tag, so one cluster slot), and the arguments of [`rate_limit_script`]: cost, want-state flag, then
 /// for a single rule its a, b, c (no c for a fixed window, and a nonce for a sliding log); for
 /// several rules a nonce, then kind, a, b, c per rule.
 fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
     let n = check.rules.len();
     let mut call = ScriptCall::new(
         script_for(check.rules),
-        n,
+        n + 1,
         3 + 4 * n,
-        n * (prefix.len() + 96) + 16 + 32 * n + 24,
+        (n + 1) * (prefix.len() + 96) + 16 + 32 * n + 24,
     );
     // A check the layer stopped waiting for was answered by its failure mode: landing later
     // would charge a request already rejected (or let through uncounted).
@@ -167,6 +171,13 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
             rule.write_signature(buf);
         });
     }
+    // The key's override, last (see `rate_limit_admin.rs`).
+    call.key(|buf| {
+        buf.extend_from_slice(prefix.as_bytes());
+        buf.extend_from_slice(b":{");
+        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(b"}:o");
+    });
     call.int(check.cost);
     call.arg(|buf| buf.push(if check.want_state { b'1' } else { b'0' }));
     let nonce = |call: &mut ScriptCall| {
@@ -298,6 +309,14 @@ impl<R: ScriptRunner> RateLimitStore for R {
             call.await?.int()?;
             Ok(())
         })
+    }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        super::rate_limit_admin::reset(self, key, rules)
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        super::rate_limit_admin::set_override(self, key, state)
     }
 }
 

@@ -12,7 +12,7 @@ use redis::{
 
 use super::{
     check_tls, cluster_nodes, config_value, is_refusal, is_tls_failure, is_tls_url,
-    script::{detached, Reload, Reply, ScriptCall, TryAgain},
+    script::{detached, NotNow, Reload, Reply, ScriptCall, TryAgain},
     scripts,
     sealed::Runner,
     watchdog::Watchdog,
@@ -42,6 +42,7 @@ pub struct RedisStore {
     prefix: KeyPrefix,
     reload: Arc<Reload>,
     breaker: Breaker,
+    not_now: Arc<NotNow>,
 }
 
 #[derive(Clone)]
@@ -170,6 +171,7 @@ impl RedisStore {
             prefix: KeyPrefix::default(),
             reload: Arc::default(),
             breaker: Breaker::new(CircuitBreaker::default()),
+            not_now: Arc::default(),
         }
     }
 }
@@ -424,8 +426,9 @@ impl Runner for RedisStore {
         let (mut conn, progress) = self.conn.client();
         let reload = self.reload.clone();
         let limit = self.client_timeout;
+        let not_now = call.answered();
         detached(call.abandons(), async move {
-            let mut again = TryAgain::new(limit);
+            let mut again = TryAgain::new(limit, not_now);
             loop {
                 let result = eval(&mut conn, &call, &reload).await;
                 if result.as_ref().map_or_else(answered, |_| true) {
@@ -445,5 +448,9 @@ impl Runner for RedisStore {
 
     fn breaker_state(&self) -> &Breaker {
         &self.breaker
+    }
+
+    fn not_now(&self) -> &Arc<NotNow> {
+        &self.not_now
     }
 }

@@ -2,7 +2,15 @@
 //! arguments packed in one buffer ([`ScriptCall`]), and the reply as either client reads it
 //! ([`Reply`]).
 
-use std::{future::Future, pin::Pin, sync::OnceLock, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
+    time::Duration,
+};
 
 use crate::store::StoreError;
 
@@ -75,6 +83,63 @@ pub struct ScriptCall {
     keys: usize,
     /// Whether the call is given up when its caller stops waiting (see [`detached`]).
     abandon: bool,
+    /// Set when a server answers the call "not now" (see [`ScriptCall::watch`]).
+    answered: Option<Answered>,
+}
+
+/// Whether a server answered a call "not now" (`TRYAGAIN`, or a redirection the call follows)
+/// while it was under way, and when any call of the store last was: the server is up, and a
+/// caller that stops waiting for such a call has not seen Redis fail. Shared by the call and
+/// its caller.
+#[derive(Debug, Clone)]
+pub(crate) struct Answered {
+    call: Arc<AtomicBool>,
+    store: Arc<NotNow>,
+}
+
+impl Answered {
+    pub(crate) fn set(&self) {
+        self.call.store(true, Ordering::Release);
+        self.store.mark();
+    }
+
+    /// Whether this call, or (within `window`) any call of the store, was answered "not now".
+    pub(crate) fn get(&self, window: Duration) -> bool {
+        self.call.load(Ordering::Acquire) || self.store.within(window)
+    }
+}
+
+/// When a server last answered a call of the store "not now" (a slot migrates).
+#[derive(Debug)]
+pub struct NotNow {
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch`, plus one (0: never).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Default for NotNow {
+    fn default() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl NotNow {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    fn mark(&self) {
+        self.last.store(self.now(), Ordering::Release);
+    }
+
+    fn within(&self, window: Duration) -> bool {
+        let last = self.last.load(Ordering::Acquire);
+        let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        last != 0 && self.now().saturating_sub(last) <= window
+    }
 }
 
 impl ScriptCall {
@@ -85,7 +150,24 @@ impl ScriptCall {
             ends: Vec::with_capacity(keys + args),
             keys: 0,
             abandon: false,
+            answered: None,
         }
+    }
+
+    /// Starts recording whether a server answers this call "not now" (see [`Answered`]), and
+    /// marks `store` when it does.
+    pub(crate) fn watch(&mut self, store: &Arc<NotNow>) -> Answered {
+        let answered = Answered {
+            call: Arc::default(),
+            store: store.clone(),
+        };
+        self.answered = Some(answered.clone());
+        answered
+    }
+
+    /// What [`ScriptCall::watch`] records into, if anything.
+    pub(crate) fn answered(&self) -> Option<Answered> {
+        self.answered.clone()
     }
 
     /// Gives the call up when its caller stops waiting, rather than running it to its end (the
@@ -195,14 +277,17 @@ pub(crate) async fn detached<T: Send + 'static>(
 pub(crate) struct TryAgain {
     deadline: tokio::time::Instant,
     wait: Duration,
+    answered: Option<Answered>,
 }
 
 impl TryAgain {
-    /// Tries for at most `limit` (the store's client timeout).
-    pub(crate) fn new(limit: Duration) -> Self {
+    /// Tries for at most `limit` (the store's client timeout); records in `answered` that the
+    /// server asked to try again.
+    pub(crate) fn new(limit: Duration, answered: Option<Answered>) -> Self {
         Self {
             deadline: tokio::time::Instant::now() + limit,
             wait: Duration::from_millis(5),
+            answered,
         }
     }
 
@@ -212,8 +297,12 @@ impl TryAgain {
         message.to_ascii_uppercase().contains("TRYAGAIN")
     }
 
-    /// Waits before the next try; `false` when there is no time left for one.
+    /// Waits before the next try (the server answered "try again"); `false` when there is no
+    /// time left for one.
     pub(crate) async fn wait(&mut self) -> bool {
+        if let Some(answered) = &self.answered {
+            answered.set();
+        }
         let now = tokio::time::Instant::now();
         if now + self.wait >= self.deadline {
             return false;
