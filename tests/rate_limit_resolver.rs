@@ -24,8 +24,8 @@ use tokio::sync::Semaphore;
 use tower::{service_fn, util::BoxCloneService, ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
     rate_limit::{
-        ActualCost, Calendar, Headers, KeyExtractor, Policy, PolicySet, RateLimitLayer,
-        ResponseBody, Rule, Settlement,
+        ActualCost, Calendar, Headers, KeyExtractor, Policy, PolicySet, RateKey, RateLimitHandle,
+        RateLimitLayer, ResponseBody, Rule, Settlement,
     },
     store::{Decision, RateCheck, RateLimitStore, RateSettlement, StoreFuture},
     StoreError,
@@ -52,11 +52,17 @@ struct App {
 
 impl App {
     fn new<B: RateLimitStore>(layer: RateLimitLayer<B>) -> Self {
+        Self::with_handle(layer).0
+    }
+
+    /// The app, and the handle of its rate-limit layer.
+    fn with_handle<B: RateLimitStore>(layer: RateLimitLayer<B>) -> (Self, RateLimitHandle<B>) {
         let layer = layer
             .resolver(|parts| parts.extensions.get::<Tier>().map(|t| t.0.as_str()))
             .key(KeyExtractor::header("x-api-key"))
             .store_timeout(Duration::from_secs(5));
         let policies = layer.policies();
+        let handle = layer.handle();
         let accounts = Arc::new(Mutex::new(HashMap::<String, String>::new()));
         let gate = Arc::new(Semaphore::new(0));
         let (a, g) = (accounts.clone(), gate.clone());
@@ -85,12 +91,13 @@ impl App {
             })
             .layer(layer)
             .service(handler);
-        Self {
+        let app = Self {
             svc: BoxCloneService::new(svc),
             accounts,
             policies,
             gate,
-        }
+        };
+        (app, handle)
     }
 
     /// Puts the customer of API key `key` on `tier` (a tier the layer may not have).
@@ -414,6 +421,34 @@ async fn the_local_fallback_limits_with_the_chosen_policy(env: Env) {
     assert_eq!(app.admitted("k-pro", 7).await, 5);
 }
 
+/// The layer's handle finds the named policies as they are now: it reads, resets and blocks a
+/// key under a tier's policy, and follows a change of that policy.
+async fn the_handle_finds_the_named_policies(env: Env) {
+    let layer = RateLimitLayer::new(env.store().await, hourly("free", 3)).policy(hourly("pro", 6));
+    let (app, handle) = App::with_handle(layer);
+    app.account("k-pro", "pro");
+    let key = RateKey::header("x-api-key", "k-pro");
+    let remaining = |quota: tower_redis_layers::rate_limit::KeyQuota| {
+        quota.rules.iter().map(|r| r.remaining).collect::<Vec<_>>()
+    };
+    assert_eq!(app.admitted("k-pro", 2).await, 2);
+    assert_eq!(remaining(handle.quota("pro", &key).await.unwrap()), [4]);
+    assert_eq!(remaining(handle.quota("free", &key).await.unwrap()), [3]);
+    assert!(handle.quota("enterprise", &key).await.is_err());
+
+    // A rule added at runtime: the handle reads it, the unchanged rule kept its count.
+    let pro = hourly("pro", 6).rule(Rule::fixed_window(50, HOUR).name("pro-b"));
+    app.policies.insert(pro).unwrap();
+    assert_eq!(remaining(handle.quota("pro", &key).await.unwrap()), [4, 50]);
+    assert_eq!(app.admitted("k-pro", 1).await, 1);
+    handle.reset("pro", &key).await.unwrap();
+    assert_eq!(remaining(handle.quota("pro", &key).await.unwrap()), [6, 50]);
+    handle.block("pro", &key, HOUR).await.unwrap();
+    assert_eq!(app.status("k-pro").await, StatusCode::TOO_MANY_REQUESTS);
+    handle.unblock("pro", &key).await.unwrap();
+    assert_eq!(app.status("k-pro").await, StatusCode::OK);
+}
+
 /// A store that fails at once while `down`, else is the environment's store.
 #[derive(Clone)]
 struct Switch {
@@ -443,4 +478,5 @@ stores!(
     metered_requests_settle_under_their_policy,
     shadow_mode_and_fields_follow_the_chosen_policy,
     the_local_fallback_limits_with_the_chosen_policy,
+    the_handle_finds_the_named_policies,
 );
