@@ -11,7 +11,7 @@ use super::{
     decision::{self, Answer, Check, Pending, TARGET},
     future::ResponseFuture,
     layer::{Config, Shared},
-    policy::CompiledPolicy,
+    policy::{CompiledPolicy, METERED_STRATEGIES},
     settle::Reservation,
     MissingKey, Policy, RateLimitLayer, ResponseBody,
 };
@@ -77,9 +77,23 @@ where
         let shared = &self.shared;
         let config = &shared.config;
         let (parts, body) = req.into_parts();
-        let Some((index, policy)) = config.select(&parts) else {
-            let req = Request::from_parts(parts, body);
-            return ResponseFuture::running(self.inner.call(req), None, None);
+        // A route's policy, else the named policy the resolver picks (or the default one), as
+        // the layer's policies are now: a lock-free read, held until `call` returns (a request
+        // waiting for the store holds its policy itself).
+        let named;
+        let policy = match config.route(&parts) {
+            Some(policy) => policy,
+            None => {
+                named = config.policies.load();
+                match named.select(config.resolver.as_deref(), &parts) {
+                    Some(policy) => policy,
+                    None => {
+                        drop(named);
+                        let req = Request::from_parts(parts, body);
+                        return ResponseFuture::running(self.inner.call(req), None, None);
+                    }
+                }
+            }
         };
         let key = match key_of(config, policy, &parts) {
             Keyed::Key(key) => key,
@@ -97,7 +111,7 @@ where
 
         let remote = shared.store.is_remote();
         if remote && config.deny_cache && !config.shadow {
-            if let Some((wait, rule)) = shared.deny_cache.get(index, &key, cost) {
+            if let Some((wait, rule)) = shared.deny_cache.get(policy.id, &key, cost) {
                 let response = decision::denied_locally(config, policy, &key, rule, wait);
                 return ResponseFuture::rejected(response);
             }
@@ -109,9 +123,8 @@ where
             cost,
             want_state: config.wants_state(),
         };
-        let reservation = Reservation::new(shared, index, key, cost);
+        let reservation = Reservation::new(shared, policy, key, cost);
         let check = Check {
-            policy: index,
             key,
             cost,
             remote,
@@ -122,11 +135,11 @@ where
         // inner service from here, as a synchronous limiter would (no clone of it, no state
         // machine around the check).
         if let Some(result) = shared.store.check_now(rate_check) {
-            let answer = check.answer(shared, result);
+            let answer = check.answer(shared, policy, result);
             return respond(&mut self.inner, req, answer, reservation);
         }
         let future = shared.store.check(rate_check);
-        let pending = Pending::new(shared, check);
+        let pending = Pending::new(shared, policy, check);
         let timeout = remote.then_some(config.store_timeout);
         let ready = self.take_ready();
         ResponseFuture::checking(future, timeout, ready, req, pending, reservation)
@@ -145,12 +158,10 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
         tracing::error!(target: TARGET, %problem, "invalid rate-limit policy");
         return Keyed::Answered(decision::failed(config));
     }
-    if config.settlement.is_some() {
-        if let Some(rule) = policy.rules.iter().find(|r| !r.strategy().settles()) {
-            let rule = rule.policy_name();
-            tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket, GCRA and calendar rules");
-            return Keyed::Answered(decision::failed(config));
-        }
+    if config.settlement.is_some() && !policy.settles {
+        let problem = METERED_STRATEGIES;
+        tracing::error!(target: TARGET, policy = policy.name, %problem, "invalid rate-limit policy");
+        return Keyed::Answered(decision::failed(config));
     }
     if let Some(raw) = config.key.extract(parts) {
         return Keyed::Key(raw.hash(&policy.namespace));
