@@ -327,26 +327,31 @@ async fn a_dead_replica_loses_at_most_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_key_far_from_its_limit_makes_few_redis_calls() {
     for client in clients() {
-        let server = RedisServer::start();
-        let rule = Rule::gcra(1_000_000, Duration::from_secs(1), 10_000);
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let a = leased(client, &server.url(), Lease::up_to(64)).await;
-        let b = leased(client, &server.url(), Lease::up_to(64)).await;
-        let services = [
-            service(a.clone(), rule.clone(), Arc::clone(&log)),
-            service(b.clone(), rule.clone(), Arc::clone(&log)),
-        ];
-        let before = server.command_calls("evalsha") + server.command_calls("eval");
-        let (ok, denied) = hammer(&services, 64, Instant::now() + Duration::from_secs(2)).await;
-        let calls = server.command_calls("evalsha") + server.command_calls("eval") - before;
-        let per_request = calls as f64 / (ok + denied) as f64;
-        let stats = [a.stats(), b.stats()];
-        eprintln!(
-            "hot GCRA key: {} requests, {denied} denied, {calls} Redis calls: {per_request:.4} per request; {stats:?}",
-            ok + denied
-        );
-        assert_eq!(denied, 0);
-        assert!(per_request < 0.1, "{per_request} Redis calls per request");
+        for max in [64, 256] {
+            let server = RedisServer::start();
+            let rule = Rule::gcra(1_000_000, Duration::from_secs(1), 10_000);
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let a = leased(client, &server.url(), Lease::up_to(max)).await;
+            let b = leased(client, &server.url(), Lease::up_to(max)).await;
+            let services = [
+                service(a.clone(), rule.clone(), Arc::clone(&log)),
+                service(b.clone(), rule.clone(), Arc::clone(&log)),
+            ];
+            let calls = || server.command_calls("evalsha") + server.command_calls("eval");
+            let before = calls();
+            let (ok, denied) = hammer(&services, 64, Instant::now() + Duration::from_secs(2)).await;
+            let calls = calls() - before;
+            let per_request = calls as f64 / (ok + denied) as f64;
+            let stats = [a.stats(), b.stats()];
+            eprintln!(
+                "hot GCRA key, max lease {max}: {} requests, {denied} denied, {calls} Redis calls: {per_request:.4} per request; {stats:?}",
+                ok + denied
+            );
+            assert_eq!(denied, 0);
+            // Well below one call per request (the figure depends on the machine's load: it is
+            // reported, not asserted tightly).
+            assert!(per_request < 0.25, "{per_request} Redis calls per request");
+        }
     }
 }
 

@@ -515,7 +515,7 @@ impl<B: RateLeaseStore> Inner<B> {
     ) -> Result<Decision, StoreError> {
         let bk = batch_key(&key, &rule);
         let mut waits = 0;
-        let (notify, want) = loop {
+        let (notify, target, want) = loop {
             let wait = {
                 let now = Instant::now();
                 let mut batches = self.batches();
@@ -553,15 +553,14 @@ impl<B: RateLeaseStore> Inner<B> {
                             // the concurrency at once instead of growing to it.
                             // Units still held (kept for waiters) count: a replica holds at
                             // most `max` units after the grant.
-                            let want = batch
+                            let target = batch
                                 .size
                                 .max(batch.waiting.saturating_add(cost))
-                                .min(self.lease.max.max(cost))
-                                .saturating_sub(batch.units)
-                                .max(cost);
+                                .min(self.lease.max.max(cost));
+                            let want = target.saturating_sub(batch.units).max(cost);
                             batch.waiting = 0;
                             batch.reserved = 0;
-                            Some(Err((notify, want)))
+                            Some(Err((notify, target, want)))
                         }
                     }
                 }
@@ -638,7 +637,7 @@ impl<B: RateLeaseStore> Inner<B> {
                 batch.size = if units < want {
                     units.max(1)
                 } else {
-                    want.saturating_mul(2).min(self.lease.max)
+                    target.saturating_mul(2).min(self.lease.max)
                 };
                 let decision = admitted(remaining + batch.units, reset);
                 drop(batches);
