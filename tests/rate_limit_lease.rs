@@ -468,3 +468,18 @@ async fn a_leased_memory_store_checks_directly() {
         "{grant:?}"
     );
 }
+
+/// The lease conformance suite on every store: memory, redis-rs and fred, standalone and on a
+/// cluster.
+#[tokio::test]
+async fn the_lease_suite_passes_on_every_store() {
+    tower_redis_layers::conformance::rate_limit_lease_suite(&MemoryStore::new()).await;
+    let server = RedisServer::start();
+    let cluster = RedisCluster::start();
+    for client in clients() {
+        for url in [server.url(), cluster.url()] {
+            let store = leased(client, &url, Lease::up_to(1)).await;
+            tower_redis_layers::conformance::rate_limit_lease_suite(store.store()).await;
+        }
+    }
+}
