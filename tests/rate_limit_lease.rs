@@ -483,3 +483,37 @@ async fn the_lease_suite_passes_on_every_store() {
         }
     }
 }
+
+/// A key idle for the idle time gives its unused units back (one store call), so another
+/// replica can admit them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keys_return_their_units() {
+    let client = clients()[0];
+    let server = RedisServer::start();
+    let rule = Rule::fixed_window(LIMIT, Duration::from_secs(30));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let lease = Lease::up_to(MAX_LEASE).idle(Duration::from_millis(200));
+    let a = leased(client, &server.url(), lease).await;
+    let svc_a = service(a.clone(), rule.clone(), Arc::clone(&log));
+    let mut admitted_a = 0;
+    while a.held() < 8 {
+        assert_eq!(
+            svc_a.clone().oneshot(Request::new(())).await.unwrap(),
+            StatusCode::OK
+        );
+        admitted_a += 1;
+    }
+    let held = a.held();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(a.held(), 0, "the idle key was forgotten");
+    assert_eq!(a.stats().returned_units, held, "{:?}", a.stats());
+    let b = leased(client, &server.url(), Lease::up_to(MAX_LEASE)).await;
+    let svc_b = service(b.clone(), rule.clone(), Arc::clone(&log));
+    let (admitted_b, _) = hammer(&[svc_b], 64, Instant::now() + Duration::from_millis(700)).await;
+    assert_eq!(
+        admitted_a + admitted_b + b.held(),
+        LIMIT,
+        "a returned its {held} units"
+    );
+    drop(svc_a);
+}

@@ -233,6 +233,8 @@ struct Inner<B> {
     replica: String,
     batches: Mutex<HashMap<BatchKey, Batch>>,
     calls: AtomicU64,
+    /// Whether the task that returns idle keys' units runs.
+    sweeping: std::sync::atomic::AtomicBool,
     leases: AtomicU64,
     denied_leases: AtomicU64,
     leased_units: AtomicU64,
@@ -382,6 +384,7 @@ impl<B: RateLimitStore> Leased<B> {
                 replica: String::from_utf8_lossy(&id).into_owned(),
                 batches: Mutex::new(HashMap::new()),
                 calls: AtomicU64::new(0),
+                sweeping: std::sync::atomic::AtomicBool::new(false),
                 leases: AtomicU64::new(0),
                 denied_leases: AtomicU64::new(0),
                 leased_units: AtomicU64::new(0),
@@ -506,6 +509,32 @@ impl<B: RateLeaseStore> Inner<B> {
         });
     }
 
+    /// Starts (once) the task that returns the units of idle keys every idle time; it ends
+    /// when the store is dropped.
+    fn start_sweeping(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.sweeping.store(false, Ordering::Relaxed);
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let every = self.lease.idle.max(Duration::from_millis(10));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { break };
+                {
+                    let mut batches = inner.batches();
+                    inner.sweep(&mut batches, Instant::now());
+                }
+                // The lock is released before `inner` may be the last clone (its drop locks).
+                drop(inner);
+            }
+        });
+    }
+
     async fn leased_check(
         self: Arc<Self>,
         key: StoreKey,
@@ -514,6 +543,7 @@ impl<B: RateLeaseStore> Inner<B> {
         want_state: bool,
     ) -> Result<Decision, StoreError> {
         let bk = batch_key(&key, &rule);
+        self.start_sweeping();
         let mut waits = 0;
         let (notify, target, want) = loop {
             let wait = {
