@@ -308,3 +308,38 @@ stores!(
     routes_are_found_by_policy_name,
     one_script_call_per_decision,
 );
+
+/// A key from a custom closure: the handle's `RateKey::custom` names the value the closure
+/// returned, under the same hashing.
+#[tokio::test]
+async fn a_custom_key_is_named_by_its_value() {
+    use tower_redis_layers::store::MemoryStore;
+    let policy = Policy::new("tenants", Rule::fixed_window(3, Duration::from_secs(60)));
+    let layer =
+        RateLimitLayer::new(MemoryStore::new(), policy).key(KeyExtractor::custom(|parts| {
+            parts
+                .headers
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .map(|t| format!("tenant:{t}"))
+        }));
+    let handle = layer.handle();
+    let svc = service(layer);
+    let req = Request::builder()
+        .header("x-tenant", "acme")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(status(&svc, req).await.0, StatusCode::OK);
+    let quota = handle
+        .quota("tenants", &RateKey::custom("tenant:acme"))
+        .await
+        .unwrap();
+    assert_eq!(quota.rules[0].remaining, 2);
+    // A request without the key has none.
+    assert!(handle.key_of(&Request::new(())).is_none());
+    // An invalid header value names no key: an error, not another key's quota.
+    assert!(handle
+        .quota("tenants", &RateKey::header("x-tenant", "\n"))
+        .await
+        .is_err());
+}

@@ -724,7 +724,40 @@ async fn the_local_fallback_keeps_the_calendar() {
     }
 }
 
+/// The quota handle reads a calendar rule without consuming (its reset at the boundary), and
+/// a reset gives the period's quota back.
+async fn the_handle_reads_and_resets_a_calendar_quota(env: Env) {
+    let inner = service_fn(|_req: Req| async {
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("ok")))
+    });
+    let (cal, offset) = (Calendar::Week, 330);
+    let layer = RateLimitLayer::new(
+        env.store().await,
+        Policy::new("weekly", rule(3, cal, offset)),
+    )
+    .scope("handle");
+    let handle = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    for _ in 0..2 {
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let key = handle.key_of(&request()).expect("a key");
+    for _ in 0..3 {
+        let before = now_secs();
+        let quota = handle.quota("weekly", &key).await.expect("quota");
+        let after = now_secs();
+        assert_eq!((quota.rules[0].quota, quota.rules[0].remaining), (3, 1));
+        let reset = quota.rules[0].reset.as_secs_f64().ceil() as i64;
+        assert_boundary(reset, before, after, cal, offset, "handle reset");
+    }
+    handle.reset("weekly", &key).await.expect("reset");
+    let quota = handle.quota("weekly", &key).await.expect("quota");
+    assert_eq!(quota.rules[0].remaining, 3);
+}
+
 stores!(
+    the_handle_reads_and_resets_a_calendar_quota,
     headers_point_at_the_next_boundary,
     metered_costs_settle_on_the_period
 );

@@ -391,6 +391,35 @@ pub async fn rate_limit_admin_suite<S: RateLimitStore>(store: &S) {
         a_blocked_key_is_denied_until_the_block_ends(store),
         an_allowed_key_is_admitted_without_consuming(store),
         a_cleared_override_restores_the_rules(store),
+        an_allowed_key_is_not_settled(store),
+    );
+}
+
+/// A metered request of an allowed key consumed nothing, so a settlement (charge or refund)
+/// changes nothing while the key is allowed. Skipped for a store that does not settle.
+async fn an_allowed_key_is_not_settled<S: RateLimitStore>(store: &S) {
+    let long = Duration::from_secs(30);
+    let rules = [
+        Rule::fixed_window(2, long),
+        Rule::token_bucket(2, 1, long),
+        Rule::gcra(1, long, 2),
+    ];
+    let key = random_key();
+    assert!(check(store, &key, &rules, 2).await.allowed);
+    set_override(store, &key, Some(Override::Allow(long))).await;
+    assert!(check(store, &key, &rules, 2).await.allowed);
+    // A refund would show (a charge would not: the rules are at 0 already).
+    let settlement = RateSettlement::new(&key, &rules, -2, Duration::ZERO);
+    if store.settle(settlement).await.is_err() {
+        return;
+    }
+    set_override(store, &key, None).await;
+    let d = check(store, &key, &rules, 0).await;
+    let left: Vec<u64> = d.rules.iter().map(|s| s.remaining).collect();
+    assert_eq!(
+        left,
+        [0, 0, 0],
+        "an allowed key's settlement changed its state"
     );
 }
 

@@ -6,7 +6,7 @@
 //! one entry at a time and only as far as the walk needs: whatever a client wrote to the left
 //! (garbage, an unterminated quote) cannot change how the proxies' entries are read.
 
-use std::{net::IpAddr, str::FromStr, sync::Arc};
+use std::{borrow::Cow, net::IpAddr, str::FromStr, sync::Arc};
 
 use http::{header::HeaderName, HeaderMap};
 use ipnet::IpNet;
@@ -118,11 +118,13 @@ pub(crate) enum Field {
     XForwardedFor,
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 impl Field {
     fn name(self) -> HeaderName {
         match self {
             Field::Forwarded => http::header::FORWARDED,
-            Field::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
+            Field::XForwardedFor => X_FORWARDED_FOR,
         }
     }
 }
@@ -263,21 +265,25 @@ fn forwarded_for(element: &[u8]) -> Option<IpAddr> {
 }
 
 /// A parameter value at the start of `input` (a token or a quoted string, unescaped), and what
-/// follows it.
-fn value(input: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+/// follows it. Borrowed unless it holds a quoted pair.
+fn value(input: &[u8]) -> Option<(Cow<'_, [u8]>, &[u8])> {
     let Some(quoted) = input.strip_prefix(b"\"") else {
         let end = input
             .iter()
             .position(|b| !is_tchar(*b))
             .unwrap_or(input.len());
         let (token, rest) = input.split_at(end);
-        return (!token.is_empty()).then(|| (token.to_vec(), rest));
+        return (!token.is_empty()).then_some((Cow::Borrowed(token), rest));
     };
+    let end = quoted.iter().position(|b| matches!(b, b'"' | b'\\'))?;
+    if quoted.get(end) == Some(&b'"') {
+        return Some((Cow::Borrowed(quoted.get(..end)?), quoted.get(end + 1..)?));
+    }
     let mut value = Vec::new();
     let mut bytes = quoted.iter().enumerate();
     while let Some((i, b)) = bytes.next() {
         match b {
-            b'"' => return Some((value, quoted.get(i + 1..)?)),
+            b'"' => return Some((Cow::Owned(value), quoted.get(i + 1..)?)),
             b'\\' => value.push(*bytes.next()?.1),
             _ => value.push(*b),
         }

@@ -148,14 +148,17 @@ impl<B: RateLimitStore> Reservation<B> {
         let age = at.elapsed();
         let outcome = if delta > 0 { "charged" } else { "refunded" };
         if taken != Taken::Store {
-            if let Some(rules) = &policy.local {
-                let settlement = RateSettlement::new(&self.key, rules, delta, age);
-                let result = shared.local.settle(settlement);
-                if taken == Taken::Local {
-                    return done(&self.key, delta, outcome, result);
-                }
-            }
+            // The local fallback's counts: what decided (the store failed), or a shadow of the
+            // store's (kept to bound the next outage).
+            let local = (policy.local.as_ref()).map(|rules| {
+                shared
+                    .local
+                    .settle(RateSettlement::new(&self.key, rules, delta, age))
+            });
             if taken == Taken::Local {
+                if let Some(result) = local {
+                    done(&self.key, delta, outcome, result);
+                }
                 return;
             }
         }

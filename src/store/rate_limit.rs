@@ -188,20 +188,9 @@ impl fmt::Display for UtcOffset {
 
 /// A [`UtcOffset`] that could not be parsed: not `+HH:MM`, `-HH:MM`, `Z` or `UTC`, or a day or
 /// more.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid UTC offset {0:?}: expected +HH:MM or -HH:MM (less than 24 hours), Z or UTC")]
 pub struct InvalidUtcOffset(String);
-
-impl fmt::Display for InvalidUtcOffset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid UTC offset {:?}: expected +HH:MM or -HH:MM (less than 24 hours), Z or UTC",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for InvalidUtcOffset {}
 
 impl FromStr for UtcOffset {
     type Err = InvalidUtcOffset;

@@ -3,6 +3,8 @@
 -- Nothing is denied: a charge may push a key past its limit (later requests wait longer).
 --
 -- KEYS[i]   the state key of rule i: the same keys as the check (one hash tag, so one slot)
+-- KEYS[n+1] the key's override, last as in the check: an allowed key's requests consumed
+--           nothing, so nothing is settled while it is allowed
 -- ARGV[1]   delta (integer, |delta| < 2^50)
 -- ARGV[2]   age: ms since the check was answered, at least (a lower bound measured by the caller)
 -- then four arguments per rule: kind, a, b, c (as in multi_head.lua)
@@ -22,13 +24,15 @@
 --                 policy)
 -- Reply: the number of rules changed. Time comes from the server (TIME).
 
+local n = #KEYS - 1
+if redis.call('GET', KEYS[n + 1]) == 'a' then return 0 end
 local delta = tonumber(ARGV[1])
 local age = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local changed = 0
 
-for i = 1, #KEYS do
+for i = 1, n do
   local key = KEYS[i]
   local base = 2 + (i - 1) * 4
   local kind = ARGV[base + 1]

@@ -566,6 +566,10 @@ impl MemoryStore {
         }
         let mut shard = self.inner.rate_limit.lock(settlement.key)?;
         let now = self.now_us();
+        // An allowed key's requests consumed nothing: nothing to settle.
+        if let Some(Ok(())) = overridden(&shard, settlement.key, now) {
+            return Ok(());
+        }
         let wall = self.inner.clock.wall_us(now);
         let age = u64::try_from(settlement.age.as_micros()).unwrap_or(u64::MAX);
         for rule in settlement.rules {

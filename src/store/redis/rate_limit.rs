@@ -120,7 +120,10 @@ fn script_for(rules: &[Rule]) -> &'static Lua {
 
 /// The Lua source that the `redis` and `fred` stores run to check `rules`: one script per
 /// strategy for a single rule, one for several rules. For auditing, or for loading it with
-/// `SCRIPT LOAD` ahead of time (the stores load it themselves on `NOSCRIPT`).
+/// `SCRIPT LOAD` ahead of time (the stores load it themselves on `NOSCRIPT`). Its keys are the
+/// rules' state keys, then the key's override (see
+/// [`RateLimitStore::set_override`](crate::store::RateLimitStore::set_override)), all with one
+/// hash tag.
 pub fn rate_limit_script(rules: &[Rule]) -> &'static str {
     script_for(rules).text
 }
@@ -215,7 +218,8 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
 /// [`rate_limit_call`]), then delta, age in ms, and kind, a, b, c per rule.
 fn settle_call(prefix: &str, settlement: &RateSettlement<'_>) -> ScriptCall {
     let n = settlement.rules.len();
-    let mut call = ScriptCall::new(&SETTLE, n, 2 + 4 * n, n * (prefix.len() + 96) + 48 + 32 * n);
+    let bytes = (n + 1) * (prefix.len() + 96) + 48 + 32 * n;
+    let mut call = ScriptCall::new(&SETTLE, n + 1, 2 + 4 * n, bytes);
     let mut tag = [0u8; 32];
     // 16 bytes always fit in 32 hex digits.
     let _ = hex::encode_to_slice(settlement.key.as_bytes(), &mut tag);
@@ -228,6 +232,13 @@ fn settle_call(prefix: &str, settlement: &RateSettlement<'_>) -> ScriptCall {
             rule.write_signature(buf);
         });
     }
+    // The key's override, last as in the check.
+    call.key(|buf| {
+        buf.extend_from_slice(prefix.as_bytes());
+        buf.extend_from_slice(b":{");
+        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(b"}:o");
+    });
     let delta = settlement.delta;
     call.arg(|buf| buf.extend_from_slice(itoa::Buffer::new().format(delta).as_bytes()));
     call.int(u64::try_from(settlement.age.as_millis()).unwrap_or(u64::MAX));
