@@ -125,12 +125,15 @@
 //! use http::{Request, Response, StatusCode};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! use tower_redis_layers::store::MemoryStore;
-//! use tower_redis_layers::rate_limit::{ActualCost, KeyExtractor, RateLimitLayer, Rule, Settlement};
+//! use tower_redis_layers::rate_limit::{
+//!     ActualCost, KeyExtractor, Policy, RateLimitLayer, Rule, Settlement,
+//! };
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! // 10,000 tokens per minute; a request is admitted if its estimate of 500 fits.
-//! let layer = RateLimitLayer::new(MemoryStore::new(), Rule::fixed_window(10_000, Duration::from_secs(60)))
+//! let budget = Policy::new("tokens", Rule::fixed_window(10_000, Duration::from_secs(60)));
+//! let layer = RateLimitLayer::new(MemoryStore::new(), budget)
 //!     .key(KeyExtractor::global())
 //!     .cost(|_| 500)
 //!     .settlement(Settlement::extension());
