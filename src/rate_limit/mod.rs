@@ -307,6 +307,7 @@ mod handle;
 mod headers;
 mod key;
 mod layer;
+mod lease;
 mod policy;
 mod resolver;
 mod service;
@@ -321,6 +322,7 @@ pub use self::{
     headers::Headers,
     key::KeyExtractor,
     layer::{MissingKey, RateLimitLayer, Rejection},
+    lease::{Lease, LeaseStats, Leased},
     policy::Policy,
     resolver::{InvalidPolicy, PolicySet},
     service::RateLimit,

@@ -131,13 +131,12 @@ where
             #[cfg(feature = "metrics")]
             started: remote.then(std::time::Instant::now),
         };
-        // An in-process store answers at once: call the inner service from here, as a
-        // synchronous limiter would (no clone of it, no state machine around the check).
-        if !remote {
-            if let Some(result) = shared.store.check_now(rate_check) {
-                let answer = check.answer(shared, policy, result);
-                return respond(&mut self.inner, req, answer, reservation);
-            }
+        // A store that can answer at once (in process, or from a leased batch) does: call the
+        // inner service from here, as a synchronous limiter would (no clone of it, no state
+        // machine around the check).
+        if let Some(result) = shared.store.check_now(rate_check) {
+            let answer = check.answer(shared, policy, result);
+            return respond(&mut self.inner, req, answer, reservation);
         }
         let future = shared.store.check(rate_check);
         let pending = Pending::new(shared, policy, check);
