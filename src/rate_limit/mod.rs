@@ -212,7 +212,9 @@
 //! use http::{Request, Response, StatusCode};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! use tower_redis_layers::store::MemoryStore;
-//! use tower_redis_layers::rate_limit::{ActualCost, KeyExtractor, Policy, RateLimitLayer, Rule, Settlement};
+//! use tower_redis_layers::rate_limit::{
+//!     ActualCost, KeyExtractor, Policy, RateLimitLayer, Rule, Settlement,
+//! };
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {

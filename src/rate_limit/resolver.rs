@@ -355,3 +355,102 @@ impl InvalidPolicy {
         &self.reason
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::rate_limit::Rule;
+
+    fn policy(name: &str, limit: u64) -> Policy {
+        Policy::new(name, Rule::fixed_window(limit, Duration::from_secs(60)))
+    }
+
+    fn context(layer_scope: &str, replicas: u32) -> Context {
+        Context {
+            layer_scope: layer_scope.to_owned(),
+            replicas,
+            metered: false,
+        }
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing() {
+        let set =
+            PolicySet::empty().configured(Context::default(), Some((policy("free", 1), true)));
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let set = &set;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        set.insert(policy(&format!("t{t}-{i}"), 1)).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(set.names().len(), 201);
+    }
+
+    #[test]
+    fn an_unchanged_policy_stays_and_a_changed_one_gets_a_new_id() {
+        let set =
+            PolicySet::empty().configured(Context::default(), Some((policy("free", 1), true)));
+        let id = |set: &PolicySet| set.load().get("free").map(|p| p.id);
+        let before = id(&set);
+        set.insert(policy("free", 1)).unwrap();
+        assert_eq!(id(&set), before);
+        set.replace([policy("free", 1)]).unwrap();
+        assert_eq!(id(&set), before);
+        set.insert(policy("free", 2)).unwrap();
+        assert_ne!(id(&set), before);
+        // The default follows its replacement.
+        let current = set.load();
+        assert_eq!(current.default.as_ref().map(|p| p.id), id(&set));
+    }
+
+    #[test]
+    fn configuring_recompiles_under_the_layer_and_leaves_earlier_handles_alone() {
+        let set = PolicySet::empty().configured(context("", 1), Some((policy("free", 9), true)));
+        let handle = set.clone();
+        let scoped = set.configured(context("app", 3), Some((policy("pro", 30), false)));
+        let current = scoped.load();
+        let free = current.get("free").unwrap();
+        assert_eq!(free.namespace, "app\0free");
+        let local: Vec<u64> = free.local.iter().flatten().map(Rule::quota).collect();
+        assert_eq!(local, [3]);
+        assert_eq!(current.default.as_ref().unwrap().namespace, "app\0free");
+        assert_eq!(scoped.names(), ["free", "pro"]);
+        // The set taken before has the policies it had.
+        assert_eq!(handle.names(), ["free"]);
+        assert_eq!(handle.load().get("free").unwrap().namespace, "free");
+    }
+
+    #[test]
+    fn the_resolver_picks_else_the_default_else_nothing() {
+        let set = PolicySet::empty()
+            .configured(Context::default(), Some((policy("free", 1), true)))
+            .configured(Context::default(), Some((policy("pro", 1), false)));
+        let resolver: &ResolverFn = &|parts: &Parts| parts.headers.get("tier")?.to_str().ok();
+        let pick = |tier: Option<&str>| {
+            let mut req = http::Request::builder();
+            if let Some(tier) = tier {
+                req = req.header("tier", tier);
+            }
+            let parts = req.body(()).unwrap().into_parts().0;
+            let current = set.load();
+            current
+                .select(Some(resolver), &parts)
+                .map(|p| p.name.clone())
+        };
+        assert_eq!(pick(Some("pro")).as_deref(), Some("pro"));
+        assert_eq!(pick(Some("gold")).as_deref(), Some("free"));
+        assert_eq!(pick(None).as_deref(), Some("free"));
+        let routed =
+            PolicySet::empty().configured(Context::default(), Some((policy("pro", 1), false)));
+        let parts = http::Request::new(()).into_parts().0;
+        assert!(routed.load().select(Some(resolver), &parts).is_none());
+        assert!(!routed.remove("free"));
+        assert!(routed.remove("pro"));
+    }
+}
