@@ -343,3 +343,41 @@ async fn a_custom_key_is_named_by_its_value() {
         .await
         .is_err());
 }
+
+/// A named policy of a resolver is administered by its name, like the default policy.
+#[tokio::test]
+async fn a_resolver_policy_is_administered_by_name() {
+    use tower_redis_layers::store::MemoryStore;
+    let hour = Duration::from_secs(3600);
+    let layer = RateLimitLayer::new(
+        MemoryStore::new(),
+        Policy::new("free", Rule::fixed_window(1, hour)),
+    )
+    .policy(Policy::new("pro", Rule::fixed_window(2, hour)))
+    .resolver(|parts| parts.headers.get("x-tier").and_then(|v| v.to_str().ok()))
+    .key(KeyExtractor::header("x-api-key"));
+    let handle = layer.handle();
+    let svc = service(layer);
+    let pro = || {
+        Request::builder()
+            .header("x-tier", "pro")
+            .header("x-api-key", "k")
+            .body(Full::default())
+            .unwrap()
+    };
+    let key = RateKey::header("x-api-key", "k");
+    assert_eq!(status(&svc, pro()).await.0, StatusCode::OK);
+    assert_eq!(
+        handle.quota("pro", &key).await.unwrap().rules[0].remaining,
+        1
+    );
+    assert_eq!(
+        handle.quota("free", &key).await.unwrap().rules[0].remaining,
+        1
+    );
+    handle.block("pro", &key, hour).await.unwrap();
+    assert_eq!(status(&svc, pro()).await.0, StatusCode::TOO_MANY_REQUESTS);
+    handle.unblock("pro", &key).await.unwrap();
+    assert_eq!(status(&svc, pro()).await.0, StatusCode::OK);
+    assert_eq!(status(&svc, pro()).await.0, StatusCode::TOO_MANY_REQUESTS);
+}

@@ -1,7 +1,8 @@
 //! Conformance suites for store implementations (feature `test-support`), one per concern:
 //! [`rate_limit_suite`], [`cache_suite`], [`lock_suite`] and [`idempotency_suite`], and
 //! [`rate_limit_settlement_suite`] for a rate-limit store that settles metered costs, and
-//! [`rate_limit_admin_suite`] for one that resets keys and keeps overrides.
+//! [`rate_limit_admin_suite`] for one that resets keys and keeps overrides, and
+//! [`rate_limit_lease_suite`] for one that leases quotas ([`RateLeaseStore`](crate::store::RateLeaseStore)).
 //!
 //! The crate runs them against the memory, `redis` and `fred` stores (standalone and cluster).
 //! Run them against a store of your own from a test:
@@ -24,12 +25,14 @@
 
 mod cache;
 mod idempotency;
+mod lease;
 mod lock;
 mod rate_limit;
 
 pub use self::{
     cache::cache_suite,
     idempotency::idempotency_suite,
+    lease::rate_limit_lease_suite,
     lock::lock_suite,
     rate_limit::{rate_limit_admin_suite, rate_limit_settlement_suite, rate_limit_suite},
 };

@@ -50,10 +50,9 @@ enum Counted {
     Denied(Answer),
 }
 
-/// One request's check, as the answer needs it once the store has replied.
+/// One request's check, as the answer needs it once the store has replied (with the policy it
+/// was checked under).
 pub(crate) struct Check {
-    /// The index of the policy in the configuration.
-    pub(crate) policy: usize,
     pub(crate) key: StoreKey,
     pub(crate) cost: u64,
     /// Whether the store is remote (then a denial goes into the deny cache).
@@ -63,30 +62,35 @@ pub(crate) struct Check {
     pub(crate) started: Option<std::time::Instant>,
 }
 
-/// What a future waiting for the store holds: the check and the state it is answered with.
+/// What a future waiting for the store holds: the check, the policy it checks (as it was when
+/// the request arrived, whatever the layer's policies are by the time the store answers) and
+/// the state it is answered with.
 pub(crate) struct Pending<B> {
     shared: Arc<Shared<B>>,
+    policy: Arc<CompiledPolicy>,
     check: Check,
 }
 
 impl<B> Pending<B> {
-    pub(crate) fn new(shared: &Arc<Shared<B>>, check: Check) -> Self {
+    pub(crate) fn new(shared: &Arc<Shared<B>>, policy: &Arc<CompiledPolicy>, check: Check) -> Self {
         Self {
             shared: Arc::clone(shared),
+            policy: Arc::clone(policy),
             check,
         }
     }
 
     pub(crate) fn finish(self, result: Result<Decision, StoreError>) -> Answer {
-        self.check.answer(&self.shared, result)
+        self.check.answer(&self.shared, &self.policy, result)
     }
 }
 
 impl Check {
-    /// The answer to the request, given the store's reply.
+    /// The answer to the request under `policy`, given the store's reply.
     pub(crate) fn answer<B>(
         self,
         shared: &Shared<B>,
+        policy: &CompiledPolicy,
         result: Result<Decision, StoreError>,
     ) -> Answer {
         #[cfg(feature = "metrics")]
@@ -95,9 +99,6 @@ impl Check {
                 .record(started.elapsed().as_secs_f64());
         }
         let config = &shared.config;
-        let Some(policy) = config.policy(self.policy) else {
-            return Answer::Admit(None);
-        };
         match result {
             Err(error) => {
                 count("store_error");
@@ -190,7 +191,6 @@ impl Check {
             return Counted::No;
         }
         let check = Check {
-            policy: self.policy,
             key: self.key,
             cost: self.cost,
             remote: false,
@@ -219,7 +219,7 @@ impl Check {
             let cost = self.cost;
             let rule = decision.denied_by.unwrap_or(0);
             let entry = deny_cache::Entry { until, cost, rule };
-            shared.deny_cache.insert(self.policy, self.key, entry);
+            shared.deny_cache.insert(policy.id, self.key, entry);
         }
         Answer::Reject(response)
     }

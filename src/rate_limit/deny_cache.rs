@@ -6,7 +6,9 @@ use tokio::time::Instant;
 
 use crate::key::StoreKey;
 
-/// Process-local memory of recent denials: `(policy, key) -> deny until T`.
+/// Process-local memory of recent denials: `(policy, key) -> deny until T`, where the policy is
+/// a compiled policy's id (`CompiledPolicy::id`): a policy replaced at runtime has a new id, so
+/// a denial of the policy before is never served for it.
 ///
 /// It only repeats what the store already decided (a request of at least the same cost, before
 /// the store said it could pass), so it never admits more than the store would; it saves the
@@ -19,7 +21,7 @@ pub(crate) struct DenyCache {
 struct Shard {
     /// Hashed with rapidhash (seeded at random): the keys are SHA-256 digests already, and this
     /// lookup is on the flood path.
-    map: HashMap<(usize, StoreKey), Entry, RandomState>,
+    map: HashMap<(u64, StoreKey), Entry, RandomState>,
     len_after_sweep: usize,
 }
 
@@ -44,12 +46,7 @@ impl DenyCache {
     }
 
     /// The remaining wait when `(policy, key)` at `cost` is known to be denied now.
-    pub(crate) fn get(
-        &self,
-        policy: usize,
-        key: &StoreKey,
-        cost: u64,
-    ) -> Option<(Duration, usize)> {
+    pub(crate) fn get(&self, policy: u64, key: &StoreKey, cost: u64) -> Option<(Duration, usize)> {
         // A read lock: a flood from one key is answered from all threads at once.
         let shard = self.shard(key)?.read().ok()?;
         let entry = shard.map.get(&(policy, *key))?;
@@ -58,13 +55,13 @@ impl DenyCache {
     }
 
     /// Forgets the denial of `(policy, key)`, if any (the key was reset or allowed).
-    pub(crate) fn forget(&self, policy: usize, key: &StoreKey) {
+    pub(crate) fn forget(&self, policy: u64, key: &StoreKey) {
         if let Some(Ok(mut shard)) = self.shard(key).map(RwLock::write) {
             shard.map.remove(&(policy, *key));
         }
     }
 
-    pub(crate) fn insert(&self, policy: usize, key: StoreKey, entry: Entry) {
+    pub(crate) fn insert(&self, policy: u64, key: StoreKey, entry: Entry) {
         let Some(Ok(mut shard)) = self.shard(&key).map(RwLock::write) else {
             return;
         };

@@ -25,9 +25,9 @@ use crate::{
 /// answering a denial it already holds until that denial's wait ends (this handle's own layer
 /// forgets the key's denials; see [`RateLimitLayer::no_deny_cache`](super::RateLimitLayer::no_deny_cache)).
 ///
-/// Operations name the policy by its [name](super::Policy::new): the layer's default policy
-/// and every route with a policy of that name (a route counts on its own, so each has its own
-/// state). A key is given as the layer's [`KeyExtractor`] would see it: a [`RateKey`], or the
+/// Operations name the policy by its [name](super::Policy::new): the layer's default policy or
+/// a named policy of its [resolver](super::RateLimitLayer::resolver) (as it is now), and every
+/// route with a policy of that name (a route counts on its own, so each has its own state). A key is given as the layer's [`KeyExtractor`] would see it: a [`RateKey`], or the
 /// key of a request with [`key_of`](Self::key_of).
 ///
 /// ```
@@ -201,12 +201,12 @@ impl<B: RateLimitStore> RateLimitHandle<B> {
     /// read with a check of cost 0 (which consumes nothing on any strategy). For a route, the
     /// first route of that name (else the default policy).
     pub async fn quota(&self, policy: &str, key: &RateKey) -> Result<KeyQuota, StoreError> {
-        let (_, compiled) = self
+        let compiled = self
             .policies(policy)?
             .into_iter()
             .next()
             .ok_or_else(|| no_policy(policy))?;
-        let store_key = key.hash(compiled)?;
+        let store_key = key.hash(&compiled)?;
         let check = RateCheck::new(&store_key, &compiled.rules, 0, true);
         let decision = self.bound(self.shared.store.check(check)).await?;
         let rules = (compiled.rules.iter().zip(&decision.rules))
@@ -225,11 +225,11 @@ impl<B: RateLimitStore> RateLimitHandle<B> {
     /// Deletes `key`'s state under the policy named `policy` (every route of that name): its
     /// next request starts with the full quota of every rule. A block or an allowance stays.
     pub async fn reset(&self, policy: &str, key: &RateKey) -> Result<(), StoreError> {
-        for (index, compiled) in self.policies(policy)? {
-            let store_key = key.hash(compiled)?;
+        for compiled in self.policies(policy)? {
+            let store_key = key.hash(&compiled)?;
             let call = self.shared.store.reset(&store_key, &compiled.rules);
             self.bound(call).await?;
-            self.shared.deny_cache.forget(index, &store_key);
+            self.shared.deny_cache.forget(compiled.id, &store_key);
         }
         Ok(())
     }
@@ -269,22 +269,21 @@ impl<B: RateLimitStore> RateLimitHandle<B> {
         key: &RateKey,
         state: Option<Override>,
     ) -> Result<(), StoreError> {
-        for (index, compiled) in self.policies(policy)? {
-            let store_key = key.hash(compiled)?;
+        for compiled in self.policies(policy)? {
+            let store_key = key.hash(&compiled)?;
             self.bound(self.shared.store.set_override(&store_key, state))
                 .await?;
             if !matches!(state, Some(Override::Block(_))) {
-                self.shared.deny_cache.forget(index, &store_key);
+                self.shared.deny_cache.forget(compiled.id, &store_key);
             }
         }
         Ok(())
     }
 
-    /// The policies named `name`, with their index in the configuration.
-    fn policies(&self, name: &str) -> Result<Vec<(usize, &CompiledPolicy)>, StoreError> {
-        let found: Vec<_> = (self.shared.config.policies())
-            .filter(|(_, p)| p.name == name)
-            .collect();
+    /// The policies named `name`, as they are now (the layer's named policies change at
+    /// runtime: see [`PolicySet`](super::PolicySet)).
+    fn policies(&self, name: &str) -> Result<Vec<Arc<CompiledPolicy>>, StoreError> {
+        let found = self.shared.config.policies_named(name);
         if found.is_empty() {
             return Err(no_policy(name));
         }

@@ -8,6 +8,7 @@ use super::{
     fallback::Local,
     headers::Fields,
     policy::{CompiledPolicy, Route},
+    resolver::{Context, PolicySet, ResolverFn},
     Headers, KeyExtractor, LocalFallback, Policy, Settlement,
 };
 use crate::store::FailureMode;
@@ -84,7 +85,11 @@ type CostFn = dyn Fn(&Parts) -> u64 + Send + Sync;
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) routes: Vec<Route>,
-    pub(crate) default: Option<CompiledPolicy>,
+    /// The named policies (the default policy among them), changed at runtime through
+    /// [`RateLimitLayer::policies`].
+    pub(crate) policies: PolicySet,
+    /// Names the policy of a request that no route matches.
+    pub(crate) resolver: Option<Arc<ResolverFn>>,
     pub(crate) scope: String,
     pub(crate) key: KeyExtractor,
     pub(crate) cost: Option<Arc<CostFn>>,
@@ -105,10 +110,16 @@ impl Config {
     fn replicas(&self) -> u32 {
         self.local_fallback.map_or(1, |f| f.replicas)
     }
-}
 
-/// Index of the default policy in the deny cache; routes use their position.
-const DEFAULT_POLICY: usize = usize::MAX;
+    /// What the named policies are compiled with.
+    fn context(&self) -> Context {
+        Context {
+            layer_scope: self.scope.clone(),
+            replicas: self.replicas(),
+            metered: self.settlement.is_some(),
+        }
+    }
+}
 
 impl Config {
     /// The fields of an admitted response.
@@ -134,27 +145,23 @@ impl Config {
         fields.ietf || fields.legacy
     }
 
-    /// The policy for a request, with its index (for [`Config::policy`] and the deny cache).
-    pub(crate) fn select(&self, parts: &Parts) -> Option<(usize, &CompiledPolicy)> {
-        match self.routes.iter().position(|r| r.matches(parts)) {
-            Some(i) => Some((i, &self.routes.get(i)?.policy)),
-            None => self.default.as_ref().map(|p| (DEFAULT_POLICY, p)),
-        }
+    /// The policy of the first route that matches a request, if one does; else the request's
+    /// policy is selected from the named ones (`Policies::select`).
+    #[inline]
+    pub(crate) fn route(&self, parts: &Parts) -> Option<&Arc<CompiledPolicy>> {
+        self.routes
+            .iter()
+            .find(|r| r.matches(parts))
+            .map(|r| &r.policy)
     }
 
-    /// Every policy, with its index (routes first, then the default policy).
-    pub(crate) fn policies(&self) -> impl Iterator<Item = (usize, &CompiledPolicy)> {
-        let routes = self.routes.iter().enumerate().map(|(i, r)| (i, &r.policy));
-        routes.chain(self.default.as_ref().map(|p| (DEFAULT_POLICY, p)))
-    }
-
-    /// The policy at an index that [`Config::select`] returned.
-    pub(crate) fn policy(&self, index: usize) -> Option<&CompiledPolicy> {
-        if index == DEFAULT_POLICY {
-            self.default.as_ref()
-        } else {
-            self.routes.get(index).map(|r| &r.policy)
-        }
+    /// Every policy named `name`, as it is now: the routes' (in their order), then the named
+    /// policy of that name (the default policy among them).
+    pub(crate) fn policies_named(&self, name: &str) -> Vec<Arc<CompiledPolicy>> {
+        let routes = self.routes.iter().map(|r| &r.policy);
+        let mut found: Vec<_> = routes.filter(|p| p.name == name).cloned().collect();
+        found.extend(self.policies.load().get(name).cloned());
+        found
     }
 }
 
@@ -162,12 +169,13 @@ impl<B> RateLimitLayer<B> {
     /// Limits every request with `policy`, keyed by the peer IP address unless
     /// [`key`](Self::key) says otherwise. The policy's counters are its own (named by the
     /// policy's name) unless it has a [scope](Policy::scope).
+    ///
+    /// The policy is also the layer's default named policy: with a
+    /// [`resolver`](Self::resolver), the policy of every request that the resolver does not
+    /// name, and its limits can change at runtime through [`policies`](Self::policies).
     pub fn new(store: B, policy: Policy) -> Self {
         let mut layer = Self::routed(store);
-        let config = layer.config_mut();
-        let mut policy = CompiledPolicy::new(policy, "", &config.scope);
-        policy.set_replicas(config.replicas());
-        config.default = Some(policy);
+        layer.configure_policies(Some((policy, true)));
         layer
     }
 
@@ -179,7 +187,8 @@ impl<B> RateLimitLayer<B> {
                 store: Arc::new(store),
                 config: Config {
                     routes: Vec::new(),
-                    default: None,
+                    policies: PolicySet::empty(),
+                    resolver: None,
                     scope: String::new(),
                     key: KeyExtractor::default(),
                     cost: None,
@@ -210,9 +219,55 @@ impl<B> RateLimitLayer<B> {
     pub fn route(mut self, method: Option<Method>, path: &str, policy: Policy) -> Self {
         let config = self.config_mut();
         let mut route = Route::new(method, path, policy, &config.scope);
-        route.policy.set_replicas(config.replicas());
+        Arc::make_mut(&mut route.policy).set_replicas(config.replicas());
         config.routes.push(route);
         self
+    }
+
+    /// Chooses the policy of each request at runtime: `resolver` names it, among the policies
+    /// added with [`policy`](Self::policy) (and the default policy of
+    /// [`new`](Self::new)), from anything in the request, typically what an authentication
+    /// layer in front put in its extensions (the customer's tier).
+    ///
+    /// A request whose policy the resolver does not name (`None`), or names a policy the layer
+    /// does not have (logged as a warning), is limited by the default policy, or passes
+    /// unlimited in a [`routed`](Self::routed) layer, as a request that matches no route does.
+    /// [Routes](Self::route) come first: the resolver is asked only for a request that matches
+    /// none.
+    ///
+    /// Each named policy counts on its own (its name is in its counters' names): a key that
+    /// moves from one tier to another starts with the other tier's own counters. The policies
+    /// can change while the service runs, through [`policies`](Self::policies). See the
+    /// [module docs](super#limits-chosen-at-runtime) for an example.
+    pub fn resolver<F>(mut self, resolver: F) -> Self
+    where
+        F: for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync + 'static,
+    {
+        self.config_mut().resolver = Some(Arc::new(resolver));
+        self
+    }
+
+    /// Adds a named policy for the [`resolver`](Self::resolver) to choose (replacing one of
+    /// the same name, the default policy too). Its counters are its own, named by the policy's
+    /// name unless it has a [scope](Policy::scope). A policy that cannot limit requests is
+    /// handled like every invalid policy: logged as an error on each request, and by
+    /// [`on_store_error`](Self::on_store_error) (at runtime, [`PolicySet::insert`] refuses it).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.configure_policies(Some((policy, false)));
+        self
+    }
+
+    /// The named policies of this layer (the default policy among them), to change them while
+    /// the service runs: see [`PolicySet`]. Every clone of the set, of this layer and of the
+    /// services it made, shares them.
+    ///
+    /// Take it once the layer is configured: [`policy`](Self::policy),
+    /// [`scope`](Self::scope), [`local_fallback`](Self::local_fallback) and
+    /// [`settlement`](Self::settlement) give the layer they return a set of its own (as every
+    /// builder method gives it a configuration of its own), which a set taken before does not
+    /// change.
+    pub fn policies(&self) -> PolicySet {
+        self.shared.config.policies.clone()
     }
 
     /// A namespace for every counter of this layer in the store (default: none), so that layers
@@ -227,12 +282,10 @@ impl<B> RateLimitLayer<B> {
         let config = self.config_mut();
         config.scope = scope.into();
         let layer_scope = &config.scope;
-        if let Some(policy) = &mut config.default {
-            policy.set_layer_scope(layer_scope);
-        }
         for route in &mut config.routes {
-            route.policy.set_layer_scope(layer_scope);
+            Arc::make_mut(&mut route.policy).set_layer_scope(layer_scope);
         }
+        self.configure_policies(None);
         self
     }
 
@@ -271,6 +324,7 @@ impl<B> RateLimitLayer<B> {
         let config = self.config_mut();
         config.settlement = Some(settlement);
         config.deny_cache = false;
+        self.configure_policies(None);
         self
     }
 
@@ -301,12 +355,10 @@ impl<B> RateLimitLayer<B> {
         let config = self.config_mut();
         config.local_fallback = Some(fallback);
         let replicas = fallback.replicas;
-        if let Some(policy) = &mut config.default {
-            policy.set_replicas(replicas);
-        }
         for route in &mut config.routes {
-            route.policy.set_replicas(replicas);
+            Arc::make_mut(&mut route.policy).set_replicas(replicas);
         }
+        self.configure_policies(None);
         self
     }
 
@@ -364,6 +416,13 @@ impl<B> RateLimitLayer<B> {
     fn config_mut(&mut self) -> &mut Config {
         &mut Arc::make_mut(&mut self.shared).config
     }
+
+    /// Gives the layer a set of named policies of its own, compiled with its configuration
+    /// now, with `added` put in (as the default policy when its flag is set).
+    fn configure_policies(&mut self, added: Option<(Policy, bool)>) {
+        let config = self.config_mut();
+        config.policies = config.policies.configured(config.context(), added);
+    }
 }
 
 impl<B: crate::store::RateLimitStore> RateLimitLayer<B> {
@@ -391,7 +450,8 @@ impl<B: fmt::Debug> fmt::Debug for RateLimitLayer<B> {
         let c = &self.shared.config;
         f.debug_struct("RateLimitLayer")
             .field("store", &self.shared.store)
-            .field("default", &c.default.as_ref().map(|p| (&p.name, &p.rules)))
+            .field("policies", &c.policies)
+            .field("resolver", &c.resolver.is_some())
             .field("routes", &c.routes.len())
             .field("scope", &c.scope)
             .field("key", &c.key)

@@ -101,6 +101,93 @@
 //! `Forwarded`). A header is only a key once a layer in front has authenticated it: a client
 //! that invents a new value per request has a fresh budget each. See [`KeyExtractor`].
 //!
+//! # Limits chosen at runtime
+//!
+//! With a [`resolver`](RateLimitLayer::resolver), the policy of each request is chosen from
+//! the request, among named policies added with [`policy`](RateLimitLayer::policy): for
+//! example by the customer's tier, which an authentication layer in front put in the
+//! extensions. The layer's [`PolicySet`] ([`RateLimitLayer::policies`]) changes them while the
+//! service runs (a tier's quota raised, a configuration reloaded) with no new layer.
+//!
+//! ```
+//! use std::{convert::Infallible, time::Duration};
+//! use http::{Request, Response, StatusCode};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_redis_layers::store::MemoryStore;
+//! use tower_redis_layers::rate_limit::{KeyExtractor, Policy, RateLimitLayer, Rule};
+//!
+//! /// What the authentication layer found out about the customer.
+//! #[derive(Clone, Copy)]
+//! enum Tier { Free, Pro }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let minute = Duration::from_secs(60);
+//! let day = Duration::from_secs(86_400);
+//! let free = |per_minute| {
+//!     Policy::new("free", Rule::fixed_window(per_minute, minute).name("per-minute"))
+//!         .rule(Rule::fixed_window(1_000, day).name("per-day"))
+//! };
+//! // "free" is the default: the policy of a request the resolver names no policy for.
+//! let layer = RateLimitLayer::new(MemoryStore::new(), free(2))
+//!     .policy(Policy::new("pro", Rule::fixed_window(100, minute)))
+//!     .resolver(|parts| match parts.extensions.get::<Tier>()? {
+//!         Tier::Free => Some("free"),
+//!         Tier::Pro => Some("pro"),
+//!     })
+//!     .key(KeyExtractor::header("x-api-key"));
+//! let policies = layer.policies();
+//!
+//! let svc = ServiceBuilder::new()
+//!     .map_request(|mut req: Request<String>| {
+//!         // The authentication layer (here: any key but "k-pro" is on the free tier).
+//!         let tier = if req.headers()["x-api-key"] == "k-pro" { Tier::Pro } else { Tier::Free };
+//!         req.extensions_mut().insert(tier);
+//!         req
+//!     })
+//!     .layer(layer)
+//!     .service(service_fn(|_req: Request<String>| async {
+//!         Ok::<_, Infallible>(Response::new(String::from("hi")))
+//!     }));
+//! let status = |key: &'static str| {
+//!     let req = Request::builder().header("x-api-key", key).body(String::new()).unwrap();
+//!     let svc = svc.clone();
+//!     async move { svc.oneshot(req).await.unwrap().status() }
+//! };
+//! assert_eq!(status("k-free").await, StatusCode::OK);
+//! assert_eq!(status("k-free").await, StatusCode::OK);
+//! assert_eq!(status("k-free").await, StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(status("k-pro").await, StatusCode::OK);
+//!
+//! // The free tier gets 5 a minute, from the next request on: the changed rule starts
+//! // afresh, the unchanged "per-day" rule keeps its count (2 of 1,000 used).
+//! policies.insert(free(5)).unwrap();
+//! assert_eq!(status("k-free").await, StatusCode::OK);
+//! # }
+//! ```
+//!
+//! - **Which policy.** A [route](RateLimitLayer::route) that matches comes first. Else the
+//!   resolver names the policy; a request it names none for (`None`), or a policy the layer
+//!   does not have (logged as a warning), gets the layer's default policy, the one given to
+//!   [`RateLimitLayer::new`]; a [`routed`](RateLimitLayer::routed) layer has none, and lets
+//!   such a request pass unlimited, as it does a request that matches no route. So build the
+//!   layer with `new` and the most restrictive tier when every request must be limited.
+//! - **Counters.** Each named policy counts on its own (its name is in its counters' names,
+//!   unless it has a [scope](Policy::scope)): a customer who moves to another tier counts
+//!   under that tier's counters. Replacing a policy keeps the counters of each rule whose
+//!   numbers did not change and starts afresh each rule whose numbers changed (see
+//!   [`PolicySet`]).
+//! - **Cost.** A policy is compiled (fields, local fallback rules, validation) when it is
+//!   added, never per request; a request reads the current policies without a lock
+//!   (`arc-swap`) and looks the name up in a hash map. A decision is still one store call (one
+//!   script call on Redis), two with a [settlement](Settlement).
+//! - **Requests under way** keep the policy they were checked with: their metered settlement
+//!   goes to the same counters, whatever changed in between.
+//! - **Deny cache.** Its denials are remembered per policy as compiled: neither another tier's
+//!   denial nor one of the policy before a change is ever served for a request.
+//! - **Replicas.** A [`PolicySet`] is this process's: apply a change on every replica (each
+//!   reloading its configuration, say).
+//!
 //! # The `RateLimit` fields
 //!
 //! Rejections carry `Retry-After`, `RateLimit` and `RateLimit-Policy` (with
@@ -125,12 +212,15 @@
 //! use http::{Request, Response, StatusCode};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! use tower_redis_layers::store::MemoryStore;
-//! use tower_redis_layers::rate_limit::{ActualCost, KeyExtractor, RateLimitLayer, Rule, Settlement};
+//! use tower_redis_layers::rate_limit::{
+//!     ActualCost, KeyExtractor, Policy, RateLimitLayer, Rule, Settlement,
+//! };
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! // 10,000 tokens per minute; a request is admitted if its estimate of 500 fits.
-//! let layer = RateLimitLayer::new(MemoryStore::new(), Rule::fixed_window(10_000, Duration::from_secs(60)))
+//! let budget = Policy::new("tokens", Rule::fixed_window(10_000, Duration::from_secs(60)));
+//! let layer = RateLimitLayer::new(MemoryStore::new(), budget)
 //!     .key(KeyExtractor::global())
 //!     .cost(|_| 500)
 //!     .settlement(Settlement::extension());
@@ -217,7 +307,9 @@ mod handle;
 mod headers;
 mod key;
 mod layer;
+mod lease;
 mod policy;
+mod resolver;
 mod service;
 mod settle;
 
@@ -230,7 +322,9 @@ pub use self::{
     headers::Headers,
     key::KeyExtractor,
     layer::{MissingKey, RateLimitLayer, Rejection},
+    lease::{Lease, LeaseStats, Leased},
     policy::Policy,
+    resolver::{InvalidPolicy, PolicySet},
     service::RateLimit,
     settle::{ActualCost, Settlement},
 };

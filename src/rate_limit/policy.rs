@@ -1,6 +1,11 @@
 //! Policies: the rules checked together for one request, where their counters live, and the
 //! routes of a [`routed`](super::RateLimitLayer::routed) layer.
 
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
 use http::{request::Parts, Method};
 
 use super::{fallback::divide, headers::PolicyFields, Rule};
@@ -56,9 +61,14 @@ impl Policy {
 }
 
 /// A policy ready for requests: its rules, the namespace of its counters, and what its fields
-/// need, computed once.
+/// need, computed once (when the layer is built, or when a [`PolicySet`](super::PolicySet)
+/// takes it), never per request.
 #[derive(Clone, Debug)]
 pub(crate) struct CompiledPolicy {
+    /// This compilation's identity, unique in the process: what the deny cache keys a denial
+    /// by, so that a policy replaced at runtime (or another policy over the same counters) is
+    /// never answered with a denial of the one before.
+    pub(crate) id: u64,
     pub(crate) rules: Vec<Rule>,
     pub(crate) fields: PolicyFields,
     /// The policy's name.
@@ -69,8 +79,16 @@ pub(crate) struct CompiledPolicy {
     pub(crate) namespace: String,
     /// Why the rules cannot be checked, if they cannot.
     pub(crate) invalid: Option<String>,
+    /// Whether every rule can be settled (a metered layer's policies must).
+    pub(crate) settles: bool,
     /// The rules of the local fallback (see [`divide`]).
     pub(crate) local: Option<Vec<Rule>>,
+}
+
+/// The next [`CompiledPolicy::id`].
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl CompiledPolicy {
@@ -88,7 +106,9 @@ impl CompiledPolicy {
             None => format!("{}\0{route}", policy.name),
         };
         Self {
+            id: next_id(),
             name: policy.name,
+            settles: policy.rules.iter().all(|r| r.strategy().settles()),
             local: divide(&policy.rules, 1),
             fields: PolicyFields::new(&policy.rules),
             namespace: namespace(layer_scope, &scope),
@@ -101,13 +121,31 @@ impl CompiledPolicy {
     /// Divides the local fallback's rules among `replicas` replicas.
     pub(crate) fn set_replicas(&mut self, replicas: u32) {
         self.local = divide(&self.rules, replicas);
+        self.id = next_id();
     }
 
     /// Moves the policy under another layer scope.
     pub(crate) fn set_layer_scope(&mut self, layer_scope: &str) {
         self.namespace = namespace(layer_scope, &self.scope);
+        self.id = next_id();
+    }
+
+    /// Why this policy cannot limit requests of a layer (`metered`: with a settlement), if it
+    /// cannot.
+    pub(crate) fn problem(&self, metered: bool) -> Option<String> {
+        if let Some(problem) = &self.invalid {
+            return Some(problem.clone());
+        }
+        if metered && !self.settles {
+            return Some(METERED_STRATEGIES.to_owned());
+        }
+        None
     }
 }
+
+/// Why a policy with a sliding rule cannot be metered.
+pub(crate) const METERED_STRATEGIES: &str = "a metered layer (with a settlement) settles only \
+     fixed window, token bucket, GCRA and calendar rules";
 
 /// The namespace of a policy's keys: the policy's scope (by default its name), with the layer's
 /// scope in front when there is one, separated by a NUL (which a scope never contains in
@@ -126,7 +164,7 @@ pub(crate) struct Route {
     method: Option<Method>,
     path: String,
     prefix: bool,
-    pub(crate) policy: CompiledPolicy,
+    pub(crate) policy: Arc<CompiledPolicy>,
 }
 
 impl Route {
@@ -152,7 +190,7 @@ impl Route {
             method,
             path,
             prefix,
-            policy: CompiledPolicy::new(policy, &scope, layer_scope),
+            policy: Arc::new(CompiledPolicy::new(policy, &scope, layer_scope)),
         }
     }
 

@@ -11,7 +11,7 @@ use super::{
     decision::{self, Answer, Check, Pending, TARGET},
     future::ResponseFuture,
     layer::{Config, Shared},
-    policy::CompiledPolicy,
+    policy::{CompiledPolicy, METERED_STRATEGIES},
     settle::Reservation,
     MissingKey, Policy, RateLimitLayer, ResponseBody,
 };
@@ -49,17 +49,6 @@ impl<S, B> Layer<S> for RateLimitLayer<B> {
     type Service = RateLimit<S, B>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let config = &self.shared.config;
-        if config.settlement.is_some() {
-            // Said once when the service is built, then on each request the policy applies to.
-            let policies = config
-                .default
-                .iter()
-                .chain(config.routes.iter().map(|r| &r.policy));
-            for rule in policies.filter_map(unsettled) {
-                tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket, GCRA and calendar rules; its requests are handled by the failure mode");
-            }
-        }
         RateLimit {
             inner,
             shared: Arc::clone(&self.shared),
@@ -88,9 +77,23 @@ where
         let shared = &self.shared;
         let config = &shared.config;
         let (parts, body) = req.into_parts();
-        let Some((index, policy)) = config.select(&parts) else {
-            let req = Request::from_parts(parts, body);
-            return ResponseFuture::running(self.inner.call(req), None, None);
+        // A route's policy, else the named policy the resolver picks (or the default one), as
+        // the layer's policies are now: a lock-free read, held until `call` returns (a request
+        // waiting for the store holds its policy itself).
+        let named;
+        let policy = match config.route(&parts) {
+            Some(policy) => policy,
+            None => {
+                named = config.policies.load();
+                match named.select(config.resolver.as_deref(), &parts) {
+                    Some(policy) => policy,
+                    None => {
+                        drop(named);
+                        let req = Request::from_parts(parts, body);
+                        return ResponseFuture::running(self.inner.call(req), None, None);
+                    }
+                }
+            }
         };
         let key = match key_of(config, policy, &parts) {
             Keyed::Key(key) => key,
@@ -108,7 +111,7 @@ where
 
         let remote = shared.store.is_remote();
         if remote && config.deny_cache && !config.shadow {
-            if let Some((wait, rule)) = shared.deny_cache.get(index, &key, cost) {
+            if let Some((wait, rule)) = shared.deny_cache.get(policy.id, &key, cost) {
                 let response = decision::denied_locally(config, policy, &key, rule, wait);
                 return ResponseFuture::rejected(response);
             }
@@ -120,25 +123,23 @@ where
             cost,
             want_state: config.wants_state(),
         };
-        let reservation = Reservation::new(shared, index, key, cost);
+        let reservation = Reservation::new(shared, policy, key, cost);
         let check = Check {
-            policy: index,
             key,
             cost,
             remote,
             #[cfg(feature = "metrics")]
             started: remote.then(std::time::Instant::now),
         };
-        // An in-process store answers at once: call the inner service from here, as a
-        // synchronous limiter would (no clone of it, no state machine around the check).
-        if !remote {
-            if let Some(result) = shared.store.check_now(rate_check) {
-                let answer = check.answer(shared, result);
-                return respond(&mut self.inner, req, answer, reservation);
-            }
+        // A store that can answer at once (in process, or from a leased batch) does: call the
+        // inner service from here, as a synchronous limiter would (no clone of it, no state
+        // machine around the check).
+        if let Some(result) = shared.store.check_now(rate_check) {
+            let answer = check.answer(shared, policy, result);
+            return respond(&mut self.inner, req, answer, reservation);
         }
         let future = shared.store.check(rate_check);
-        let pending = Pending::new(shared, check);
+        let pending = Pending::new(shared, policy, check);
         let timeout = remote.then_some(config.store_timeout);
         let ready = self.take_ready();
         ResponseFuture::checking(future, timeout, ready, req, pending, reservation)
@@ -157,11 +158,10 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
         tracing::error!(target: TARGET, %problem, "invalid rate-limit policy");
         return Keyed::Answered(decision::failed(config));
     }
-    if config.settlement.is_some() {
-        if let Some(rule) = unsettled(policy) {
-            tracing::error!(target: TARGET, rule, "invalid rate-limit policy: a metered layer (with a settlement) settles only fixed window, token bucket, GCRA and calendar rules");
-            return Keyed::Answered(decision::failed(config));
-        }
+    if config.settlement.is_some() && !policy.settles {
+        let problem = METERED_STRATEGIES;
+        tracing::error!(target: TARGET, policy = policy.name, %problem, "invalid rate-limit policy");
+        return Keyed::Answered(decision::failed(config));
     }
     if let Some(raw) = config.key.extract(parts) {
         return Keyed::Key(raw.hash(&policy.namespace));
@@ -183,12 +183,6 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
             Keyed::Answered(Answer::Reject(decision::missing_key(config)))
         }
     }
-}
-
-/// The name of the first rule of `policy` that a metered layer cannot settle, if any.
-fn unsettled(policy: &CompiledPolicy) -> Option<String> {
-    let rule = policy.rules.iter().find(|r| !r.strategy().settles())?;
-    Some(rule.policy_name())
 }
 
 /// Runs the inner service or rejects, as `answer` says; a metered request's `reservation` is

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::{
     decision::{Taken, TARGET},
     layer::Shared,
+    policy::CompiledPolicy,
 };
 use crate::{
     key::StoreKey,
@@ -79,7 +80,9 @@ pub struct ActualCost(pub u64);
 /// it refunds the estimate.
 pub(crate) struct Reservation<B: RateLimitStore> {
     shared: Arc<Shared<B>>,
-    policy: usize,
+    /// The policy the estimate was taken under, as it was then: a settlement goes to the same
+    /// counters even if the layer's policies changed since.
+    policy: Arc<CompiledPolicy>,
     key: StoreKey,
     estimate: u64,
     /// Where the estimate was taken, and when the layer learnt it; `None` until then, and
@@ -92,14 +95,14 @@ impl<B: RateLimitStore> Reservation<B> {
     /// layer settles metered costs.
     pub(crate) fn new(
         shared: &Arc<Shared<B>>,
-        policy: usize,
+        policy: &Arc<CompiledPolicy>,
         key: StoreKey,
         estimate: u64,
     ) -> Option<Self> {
         shared.config.settlement.as_ref()?;
         Some(Self {
             shared: Arc::clone(shared),
-            policy,
+            policy: Arc::clone(policy),
             key,
             estimate,
             taken: None,
@@ -141,9 +144,7 @@ impl<B: RateLimitStore> Reservation<B> {
             return;
         }
         let shared = &self.shared;
-        let Some(policy) = shared.config.policy(self.policy) else {
-            return;
-        };
+        let policy = &self.policy;
         let age = at.elapsed();
         let outcome = if delta > 0 { "charged" } else { "refunded" };
         if taken != Taken::Store {

@@ -59,8 +59,8 @@ pub use self::lock::LockStore;
 pub(crate) use self::memory::calendar_period;
 pub use self::memory::MemoryStore;
 pub use self::rate_limit::{
-    Calendar, Decision, InvalidUtcOffset, Override, RateCheck, RateLimitStore, RateSettlement,
-    Rule, RuleState, Strategy, UtcOffset,
+    Calendar, Decision, InvalidUtcOffset, LeaseGrant, Override, RateCheck, RateLease,
+    RateLeaseStore, RateLimitStore, RateSettlement, Rule, RuleState, Strategy, UtcOffset,
 };
 #[cfg(feature = "fred")]
 pub use self::redis::FredStore;

@@ -771,3 +771,94 @@ fn unsupported<T: Send + 'static>(what: &str) -> StoreFuture<T> {
     let error = StoreError::Invalid(format!("this rate-limit store does not implement {what}"));
     Box::pin(std::future::ready(Err(error)))
 }
+
+// Leased quotas: a replica takes a batch of units in one call and admits from it locally.
+
+/// A request for a batch of units of one rule, debited from the store before any is used (see
+/// [`RateLeaseStore::lease`]).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RateLease<'a> {
+    /// The hashed key of the caller (already namespaced by the policy).
+    pub key: &'a StoreKey,
+    /// The rule leased from: a fixed window, a token bucket or a GCRA rule.
+    pub rule: &'a Rule,
+    /// Units the caller needs now: granted in full, or nothing (a denial, as a check's).
+    pub need: u64,
+    /// The batch the replica asks for (at least `need`). The store grants less when the key is
+    /// near its limit: at most `need + (remaining after need) / (2 × replicas seen recently)`.
+    pub want: u64,
+    /// The id of the replica asking (a random id per [`Leased`](crate::rate_limit::Leased)),
+    /// to count the replicas that lease the key.
+    pub replica: &'a str,
+}
+
+impl<'a> RateLease<'a> {
+    /// A lease of `need` units, and up to `want`, of `rule` for `key`, by `replica`.
+    pub fn new(key: &'a StoreKey, rule: &'a Rule, need: u64, want: u64, replica: &'a str) -> Self {
+        Self {
+            key,
+            rule,
+            need,
+            want: want.max(need),
+            replica,
+        }
+    }
+}
+
+/// A store's answer to a [`RateLease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseGrant {
+    /// `units` (at least the `need`) were debited from the rule: the caller may admit them.
+    Granted {
+        /// Units debited for the caller.
+        units: u64,
+        /// What the rule has left after the grant.
+        remaining: u64,
+        /// Time until the rule's quota is fully available again.
+        reset: Duration,
+        /// For a fixed window: how long its window has left (the units die with it). Zero for
+        /// the other strategies.
+        window_left: Duration,
+        /// Replicas that leased the key recently, this one included.
+        replicas: u64,
+    },
+    /// The rule cannot give `need` units: nothing was debited.
+    Denied {
+        /// How long until `need` units can be given.
+        retry_after: Duration,
+        /// What the rule has left.
+        remaining: u64,
+        /// Time until the rule's quota is fully available again.
+        reset: Duration,
+    },
+    /// The key has an [`Override`]: the caller checks each request directly instead.
+    Overridden,
+}
+
+/// A [`RateLimitStore`] that also leases batches of units (fixed window, token bucket and GCRA
+/// rules), for [`Leased`](crate::rate_limit::Leased).
+///
+/// A lease is atomic like a check: the units are debited in the same call that decides.
+pub trait RateLeaseStore: RateLimitStore {
+    /// Debits `lease.need` units, and more up to `lease.want` while the rule is far from its
+    /// limit, or nothing.
+    fn lease(&self, lease: RateLease<'_>) -> StoreFuture<LeaseGrant>;
+}
+
+impl<T: RateLeaseStore> RateLeaseStore for std::sync::Arc<T> {
+    fn lease(&self, lease: RateLease<'_>) -> StoreFuture<LeaseGrant> {
+        (**self).lease(lease)
+    }
+}
+
+impl Strategy {
+    /// Whether a rule of this strategy can be leased (fixed window, token bucket, GCRA).
+    pub fn leases(&self) -> bool {
+        matches!(
+            self,
+            Strategy::FixedWindow { .. } | Strategy::TokenBucket { .. } | Strategy::Gcra { .. }
+        )
+    }
+}

@@ -925,6 +925,67 @@ impl MemoryStore {
     }
 }
 
+// Leases: the same grant as the lease script, for one replica (this process).
+
+impl crate::store::RateLeaseStore for MemoryStore {
+    /// Grants `need`, plus up to half of what is left after it (one replica: this process),
+    /// up to `want`. The extra is a second all-or-nothing check, so it never over-admits.
+    fn lease(&self, lease: crate::store::RateLease<'_>) -> StoreFuture<crate::store::LeaseGrant> {
+        use crate::store::LeaseGrant;
+        let grant = (|| {
+            if !lease.rule.strategy().leases() {
+                return Err(StoreError::Invalid(format!(
+                    "rule {} cannot be leased: only fixed window, token bucket and GCRA rules can",
+                    lease.rule.policy_name()
+                )));
+            }
+            let rules = std::slice::from_ref(lease.rule);
+            let first = self.decide(&RateCheck::new(lease.key, rules, lease.need, true))?;
+            let state = first
+                .rules
+                .first()
+                .copied()
+                .unwrap_or(crate::store::RuleState {
+                    remaining: 0,
+                    reset: Duration::ZERO,
+                });
+            if !first.allowed {
+                return Ok(LeaseGrant::Denied {
+                    retry_after: first.retry_after,
+                    remaining: state.remaining,
+                    reset: state.reset,
+                });
+            }
+            let mut units = lease.need;
+            let mut last = state;
+            let extra = lease
+                .want
+                .saturating_sub(lease.need)
+                .min(state.remaining / 2);
+            if extra > 0 {
+                let more = self.decide(&RateCheck::new(lease.key, rules, extra, true))?;
+                if more.allowed {
+                    units += extra;
+                    last = more.rules.first().copied().unwrap_or(last);
+                }
+            }
+            let window_left = if lease.rule.kind() == 1 {
+                last.reset
+            } else {
+                Duration::ZERO
+            };
+            Ok(LeaseGrant::Granted {
+                units,
+                remaining: last.remaining,
+                reset: last.reset,
+                window_left,
+                replicas: 1,
+            })
+        })();
+        Box::pin(ready(grant))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,8 @@ use super::{
 };
 use crate::{
     store::{
-        Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
-        StoreFuture,
+        Decision, LeaseGrant, Override, RateCheck, RateLease, RateLeaseStore, RateLimitStore,
+        RateSettlement, Rule, RuleState, StoreError, StoreFuture,
     },
     StoreKey,
 };
@@ -54,7 +54,7 @@ static CALENDAR: Lua = Lua::new(concat!(
 ));
 
 /// Every rate-limit script, loaded on each (re)connect.
-pub(super) static SCRIPTS: [&Lua; 8] = [
+pub(super) static SCRIPTS: [&Lua; 9] = [
     &FIXED_WINDOW,
     &SLIDING_LOG,
     &SLIDING_WINDOW,
@@ -63,6 +63,7 @@ pub(super) static SCRIPTS: [&Lua; 8] = [
     &CALENDAR,
     &MULTI_RULE,
     &SETTLE,
+    &LEASE,
 ];
 
 /// The settlement of a metered request, for one rule or several.
@@ -328,6 +329,120 @@ impl<R: ScriptRunner> RateLimitStore for R {
 
     fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
         super::rate_limit_admin::set_override(self, key, state)
+    }
+}
+
+// Leases (see `crate::rate_limit::Leased`).
+
+/// A lease of one fixed-window, token-bucket or GCRA rule: the strategies' check and commit
+/// fragments as functions, called with the need and then with the grant.
+static LEASE: Lua = Lua::new(concat!(
+    rl!("lease_head"),
+    "  if kind == '1' then\n",
+    rl!("fixed_window_check"),
+    "  elseif kind == '4' then\n",
+    rl!("token_bucket_check"),
+    "  else\n",
+    rl!("gcra_check"),
+    "  end\n  return ok, remaining, reset, retry, plan\nend\n\nlocal function commit(cost, plan)\n",
+    "  if kind == '1' then\n",
+    rl!("fixed_window_commit"),
+    "  elseif kind == '4' then\n",
+    rl!("token_bucket_commit"),
+    "  else\n",
+    rl!("gcra_commit"),
+    "  end\nend\n\n",
+    rl!("lease_tail"),
+));
+
+/// The call that leases: keys `<prefix>:{<hashed key>}:<rule signature>`, the override
+/// `...:o` and the replicas seen `...:<rule signature>:r` (one hash tag), then need, want,
+/// replica id, kind, a, b, c.
+fn lease_call(prefix: &str, lease: &RateLease<'_>) -> ScriptCall {
+    let mut call = ScriptCall::new(
+        &LEASE,
+        3,
+        7,
+        3 * (prefix.len() + 96) + 64 + lease.replica.len(),
+    );
+    // A lease the layer stopped waiting for is not used: landing later would debit units that
+    // nobody admits (lost, never over-admitted), so drop it when it has not been sent.
+    call.abandon_when_dropped();
+    let mut tag = [0u8; 32];
+    // 16 bytes always fit in 32 hex digits.
+    let _ = hex::encode_to_slice(lease.key.as_bytes(), &mut tag);
+    let head = |buf: &mut Vec<u8>| {
+        buf.extend_from_slice(prefix.as_bytes());
+        buf.extend_from_slice(b":{");
+        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(b"}:");
+    };
+    call.key(|buf| {
+        head(buf);
+        lease.rule.write_signature(buf);
+    });
+    call.key(|buf| {
+        head(buf);
+        buf.push(b'o');
+    });
+    call.key(|buf| {
+        head(buf);
+        lease.rule.write_signature(buf);
+        buf.extend_from_slice(b":r");
+    });
+    call.int(lease.need);
+    call.int(lease.want.max(lease.need));
+    call.arg(|buf| buf.extend_from_slice(lease.replica.as_bytes()));
+    let (a, b, c) = lease.rule.encode();
+    call.int(u64::from(lease.rule.kind()));
+    call.int(a);
+    call.int(b);
+    call.int(c);
+    call
+}
+
+/// Turns the lease script's reply into a [`LeaseGrant`].
+fn decode_lease(reply: Reply) -> Result<LeaseGrant, StoreError> {
+    let reply = reply.array()?;
+    if reply.len() != 6 {
+        return Err(StoreError::Reply(format!(
+            "lease script returned {} values, not 6",
+            reply.len()
+        )));
+    }
+    let int = |i: usize| reply.get(i).map_or(Ok(0), Reply::int);
+    let non_negative = |v: i64| u64::try_from(v).unwrap_or(0);
+    let granted = int(0)?;
+    let remaining = non_negative(int(2)?);
+    let reset = Duration::from_millis(non_negative(int(3)?));
+    Ok(match granted {
+        g if g < 0 => LeaseGrant::Overridden,
+        0 => LeaseGrant::Denied {
+            retry_after: Duration::from_millis(non_negative(int(1)?)),
+            remaining,
+            reset,
+        },
+        g => LeaseGrant::Granted {
+            units: non_negative(g),
+            remaining,
+            reset,
+            window_left: Duration::from_millis(non_negative(int(4)?)),
+            replicas: non_negative(int(5)?).max(1),
+        },
+    })
+}
+
+impl<R: ScriptRunner> RateLeaseStore for R {
+    fn lease(&self, lease: RateLease<'_>) -> StoreFuture<LeaseGrant> {
+        if !lease.rule.strategy().leases() {
+            let error = StoreError::Invalid(format!(
+                "rule {} cannot be leased: only fixed window, token bucket and GCRA rules can",
+                lease.rule.policy_name()
+            ));
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let call = self.guarded(lease_call(self.prefix(), &lease));
+        Box::pin(async move { decode_lease(call.await?) })
     }
 }
 
