@@ -299,6 +299,44 @@ async fn app(redis: &RedisServer) -> Router {
             tower_redis_layers::idempotency::IdempotencyLockLayer::new(redis_store.clone()),
         ),
     );
+    // Leased quotas: fixed window and GCRA on both clients, one hot key (the peer IP) and
+    // 10,000 keys (`x-api-key`).
+    {
+        use tower_redis_layers::rate_limit::{Lease, Leased};
+        let leased_redis = Leased::new(redis_store.clone(), Lease::up_to(256));
+        let leased_fred = Leased::new(fred_store.clone(), Lease::up_to(256));
+        for (name, rule) in [
+            ("fixed", Rule::fixed_window(HUGE, Duration::from_secs(60))),
+            ("gcra", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
+        ] {
+            let policy = Policy::new(format!("leased-{name}"), rule);
+            router = router
+                .route(
+                    &format!("/leased/redis/{name}"),
+                    get(ok).layer(RateLimitLayer::new(leased_redis.clone(), policy.clone())),
+                )
+                .route(
+                    &format!("/leased/fred/{name}"),
+                    get(ok).layer(RateLimitLayer::new(leased_fred.clone(), policy.clone())),
+                )
+                .route(
+                    &format!("/leased-keys/redis/{name}"),
+                    get(ok).layer(
+                        RateLimitLayer::new(leased_redis.clone(), policy.clone())
+                            .key(KeyExtractor::header(HeaderName::from_static("x-api-key")))
+                            .on_missing_key(MissingKey::Shared),
+                    ),
+                )
+                .route(
+                    &format!("/leased-keys/fred/{name}"),
+                    get(ok).layer(
+                        RateLimitLayer::new(leased_fred.clone(), policy)
+                            .key(KeyExtractor::header(HeaderName::from_static("x-api-key")))
+                            .on_missing_key(MissingKey::Shared),
+                    ),
+                );
+        }
+    }
     // A flood from one key that is over its limit.
     let over = Policy::new("flood", Rule::fixed_window(1, Duration::from_secs(600)));
     router
@@ -892,6 +930,29 @@ fn main() {
             format!("6. hand-written EVALSHA, fred with the store's timeouts: {name}"),
             leak(format!("/evalsha-fred-timed/{name}")),
         ));
+    }
+    for name in ["fixed", "gcra"] {
+        for client in ["redis", "fred"] {
+            let shown = if client == "redis" {
+                "redis-rs"
+            } else {
+                "fred"
+            };
+            main.push(config(
+                format!("9. leased (up to 256), {shown}: {name}, one hot key"),
+                leak(format!("/leased/{client}/{name}")),
+            ));
+            main.push(Config {
+                script: Some(
+                    "request = function()\n  return wrk.format(nil, nil, {[\"x-api-key\"] = \"k\" .. math.random(0, 9999)})\nend\n"
+                        .to_owned(),
+                ),
+                ..config(
+                    format!("9. leased (up to 256), {shown}: {name}, 10,000 keys"),
+                    leak(format!("/leased-keys/{client}/{name}")),
+                )
+            });
+        }
     }
     main.push(config(
         "8. handler doing 5 ms of work, uncached",
