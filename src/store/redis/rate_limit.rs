@@ -148,6 +148,44 @@ pub fn calendar_spec(rule: &Rule) -> Option<u64> {
     (rule.kind() == 6).then(|| rule.encode().2)
 }
 
+/// The start of every key of one rate-limit key, `<prefix>:{<hashed key>}:`: one hash tag, so
+/// one cluster slot for all of its rules, its override and its lease bookkeeping.
+struct KeyHead<'a> {
+    prefix: &'a str,
+    tag: [u8; 32],
+}
+
+impl<'a> KeyHead<'a> {
+    fn new(prefix: &'a str, key: &StoreKey) -> Self {
+        let mut tag = [0u8; 32];
+        // 16 bytes always fit in 32 hex digits.
+        let _ = hex::encode_to_slice(key.as_bytes(), &mut tag);
+        Self { prefix, tag }
+    }
+
+    fn write(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(self.prefix.as_bytes());
+        buf.extend_from_slice(b":{");
+        buf.extend_from_slice(&self.tag);
+        buf.extend_from_slice(b"}:");
+    }
+}
+
+/// Adds the state key of each rule (`<head><rule signature>`), then the key's override
+/// (`<head>o`, see `rate_limit_admin.rs`), in the order the scripts read them.
+fn rule_keys(call: &mut ScriptCall, head: &KeyHead<'_>, rules: &[Rule]) {
+    for rule in rules {
+        call.key(|buf| {
+            head.write(buf);
+            rule.write_signature(buf);
+        });
+    }
+    call.key(|buf| {
+        head.write(buf);
+        buf.push(b'o');
+    });
+}
+
 /// The call that checks `check`: keys `<prefix>:{<hashed key>}:<rule signature>`, then the
 /// override `<prefix>:{<hashed key>}:o` (one hash tag, so one cluster slot), and the arguments of [`rate_limit_script`]: cost, want-state flag, then
 /// for a single rule its a, b, c (no c for a fixed window, and a nonce for a sliding log); for
@@ -163,25 +201,7 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
     // A check the layer stopped waiting for was answered by its failure mode: landing later
     // would charge a request already rejected (or let through uncounted).
     call.abandon_when_dropped();
-    let mut tag = [0u8; 32];
-    // 16 bytes always fit in 32 hex digits.
-    let _ = hex::encode_to_slice(check.key.as_bytes(), &mut tag);
-    for rule in check.rules {
-        call.key(|buf| {
-            buf.extend_from_slice(prefix.as_bytes());
-            buf.extend_from_slice(b":{");
-            buf.extend_from_slice(&tag);
-            buf.extend_from_slice(b"}:");
-            rule.write_signature(buf);
-        });
-    }
-    // The key's override, last (see `rate_limit_admin.rs`).
-    call.key(|buf| {
-        buf.extend_from_slice(prefix.as_bytes());
-        buf.extend_from_slice(b":{");
-        buf.extend_from_slice(&tag);
-        buf.extend_from_slice(b"}:o");
-    });
+    rule_keys(&mut call, &KeyHead::new(prefix, check.key), check.rules);
     call.int(check.cost);
     call.arg(|buf| buf.push(if check.want_state { b'1' } else { b'0' }));
     let nonce = |call: &mut ScriptCall| {
@@ -221,25 +241,12 @@ fn settle_call(prefix: &str, settlement: &RateSettlement<'_>) -> ScriptCall {
     let n = settlement.rules.len();
     let bytes = (n + 1) * (prefix.len() + 96) + 48 + 32 * n;
     let mut call = ScriptCall::new(&SETTLE, n + 1, 2 + 4 * n, bytes);
-    let mut tag = [0u8; 32];
-    // 16 bytes always fit in 32 hex digits.
-    let _ = hex::encode_to_slice(settlement.key.as_bytes(), &mut tag);
-    for rule in settlement.rules {
-        call.key(|buf| {
-            buf.extend_from_slice(prefix.as_bytes());
-            buf.extend_from_slice(b":{");
-            buf.extend_from_slice(&tag);
-            buf.extend_from_slice(b"}:");
-            rule.write_signature(buf);
-        });
-    }
-    // The key's override, last as in the check.
-    call.key(|buf| {
-        buf.extend_from_slice(prefix.as_bytes());
-        buf.extend_from_slice(b":{");
-        buf.extend_from_slice(&tag);
-        buf.extend_from_slice(b"}:o");
-    });
+    // The keys of the check, the override last.
+    rule_keys(
+        &mut call,
+        &KeyHead::new(prefix, settlement.key),
+        settlement.rules,
+    );
     let delta = settlement.delta;
     call.arg(|buf| buf.extend_from_slice(itoa::Buffer::new().format(delta).as_bytes()));
     call.int(u64::try_from(settlement.age.as_millis()).unwrap_or(u64::MAX));
@@ -368,25 +375,10 @@ fn lease_call(prefix: &str, lease: &RateLease<'_>) -> ScriptCall {
     // A lease the layer stopped waiting for is not used: landing later would debit units that
     // nobody admits (lost, never over-admitted), so drop it when it has not been sent.
     call.abandon_when_dropped();
-    let mut tag = [0u8; 32];
-    // 16 bytes always fit in 32 hex digits.
-    let _ = hex::encode_to_slice(lease.key.as_bytes(), &mut tag);
-    let head = |buf: &mut Vec<u8>| {
-        buf.extend_from_slice(prefix.as_bytes());
-        buf.extend_from_slice(b":{");
-        buf.extend_from_slice(&tag);
-        buf.extend_from_slice(b"}:");
-    };
+    let head = KeyHead::new(prefix, lease.key);
+    rule_keys(&mut call, &head, std::slice::from_ref(lease.rule));
     call.key(|buf| {
-        head(buf);
-        lease.rule.write_signature(buf);
-    });
-    call.key(|buf| {
-        head(buf);
-        buf.push(b'o');
-    });
-    call.key(|buf| {
-        head(buf);
+        head.write(buf);
         lease.rule.write_signature(buf);
         buf.extend_from_slice(b":r");
     });
