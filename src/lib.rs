@@ -8,6 +8,9 @@
 //!   approximate counter), token bucket, GCRA and calendar quotas (per day, ISO week or month,
 //!   in a fixed UTC offset); several rules per route checked in one atomic
 //!   call; `429` with `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy` fields.
+//!   Also: metered costs settled after the response (token budgets), named policies chosen per
+//!   request and changed at runtime, quota administration (read, reset, block, allow), keys
+//!   grouped by network behind trusted proxies, and leased quotas for hot keys.
 //! - [`ThrottleLayer`](throttle::ThrottleLayer): the same limits for the calls a service makes
 //!   (a client of a third-party API): a request waits until the limit lets it through, up to a
 //!   maximum wait, then fails with a typed error.
