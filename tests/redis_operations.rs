@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::stores::{store_module, AnyStore, Env};
 use tower_redis_layers::{
-    store::{LockStore, RateCheck, RateLimitStore, Rule},
+    store::{LockStore, Override, RateCheck, RateLimitStore, RateSettlement, Rule},
     StoreKey,
 };
 
@@ -88,6 +88,47 @@ async fn script_flush_between_calls(env: Env) {
     all_scripts_reloaded(&env).await;
 }
 
+/// The rate-limit store's other scripts (a metered settlement, a block and its end, a reset)
+/// also answer, exactly, when the server lost them just before.
+async fn settle_override_and_reset_after_a_flush(env: Env) {
+    let store = env.store().await;
+    let rules = [Rule::fixed_window(10, Duration::from_secs(60))];
+    let key = StoreKey::from_parts([b"flush-admin".as_slice()]);
+    let taken = store
+        .check(RateCheck::new(&key, &rules, 5, false))
+        .await
+        .expect("the check answers");
+    assert!(taken.allowed);
+    flush_scripts(&env);
+    store
+        .settle(RateSettlement::new(&key, &rules, -3, Duration::ZERO))
+        .await
+        .expect("the settlement answers after a flush");
+    assert_eq!(remaining(&store, &key, &rules).await, 8, "3 refunded");
+    all_scripts_reloaded(&env).await;
+    flush_scripts(&env);
+    store
+        .set_override(&key, Some(Override::Block(Duration::from_secs(60))))
+        .await
+        .expect("the block answers after a flush");
+    assert!(!admit(&store, &key, &rules).await, "blocked");
+    all_scripts_reloaded(&env).await;
+    flush_scripts(&env);
+    store
+        .set_override(&key, None)
+        .await
+        .expect("the unblock answers after a flush");
+    assert!(admit(&store, &key, &rules).await, "unblocked");
+    all_scripts_reloaded(&env).await;
+    flush_scripts(&env);
+    store
+        .reset(&key, &rules)
+        .await
+        .expect("the reset answers after a flush");
+    assert_eq!(remaining(&store, &key, &rules).await, 10, "reset");
+    all_scripts_reloaded(&env).await;
+}
+
 /// Waits until the reload after a `NOSCRIPT` put every script back on every node.
 async fn all_scripts_reloaded(env: &Env) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -143,6 +184,7 @@ macro_rules! redis_stores {
 redis_stores!(
     connect_loads_every_script,
     script_flush_between_calls,
+    settle_override_and_reset_after_a_flush,
     noscript_fallback_after_the_caller_left
 );
 
