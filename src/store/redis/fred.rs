@@ -401,9 +401,12 @@ impl FredClient {
                 // The server lost its scripts (restart, failover, SCRIPT FLUSH): this call
                 // sends its text, and the others are loaded again in the background.
                 let loader = self.clone();
-                reload.start(async move {
-                    if let Err(err) = loader.load_scripts().await {
-                        tracing::debug!(%err, "reloading the scripts failed");
+                reload.start(move || {
+                    let loader = loader.clone();
+                    async move {
+                        if let Err(err) = loader.load_scripts().await {
+                            tracing::debug!(%err, "reloading the scripts failed");
+                        }
                     }
                 });
                 send(client, route, lua.text, false, call).await

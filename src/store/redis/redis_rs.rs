@@ -406,10 +406,13 @@ async fn eval(
         Err(err) if err.code() == Some("NOSCRIPT") => {
             // The server lost its scripts (restart, failover, SCRIPT FLUSH): this call sends
             // its text, and the others are loaded again in the background.
-            let mut loader = conn.clone();
-            reload.start(async move {
-                if let Err(err) = load_scripts(&mut loader).await {
-                    tracing::debug!(%err, "reloading the scripts failed");
+            let loader = conn.clone();
+            reload.start(move || {
+                let mut loader = loader.clone();
+                async move {
+                    if let Err(err) = load_scripts(&mut loader).await {
+                        tracing::debug!(%err, "reloading the scripts failed");
+                    }
                 }
             });
             conn.query(&script_cmd("EVAL", lua.text, call)).await

@@ -314,27 +314,46 @@ impl TryAgain {
 }
 
 /// Whether a reload of every script (after a `NOSCRIPT`) is under way, so that a burst of
-/// `NOSCRIPT` replies starts one reload, not one per call.
+/// `NOSCRIPT` replies starts one reload, not one per call; a `NOSCRIPT` seen while a reload runs
+/// makes it run once more when it ends (the server may have lost the scripts again after the
+/// running reload loaded them).
 #[derive(Debug, Default)]
-pub(crate) struct Reload(std::sync::atomic::AtomicBool);
+pub(crate) struct Reload {
+    running: std::sync::atomic::AtomicBool,
+    again: std::sync::atomic::AtomicBool,
+}
 
 impl Reload {
-    /// Runs `load` in the background unless a reload is already running.
-    pub(crate) fn start<F>(self: &std::sync::Arc<Self>, load: F)
+    /// Runs `load()` in the background unless a reload is already running, in which case that
+    /// one runs `load()` again when it ends.
+    pub(crate) fn start<F, Fut>(self: &std::sync::Arc<Self>, load: F)
     where
-        F: Future<Output = ()> + Send + 'static,
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
     {
-        use std::sync::atomic::Ordering;
+        use std::sync::atomic::Ordering::SeqCst;
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if self.0.swap(true, Ordering::AcqRel) {
+        self.again.store(true, SeqCst);
+        if self.running.swap(true, SeqCst) {
             return;
         }
         let this = self.clone();
         rt.spawn(async move {
-            load.await;
-            this.0.store(false, Ordering::Release);
+            loop {
+                this.again.store(false, SeqCst);
+                load().await;
+                if this.again.load(SeqCst) {
+                    continue;
+                }
+                this.running.store(false, SeqCst);
+                // A `start` between the check and the store found a reload running and left
+                // it the work: take it back unless another task already did.
+                if !this.again.load(SeqCst) || this.running.swap(true, SeqCst) {
+                    break;
+                }
+            }
         });
     }
 }
