@@ -517,3 +517,81 @@ async fn idle_keys_return_their_units() {
     );
     drop(svc_a);
 }
+
+/// Redis stalled (SIGSTOP) under a leased key, then back: every request is answered (200 or
+/// 429, within the store timeout plus a margin), never more than the limit plus the units the
+/// replica held and its local fallback's share is admitted in the window, and once Redis is
+/// back the key is leased from Redis again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_keeps_the_leased_key_bounded() {
+    const LIMIT: u64 = 100;
+    let window = Duration::from_secs(30);
+    for client in clients() {
+        let server = RedisServer::start();
+        let store = leased(client, &server.url(), Lease::up_to(16)).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let layer = RateLimitLayer::new(
+            store,
+            Policy::new("stall", Rule::fixed_window(LIMIT, window)),
+        )
+        .key(KeyExtractor::global())
+        .store_timeout(Duration::from_millis(100));
+        let log2 = log.clone();
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(move |_req: Request<()>| {
+                log2.lock().unwrap().push(Instant::now());
+                std::future::ready(Ok::<_, Infallible>(Response::new(String::new())))
+            }))
+            .map_response(|r| r.status());
+        let svc: Svc = BoxCloneSyncService::new(svc);
+        // Warm the key up: some units leased from Redis.
+        for _ in 0..20 {
+            assert_eq!(
+                svc.clone().oneshot(Request::new(())).await.unwrap(),
+                StatusCode::OK
+            );
+        }
+        server.pause();
+        let mut answered = 0;
+        for _ in 0..300 {
+            let started = Instant::now();
+            let status = svc.clone().oneshot(Request::new(())).await.unwrap();
+            assert!(
+                status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS,
+                "a stalled store gives a well-formed answer, got {status}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "answered in time"
+            );
+            answered += 1;
+        }
+        server.resume();
+        let during = log.lock().unwrap().len() as u64;
+        // The limit (Redis) plus what the local fallback (one replica: the whole limit) admits
+        // while the store is away: never more than twice the limit in the window.
+        assert!(
+            during <= 2 * LIMIT,
+            "{during} admitted with Redis stalled (limit {LIMIT})"
+        );
+        assert_eq!(answered, 300);
+        println!("lease, Redis stalled: {during} admitted of 320 requests (limit {LIMIT})");
+        // Back: the key is decided by Redis again (the fallback's hold ends within its hold).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = log.lock().unwrap().len();
+        for _ in 0..(2 * LIMIT) {
+            let _ = svc.clone().oneshot(Request::new(())).await.unwrap();
+        }
+        let after = log.lock().unwrap().len();
+        assert!(
+            (after as u64) <= 2 * LIMIT + 16,
+            "after Redis came back, {after} admitted in all (limit {LIMIT} per window)"
+        );
+        println!(
+            "lease, Redis back: {} more admitted of {} requests",
+            after - before,
+            2 * LIMIT
+        );
+    }
+}
