@@ -13,7 +13,15 @@
 //! handler of the same run, p50 and p99 latency, and
 //! Redis calls per request from `INFO commandstats` deltas: `scripts/req` counts client round
 //! trips that ran a script (`EVALSHA` + `EVAL`), `cmds/req` every command Redis executed
-//! (including the ones a script runs inside Redis).
+//! (including the ones a script runs inside Redis). Every row shows wrk's `Non-2xx or 3xx
+//! responses` over its runs; a row whose limit is never reached warns when it is not 0 (a route
+//! that fails would look fast).
+//!
+//! Rows `10.` put leased quotas over their limit (`--only "10."` runs only them): two replicas
+//! (two `Leased` stores, each on its own connection) share one hot key, one wrk alternating
+//! between them far above the limit. Their own table counts, per window, what was admitted
+//! (over-admission must be 0; under-admission is what leasing costs) against the documented
+//! bounds; `support/limited.rs` says how the windows are located and counted.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -39,7 +47,9 @@ use redis::aio::ConnectionManager;
 use strategies::{strategies, HUGE};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_redis_layers::{
-    rate_limit::{KeyExtractor, Lease, Leased, MissingKey, Policy, RateLimitLayer, Rule},
+    rate_limit::{
+        KeyExtractor, Lease, LeaseStats, Leased, MissingKey, Policy, RateLimitLayer, Rule,
+    },
     store::{FredStore, MemoryStore, RateCheck, RateLimitStore, RedisStore},
     StoreKey,
 };
@@ -175,6 +185,41 @@ struct Limited {
     /// `fixed` or `gcra`.
     strategy: &'static str,
     recorder: Arc<Recorder>,
+    /// The replicas' `Leased::stats`, set when the routes are built.
+    stats: std::sync::Mutex<Vec<StatsFn>>,
+}
+
+type StatsFn = Box<dyn Fn() -> LeaseStats + Send + Sync>;
+
+impl Limited {
+    /// The replicas' lease statistics, summed.
+    fn stats(&self) -> LeaseStats {
+        let fns = self
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sum = LeaseStats::default();
+        for f in fns.iter() {
+            let s = f();
+            sum.leases += s.leases;
+            sum.denied_leases += s.denied_leases;
+            sum.leased_units += s.leased_units;
+            sum.direct_checks += s.direct_checks;
+            sum.local_admissions += s.local_admissions;
+            sum.returns += s.returns;
+            sum.returned_units += s.returned_units;
+            sum.expired_units += s.expired_units;
+        }
+        sum
+    }
+
+    fn keep_stats<B: Send + Sync + 'static>(&self, store: &Leased<B>) {
+        let store = store.clone();
+        self.stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::new(move || store.stats()));
+    }
 }
 
 /// The limited rows' quota: 2,000 per second; GCRA burst; the largest batch; replicas.
@@ -403,16 +448,14 @@ async fn app(redis: &RedisServer, limited: &[Limited]) -> Router {
             let lease = Lease::up_to(LEASE_MAX);
             let route: axum::routing::MethodRouter = if spec.client == "redis" {
                 let store = RedisStore::connect(&url).await.expect("redis store");
-                counted.layer(RateLimitLayer::new(
-                    Leased::new(Observed::new(store, observed), lease),
-                    policy.clone(),
-                ))
+                let leased = Leased::new(Observed::new(store, observed), lease);
+                spec.keep_stats(&leased);
+                counted.layer(RateLimitLayer::new(leased, policy.clone()))
             } else {
                 let store = FredStore::connect(&url).await.expect("fred store");
-                counted.layer(RateLimitLayer::new(
-                    Leased::new(Observed::new(store, observed), lease),
-                    policy.clone(),
-                ))
+                let leased = Leased::new(Observed::new(store, observed), lease);
+                spec.keep_stats(&leased);
+                counted.layer(RateLimitLayer::new(leased, policy.clone()))
             };
             let recorder = Arc::clone(&spec.recorder);
             router = router.route(
@@ -620,6 +663,13 @@ struct LimitedOutcome {
     /// Responses wrk received, and the ones not 2xx or 3xx.
     requests: u64,
     non2xx: u64,
+    /// The replicas' store calls during the runs (`Leased::stats`): leases (and the denied
+    /// ones), direct checks, returns; and units that expired unused.
+    leases: u64,
+    denied_leases: u64,
+    direct_checks: u64,
+    returns: u64,
+    expired_units: u64,
 }
 
 struct Config {
@@ -682,8 +732,16 @@ impl Bench<'_> {
             std::thread::sleep(Duration::from_millis(1500));
             spec.recorder.start();
             let before = calls(self.redis);
+            let stats_before = spec.stats();
             let run = wrk(&url, 64, seconds, Some(&script));
             let after = calls(self.redis);
+            let stats_after = spec.stats();
+            let d = |f: fn(&LeaseStats) -> u64| f(&stats_after) - f(&stats_before);
+            out.leases += d(|s| s.leases);
+            out.denied_leases += d(|s| s.denied_leases);
+            out.direct_checks += d(|s| s.direct_checks);
+            out.returns += d(|s| s.returns);
+            out.expired_units += d(|s| s.expired_units);
             // Requests still in the server when wrk stopped.
             std::thread::sleep(Duration::from_millis(100));
             let trace = spec.recorder.trace();
@@ -819,12 +877,21 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
     for (l, o) in limited.iter().zip(outcomes) {
         let out = &o.outcome;
         let seen = o.requests.saturating_sub(o.non2xx);
+        let calls = format!(
+            "store calls (`Leased::stats`, both replicas): {} leases ({} denied), {} direct \
+             checks, {} returns; {} units expired unused",
+            thousands(o.leases),
+            thousands(o.denied_leases),
+            thousands(o.direct_checks),
+            thousands(o.returns),
+            thousands(o.expired_units)
+        );
         if l.strategy == "fixed" {
             println!(
                 "- {}: window ends located to within {} ms (the widest); {} admissions fell in \
                  milliseconds two windows may claim (counted in both), {} in no located window; \
                  the leases of {} windows disagreed on its end; at most {} units debited in one \
-                 window; 2xx seen by wrk {}, admissions counted {}.",
+                 window; 2xx seen by wrk {}, admissions counted {}; {calls}.",
                 l.label,
                 out.widest_ms,
                 out.shared,
@@ -840,7 +907,8 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
             println!(
                 "- {}: most admitted in any 1 s interval (1 ms steps) {} (bound {}); {} admitted \
                  in {:.1} s of demand, rate × T = {}: shortfall {} ({:.2}%), whole-run bound \
-                 `burst + rate × T + {}` exceeded by {}; 2xx seen by wrk {}, admissions counted {}.",
+                 `burst + rate × T + {}` exceeded by {}; 2xx seen by wrk {}, admissions counted {}; \
+                 {calls}.",
                 l.label,
                 thousands(out.sliding_max),
                 thousands(l.bound_1s()),
@@ -1145,6 +1213,7 @@ fn main() {
                 client,
                 strategy,
                 recorder: Recorder::new(),
+                stats: std::sync::Mutex::new(Vec::new()),
             });
         }
     }
