@@ -365,12 +365,38 @@ pub(crate) const DEFAULT_BODIES: [(StatusCode, &str, &str); 2] = [
     ),
 ];
 
-/// Counts a decision by outcome (feature `metrics`).
+/// Counts a decision by outcome (feature `metrics`). Each outcome's metric key is a `static`
+/// (the label is a literal): counting allocates nothing.
 #[inline]
 fn count(outcome: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("tower_redis_layers_rate_limit_decisions_total", "outcome" => outcome)
+    {
+        macro_rules! counted {
+            ($($known:literal),*) => {
+                match outcome {
+                    $($known => metrics::counter!(
+                        "tower_redis_layers_rate_limit_decisions_total",
+                        "outcome" => $known
+                    ),)*
+                    other => metrics::counter!(
+                        "tower_redis_layers_rate_limit_decisions_total",
+                        "outcome" => other
+                    ),
+                }
+            };
+        }
+        counted!(
+            "allowed",
+            "denied",
+            "denied_local",
+            "denied_shadow",
+            "allowed_fallback",
+            "denied_fallback",
+            "store_error",
+            "missing_key"
+        )
         .increment(1);
+    }
     #[cfg(not(feature = "metrics"))]
     let _ = outcome;
 }

@@ -11,6 +11,7 @@ use http::{request::Parts, HeaderName, HeaderValue, Request};
 
 use super::{layer::Shared, policy::CompiledPolicy, KeyExtractor};
 use crate::{
+    key::KeyHash,
     store::{Override, RateCheck, RateLimitStore, StoreError},
     StoreKey,
 };
@@ -133,10 +134,10 @@ impl RateKey {
         }
     }
 
-    /// The store key under `policy`, as the layer hashes it.
-    fn hash(&self, policy: &CompiledPolicy) -> Result<StoreKey, StoreError> {
+    /// The store key under `policy`, as the layer hashes it for its store (`hash`).
+    fn hash(&self, policy: &CompiledPolicy, hash: KeyHash) -> Result<StoreKey, StoreError> {
         match self.extractor.extract(&self.parts) {
-            Some(raw) => Ok(raw.hash(&policy.namespace)),
+            Some(raw) => Ok(raw.hash_with(&policy.namespace, hash)),
             None => Err(StoreError::Invalid(
                 "the rate-limit key is not valid (no key extracted from it)".to_owned(),
             )),
@@ -206,7 +207,7 @@ impl<B: RateLimitStore> RateLimitHandle<B> {
             .into_iter()
             .next()
             .ok_or_else(|| no_policy(policy))?;
-        let store_key = key.hash(&compiled)?;
+        let store_key = key.hash(&compiled, self.key_hash())?;
         let check = RateCheck::new(&store_key, &compiled.rules, 0, true);
         let decision = self.bound(self.shared.store.check(check)).await?;
         let rules = (compiled.rules.iter().zip(&decision.rules))
@@ -226,7 +227,7 @@ impl<B: RateLimitStore> RateLimitHandle<B> {
     /// next request starts with the full quota of every rule. A block or an allowance stays.
     pub async fn reset(&self, policy: &str, key: &RateKey) -> Result<(), StoreError> {
         for compiled in self.policies(policy)? {
-            let store_key = key.hash(&compiled)?;
+            let store_key = key.hash(&compiled, self.key_hash())?;
             let call = self.shared.store.reset(&store_key, &compiled.rules);
             self.bound(call).await?;
             self.shared.deny_cache.forget(compiled.id, &store_key);
@@ -270,7 +271,7 @@ impl<B: RateLimitStore> RateLimitHandle<B> {
         state: Option<Override>,
     ) -> Result<(), StoreError> {
         for compiled in self.policies(policy)? {
-            let store_key = key.hash(&compiled)?;
+            let store_key = key.hash(&compiled, self.key_hash())?;
             self.bound(self.shared.store.set_override(&store_key, state))
                 .await?;
             if !matches!(state, Some(Override::Block(_))) {
@@ -288,6 +289,11 @@ impl<B: RateLimitStore> RateLimitHandle<B> {
             return Err(no_policy(name));
         }
         Ok(found)
+    }
+
+    /// How the layer hashes keys for its store (so the handle names the layer's very keys).
+    fn key_hash(&self) -> KeyHash {
+        KeyHash::of_store(self.shared.store.is_remote())
     }
 
     /// `call` bounded by the layer's store timeout (when the store is remote).

@@ -260,7 +260,7 @@ fn secs_up(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RuleState;
+    use crate::store::{RuleState, RuleStates};
 
     fn fields(headers: &HeaderMap) -> Vec<(String, String)> {
         let mut v: Vec<_> = headers
@@ -280,10 +280,10 @@ mod tests {
             allowed: false,
             denied_by: Some(0),
             retry_after: wait,
-            rules: vec![RuleState {
+            rules: RuleStates::one(RuleState {
                 remaining: 0,
                 reset: wait,
-            }],
+            }),
         };
         for legacy in [false, true] {
             let which = Fields { ietf: true, legacy };
@@ -307,7 +307,7 @@ mod tests {
             allowed: false,
             denied_by: Some(0),
             retry_after: Duration::from_millis(400),
-            rules: vec![
+            rules: [
                 RuleState {
                     remaining: 0,
                     reset: Duration::from_millis(400),
@@ -316,7 +316,9 @@ mod tests {
                     remaining: 7,
                     reset: Duration::from_secs(59),
                 },
-            ],
+            ]
+            .into_iter()
+            .collect(),
         };
         let mut h = HeaderMap::new();
         let which = Fields {

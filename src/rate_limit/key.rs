@@ -8,7 +8,7 @@ use http::{header::HeaderName, request::Parts};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::forwarded::{self, canonical, Field, Trusted};
-use crate::key::StoreKey;
+use crate::key::{KeyHash, StoreKey};
 
 /// Where the rate-limit key of a request comes from.
 ///
@@ -112,18 +112,23 @@ enum Value<'a> {
 }
 
 impl RawKey<'_> {
-    /// The store key of this raw key under `namespace` (the layer's and the policy's scopes).
+    /// The store key of this raw key under `namespace` (the layer's and the policy's scopes),
+    /// hashed with SHA-256.
     pub(crate) fn hash(&self, namespace: &str) -> StoreKey {
+        self.hash_with(namespace, KeyHash::Sha256)
+    }
+
+    /// The store key of this raw key under `namespace`, hashed as `hash` says (the layer's
+    /// store decides: see [`KeyHash::of_store`]).
+    pub(crate) fn hash_with(&self, namespace: &str, hash: KeyHash) -> StoreKey {
         match &self.value {
-            Value::Inline(bytes, len) => StoreKey::from_parts([
+            Value::Inline(bytes, len) => hash.key([
                 namespace.as_bytes(),
                 self.tag,
                 bytes.get(..*len).unwrap_or(bytes),
             ]),
-            Value::Header(name, value) => {
-                StoreKey::from_parts([namespace.as_bytes(), self.tag, name, value])
-            }
-            Value::Owned(v) => StoreKey::from_parts([namespace.as_bytes(), self.tag, v]),
+            Value::Header(name, value) => hash.key([namespace.as_bytes(), self.tag, name, value]),
+            Value::Owned(v) => hash.key([namespace.as_bytes(), self.tag, v]),
         }
     }
 }

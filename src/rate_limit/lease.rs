@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use crate::{
     store::{
         Decision, LeaseGrant, Override, RateCheck, RateLease, RateLeaseStore, RateLimitStore,
-        RateSettlement, Rule, RuleState, StoreError, StoreFuture, Strategy,
+        RateSettlement, Rule, RuleState, RuleStates, StoreError, StoreFuture, Strategy,
     },
     StoreKey,
 };
@@ -367,7 +367,7 @@ fn admitted(remaining: u64, reset: Duration) -> Decision {
         allowed: true,
         denied_by: None,
         retry_after: Duration::ZERO,
-        rules: vec![RuleState { remaining, reset }],
+        rules: RuleStates::one(RuleState { remaining, reset }),
     }
 }
 
@@ -684,7 +684,7 @@ impl<B: RateLeaseStore> Inner<B> {
                     allowed: false,
                     denied_by: Some(0),
                     retry_after,
-                    rules: vec![RuleState { remaining, reset }],
+                    rules: RuleStates::one(RuleState { remaining, reset }),
                 };
                 if let Some(batch) = self.batches().get_mut(&bk) {
                     batch.denied = Some((now + retry_after, decision.clone()));

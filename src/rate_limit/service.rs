@@ -16,7 +16,7 @@ use super::{
     MissingKey, Policy, RateLimitLayer, ResponseBody,
 };
 use crate::{
-    key::StoreKey,
+    key::{KeyHash, StoreKey},
     store::{RateCheck, RateLimitStore},
 };
 
@@ -95,7 +95,8 @@ where
                 }
             }
         };
-        let key = match key_of(config, policy, &parts) {
+        let remote = shared.store.is_remote();
+        let key = match key_of(config, policy, &parts, KeyHash::of_store(remote)) {
             Keyed::Key(key) => key,
             Keyed::Answered(answer) => {
                 return respond(
@@ -109,7 +110,6 @@ where
         let cost = config.cost.as_ref().map_or(1, |f| f(&parts));
         let req = Request::from_parts(parts, body);
 
-        let remote = shared.store.is_remote();
         if remote && config.deny_cache && !config.shadow {
             if let Some((wait, rule)) = shared.deny_cache.get(policy.id, &key, cost) {
                 let response = decision::denied_locally(config, policy, &key, rule, wait);
@@ -152,8 +152,9 @@ enum Keyed {
     Answered(Answer),
 }
 
-/// The store key of a request under `policy`, or what to do instead when there is none.
-fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
+/// The store key of a request under `policy` (hashed as `hash` says), or what to do instead
+/// when there is none.
+fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts, hash: KeyHash) -> Keyed {
     if let Some(problem) = &policy.invalid {
         tracing::error!(target: TARGET, %problem, "invalid rate-limit policy");
         return Keyed::Answered(decision::failed(config));
@@ -164,14 +165,11 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts) -> Keyed {
         return Keyed::Answered(decision::failed(config));
     }
     if let Some(raw) = config.key.extract(parts) {
-        return Keyed::Key(raw.hash(&policy.namespace));
+        return Keyed::Key(raw.hash_with(&policy.namespace, hash));
     }
     match config.missing_key {
         MissingKey::Allow => Keyed::Answered(Answer::Admit(None)),
-        MissingKey::Shared => Keyed::Key(StoreKey::from_parts([
-            policy.namespace.as_bytes(),
-            b"missing",
-        ])),
+        MissingKey::Shared => Keyed::Key(hash.key([policy.namespace.as_bytes(), b"missing"])),
         MissingKey::Reject => {
             tracing::warn!(
                 target: TARGET,

@@ -60,7 +60,8 @@ pub(crate) use self::memory::calendar_period;
 pub use self::memory::MemoryStore;
 pub use self::rate_limit::{
     Calendar, Decision, InvalidUtcOffset, LeaseGrant, Override, RateCheck, RateLease,
-    RateLeaseStore, RateLimitStore, RateSettlement, Rule, RuleState, Strategy, UtcOffset,
+    RateLeaseStore, RateLimitStore, RateSettlement, Rule, RuleState, RuleStates,
+    RuleStatesIntoIter, Strategy, UtcOffset,
 };
 #[cfg(feature = "fred")]
 pub use self::redis::FredStore;

@@ -553,7 +553,7 @@ pub struct Decision {
     /// The state of each rule after the decision, in the order of [`RateCheck::rules`]. A
     /// denied request consumes nothing, so each rule then reports what it has left (a rule that
     /// would have admitted the cost has not given it).
-    pub rules: Vec<RuleState>,
+    pub rules: RuleStates,
 }
 
 /// The state of one rule after a decision.
@@ -565,6 +565,218 @@ pub struct RuleState {
     /// HTTP fields).
     pub reset: Duration,
 }
+
+/// The states of a [`Decision`]'s rules: a list of [`RuleState`] that holds the states of up to
+/// two rules in place, so that deciding a policy of one or two rules allocates nothing (more
+/// are kept on the heap). It dereferences to `[RuleState]`.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_layers::store::{RuleState, RuleStates};
+///
+/// let state = RuleState { remaining: 4, reset: Duration::from_secs(1) };
+/// let states: RuleStates = [state, state, state].into_iter().collect();
+/// assert_eq!((states.len(), states[2].remaining), (3, 4));
+/// assert_eq!(RuleStates::one(state), RuleStates::from(vec![state]));
+/// ```
+#[derive(Clone)]
+pub struct RuleStates(States);
+
+/// How many states a [`RuleStates`] holds in place.
+const INLINE_STATES: usize = 2;
+
+#[derive(Clone)]
+enum States {
+    /// The first `len` states are the list's.
+    Inline {
+        len: u8,
+        states: [RuleState; INLINE_STATES],
+    },
+    Heap(Vec<RuleState>),
+}
+
+/// What fills the unused room of an inline [`RuleStates`].
+const NO_STATE: RuleState = RuleState {
+    remaining: 0,
+    reset: Duration::ZERO,
+};
+
+impl RuleStates {
+    /// An empty list.
+    pub const fn new() -> Self {
+        Self(States::Inline {
+            len: 0,
+            states: [NO_STATE; INLINE_STATES],
+        })
+    }
+
+    /// The list of one state (a policy of one rule).
+    pub const fn one(state: RuleState) -> Self {
+        Self(States::Inline {
+            len: 1,
+            states: [state, NO_STATE],
+        })
+    }
+
+    /// `count` copies of `state`.
+    pub fn repeat(state: RuleState, count: usize) -> Self {
+        std::iter::repeat_n(state, count).collect()
+    }
+
+    /// Adds `state` at the end.
+    pub fn push(&mut self, state: RuleState) {
+        match &mut self.0 {
+            States::Inline { len, states } => match states.get_mut(usize::from(*len)) {
+                Some(slot) => {
+                    *slot = state;
+                    *len += 1;
+                }
+                None => {
+                    let mut heap = Vec::with_capacity(INLINE_STATES * 2);
+                    heap.extend_from_slice(states);
+                    heap.push(state);
+                    self.0 = States::Heap(heap);
+                }
+            },
+            States::Heap(heap) => heap.push(state),
+        }
+    }
+
+    /// The states, as a slice.
+    pub fn as_slice(&self) -> &[RuleState] {
+        match &self.0 {
+            States::Inline { len, states } => states.get(..usize::from(*len)).unwrap_or_default(),
+            States::Heap(heap) => heap,
+        }
+    }
+
+    /// The states, as a mutable slice.
+    pub fn as_mut_slice(&mut self) -> &mut [RuleState] {
+        match &mut self.0 {
+            States::Inline { len, states } => {
+                states.get_mut(..usize::from(*len)).unwrap_or_default()
+            }
+            States::Heap(heap) => heap,
+        }
+    }
+}
+
+impl Default for RuleStates {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::ops::Deref for RuleStates {
+    type Target = [RuleState];
+
+    fn deref(&self) -> &[RuleState] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for RuleStates {
+    fn deref_mut(&mut self) -> &mut [RuleState] {
+        self.as_mut_slice()
+    }
+}
+
+impl fmt::Debug for RuleStates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
+impl PartialEq for RuleStates {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for RuleStates {}
+
+impl FromIterator<RuleState> for RuleStates {
+    fn from_iter<I: IntoIterator<Item = RuleState>>(iter: I) -> Self {
+        let mut states = Self::new();
+        for state in iter {
+            states.push(state);
+        }
+        states
+    }
+}
+
+impl From<Vec<RuleState>> for RuleStates {
+    fn from(states: Vec<RuleState>) -> Self {
+        if states.len() <= INLINE_STATES {
+            states.into_iter().collect()
+        } else {
+            Self(States::Heap(states))
+        }
+    }
+}
+
+impl From<RuleStates> for Vec<RuleState> {
+    fn from(states: RuleStates) -> Self {
+        match states.0 {
+            States::Heap(heap) => heap,
+            States::Inline { .. } => states.as_slice().to_vec(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a RuleStates {
+    type Item = &'a RuleState;
+    type IntoIter = std::slice::Iter<'a, RuleState>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a mut RuleStates {
+    type Item = &'a mut RuleState;
+    type IntoIter = std::slice::IterMut<'a, RuleState>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_mut_slice().iter_mut()
+    }
+}
+
+impl IntoIterator for RuleStates {
+    type Item = RuleState;
+    type IntoIter = RuleStatesIntoIter;
+
+    fn into_iter(self) -> RuleStatesIntoIter {
+        RuleStatesIntoIter {
+            states: self,
+            next: 0,
+        }
+    }
+}
+
+/// The states of a [`RuleStates`], by value.
+#[derive(Debug, Clone)]
+pub struct RuleStatesIntoIter {
+    states: RuleStates,
+    next: usize,
+}
+
+impl Iterator for RuleStatesIntoIter {
+    type Item = RuleState;
+
+    fn next(&mut self) -> Option<RuleState> {
+        let state = self.states.as_slice().get(self.next).copied()?;
+        self.next += 1;
+        Some(state)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.states.len().saturating_sub(self.next);
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for RuleStatesIntoIter {}
 
 /// A store that answers rate-limit checks.
 ///

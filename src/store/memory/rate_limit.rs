@@ -12,8 +12,8 @@ use portable_atomic::AtomicU128;
 use super::{Map, MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
-        Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, StoreError,
-        StoreFuture, Strategy,
+        Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, RuleStates,
+        StoreError, StoreFuture, Strategy,
     },
     StoreKey,
 };
@@ -23,6 +23,9 @@ type SlotKey = (StoreKey, u8, u64, u64, u64);
 #[derive(Default)]
 pub(super) struct Shard {
     map: Map<SlotKey, Slot>,
+    /// How many override slots `map` holds (expired ones not yet swept included): while none
+    /// does, which is the usual case, a check does not look for its key's override.
+    overrides: usize,
     next_sweep: u64,
     len_after_sweep: usize,
 }
@@ -101,7 +104,7 @@ impl MemoryStore {
             Some(Ok(())) => 0,
             None => check.cost,
         };
-        let mut states = Vec::with_capacity(check.rules.len());
+        let mut states = RuleStates::new();
         let mut allowed = true;
         let mut denied_by = None;
         let mut wait = 0.0_f64;
@@ -282,10 +285,10 @@ fn single(eval: Eval) -> Decision {
         } else {
             us_to_duration(eval.retry)
         },
-        rules: vec![RuleState {
+        rules: RuleStates::one(RuleState {
             remaining: eval.remaining,
             reset: us_to_duration(eval.reset),
-        }],
+        }),
     }
 }
 
@@ -333,7 +336,15 @@ impl Shard {
     }
 
     pub(super) fn sweep(&mut self, now: u64) {
-        self.map.retain(|_, slot| slot.live(now));
+        let mut overrides = self.overrides;
+        self.map.retain(|key, slot| {
+            let live = slot.live(now);
+            if !live && is_override(key) {
+                overrides -= 1;
+            }
+            live
+        });
+        self.overrides = overrides;
         if self.map.capacity() > 4 * self.map.len() + 64 {
             self.map.shrink_to_fit();
         }
@@ -866,9 +877,17 @@ fn override_slot(key: &StoreKey) -> SlotKey {
     (*key, 0, 0, 0, 0)
 }
 
+/// Whether `slot` is where an override lives (see [`override_slot`]).
+fn is_override(slot: &SlotKey) -> bool {
+    slot.1 == 0
+}
+
 /// The override of `key` now: admitted without consuming (`Ok`), or blocked for so many more
 /// microseconds (`Err`).
 fn overridden(shard: &Shard, key: &StoreKey, now: u64) -> Option<Result<(), u64>> {
+    if shard.overrides == 0 {
+        return None;
+    }
     let slot = shard.map.get(&override_slot(key))?;
     match slot.state {
         _ if slot.expires_at <= now => None,
@@ -886,13 +905,13 @@ fn blocked(rules: usize, left: u64) -> Decision {
         allowed: false,
         denied_by: Some(0),
         retry_after: left,
-        rules: vec![
+        rules: RuleStates::repeat(
             RuleState {
                 remaining: 0,
                 reset: left,
-            };
-            rules
-        ],
+            },
+            rules,
+        ),
     }
 }
 
@@ -908,7 +927,9 @@ impl MemoryStore {
     fn override_key(&self, key: &StoreKey, state: Option<Override>) -> Result<(), StoreError> {
         let mut shard = self.inner.rate_limit.lock(key)?;
         let Some(state) = state else {
-            shard.map.remove(&override_slot(key));
+            if shard.map.remove(&override_slot(key)).is_some() {
+                shard.overrides -= 1;
+            }
             return Ok(());
         };
         let now = self.now_us();
@@ -920,7 +941,9 @@ impl MemoryStore {
             },
             expires_at: now.saturating_add(lasts.max(1000)),
         };
-        shard.map.insert(override_slot(key), slot);
+        if shard.map.insert(override_slot(key), slot).is_none() {
+            shard.overrides += 1;
+        }
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use super::{
 use crate::{
     store::{
         Decision, LeaseGrant, Override, RateCheck, RateLease, RateLeaseStore, RateLimitStore,
-        RateSettlement, Rule, RuleState, StoreError, StoreFuture,
+        RateSettlement, Rule, RuleState, RuleStates, StoreError, StoreFuture,
     },
     StoreKey,
 };
@@ -268,13 +268,13 @@ fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, StoreError> {
             allowed: true,
             denied_by: None,
             retry_after: Duration::ZERO,
-            rules: vec![
+            rules: RuleStates::repeat(
                 RuleState {
                     remaining: 0,
                     reset: Duration::ZERO,
-                };
-                rules
-            ],
+                },
+                rules,
+            ),
         });
     }
     let reply = reply.array()?;
@@ -299,7 +299,7 @@ fn decode_decision(reply: Reply, rules: usize) -> Result<Decision, StoreError> {
                 reset: Duration::from_millis(non_negative(int(4 + 2 * r)?)),
             })
         })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+        .collect::<Result<RuleStates, StoreError>>()?;
     Ok(Decision {
         allowed,
         denied_by: if allowed { None } else { denied_by },
