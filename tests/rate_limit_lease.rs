@@ -284,16 +284,17 @@ async fn a_dead_replica_loses_at_most_its_lease() {
             let svc_a = service(a.clone(), rule.clone(), Arc::clone(&log));
             // Warm `a` up until it holds a batch of more than one unit.
             let mut admitted_a = 0;
-            let mut held = 0;
             for _ in 0..64 {
                 if svc_a.clone().oneshot(Request::new(())).await.unwrap() == StatusCode::OK {
                     admitted_a += 1;
                 }
-                held = a.held();
-                if held >= 8 {
+                if a.held() >= 8 {
                     break;
                 }
             }
+            // A lease sent ahead of need may be in flight: let it land, then count.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let held = a.held();
             assert!(held >= 8, "a holds {held}");
             // It dies: dropped without returning (no_return), or dropped and returning.
             drop(svc_a);
@@ -503,6 +504,8 @@ async fn idle_keys_return_their_units() {
         );
         admitted_a += 1;
     }
+    // A lease sent ahead of need may be in flight: let it land (well within the idle time).
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let held = a.held();
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(a.held(), 0, "the idle key was forgotten");

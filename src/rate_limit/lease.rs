@@ -115,8 +115,11 @@ impl Lease {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LeaseStats {
-    /// Lease calls (one store call each).
+    /// Lease calls (one store call each), those sent ahead of need included.
     pub leases: u64,
+    /// Lease calls sent ahead of need: a busy key's batch had used half of its units, so the
+    /// next batch was leased in the background while the rest were admitted.
+    pub prefetches: u64,
     /// Lease calls that the store denied (nothing debited).
     pub denied_leases: u64,
     /// Units the leases debited.
@@ -126,6 +129,8 @@ pub struct LeaseStats {
     pub direct_checks: u64,
     /// Requests admitted from a batch without a store call.
     pub local_admissions: u64,
+    /// Requests that waited for a lease in flight (their key's batch was empty).
+    pub waits: u64,
     /// Return calls (one store call each) and the units they gave back.
     pub returns: u64,
     /// Units given back by returns.
@@ -231,15 +236,17 @@ struct Inner<B> {
     settle: SettleFn<B>,
     lease: Lease,
     replica: String,
-    batches: Mutex<HashMap<BatchKey, Batch>>,
+    batches: Mutex<Batches>,
     calls: AtomicU64,
     /// Whether the task that returns idle keys' units runs.
     sweeping: std::sync::atomic::AtomicBool,
     leases: AtomicU64,
+    prefetches: AtomicU64,
     denied_leases: AtomicU64,
     leased_units: AtomicU64,
     direct_checks: AtomicU64,
     local_admissions: AtomicU64,
+    waits: AtomicU64,
     returns: AtomicU64,
     returned_units: AtomicU64,
     expired_units: AtomicU64,
@@ -253,16 +260,28 @@ const MAX_WAITS: u32 = 16;
 /// How long the units of a lease are kept for the requests that waited for it.
 const RESERVED_FOR: Duration = Duration::from_millis(20);
 
+/// How long a lease sent ahead of need may take (a layer's default store timeout).
+const PREFETCH_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The batches by key, hashed with rapidhash: the keys are SHA-256 digests already.
+type Batches = HashMap<BatchKey, Batch, rapidhash::fast::RandomState>;
+
 /// A key under one rule: the store key and the rule's wire form (kind, a, b, c).
 type BatchKey = (StoreKey, [u64; 4]);
 
-/// The units a replica holds for one key and rule.
+/// The units a replica holds for one key and rule: two generations at most (the older batch
+/// and a lease's that landed before it ran out), each dying at its own time, the older used
+/// first.
 struct Batch {
     rule: Rule,
-    /// Leased and not yet used.
+    /// Leased and not yet used, of the older generation (0 only when `next` is 0 too).
     units: u64,
-    /// When the units die: their window's end, or the lease time after their debit.
+    /// When the older units die: their window's end, or the lease time after their debit.
     expires: Instant,
+    /// Leased and not yet used, of the newer generation.
+    next: u64,
+    /// When the newer units die.
+    next_expires: Instant,
     /// When the lease that gave them was answered.
     answered: Instant,
     /// The batch asked next.
@@ -273,7 +292,7 @@ struct Batch {
     reset_at: Instant,
     last_used: Instant,
     /// A lease in flight for the key: the others wait for it (a few times at most, then
-    /// they check directly).
+    /// they check directly) when the batch has nothing left for them.
     leasing: Option<Arc<Notify>>,
     /// Units that requests waiting for the lease in flight need.
     waiting: u64,
@@ -293,6 +312,8 @@ impl Batch {
             rule,
             units: 0,
             expires: now,
+            next: 0,
+            next_expires: now,
             answered: now,
             size: 1,
             remaining: 0,
@@ -306,13 +327,60 @@ impl Batch {
         }
     }
 
+    /// Units held (both generations).
+    fn held(&self) -> u64 {
+        self.units + self.next
+    }
+
+    /// Units held that have not expired at `now`.
+    fn valid(&self, now: Instant) -> u64 {
+        let older = if self.expires > now { self.units } else { 0 };
+        let newer = if self.next_expires > now {
+            self.next
+        } else {
+            0
+        };
+        older + newer
+    }
+
     /// Drops units past their expiry; the next batch is smaller (the key was not that busy).
     fn expire(&mut self, now: Instant, expired: &AtomicU64) {
+        let mut lost = 0;
+        if self.next > 0 && self.next_expires <= now {
+            lost += std::mem::take(&mut self.next);
+        }
         if self.units > 0 && self.expires <= now {
-            expired.fetch_add(self.units, Ordering::Relaxed);
-            self.units = 0;
-            self.reserved = 0;
+            lost += std::mem::take(&mut self.units);
+        }
+        if self.units == 0 && self.next > 0 {
+            self.units = std::mem::take(&mut self.next);
+            self.expires = self.next_expires;
+        }
+        if lost > 0 {
+            expired.fetch_add(lost, Ordering::Relaxed);
+            self.reserved = self.reserved.min(self.held());
             self.size = (self.size / 2).max(1);
+        }
+    }
+
+    /// Adds `units` that die at `expires`: a generation of their own when one is free, else
+    /// with the newer one, under the earlier of the two expiries (a unit never outlives its
+    /// own).
+    fn add(&mut self, units: u64, expires: Instant) {
+        if units == 0 {
+            return;
+        }
+        if self.units == 0 {
+            (self.units, self.expires) = (units, expires);
+        } else if self.next == 0 {
+            (self.next, self.next_expires) = (units, expires);
+            if self.next_expires < self.expires {
+                std::mem::swap(&mut self.units, &mut self.next);
+                std::mem::swap(&mut self.expires, &mut self.next_expires);
+            }
+        } else {
+            self.next += units;
+            self.next_expires = self.next_expires.min(expires);
         }
     }
 
@@ -332,33 +400,45 @@ impl Batch {
         }
     }
 
-    /// Takes `cost` units if the batch holds them: from the reserved ones for a request that
-    /// `waited` for the lease, else from the rest.
+    /// Takes `cost` units if the batch holds them (call [`expire`](Self::expire) first): from
+    /// the reserved ones for a request that `waited` for the lease, else from the rest.
     fn take(&mut self, cost: u64, now: Instant, waited: bool) -> Option<Decision> {
+        let held = self.held();
         // The reservation is for the waiters woken by the lease; it lapses soon after, so a
         // waiter that gave up never holds units back for long.
-        let reserved = if now.saturating_duration_since(self.answered) < RESERVED_FOR {
-            self.reserved
+        let available = if waited || self.reserved == 0 {
+            held
+        } else if now.saturating_duration_since(self.answered) < RESERVED_FOR {
+            held.saturating_sub(self.reserved)
         } else {
-            0
+            self.reserved = 0;
+            held
         };
-        let available = if waited {
-            self.units
-        } else {
-            self.units.saturating_sub(reserved)
-        };
-        if cost == 0 || available < cost || self.expires <= now {
+        if cost == 0 || available < cost {
             return None;
         }
         if waited {
             self.reserved = self.reserved.saturating_sub(cost);
         }
-        self.units -= cost;
+        let older = cost.min(self.units);
+        self.units -= older;
+        self.next -= cost - older;
+        if self.units == 0 && self.next > 0 {
+            self.units = std::mem::take(&mut self.next);
+            self.expires = self.next_expires;
+        }
         self.last_used = now;
         Some(admitted(
-            self.remaining + self.units,
+            self.remaining + self.units + self.next,
             self.reset_at.saturating_duration_since(now),
         ))
+    }
+
+    /// Whether to lease ahead now: a busy key (its batch grew past one unit) has used half of
+    /// its batch and no lease is in flight. The next batch then usually lands before this one
+    /// runs out, and the key's requests are answered without waiting.
+    fn runs_low(&self) -> bool {
+        self.leasing.is_none() && self.size > 1 && self.held() * 2 <= self.size
     }
 }
 
@@ -382,14 +462,16 @@ impl<B: RateLimitStore> Leased<B> {
                 settle: B::settle,
                 lease,
                 replica: String::from_utf8_lossy(&id).into_owned(),
-                batches: Mutex::new(HashMap::new()),
+                batches: Mutex::new(Batches::default()),
                 calls: AtomicU64::new(0),
                 sweeping: std::sync::atomic::AtomicBool::new(false),
                 leases: AtomicU64::new(0),
+                prefetches: AtomicU64::new(0),
                 denied_leases: AtomicU64::new(0),
                 leased_units: AtomicU64::new(0),
                 direct_checks: AtomicU64::new(0),
                 local_admissions: AtomicU64::new(0),
+                waits: AtomicU64::new(0),
                 returns: AtomicU64::new(0),
                 returned_units: AtomicU64::new(0),
                 expired_units: AtomicU64::new(0),
@@ -415,10 +497,12 @@ impl<B> Leased<B> {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         LeaseStats {
             leases: get(&i.leases),
+            prefetches: get(&i.prefetches),
             denied_leases: get(&i.denied_leases),
             leased_units: get(&i.leased_units),
             direct_checks: get(&i.direct_checks),
             local_admissions: get(&i.local_admissions),
+            waits: get(&i.waits),
             returns: get(&i.returns),
             returned_units: get(&i.returned_units),
             expired_units: get(&i.expired_units),
@@ -430,11 +514,7 @@ impl<B> Leased<B> {
     pub fn held(&self) -> u64 {
         let now = Instant::now();
         let batches = self.inner.batches();
-        batches
-            .values()
-            .filter(|b| b.expires > now)
-            .map(|b| b.units)
-            .sum()
+        batches.values().map(|b| b.valid(now)).sum()
     }
 
     /// Forgets every batch without returning it, as a replica that crashed would. For tests.
@@ -447,13 +527,13 @@ impl<B> Leased<B> {
 impl<B> Inner<B> {
     /// Returns the unused units of `batch` (best effort, in the background).
     fn give_back(&self, key: &StoreKey, batch: &Batch, now: Instant) {
-        if !self.lease.return_unused || batch.units == 0 || batch.expires <= now {
+        let units = batch.valid(now);
+        if !self.lease.return_unused || units == 0 {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let units = batch.units;
         let settlement = RateSettlement::new(
             key,
             std::slice::from_ref(&batch.rule),
@@ -470,7 +550,7 @@ impl<B> Inner<B> {
         });
     }
 
-    fn batches(&self) -> MutexGuard<'_, HashMap<BatchKey, Batch>> {
+    fn batches(&self) -> MutexGuard<'_, Batches> {
         // A panic while the lock was held leaves counts that are still valid numbers.
         self.batches
             .lock()
@@ -498,7 +578,7 @@ impl<B: RateLeaseStore> Inner<B> {
     }
 
     /// Forgets the keys idle for longer than the idle time (returning their units).
-    fn sweep(&self, batches: &mut HashMap<BatchKey, Batch>, now: Instant) {
+    fn sweep(&self, batches: &mut Batches, now: Instant) {
         let idle = self.lease.idle;
         batches.retain(|(key, _), b| {
             let keep = b.leasing.is_some() || now.saturating_duration_since(b.last_used) < idle;
@@ -563,6 +643,11 @@ impl<B: RateLeaseStore> Inner<B> {
                     batch.expire(now, &self.expired_units);
                     if let Some(decision) = batch.take(cost, now, waits > 0) {
                         self.local_admissions.fetch_add(1, Ordering::Relaxed);
+                        let ahead = self.ahead(batch);
+                        drop(batches);
+                        if let Some(ahead) = ahead {
+                            self.prefetch(key, bk, rule, ahead);
+                        }
                         return Ok(decision);
                     }
                     if let Some(denial) = batch.denied(cost, now) {
@@ -587,7 +672,7 @@ impl<B: RateLeaseStore> Inner<B> {
                                 .size
                                 .max(batch.waiting.saturating_add(cost))
                                 .min(self.lease.max.max(cost));
-                            let want = target.saturating_sub(batch.units).max(cost);
+                            let want = target.saturating_sub(batch.held()).max(cost);
                             batch.waiting = 0;
                             batch.reserved = 0;
                             Some(Err((notify, target, want)))
@@ -599,6 +684,9 @@ impl<B: RateLeaseStore> Inner<B> {
                 // Another request leases for the key: wait for it once, then take from its
                 // batch or check directly.
                 Some(Ok(notified)) => {
+                    if waits == 0 {
+                        self.waits.fetch_add(1, Ordering::Relaxed);
+                    }
                     waits += 1;
                     notified.await;
                 }
@@ -623,6 +711,92 @@ impl<B: RateLeaseStore> Inner<B> {
             .store
             .lease(RateLease::new(&key, &rule, cost, want, &self.replica))
             .await;
+        let landed = self.land(&bk, &rule, grant, sent, cost, want, target);
+        drop(done);
+        match landed {
+            Landed::Answer(decision) => Ok(decision),
+            Landed::Direct => {
+                let rules = std::slice::from_ref(&rule);
+                self.direct(RateCheck::new(&key, rules, cost, want_state))
+                    .await
+            }
+            Landed::Failed(error) => Err(error),
+        }
+    }
+
+    /// The lease to send ahead of need when `batch` runs low (see [`Batch::runs_low`]),
+    /// marked in flight: its target and the units it asks for.
+    fn ahead(&self, batch: &mut Batch) -> Option<Ahead> {
+        if !batch.runs_low() {
+            return None;
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        // As a request's lease: a replica holds at most `max` units after the grant.
+        let target = batch.size.max(batch.waiting).min(self.lease.max);
+        let want = target.saturating_sub(batch.held());
+        if want == 0 {
+            return None;
+        }
+        let notify = Arc::new(Notify::new());
+        batch.leasing = Some(Arc::clone(&notify));
+        batch.waiting = 0;
+        Some(Ahead {
+            runtime,
+            notify,
+            target,
+            want,
+        })
+    }
+
+    /// Sends the lease `ahead` in the background: its units join the key's batch, nobody
+    /// waits for it while the batch holds units.
+    fn prefetch(self: &Arc<Self>, key: StoreKey, bk: BatchKey, rule: Rule, ahead: Ahead) {
+        let Ahead {
+            runtime,
+            notify,
+            target,
+            want,
+        } = ahead;
+        self.leases.fetch_add(1, Ordering::Relaxed);
+        self.prefetches.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        // A lease of one unit needed (granted or denied as any), up to `want`.
+        let call = self
+            .store
+            .lease(RateLease::new(&key, &rule, 1, want, &self.replica));
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            let done = Done {
+                inner: &inner,
+                key: bk,
+                notify,
+            };
+            // A stalled store does not hold the key's lease for longer than a layer's default
+            // store timeout: then a request leases again (or the breaker answers).
+            let grant = match tokio::time::timeout(PREFETCH_TIMEOUT, call).await {
+                Ok(grant) => grant,
+                Err(_) => Err(StoreError::Timeout(PREFETCH_TIMEOUT)),
+            };
+            if let Landed::Failed(error) = inner.land(&bk, &rule, grant, sent, 0, want, target) {
+                tracing::debug!(target: super::decision::TARGET, %error, "could not lease ahead");
+            }
+            drop(done);
+        });
+    }
+
+    /// Puts the answer to a lease sent at `sent` into the key's batch, `taken` units of a grant
+    /// going to the request that leased (none for a lease ahead): the answer for it.
+    #[allow(clippy::too_many_arguments)]
+    fn land(
+        &self,
+        bk: &BatchKey,
+        rule: &Rule,
+        grant: Result<LeaseGrant, StoreError>,
+        sent: Instant,
+        taken: u64,
+        want: u64,
+        target: u64,
+    ) -> Landed {
         let now = Instant::now();
         match grant {
             Ok(LeaseGrant::Granted {
@@ -636,28 +810,20 @@ impl<B: RateLeaseStore> Inner<B> {
                 // A unit dies no later than its window's end (fixed window) or its lease time
                 // after its debit, both counted from before the call was sent: the store
                 // debited it later than that.
-                let life = match self.lease.lease_time(&rule) {
+                let life = match self.lease.lease_time(rule) {
                     Some(tau) => tau,
                     None => window_left,
                 };
                 let mut batches = self.batches();
                 let batch = batches
-                    .entry(bk)
+                    .entry(*bk)
                     .or_insert_with(|| Batch::new(rule.clone(), now));
                 batch.expire(now, &self.expired_units);
-                // Units of an older lease still valid (kept for waiters, or fewer than this
-                // cost) stay, under the earlier of the two expiries: a fixed window's older
-                // units are of the same window, since it has not ended.
-                let expires = if batch.units > 0 {
-                    batch.expires.min(sent + life)
-                } else {
-                    sent + life
-                };
-                batch.units += units.saturating_sub(cost);
+                // Units of an older lease still valid stay, with their own expiry.
+                batch.add(units.saturating_sub(taken), sent + life);
                 // The requests that waited for this lease come first.
-                batch.reserved = batch.units.min(batch.waiting);
+                batch.reserved = batch.held().min(batch.waiting);
                 batch.waiting = 0;
-                batch.expires = expires;
                 batch.answered = now;
                 batch.remaining = remaining;
                 batch.reset_at = now + reset;
@@ -669,10 +835,7 @@ impl<B: RateLeaseStore> Inner<B> {
                 } else {
                     target.saturating_mul(2).min(self.lease.max)
                 };
-                let decision = admitted(remaining + batch.units, reset);
-                drop(batches);
-                drop(done);
-                Ok(decision)
+                Landed::Answer(admitted(remaining + batch.held(), reset))
             }
             Ok(LeaseGrant::Denied {
                 retry_after,
@@ -686,25 +849,34 @@ impl<B: RateLeaseStore> Inner<B> {
                     retry_after,
                     rules: RuleStates::one(RuleState { remaining, reset }),
                 };
-                if let Some(batch) = self.batches().get_mut(&bk) {
+                if let Some(batch) = self.batches().get_mut(bk) {
                     batch.denied = Some((now + retry_after, decision.clone()));
-                    batch.last_cost = cost;
+                    batch.last_cost = taken.max(1);
                 }
-                drop(done);
-                Ok(decision)
+                Landed::Answer(decision)
             }
-            Ok(LeaseGrant::Overridden) | Err(StoreError::Invalid(_)) => {
-                drop(done);
-                let rules = std::slice::from_ref(&rule);
-                self.direct(RateCheck::new(&key, rules, cost, want_state))
-                    .await
-            }
-            Err(error) => {
-                drop(done);
-                Err(error)
-            }
+            Ok(LeaseGrant::Overridden) | Err(StoreError::Invalid(_)) => Landed::Direct,
+            Err(error) => Landed::Failed(error),
         }
     }
+}
+
+/// A lease to send ahead of need.
+struct Ahead {
+    runtime: tokio::runtime::Handle,
+    notify: Arc<Notify>,
+    target: u64,
+    want: u64,
+}
+
+/// What a lease's answer means for the request that sent it.
+enum Landed {
+    /// Its answer (admitted from the grant, or denied).
+    Answer(Decision),
+    /// Check it directly (an override, or a rule the store does not lease).
+    Direct,
+    /// The store failed.
+    Failed(StoreError),
 }
 
 /// Ends a lease in flight: frees the key for the next lease and wakes the requests waiting.
@@ -717,7 +889,14 @@ struct Done<'a, B> {
 impl<B> Drop for Done<'_, B> {
     fn drop(&mut self) {
         if let Some(batch) = self.inner.batches().get_mut(&self.key) {
-            batch.leasing = None;
+            // Only this lease's mark: the key may have been dropped and leased anew since.
+            if batch
+                .leasing
+                .as_ref()
+                .is_some_and(|n| Arc::ptr_eq(n, &self.notify))
+            {
+                batch.leasing = None;
+            }
         }
         self.notify.notify_waiters();
     }
@@ -772,12 +951,18 @@ impl<B: RateLeaseStore> RateLimitStore for Leased<B> {
             return self.inner.store.check_now(check);
         }
         let rule = leasable(&check)?;
+        let bk = batch_key(check.key, rule);
         let now = Instant::now();
         let mut batches = self.inner.batches();
-        let batch = batches.get_mut(&batch_key(check.key, rule))?;
+        let batch = batches.get_mut(&bk)?;
         batch.expire(now, &self.inner.expired_units);
         let decision = batch.take(check.cost, now, false)?;
+        let ahead = self.inner.ahead(batch);
+        drop(batches);
         self.inner.local_admissions.fetch_add(1, Ordering::Relaxed);
+        if let Some(ahead) = ahead {
+            self.inner.prefetch(*check.key, bk, rule.clone(), ahead);
+        }
         Some(Ok(decision))
     }
 
