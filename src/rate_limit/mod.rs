@@ -265,8 +265,9 @@
 //!   breaker; if it fails it is logged (and counted with feature `metrics`, in
 //!   `tower_redis_layers_rate_limit_settlements_total` by outcome) and the estimate stands; the
 //!   client never sees it. A request that the [local fallback](LocalFallback) admitted is
-//!   settled in the fallback's counts. A settlement is not idempotent: a client that re-sends a
-//!   command after a reconnect (fred) may apply it twice, as it may a check.
+//!   settled in the fallback's counts. A settlement is applied at most once, even when the
+//!   connection breaks after Redis ran it and the client sends it again: each carries its own
+//!   key, which the script sets first (see "When a reply is lost" in the README).
 //!
 //! # When the store fails
 //!
