@@ -168,8 +168,8 @@
 //!
 //! - **Which policy.** A [route](RateLimitLayer::route) that matches comes first. Else the
 //!   resolver names the policy; a request it names none for (`None`), or a policy the layer
-//!   does not have (logged as a warning), gets the layer's default policy, the one given to
-//!   [`RateLimitLayer::new`]; a [`routed`](RateLimitLayer::routed) layer has none, and lets
+//!   does not have (logged as a warning, at most every 10 s), gets the layer's default policy,
+//!   the one given to [`RateLimitLayer::new`]; a [`routed`](RateLimitLayer::routed) layer has none, and lets
 //!   such a request pass unlimited, as it does a request that matches no route. So build the
 //!   layer with `new` and the most restrictive tier when every request must be limited.
 //! - **Counters.** Each named policy counts on its own (its name is in its counters' names,
