@@ -168,8 +168,8 @@
 //!
 //! - **Which policy.** A [route](RateLimitLayer::route) that matches comes first. Else the
 //!   resolver names the policy; a request it names none for (`None`), or a policy the layer
-//!   does not have (logged as a warning), gets the layer's default policy, the one given to
-//!   [`RateLimitLayer::new`]; a [`routed`](RateLimitLayer::routed) layer has none, and lets
+//!   does not have (logged as a warning, at most every 10 s), gets the layer's default policy,
+//!   the one given to [`RateLimitLayer::new`]; a [`routed`](RateLimitLayer::routed) layer has none, and lets
 //!   such a request pass unlimited, as it does a request that matches no route. So build the
 //!   layer with `new` and the most restrictive tier when every request must be limited.
 //! - **Counters.** Each named policy counts on its own (its name is in its counters' names,
@@ -265,8 +265,9 @@
 //!   breaker; if it fails it is logged (and counted with feature `metrics`, in
 //!   `tower_redis_layers_rate_limit_settlements_total` by outcome) and the estimate stands; the
 //!   client never sees it. A request that the [local fallback](LocalFallback) admitted is
-//!   settled in the fallback's counts. A settlement is not idempotent: a client that re-sends a
-//!   command after a reconnect (fred) may apply it twice, as it may a check.
+//!   settled in the fallback's counts. A settlement is applied at most once, even when the
+//!   connection breaks after Redis ran it and the client sends it again: each carries its own
+//!   key, which the script sets first (see "When a reply is lost" in the README).
 //!
 //! # When the store fails
 //!

@@ -37,6 +37,26 @@ impl Default for Context {
     }
 }
 
+/// Whether the warning about a policy name the layer does not have is due: at most one every
+/// [`UNKNOWN_NAME_EVERY`] for the process, so that a resolver that names a missing policy on
+/// every request does not flood the logs.
+fn unknown_name_warning_due() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last) < UNKNOWN_NAME_EVERY.as_secs() {
+        return false;
+    }
+    LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// The shortest time between two warnings about a policy name the layer does not have.
+const UNKNOWN_NAME_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The named policies of a layer and its default policy, compiled, as one request sees them.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Policies {
@@ -62,13 +82,16 @@ impl Policies {
             Some(name) => match self.by_name.get(name) {
                 Some(policy) => Some(policy),
                 None => {
-                    tracing::warn!(
-                        target: TARGET,
-                        policy = name,
-                        default = self.default.as_ref().map(|p| p.name.as_str()),
-                        "the rate-limit resolver named a policy the layer does not have; \
-                         the default policy applies (none: the request is not limited)"
-                    );
+                    if unknown_name_warning_due() {
+                        tracing::warn!(
+                            target: TARGET,
+                            policy = name,
+                            default = self.default.as_ref().map(|p| p.name.as_str()),
+                            "the rate-limit resolver named a policy the layer does not have; \
+                             the default policy applies (none: the request is not limited); \
+                             said at most every 10 s"
+                        );
+                    }
                     self.default.as_ref()
                 }
             },

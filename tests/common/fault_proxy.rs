@@ -124,6 +124,14 @@ impl FaultProxy {
         self.state.cut_next_reply.store(true, Ordering::SeqCst);
     }
 
+    /// Forgets a [`cut_next_reply`](Self::cut_next_reply) that has not fired yet.
+    pub fn disarm(&self) {
+        self.state.cut_next_reply.store(false, Ordering::SeqCst);
+        self.state
+            .reset_on_next_command
+            .store(false, Ordering::SeqCst);
+    }
+
     /// Discards (`true`) or forwards (`false`) what the server sends. Replies swallowed in the
     /// middle of a connection leave the client's reply order broken: end it with [`reset`].
     pub fn swallow_replies(&self, on: bool) {

@@ -3,8 +3,12 @@
 -- Nothing is denied: a charge may push a key past its limit (later requests wait longer).
 --
 -- KEYS[i]   the state key of rule i: the same keys as the check (one hash tag, so one slot)
--- KEYS[n+1] the key's override, last as in the check: an allowed key's requests consumed
---           nothing, so nothing is settled while it is allowed
+-- KEYS[n+1] the key's override, as in the check: an allowed key's requests consumed nothing,
+--           so nothing is settled while it is allowed
+-- KEYS[n+2] this settlement's own key (`<head>s:<random id>`): set for a minute by the first run,
+--           so that a settlement that a client sends again (its reply was lost and it
+--           reconnected) is not applied twice: a refund applied twice would admit more than the
+--           limit
 -- ARGV[1]   delta (integer, |delta| < 2^50)
 -- ARGV[2]   age: ms since the check was answered, at least (a lower bound measured by the caller)
 -- then four arguments per rule: kind, a, b, c (as in multi_head.lua)
@@ -24,7 +28,8 @@
 --                 policy)
 -- Reply: the number of rules changed. Time comes from the server (TIME).
 
-local n = #KEYS - 1
+local n = #KEYS - 2
+if not redis.call('SET', KEYS[n + 2], '1', 'NX', 'PX', 60000) then return 0 end
 if redis.call('GET', KEYS[n + 1]) == 'a' then return 0 end
 local delta = tonumber(ARGV[1])
 local age = tonumber(ARGV[2])

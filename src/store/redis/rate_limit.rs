@@ -236,17 +236,23 @@ fn rate_limit_call(prefix: &str, check: &RateCheck<'_>) -> ScriptCall {
 }
 
 /// The call that settles `settlement`: the keys of the check it settles (see
-/// [`rate_limit_call`]), then delta, age in ms, and kind, a, b, c per rule.
+/// [`rate_limit_call`]), the settlement's own key `<head>s:<random id>` (a client that sends
+/// the call again after a lost reply does not apply it twice), then delta, age in ms, and kind,
+/// a, b, c per rule.
 fn settle_call(prefix: &str, settlement: &RateSettlement<'_>) -> ScriptCall {
     let n = settlement.rules.len();
-    let bytes = (n + 1) * (prefix.len() + 96) + 48 + 32 * n;
-    let mut call = ScriptCall::new(&SETTLE, n + 1, 2 + 4 * n, bytes);
+    let bytes = (n + 2) * (prefix.len() + 96) + 48 + 32 * n;
+    let mut call = ScriptCall::new(&SETTLE, n + 2, 2 + 4 * n, bytes);
+    let head = KeyHead::new(prefix, settlement.key);
     // The keys of the check, the override last.
-    rule_keys(
-        &mut call,
-        &KeyHead::new(prefix, settlement.key),
-        settlement.rules,
-    );
+    rule_keys(&mut call, &head, settlement.rules);
+    let mut id = [0u8; 16];
+    let _ = hex::encode_to_slice(rand::random::<u64>().to_be_bytes(), &mut id);
+    call.key(|buf| {
+        head.write(buf);
+        buf.extend_from_slice(b"s:");
+        buf.extend_from_slice(&id);
+    });
     let delta = settlement.delta;
     call.arg(|buf| buf.extend_from_slice(itoa::Buffer::new().format(delta).as_bytes()));
     call.int(u64::try_from(settlement.age.as_millis()).unwrap_or(u64::MAX));
