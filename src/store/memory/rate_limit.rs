@@ -1101,6 +1101,39 @@ mod tests {
     }
 
     #[test]
+    fn overrides_are_looked_for_only_while_a_shard_holds_one() {
+        let store = MemoryStore::with_shards(1);
+        let key = StoreKey::from_parts([b"o".as_slice()]);
+        let rules = [Rule::gcra(5, Duration::from_secs(60), 5)];
+        let check = RateCheck::new(&key, &rules, 1, true);
+        let overrides = || {
+            store
+                .inner
+                .rate_limit
+                .iter()
+                .map(|s| s.overrides)
+                .sum::<usize>()
+        };
+        assert!(store.decide(&check).unwrap().allowed);
+        assert_eq!(overrides(), 0);
+        let block = Some(Override::Block(Duration::from_millis(1)));
+        store.override_key(&key, block).unwrap();
+        store.override_key(&key, block).unwrap();
+        assert_eq!(overrides(), 1);
+        assert!(!store.decide(&check).unwrap().allowed);
+        store.override_key(&key, None).unwrap();
+        store.override_key(&key, None).unwrap();
+        assert_eq!(overrides(), 0);
+        assert!(store.decide(&check).unwrap().allowed);
+        // An expired override is counted until a sweep forgets it.
+        store.override_key(&key, block).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(store.decide(&check).unwrap().allowed);
+        store.sweep();
+        assert_eq!(overrides(), 0);
+    }
+
+    #[test]
     fn an_offset_of_a_day_or_more_is_invalid() {
         use crate::store::{Calendar, UtcOffset};
         let day = |m| Rule::calendar(1, Calendar::Day).utc_offset(UtcOffset::minutes(m));
