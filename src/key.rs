@@ -56,6 +56,14 @@ fn local_secrets() -> &'static [RapidSecrets; 2] {
     })
 }
 
+/// The length prefix of a part of 255 bytes or more: 255, then its length in eight bytes.
+fn long_len(len: usize) -> [u8; 9] {
+    let mut prefix = [u8::MAX; 9];
+    let (_, rest) = prefix.split_at_mut(1);
+    rest.copy_from_slice(&(len as u64).to_le_bytes());
+    prefix
+}
+
 /// How many bytes of length-prefixed parts [`StoreKey::local`] hashes from the stack; longer
 /// keys (long header values) are copied to the heap.
 const LOCAL_INLINE: usize = 160;
@@ -74,10 +82,14 @@ impl StoreKey {
         Self(out)
     }
 
-    /// Hashes `parts` (length-prefixed as in [`from_parts`](Self::from_parts)) for a store in
-    /// this process: two 64-bit rapidhash hashes (its protected variant) under two seeds drawn
-    /// at random when the process first hashes a key, several times cheaper than SHA-256 for
-    /// the short keys of a request.
+    /// Hashes `parts` for a store in this process: two 64-bit rapidhash hashes (its protected
+    /// variant) under two seeds drawn at random when the process first hashes a key, several
+    /// times cheaper than SHA-256 for the short keys of a request.
+    ///
+    /// Each part is prefixed with its length, in one byte below 255 (else a 255 and eight
+    /// bytes): a prefix-free code, so distinct lists of parts hash distinct byte strings, and
+    /// the usual key (a namespace, a tag and an address) stays within the 16 bytes that
+    /// rapidhash hashes fastest.
     ///
     /// The key differs from process to process, so it must never leave the process. Clients
     /// cannot aim at a collision: they know neither seed, and two distinct keys share 128
@@ -88,19 +100,27 @@ impl StoreKey {
         let mut len = 0;
         let mut heap: Option<Vec<u8>> = None;
         for part in parts {
-            let prefix = (part.len() as u64).to_le_bytes();
-            let end = len + prefix.len() + part.len();
+            // The prefix, in its first byte alone or in all nine (fixed-size copies).
+            let (prefix, long) = match u8::try_from(part.len()) {
+                Ok(n) if n < u8::MAX => ([n; 9], false),
+                _ => (long_len(part.len()), true),
+            };
+            let plen = if long { prefix.len() } else { 1 };
+            let end = len + plen + part.len();
             match (&mut heap, inline.get_mut(len..end)) {
                 (None, Some(room)) => {
-                    let (head, tail) = room.split_at_mut(prefix.len());
-                    head.copy_from_slice(&prefix);
+                    let (head, tail) = room.split_at_mut(plen);
+                    match head {
+                        [byte] => *byte = prefix[0],
+                        nine => nine.copy_from_slice(&prefix),
+                    }
                     tail.copy_from_slice(part);
                     len = end;
                 }
                 (heap, _) => {
                     let bytes =
                         heap.get_or_insert_with(|| inline.get(..len).unwrap_or_default().to_vec());
-                    bytes.extend_from_slice(&prefix);
+                    bytes.extend_from_slice(prefix.get(..plen).unwrap_or_default());
                     bytes.extend_from_slice(part);
                 }
             }
@@ -175,10 +195,21 @@ mod tests {
         let split = StoreKey::local([b"ns".as_slice(), &long]);
         assert_eq!(split, StoreKey::local([b"ns".as_slice(), &long]));
         assert_ne!(split, StoreKey::local([b"ns".as_slice(), &long[1..]]));
-        let just = vec![7u8; LOCAL_INLINE - 16 - 2];
+        let just = vec![7u8; LOCAL_INLINE - 9 - 3];
         assert_ne!(
             StoreKey::local([b"ns".as_slice(), &just]),
             StoreKey::local([b"ns".as_slice(), &just[1..]])
+        );
+        // Lengths of 254, 255 and 256 bytes are told apart (one-byte and nine-byte prefixes).
+        let parts = [vec![1u8; 254], vec![1u8; 255], vec![1u8; 256]];
+        let keys: Vec<StoreKey> = parts
+            .iter()
+            .map(|p| StoreKey::local([p.as_slice()]))
+            .collect();
+        assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
+        assert_ne!(
+            StoreKey::local([[255u8].as_slice(), &[1]]),
+            StoreKey::local([[1u8; 256].as_slice()])
         );
     }
 }

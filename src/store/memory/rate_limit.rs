@@ -204,16 +204,12 @@ impl MemoryStore {
         };
         let mut tat = cell.load(Ordering::Acquire);
         loop {
-            let eval = gcra_at(&input, Some(tat));
-            let stored = match &eval.plan {
-                Some(Plan::Replace(Slot {
-                    state: State::Tat(new),
-                    ..
-                })) if eval.ok && cost > 0 => new.load(Ordering::Relaxed),
-                _ => return Some(Ok(single(eval))),
-            };
-            match cell.compare_exchange_weak(tat, stored, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(Ok(single(eval))),
+            let g = gcra_answer(&input, Some(tat));
+            if !g.ok || cost == 0 {
+                return Some(Ok(decided(g.ok, g.remaining, g.reset, g.retry)));
+            }
+            match cell.compare_exchange_weak(tat, g.tat, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(Ok(decided(true, g.remaining, g.reset, 0.0))),
                 Err(actual) => tat = actual,
             }
         }
@@ -277,17 +273,23 @@ fn bucket_of(state: Option<&State>) -> Option<(f64, u64)> {
 
 /// The decision of a single rule's evaluation.
 fn single(eval: Eval) -> Decision {
+    decided(eval.ok, eval.remaining, eval.reset, eval.retry)
+}
+
+/// The decision of a single rule: admitted (or not), with so many units left, full again in
+/// `reset` µs, and (denied) a request of the same cost may pass in `retry` µs.
+fn decided(ok: bool, remaining: u64, reset: f64, retry: f64) -> Decision {
     Decision {
-        allowed: eval.ok,
-        denied_by: (!eval.ok).then_some(0),
-        retry_after: if eval.ok {
+        allowed: ok,
+        denied_by: (!ok).then_some(0),
+        retry_after: if ok {
             Duration::ZERO
         } else {
-            us_to_duration(eval.retry)
+            us_to_duration(retry)
         },
         rules: RuleStates::one(RuleState {
-            remaining: eval.remaining,
-            reset: us_to_duration(eval.reset),
+            remaining,
+            reset: us_to_duration(reset),
         }),
     }
 }
@@ -398,8 +400,7 @@ fn push_log(map: &mut Map<SlotKey, Slot>, key: SlotKey, now: u64, cost: u64, per
 
 fn us_to_duration(us: f64) -> Duration {
     // Milliseconds, rounded up, like the script.
-    let ms = (us.max(0.0) / 1000.0).ceil();
-    Duration::from_millis(ms as u64)
+    Duration::from_millis(ceil_u64(us.max(0.0) / 1000.0))
 }
 
 struct Eval {
@@ -629,6 +630,26 @@ fn gcra(i: &Input<'_>) -> Eval {
 
 /// GCRA from a stored TAT (`None`: no state).
 fn gcra_at(i: &Input<'_>, tat: Option<u64>) -> Eval {
+    let g = gcra_answer(i, tat);
+    if g.ok {
+        let plan = replace(State::Tat(AtomicU64::new(g.tat)), g.tat.max(i.now + 1000));
+        return Eval::allow(g.remaining, g.reset, plan);
+    }
+    Eval::deny(g.remaining, g.reset, g.retry)
+}
+
+/// GCRA's answer for a TAT (`None`: no state), before anything is written: what
+/// [`gcra_at`] plans, and what the lock-free cell ([`MemoryStore::decide_cell`]) swaps in.
+struct Gcra {
+    ok: bool,
+    /// The TAT to store when admitted.
+    tat: u64,
+    remaining: u64,
+    reset: f64,
+    retry: f64,
+}
+
+fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
     let now = i.now as f64;
     let interval = i.pf() / i.a as f64;
     let burst = i.c as f64 * interval;
@@ -636,21 +657,40 @@ fn gcra_at(i: &Input<'_>, tat: Option<u64>) -> Eval {
     let new_tat = tat + i.cost as f64 * interval;
     let allow_at = new_tat - burst;
     if allow_at <= now {
-        let stored = new_tat.ceil() as u64;
-        let plan = replace(State::Tat(AtomicU64::new(stored)), stored.max(i.now + 1000));
-        return Eval::allow(
-            ((now - allow_at) / interval).floor() as u64,
-            new_tat - now,
-            plan,
-        );
+        return Gcra {
+            ok: true,
+            tat: ceil_u64(new_tat),
+            // A cast to `u64` truncates (saturating, 0 below 0): the floor of what is not
+            // negative.
+            remaining: ((now - allow_at) / interval) as u64,
+            reset: new_tat - now,
+            retry: 0.0,
+        };
     }
     let retry = if i.over_limit(i.c) {
         i.pf()
     } else {
         allow_at - now
     };
-    let remaining = ((now - (tat - burst)) / interval).floor().max(0.0) as u64;
-    Eval::deny(remaining, tat - now, retry)
+    Gcra {
+        ok: false,
+        tat: 0,
+        remaining: ((now - (tat - burst)) / interval) as u64,
+        reset: tat - now,
+        retry,
+    }
+}
+
+/// `x.ceil() as u64` without a call to `ceil` (the baseline x86-64 target has no instruction
+/// for it): the same for every `x`, NaN and negative values (0) and the saturation included.
+#[inline]
+fn ceil_u64(x: f64) -> u64 {
+    let t = x as u64;
+    if (t as f64) < x {
+        t.saturating_add(1)
+    } else {
+        t
+    }
 }
 
 /// A calendar period: a counter of the period that holds the civil time, expiring at its end.
@@ -1058,6 +1098,39 @@ mod tests {
         // A reset and a settlement still see the cell.
         store.reset_key(&key, &rules).unwrap();
         assert_eq!(store.decide(&check(0)).unwrap().rules[0].remaining, 500);
+    }
+
+    #[test]
+    fn overrides_are_looked_for_only_while_a_shard_holds_one() {
+        let store = MemoryStore::with_shards(1);
+        let key = StoreKey::from_parts([b"o".as_slice()]);
+        let rules = [Rule::gcra(5, Duration::from_secs(60), 5)];
+        let check = RateCheck::new(&key, &rules, 1, true);
+        let overrides = || {
+            store
+                .inner
+                .rate_limit
+                .iter()
+                .map(|s| s.overrides)
+                .sum::<usize>()
+        };
+        assert!(store.decide(&check).unwrap().allowed);
+        assert_eq!(overrides(), 0);
+        let block = Some(Override::Block(Duration::from_millis(1)));
+        store.override_key(&key, block).unwrap();
+        store.override_key(&key, block).unwrap();
+        assert_eq!(overrides(), 1);
+        assert!(!store.decide(&check).unwrap().allowed);
+        store.override_key(&key, None).unwrap();
+        store.override_key(&key, None).unwrap();
+        assert_eq!(overrides(), 0);
+        assert!(store.decide(&check).unwrap().allowed);
+        // An expired override is counted until a sweep forgets it.
+        store.override_key(&key, block).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(store.decide(&check).unwrap().allowed);
+        store.sweep();
+        assert_eq!(overrides(), 0);
     }
 
     #[test]
