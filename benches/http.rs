@@ -827,10 +827,17 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
          Full windows: inside the demand, which exceeded the limit."
     );
     println!();
-    println!("| configuration | windows (full) | limit | admitted per full window (min / mean / max) | over-admission (total) | under-admission per full window (mean / max) | bound | Redis scripts per admitted request | requests (non-2xx) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| configuration | windows (full) | limit | admitted per full window (min / mean / max) | over-admission (total) | under-admission per full window (mean / max) | shortfall over the demand (vs limit × T) | bound | Redis scripts per admitted request | requests (non-2xx) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (l, o) in limited.iter().zip(outcomes) {
         let out = &o.outcome;
+        let expected = LIMIT * out.run_ms / 1000;
+        let shortfall = expected as i64 - out.run_admitted as i64;
+        let shortfall = format!(
+            "{shortfall} of {} ({:.1}%)",
+            thousands(expected),
+            100.0 * shortfall as f64 / expected.max(1) as f64
+        );
         let per_window = out.per_window().map_or("-".into(), |(min, mean, max)| {
             format!(
                 "{} / {} / {}",
@@ -865,7 +872,7 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
             )
         };
         println!(
-            "| {} | {} ({}) | {limit} | {per_window} | {over} | {under} | {bound} | {scripts:.4} | {} ({}) |",
+            "| {} | {} ({}) | {limit} | {per_window} | {over} | {under} | {shortfall} | {bound} | {scripts:.4} | {} ({}) |",
             l.label,
             out.windows,
             out.full.len(),
@@ -886,24 +893,33 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
             thousands(o.returns),
             thousands(o.expired_units)
         );
+        let expected = LIMIT * out.run_ms / 1000;
+        let shortfall = expected as i64 - out.run_admitted as i64;
         if l.strategy == "fixed" {
             println!(
                 "- {}: window ends located to within {} ms (the widest); {} admissions fell in \
                  milliseconds two windows may claim (counted in both), {} in no located window; \
                  the leases of {} windows disagreed on its end; at most {} units debited in one \
-                 window; 2xx seen by wrk {}, admissions counted {}; {calls}.",
+                 window; between a window's end and the next start {} ms on average, {} ms at \
+                 most; {} admitted in {:.1} s of demand, limit × T / period = {}: shortfall {} \
+                 ({:.2}%); 2xx seen by wrk {}, admissions counted {}; {calls}.",
                 l.label,
                 out.widest_ms,
                 out.shared,
                 out.unattributed,
                 out.inconsistent,
                 thousands(out.most_debited),
+                out.gaps.iter().sum::<u64>() / out.gaps.len().max(1) as u64,
+                out.gaps.iter().max().copied().unwrap_or(0),
+                thousands(out.run_admitted),
+                out.run_ms as f64 / 1000.0,
+                thousands(expected),
+                shortfall,
+                100.0 * shortfall as f64 / expected.max(1) as f64,
                 thousands(seen),
                 thousands(o.admitted)
             );
         } else {
-            let expected = LIMIT * out.run_ms / 1000;
-            let shortfall = expected as i64 - out.run_admitted as i64;
             println!(
                 "- {}: most admitted in any 1 s interval (1 ms steps) {} (bound {}); {} admitted \
                  in {:.1} s of demand, rate × T = {}: shortfall {} ({:.2}%), whole-run bound \

@@ -232,9 +232,12 @@ pub struct Outcome {
     pub inconsistent: usize,
     /// Fixed window: most units debited by the grants of one window (at most the limit).
     pub most_debited: u64,
+    /// Fixed window: the time from a window's end to the next one's start, ms (while demand
+    /// lasted): no window, no admission.
+    pub gaps: Vec<u64>,
     /// GCRA: the most admitted in any 1 s interval (1 ms steps).
     pub sliding_max: u64,
-    /// GCRA: admitted and demand time over the runs, ms; and runs above the whole-run bound.
+    /// Admitted and demand time over the runs, ms; GCRA: runs above the whole-run bound.
     pub run_admitted: u64,
     pub run_ms: u64,
     pub run_over: u64,
@@ -326,6 +329,16 @@ impl Outcome {
             }
             counts[from as usize..=to as usize].iter().sum()
         };
+        // Between windows nothing is admitted; the next window starts at the first lease
+        // after the previous one ended.
+        for pair in windows.windows(2) {
+            let (end, next_start) = (pair[0].0, pair[1].1 - period);
+            if end >= first as i64 && next_start <= last as i64 {
+                self.gaps.push((next_start - end - 1).max(0) as u64);
+            }
+        }
+        self.run_admitted += trace.admitted();
+        self.run_ms += (last - first + 1) as u64;
         let mut covered = vec![0u8; trace.admitted.len()];
         for &(lo, hi) in &windows {
             // Every millisecond that may belong to the window: [earliest start, latest end].
