@@ -901,7 +901,7 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
                  milliseconds two windows may claim (counted in both), {} in no located window; \
                  the leases of {} windows disagreed on its end; at most {} units debited in one \
                  window; between a window's end and the next start {} ms on average, {} ms at \
-                 most; {} admitted in {:.1} s of demand, limit × T / period = {}: shortfall {} \
+                 most, {} of {} gaps of half a period or more (a window's time without one); {} admitted in {:.1} s of demand, limit × T / period = {}: shortfall {} \
                  ({:.2}%); 2xx seen by wrk {}, admissions counted {}; {calls}.",
                 l.label,
                 out.widest_ms,
@@ -911,6 +911,8 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
                 thousands(out.most_debited),
                 out.gaps.iter().sum::<u64>() / out.gaps.len().max(1) as u64,
                 out.gaps.iter().max().copied().unwrap_or(0),
+                out.gaps.iter().filter(|g| **g >= 500).count(),
+                out.gaps.len(),
                 thousands(out.run_admitted),
                 out.run_ms as f64 / 1000.0,
                 thousands(expected),
