@@ -745,6 +745,7 @@ impl Bench<'_> {
             // Requests still in the server when wrk stopped.
             std::thread::sleep(Duration::from_millis(100));
             let trace = spec.recorder.trace();
+            out.outcome.denials(&trace);
             if spec.strategy == "fixed" {
                 out.outcome.fixed(&trace, LIMIT, Duration::from_secs(1));
             } else {
@@ -902,7 +903,8 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
                  the leases of {} windows disagreed on its end; at most {} units debited in one \
                  window; between a window's end and the next start {} ms on average, {} ms at \
                  most, {} of {} gaps of half a period or more (a window's time without one); {} admitted in {:.1} s of demand, limit × T / period = {}: shortfall {} \
-                 ({:.2}%); 2xx seen by wrk {}, admissions counted {}; {calls}.",
+                 ({:.2}%); {} denied leases, {} of them answering a retry of 1 s or more \
+                 (longest {} ms); 2xx seen by wrk {}, admissions counted {}; {calls}.",
                 l.label,
                 out.widest_ms,
                 out.shared,
@@ -918,6 +920,9 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
                 thousands(expected),
                 shortfall,
                 100.0 * shortfall as f64 / expected.max(1) as f64,
+                out.denials,
+                out.retries_of_a_second,
+                out.longest_retry_ms,
                 thousands(seen),
                 thousands(o.admitted)
             );

@@ -53,6 +53,11 @@ pub struct Recorder {
     demand: Box<[AtomicU64]>,
     admitted: Box<[AtomicU64]>,
     grants: Mutex<Vec<Grant>>,
+    /// Denied leases, and the longest `retry_after` they answered (ms).
+    denials: AtomicU64,
+    longest_retry_ms: AtomicU64,
+    /// Denied leases that answered a retry of a whole second or more.
+    retries_of_a_second: AtomicU64,
 }
 
 impl Recorder {
@@ -63,6 +68,9 @@ impl Recorder {
             demand: counts(),
             admitted: counts(),
             grants: Mutex::new(Vec::new()),
+            denials: AtomicU64::new(0),
+            longest_retry_ms: AtomicU64::new(0),
+            retries_of_a_second: AtomicU64::new(0),
         })
     }
 
@@ -72,6 +80,9 @@ impl Recorder {
             c.store(0, Ordering::Relaxed);
         }
         self.grants_mut().clear();
+        self.denials.store(0, Ordering::Relaxed);
+        self.longest_retry_ms.store(0, Ordering::Relaxed);
+        self.retries_of_a_second.store(0, Ordering::Relaxed);
         self.base_ms.store(unix_us() / 1000, Ordering::Relaxed);
     }
 
@@ -117,6 +128,9 @@ impl Recorder {
             demand,
             admitted,
             grants: self.grants_mut().clone(),
+            denials: self.denials.load(Ordering::Relaxed),
+            longest_retry_ms: self.longest_retry_ms.load(Ordering::Relaxed),
+            retries_of_a_second: self.retries_of_a_second.load(Ordering::Relaxed),
         }
     }
 }
@@ -127,6 +141,9 @@ pub struct Trace {
     demand: Vec<u64>,
     admitted: Vec<u64>,
     grants: Vec<Grant>,
+    pub denials: u64,
+    pub longest_retry_ms: u64,
+    pub retries_of_a_second: u64,
 }
 
 impl Trace {
@@ -196,6 +213,14 @@ impl<S: RateLeaseStore> RateLeaseStore for Observed<S> {
         Box::pin(async move {
             let grant = call.await;
             let answered_us = unix_us();
+            if let Ok(LeaseGrant::Denied { retry_after, .. }) = &grant {
+                let ms = retry_after.as_millis() as u64;
+                recorder.denials.fetch_add(1, Ordering::Relaxed);
+                recorder.longest_retry_ms.fetch_max(ms, Ordering::Relaxed);
+                if ms >= 1000 {
+                    recorder.retries_of_a_second.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             if let Ok(LeaseGrant::Granted {
                 units, window_left, ..
             }) = &grant
@@ -241,6 +266,19 @@ pub struct Outcome {
     pub run_admitted: u64,
     pub run_ms: u64,
     pub run_over: u64,
+    /// Denied leases; the longest retry they answered (ms); those of a second or more.
+    pub denials: u64,
+    pub longest_retry_ms: u64,
+    pub retries_of_a_second: u64,
+}
+
+impl Outcome {
+    /// Adds what every strategy records: the denied leases.
+    pub fn denials(&mut self, trace: &Trace) {
+        self.denials += trace.denials;
+        self.longest_retry_ms = self.longest_retry_ms.max(trace.longest_retry_ms);
+        self.retries_of_a_second += trace.retries_of_a_second;
+    }
 }
 
 impl Outcome {
