@@ -42,7 +42,7 @@ use std::{
 
 use axum::{extract::State, http::HeaderName, routing::get, Router};
 use common::RedisServer;
-use limited::{Observed, Outcome, Recorder};
+use limited::{Observed, Outcome, Recorder, Stamped};
 use redis::aio::ConnectionManager;
 use strategies::{strategies, HUGE};
 use tower::{ServiceBuilder, ServiceExt};
@@ -448,14 +448,16 @@ async fn app(redis: &RedisServer, limited: &[Limited]) -> Router {
             let lease = Lease::up_to(LEASE_MAX);
             let route: axum::routing::MethodRouter = if spec.client == "redis" {
                 let store = RedisStore::connect(&url).await.expect("redis store");
-                let leased = Leased::new(Observed::new(store, observed), lease);
+                let leased = Leased::new(Observed::new(store, Arc::clone(&observed)), lease);
                 spec.keep_stats(&leased);
-                counted.layer(RateLimitLayer::new(leased, policy.clone()))
+                let stamped = Stamped::new(leased, observed);
+                counted.layer(RateLimitLayer::new(stamped, policy.clone()))
             } else {
                 let store = FredStore::connect(&url).await.expect("fred store");
-                let leased = Leased::new(Observed::new(store, observed), lease);
+                let leased = Leased::new(Observed::new(store, Arc::clone(&observed)), lease);
                 spec.keep_stats(&leased);
-                counted.layer(RateLimitLayer::new(leased, policy.clone()))
+                let stamped = Stamped::new(leased, observed);
+                counted.layer(RateLimitLayer::new(stamped, policy.clone()))
             };
             let recorder = Arc::clone(&spec.recorder);
             router = router.route(
@@ -658,8 +660,9 @@ struct LimitedOutcome {
     outcome: Outcome,
     /// Scripts Redis ran (`EVALSHA` + `EVAL`) during the runs.
     scripts: u64,
-    /// Requests the handler ran.
+    /// Admissions (decided), and requests the handler ran.
     admitted: u64,
+    served: u64,
     /// Responses wrk received, and the ones not 2xx or 3xx.
     requests: u64,
     non2xx: u64,
@@ -754,6 +757,7 @@ impl Bench<'_> {
             }
             out.scripts += after.scripts - before.scripts;
             out.admitted += trace.admitted();
+            out.served += trace.served;
             out.requests += run.requests;
             out.non2xx += run.non2xx;
             eprintln!(
@@ -904,7 +908,7 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
                  window; between a window's end and the next start {} ms on average, {} ms at \
                  most, {} of {} gaps of half a period or more (a window's time without one); {} admitted in {:.1} s of demand, limit × T / period = {}: shortfall {} \
                  ({:.2}%); {} denied leases, {} of them answering a retry of 1 s or more \
-                 (longest {} ms); 2xx seen by wrk {}, admissions counted {}; {calls}.",
+                 (longest {} ms); 2xx seen by wrk {}, admissions decided {}, run by the handler {}; {calls}.",
                 l.label,
                 out.widest_ms,
                 out.shared,
@@ -924,13 +928,14 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
                 out.retries_of_a_second,
                 out.longest_retry_ms,
                 thousands(seen),
-                thousands(o.admitted)
+                thousands(o.admitted),
+                thousands(o.served)
             );
         } else {
             println!(
                 "- {}: most admitted in any 1 s interval (1 ms steps) {} (bound {}); {} admitted \
                  in {:.1} s of demand, rate × T = {}: shortfall {} ({:.2}%), whole-run bound \
-                 `burst + rate × T + {}` exceeded by {}; 2xx seen by wrk {}, admissions counted {}; \
+                 `burst + rate × T + {}` exceeded by {}; 2xx seen by wrk {}, admissions decided {}, run by the handler {}; \
                  {calls}.",
                 l.label,
                 thousands(out.sliding_max),
@@ -943,7 +948,8 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
                 l.slack(),
                 out.run_over,
                 thousands(seen),
-                thousands(o.admitted)
+                thousands(o.admitted),
+                thousands(o.served)
             );
         }
     }

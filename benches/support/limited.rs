@@ -3,7 +3,8 @@
 //!
 //! A [`Recorder`] counts, per millisecond of the wall clock (the clock Redis reads with `TIME`,
 //! on the same machine), the requests that reached a route (demand, counted before the
-//! rate-limit layer) and the ones its handler ran (admitted). [`Observed`] wraps the Redis store
+//! rate-limit layer), the admissions ([`Stamped`], above `Leased`, stamps them when the decision
+//! is made, not when the handler runs later) and the requests the handler ran. [`Observed`] wraps the Redis store
 //! under `Leased` and records each granted lease of a fixed window: when it was sent, when it
 //! was answered, and the milliseconds its window had left (`PTTL` in the lease script). Since
 //! the script reads `PTTL` between the send and the answer, the window's last millisecond on
@@ -52,6 +53,8 @@ pub struct Recorder {
     base_ms: AtomicU64,
     demand: Box<[AtomicU64]>,
     admitted: Box<[AtomicU64]>,
+    /// Admissions stamped when the store decided them (above `Leased`), not in the handler.
+    decided: Box<[AtomicU64]>,
     grants: Mutex<Vec<Grant>>,
     /// Denied leases, and the longest `retry_after` they answered (ms).
     denials: AtomicU64,
@@ -67,6 +70,7 @@ impl Recorder {
             base_ms: AtomicU64::new(unix_us() / 1000),
             demand: counts(),
             admitted: counts(),
+            decided: counts(),
             grants: Mutex::new(Vec::new()),
             denials: AtomicU64::new(0),
             longest_retry_ms: AtomicU64::new(0),
@@ -76,7 +80,12 @@ impl Recorder {
 
     /// Forgets what was recorded and counts from now.
     pub fn start(&self) {
-        for c in self.demand.iter().chain(self.admitted.iter()) {
+        for c in self
+            .demand
+            .iter()
+            .chain(&*self.admitted)
+            .chain(&*self.decided)
+        {
             c.store(0, Ordering::Relaxed);
         }
         self.grants_mut().clear();
@@ -115,17 +124,21 @@ impl Recorder {
         let load =
             |c: &[AtomicU64]| -> Vec<u64> { c.iter().map(|v| v.load(Ordering::Relaxed)).collect() };
         let mut demand = load(&self.demand);
-        let mut admitted = load(&self.admitted);
+        let mut served = load(&self.admitted);
+        let mut admitted = load(&self.decided);
         let len = demand
             .iter()
+            .zip(&served)
             .zip(&admitted)
-            .rposition(|(d, a)| *d > 0 || *a > 0)
+            .rposition(|((d, s), a)| *d > 0 || *s > 0 || *a > 0)
             .map_or(0, |i| i + 1);
         demand.truncate(len);
+        served.truncate(len);
         admitted.truncate(len);
         Trace {
             base_ms: self.base_ms.load(Ordering::Relaxed),
             demand,
+            served: served.iter().sum(),
             admitted,
             grants: self.grants_mut().clone(),
             denials: self.denials.load(Ordering::Relaxed),
@@ -139,6 +152,9 @@ impl Recorder {
 pub struct Trace {
     base_ms: u64,
     demand: Vec<u64>,
+    /// Requests the handler ran.
+    pub served: u64,
+    /// Admissions per millisecond, stamped at the decision.
     admitted: Vec<u64>,
     grants: Vec<Grant>,
     pub denials: u64,
@@ -236,6 +252,62 @@ impl<S: RateLeaseStore> RateLeaseStore for Observed<S> {
             }
             grant
         })
+    }
+}
+
+/// A rate-limit store that stamps each admission when it is decided (put above `Leased`).
+pub struct Stamped<S> {
+    store: S,
+    recorder: Arc<Recorder>,
+}
+
+impl<S> Stamped<S> {
+    pub fn new(store: S, recorder: Arc<Recorder>) -> Self {
+        Self { store, recorder }
+    }
+}
+
+impl<S: RateLimitStore> RateLimitStore for Stamped<S> {
+    type Future = StoreFuture<Decision>;
+
+    fn check(&self, check: RateCheck<'_>) -> Self::Future {
+        let call = self.store.check(check);
+        let recorder = Arc::clone(&self.recorder);
+        Box::pin(async move {
+            let decision = call.await;
+            if matches!(&decision, Ok(d) if d.allowed) {
+                recorder.hit(&recorder.decided);
+            }
+            decision
+        })
+    }
+
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, StoreError>> {
+        let decision = self.store.check_now(check);
+        if matches!(&decision, Some(Ok(d)) if d.allowed) {
+            self.recorder.hit(&self.recorder.decided);
+        }
+        decision
+    }
+
+    fn is_remote(&self) -> bool {
+        self.store.is_remote()
+    }
+
+    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
+        self.store.settle(settlement)
+    }
+
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        self.store.settle_now(settlement)
+    }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        self.store.reset(key, rules)
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        self.store.set_override(key, state)
     }
 }
 
