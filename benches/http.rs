@@ -430,7 +430,8 @@ async fn app(redis: &RedisServer, limited: &[Limited]) -> Router {
         }
     }
     // Leased quotas over their limit: two replicas per configuration, each a `Leased` store
-    // over its own connection; demand counted before the layer, admissions in the handler.
+    // over its own connection; demand counted before the layer, admissions when decided (and
+    // again in the handler).
     for spec in limited {
         let policy = Policy::new(
             format!("limited-{}-{}", spec.client, spec.strategy),
@@ -827,6 +828,7 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
         "Leased quotas over their limit: two replicas (two `Leased` stores, each on its own \
          connection, up to {LEASE_MAX} units a batch) share one hot key; one `wrk -t2 -c64` \
          alternates between them, far above the limit. Runs: {rounds} of {seconds} s, pooled. \
+         Admissions are stamped when decided (a store wrapper above `Leased`). \
          Fixed window: per Redis window (located from the leases' `PTTL`, counted \
          pessimistically over the boundary's uncertainty); GCRA: per 1 s from the first request. \
          Full windows: inside the demand, which exceeded the limit."
