@@ -42,7 +42,7 @@ use std::{
 
 use axum::{extract::State, http::HeaderName, routing::get, Router};
 use common::RedisServer;
-use limited::{Observed, Outcome, Recorder};
+use limited::{Observed, Outcome, Recorder, Stamped};
 use redis::aio::ConnectionManager;
 use strategies::{strategies, HUGE};
 use tower::{ServiceBuilder, ServiceExt};
@@ -430,7 +430,8 @@ async fn app(redis: &RedisServer, limited: &[Limited]) -> Router {
         }
     }
     // Leased quotas over their limit: two replicas per configuration, each a `Leased` store
-    // over its own connection; demand counted before the layer, admissions in the handler.
+    // over its own connection; demand counted before the layer, admissions when decided (and
+    // again in the handler).
     for spec in limited {
         let policy = Policy::new(
             format!("limited-{}-{}", spec.client, spec.strategy),
@@ -448,14 +449,16 @@ async fn app(redis: &RedisServer, limited: &[Limited]) -> Router {
             let lease = Lease::up_to(LEASE_MAX);
             let route: axum::routing::MethodRouter = if spec.client == "redis" {
                 let store = RedisStore::connect(&url).await.expect("redis store");
-                let leased = Leased::new(Observed::new(store, observed), lease);
+                let leased = Leased::new(Observed::new(store, Arc::clone(&observed)), lease);
                 spec.keep_stats(&leased);
-                counted.layer(RateLimitLayer::new(leased, policy.clone()))
+                let stamped = Stamped::new(leased, observed);
+                counted.layer(RateLimitLayer::new(stamped, policy.clone()))
             } else {
                 let store = FredStore::connect(&url).await.expect("fred store");
-                let leased = Leased::new(Observed::new(store, observed), lease);
+                let leased = Leased::new(Observed::new(store, Arc::clone(&observed)), lease);
                 spec.keep_stats(&leased);
-                counted.layer(RateLimitLayer::new(leased, policy.clone()))
+                let stamped = Stamped::new(leased, observed);
+                counted.layer(RateLimitLayer::new(stamped, policy.clone()))
             };
             let recorder = Arc::clone(&spec.recorder);
             router = router.route(
@@ -658,8 +661,9 @@ struct LimitedOutcome {
     outcome: Outcome,
     /// Scripts Redis ran (`EVALSHA` + `EVAL`) during the runs.
     scripts: u64,
-    /// Requests the handler ran.
+    /// Admissions (decided), and requests the handler ran.
     admitted: u64,
+    served: u64,
     /// Responses wrk received, and the ones not 2xx or 3xx.
     requests: u64,
     non2xx: u64,
@@ -745,6 +749,7 @@ impl Bench<'_> {
             // Requests still in the server when wrk stopped.
             std::thread::sleep(Duration::from_millis(100));
             let trace = spec.recorder.trace();
+            out.outcome.denials(&trace);
             if spec.strategy == "fixed" {
                 out.outcome.fixed(&trace, LIMIT, Duration::from_secs(1));
             } else {
@@ -753,6 +758,7 @@ impl Bench<'_> {
             }
             out.scripts += after.scripts - before.scripts;
             out.admitted += trace.admitted();
+            out.served += trace.served;
             out.requests += run.requests;
             out.non2xx += run.non2xx;
             eprintln!(
@@ -822,15 +828,23 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
         "Leased quotas over their limit: two replicas (two `Leased` stores, each on its own \
          connection, up to {LEASE_MAX} units a batch) share one hot key; one `wrk -t2 -c64` \
          alternates between them, far above the limit. Runs: {rounds} of {seconds} s, pooled. \
+         Admissions are stamped when decided (a store wrapper above `Leased`). \
          Fixed window: per Redis window (located from the leases' `PTTL`, counted \
          pessimistically over the boundary's uncertainty); GCRA: per 1 s from the first request. \
          Full windows: inside the demand, which exceeded the limit."
     );
     println!();
-    println!("| configuration | windows (full) | limit | admitted per full window (min / mean / max) | over-admission (total) | under-admission per full window (mean / max) | bound | Redis scripts per admitted request | requests (non-2xx) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| configuration | windows (full) | limit | admitted per full window (min / mean / max) | over-admission (total) | under-admission per full window (mean / max) | shortfall over the demand (vs limit × T) | bound | Redis scripts per admitted request | requests (non-2xx) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (l, o) in limited.iter().zip(outcomes) {
         let out = &o.outcome;
+        let expected = LIMIT * out.run_ms / 1000;
+        let shortfall = expected as i64 - out.run_admitted as i64;
+        let shortfall = format!(
+            "{shortfall} of {} ({:.1}%)",
+            thousands(expected),
+            100.0 * shortfall as f64 / expected.max(1) as f64
+        );
         let per_window = out.per_window().map_or("-".into(), |(min, mean, max)| {
             format!(
                 "{} / {} / {}",
@@ -865,7 +879,7 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
             )
         };
         println!(
-            "| {} | {} ({}) | {limit} | {per_window} | {over} | {under} | {bound} | {scripts:.4} | {} ({}) |",
+            "| {} | {} ({}) | {limit} | {per_window} | {over} | {under} | {shortfall} | {bound} | {scripts:.4} | {} ({}) |",
             l.label,
             out.windows,
             out.full.len(),
@@ -886,28 +900,44 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
             thousands(o.returns),
             thousands(o.expired_units)
         );
+        let expected = LIMIT * out.run_ms / 1000;
+        let shortfall = expected as i64 - out.run_admitted as i64;
         if l.strategy == "fixed" {
             println!(
                 "- {}: window ends located to within {} ms (the widest); {} admissions fell in \
                  milliseconds two windows may claim (counted in both), {} in no located window; \
                  the leases of {} windows disagreed on its end; at most {} units debited in one \
-                 window; 2xx seen by wrk {}, admissions counted {}; {calls}.",
+                 window; between a window's end and the next start {} ms on average, {} ms at \
+                 most, {} of {} gaps of half a period or more (a window's time without one); {} admitted in {:.1} s of demand, limit × T / period = {}: shortfall {} \
+                 ({:.2}%); {} denied leases, {} of them answering a retry of 1 s or more \
+                 (longest {} ms); 2xx seen by wrk {}, admissions decided {}, run by the handler {}; {calls}.",
                 l.label,
                 out.widest_ms,
                 out.shared,
                 out.unattributed,
                 out.inconsistent,
                 thousands(out.most_debited),
+                out.gaps.iter().sum::<u64>() / out.gaps.len().max(1) as u64,
+                out.gaps.iter().max().copied().unwrap_or(0),
+                out.gaps.iter().filter(|g| **g >= 500).count(),
+                out.gaps.len(),
+                thousands(out.run_admitted),
+                out.run_ms as f64 / 1000.0,
+                thousands(expected),
+                shortfall,
+                100.0 * shortfall as f64 / expected.max(1) as f64,
+                out.denials,
+                out.retries_of_a_second,
+                out.longest_retry_ms,
                 thousands(seen),
-                thousands(o.admitted)
+                thousands(o.admitted),
+                thousands(o.served)
             );
         } else {
-            let expected = LIMIT * out.run_ms / 1000;
-            let shortfall = expected as i64 - out.run_admitted as i64;
             println!(
                 "- {}: most admitted in any 1 s interval (1 ms steps) {} (bound {}); {} admitted \
                  in {:.1} s of demand, rate × T = {}: shortfall {} ({:.2}%), whole-run bound \
-                 `burst + rate × T + {}` exceeded by {}; 2xx seen by wrk {}, admissions counted {}; \
+                 `burst + rate × T + {}` exceeded by {}; 2xx seen by wrk {}, admissions decided {}, run by the handler {}; \
                  {calls}.",
                 l.label,
                 thousands(out.sliding_max),
@@ -920,7 +950,8 @@ fn print_limited(limited: &[Limited], outcomes: &[LimitedOutcome], rounds: usize
                 l.slack(),
                 out.run_over,
                 thousands(seen),
-                thousands(o.admitted)
+                thousands(o.admitted),
+                thousands(o.served)
             );
         }
     }

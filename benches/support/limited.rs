@@ -3,7 +3,8 @@
 //!
 //! A [`Recorder`] counts, per millisecond of the wall clock (the clock Redis reads with `TIME`,
 //! on the same machine), the requests that reached a route (demand, counted before the
-//! rate-limit layer) and the ones its handler ran (admitted). [`Observed`] wraps the Redis store
+//! rate-limit layer), the admissions ([`Stamped`], above `Leased`, stamps them when the decision
+//! is made, not when the handler runs later) and the requests the handler ran. [`Observed`] wraps the Redis store
 //! under `Leased` and records each granted lease of a fixed window: when it was sent, when it
 //! was answered, and the milliseconds its window had left (`PTTL` in the lease script). Since
 //! the script reads `PTTL` between the send and the answer, the window's last millisecond on
@@ -52,7 +53,14 @@ pub struct Recorder {
     base_ms: AtomicU64,
     demand: Box<[AtomicU64]>,
     admitted: Box<[AtomicU64]>,
+    /// Admissions stamped when the store decided them (above `Leased`), not in the handler.
+    decided: Box<[AtomicU64]>,
     grants: Mutex<Vec<Grant>>,
+    /// Denied leases, and the longest `retry_after` they answered (ms).
+    denials: AtomicU64,
+    longest_retry_ms: AtomicU64,
+    /// Denied leases that answered a retry of a whole second or more.
+    retries_of_a_second: AtomicU64,
 }
 
 impl Recorder {
@@ -62,16 +70,28 @@ impl Recorder {
             base_ms: AtomicU64::new(unix_us() / 1000),
             demand: counts(),
             admitted: counts(),
+            decided: counts(),
             grants: Mutex::new(Vec::new()),
+            denials: AtomicU64::new(0),
+            longest_retry_ms: AtomicU64::new(0),
+            retries_of_a_second: AtomicU64::new(0),
         })
     }
 
     /// Forgets what was recorded and counts from now.
     pub fn start(&self) {
-        for c in self.demand.iter().chain(self.admitted.iter()) {
+        for c in self
+            .demand
+            .iter()
+            .chain(&*self.admitted)
+            .chain(&*self.decided)
+        {
             c.store(0, Ordering::Relaxed);
         }
         self.grants_mut().clear();
+        self.denials.store(0, Ordering::Relaxed);
+        self.longest_retry_ms.store(0, Ordering::Relaxed);
+        self.retries_of_a_second.store(0, Ordering::Relaxed);
         self.base_ms.store(unix_us() / 1000, Ordering::Relaxed);
     }
 
@@ -104,19 +124,26 @@ impl Recorder {
         let load =
             |c: &[AtomicU64]| -> Vec<u64> { c.iter().map(|v| v.load(Ordering::Relaxed)).collect() };
         let mut demand = load(&self.demand);
-        let mut admitted = load(&self.admitted);
+        let mut served = load(&self.admitted);
+        let mut admitted = load(&self.decided);
         let len = demand
             .iter()
+            .zip(&served)
             .zip(&admitted)
-            .rposition(|(d, a)| *d > 0 || *a > 0)
+            .rposition(|((d, s), a)| *d > 0 || *s > 0 || *a > 0)
             .map_or(0, |i| i + 1);
         demand.truncate(len);
+        served.truncate(len);
         admitted.truncate(len);
         Trace {
             base_ms: self.base_ms.load(Ordering::Relaxed),
             demand,
+            served: served.iter().sum(),
             admitted,
             grants: self.grants_mut().clone(),
+            denials: self.denials.load(Ordering::Relaxed),
+            longest_retry_ms: self.longest_retry_ms.load(Ordering::Relaxed),
+            retries_of_a_second: self.retries_of_a_second.load(Ordering::Relaxed),
         }
     }
 }
@@ -125,8 +152,14 @@ impl Recorder {
 pub struct Trace {
     base_ms: u64,
     demand: Vec<u64>,
+    /// Requests the handler ran.
+    pub served: u64,
+    /// Admissions per millisecond, stamped at the decision.
     admitted: Vec<u64>,
     grants: Vec<Grant>,
+    pub denials: u64,
+    pub longest_retry_ms: u64,
+    pub retries_of_a_second: u64,
 }
 
 impl Trace {
@@ -196,6 +229,14 @@ impl<S: RateLeaseStore> RateLeaseStore for Observed<S> {
         Box::pin(async move {
             let grant = call.await;
             let answered_us = unix_us();
+            if let Ok(LeaseGrant::Denied { retry_after, .. }) = &grant {
+                let ms = retry_after.as_millis() as u64;
+                recorder.denials.fetch_add(1, Ordering::Relaxed);
+                recorder.longest_retry_ms.fetch_max(ms, Ordering::Relaxed);
+                if ms >= 1000 {
+                    recorder.retries_of_a_second.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             if let Ok(LeaseGrant::Granted {
                 units, window_left, ..
             }) = &grant
@@ -211,6 +252,62 @@ impl<S: RateLeaseStore> RateLeaseStore for Observed<S> {
             }
             grant
         })
+    }
+}
+
+/// A rate-limit store that stamps each admission when it is decided (put above `Leased`).
+pub struct Stamped<S> {
+    store: S,
+    recorder: Arc<Recorder>,
+}
+
+impl<S> Stamped<S> {
+    pub fn new(store: S, recorder: Arc<Recorder>) -> Self {
+        Self { store, recorder }
+    }
+}
+
+impl<S: RateLimitStore> RateLimitStore for Stamped<S> {
+    type Future = StoreFuture<Decision>;
+
+    fn check(&self, check: RateCheck<'_>) -> Self::Future {
+        let call = self.store.check(check);
+        let recorder = Arc::clone(&self.recorder);
+        Box::pin(async move {
+            let decision = call.await;
+            if matches!(&decision, Ok(d) if d.allowed) {
+                recorder.hit(&recorder.decided);
+            }
+            decision
+        })
+    }
+
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, StoreError>> {
+        let decision = self.store.check_now(check);
+        if matches!(&decision, Some(Ok(d)) if d.allowed) {
+            self.recorder.hit(&self.recorder.decided);
+        }
+        decision
+    }
+
+    fn is_remote(&self) -> bool {
+        self.store.is_remote()
+    }
+
+    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
+        self.store.settle(settlement)
+    }
+
+    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+        self.store.settle_now(settlement)
+    }
+
+    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+        self.store.reset(key, rules)
+    }
+
+    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+        self.store.set_override(key, state)
     }
 }
 
@@ -232,12 +329,28 @@ pub struct Outcome {
     pub inconsistent: usize,
     /// Fixed window: most units debited by the grants of one window (at most the limit).
     pub most_debited: u64,
+    /// Fixed window: the time from a window's end to the next one's start, ms (while demand
+    /// lasted): no window, no admission.
+    pub gaps: Vec<u64>,
     /// GCRA: the most admitted in any 1 s interval (1 ms steps).
     pub sliding_max: u64,
-    /// GCRA: admitted and demand time over the runs, ms; and runs above the whole-run bound.
+    /// Admitted and demand time over the runs, ms; GCRA: runs above the whole-run bound.
     pub run_admitted: u64,
     pub run_ms: u64,
     pub run_over: u64,
+    /// Denied leases; the longest retry they answered (ms); those of a second or more.
+    pub denials: u64,
+    pub longest_retry_ms: u64,
+    pub retries_of_a_second: u64,
+}
+
+impl Outcome {
+    /// Adds what every strategy records: the denied leases.
+    pub fn denials(&mut self, trace: &Trace) {
+        self.denials += trace.denials;
+        self.longest_retry_ms = self.longest_retry_ms.max(trace.longest_retry_ms);
+        self.retries_of_a_second += trace.retries_of_a_second;
+    }
 }
 
 impl Outcome {
@@ -326,6 +439,16 @@ impl Outcome {
             }
             counts[from as usize..=to as usize].iter().sum()
         };
+        // Between windows nothing is admitted; the next window starts at the first lease
+        // after the previous one ended.
+        for pair in windows.windows(2) {
+            let (end, next_start) = (pair[0].0, pair[1].1 - period);
+            if end >= first as i64 && next_start <= last as i64 {
+                self.gaps.push((next_start - end - 1).max(0) as u64);
+            }
+        }
+        self.run_admitted += trace.admitted();
+        self.run_ms += (last - first + 1) as u64;
         let mut covered = vec![0u8; trace.admitted.len()];
         for &(lo, hi) in &windows {
             // Every millisecond that may belong to the window: [earliest start, latest end].
