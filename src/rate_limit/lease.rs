@@ -193,19 +193,25 @@ impl LeaseStats {
 ///
 /// # The batch
 ///
-/// A key's batch starts at 1 unit; a lease asks for the next batch size or for what the
-/// requests waiting for it need, whichever is larger, up to `max`. The size doubles while the
-/// store gives all that was asked, and halves when units expire unused. The store gives the
-/// units needed now and at most `(remaining after them) / (2 × replicas seen recently)` more,
-/// so a nearly exhausted key is leased one unit at a time: exactly today's per-request mode.
-/// "Replicas seen recently" are counted in the same call, from a small hash in the key's slot
-/// (replica id → time of its last lease; an id counts for a window, at least 1 s, after its last
-/// lease, and stale ids are deleted).
+/// A key's batch starts at 1 unit; a lease asks for the next batch size or for what the requests
+/// waiting for it need, whichever is larger, up to `max` units held in all (what the replica still
+/// holds counts). The size doubles while the store gives all that was asked, and halves when units
+/// expire unused. The store gives the units needed now and at most `(remaining after them) / (2 ×
+/// replicas seen recently)` more, so a nearly exhausted key is leased one unit at a time: exactly
+/// today's per-request mode. "Replicas seen recently" are counted in the same call, from a small
+/// hash in the key's slot (replica id → time of its last lease; an id counts for a window, at least
+/// 1 s, after its last lease, and stale ids are deleted).
 ///
-/// One lease is in flight per key and rule in a replica: the other requests of the key wait for
-/// it (up to 16 leases in a row; then they check directly), and its units are kept for them
-/// first for a few milliseconds. A denied lease denies the requests that waited for it. The keys
-/// held are bounded ([`Lease::max_keys`]); idle keys are forgotten.
+/// A busy key leases ahead: once half of its batch is used and, at its pace, the rest would run out
+/// within a few round trips of a lease, the next batch is leased in the background while the rest
+/// are admitted, so its requests are answered in process without waiting. A key that is not that
+/// busy leases when its batch is empty. Units of two leases are held apart, each dying at its own
+/// time (so the bounds above hold unchanged: what a replica holds never passes `max`).
+///
+/// One lease is in flight per key and rule in a replica. When the batch is empty, the other
+/// requests of the key wait for it (up to 16 leases in a row; then they check directly), and its
+/// units are kept for them first for a few milliseconds. A denied lease denies the requests that
+/// waited for it. The keys held are bounded ([`Lease::max_keys`]); idle keys are forgotten.
 ///
 /// # Why not every strategy
 ///
@@ -260,6 +266,10 @@ const MAX_WAITS: u32 = 16;
 /// How long the units of a lease are kept for the requests that waited for it.
 const RESERVED_FOR: Duration = Duration::from_millis(20);
 
+/// A batch is leased ahead when what is left would run out within this many round trips of a
+/// lease.
+const AHEAD_TRIPS: u128 = 8;
+
 /// How long a lease sent ahead of need may take (a layer's default store timeout).
 const PREFETCH_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -284,6 +294,10 @@ struct Batch {
     next_expires: Instant,
     /// When the lease that gave them was answered.
     answered: Instant,
+    /// How long that lease took.
+    rtt: Duration,
+    /// Units held when it landed.
+    landed: u64,
     /// The batch asked next.
     size: u64,
     /// The rule's remaining units in the store at the last lease (the batch excluded).
@@ -315,6 +329,8 @@ impl Batch {
             next: 0,
             next_expires: now,
             answered: now,
+            rtt: Duration::ZERO,
+            landed: 0,
             size: 1,
             remaining: 0,
             reset_at: now,
@@ -434,11 +450,20 @@ impl Batch {
         ))
     }
 
-    /// Whether to lease ahead now: a busy key (its batch grew past one unit) has used half of
-    /// its batch and no lease is in flight. The next batch then usually lands before this one
+    /// Whether to lease ahead at `now`: no lease is in flight, the key's batch grew past one
+    /// unit and half of it is used, and at the pace since the last lease landed what is left
+    /// runs out within a few of that lease's round trips (a key that is not that busy leases
+    /// when its batch is empty, as before). The next batch then usually lands before this one
     /// runs out, and the key's requests are answered without waiting.
-    fn runs_low(&self) -> bool {
-        self.leasing.is_none() && self.size > 1 && self.held() * 2 <= self.size
+    fn runs_low(&self, now: Instant) -> bool {
+        let held = self.held();
+        if self.leasing.is_some() || self.size <= 1 || held * 2 > self.size {
+            return false;
+        }
+        let used = u128::from(self.landed.saturating_sub(held));
+        let elapsed = now.saturating_duration_since(self.answered).as_nanos();
+        let trips = AHEAD_TRIPS * self.rtt.as_nanos().max(1);
+        u128::from(held) * elapsed < trips * used
     }
 }
 
@@ -643,7 +668,7 @@ impl<B: RateLeaseStore> Inner<B> {
                     batch.expire(now, &self.expired_units);
                     if let Some(decision) = batch.take(cost, now, waits > 0) {
                         self.local_admissions.fetch_add(1, Ordering::Relaxed);
-                        let ahead = self.ahead(batch);
+                        let ahead = self.ahead(batch, now);
                         drop(batches);
                         if let Some(ahead) = ahead {
                             self.prefetch(key, bk, rule, ahead);
@@ -726,8 +751,8 @@ impl<B: RateLeaseStore> Inner<B> {
 
     /// The lease to send ahead of need when `batch` runs low (see [`Batch::runs_low`]),
     /// marked in flight: its target and the units it asks for.
-    fn ahead(&self, batch: &mut Batch) -> Option<Ahead> {
-        if !batch.runs_low() {
+    fn ahead(&self, batch: &mut Batch, now: Instant) -> Option<Ahead> {
+        if !batch.runs_low(now) {
             return None;
         }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
@@ -825,6 +850,8 @@ impl<B: RateLeaseStore> Inner<B> {
                 batch.reserved = batch.held().min(batch.waiting);
                 batch.waiting = 0;
                 batch.answered = now;
+                batch.rtt = now.saturating_duration_since(sent);
+                batch.landed = batch.held();
                 batch.remaining = remaining;
                 batch.reset_at = now + reset;
                 batch.last_used = now;
@@ -957,7 +984,7 @@ impl<B: RateLeaseStore> RateLimitStore for Leased<B> {
         let batch = batches.get_mut(&bk)?;
         batch.expire(now, &self.inner.expired_units);
         let decision = batch.take(check.cost, now, false)?;
-        let ahead = self.inner.ahead(batch);
+        let ahead = self.inner.ahead(batch, now);
         drop(batches);
         self.inner.local_admissions.fetch_add(1, Ordering::Relaxed);
         if let Some(ahead) = ahead {
