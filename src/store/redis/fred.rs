@@ -272,7 +272,9 @@ struct Packed {
     keys: usize,
     /// Whether the call fails at once, rather than waits in fred's queue, while the connection
     /// is down: a call given up by its caller (see `ScriptCall::abandon_when_dropped`) must not
-    /// be sent later, when fred reconnects.
+    /// be sent later, when fred reconnects. (A call already written when its connection breaks
+    /// is still sent again by fred after it reconnects, whatever its options: see the README's
+    /// "When a reply is lost".)
     fail_fast: bool,
 }
 
