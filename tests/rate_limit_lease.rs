@@ -27,9 +27,20 @@ type Svc = BoxCloneSyncService<Request<()>, StatusCode, Infallible>;
 
 /// A layer on `store` for one rule on one global key, with a log of admission times.
 fn service<B: RateLimitStore>(store: B, rule: Rule, log: Arc<Mutex<Vec<Instant>>>) -> Svc {
-    let layer = RateLimitLayer::new(store, Policy::new("lease", rule))
+    service_named(store, "lease", rule, Duration::from_secs(2), log)
+}
+
+/// [`service`] with a policy name and a store timeout of its own.
+fn service_named<B: RateLimitStore>(
+    store: B,
+    name: &str,
+    rule: Rule,
+    store_timeout: Duration,
+    log: Arc<Mutex<Vec<Instant>>>,
+) -> Svc {
+    let layer = RateLimitLayer::new(store, Policy::new(name, rule))
         .key(KeyExtractor::global())
-        .store_timeout(Duration::from_secs(2));
+        .store_timeout(store_timeout);
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(service_fn(move |_req: Request<()>| {
@@ -533,21 +544,13 @@ async fn a_stalled_redis_keeps_the_leased_key_bounded() {
         let server = RedisServer::start();
         let store = leased(client, &server.url(), Lease::up_to(16)).await;
         let log = Arc::new(Mutex::new(Vec::new()));
-        let layer = RateLimitLayer::new(
+        let svc = service_named(
             store,
-            Policy::new("stall", Rule::fixed_window(LIMIT, window)),
-        )
-        .key(KeyExtractor::global())
-        .store_timeout(Duration::from_millis(100));
-        let log2 = log.clone();
-        let svc = ServiceBuilder::new()
-            .layer(layer)
-            .service(service_fn(move |_req: Request<()>| {
-                log2.lock().unwrap().push(Instant::now());
-                std::future::ready(Ok::<_, Infallible>(Response::new(String::new())))
-            }))
-            .map_response(|r| r.status());
-        let svc: Svc = BoxCloneSyncService::new(svc);
+            "stall",
+            Rule::fixed_window(LIMIT, window),
+            Duration::from_millis(100),
+            log.clone(),
+        );
         // Warm the key up: some units leased from Redis.
         for _ in 0..20 {
             assert_eq!(
