@@ -176,6 +176,31 @@ impl Trace {
     }
 }
 
+/// The `RateLimitStore` methods both wrappers pass to the store they wrap unchanged.
+macro_rules! delegate_to_store {
+    () => {
+        fn is_remote(&self) -> bool {
+            self.store.is_remote()
+        }
+
+        fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
+            self.store.settle(settlement)
+        }
+
+        fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
+            self.store.settle_now(settlement)
+        }
+
+        fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
+            self.store.reset(key, rules)
+        }
+
+        fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
+            self.store.set_override(key, state)
+        }
+    };
+}
+
 /// A rate-limit store that records the fixed-window leases it grants (see the module docs).
 pub struct Observed<S> {
     store: S,
@@ -199,25 +224,7 @@ impl<S: RateLimitStore> RateLimitStore for Observed<S> {
         self.store.check_now(check)
     }
 
-    fn is_remote(&self) -> bool {
-        self.store.is_remote()
-    }
-
-    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
-        self.store.settle(settlement)
-    }
-
-    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
-        self.store.settle_now(settlement)
-    }
-
-    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
-        self.store.reset(key, rules)
-    }
-
-    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
-        self.store.set_override(key, state)
-    }
+    delegate_to_store!();
 }
 
 impl<S: RateLeaseStore> RateLeaseStore for Observed<S> {
@@ -290,25 +297,7 @@ impl<S: RateLimitStore> RateLimitStore for Stamped<S> {
         decision
     }
 
-    fn is_remote(&self) -> bool {
-        self.store.is_remote()
-    }
-
-    fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {
-        self.store.settle(settlement)
-    }
-
-    fn settle_now(&self, settlement: RateSettlement<'_>) -> Option<Result<(), StoreError>> {
-        self.store.settle_now(settlement)
-    }
-
-    fn reset(&self, key: &StoreKey, rules: &[Rule]) -> StoreFuture<()> {
-        self.store.reset(key, rules)
-    }
-
-    fn set_override(&self, key: &StoreKey, state: Option<Override>) -> StoreFuture<()> {
-        self.store.set_override(key, state)
-    }
+    delegate_to_store!();
 }
 
 /// What the runs of one limited configuration gave, pooled over its runs.
