@@ -30,9 +30,10 @@ pin_project! {
         B: RateLimitStore,
     {
         #[pin]
-        state: State<B::Future, S::Future, S, Request<ReqBody>>,
-        pending: Option<Pending<B>>,
-        headers: Option<HeaderMap>,
+        state: State<S::Future, Checking<B, S, Request<ReqBody>>>,
+        // Fields to add to the inner service's response (boxed: rarely there, and the future
+        // is moved and boxed by the layers around it).
+        headers: Option<Box<HeaderMap>>,
         // A metered request's reservation: not yet taken while checking, then taken (refunded
         // if dropped unsettled).
         reservation: Option<Reservation<B>>,
@@ -41,11 +42,11 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<C, F, S, R> {
+    enum State<F, C> {
+        // Boxed: a store that answers at once (in process, a leased batch) never waits, and
+        // the future stays small for it.
         Checking {
-            #[pin]
-            check: crate::store::Bounded<C>,
-            call: Option<(S, R)>,
+            checking: Pin<Box<C>>,
         },
         Running {
             #[pin]
@@ -54,6 +55,20 @@ pin_project! {
         Rejected {
             response: Option<Response<Bytes>>,
         },
+    }
+}
+
+pin_project! {
+    /// A request waiting for a remote store: the store's call, the inner service and request to
+    /// call once it admits, and what the answer is made with.
+    struct Checking<B, S, R>
+    where
+        B: RateLimitStore,
+    {
+        #[pin]
+        check: crate::store::Bounded<B::Future>,
+        call: Option<(S, R)>,
+        pending: Option<Pending<B>>,
     }
 }
 
@@ -71,8 +86,7 @@ where
     ) -> Self {
         Self {
             state: State::Running { future },
-            pending: None,
-            headers,
+            headers: headers.map(Box::new),
             reservation,
         }
     }
@@ -82,7 +96,6 @@ where
             state: State::Rejected {
                 response: Some(response),
             },
-            pending: None,
             headers: None,
             reservation: None,
         }
@@ -100,10 +113,12 @@ where
     ) -> Self {
         Self {
             state: State::Checking {
-                check: crate::store::bounded(timeout, check),
-                call: Some((service, request)),
+                checking: Box::pin(Checking {
+                    check: crate::store::bounded(timeout, check),
+                    call: Some((service, request)),
+                    pending: Some(pending),
+                }),
             },
-            pending: Some(pending),
             headers: None,
             reservation,
         }
@@ -122,9 +137,11 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Checking { check, call } => {
-                    let result = ready!(check.poll(cx));
-                    let answer = match this.pending.take() {
+                StateProj::Checking { checking } => {
+                    let checking = checking.as_mut().project();
+                    let result = ready!(checking.check.poll(cx));
+                    let call = checking.call;
+                    let answer = match checking.pending.take() {
                         Some(pending) => pending.finish(result),
                         None => Answer::Admit(None),
                     };
@@ -146,7 +163,7 @@ where
                             let Some((mut service, request)) = call.take() else {
                                 return Poll::Pending;
                             };
-                            *this.headers = headers;
+                            *this.headers = headers.map(Box::new);
                             this.state.set(State::Running {
                                 future: service.call(request),
                             });
@@ -168,7 +185,7 @@ where
                         reservation.settle(&response);
                     }
                     if let Some(extra) = this.headers.take() {
-                        for (name, value) in extra {
+                        for (name, value) in *extra {
                             if let Some(name) = name {
                                 response.headers_mut().insert(name, value);
                             }
