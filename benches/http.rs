@@ -119,6 +119,30 @@ async fn ok() -> &'static str {
     "ok"
 }
 
+/// The `429` that the flood rows get from the layer (`RateLimit` fields, `Retry-After`, the
+/// problem details body), sent by a handler without any layer: what sending that response costs
+/// by itself, against `ok`.
+async fn same_429() -> axum::response::Response {
+    const BODY: &str = concat!(
+        r#"{"type":"https://iana.org/assignments/http-problem-types#quota-exceeded","#,
+        r#""title":"Quota Exceeded","status":429,"#,
+        r#""detail":"rate limit exceeded; retry after the time in Retry-After","#,
+        r#""violated-policies":["fixed-1-600s"]}"#
+    );
+    let mut response = axum::response::Response::new(axum::body::Body::from(BODY));
+    *response.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("content-type", "application/problem+json"),
+        ("retry-after", "600"),
+        ("ratelimit", "\"fixed-1-600s\";r=0;t=600"),
+        ("ratelimit-policy", "\"fixed-1-600s\";q=1;w=600"),
+    ] {
+        headers.insert(name, http::HeaderValue::from_static(value));
+    }
+    response
+}
+
 /// Hand-written best case: the handler runs one EVALSHA of the layer's script itself.
 /// The override key of the hand-made calls' key `hand:{k}:<name>` (see `rate_limit_override.lua`).
 const OVERRIDE_KEY: &str = "hand:{k}:o";
@@ -483,6 +507,7 @@ async fn app(redis: &RedisServer, limited: &[Limited]) -> Router {
             "/flood/no-deny-cache",
             get(ok).layer(RateLimitLayer::new(redis_store, over).no_deny_cache()),
         )
+        .route("/flood/same-429", get(same_429))
 }
 
 struct Run {
@@ -1393,6 +1418,10 @@ fn main() {
         "7. one key over its limit, deny cache off",
         "/flood/no-deny-cache",
     ));
+    main.push(config(
+        "7. bare handler sending the same 429 (no layer)",
+        "/flood/same-429",
+    ));
     if let Some(only) = &only {
         // A quick look at some configurations (the baseline is always kept).
         let mut i = 0;
@@ -1607,6 +1636,17 @@ fn main() {
     println!(
         "| one key over its limit, deny cache on / bare | {:.2} | >= 0.90 |",
         ratio("7. one key over its limit, deny cache on", bare)
+    );
+    println!(
+        "| bare handler sending the same 429 / bare (the response alone) | {:.2} | (report) |",
+        ratio("7. bare handler sending the same 429 (no layer)", bare)
+    );
+    println!(
+        "| one key over its limit, deny cache on / bare handler sending the same 429 | {:.2} | (report) |",
+        ratio(
+            "7. one key over its limit, deny cache on",
+            "7. bare handler sending the same 429 (no layer)"
+        )
     );
     println!(
         "| CacheLayer hit / uncached 5 ms handler | {:.2} | (report) |",

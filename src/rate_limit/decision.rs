@@ -258,17 +258,17 @@ pub(crate) fn denied_locally(
     count("denied_local");
     let name = policy.fields.name(rule);
     tracing::debug!(target: TARGET, key = %key, rule = name, outcome = "denied_local", retry_after_ms = wait.as_millis() as u64);
-    let mut response = match (&config.rejection, policy.fields.denied_body(rule)) {
-        // The default body, encoded once for this rule.
-        (None, Some(body)) => crate::problem::quota_exceeded_response(body),
-        _ => limited(config, name, &[name], wait),
-    };
-    let headers = response.headers_mut();
-    policy.fields.insert_retry_after(headers, rule, wait);
-    if !has_state(headers) {
-        let which = config.denial_fields();
-        policy.fields.insert_denied(headers, rule, wait, which);
+    let which = config.denial_fields();
+    if config.rejection.is_none() {
+        // The default body, encoded once for this rule, and the fields written at once.
+        if let Some(response) = policy.fields.denied_response(rule, wait, which) {
+            return response;
+        }
     }
+    let mut response = limited(config, name, &[name], wait);
+    policy
+        .fields
+        .insert_denied(response.headers_mut(), rule, wait, which);
     response
 }
 

@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::Rule;
 use crate::store::Decision;
@@ -56,35 +56,39 @@ pub(crate) struct PolicyFields {
 
 /// What the local deny cache answers for one rule, pre-encoded so that a flood of rejections
 /// allocates nothing of its own: the default `429` body naming the rule, and the last
-/// `RateLimit` and `Retry-After` values sent (they change once a second at most; a clone of a
-/// [`HeaderValue`] is a reference count).
+/// `Retry-After` and `RateLimit` values sent (they change once a second at most; a clone of a
+/// [`HeaderValue`] is a reference count), both under one lock taken shared.
 #[derive(Debug)]
 struct Denied {
     body: Bytes,
-    ratelimit: Last,
-    retry_after: Last,
+    last: RwLock<Option<(u64, DeniedValues)>>,
 }
 
-/// The last value made for a number of seconds, and that number.
-#[derive(Debug, Default)]
-struct Last(RwLock<Option<(u64, HeaderValue)>>);
+/// The values of a deny-cache rejection for one number of seconds.
+#[derive(Clone, Debug)]
+struct DeniedValues {
+    /// `Retry-After`: the seconds, at least 1.
+    retry_after: HeaderValue,
+    /// `RateLimit`: `"name";r=0;t=N` for the rule that denies.
+    ratelimit: Option<HeaderValue>,
+}
 
-impl Last {
-    /// The value for `secs`: the last one if it was for the same `secs`, else `make(secs)`
+impl Denied {
+    /// The values for `secs`: the last ones if they were for the same `secs`, else `make(secs)`
     /// (kept for the next call).
-    fn get(&self, secs: u64, make: impl FnOnce(u64) -> Option<HeaderValue>) -> Option<HeaderValue> {
-        if let Ok(last) = self.0.read() {
+    fn values(&self, secs: u64, make: impl FnOnce(u64) -> DeniedValues) -> DeniedValues {
+        if let Ok(last) = self.last.read() {
             if let Some((s, v)) = &*last {
                 if *s == secs {
-                    return Some(v.clone());
+                    return v.clone();
                 }
             }
         }
-        let value = make(secs)?;
-        if let Ok(mut last) = self.0.write() {
-            *last = Some((secs, value.clone()));
+        let values = make(secs);
+        if let Ok(mut last) = self.last.write() {
+            *last = Some((secs, values.clone()));
         }
-        Some(value)
+        values
     }
 }
 
@@ -103,8 +107,7 @@ impl PolicyFields {
             .iter()
             .map(|name| Denied {
                 body: crate::problem::quota_exceeded_body(&[name.as_str()]),
-                ratelimit: Last::default(),
-                retry_after: Last::default(),
+                last: RwLock::new(None),
             })
             .collect();
         Self {
@@ -115,25 +118,91 @@ impl PolicyFields {
         }
     }
 
-    /// The default `429` body when rule `i` alone is exceeded, as
-    /// [`quota_exceeded`](crate::problem::quota_exceeded) makes it (encoded once).
-    pub(crate) fn denied_body(&self, i: usize) -> Option<Bytes> {
-        self.denied.get(i).map(|d| d.body.clone())
+    /// The default `429` that the local deny cache sends for rule `rule`, `wait` before the
+    /// store would admit the same request: the body naming the rule (encoded once),
+    /// `Retry-After`, and the `which` fields of that rule alone (the only one known). `None`
+    /// when the policy has no rule `rule`.
+    pub(crate) fn denied_response(
+        &self,
+        rule: usize,
+        wait: Duration,
+        which: Fields,
+    ) -> Option<Response<Bytes>> {
+        let denied = self.denied.get(rule)?;
+        let values = self.denied_values(denied, rule, wait);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(http::header::RETRY_AFTER, values.retry_after);
+        self.insert_state_of_denied(&mut headers, values.ratelimit, rule, wait, which);
+        let mut response = Response::new(denied.body.clone());
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        *response.headers_mut() = headers;
+        Some(response)
     }
 
-    /// `Retry-After` for rule `i` denying for `wait` (as [`insert_retry_after`] writes it),
-    /// unless the response already has one.
-    pub(crate) fn insert_retry_after(&self, headers: &mut HeaderMap, i: usize, wait: Duration) {
-        if headers.contains_key(http::header::RETRY_AFTER) {
-            return;
-        }
-        let secs = secs_up(wait).max(1);
-        let value = match self.denied.get(i) {
-            Some(d) => d.retry_after.get(secs, |s| Some(HeaderValue::from(s))),
-            None => Some(HeaderValue::from(secs)),
+    /// The fields of a deny-cache rejection for rule `rule` on a response of the configured
+    /// rejection builder: `Retry-After` and the `which` fields, each unless the response has
+    /// its own.
+    pub(crate) fn insert_denied(
+        &self,
+        headers: &mut HeaderMap,
+        rule: usize,
+        wait: Duration,
+        which: Fields,
+    ) {
+        let values = match self.denied.get(rule) {
+            Some(denied) => self.denied_values(denied, rule, wait),
+            None => self.make_denied_values(rule, secs_up(wait)),
         };
-        if let Some(v) = value {
-            headers.insert(http::header::RETRY_AFTER, v);
+        if !headers.contains_key(http::header::RETRY_AFTER) {
+            headers.insert(http::header::RETRY_AFTER, values.retry_after);
+        }
+        if !has_state(headers) {
+            self.insert_state_of_denied(headers, values.ratelimit, rule, wait, which);
+        }
+    }
+
+    fn denied_values(&self, denied: &Denied, rule: usize, wait: Duration) -> DeniedValues {
+        denied.values(secs_up(wait), |secs| self.make_denied_values(rule, secs))
+    }
+
+    /// `Retry-After` (at least 1) and `RateLimit` (`"name";r=0;t=N`) for rule `rule` denying
+    /// for `secs` more.
+    fn make_denied_values(&self, rule: usize, secs: u64) -> DeniedValues {
+        let name = self.name(rule);
+        let mut buf = itoa::Buffer::new();
+        let digits = buf.format(secs).as_bytes();
+        let mut value = Vec::with_capacity(name.len() + 9 + digits.len());
+        value.push(b'"');
+        value.extend_from_slice(name.as_bytes());
+        value.extend_from_slice(b"\";r=0;t=");
+        value.extend_from_slice(digits);
+        DeniedValues {
+            retry_after: HeaderValue::from(secs.max(1)),
+            ratelimit: HeaderValue::from_maybe_shared(Bytes::from(value)).ok(),
+        }
+    }
+
+    /// The `which` fields of rule `rule` denying for `wait` (`ratelimit` is its `RateLimit`).
+    fn insert_state_of_denied(
+        &self,
+        headers: &mut HeaderMap,
+        ratelimit: Option<HeaderValue>,
+        rule: usize,
+        wait: Duration,
+        which: Fields,
+    ) {
+        if which.ietf {
+            if let Some(v) = ratelimit {
+                headers.insert(RATELIMIT.clone(), v);
+            }
+            self.insert_policy(headers);
+        }
+        if which.legacy {
+            self.insert_legacy(headers, rule, 0, wait);
         }
     }
 
@@ -181,43 +250,6 @@ impl PolicyFields {
             if let Some((i, (remaining, reset))) = tightest.and_then(|i| Some((i, shown(i)?))) {
                 self.insert_legacy(headers, i, remaining, reset);
             }
-        }
-    }
-
-    /// The fields of an answer from the local deny cache: rule `rule` denies for `wait` more.
-    /// Only that rule is known, so only it is reported, as the store's own answer reports it.
-    pub(crate) fn insert_denied(
-        &self,
-        headers: &mut HeaderMap,
-        rule: usize,
-        wait: Duration,
-        which: Fields,
-    ) {
-        if which.ietf {
-            // `"name";r=0;t=N`, made once per rule and second (this is the flood path).
-            let name = self.name(rule);
-            let make = |secs: u64| {
-                let mut buf = itoa::Buffer::new();
-                let secs = buf.format(secs).as_bytes();
-                let mut value = Vec::with_capacity(name.len() + 9 + secs.len());
-                value.push(b'"');
-                value.extend_from_slice(name.as_bytes());
-                value.extend_from_slice(b"\";r=0;t=");
-                value.extend_from_slice(secs);
-                HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
-            };
-            let secs = secs_up(wait);
-            let value = match self.denied.get(rule) {
-                Some(d) => d.ratelimit.get(secs, make),
-                None => make(secs),
-            };
-            if let Some(v) = value {
-                headers.insert(RATELIMIT.clone(), v);
-            }
-            self.insert_policy(headers);
-        }
-        if which.legacy {
-            self.insert_legacy(headers, rule, 0, wait);
         }
     }
 
@@ -289,8 +321,16 @@ mod tests {
             let which = Fields { ietf: true, legacy };
             let (mut store, mut local) = (HeaderMap::new(), HeaderMap::new());
             policy.insert_state(&mut store, &decision, which);
+            insert_retry_after(&mut store, wait);
             policy.insert_denied(&mut local, 0, wait, which);
             assert_eq!(fields(&store), fields(&local));
+            // The whole default response: the same fields, and its content type.
+            let response = policy.denied_response(0, wait, which).unwrap();
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            let mut sent = response.headers().clone();
+            assert_eq!(sent["content-type"], "application/problem+json");
+            sent.remove("content-type");
+            assert_eq!(fields(&sent), fields(&local));
             assert_eq!(store["ratelimit"], "\"five\";r=0;t=8");
             assert_eq!(store["ratelimit-policy"], "\"five\";q=5;w=10");
             assert_eq!(store.contains_key("x-ratelimit-remaining"), legacy);
