@@ -248,9 +248,10 @@ impl ScriptCall {
         &self.buf
     }
 
+    /// The buffer, where each key then each argument ends in it, and the number of keys.
     #[cfg(feature = "fred")]
-    pub(crate) fn into_buffer(self) -> Vec<u8> {
-        self.buf
+    pub(crate) fn into_parts(self) -> (Vec<u8>, Vec<usize>, usize) {
+        (self.buf, self.ends, self.keys)
     }
 }
 
@@ -270,12 +271,15 @@ pub(crate) async fn detached<T: Send + 'static>(
 
 /// The waits between tries of a call that a cluster node answered with `TRYAGAIN` (a multi-key
 /// call whose slot is migrating, with its keys split between the two nodes): 5 ms doubling to
-/// 100 ms, for at most the store's client timeout. The layer's `store_timeout` usually ends the
-/// call first (it stops waiting); a call that runs to its end on its own (see [`detached`]) stops
-/// here.
+/// 100 ms, for at most the store's client timeout from the first `TRYAGAIN` (one round trip
+/// after the call was sent: the clock is read only by a call that is answered so). The layer's
+/// `store_timeout` usually ends the call first (it stops waiting); a call that runs to its end
+/// on its own (see [`detached`]) stops here.
 #[derive(Debug)]
 pub(crate) struct TryAgain {
-    deadline: tokio::time::Instant,
+    limit: Duration,
+    /// Set at the first `TRYAGAIN`.
+    deadline: Option<tokio::time::Instant>,
     wait: Duration,
     answered: Option<Answered>,
 }
@@ -285,7 +289,8 @@ impl TryAgain {
     /// server asked to try again.
     pub(crate) fn new(limit: Duration, answered: Option<Answered>) -> Self {
         Self {
-            deadline: tokio::time::Instant::now() + limit,
+            limit,
+            deadline: None,
             wait: Duration::from_millis(5),
             answered,
         }
@@ -304,7 +309,8 @@ impl TryAgain {
             answered.set();
         }
         let now = tokio::time::Instant::now();
-        if now + self.wait >= self.deadline {
+        let deadline = *self.deadline.get_or_insert(now + self.limit);
+        if now + self.wait >= deadline {
             return false;
         }
         tokio::time::sleep(self.wait).await;
