@@ -259,13 +259,67 @@ impl ScriptCall {
 /// an `EVALSHA` already sent runs on the server whether or not anyone waits, so its `NOSCRIPT`
 /// fallback must too, or the call would land or not depending on the timing. Outside a Tokio
 /// runtime, or when `abandon` (see [`ScriptCall::abandon_when_dropped`]), the call runs in place.
-pub(crate) async fn detached<T: Send + 'static>(
-    abandon: bool,
-    call: impl Future<Output = Result<T, StoreError>> + Send + 'static,
-) -> Result<T, StoreError> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) if !abandon => rt.spawn(call).await.map_err(StoreError::store)?,
-        _ => call.await,
+///
+/// The call is spawned when the future is first polled, as an `async fn` would. Written as a
+/// state machine rather than an `async fn`: that one would hold the call twice (as its argument
+/// and as the future it awaits), and every future around it, boxed on each call, with it.
+pub(crate) fn detached<T, F>(abandon: bool, call: F) -> Detached<F>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    if abandon {
+        Detached::InPlace { call }
+    } else {
+        Detached::Start { call: Some(call) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`detached`].
+    #[project = DetachedProj]
+    pub(crate) enum Detached<F: Future> {
+        /// Not polled yet: spawned (or run in place outside a runtime) at the first poll.
+        Start { call: Option<F> },
+        Spawned { task: tokio::task::JoinHandle<F::Output> },
+        InPlace { #[pin] call: F },
+    }
+}
+
+impl<T, F> Future for Detached<F>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    type Output = Result<T, StoreError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                DetachedProj::Start { call } => {
+                    // `call` is never pinned in this state: it may move into the task.
+                    let Some(call) = call.take() else {
+                        let error = std::io::Error::other("a detached call polled after its end");
+                        return std::task::Poll::Ready(Err(StoreError::store(error)));
+                    };
+                    let next = match tokio::runtime::Handle::try_current() {
+                        Ok(rt) => Detached::Spawned {
+                            task: rt.spawn(call),
+                        },
+                        Err(_) => Detached::InPlace { call },
+                    };
+                    self.set(next);
+                }
+                DetachedProj::Spawned { task } => {
+                    let joined = std::task::ready!(Pin::new(task).poll(cx));
+                    return std::task::Poll::Ready(joined.map_err(StoreError::store)?);
+                }
+                DetachedProj::InPlace { call } => return call.poll(cx),
+            }
+        }
     }
 }
 
