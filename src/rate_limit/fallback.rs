@@ -170,7 +170,17 @@ impl Local {
 
     /// Whether the local limits still hold after a recent failure.
     pub(crate) fn holding(&self) -> bool {
-        self.millis() < self.hold_until.load(Ordering::Acquire)
+        let until = self.hold_until.load(Ordering::Acquire);
+        // 0: no failure, or its hold ended and a check saw it end: no clock read.
+        if until == 0 {
+            return false;
+        }
+        if self.millis() < until {
+            return true;
+        }
+        // The hold ended: forget it, unless a failure moved it on meanwhile.
+        let _ = (self.hold_until).compare_exchange(until, 0, Ordering::AcqRel, Ordering::Acquire);
+        false
     }
 
     /// Checks (and consumes) `cost` against the local `rules` for `key`.

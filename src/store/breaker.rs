@@ -199,7 +199,11 @@ impl State {
     }
 
     fn success(&self, probe: bool) {
-        self.run.store(0, Ordering::Release);
+        // Read first: most calls succeed after a success, and a store on every call would make
+        // every thread's calls contend for the line.
+        if self.run.load(Ordering::Acquire) != 0 {
+            self.run.store(0, Ordering::Release);
+        }
         if probe {
             self.state.store(CLOSED, Ordering::Release);
             self.probing.store(false, Ordering::Release);

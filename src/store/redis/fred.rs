@@ -268,7 +268,8 @@ impl fmt::Debug for FredStore {
 /// for `EVALSHA`, and again only on `NOSCRIPT`.
 struct Packed {
     buf: Bytes,
-    ranges: Vec<std::ops::Range<usize>>,
+    /// Where each key, then each argument, ends in `buf`.
+    ends: Vec<usize>,
     keys: usize,
     /// Whether the call fails at once, rather than waits in fred's queue, while the connection
     /// is down: a call given up by its caller (see `ScriptCall::abandon_when_dropped`) must not
@@ -280,25 +281,34 @@ struct Packed {
 
 impl Packed {
     fn new(call: ScriptCall) -> Self {
-        let keys = call.key_count();
         let fail_fast = call.abandons();
-        let (key_ranges, arg_ranges) = call.key_and_arg_ranges();
-        let ranges = key_ranges.chain(arg_ranges).collect();
+        let (buf, ends, keys) = call.into_parts();
         Self {
-            buf: Bytes::from(call.into_buffer()),
-            ranges,
+            buf: Bytes::from(buf),
+            ends,
             keys,
             fail_fast,
         }
     }
 
     fn parts(&self) -> (Vec<Key>, Vec<Value>) {
-        let (keys, args) = self.ranges.split_at(self.keys.min(self.ranges.len()));
-        let slice = |r: &std::ops::Range<usize>| self.buf.slice(r.clone());
-        (
-            keys.iter().map(|r| Key::from(slice(r))).collect(),
-            args.iter().map(|r| Value::Bytes(slice(r))).collect(),
-        )
+        let keys = self.keys.min(self.ends.len());
+        let mut start = 0;
+        let mut next = |end: usize| {
+            let part = self.buf.slice(start.min(end)..end);
+            start = end;
+            part
+        };
+        let mut key_parts = Vec::with_capacity(keys);
+        let mut arg_parts = Vec::with_capacity(self.ends.len() - keys);
+        for (i, &end) in self.ends.iter().enumerate() {
+            if i < keys {
+                key_parts.push(Key::from(next(end)));
+            } else {
+                arg_parts.push(Value::Bytes(next(end)));
+            }
+        }
+        (key_parts, arg_parts)
     }
 }
 

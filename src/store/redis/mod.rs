@@ -91,21 +91,20 @@ pub(crate) mod sealed {
             &self,
             mut call: ScriptCall,
         ) -> impl Future<Output = Result<Reply, StoreError>> + Send + 'static {
-            let attempt = match self.breaker_state().admit() {
+            match self.breaker_state().admit() {
                 Admission::Go(permit) => {
                     let answered = call.watch(self.not_now());
-                    Ok((Recorder(Some((permit, answered))), self.call(call)))
+                    Guarded::Go {
+                        recorder: Recorder(Some((permit, answered))),
+                        call: self.call(call),
+                    }
                 }
                 Admission::Open { error, probe } => {
                     if let Some(permit) = probe {
                         send_probe(self, permit, &call);
                     }
-                    Err(error)
+                    Guarded::Refused { error: Some(error) }
                 }
-            };
-            async move {
-                let (recorder, call) = attempt?;
-                recorder.record(call.await)
             }
         }
 
@@ -127,13 +126,46 @@ pub(crate) mod sealed {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// The future of [`sealed::Runner::guarded`]: the call with its recorder, or the breaker's
+    /// refusal. A state machine rather than an `async` block, which would hold the call twice
+    /// (captured, then awaited): the futures around it are boxed on every call.
+    #[project = GuardedProj]
+    enum Guarded<F> {
+        Go { recorder: Recorder, #[pin] call: F },
+        Refused { error: Option<StoreError> },
+    }
+}
+
+impl<F: Future<Output = Result<Reply, StoreError>>> Future for Guarded<F> {
+    type Output = Result<Reply, StoreError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            GuardedProj::Go { recorder, call } => {
+                let result = std::task::ready!(call.poll(cx));
+                std::task::Poll::Ready(recorder.record(result))
+            }
+            GuardedProj::Refused { error } => {
+                std::task::Poll::Ready(Err(error.take().unwrap_or_else(|| {
+                    StoreError::store(std::io::Error::other("polled after its end"))
+                })))
+            }
+        }
+    }
+}
+
 /// Records how a call let through the breaker ended; dropped unfinished, a call the server
 /// answered "not now" counts as answered (see [`sealed::Runner::guarded`]), any other as the
 /// [`Permit`] says.
 struct Recorder(Option<(Permit, Answered)>);
 
 impl Recorder {
-    fn record(mut self, result: Result<Reply, StoreError>) -> Result<Reply, StoreError> {
+    /// Records `result` once (a later call passes it on unrecorded).
+    fn record(&mut self, result: Result<Reply, StoreError>) -> Result<Reply, StoreError> {
         match self.0.take() {
             Some((permit, _)) => permit.record(result),
             None => result,

@@ -320,7 +320,10 @@ impl<R: ScriptRunner> RateLimitStore for R {
     fn check(&self, check: RateCheck<'_>) -> Self::Future {
         let rules = check.rules.len();
         let call = self.guarded(rate_limit_call(self.prefix(), &check));
-        Box::pin(async move { decode_decision(call.await?, rules) })
+        // Not an `async` block, which would hold the call twice (captured, then awaited).
+        Box::pin(futures_util::FutureExt::map(call, move |reply| {
+            decode_decision(reply?, rules)
+        }))
     }
 
     fn settle(&self, settlement: RateSettlement<'_>) -> StoreFuture<()> {

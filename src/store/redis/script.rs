@@ -248,9 +248,10 @@ impl ScriptCall {
         &self.buf
     }
 
+    /// The buffer, where each key then each argument ends in it, and the number of keys.
     #[cfg(feature = "fred")]
-    pub(crate) fn into_buffer(self) -> Vec<u8> {
-        self.buf
+    pub(crate) fn into_parts(self) -> (Vec<u8>, Vec<usize>, usize) {
+        (self.buf, self.ends, self.keys)
     }
 }
 
@@ -258,24 +259,81 @@ impl ScriptCall {
 /// an `EVALSHA` already sent runs on the server whether or not anyone waits, so its `NOSCRIPT`
 /// fallback must too, or the call would land or not depending on the timing. Outside a Tokio
 /// runtime, or when `abandon` (see [`ScriptCall::abandon_when_dropped`]), the call runs in place.
-pub(crate) async fn detached<T: Send + 'static>(
-    abandon: bool,
-    call: impl Future<Output = Result<T, StoreError>> + Send + 'static,
-) -> Result<T, StoreError> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) if !abandon => rt.spawn(call).await.map_err(StoreError::store)?,
-        _ => call.await,
+///
+/// The call is spawned when the future is first polled, as an `async fn` would. Written as a
+/// state machine rather than an `async fn`: that one would hold the call twice (as its argument
+/// and as the future it awaits), and every future around it, boxed on each call, with it.
+pub(crate) fn detached<T, F>(abandon: bool, call: F) -> Detached<F>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    if abandon {
+        Detached::InPlace { call }
+    } else {
+        Detached::Start { call: Some(call) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`detached`].
+    #[project = DetachedProj]
+    pub(crate) enum Detached<F: Future> {
+        /// Not polled yet: spawned (or run in place outside a runtime) at the first poll.
+        Start { call: Option<F> },
+        Spawned { task: tokio::task::JoinHandle<F::Output> },
+        InPlace { #[pin] call: F },
+    }
+}
+
+impl<T, F> Future for Detached<F>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    type Output = Result<T, StoreError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                DetachedProj::Start { call } => {
+                    // `call` is never pinned in this state: it may move into the task.
+                    let Some(call) = call.take() else {
+                        let error = std::io::Error::other("a detached call polled after its end");
+                        return std::task::Poll::Ready(Err(StoreError::store(error)));
+                    };
+                    let next = match tokio::runtime::Handle::try_current() {
+                        Ok(rt) => Detached::Spawned {
+                            task: rt.spawn(call),
+                        },
+                        Err(_) => Detached::InPlace { call },
+                    };
+                    self.set(next);
+                }
+                DetachedProj::Spawned { task } => {
+                    let joined = std::task::ready!(Pin::new(task).poll(cx));
+                    return std::task::Poll::Ready(joined.map_err(StoreError::store)?);
+                }
+                DetachedProj::InPlace { call } => return call.poll(cx),
+            }
+        }
     }
 }
 
 /// The waits between tries of a call that a cluster node answered with `TRYAGAIN` (a multi-key
 /// call whose slot is migrating, with its keys split between the two nodes): 5 ms doubling to
-/// 100 ms, for at most the store's client timeout. The layer's `store_timeout` usually ends the
-/// call first (it stops waiting); a call that runs to its end on its own (see [`detached`]) stops
-/// here.
+/// 100 ms, for at most the store's client timeout from the first `TRYAGAIN` (one round trip
+/// after the call was sent: the clock is read only by a call that is answered so). The layer's
+/// `store_timeout` usually ends the call first (it stops waiting); a call that runs to its end
+/// on its own (see [`detached`]) stops here.
 #[derive(Debug)]
 pub(crate) struct TryAgain {
-    deadline: tokio::time::Instant,
+    limit: Duration,
+    /// Set at the first `TRYAGAIN`.
+    deadline: Option<tokio::time::Instant>,
     wait: Duration,
     answered: Option<Answered>,
 }
@@ -285,7 +343,8 @@ impl TryAgain {
     /// server asked to try again.
     pub(crate) fn new(limit: Duration, answered: Option<Answered>) -> Self {
         Self {
-            deadline: tokio::time::Instant::now() + limit,
+            limit,
+            deadline: None,
             wait: Duration::from_millis(5),
             answered,
         }
@@ -304,7 +363,8 @@ impl TryAgain {
             answered.set();
         }
         let now = tokio::time::Instant::now();
-        if now + self.wait >= self.deadline {
+        let deadline = *self.deadline.get_or_insert(now + self.limit);
+        if now + self.wait >= deadline {
             return false;
         }
         tokio::time::sleep(self.wait).await;

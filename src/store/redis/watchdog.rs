@@ -52,7 +52,11 @@ pub(crate) struct Progress<C: Send + Sync + 'static>(Arc<Watchdog<C>>);
 impl<C: Send + Sync + 'static> Progress<C> {
     /// The server answered (a reply, or an error reply of the server's own).
     pub(crate) fn answered(&self) {
-        self.0.unanswered_since.store(0, Ordering::Release);
+        // Read first: a store to the shared line on every answer would make the calls of every
+        // thread contend for it; without a rebuild nothing was noted (see `Watchdog::client`).
+        if self.0.unanswered_since.load(Ordering::Acquire) != 0 {
+            self.0.unanswered_since.store(0, Ordering::Release);
+        }
     }
 }
 
@@ -107,6 +111,12 @@ impl<C: Clone + Send + Sync + 'static> Watchdog<C> {
 
     /// The current client, for one call; starts a rebuild first if the client stopped answering.
     pub(crate) fn client(self: &Arc<Self>) -> (C, Progress<C>) {
+        // A client that cannot be rebuilt (a standalone one, or the application's) is only
+        // handed out: nothing would act on its progress, so none is noted (no clock read, no
+        // write shared by every call).
+        if self.rebuild.is_none() {
+            return (self.current(), Progress(self.clone()));
+        }
         let now = self.now();
         let since = match self.unanswered_since.compare_exchange(
             0,
@@ -120,11 +130,14 @@ impl<C: Clone + Send + Sync + 'static> Watchdog<C> {
         if now.saturating_sub(since) > millis(STALL) {
             self.start_rebuild(now);
         }
-        let client = match self.client.read() {
+        (self.current(), Progress(self.clone()))
+    }
+
+    fn current(&self) -> C {
+        match self.client.read() {
             Ok(client) => client.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        (client, Progress(self.clone()))
+        }
     }
 
     fn start_rebuild(self: &Arc<Self>, now: u64) {
