@@ -1,6 +1,6 @@
 //! The `fred` store: fred, standalone or cluster.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
@@ -447,17 +447,18 @@ fn redirected(err: &Error) -> bool {
 
 /// Sends `EVALSHA script` (`by_sha`) or `EVAL script` with the call's keys and arguments.
 ///
-/// Each fred command's future is boxed where it is made: fred's are several kilobytes, and
-/// every future around them (this one, the store's call, the breaker's, the layer's) would
-/// otherwise hold one inline, some twice, and be copied whole as each is made and moved (tens of
-/// kilobytes copied per call, a third of the store's CPU time before they were boxed).
-async fn send(
-    client: &Client,
+/// The future is boxed here, with fred's command future inside: fred's are several kilobytes,
+/// and every future around them (the store's call, the breaker's, the layer's) would otherwise
+/// hold one inline, some twice, and be copied whole as each is made and moved (tens of kilobytes
+/// copied per call, a third of the store's CPU time before they were boxed). One box per send,
+/// and the futures around it stay a few hundred bytes.
+fn send<'a>(
+    client: &'a Client,
     route: Route,
-    script: &str,
+    script: &'a str,
     by_sha: bool,
     call: &Packed,
-) -> Result<Value, Error> {
+) -> Pin<Box<dyn Future<Output = Result<Value, Error>> + Send + 'a>> {
     let (keys, args) = call.parts();
     match route {
         Route::Direct if call.fail_fast => {
@@ -466,45 +467,50 @@ async fn send(
                 ..Options::default()
             };
             let client = client.with_options(&options);
-            if by_sha {
-                Box::pin(client.evalsha(script, keys, args)).await
-            } else {
-                Box::pin(client.eval(script, keys, args)).await
-            }
+            Box::pin(async move {
+                if by_sha {
+                    client.evalsha(script, keys, args).await
+                } else {
+                    client.eval(script, keys, args).await
+                }
+            })
         }
-        Route::Direct => {
+        Route::Direct => Box::pin(async move {
             if by_sha {
-                Box::pin(client.evalsha(script, keys, args)).await
+                client.evalsha(script, keys, args).await
             } else {
-                Box::pin(client.eval(script, keys, args)).await
+                client.eval(script, keys, args).await
             }
-        }
+        }),
         Route::Transaction => {
-            // A transaction has no `EVALSHA` of its own: the command as sent, hashed by its first
-            // key (every key of a call has the same hash tag).
-            let slot = keys.first().map_or(0, |k| redis_keyslot(k.as_bytes()));
-            let name = if by_sha { "EVALSHA" } else { "EVAL" };
-            let command = CustomCommand::new_static(name, ClusterHash::Custom(slot), false);
-            let mut values = Vec::with_capacity(2 + keys.len() + args.len());
-            values.push(Value::from(script));
-            values.push(Value::from(keys.len() as i64));
-            values.extend(keys.into_iter().map(|k| Value::Bytes(k.into_bytes())));
-            values.extend(args);
-            let trx = client.multi();
-            let options = Options {
-                max_redirections: Some(TRANSACTION_REDIRECTIONS),
-                fail_fast: call.fail_fast,
-                ..Options::default()
-            };
-            Box::pin(
-                trx.with_options(&options)
-                    .custom::<Value, _>(command, values),
-            )
-            .await?;
-            match Box::pin(trx.exec::<Value>(true)).await? {
-                Value::Array(mut replies) if replies.len() == 1 => Ok(replies.remove(0)),
-                other => Ok(other),
-            }
+            let fail_fast = call.fail_fast;
+            Box::pin(async move {
+                // A transaction has no `EVALSHA` of its own: the command as sent, hashed by its
+                // first key (every key of a call has the same hash tag).
+                let slot = keys.first().map_or(0, |k| redis_keyslot(k.as_bytes()));
+                let name = if by_sha { "EVALSHA" } else { "EVAL" };
+                let command = CustomCommand::new_static(name, ClusterHash::Custom(slot), false);
+                let mut values = Vec::with_capacity(2 + keys.len() + args.len());
+                values.push(Value::from(script));
+                values.push(Value::from(keys.len() as i64));
+                values.extend(keys.into_iter().map(|k| Value::Bytes(k.into_bytes())));
+                values.extend(args);
+                let trx = client.multi();
+                let options = Options {
+                    max_redirections: Some(TRANSACTION_REDIRECTIONS),
+                    fail_fast,
+                    ..Options::default()
+                };
+                Box::pin(
+                    trx.with_options(&options)
+                        .custom::<Value, _>(command, values),
+                )
+                .await?;
+                match Box::pin(trx.exec::<Value>(true)).await? {
+                    Value::Array(mut replies) if replies.len() == 1 => Ok(replies.remove(0)),
+                    other => Ok(other),
+                }
+            })
         }
     }
 }
@@ -598,8 +604,8 @@ impl Runner for FredStore {
         detached(abandon, async move {
             let mut again = TryAgain::new(limit, not_now);
             loop {
-                // Boxed: this future, the breaker's and the layer's stay small (see `send`).
-                let result = Box::pin(client.eval(lua, &packed, &reload)).await;
+                // A few hundred bytes: fred's own future is boxed in `send`.
+                let result = client.eval(lua, &packed, &reload).await;
                 if result.as_ref().map_or_else(answered, |_| true) {
                     progress.answered();
                 }
