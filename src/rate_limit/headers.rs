@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
 use super::Rule;
 use crate::store::Decision;
@@ -130,16 +130,10 @@ impl PolicyFields {
     ) -> Option<Response<Bytes>> {
         let denied = self.denied.get(rule)?;
         let values = self.denied_values(denied, rule, wait);
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        let mut response = crate::problem::quota_exceeded_response(denied.body.clone());
+        let headers = response.headers_mut();
         headers.insert(http::header::RETRY_AFTER, values.retry_after);
-        self.insert_state_of_denied(&mut headers, values.ratelimit, rule, wait, which);
-        let mut response = Response::new(denied.body.clone());
-        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-        *response.headers_mut() = headers;
+        self.insert_state_of_denied(headers, values.ratelimit, rule, wait, which);
         Some(response)
     }
 
@@ -326,7 +320,7 @@ mod tests {
             assert_eq!(fields(&store), fields(&local));
             // The whole default response: the same fields, and its content type.
             let response = policy.denied_response(0, wait, which).unwrap();
-            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(response.status(), http::StatusCode::TOO_MANY_REQUESTS);
             let mut sent = response.headers().clone();
             assert_eq!(sent["content-type"], "application/problem+json");
             sent.remove("content-type");
