@@ -235,6 +235,7 @@ impl ScriptCall {
         (self.ranges().take(self.keys), self.ranges().skip(self.keys))
     }
 
+    #[cfg(any(feature = "redis", test))]
     pub(crate) fn key_count(&self) -> usize {
         self.keys
     }
