@@ -119,6 +119,15 @@ async fn ok() -> &'static str {
     "ok"
 }
 
+/// The name a row shows for a client's route segment (`redis` is redis-rs).
+fn client_name(client: &str) -> &str {
+    if client == "redis" {
+        "redis-rs"
+    } else {
+        client
+    }
+}
+
 /// The `429` that the flood rows get from the layer (`RateLimit` fields, `Retry-After`, the
 /// problem details body), sent by a handler without any layer: what sending that response costs
 /// by itself, against `ok`.
@@ -1268,11 +1277,7 @@ fn main() {
     let mut limited: Vec<Limited> = Vec::new();
     for strategy in ["fixed", "gcra"] {
         for client in ["redis", "fred"] {
-            let shown = if client == "redis" {
-                "redis-rs"
-            } else {
-                "fred"
-            };
+            let shown = client_name(client);
             let rule = if strategy == "fixed" {
                 "fixed window 2,000 per 1 s"
             } else {
@@ -1370,11 +1375,7 @@ fn main() {
     }
     for name in ["fixed", "gcra"] {
         for client in ["redis", "fred"] {
-            let shown = if client == "redis" {
-                "redis-rs"
-            } else {
-                "fred"
-            };
+            let shown = client_name(client);
             main.push(config(
                 format!("9. leased (up to 256), {shown}: {name}, one hot key"),
                 leak(format!("/leased/{client}/{name}")),

@@ -79,6 +79,20 @@ async fn bounded<T>(
         .expect("the call answered (a result or an error) within 5 s")
 }
 
+/// Runs `call` with the proxy armed to cut its reply, checks that it did, and waits until
+/// anything the client sends again has landed: the call's result.
+async fn with_reply_cut<T>(
+    proxy: &Proxies,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    proxy.arm();
+    let result = bounded(call).await;
+    assert!(proxy.fired(), "the reply was not cut");
+    proxy.disarm();
+    settled().await;
+    result
+}
+
 /// A check of cost 10 whose reply is cut: charged once or not at all.
 async fn check_reply_cut<B: RateLimitStore>(proxied: B, direct: B, proxy: &Proxies, once: bool) {
     let key = key();
@@ -88,11 +102,7 @@ async fn check_reply_cut<B: RateLimitStore>(proxied: B, direct: B, proxy: &Proxi
     bounded(proxied.check(RateCheck::new(&key, &rules, 1, true)))
         .await
         .expect("a first check");
-    proxy.arm();
-    let result = bounded(proxied.check(RateCheck::new(&key, &rules, 10, true))).await;
-    assert!(proxy.fired(), "the reply was not cut");
-    proxy.disarm();
-    settled().await;
+    let result = with_reply_cut(proxy, proxied.check(RateCheck::new(&key, &rules, 10, true))).await;
     let left = remaining(&direct, &key).await;
     println!(
         "check with its reply cut: {:?}, {left} left",
@@ -115,12 +125,8 @@ async fn refund_reply_cut<B: RateLimitStore>(proxied: B, direct: B, proxy: &Prox
         .await
         .expect("a check of 20");
     assert_eq!(remaining(&direct, &key).await, LIMIT - 20);
-    proxy.arm();
     let settlement = RateSettlement::new(&key, &rules, -8, Duration::from_millis(1));
-    let result = bounded(proxied.settle(settlement)).await;
-    assert!(proxy.fired(), "the reply was not cut");
-    proxy.disarm();
-    settled().await;
+    let result = with_reply_cut(proxy, proxied.settle(settlement)).await;
     let left = remaining(&direct, &key).await;
     println!(
         "refund with its reply cut: {:?}, {left} left",
@@ -139,11 +145,8 @@ async fn lease_reply_cut<B: RateLeaseStore>(proxied: B, direct: B, proxy: &Proxi
     bounded(proxied.check(RateCheck::new(&key, std::slice::from_ref(&rule), 1, true)))
         .await
         .expect("a first check");
-    proxy.arm();
-    let result = bounded(proxied.lease(RateLease::new(&key, &rule, 30, 30, "replica-a"))).await;
-    assert!(proxy.fired(), "the reply was not cut");
-    proxy.disarm();
-    settled().await;
+    let lease = RateLease::new(&key, &rule, 30, 30, "replica-a");
+    let result = with_reply_cut(proxy, proxied.lease(lease)).await;
     let left = remaining(&direct, &key).await;
     println!(
         "lease with its reply cut: {:?}, {left} left",
