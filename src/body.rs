@@ -32,13 +32,18 @@ pin_project! {
     enum Inner<B, E> {
         Service { #[pin] body: B },
         Full { data: Option<Bytes> },
-        Read {
-            data: Option<Bytes>,
-            trailers: Option<HeaderMap>,
-            error: Option<E>,
-            rest: Option<Pin<Box<B>>>,
-        },
+        // Boxed: rare (a body a layer read to store it), and four times the size of the others,
+        // which every response of every layer would otherwise carry and move.
+        Read { read: Box<Read<B, E>> },
     }
+}
+
+/// What a layer read of a body and what it left: see [`ResponseBody::read`].
+struct Read<B, E> {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    error: Option<E>,
+    rest: Option<Pin<Box<B>>>,
 }
 
 impl<B: Body> ResponseBody<B> {
@@ -69,10 +74,12 @@ impl<B: Body> ResponseBody<B> {
         };
         Self {
             inner: Inner::Read {
-                data,
-                trailers,
-                error,
-                rest,
+                read: Box::new(Read {
+                    data,
+                    trailers,
+                    error,
+                    rest,
+                }),
             },
         }
     }
@@ -92,12 +99,13 @@ where
         match self.project().inner.project() {
             InnerProj::Service { body } => body.poll_frame(cx),
             InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            InnerProj::Read {
-                data,
-                trailers,
-                error,
-                rest,
-            } => {
+            InnerProj::Read { read } => {
+                let Read {
+                    data,
+                    trailers,
+                    error,
+                    rest,
+                } = &mut **read;
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -119,12 +127,13 @@ where
         match &self.inner {
             Inner::Service { body } => body.is_end_stream(),
             Inner::Full { data } => data.is_none(),
-            Inner::Read {
-                data,
-                trailers,
-                error,
-                rest,
-            } => {
+            Inner::Read { read } => {
+                let Read {
+                    data,
+                    trailers,
+                    error,
+                    rest,
+                } = &**read;
                 data.is_none()
                     && trailers.is_none()
                     && error.is_none()
@@ -138,14 +147,14 @@ where
         match &self.inner {
             Inner::Service { body } => body.size_hint(),
             Inner::Full { data } => SizeHint::with_exact(len(data)),
-            Inner::Read { data, rest, .. } => match rest {
-                None => SizeHint::with_exact(len(data)),
+            Inner::Read { read } => match &read.rest {
+                None => SizeHint::with_exact(len(&read.data)),
                 Some(rest) => {
                     let inner = rest.size_hint();
                     let mut hint = SizeHint::new();
-                    hint.set_lower(inner.lower().saturating_add(len(data)));
+                    hint.set_lower(inner.lower().saturating_add(len(&read.data)));
                     if let Some(upper) = inner.upper() {
-                        hint.set_upper(upper.saturating_add(len(data)));
+                        hint.set_upper(upper.saturating_add(len(&read.data)));
                     }
                     hint
                 }
@@ -162,10 +171,10 @@ impl<B: Body> std::fmt::Debug for ResponseBody<B> {
                 .debug_tuple("ResponseBody::Full")
                 .field(&data.as_ref().map_or(0, Bytes::len))
                 .finish(),
-            Inner::Read { data, rest, .. } => f
+            Inner::Read { read } => f
                 .debug_struct("ResponseBody::Read")
-                .field("read", &data.as_ref().map_or(0, Bytes::len))
-                .field("streaming", &rest.is_some())
+                .field("read", &read.data.as_ref().map_or(0, Bytes::len))
+                .field("streaming", &read.rest.is_some())
                 .finish(),
         }
     }

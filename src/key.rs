@@ -19,8 +19,8 @@ pub(crate) enum KeyHash {
     /// SHA-256 ([`StoreKey::from_parts`]): the same in every process, for keys that leave the
     /// process (a Redis store shared by replicas, across restarts).
     Sha256,
-    /// Two rapidhash hashes under seeds drawn at random once per process ([`StoreKey::local`]):
-    /// for a store in this process, whose keys no other process reads.
+    /// Two rapidhash hashes under seeds drawn at random for the process and the namespace
+    /// ([`Namespace::key`]): for a store in this process, whose keys no other process reads.
     Local,
 }
 
@@ -34,18 +34,68 @@ impl KeyHash {
             Self::Local
         }
     }
+}
 
-    /// The key of `parts`, as [`StoreKey::from_parts`] or [`StoreKey::local`] hash them.
+/// A namespace of store keys (a layer's and a policy's scopes), with the seeds of its
+/// [local](KeyHash::Local) keys: the process's two seeds, each mixed with the namespace once,
+/// when the namespace is made, so that a request hashes only its own key's bytes.
+#[derive(Clone)]
+pub(crate) struct Namespace {
+    name: String,
+    local: [RapidSecrets; 2],
+}
+
+impl Namespace {
+    pub(crate) fn new(name: String) -> Self {
+        let local = local_secrets().map(|secrets| {
+            // A seed per namespace: distinct namespaces hash under unrelated seeds, as if the
+            // namespace were the first part of every key.
+            RapidSecrets::seed(rapidhash_v3_inline::<true, false, true>(
+                name.as_bytes(),
+                &secrets,
+            ))
+        });
+        Self { name, local }
+    }
+
+    /// The namespace's name.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The store key of `parts` in this namespace, hashed as `hash` says: SHA-256 over the
+    /// name and the parts ([`StoreKey::from_parts`]), or the parts alone under the
+    /// namespace's local seeds ([`StoreKey::local`]).
     #[inline]
-    pub(crate) fn key<'a>(self, parts: impl IntoIterator<Item = &'a [u8]>) -> StoreKey {
-        match self {
-            Self::Sha256 => StoreKey::from_parts(parts),
-            Self::Local => StoreKey::local(parts),
+    pub(crate) fn key<'a>(
+        &'a self,
+        hash: KeyHash,
+        parts: impl IntoIterator<Item = &'a [u8]>,
+    ) -> StoreKey {
+        match hash {
+            KeyHash::Sha256 => {
+                StoreKey::from_parts(std::iter::once(self.name.as_bytes()).chain(parts))
+            }
+            KeyHash::Local => StoreKey::local(&self.local, parts),
         }
     }
 }
 
-/// The two seeds of [`StoreKey::local`], drawn once per process.
+impl PartialEq for Namespace {
+    fn eq(&self, other: &Self) -> bool {
+        // The seeds follow from the name (in one process).
+        self.name == other.name
+    }
+}
+
+impl fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// The two seeds of local keys, drawn once per process (each namespace mixes its name in: see
+/// [`Namespace`]).
 fn local_secrets() -> &'static [RapidSecrets; 2] {
     static SECRETS: OnceLock<[RapidSecrets; 2]> = OnceLock::new();
     SECRETS.get_or_init(|| {
@@ -83,8 +133,9 @@ impl StoreKey {
     }
 
     /// Hashes `parts` for a store in this process: two 64-bit rapidhash hashes (its protected
-    /// variant) under two seeds drawn at random when the process first hashes a key, several
-    /// times cheaper than SHA-256 for the short keys of a request.
+    /// variant) under two seeds drawn at random when the process first hashes a key (and mixed
+    /// with the key's namespace, see [`Namespace`]), several times cheaper than SHA-256 for the
+    /// short keys of a request.
     ///
     /// Each part is prefixed with its length, in one byte below 255 (else a 255 and eight
     /// bytes): a prefix-free code, so distinct lists of parts hash distinct byte strings, and
@@ -95,7 +146,7 @@ impl StoreKey {
     /// cannot aim at a collision: they know neither seed, and two distinct keys share 128
     /// pseudo-random bits with a probability of about 2⁻¹²⁸ (a birthday bound of 2⁻⁶⁴ even
     /// among billions of keys).
-    pub(crate) fn local<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Self {
+    fn local<'a>(secrets: &[RapidSecrets; 2], parts: impl IntoIterator<Item = &'a [u8]>) -> Self {
         let mut inline = [0u8; LOCAL_INLINE];
         let mut len = 0;
         let mut heap: Option<Vec<u8>> = None;
@@ -129,7 +180,7 @@ impl StoreKey {
             Some(bytes) => bytes.as_slice(),
             None => inline.get(..len).unwrap_or_default(),
         };
-        let [one, two] = local_secrets();
+        let [one, two] = secrets;
         let a = rapidhash_v3_inline::<true, false, true>(data, one);
         let b = rapidhash_v3_inline::<true, false, true>(data, two);
         let mut out = [0u8; 16];
@@ -180,36 +231,34 @@ mod tests {
 
     #[test]
     fn local_keys_are_stable_in_the_process_and_separate_parts() {
-        let parts = |a: &'static [u8], b: &'static [u8]| [a, b];
-        let a = StoreKey::local(parts(b"ab", b"c"));
-        assert_eq!(a, StoreKey::local(parts(b"ab", b"c")));
-        assert_ne!(a, StoreKey::local(parts(b"a", b"bc")));
-        assert_ne!(a, StoreKey::from_parts(parts(b"ab", b"c")));
-        assert_eq!(KeyHash::Local.key(parts(b"ab", b"c")), a);
+        let ns = Namespace::new("ns".to_owned());
+        let local = |parts: &[&[u8]]| ns.key(KeyHash::Local, parts.iter().copied());
+        let a = local(&[b"ab", b"c"]);
+        assert_eq!(a, local(&[b"ab", b"c"]));
         assert_eq!(
-            KeyHash::Sha256.key(parts(b"ab", b"c")),
-            StoreKey::from_parts(parts(b"ab", b"c"))
+            a,
+            Namespace::new("ns".to_owned()).key(KeyHash::Local, [b"ab".as_slice(), b"c"])
+        );
+        assert_ne!(a, local(&[b"a", b"bc"]));
+        // Another namespace, another key.
+        let other = Namespace::new("nt".to_owned());
+        assert_ne!(a, other.key(KeyHash::Local, [b"ab".as_slice(), b"c"]));
+        assert_ne!(a, StoreKey::from_parts([b"ns".as_slice(), b"ab", b"c"]));
+        assert_eq!(
+            ns.key(KeyHash::Sha256, [b"ab".as_slice(), b"c"]),
+            StoreKey::from_parts([b"ns".as_slice(), b"ab", b"c"])
         );
         // Keys longer than the inline buffer hash the same bytes from the heap.
         let long = vec![7u8; LOCAL_INLINE * 2];
-        let split = StoreKey::local([b"ns".as_slice(), &long]);
-        assert_eq!(split, StoreKey::local([b"ns".as_slice(), &long]));
-        assert_ne!(split, StoreKey::local([b"ns".as_slice(), &long[1..]]));
+        let split = local(&[b"x", &long]);
+        assert_eq!(split, local(&[b"x", &long]));
+        assert_ne!(split, local(&[b"x", &long[1..]]));
         let just = vec![7u8; LOCAL_INLINE - 9 - 3];
-        assert_ne!(
-            StoreKey::local([b"ns".as_slice(), &just]),
-            StoreKey::local([b"ns".as_slice(), &just[1..]])
-        );
+        assert_ne!(local(&[b"x", &just]), local(&[b"x", &just[1..]]));
         // Lengths of 254, 255 and 256 bytes are told apart (one-byte and nine-byte prefixes).
         let parts = [vec![1u8; 254], vec![1u8; 255], vec![1u8; 256]];
-        let keys: Vec<StoreKey> = parts
-            .iter()
-            .map(|p| StoreKey::local([p.as_slice()]))
-            .collect();
+        let keys: Vec<StoreKey> = parts.iter().map(|p| local(&[p])).collect();
         assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
-        assert_ne!(
-            StoreKey::local([[255u8].as_slice(), &[1]]),
-            StoreKey::local([[1u8; 256].as_slice()])
-        );
+        assert_ne!(local(&[&[255u8], &[1]]), local(&[&[1u8; 256]]));
     }
 }

@@ -8,7 +8,7 @@ use http::{header::HeaderName, request::Parts};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::forwarded::{self, canonical, Field, Trusted};
-use crate::key::{KeyHash, StoreKey};
+use crate::key::{KeyHash, Namespace, StoreKey};
 
 /// Where the rate-limit key of a request comes from.
 ///
@@ -114,21 +114,19 @@ enum Value<'a> {
 impl RawKey<'_> {
     /// The store key of this raw key under `namespace` (the layer's and the policy's scopes),
     /// hashed with SHA-256.
-    pub(crate) fn hash(&self, namespace: &str) -> StoreKey {
+    pub(crate) fn hash(&self, namespace: &Namespace) -> StoreKey {
         self.hash_with(namespace, KeyHash::Sha256)
     }
 
-    /// The store key of this raw key under `namespace`, hashed as `hash` says (the layer's
-    /// store decides: see [`KeyHash::of_store`]).
-    pub(crate) fn hash_with(&self, namespace: &str, hash: KeyHash) -> StoreKey {
+    /// The store key of this raw key in `namespace`, hashed as `hash` says (the layer's store
+    /// decides: see [`KeyHash::of_store`]).
+    pub(crate) fn hash_with(&self, namespace: &Namespace, hash: KeyHash) -> StoreKey {
         match &self.value {
-            Value::Inline(bytes, len) => hash.key([
-                namespace.as_bytes(),
-                self.tag,
-                bytes.get(..*len).unwrap_or(bytes),
-            ]),
-            Value::Header(name, value) => hash.key([namespace.as_bytes(), self.tag, name, value]),
-            Value::Owned(v) => hash.key([namespace.as_bytes(), self.tag, v]),
+            Value::Inline(bytes, len) => {
+                namespace.key(hash, [self.tag, bytes.get(..*len).unwrap_or(bytes)])
+            }
+            Value::Header(name, value) => namespace.key(hash, [self.tag, name, value]),
+            Value::Owned(v) => namespace.key(hash, [self.tag, v]),
         }
     }
 }
@@ -381,16 +379,16 @@ mod tests {
     #[test]
     fn forwarded_for_takes_the_entry_of_the_outermost_trusted_proxy() {
         let p = parts(&[("x-forwarded-for", b"6.6.6.6, 1.1.1.1, 10.0.0.1")]);
-        let one = KeyExtractor::forwarded_for(1).extract(&p).unwrap().hash("");
-        let two = KeyExtractor::forwarded_for(2).extract(&p).unwrap().hash("");
+        let one = KeyExtractor::forwarded_for(1).extract(&p).unwrap().hash(&ns(""));
+        let two = KeyExtractor::forwarded_for(2).extract(&p).unwrap().hash(&ns(""));
         let real = KeyExtractor::forwarded_for(1)
             .extract(&parts(&[("x-forwarded-for", b"10.0.0.1")]))
             .unwrap()
-            .hash("");
+            .hash(&ns(""));
         let client = KeyExtractor::forwarded_for(1)
             .extract(&parts(&[("x-forwarded-for", b"1.1.1.1")]))
             .unwrap()
-            .hash("");
+            .hash(&ns(""));
         assert_eq!(one, real);
         assert_eq!(two, client);
         assert!(KeyExtractor::forwarded_for(4).extract(&p).is_none());
@@ -410,19 +408,23 @@ mod tests {
         let a = KeyExtractor::header(HeaderName::from_static("x-api-key"))
             .extract(&p)
             .unwrap()
-            .hash("s");
+            .hash(&ns("s"));
         let b = KeyExtractor::header(HeaderName::from_static("x-long"))
             .extract(&p)
             .unwrap()
-            .hash("s");
+            .hash(&ns("s"));
         assert_eq!(a.to_hex().len(), 32);
         assert_eq!(b.to_hex().len(), 32);
+    }
+
+    fn ns(name: &str) -> Namespace {
+        Namespace::new(name.to_owned())
     }
 
     fn key_of(key: &KeyExtractor, peer: &str, headers: &[(&str, &[u8])]) -> Option<StoreKey> {
         let mut p = parts(headers);
         p.extensions.insert(peer.parse::<SocketAddr>().unwrap());
-        key.extract(&p).map(|k| k.hash(""))
+        key.extract(&p).map(|k| k.hash(&ns("")))
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{
 use http::{request::Parts, Method};
 
 use super::{fallback::divide, headers::PolicyFields, Rule};
+use crate::key::Namespace;
 
 /// A set of rules checked together for one request, all-or-nothing.
 ///
@@ -76,7 +77,7 @@ pub(crate) struct CompiledPolicy {
     /// The policy's own scope, or its name (with a route's method and path).
     scope: String,
     /// What every key of the policy is hashed with: the layer's scope and the policy's.
-    pub(crate) namespace: String,
+    pub(crate) namespace: Namespace,
     /// Why the rules cannot be checked, if they cannot.
     pub(crate) invalid: Option<String>,
     /// Whether every rule can be settled (a metered layer's policies must).
@@ -150,12 +151,12 @@ pub(crate) const METERED_STRATEGIES: &str = "a metered layer (with a settlement)
 /// The namespace of a policy's keys: the policy's scope (by default its name), with the layer's
 /// scope in front when there is one, separated by a NUL (which a scope never contains in
 /// practice). The rules' numbers are added by the store, so changing them starts afresh.
-fn namespace(layer_scope: &str, policy_scope: &str) -> String {
-    if layer_scope.is_empty() {
+fn namespace(layer_scope: &str, policy_scope: &str) -> Namespace {
+    Namespace::new(if layer_scope.is_empty() {
         policy_scope.to_owned()
     } else {
         format!("{layer_scope}\0{policy_scope}")
-    }
+    })
 }
 
 /// One route of a routed layer: a method (or any) and a path (or a prefix), and its policy.

@@ -439,14 +439,20 @@ mod tests {
         let scoped = set.configured(context("app", 3), Some((policy("pro", 30), false)));
         let current = scoped.load();
         let free = current.get("free").unwrap();
-        assert_eq!(free.namespace, "app\0free");
+        assert_eq!(free.namespace.as_str(), "app\0free");
         let local: Vec<u64> = free.local.iter().flatten().map(Rule::quota).collect();
         assert_eq!(local, [3]);
-        assert_eq!(current.default.as_ref().unwrap().namespace, "app\0free");
+        assert_eq!(
+            current.default.as_ref().unwrap().namespace.as_str(),
+            "app\0free"
+        );
         assert_eq!(scoped.names(), ["free", "pro"]);
         // The set taken before has the policies it had.
         assert_eq!(handle.names(), ["free"]);
-        assert_eq!(handle.load().get("free").unwrap().namespace, "free");
+        assert_eq!(
+            handle.load().get("free").unwrap().namespace.as_str(),
+            "free"
+        );
     }
 
     #[test]

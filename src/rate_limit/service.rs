@@ -169,7 +169,7 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts, hash: KeyHash
     }
     match config.missing_key {
         MissingKey::Allow => Keyed::Answered(Answer::Admit(None)),
-        MissingKey::Shared => Keyed::Key(hash.key([policy.namespace.as_bytes(), b"missing"])),
+        MissingKey::Shared => Keyed::Key(policy.namespace.key(hash, [b"missing".as_slice()])),
         MissingKey::Reject => {
             tracing::warn!(
                 target: TARGET,
