@@ -338,9 +338,19 @@ async fn app(redis: &RedisServer, limited: &[Limited]) -> Router {
         .route("/bare", get(ok))
         .route(
             "/memory",
+            get(ok).layer(
+                RateLimitLayer::new(
+                    memory.clone(),
+                    Policy::new("memory", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
+                )
+                .inner_body(),
+            ),
+        )
+        .route(
+            "/memory-wrapped",
             get(ok).layer(RateLimitLayer::new(
                 memory.clone(),
-                Policy::new("memory", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
+                Policy::new("wrapped", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
             )),
         )
         .route(
@@ -1317,7 +1327,7 @@ fn main() {
     if serve {
         // For profiling: the server and Redis stay up, to be driven by hand.
         println!(
-            "serving on http://127.0.0.1:{port} (routes /bare, /memory, /governor, /blog, \
+            "serving on http://127.0.0.1:{port} (routes /bare, /memory, /memory-wrapped, /governor, /blog, \
              /redis/<strategy>, /fred/<strategy>, /evalsha/<strategy>, /evalsha-fred/<strategy>, \
              ...), Redis at {}; stops when standard input closes (Enter)",
             redis.url()
@@ -1341,6 +1351,10 @@ fn main() {
     let mut main = vec![
         config("1. bare axum handler (baseline)", "/bare"),
         config("2. RateLimitLayer, memory store (GCRA)", "/memory"),
+        config(
+            "2b. the same, default body (ResponseBody, boxed again by axum)",
+            "/memory-wrapped",
+        ),
         config("3. tower_governor (GCRA, in memory)", "/governor"),
         config(
             "5. blog pipeline: ZREMRANGEBYSCORE+ZADD+ZCARD+EXPIRE",
@@ -1575,6 +1589,13 @@ fn main() {
     println!(
         "| memory store / tower_governor | {:.2} | >= 1.00 |",
         ratio(memory, "3. tower_governor (GCRA, in memory)")
+    );
+    println!(
+        "| memory store, default body / tower_governor | {:.2} | reported |",
+        ratio(
+            "2b. the same, default body (ResponseBody, boxed again by axum)",
+            "3. tower_governor (GCRA, in memory)"
+        )
     );
     for name in names {
         println!(

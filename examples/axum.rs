@@ -88,7 +88,9 @@ fn app<B: RateLimitStore + Clone>(store: B) -> Router {
     .rule(Rule::fixed_window(1000, Duration::from_secs(3600)).name("per-hour"));
     let api_limit = RateLimitLayer::new(store.clone(), api)
         .key(key.clone())
-        .headers(Headers::All);
+        .headers(Headers::All)
+        // axum's own `Body` in the responses: the router does not box it again.
+        .inner_body();
     // A stricter, exact limit on one route only.
     let login_limit = RateLimitLayer::new(
         store,

@@ -85,6 +85,70 @@ impl<B: Body> ResponseBody<B> {
     }
 }
 
+/// Which body a layer's responses carry: the type parameter `K` of a layer that lets you
+/// choose ([`RateLimitLayer`](crate::rate_limit::RateLimitLayer)). Sealed: [`Wrapped`] (the
+/// default) and [`InnerBody`] are the two kinds.
+pub trait BodyKind<B>: sealed::Sealed {
+    /// The body of the layer's responses, when the inner service's body is `B`.
+    type Body;
+
+    /// The inner service's body, as the layer passes it on.
+    #[doc(hidden)]
+    fn service(body: B) -> Self::Body;
+
+    /// A body the layer made (a rejection).
+    #[doc(hidden)]
+    fn full(data: Bytes) -> Self::Body;
+}
+
+/// Responses carry a [`ResponseBody`]: the inner service's body untouched, or the body of the
+/// layer's own response. Works with any inner body; the default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wrapped;
+
+/// Responses carry the inner service's own body type, and the layer makes the body of its own
+/// responses (a rejection) with `From<Bytes>`: for an inner body that can be made from bytes,
+/// such as axum's `Body` or `http_body_util::Full<Bytes>`.
+///
+/// With axum, the router boxes every body that is not its own `Body` once more on the way
+/// out; a layer that returns `Body` itself saves that allocation on every response. A body
+/// that cannot be made from bytes (hyper's `Incoming`, as a proxy passes it on) needs
+/// [`Wrapped`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InnerBody;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Wrapped {}
+    impl Sealed for super::InnerBody {}
+}
+
+impl<B: Body> BodyKind<B> for Wrapped {
+    type Body = ResponseBody<B>;
+
+    #[inline]
+    fn service(body: B) -> Self::Body {
+        ResponseBody::service(body)
+    }
+
+    fn full(data: Bytes) -> Self::Body {
+        ResponseBody::full(data)
+    }
+}
+
+impl<B: From<Bytes>> BodyKind<B> for InnerBody {
+    type Body = B;
+
+    #[inline]
+    fn service(body: B) -> Self::Body {
+        body
+    }
+
+    fn full(data: Bytes) -> Self::Body {
+        B::from(data)
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,

@@ -151,7 +151,7 @@ pub mod rate_limit;
 pub mod store;
 pub mod throttle;
 
-pub use body::ResponseBody;
+pub use body::{BodyKind, InnerBody, ResponseBody, Wrapped};
 pub use key::StoreKey;
 pub use store::{FailureMode, StoreError};
 

@@ -4,9 +4,12 @@
 /// every clone, in `Arc` fields) has alike, as tower-http gives each of its services: access to
 /// the inner service (`get_ref`, `get_mut`, `into_inner`), `Clone` (the inner service cloned,
 /// the shared state shared), `Debug`, and taking the service that `poll_ready` made ready.
+///
+/// `$name<K> { .. }` is a service `$name<S, B, K>` with a third parameter, the body kind of its
+/// responses, in a `PhantomData` field `kind`.
 macro_rules! middleware_service {
-    ($name:ident { $($shared:ident),+ $(,)? }) => {
-        impl<S, B> $name<S, B> {
+    ($name:ident $(<$k:ident>)? { $($shared:ident),+ $(,)? }) => {
+        impl<S, B $(, $k)?> $name<S, B $(, $k)?> {
             /// A reference to the inner service.
             pub fn get_ref(&self) -> &S {
                 &self.inner
@@ -23,7 +26,7 @@ macro_rules! middleware_service {
             }
         }
 
-        impl<S: Clone, B> $name<S, B> {
+        impl<S: Clone, B $(, $k)?> $name<S, B $(, $k)?> {
             /// The inner service that `poll_ready` made ready, for the request being called; a
             /// clone takes its place for the next (tower-service's `poll_ready` docs).
             fn take_ready(&mut self) -> S {
@@ -32,16 +35,17 @@ macro_rules! middleware_service {
             }
         }
 
-        impl<S: Clone, B> Clone for $name<S, B> {
+        impl<S: Clone, B $(, $k)?> Clone for $name<S, B $(, $k)?> {
             fn clone(&self) -> Self {
                 Self {
                     inner: self.inner.clone(),
                     $($shared: std::sync::Arc::clone(&self.$shared),)+
+                    $(kind: std::marker::PhantomData::<fn() -> $k>,)?
                 }
             }
         }
 
-        impl<S: std::fmt::Debug, B> std::fmt::Debug for $name<S, B> {
+        impl<S: std::fmt::Debug, B $(, $k)?> std::fmt::Debug for $name<S, B $(, $k)?> {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.debug_struct(stringify!($name))
                     .field("inner", &self.inner)

@@ -462,6 +462,56 @@ async fn axum_route_layer_with_connect_info() {
     );
 }
 
+#[tokio::test]
+async fn inner_body_answers_with_the_inner_services_own_body_type() {
+    // `Full<Bytes>` can be made from bytes: the layer's responses are `Response<Full<Bytes>>`,
+    // the inner body passed on as it is and the rejection's body made from its bytes.
+    let (runs, inner) = counting();
+    let layer = RateLimitLayer::new(
+        MemoryStore::new(),
+        Policy::new("limit", Rule::fixed_window(1, Duration::from_secs(10))),
+    )
+    .headers(Headers::All)
+    .inner_body();
+    let mut svc = ServiceBuilder::new().layer(layer).service(inner);
+    let res: Response<Full<Bytes>> = svc.ready().await.unwrap().call(request("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(header(&res, "ratelimit").is_some(), "the fields are added");
+    assert_eq!(body_of(res).await, "ok");
+    let res = svc.ready().await.unwrap().call(request("/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "retry-after"), Some("10"));
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+    let json: serde_json::Value = serde_json::from_slice(&body_of(res).await).unwrap();
+    assert_eq!(json["status"], 429);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // In axum, whose router passes its own `Body` on without boxing it again.
+    use axum::{extract::connect_info::MockConnectInfo, routing::get, Router};
+    let app = Router::new()
+        .route("/", get(|| async { "hi" }))
+        .layer(
+            RateLimitLayer::new(
+                MemoryStore::new(),
+                Policy::new("limit", Rule::gcra(1, Duration::from_secs(60), 1)),
+            )
+            .inner_body(),
+        )
+        .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 9999))));
+    let get = || Request::get("/").body(axum::body::Body::empty()).unwrap();
+    let res = app.clone().oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(body_of(res).await, "hi");
+    let res = app.clone().oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(header(&res, "retry-after").is_some());
+    let json: serde_json::Value = serde_json::from_slice(&body_of(res).await).unwrap();
+    assert_eq!(json["title"], "Quota Exceeded");
+}
+
 #[tokio::test(start_paused = true)]
 async fn memory_store_forgets_expired_keys() {
     let store = MemoryStore::new();

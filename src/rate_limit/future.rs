@@ -1,5 +1,6 @@
 use std::{
     future::Future,
+    marker::PhantomData,
     pin::Pin,
     task::{ready, Context, Poll},
     time::Duration,
@@ -13,9 +14,11 @@ use tower_service::Service;
 use super::{
     decision::{Answer, Pending},
     settle::Reservation,
-    ResponseBody,
 };
-use crate::store::RateLimitStore;
+use crate::{
+    body::{BodyKind, Wrapped},
+    store::RateLimitStore,
+};
 
 pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
@@ -24,7 +27,7 @@ pin_project! {
     /// with the rejection. In a metered layer it holds the request's reservation: the
     /// settlement starts when the inner service's response is ready, and dropping the future
     /// before that refunds the estimate. See the [module docs](super) for an example.
-    pub struct ResponseFuture<S, B, ReqBody>
+    pub struct ResponseFuture<S, B, ReqBody, K = Wrapped>
     where
         S: Service<Request<ReqBody>>,
         B: RateLimitStore,
@@ -37,6 +40,8 @@ pin_project! {
         // A metered request's reservation: not yet taken while checking, then taken (refunded
         // if dropped unsettled).
         reservation: Option<Reservation<B>>,
+        // The body of the responses (see `BodyKind`).
+        kind: PhantomData<fn() -> K>,
     }
 }
 
@@ -72,7 +77,7 @@ pin_project! {
     }
 }
 
-impl<S, B, ReqBody> ResponseFuture<S, B, ReqBody>
+impl<S, B, ReqBody, K> ResponseFuture<S, B, ReqBody, K>
 where
     S: Service<Request<ReqBody>>,
     B: RateLimitStore,
@@ -88,6 +93,7 @@ where
             state: State::Running { future },
             headers: headers.map(Box::new),
             reservation,
+            kind: PhantomData,
         }
     }
 
@@ -98,6 +104,7 @@ where
             },
             headers: None,
             reservation: None,
+            kind: PhantomData,
         }
     }
 
@@ -121,17 +128,18 @@ where
             },
             headers: None,
             reservation,
+            kind: PhantomData,
         }
     }
 }
 
-impl<S, B, ReqBody, ResBody> Future for ResponseFuture<S, B, ReqBody>
+impl<S, B, ReqBody, ResBody, K> Future for ResponseFuture<S, B, ReqBody, K>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     B: RateLimitStore,
-    ResBody: http_body::Body,
+    K: BodyKind<ResBody>,
 {
-    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+    type Output = Result<Response<K::Body>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -191,12 +199,12 @@ where
                             }
                         }
                     }
-                    return Poll::Ready(Ok(response.map(ResponseBody::service)));
+                    return Poll::Ready(Ok(response.map(K::service)));
                 }
                 StateProj::Rejected { response } => {
                     // Taken once: a future is not polled again after it returned `Ready`.
                     let response = response.take().unwrap_or_default();
-                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                    return Poll::Ready(Ok(response.map(K::full)));
                 }
             }
         }

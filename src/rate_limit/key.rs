@@ -379,8 +379,14 @@ mod tests {
     #[test]
     fn forwarded_for_takes_the_entry_of_the_outermost_trusted_proxy() {
         let p = parts(&[("x-forwarded-for", b"6.6.6.6, 1.1.1.1, 10.0.0.1")]);
-        let one = KeyExtractor::forwarded_for(1).extract(&p).unwrap().hash(&ns(""));
-        let two = KeyExtractor::forwarded_for(2).extract(&p).unwrap().hash(&ns(""));
+        let one = KeyExtractor::forwarded_for(1)
+            .extract(&p)
+            .unwrap()
+            .hash(&ns(""));
+        let two = KeyExtractor::forwarded_for(2)
+            .extract(&p)
+            .unwrap()
+            .hash(&ns(""));
         let real = KeyExtractor::forwarded_for(1)
             .extract(&parts(&[("x-forwarded-for", b"10.0.0.1")]))
             .unwrap()

@@ -1,4 +1,4 @@
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, marker::PhantomData, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{request::Parts, Method, Response};
@@ -11,14 +11,22 @@ use super::{
     resolver::{Context, PolicySet, ResolverFn},
     Headers, KeyExtractor, LocalFallback, Policy, Settlement,
 };
-use crate::store::FailureMode;
+use crate::{
+    body::{InnerBody, Wrapped},
+    store::FailureMode,
+};
 
 /// Applies rate limits to requests; see the [module docs](super) for an example.
 ///
 /// Holds the configuration and the store. Cloning is cheap, and every service made by one layer
 /// (and its clones) shares the store and the local deny cache.
-pub struct RateLimitLayer<B> {
+///
+/// `K` is the [body](crate::BodyKind) of its responses: a [`ResponseBody`](crate::ResponseBody)
+/// around the inner service's body ([`Wrapped`], the default), or the inner body type itself
+/// ([`InnerBody`], see [`inner_body`](Self::inner_body)).
+pub struct RateLimitLayer<B, K = Wrapped> {
     pub(crate) shared: Arc<Shared<B>>,
+    kind: PhantomData<fn() -> K>,
 }
 
 /// What a layer and every service it makes share.
@@ -206,6 +214,35 @@ impl<B> RateLimitLayer<B> {
                 deny_cache: Arc::new(DenyCache::new()),
                 local: Arc::new(Local::new()),
             }),
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<B, K> RateLimitLayer<B, K> {
+    /// Answers with the inner service's own body type instead of a
+    /// [`ResponseBody`](crate::ResponseBody) around it, making the body of the layer's own
+    /// responses (a rejection) with `From<Bytes>`: see [`InnerBody`].
+    ///
+    /// For axum, whose `Body` can be made from bytes: the router then passes the layer's
+    /// responses on as they are instead of boxing each body once more.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use axum::{routing::get, Router};
+    /// use tower_redis_layers::rate_limit::{Policy, RateLimitLayer, Rule};
+    /// use tower_redis_layers::store::MemoryStore;
+    ///
+    /// let policy = Policy::new("api", Rule::gcra(100, Duration::from_secs(1), 20));
+    /// let app: Router = Router::new()
+    ///     .route("/", get(|| async { "hi" }))
+    ///     .layer(RateLimitLayer::new(MemoryStore::new(), policy).inner_body());
+    /// # let _ = app;
+    /// ```
+    pub fn inner_body(self) -> RateLimitLayer<B, InnerBody> {
+        RateLimitLayer {
+            shared: self.shared,
+            kind: PhantomData,
         }
     }
 
@@ -425,7 +462,7 @@ impl<B> RateLimitLayer<B> {
     }
 }
 
-impl<B: crate::store::RateLimitStore> RateLimitLayer<B> {
+impl<B: crate::store::RateLimitStore, K> RateLimitLayer<B, K> {
     /// A handle that reads a key's quota without consuming it, resets a key, and blocks or
     /// allows a key for a while, on every replica (the state is in the store): see
     /// [`RateLimitHandle`](super::RateLimitHandle). Take it once the layer is configured: it
@@ -437,15 +474,16 @@ impl<B: crate::store::RateLimitStore> RateLimitLayer<B> {
 
 // The layer's `Layer` impl sits beside the service it makes, in `service.rs`.
 
-impl<B> Clone for RateLimitLayer<B> {
+impl<B, K> Clone for RateLimitLayer<B, K> {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
+            kind: PhantomData,
         }
     }
 }
 
-impl<B: fmt::Debug> fmt::Debug for RateLimitLayer<B> {
+impl<B: fmt::Debug, K> fmt::Debug for RateLimitLayer<B, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.shared.config;
         f.debug_struct("RateLimitLayer")

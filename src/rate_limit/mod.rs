@@ -48,7 +48,9 @@
 //!
 //! In axum, `Router::layer(...)` limits every route; per route, use `.route_layer(...)` or
 //! `get(handler).layer(...)`, and serve with
-//! `into_make_service_with_connect_info::<SocketAddr>()` for the peer IP. For a plain hyper or
+//! `into_make_service_with_connect_info::<SocketAddr>()` for the peer IP. With
+//! [`inner_body`](RateLimitLayer::inner_body) the layer answers with axum's own `Body`, which
+//! the router passes on without boxing it again. For a plain hyper or
 //! tower service, one [`RateLimitLayer::routed`] layer holds several policies matched on method
 //! and path.
 //!
@@ -331,7 +333,7 @@ pub use self::{
 };
 pub use crate::{
     store::{Calendar, FailureMode, InvalidUtcOffset, Rule, Strategy, UtcOffset},
-    ResponseBody,
+    BodyKind, InnerBody, ResponseBody, Wrapped,
 };
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 use std::{
+    marker::PhantomData,
     sync::Arc,
     task::{Context, Poll},
 };
@@ -13,9 +14,10 @@ use super::{
     layer::{Config, Shared},
     policy::{CompiledPolicy, METERED_STRATEGIES},
     settle::Reservation,
-    MissingKey, Policy, RateLimitLayer, ResponseBody,
+    MissingKey, Policy, RateLimitLayer,
 };
 use crate::{
+    body::{BodyKind, Wrapped},
     key::{KeyHash, StoreKey},
     store::{RateCheck, RateLimitStore},
 };
@@ -24,9 +26,10 @@ use crate::{
 ///
 /// Made by a [`RateLimitLayer`]; [`RateLimit::new`] is the short form for one policy with the
 /// default options.
-pub struct RateLimit<S, B> {
+pub struct RateLimit<S, B, K = Wrapped> {
     inner: S,
     shared: Arc<Shared<B>>,
+    kind: PhantomData<fn() -> K>,
 }
 
 impl<S, B> RateLimit<S, B> {
@@ -45,28 +48,29 @@ impl<B> RateLimit<(), B> {
     }
 }
 
-impl<S, B> Layer<S> for RateLimitLayer<B> {
-    type Service = RateLimit<S, B>;
+impl<S, B, K> Layer<S> for RateLimitLayer<B, K> {
+    type Service = RateLimit<S, B, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
             shared: Arc::clone(&self.shared),
+            kind: PhantomData,
         }
     }
 }
 
-middleware_service!(RateLimit { shared });
+middleware_service!(RateLimit<K> { shared });
 
-impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, B>
+impl<S, B, K, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, B, K>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     B: RateLimitStore,
-    ResBody: http_body::Body,
+    K: BodyKind<ResBody>,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<K::Body>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, B, ReqBody>;
+    type Future = ResponseFuture<S, B, ReqBody, K>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -185,12 +189,12 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts, hash: KeyHash
 
 /// Runs the inner service or rejects, as `answer` says; a metered request's `reservation` is
 /// taken when the answer took its cost.
-fn respond<S, B, ReqBody, ResBody>(
+fn respond<S, B, K, ReqBody, ResBody>(
     inner: &mut S,
     req: Request<ReqBody>,
     answer: Answer,
     reservation: Option<Reservation<B>>,
-) -> ResponseFuture<S, B, ReqBody>
+) -> ResponseFuture<S, B, ReqBody, K>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     B: RateLimitStore,
