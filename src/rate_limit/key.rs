@@ -4,10 +4,13 @@ use std::{
     sync::Arc,
 };
 
-use http::{header::HeaderName, request::Parts};
+use http::{header::HeaderName, request::Parts, Extensions};
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::forwarded::{self, canonical, Field, Trusted};
+use super::{
+    forwarded::{self, canonical, Field, Trusted},
+    head::Head,
+};
 use crate::key::{KeyHash, Namespace, StoreKey};
 
 /// Where the rate-limit key of a request comes from.
@@ -254,7 +257,17 @@ impl KeyExtractor {
     }
 
     pub(crate) fn extract<'a>(&'a self, parts: &'a Parts) -> Option<RawKey<'a>> {
-        self.sources.iter().find_map(|s| s.extract(parts))
+        self.extract_head(Head::of_parts(parts))
+    }
+
+    /// The raw key of the request `head` is of, from the first source that has one.
+    pub(crate) fn extract_head<'a>(&'a self, head: Head<'a>) -> Option<RawKey<'a>> {
+        self.sources.iter().find_map(|s| s.extract(head))
+    }
+
+    /// Whether a source is a [custom](Self::custom) closure, which reads the request's `Parts`.
+    pub(crate) fn reads_parts(&self) -> bool {
+        self.sources.iter().any(|s| matches!(s, Source::Custom(_)))
     }
 }
 
@@ -266,19 +279,22 @@ impl Default for KeyExtractor {
 }
 
 impl Source {
-    fn extract<'a>(&'a self, parts: &'a Parts) -> Option<RawKey<'a>> {
+    fn extract<'a>(&'a self, head: Head<'a>) -> Option<RawKey<'a>> {
         match self {
             Source::Address { forwarded, prefix } => {
                 let ip = match forwarded {
-                    None => peer_addr(parts)?,
-                    Some((field, trusted)) => {
-                        forwarded::client(trusted, *field, &parts.headers, peer_addr(parts))?
-                    }
+                    None => peer_addr(head.extensions)?,
+                    Some((field, trusted)) => forwarded::client(
+                        trusted,
+                        *field,
+                        head.headers,
+                        peer_addr(head.extensions),
+                    )?,
                 };
                 Some(network_key(ip, *prefix))
             }
             Source::Header(name) => {
-                let value = parts.headers.get(name)?.as_bytes();
+                let value = head.headers.get(name)?.as_bytes();
                 if value.is_empty() {
                     return None;
                 }
@@ -291,7 +307,9 @@ impl Source {
                 tag: b"global",
                 value: Value::Inline([0; 17], 0),
             }),
-            Source::Custom(f) => f(parts).map(|v| RawKey {
+            // A layer with a custom key takes each request apart for it
+            // (`Config::reads_parts`); a handle's key is its parts.
+            Source::Custom(f) => f(head.parts?).map(|v| RawKey {
                 tag: b"custom",
                 value: Value::Owned(v.into_bytes()),
             }),
@@ -322,22 +340,17 @@ fn network_key(ip: IpAddr, prefix: Prefix) -> RawKey<'static> {
     }
 }
 
-fn peer_addr(parts: &Parts) -> Option<IpAddr> {
+fn peer_addr(extensions: &Extensions) -> Option<IpAddr> {
     #[cfg(feature = "axum")]
-    if let Some(info) = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-    {
+    if let Some(info) = extensions.get::<axum::extract::ConnectInfo<SocketAddr>>() {
         return Some(info.0.ip());
     }
     #[cfg(feature = "axum")]
-    if let Some(mock) = parts
-        .extensions
-        .get::<axum::extract::connect_info::MockConnectInfo<SocketAddr>>()
+    if let Some(mock) = extensions.get::<axum::extract::connect_info::MockConnectInfo<SocketAddr>>()
     {
         return Some(mock.0.ip());
     }
-    parts.extensions.get::<SocketAddr>().map(SocketAddr::ip)
+    extensions.get::<SocketAddr>().map(SocketAddr::ip)
 }
 
 impl fmt::Debug for KeyExtractor {

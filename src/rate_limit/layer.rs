@@ -6,6 +6,7 @@ use http::{request::Parts, Method, Response};
 use super::{
     deny_cache::DenyCache,
     fallback::Local,
+    head::Head,
     headers::Fields,
     policy::{CompiledPolicy, Route},
     resolver::{Context, PolicySet, ResolverFn},
@@ -101,6 +102,9 @@ pub(crate) struct Config {
     pub(crate) scope: String,
     pub(crate) key: KeyExtractor,
     pub(crate) cost: Option<Arc<CostFn>>,
+    /// Whether a closure above reads a request's `Parts` (a resolver, a custom key, a cost):
+    /// only then is a request taken apart (see [`Head`]). Set with each of them.
+    reads_parts: bool,
     pub(crate) settlement: Option<Settlement>,
     pub(crate) store_timeout: Duration,
     pub(crate) failure_mode: FailureMode,
@@ -153,13 +157,25 @@ impl Config {
         fields.ietf || fields.legacy
     }
 
+    /// Whether a closure of the configuration reads a request's `Parts` (a custom key, a
+    /// cost, a resolver): only then is a request taken apart (see [`Head`]).
+    #[inline]
+    pub(crate) fn reads_parts(&self) -> bool {
+        self.reads_parts
+    }
+
+    /// Notes whether a closure reads a request's `Parts`, after one was set.
+    fn closures_set(&mut self) {
+        self.reads_parts = self.cost.is_some() || self.resolver.is_some() || self.key.reads_parts();
+    }
+
     /// The policy of the first route that matches a request, if one does; else the request's
     /// policy is selected from the named ones (`Policies::select`).
     #[inline]
-    pub(crate) fn route(&self, parts: &Parts) -> Option<&Arc<CompiledPolicy>> {
+    pub(crate) fn route(&self, head: Head<'_>) -> Option<&Arc<CompiledPolicy>> {
         self.routes
             .iter()
-            .find(|r| r.matches(parts))
+            .find(|r| r.matches(head))
             .map(|r| &r.policy)
     }
 
@@ -200,6 +216,7 @@ impl<B> RateLimitLayer<B> {
                     scope: String::new(),
                     key: KeyExtractor::default(),
                     cost: None,
+                    reads_parts: false,
                     settlement: None,
                     store_timeout: Duration::from_millis(250),
                     failure_mode: FailureMode::Open,
@@ -280,7 +297,9 @@ impl<B, K> RateLimitLayer<B, K> {
     where
         F: for<'a> Fn(&'a Parts) -> Option<&'a str> + Send + Sync + 'static,
     {
-        self.config_mut().resolver = Some(Arc::new(resolver));
+        let config = self.config_mut();
+        config.resolver = Some(Arc::new(resolver));
+        config.closures_set();
         self
     }
 
@@ -328,7 +347,9 @@ impl<B, K> RateLimitLayer<B, K> {
 
     /// Where the key of a request comes from (default: the peer IP address).
     pub fn key(mut self, key: KeyExtractor) -> Self {
-        self.config_mut().key = key;
+        let config = self.config_mut();
+        config.key = key;
+        config.closures_set();
         self
     }
 
@@ -339,7 +360,9 @@ impl<B, K> RateLimitLayer<B, K> {
     where
         F: Fn(&Parts) -> u64 + Send + Sync + 'static,
     {
-        self.config_mut().cost = Some(Arc::new(cost));
+        let config = self.config_mut();
+        config.cost = Some(Arc::new(cost));
+        config.closures_set();
         self
     }
 

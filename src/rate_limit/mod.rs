@@ -307,6 +307,7 @@ mod fallback;
 mod forwarded;
 mod future;
 mod handle;
+mod head;
 mod headers;
 mod key;
 mod layer;

@@ -6,9 +6,9 @@ use std::sync::{
     Arc,
 };
 
-use http::{request::Parts, Method};
+use http::Method;
 
-use super::{fallback::divide, headers::PolicyFields, Rule};
+use super::{fallback::divide, head::Head, headers::PolicyFields, Rule};
 use crate::key::Namespace;
 
 /// A set of rules checked together for one request, all-or-nothing.
@@ -195,11 +195,11 @@ impl Route {
         }
     }
 
-    pub(crate) fn matches(&self, parts: &Parts) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != parts.method) {
+    pub(crate) fn matches(&self, head: Head<'_>) -> bool {
+        if self.method.as_ref().is_some_and(|m| m != head.method) {
             return false;
         }
-        let path = parts.uri.path();
+        let path = head.uri.path();
         if self.prefix {
             path.starts_with(&self.path)
         } else {

@@ -10,7 +10,7 @@ use std::{
 use arc_swap::ArcSwap;
 use http::request::Parts;
 
-use super::{decision::TARGET, policy::CompiledPolicy, Policy};
+use super::{decision::TARGET, head::Head, policy::CompiledPolicy, Policy};
 
 /// What a [`resolver`](super::RateLimitLayer::resolver) is: the name of a request's policy, if
 /// it has one.
@@ -73,12 +73,13 @@ impl Policies {
     pub(crate) fn select(
         &self,
         resolver: Option<&ResolverFn>,
-        parts: &Parts,
+        head: Head<'_>,
     ) -> Option<&Arc<CompiledPolicy>> {
         let Some(resolver) = resolver else {
             return self.default.as_ref();
         };
-        match resolver(parts) {
+        // A layer with a resolver takes each request apart for it (`Config::reads_parts`).
+        match head.parts.and_then(resolver) {
             Some(name) => match self.by_name.get(name) {
                 Some(policy) => Some(policy),
                 None => {
@@ -469,7 +470,7 @@ mod tests {
             let parts = req.body(()).unwrap().into_parts().0;
             let current = set.load();
             current
-                .select(Some(resolver), &parts)
+                .select(Some(resolver), Head::of_parts(&parts))
                 .map(|p| p.name.clone())
         };
         assert_eq!(pick(Some("pro")).as_deref(), Some("pro"));
@@ -478,7 +479,7 @@ mod tests {
         let routed =
             PolicySet::empty().configured(Context::default(), Some((policy("pro", 1), false)));
         let parts = http::Request::new(()).into_parts().0;
-        assert!(routed.load().select(Some(resolver), &parts).is_none());
+        assert!(routed.load().select(Some(resolver), Head::of_parts(&parts)).is_none());
         assert!(!routed.remove("free"));
         assert!(routed.remove("pro"));
     }

@@ -4,13 +4,14 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{request::Parts, Request, Response};
+use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
     decision::{self, Answer, Check, Pending, TARGET},
     future::ResponseFuture,
+    head::{Head, Incoming},
     layer::{Config, Shared},
     policy::{CompiledPolicy, METERED_STRATEGIES},
     settle::Reservation,
@@ -78,41 +79,60 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // Read in place, unless a closure of the configuration needs the request's `Parts`.
+        if self.shared.config.reads_parts() {
+            self.limit(req.into_parts())
+        } else {
+            self.limit(req)
+        }
+    }
+}
+
+impl<S, B, K> RateLimit<S, B, K>
+where
+    B: RateLimitStore,
+{
+    /// `call`, for a request whole or taken apart (see [`Incoming`]).
+    #[inline(always)]
+    fn limit<ReqBody, ResBody, R>(&mut self, req: R) -> ResponseFuture<S, B, ReqBody, K>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        R: Incoming<ReqBody>,
+    {
         let shared = &self.shared;
         let config = &shared.config;
-        let (parts, body) = req.into_parts();
+        let head = req.head();
         // A route's policy, else the named policy the resolver picks (or the default one), as
         // the layer's policies are now: a lock-free read, held until `call` returns (a request
         // waiting for the store holds its policy itself).
         let named;
-        let policy = match config.route(&parts) {
+        let policy = match config.route(head) {
             Some(policy) => policy,
             None => {
                 named = config.policies.load();
-                match named.select(config.resolver.as_deref(), &parts) {
+                match named.select(config.resolver.as_deref(), head) {
                     Some(policy) => policy,
                     None => {
                         drop(named);
-                        let req = Request::from_parts(parts, body);
+                        let req = req.into_request();
                         return ResponseFuture::running(self.inner.call(req), None, None);
                     }
                 }
             }
         };
         let remote = shared.store.is_remote();
-        let key = match key_of(config, policy, &parts, KeyHash::of_store(remote)) {
+        let key = match key_of(config, policy, head, KeyHash::of_store(remote)) {
             Keyed::Key(key) => key,
             Keyed::Answered(answer) => {
-                return respond(
-                    &mut self.inner,
-                    Request::from_parts(parts, body),
-                    answer,
-                    None,
-                );
+                return respond(&mut self.inner, req.into_request(), answer, None);
             }
         };
-        let cost = config.cost.as_ref().map_or(1, |f| f(&parts));
-        let req = Request::from_parts(parts, body);
+        // A layer with a cost takes each request apart for it (`Config::reads_parts`).
+        let cost = match (&config.cost, head.parts) {
+            (Some(f), Some(parts)) => f(parts),
+            _ => 1,
+        };
+        let req = req.into_request();
 
         if remote && config.deny_cache && !config.shadow {
             if let Some((wait, rule)) = shared.deny_cache.get(policy.id, &key, cost) {
@@ -158,7 +178,7 @@ enum Keyed {
 
 /// The store key of a request under `policy` (hashed as `hash` says), or what to do instead
 /// when there is none.
-fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts, hash: KeyHash) -> Keyed {
+fn key_of(config: &Config, policy: &CompiledPolicy, head: Head<'_>, hash: KeyHash) -> Keyed {
     if let Some(problem) = &policy.invalid {
         tracing::error!(target: TARGET, %problem, "invalid rate-limit policy");
         return Keyed::Answered(decision::failed(config));
@@ -168,7 +188,7 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts, hash: KeyHash
         tracing::error!(target: TARGET, policy = policy.name, %problem, "invalid rate-limit policy");
         return Keyed::Answered(decision::failed(config));
     }
-    if let Some(raw) = config.key.extract(parts) {
+    if let Some(raw) = config.key.extract_head(head) {
         return Keyed::Key(raw.hash_with(&policy.namespace, hash));
     }
     match config.missing_key {
@@ -177,8 +197,8 @@ fn key_of(config: &Config, policy: &CompiledPolicy, parts: &Parts, hash: KeyHash
         MissingKey::Reject => {
             tracing::warn!(
                 target: TARGET,
-                method = %parts.method,
-                path = parts.uri.path(),
+                method = %head.method,
+                path = head.uri.path(),
                 "no rate-limit key in the request (for the peer IP, serve with \
                  into_make_service_with_connect_info::<SocketAddr>())"
             );
