@@ -1,5 +1,5 @@
 //! What the layer reads of a request, without taking the request apart unless a closure of its
-//! configuration needs the request's `Parts`.
+//! configuration needs the request's `Parts`, so that the request is moved once, whole.
 
 use http::{request::Parts, Extensions, HeaderMap, Method, Request, Uri};
 
@@ -27,7 +27,7 @@ impl<'a> Head<'a> {
         }
     }
 
-    fn of_request<B>(request: &'a Request<B>) -> Self {
+    pub(crate) fn of_request<B>(request: &'a Request<B>) -> Self {
         Self {
             method: request.method(),
             uri: request.uri(),
@@ -35,39 +35,5 @@ impl<'a> Head<'a> {
             extensions: request.extensions(),
             parts: None,
         }
-    }
-}
-
-/// A request as the layer's service holds it until it calls the inner service: whole (read in
-/// place, never moved apart and put back together), or taken apart into its `Parts` and body.
-pub(crate) trait Incoming<B> {
-    /// What the layer reads of the request.
-    fn head(&self) -> Head<'_>;
-
-    /// The request, for the inner service.
-    fn into_request(self) -> Request<B>;
-}
-
-impl<B> Incoming<B> for Request<B> {
-    #[inline]
-    fn head(&self) -> Head<'_> {
-        Head::of_request(self)
-    }
-
-    #[inline]
-    fn into_request(self) -> Request<B> {
-        self
-    }
-}
-
-impl<B> Incoming<B> for (Parts, B) {
-    #[inline]
-    fn head(&self) -> Head<'_> {
-        Head::of_parts(&self.0)
-    }
-
-    #[inline]
-    fn into_request(self) -> Request<B> {
-        Request::from_parts(self.0, self.1)
     }
 }

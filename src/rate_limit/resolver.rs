@@ -479,7 +479,10 @@ mod tests {
         let routed =
             PolicySet::empty().configured(Context::default(), Some((policy("pro", 1), false)));
         let parts = http::Request::new(()).into_parts().0;
-        assert!(routed.load().select(Some(resolver), Head::of_parts(&parts)).is_none());
+        assert!(routed
+            .load()
+            .select(Some(resolver), Head::of_parts(&parts))
+            .is_none());
         assert!(!routed.remove("free"));
         assert!(routed.remove("pro"));
     }

@@ -4,14 +4,17 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{Request, Response};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
     decision::{self, Answer, Check, Pending, TARGET},
     future::ResponseFuture,
-    head::{Head, Incoming},
+    head::Head,
     layer::{Config, Shared},
     policy::{CompiledPolicy, METERED_STRATEGIES},
     settle::Reservation,
@@ -78,96 +81,130 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // Read in place, unless a closure of the configuration needs the request's `Parts`.
-        if self.shared.config.reads_parts() {
-            self.limit(req.into_parts())
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // What to do is decided from the request read in place (unless a closure of the
+        // configuration needs its `Parts`), and the request is moved once: to the inner
+        // service, or into the future that waits for a remote store.
+        let step = if self.shared.config.reads_parts() {
+            let (parts, body) = req.into_parts();
+            let step = step(&self.shared, Head::of_parts(&parts));
+            req = Request::from_parts(parts, body);
+            step
         } else {
-            self.limit(req)
+            step(&self.shared, Head::of_request(&req))
+        };
+        match step {
+            Step::Call(headers, reservation) => {
+                ResponseFuture::running(self.inner.call(req), headers, reservation)
+            }
+            Step::Reject(response) => ResponseFuture::rejected(response),
+            Step::Wait(wait) => {
+                let Wait {
+                    check,
+                    timeout,
+                    pending,
+                    reservation,
+                } = *wait;
+                let ready = self.take_ready();
+                ResponseFuture::checking(check, timeout, ready, req, pending, reservation)
+            }
         }
     }
 }
 
-impl<S, B, K> RateLimit<S, B, K>
-where
-    B: RateLimitStore,
-{
-    /// `call`, for a request whole or taken apart (see [`Incoming`]).
-    #[inline(always)]
-    fn limit<ReqBody, ResBody, R>(&mut self, req: R) -> ResponseFuture<S, B, ReqBody, K>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-        R: Incoming<ReqBody>,
-    {
-        let shared = &self.shared;
-        let config = &shared.config;
-        let head = req.head();
-        // A route's policy, else the named policy the resolver picks (or the default one), as
-        // the layer's policies are now: a lock-free read, held until `call` returns (a request
-        // waiting for the store holds its policy itself).
-        let named;
-        let policy = match config.route(head) {
-            Some(policy) => policy,
-            None => {
-                named = config.policies.load();
-                match named.select(config.resolver.as_deref(), head) {
-                    Some(policy) => policy,
-                    None => {
-                        drop(named);
-                        let req = req.into_request();
-                        return ResponseFuture::running(self.inner.call(req), None, None);
-                    }
-                }
-            }
-        };
-        let remote = shared.store.is_remote();
-        let key = match key_of(config, policy, head, KeyHash::of_store(remote)) {
-            Keyed::Key(key) => key,
-            Keyed::Answered(answer) => {
-                return respond(&mut self.inner, req.into_request(), answer, None);
-            }
-        };
-        // A layer with a cost takes each request apart for it (`Config::reads_parts`).
-        let cost = match (&config.cost, head.parts) {
-            (Some(f), Some(parts)) => f(parts),
-            _ => 1,
-        };
-        let req = req.into_request();
+/// What the service does with a request, as [`step`] decides it from the request's head.
+enum Step<B: RateLimitStore> {
+    /// Call the inner service, then add these fields to its response (and settle the
+    /// reservation, already taken, with it).
+    Call(Option<HeaderMap>, Option<Reservation<B>>),
+    /// Answer with this response; the inner service is not called.
+    Reject(Response<Bytes>),
+    /// Wait for a remote store's answer (boxed: the other steps are the common ones).
+    Wait(Box<Wait<B>>),
+}
 
-        if remote && config.deny_cache && !config.shadow {
-            if let Some((wait, rule)) = shared.deny_cache.get(policy.id, &key, cost) {
-                let response = decision::denied_locally(config, policy, &key, rule, wait);
-                return ResponseFuture::rejected(response);
-            }
-        }
+/// A request's call to a remote store, and what its answer is made with.
+struct Wait<B: RateLimitStore> {
+    check: B::Future,
+    timeout: Option<Duration>,
+    pending: Pending<B>,
+    reservation: Option<Reservation<B>>,
+}
 
-        let rate_check = RateCheck {
-            key: &key,
-            rules: &policy.rules,
-            cost,
-            want_state: config.wants_state(),
-        };
-        let reservation = Reservation::new(shared, policy, key, cost);
-        let check = Check {
-            key,
-            cost,
-            remote,
-            #[cfg(feature = "metrics")]
-            started: remote.then(std::time::Instant::now),
-        };
-        // A store that can answer at once (in process, or from a leased batch) does: call the
-        // inner service from here, as a synchronous limiter would (no clone of it, no state
-        // machine around the check).
-        if let Some(result) = shared.store.check_now(rate_check) {
-            let answer = check.answer(shared, policy, result);
-            return respond(&mut self.inner, req, answer, reservation);
+impl<B: RateLimitStore> Step<B> {
+    /// The step of `answer`; a metered request's `reservation` is taken when the answer took
+    /// its cost.
+    #[inline]
+    fn of(answer: Answer, reservation: Option<Reservation<B>>) -> Self {
+        match answer {
+            Answer::Admit(headers) => Self::Call(headers, None),
+            Answer::Taken(headers, taken) => {
+                Self::Call(headers, reservation.map(|r| r.taken(taken)))
+            }
+            Answer::Reject(response) => Self::Reject(response),
         }
-        let future = shared.store.check(rate_check);
-        let pending = Pending::new(shared, policy, check);
-        let timeout = remote.then_some(config.store_timeout);
-        let ready = self.take_ready();
-        ResponseFuture::checking(future, timeout, ready, req, pending, reservation)
     }
+}
+
+/// What to do with the request whose head is `head`: its policy (a route's, else the named
+/// policy the resolver picks, or the default one), its key and cost, and the store's answer
+/// when the store answers at once (in process, or from a leased batch), as a synchronous
+/// limiter would (no clone of the inner service, no state machine around the check).
+fn step<B: RateLimitStore>(shared: &Arc<Shared<B>>, head: Head<'_>) -> Step<B> {
+    let config = &shared.config;
+    // The layer's policies as they are now: a lock-free read, held until the step is decided
+    // (a request waiting for the store holds its policy itself).
+    let named;
+    let policy = match config.route(head) {
+        Some(policy) => policy,
+        None => {
+            named = config.policies.load();
+            match named.select(config.resolver.as_deref(), head) {
+                Some(policy) => policy,
+                None => return Step::Call(None, None),
+            }
+        }
+    };
+    let remote = shared.store.is_remote();
+    let key = match key_of(config, policy, head, KeyHash::of_store(remote)) {
+        Keyed::Key(key) => key,
+        Keyed::Answered(answer) => return Step::of(answer, None),
+    };
+    // A layer with a cost takes each request apart for it (`Config::reads_parts`).
+    let cost = match (&config.cost, head.parts) {
+        (Some(f), Some(parts)) => f(parts),
+        _ => 1,
+    };
+
+    if remote && config.deny_cache && !config.shadow {
+        if let Some((wait, rule)) = shared.deny_cache.get(policy.id, &key, cost) {
+            return Step::Reject(decision::denied_locally(config, policy, &key, rule, wait));
+        }
+    }
+
+    let rate_check = RateCheck {
+        key: &key,
+        rules: &policy.rules,
+        cost,
+        want_state: config.wants_state(),
+    };
+    let reservation = Reservation::new(shared, policy, key, cost);
+    let check = Check {
+        key,
+        cost,
+        remote,
+        #[cfg(feature = "metrics")]
+        started: remote.then(std::time::Instant::now),
+    };
+    if let Some(result) = shared.store.check_now(rate_check) {
+        return Step::of(check.answer(shared, policy, result), reservation);
+    }
+    Step::Wait(Box::new(Wait {
+        check: shared.store.check(rate_check),
+        timeout: remote.then_some(config.store_timeout),
+        pending: Pending::new(shared, policy, check),
+        reservation,
+    }))
 }
 
 /// The store key of a request, or the answer when the store is not asked.
@@ -204,27 +241,5 @@ fn key_of(config: &Config, policy: &CompiledPolicy, head: Head<'_>, hash: KeyHas
             );
             Keyed::Answered(Answer::Reject(decision::missing_key(config)))
         }
-    }
-}
-
-/// Runs the inner service or rejects, as `answer` says; a metered request's `reservation` is
-/// taken when the answer took its cost.
-fn respond<S, B, K, ReqBody, ResBody>(
-    inner: &mut S,
-    req: Request<ReqBody>,
-    answer: Answer,
-    reservation: Option<Reservation<B>>,
-) -> ResponseFuture<S, B, ReqBody, K>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    B: RateLimitStore,
-{
-    match answer {
-        Answer::Admit(headers) => ResponseFuture::running(inner.call(req), headers, None),
-        Answer::Taken(headers, taken) => {
-            let reservation = reservation.map(|r| r.taken(taken));
-            ResponseFuture::running(inner.call(req), headers, reservation)
-        }
-        Answer::Reject(response) => ResponseFuture::rejected(response),
     }
 }
