@@ -58,6 +58,31 @@ impl Namespace {
         Self { name, local }
     }
 
+    /// The store key of `[tag, value]`, as [`key`](Self::key) makes it, without its loop over
+    /// the parts for a local key of at most [`SHORT`] bytes (the usual one: an address, a short
+    /// header value): the same bytes are hashed.
+    #[inline]
+    pub(crate) fn pair_key(&self, hash: KeyHash, tag: &[u8], value: &[u8]) -> StoreKey {
+        match hash {
+            KeyHash::Local if tag.len() + value.len() + 2 <= SHORT && value.len() < 255 => {
+                let mut data = [0u8; SHORT];
+                let (tag_len, rest) = data.split_at_mut(1);
+                let (tag_bytes, rest) = rest.split_at_mut(tag.len());
+                let (value_len, rest) = rest.split_at_mut(1);
+                // Lengths below 255: one byte each (checked above; tags are a few bytes).
+                tag_len[0] = tag.len() as u8;
+                tag_bytes.copy_from_slice(tag);
+                value_len[0] = value.len() as u8;
+                let end = tag.len() + value.len() + 2;
+                if let Some(room) = rest.get_mut(..value.len()) {
+                    room.copy_from_slice(value);
+                }
+                StoreKey::hashed(&self.local, data.get(..end).unwrap_or(&data))
+            }
+            _ => self.key(hash, [tag, value]),
+        }
+    }
+
     /// The namespace's name.
     pub(crate) fn as_str(&self) -> &str {
         &self.name
@@ -113,6 +138,10 @@ fn long_len(len: usize) -> [u8; 9] {
     rest.copy_from_slice(&(len as u64).to_le_bytes());
     prefix
 }
+
+/// How many bytes of a length-prefixed tag and value [`Namespace::pair_key`] hashes without a
+/// loop: a tag and an IPv6 network, or a header value of about 40 bytes.
+const SHORT: usize = 64;
 
 /// How many bytes of length-prefixed parts [`StoreKey::local`] hashes from the stack; longer
 /// keys (long header values) are copied to the heap.
@@ -180,6 +209,12 @@ impl StoreKey {
             Some(bytes) => bytes.as_slice(),
             None => inline.get(..len).unwrap_or_default(),
         };
+        Self::hashed(secrets, data)
+    }
+
+    /// The local key of the length-prefixed `data` (see [`StoreKey::local`]).
+    #[inline]
+    fn hashed(secrets: &[RapidSecrets; 2], data: &[u8]) -> Self {
         let [one, two] = secrets;
         let a = rapidhash_v3_inline::<true, false, true>(data, one);
         let b = rapidhash_v3_inline::<true, false, true>(data, two);
@@ -260,5 +295,31 @@ mod tests {
         let keys: Vec<StoreKey> = parts.iter().map(|p| local(&[p])).collect();
         assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
         assert_ne!(local(&[&[255u8], &[1]]), local(&[&[1u8; 256]]));
+    }
+
+    #[test]
+    fn pair_keys_are_the_keys_of_the_two_parts() {
+        let ns = Namespace::new("ns".to_owned());
+        for tag in [b"".as_slice(), b"ip", b"custom"] {
+            for len in [
+                0,
+                1,
+                17,
+                SHORT - 2 - tag.len(),
+                SHORT - 1 - tag.len(),
+                254,
+                255,
+                300,
+            ] {
+                let value = vec![9u8; len];
+                for hash in [KeyHash::Local, KeyHash::Sha256] {
+                    assert_eq!(
+                        ns.pair_key(hash, tag, &value),
+                        ns.key(hash, [tag, value.as_slice()]),
+                        "{tag:?} and {len} bytes"
+                    );
+                }
+            }
+        }
     }
 }

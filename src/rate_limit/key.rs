@@ -126,10 +126,10 @@ impl RawKey<'_> {
     pub(crate) fn hash_with(&self, namespace: &Namespace, hash: KeyHash) -> StoreKey {
         match &self.value {
             Value::Inline(bytes, len) => {
-                namespace.key(hash, [self.tag, bytes.get(..*len).unwrap_or(bytes)])
+                namespace.pair_key(hash, self.tag, bytes.get(..*len).unwrap_or(bytes))
             }
             Value::Header(name, value) => namespace.key(hash, [self.tag, name, value]),
-            Value::Owned(v) => namespace.key(hash, [self.tag, v]),
+            Value::Owned(v) => namespace.pair_key(hash, self.tag, v),
         }
     }
 }
