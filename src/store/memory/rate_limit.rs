@@ -1,15 +1,16 @@
 //! Rate limiting in the in-process store, with the same semantics as the rate-limit scripts.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     future::{ready, Ready},
+    hash::{BuildHasher, Hash, Hasher},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use portable_atomic::AtomicU128;
 
-use super::{Map, MemoryStore, SWEEP_EVERY_US};
+use super::{MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
         Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, RuleStates,
@@ -18,7 +19,136 @@ use crate::{
     StoreKey,
 };
 
-type SlotKey = (StoreKey, u8, u64, u64, u64);
+/// Where the state of one rule for one key lives: the key, and the rule's kind and numbers in
+/// wire form (see `Rule::encode`), so that a changed rule starts from fresh state. Kind 0 is the
+/// key's override (see [`override_slot`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct SlotKey {
+    key: StoreKey,
+    kind: u8,
+    a: u64,
+    b: u64,
+    c: u64,
+}
+
+impl SlotKey {
+    /// The slot of `rule` for `key`.
+    #[inline]
+    fn new(key: &StoreKey, rule: &Rule) -> Self {
+        let (a, b, c) = rule.encode();
+        Self {
+            key: *key,
+            kind: rule.kind(),
+            a,
+            b,
+            c,
+        }
+    }
+
+    /// The rule's period, in µs.
+    fn period_us(&self) -> u64 {
+        self.b * 1000
+    }
+}
+
+/// A slot key gives its hasher one 128-bit word: the key's 128 bits, the high half mixed with a
+/// fingerprint of the rule (see [`SlotHasher`]).
+impl Hash for SlotKey {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let [k0, k1] = key_words(&self.key);
+        // Any mix that tells a key's few rules apart serves: the rules come from the
+        // configuration, not from clients. Multiplying by odd constants keeps every bit.
+        let rule = (self.a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.b)
+            .wrapping_mul(0xbf58_476d_1ce4_e5b9)
+            ^ self.c.rotate_left(32)
+            ^ u64::from(self.kind);
+        state.write_u128(u128::from(k0) | (u128::from(k1 ^ rule) << 64));
+    }
+}
+
+/// The two 64-bit halves of a key.
+#[inline]
+fn key_words(key: &StoreKey) -> [u64; 2] {
+    let b = key.as_bytes();
+    [
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// The hash of the slot map: one folded multiply (the 128-bit product's halves XORed) of the
+/// two words of a [`SlotKey`], each XORed with a seed drawn at random for each map.
+///
+/// The keys are already hashes, 128 bits of them, but they cannot be used as they are: a store
+/// fed SHA-256 keys (the fallback of a layer whose main store is Redis) hashes with no secret,
+/// so a client could grind, offline, keys that all fall in one bucket of the map and make every
+/// lookup slow (HashDoS). The seeds make where a key falls unknowable outside the process, and
+/// the fold costs a few instructions where a general-purpose hasher (several writes, a finish)
+/// costs a few dozen on the hot path of every decision.
+#[derive(Clone, Copy)]
+struct SlotHash {
+    seeds: [u64; 2],
+}
+
+impl Default for SlotHash {
+    fn default() -> Self {
+        Self {
+            seeds: [rand::random(), rand::random()],
+        }
+    }
+}
+
+impl BuildHasher for SlotHash {
+    type Hasher = SlotHasher;
+
+    #[inline]
+    fn build_hasher(&self) -> SlotHasher {
+        SlotHasher {
+            seeds: self.seeds,
+            hash: 0,
+        }
+    }
+}
+
+/// The hasher of [`SlotHash`].
+struct SlotHasher {
+    seeds: [u64; 2],
+    hash: u64,
+}
+
+impl Hasher for SlotHasher {
+    #[inline]
+    fn write_u128(&mut self, word: u128) {
+        // Truncations intended: the low and the high 64 bits.
+        let (lo, hi) = (word as u64, (word >> 64) as u64);
+        self.hash = fold(self.hash ^ lo ^ self.seeds[0], hi ^ self.seeds[1]);
+    }
+
+    /// Any other input (a [`SlotKey`] writes one `u128`), eight bytes at a time.
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u128(u128::from(u64::from_le_bytes(word)));
+        }
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
+/// The 128-bit product of `a` and `b`, its halves XORed.
+#[inline]
+fn fold(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    // Truncations intended: the low and the high 64 bits.
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+type Map<K, V> = HashMap<K, V, SlotHash>;
 
 #[derive(Default)]
 pub(super) struct Shard {
@@ -93,6 +223,12 @@ impl MemoryStore {
                 }
             }
         }
+        self.decide_locked(check)
+    }
+
+    /// A check under the shard's exclusive lock: any but [`MemoryStore::decide_cell`]'s.
+    #[inline(never)]
+    fn decide_locked(&self, check: &RateCheck<'_>) -> Result<Decision, StoreError> {
         let mut shard = self.inner.rate_limit.lock(check.key)?;
         let now = self.now_us();
         let wall = self.inner.clock.wall_us(now);
@@ -111,9 +247,9 @@ impl MemoryStore {
         // One rule (the common case): decide and write in one pass.
         let mut single_plan = None;
         for (i, rule) in check.rules.iter().enumerate() {
-            let slot_key = slot_key(check.key, rule);
+            let slot_key = SlotKey::new(check.key, rule);
             let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
-            let eval = evaluate(rule, slot, now, wall, cost);
+            let eval = evaluate(rule, &slot_key, slot, now, wall, cost);
             if !eval.ok {
                 allowed = false;
                 if denied_by.is_none() || eval.retry > wait {
@@ -142,9 +278,9 @@ impl MemoryStore {
                 // Several rules: every one allowed, so evaluate each again (the state did not
                 // change under the lock) and write it. No list of plans is kept.
                 for (rule, state) in check.rules.iter().zip(states.iter_mut()) {
-                    let slot_key = slot_key(check.key, rule);
+                    let slot_key = SlotKey::new(check.key, rule);
                     let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
-                    let eval = evaluate(rule, slot, now, wall, cost);
+                    let eval = evaluate(rule, &slot_key, slot, now, wall, cost);
                     state.remaining = eval.remaining;
                     apply(&mut shard.map, slot_key, eval.plan, now, cost);
                 }
@@ -184,13 +320,13 @@ impl MemoryStore {
             Some(Ok(())) => 0,
             None => check.cost,
         };
-        let slot = shard.map.get(&slot_key(check.key, rule))?;
-        let (a, period_ms, c) = rule.encode();
+        let slot_key = SlotKey::new(check.key, rule);
+        let slot = shard.map.get(&slot_key)?;
         let input = Input {
             slot: None,
-            a,
-            c,
-            period: period_ms * 1000,
+            a: slot_key.a,
+            c: slot_key.c,
+            period: slot_key.period_us(),
             now,
             wall: 0,
             cost,
@@ -355,11 +491,6 @@ impl Shard {
     }
 }
 
-fn slot_key(key: &StoreKey, rule: &Rule) -> SlotKey {
-    let (a, b, c) = rule.encode();
-    (*key, rule.kind(), a, b, c)
-}
-
 fn apply(map: &mut Map<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
     match plan {
         Some(Plan::Replace(slot)) => {
@@ -475,13 +606,20 @@ impl Input<'_> {
     }
 }
 
-fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, wall: u64, cost: u64) -> Eval {
-    let (a, period_ms, c) = rule.encode();
+/// Evaluates `rule`, whose slot key is `key`, on its `slot`.
+fn evaluate(
+    rule: &Rule,
+    key: &SlotKey,
+    slot: Option<&Slot>,
+    now: u64,
+    wall: u64,
+    cost: u64,
+) -> Eval {
     let input = Input {
         slot,
-        a,
-        c,
-        period: period_ms * 1000,
+        a: key.a,
+        c: key.c,
+        period: key.period_us(),
         now,
         wall,
         cost,
@@ -649,12 +787,22 @@ struct Gcra {
     retry: f64,
 }
 
+// Always inlined: the hot path of the lock-free cell (the compiler outlines it otherwise).
+#[inline(always)]
 fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
-    let now = i.now as f64;
-    let interval = i.pf() / i.a as f64;
-    let burst = i.c as f64 * interval;
-    let tat = tat.map_or(now, |t| (t as f64).max(now));
-    let new_tat = tat + i.cost as f64 * interval;
+    let now = to_f64(i.now);
+    let interval = to_f64(i.period) / to_f64(i.a);
+    let burst = to_f64(i.c) * interval;
+    // `max` without its NaN handling: neither is NaN.
+    let tat = tat.map_or(now, |t| {
+        let t = to_f64(t);
+        if t > now {
+            t
+        } else {
+            now
+        }
+    });
+    let new_tat = tat + to_f64(i.cost) * interval;
     let allow_at = new_tat - burst;
     if allow_at <= now {
         return Gcra {
@@ -662,7 +810,7 @@ fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
             tat: ceil_u64(new_tat),
             // A cast to `u64` truncates (saturating, 0 below 0): the floor of what is not
             // negative.
-            remaining: ((now - allow_at) / interval) as u64,
+            remaining: trunc_u64((now - allow_at) / interval),
             reset: new_tat - now,
             retry: 0.0,
         };
@@ -675,7 +823,7 @@ fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
     Gcra {
         ok: false,
         tat: 0,
-        remaining: ((now - (tat - burst)) / interval) as u64,
+        remaining: trunc_u64((now - (tat - burst)) / interval),
         reset: tat - now,
         retry,
     }
@@ -685,6 +833,22 @@ fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
 /// for it): the same for every `x`, NaN and negative values (0) and the saturation included.
 #[inline]
 fn ceil_u64(x: f64) -> u64 {
+    if x > -1.0 && x < I64_END {
+        // The usual case, in signed conversions (one instruction each way; the unsigned ones
+        // take several): `t` is `x` rounded toward zero, and `t + 1` does not overflow.
+        let t = x as i64;
+        let t = if (t as f64) < x { t + 1 } else { t };
+        // Not negative: the same value.
+        return t as u64;
+    }
+    ceil_u64_out_of_i64(x)
+}
+
+/// [`ceil_u64`] out of the `i64` range, out of line (else the compiler computes both ways
+/// and picks one, on every call).
+#[cold]
+#[inline(never)]
+fn ceil_u64_out_of_i64(x: f64) -> u64 {
     let t = x as u64;
     if (t as f64) < x {
         t.saturating_add(1)
@@ -692,6 +856,46 @@ fn ceil_u64(x: f64) -> u64 {
         t
     }
 }
+
+/// `x as u64` (rounded toward zero; NaN and negative values 0, saturated above), in a signed
+/// conversion when `x` is in range (see [`ceil_u64`]).
+#[inline]
+fn trunc_u64(x: f64) -> u64 {
+    if (0.0..I64_END).contains(&x) {
+        // Not negative: the same value.
+        x as i64 as u64
+    } else {
+        trunc_u64_out_of_i64(x)
+    }
+}
+
+/// [`trunc_u64`] out of the `i64` range (see [`ceil_u64_out_of_i64`]).
+#[cold]
+#[inline(never)]
+fn trunc_u64_out_of_i64(x: f64) -> u64 {
+    x as u64
+}
+
+/// `x as f64`, in a signed conversion (one instruction; the unsigned one takes several) when
+/// `x` is below 2^63: the same value.
+#[inline]
+fn to_f64(x: u64) -> f64 {
+    match i64::try_from(x) {
+        Ok(x) => x as f64,
+        // Out of line, or the compiler merges both branches back into the unsigned conversion.
+        Err(_) => to_f64_above_i64(x),
+    }
+}
+
+/// [`to_f64`] from 2^63 on.
+#[cold]
+#[inline(never)]
+fn to_f64_above_i64(x: u64) -> f64 {
+    x as f64
+}
+
+/// 2^63, the first `f64` above the `i64` range.
+const I64_END: f64 = 9_223_372_036_854_775_808.0;
 
 /// A calendar period: a counter of the period that holds the civil time, expiring at its end.
 fn calendar(i: &Input<'_>) -> Eval {
@@ -790,7 +994,7 @@ impl MemoryStore {
         let wall = self.inner.clock.wall_us(now);
         let age = u64::try_from(settlement.age.as_micros()).unwrap_or(u64::MAX);
         for rule in settlement.rules {
-            let key = slot_key(settlement.key, rule);
+            let key = SlotKey::new(settlement.key, rule);
             let slot = shard.map.get(&key).filter(|s| s.live(now));
             match settle(rule, slot, (now, wall), age, settlement.delta) {
                 Settled::Keep => {}
@@ -914,20 +1118,33 @@ fn settle(
 
 /// Where the override of `key` lives: a slot of kind 0, which no rule has.
 fn override_slot(key: &StoreKey) -> SlotKey {
-    (*key, 0, 0, 0, 0)
+    SlotKey {
+        key: *key,
+        kind: 0,
+        a: 0,
+        b: 0,
+        c: 0,
+    }
 }
 
 /// Whether `slot` is where an override lives (see [`override_slot`]).
 fn is_override(slot: &SlotKey) -> bool {
-    slot.1 == 0
+    slot.kind == 0
 }
 
 /// The override of `key` now: admitted without consuming (`Ok`), or blocked for so many more
 /// microseconds (`Err`).
+#[inline]
 fn overridden(shard: &Shard, key: &StoreKey, now: u64) -> Option<Result<(), u64>> {
     if shard.overrides == 0 {
         return None;
     }
+    override_of(shard, key, now)
+}
+
+/// [`overridden`], once the shard is known to hold overrides.
+#[inline(never)]
+fn override_of(shard: &Shard, key: &StoreKey, now: u64) -> Option<Result<(), u64>> {
     let slot = shard.map.get(&override_slot(key))?;
     match slot.state {
         _ if slot.expires_at <= now => None,
@@ -959,7 +1176,7 @@ impl MemoryStore {
     fn reset_key(&self, key: &StoreKey, rules: &[Rule]) -> Result<(), StoreError> {
         let mut shard = self.inner.rate_limit.lock(key)?;
         for rule in rules {
-            shard.map.remove(&slot_key(key, rule));
+            shard.map.remove(&SlotKey::new(key, rule));
         }
         Ok(())
     }
@@ -1143,6 +1360,79 @@ mod tests {
         // The wire form: unit * 10000 + offset minutes + 1440.
         assert_eq!(day(-480).encode(), (1, 86_400_000, 10_960));
         assert_eq!(Rule::calendar(7, Calendar::Month).encode().2, 31_440);
+    }
+
+    /// The fast conversions give what the plain casts give, at every edge.
+    #[test]
+    fn conversions_match_the_casts() {
+        let floats = [
+            f64::NAN,
+            f64::NEG_INFINITY,
+            -1e300,
+            -1.0,
+            -0.999,
+            -0.5,
+            -0.0,
+            0.0,
+            0.25,
+            1.0,
+            1.5,
+            4_503_599_627_370_495.5,
+            9_007_199_254_740_993.0,
+            I64_END - 1024.0,
+            I64_END,
+            I64_END + 4096.0,
+            18_446_744_073_709_549_568.0,
+            18_446_744_073_709_551_616.0,
+            1e300,
+            f64::INFINITY,
+        ];
+        for x in floats {
+            let ceil = x.ceil() as u64;
+            assert_eq!(ceil_u64(x), ceil, "ceil of {x}");
+            assert_eq!(trunc_u64(x), x as u64, "truncation of {x}");
+        }
+        for x in [
+            0,
+            1,
+            (1 << 53) + 1,
+            i64::MAX as u64,
+            1 << 63,
+            (1 << 63) + 1025,
+            u64::MAX,
+        ] {
+            assert_eq!(to_f64(x).to_bits(), (x as f64).to_bits(), "{x} as f64");
+        }
+    }
+
+    /// A key's slots for different rules, and one rule's slots for different keys, are apart;
+    /// the hash of a slot key is the same for every hasher of one map, and differs by map.
+    #[test]
+    fn slot_keys_hash_with_the_seeds_of_their_map() {
+        let key = StoreKey::from_parts([b"k".as_slice()]);
+        let other = StoreKey::from_parts([b"l".as_slice()]);
+        let second = Duration::from_secs(1);
+        let rules = [
+            Rule::gcra(10, second, 10),
+            Rule::gcra(10, second, 11),
+            Rule::token_bucket(10, 10, second),
+            Rule::fixed_window(10, second),
+        ];
+        let mut map = Map::default();
+        for (i, rule) in rules.iter().enumerate() {
+            map.insert(SlotKey::new(&key, rule), i);
+            map.insert(SlotKey::new(&other, rule), i + 10);
+        }
+        map.insert(override_slot(&key), 99);
+        assert_eq!(map.len(), 9);
+        for (i, rule) in rules.iter().enumerate() {
+            assert_eq!(map.get(&SlotKey::new(&key, rule)), Some(&i));
+            assert_eq!(map.get(&SlotKey::new(&other, rule)), Some(&(i + 10)));
+        }
+        let slot = SlotKey::new(&key, &rules[0]);
+        let (one, two) = (SlotHash::default(), SlotHash::default());
+        assert_eq!(one.hash_one(slot), one.hash_one(slot));
+        assert_ne!(one.hash_one(slot), two.hash_one(slot));
     }
 
     #[test]
