@@ -174,13 +174,16 @@ impl Slot {
     fn live(&self, now: u64) -> bool {
         self.expires_at > now
             || match &self.state {
-                State::Tat(t) => t.load(Ordering::Acquire) > now,
+                State::Tat { tat, .. } => tat.load(Ordering::Acquire) > now,
                 State::Bucket { full_at, .. } => full_at.load(Ordering::Acquire) > now,
                 _ => false,
             }
     }
 }
 
+/// A byte of tag of its own (`repr(u8)`), rather than one hidden in a niche of the log's
+/// fields: telling a GCRA cell from the others is then one compare on the hot path.
+#[repr(u8)]
 enum State {
     Counter(u64),
     Log {
@@ -198,8 +201,13 @@ enum State {
         cell: AtomicU128,
         full_at: AtomicU64,
     },
-    /// GCRA's theoretical arrival time: a lock-free cell (see [`MemoryStore::decide_gcra`]).
-    Tat(AtomicU64),
+    /// GCRA's theoretical arrival time: a lock-free cell (see [`MemoryStore::decide_cell`]),
+    /// with the pace of the slot's rule, worked out once when the cell is made rather than on
+    /// every decision.
+    Tat {
+        tat: AtomicU64,
+        pace: Pace,
+    },
     /// A calendar counter: the first day of its period (days since the epoch) and units used.
     Period {
         first: i64,
@@ -218,9 +226,7 @@ impl MemoryStore {
                 rule.strategy(),
                 Strategy::Gcra { .. } | Strategy::TokenBucket { .. }
             ) {
-                if let Some(decision) = self.decide_cell(check, rule) {
-                    return decision;
-                }
+                return self.decide_cell(check, rule);
             }
         }
         self.decide_locked(check)
@@ -303,25 +309,25 @@ impl MemoryStore {
     /// A single GCRA or token-bucket rule on a key that has its cell already: decided under the
     /// shard's shared lock, the cell (GCRA's TAT, the bucket's tokens and time) moved with a
     /// compare-and-swap (retried if another thread moved it first), so threads deciding for one
-    /// hot key never wait for each other. `None` when the key has no cell yet: the caller
-    /// decides under the exclusive lock, which creates it.
-    fn decide_cell(
-        &self,
-        check: &RateCheck<'_>,
-        rule: &Rule,
-    ) -> Option<Result<Decision, StoreError>> {
-        let shard = match self.inner.rate_limit.read(check.key) {
-            Ok(shard) => shard,
-            Err(e) => return Some(Err(e)),
-        };
+    /// hot key never wait for each other. When the key has no cell yet, it is decided under the
+    /// exclusive lock ([`MemoryStore::decide_locked`]), which creates the cell.
+    ///
+    /// It answers in place (no `Option` of an answer for the caller to unwrap): the decision is
+    /// written once, into the caller's return slot.
+    #[inline]
+    fn decide_cell(&self, check: &RateCheck<'_>, rule: &Rule) -> Result<Decision, StoreError> {
+        let shard = self.inner.rate_limit.read(check.key)?;
         let now = self.now_us();
         let cost = match overridden(&shard, check.key, now) {
-            Some(Err(left)) => return Some(Ok(blocked(1, left))),
+            Some(Err(left)) => return Ok(blocked(1, left)),
             Some(Ok(())) => 0,
             None => check.cost,
         };
         let slot_key = SlotKey::new(check.key, rule);
-        let slot = shard.map.get(&slot_key)?;
+        let Some(slot) = shard.map.get(&slot_key) else {
+            drop(shard);
+            return self.decide_locked(check);
+        };
         let input = Input {
             slot: None,
             a: slot_key.a,
@@ -331,21 +337,22 @@ impl MemoryStore {
             wall: 0,
             cost,
         };
-        let cell = match &slot.state {
-            State::Tat(cell) => cell,
-            State::Bucket { cell, full_at } => {
-                return Some(Ok(bucket_cell(cell, full_at, input)));
+        let (cell, pace) = match &slot.state {
+            State::Tat { tat, pace } => (tat, *pace),
+            State::Bucket { cell, full_at } => return Ok(bucket_cell(cell, full_at, input)),
+            _ => {
+                drop(shard);
+                return self.decide_locked(check);
             }
-            _ => return None,
         };
         let mut tat = cell.load(Ordering::Acquire);
         loop {
-            let g = gcra_answer(&input, Some(tat));
+            let g = gcra_answer(&input, pace, Some(tat));
             if !g.ok || cost == 0 {
-                return Some(Ok(decided(g.ok, g.remaining, g.reset, g.retry)));
+                return Ok(decided(g.ok, g.remaining, g.reset, g.retry));
             }
             match cell.compare_exchange_weak(tat, g.tat, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(Ok(decided(true, g.remaining, g.reset, 0.0))),
+                Ok(_) => return Ok(decided(true, g.remaining, g.reset, 0.0)),
                 Err(actual) => tat = actual,
             }
         }
@@ -760,24 +767,48 @@ fn token_bucket_at(i: &Input<'_>, state: Option<(f64, u64)>) -> Eval {
 /// GCRA: the theoretical arrival time.
 fn gcra(i: &Input<'_>) -> Eval {
     let tat = match i.state() {
-        Some(State::Tat(t)) => Some(t.load(Ordering::Acquire)),
+        Some(State::Tat { tat, .. }) => Some(tat.load(Ordering::Acquire)),
         _ => None,
     };
-    gcra_at(i, tat)
-}
-
-/// GCRA from a stored TAT (`None`: no state).
-fn gcra_at(i: &Input<'_>, tat: Option<u64>) -> Eval {
-    let g = gcra_answer(i, tat);
+    let pace = Pace::of(i.period, i.a, i.c);
+    let g = gcra_answer(i, pace, tat);
     if g.ok {
-        let plan = replace(State::Tat(AtomicU64::new(g.tat)), g.tat.max(i.now + 1000));
+        let plan = replace(gcra_cell(g.tat, pace), g.tat.max(i.now + 1000));
         return Eval::allow(g.remaining, g.reset, plan);
     }
     Eval::deny(g.remaining, g.reset, g.retry)
 }
 
-/// GCRA's answer for a TAT (`None`: no state), before anything is written: what
-/// [`gcra_at`] plans, and what the lock-free cell ([`MemoryStore::decide_cell`]) swaps in.
+/// A GCRA rule's pace: its emission interval (the period over the rate) and its burst
+/// tolerance (the burst times the interval), in µs.
+#[derive(Clone, Copy)]
+struct Pace {
+    interval: f64,
+    burst: f64,
+}
+
+impl Pace {
+    /// The pace of a rule of `rate` per `period` µs, with `burst`.
+    #[inline]
+    fn of(period: u64, rate: u64, burst: u64) -> Self {
+        let interval = to_f64(period) / to_f64(rate);
+        Self {
+            interval,
+            burst: to_f64(burst) * interval,
+        }
+    }
+}
+
+/// A GCRA cell at `tat`, for a rule of `pace`.
+fn gcra_cell(tat: u64, pace: Pace) -> State {
+    State::Tat {
+        tat: AtomicU64::new(tat),
+        pace,
+    }
+}
+
+/// GCRA's answer for a TAT (`None`: no state), before anything is written: what [`gcra`]
+/// plans, and what the lock-free cell ([`MemoryStore::decide_cell`]) swaps in.
 struct Gcra {
     ok: bool,
     /// The TAT to store when admitted.
@@ -789,10 +820,8 @@ struct Gcra {
 
 // Always inlined: the hot path of the lock-free cell (the compiler outlines it otherwise).
 #[inline(always)]
-fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
+fn gcra_answer(i: &Input<'_>, Pace { interval, burst }: Pace, tat: Option<u64>) -> Gcra {
     let now = to_f64(i.now);
-    let interval = to_f64(i.period) / to_f64(i.a);
-    let burst = to_f64(i.c) * interval;
     // `max` without its NaN handling: neither is NaN.
     let tat = tat.map_or(now, |t| {
         let t = to_f64(t);
@@ -1071,9 +1100,10 @@ fn settle(
             })
         }
         Strategy::Gcra { .. } => {
-            let interval = period as f64 / a as f64;
+            let pace = Pace::of(period, a, c);
+            let interval = pace.interval;
             let tat = match slot.map(|s| &s.state) {
-                Some(State::Tat(t)) => t.load(Ordering::Acquire).max(now),
+                Some(State::Tat { tat, .. }) => tat.load(Ordering::Acquire).max(now),
                 _ => now,
             };
             let moved = (tat as f64 + deltaf * interval).ceil();
@@ -1082,7 +1112,7 @@ fn settle(
             }
             let stored = moved as u64;
             Settled::Set(Slot {
-                state: State::Tat(AtomicU64::new(stored)),
+                state: gcra_cell(stored, pace),
                 expires_at: stored.max(now + 1000),
             })
         }
