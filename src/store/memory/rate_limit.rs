@@ -368,18 +368,15 @@ fn bucket_cell(cell: &AtomicU128, full_at: &AtomicU64, mut input: Input<'_>) -> 
         // Another thread may have counted the tokens a little later than this one read the
         // clock: count from its time, never back (which would refill the same time twice).
         input.now = now.max(ts);
-        let eval = token_bucket_at(&input, Some((tokens, ts)));
-        let (new, until) = match &eval.plan {
-            Some(Plan::Replace(Slot {
-                state: State::Bucket { cell, .. },
-                expires_at,
-            })) if eval.ok && input.cost > 0 => (cell.load(Ordering::Relaxed), *expires_at),
-            _ => return single(eval),
-        };
+        let b = bucket_answer(&input, Some((tokens, ts)));
+        if !b.ok || input.cost == 0 {
+            return decided(b.ok, b.remaining, b.reset, b.retry);
+        }
+        let new = pack(b.left, input.now);
         match cell.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
-                full_at.fetch_max(until, Ordering::AcqRel);
-                return single(eval);
+                full_at.fetch_max(b.expires_at, Ordering::AcqRel);
+                return decided(true, b.remaining, b.reset, 0.0);
             }
             Err(actual) => current = actual,
         }
@@ -412,11 +409,6 @@ fn bucket_of(state: Option<&State>) -> Option<(f64, u64)> {
         Some(State::Bucket { cell, .. }) => Some(unpack(cell.load(Ordering::Acquire))),
         _ => None,
     }
-}
-
-/// The decision of a single rule's evaluation.
-fn single(eval: Eval) -> Decision {
-    decided(eval.ok, eval.remaining, eval.reset, eval.retry)
 }
 
 /// The decision of a single rule: admitted (or not), with so many units left, full again in
@@ -743,25 +735,63 @@ fn token_bucket(i: &Input<'_>) -> Eval {
 
 /// A token bucket from its stored tokens and time (`None`: no state, a full bucket).
 fn token_bucket_at(i: &Input<'_>, state: Option<(f64, u64)>) -> Eval {
-    let (capacity, costf) = (i.a as f64, i.cost as f64);
-    let per_us = i.c as f64 / i.pf();
+    let b = bucket_answer(i, state);
+    if b.ok {
+        let plan = replace(bucket(b.left, i.now, b.expires_at), b.expires_at);
+        return Eval::allow(b.remaining, b.reset, plan);
+    }
+    Eval::deny(b.remaining, b.reset, b.retry)
+}
+
+/// A token bucket's answer, before anything is written: what [`token_bucket_at`] plans, and
+/// what the lock-free cell ([`bucket_cell`]) swaps in (see [`Gcra`]).
+struct Bucket {
+    ok: bool,
+    /// The tokens left (admitted: after this call), counted at the input's time.
+    left: f64,
+    /// Admitted: when the bucket is full again, its expiry.
+    expires_at: u64,
+    remaining: u64,
+    reset: f64,
+    retry: f64,
+}
+
+/// `floor_u64(x)` stands for `x.floor() as u64`, and `ceil_u64(x)` for `x.ceil() as u64`: the
+/// same values, without a call to `floor` or `ceil` (see [`ceil_u64`]).
+// Always inlined: the hot path of the lock-free cell (see `gcra_answer`).
+#[inline(always)]
+fn bucket_answer(i: &Input<'_>, state: Option<(f64, u64)>) -> Bucket {
+    let (capacity, costf) = (to_f64(i.a), to_f64(i.cost));
+    let per_us = to_f64(i.c) / to_f64(i.period);
     let tokens = match state {
-        Some((tokens, ts)) => capacity.min(tokens + i.now.saturating_sub(ts) as f64 * per_us),
+        Some((tokens, ts)) => capacity.min(tokens + to_f64(i.now.saturating_sub(ts)) * per_us),
         None => capacity,
     };
     if tokens >= costf {
         let left = tokens - costf;
         let full = (capacity - left) / per_us;
-        let expires_at = i.now + (full.ceil() as u64).max(1000);
-        let plan = replace(bucket(left, i.now, expires_at), expires_at);
-        return Eval::allow(left.floor() as u64, full, plan);
+        return Bucket {
+            ok: true,
+            left,
+            expires_at: i.now + ceil_u64(full).max(1000),
+            remaining: floor_u64(left),
+            reset: full,
+            retry: 0.0,
+        };
     }
     let retry = if i.over_limit(i.a) {
         i.pf()
     } else {
         (costf - tokens) / per_us
     };
-    Eval::deny(tokens.floor() as u64, (capacity - tokens) / per_us, retry)
+    Bucket {
+        ok: false,
+        left: tokens,
+        expires_at: 0,
+        remaining: floor_u64(tokens),
+        reset: (capacity - tokens) / per_us,
+        retry,
+    }
 }
 
 /// GCRA: the theoretical arrival time.
@@ -921,6 +951,13 @@ fn to_f64(x: u64) -> f64 {
 #[inline(never)]
 fn to_f64_above_i64(x: u64) -> f64 {
     x as f64
+}
+
+/// `x.floor() as u64`: the same as [`trunc_u64`] (they differ only below zero, where both
+/// casts give 0), without a call to `floor`.
+#[inline]
+fn floor_u64(x: f64) -> u64 {
+    trunc_u64(x)
 }
 
 /// 2^63, the first `f64` above the `i64` range.
@@ -1421,6 +1458,8 @@ mod tests {
             let ceil = x.ceil() as u64;
             assert_eq!(ceil_u64(x), ceil, "ceil of {x}");
             assert_eq!(trunc_u64(x), x as u64, "truncation of {x}");
+            let floor = x.floor() as u64;
+            assert_eq!(floor_u64(x), floor, "floor of {x}");
         }
         for x in [
             0,
