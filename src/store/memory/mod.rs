@@ -202,9 +202,10 @@ fn system_us(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
 }
 
-/// The maps of the store's own state: keyed by [`StoreKey`]s (already hashes) and rule numbers,
-/// hashed in process with rapidhash (seeded per map at random), which is several times faster
-/// than the standard library's SipHash for these short keys.
+/// The maps of the store's own state (records, cache entries): keyed by [`StoreKey`]s (already
+/// hashes), hashed in process with rapidhash (seeded per map at random), which is several times
+/// faster than the standard library's SipHash for these short keys. The rate-limit slots, on
+/// the hottest path, have a hash of their own (`rate_limit::SlotHash`).
 type Map<K, V> = HashMap<K, V, rapidhash::fast::RandomState>;
 
 /// State split in shards by key, each behind its own lock: a request locks one shard.

@@ -148,11 +148,12 @@ fn fold(a: u64, b: u64) -> u64 {
     (product as u64) ^ ((product >> 64) as u64)
 }
 
-type Map<K, V> = HashMap<K, V, SlotHash>;
+/// The slots of a shard, by [`SlotKey`].
+type Slots = HashMap<SlotKey, Slot, SlotHash>;
 
 #[derive(Default)]
 pub(super) struct Shard {
-    map: Map<SlotKey, Slot>,
+    map: Slots,
     /// How many override slots `map` holds (expired ones not yet swept included): while none
     /// does, which is the usual case, a check does not look for its key's override.
     overrides: usize,
@@ -490,7 +491,7 @@ impl Shard {
     }
 }
 
-fn apply(map: &mut Map<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
+fn apply(map: &mut Slots, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
     match plan {
         Some(Plan::Replace(slot)) => {
             map.insert(key, slot);
@@ -500,7 +501,7 @@ fn apply(map: &mut Map<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now: u6
     }
 }
 
-fn push_log(map: &mut Map<SlotKey, Slot>, key: SlotKey, now: u64, cost: u64, period: u64) {
+fn push_log(map: &mut Slots, key: SlotKey, now: u64, cost: u64, period: u64) {
     let slot = map.entry(key).or_insert_with(|| Slot {
         state: State::Log {
             entries: VecDeque::new(),
@@ -1487,7 +1488,7 @@ mod tests {
             Rule::token_bucket(10, 10, second),
             Rule::fixed_window(10, second),
         ];
-        let mut map = Map::default();
+        let mut map = HashMap::with_hasher(SlotHash::default());
         for (i, rule) in rules.iter().enumerate() {
             map.insert(SlotKey::new(&key, rule), i);
             map.insert(SlotKey::new(&other, rule), i + 10);
