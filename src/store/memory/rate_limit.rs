@@ -1,7 +1,7 @@
 //! Rate limiting in the in-process store, with the same semantics as the rate-limit scripts.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{hash_map::Entry, HashMap, VecDeque},
     future::{ready, Ready},
     hash::{BuildHasher, Hash, Hasher},
     sync::atomic::{AtomicU64, Ordering},
@@ -247,12 +247,19 @@ impl MemoryStore {
             Some(Ok(())) => 0,
             None => check.cost,
         };
+        if let [rule] = check.rules {
+            return Ok(decide_one(
+                &mut shard.map,
+                check.key,
+                rule,
+                (now, wall),
+                cost,
+            ));
+        }
         let mut states = RuleStates::new();
         let mut allowed = true;
         let mut denied_by = None;
         let mut wait = 0.0_f64;
-        // One rule (the common case): decide and write in one pass.
-        let mut single_plan = None;
         for (i, rule) in check.rules.iter().enumerate() {
             let slot_key = SlotKey::new(check.key, rule);
             let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
@@ -267,30 +274,23 @@ impl MemoryStore {
             states.push(RuleState {
                 // Several rules take nothing unless all admit: until then, a rule that admits
                 // reports what it has now (its cost is taken below, when every rule admitted).
-                remaining: if eval.ok && check.rules.len() > 1 {
+                remaining: if eval.ok {
                     eval.remaining + cost
                 } else {
                     eval.remaining
                 },
                 reset: us_to_duration(eval.reset),
             });
-            if check.rules.len() == 1 {
-                single_plan = Some((slot_key, eval.plan));
-            }
         }
         if allowed && cost > 0 {
-            if let Some((slot_key, plan)) = single_plan {
-                apply(&mut shard.map, slot_key, plan, now, cost);
-            } else {
-                // Several rules: every one allowed, so evaluate each again (the state did not
-                // change under the lock) and write it. No list of plans is kept.
-                for (rule, state) in check.rules.iter().zip(states.iter_mut()) {
-                    let slot_key = SlotKey::new(check.key, rule);
-                    let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
-                    let eval = evaluate(rule, &slot_key, slot, now, wall, cost);
-                    state.remaining = eval.remaining;
-                    apply(&mut shard.map, slot_key, eval.plan, now, cost);
-                }
+            // Every rule allowed, so evaluate each again (the state did not change under the
+            // lock) and write it. No list of plans is kept.
+            for (rule, state) in check.rules.iter().zip(states.iter_mut()) {
+                let slot_key = SlotKey::new(check.key, rule);
+                let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
+                let eval = evaluate(rule, &slot_key, slot, now, wall, cost);
+                state.remaining = eval.remaining;
+                apply(&mut shard.map, slot_key, eval.plan, now, cost);
             }
         }
         Ok(Decision {
@@ -491,6 +491,41 @@ impl Shard {
     }
 }
 
+/// A single rule under the exclusive lock: its slot looked up once (an entry of the map),
+/// decided, and written in place. The same answer as the loop over several rules gives for
+/// one.
+fn decide_one(
+    map: &mut Slots,
+    key: &StoreKey,
+    rule: &Rule,
+    (now, wall): (u64, u64),
+    cost: u64,
+) -> Decision {
+    let slot_key = SlotKey::new(key, rule);
+    let entry = map.entry(slot_key);
+    let slot = match &entry {
+        Entry::Occupied(occupied) => Some(occupied.get()).filter(|s| s.live(now)),
+        Entry::Vacant(_) => None,
+    };
+    let eval = evaluate(rule, &slot_key, slot, now, wall, cost);
+    let decision = decided(eval.ok, eval.remaining, eval.reset, eval.retry);
+    if eval.ok && cost > 0 {
+        match (eval.plan, entry) {
+            (Some(Plan::Replace(slot)), Entry::Occupied(mut occupied)) => {
+                occupied.insert(slot);
+            }
+            (Some(Plan::Replace(slot)), Entry::Vacant(vacant)) => {
+                vacant.insert(slot);
+            }
+            (Some(Plan::LogPush { period }), entry) => {
+                push_log_to(entry.or_insert_with(empty_log), now, cost, period);
+            }
+            (None, _) => {}
+        }
+    }
+    decision
+}
+
 fn apply(map: &mut Slots, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
     match plan {
         Some(Plan::Replace(slot)) => {
@@ -502,13 +537,22 @@ fn apply(map: &mut Slots, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64)
 }
 
 fn push_log(map: &mut Slots, key: SlotKey, now: u64, cost: u64, period: u64) {
-    let slot = map.entry(key).or_insert_with(|| Slot {
+    push_log_to(map.entry(key).or_insert_with(empty_log), now, cost, period);
+}
+
+/// A sliding log with no entries, as good as absent.
+fn empty_log() -> Slot {
+    Slot {
         state: State::Log {
             entries: VecDeque::new(),
             total: 0,
         },
         expires_at: 0,
-    });
+    }
+}
+
+/// Logs `cost` units at `now` in `slot` (made a log afresh unless it is a live one).
+fn push_log_to(slot: &mut Slot, now: u64, cost: u64, period: u64) {
     if slot.expires_at <= now || !matches!(slot.state, State::Log { .. }) {
         slot.state = State::Log {
             entries: VecDeque::new(),
