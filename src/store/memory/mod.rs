@@ -168,9 +168,15 @@ impl Clock {
         }
     }
 
+    #[inline]
     fn now_us(&self) -> u64 {
         let elapsed = Instant::now().saturating_duration_since(self.origin);
-        u64::try_from(elapsed.as_micros())
+        // `as_micros` in `u64` rather than `u128`: the same value, and `u64::MAX / 2` when it
+        // does not fit (after some 580,000 years), but cheaper on the hot path.
+        elapsed
+            .as_secs()
+            .checked_mul(1_000_000)
+            .and_then(|us| us.checked_add(u64::from(elapsed.subsec_micros())))
             .unwrap_or(u64::MAX / 2)
             .saturating_add(CLOCK_OFFSET_US)
     }
@@ -196,9 +202,10 @@ fn system_us(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
 }
 
-/// The maps of the store's own state: keyed by [`StoreKey`]s (already hashes) and rule numbers,
-/// hashed in process with rapidhash (seeded per map at random), which is several times faster
-/// than the standard library's SipHash for these short keys.
+/// The maps of the store's own state (records, cache entries): keyed by [`StoreKey`]s (already
+/// hashes), hashed in process with rapidhash (seeded per map at random), which is several times
+/// faster than the standard library's SipHash for these short keys. The rate-limit slots, on
+/// the hottest path, have a hash of their own (`rate_limit::SlotHash`).
 type Map<K, V> = HashMap<K, V, rapidhash::fast::RandomState>;
 
 /// State split in shards by key, each behind its own lock: a request locks one shard.
@@ -238,7 +245,8 @@ impl<T> Shards<T> {
         let v = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         // The number of shards is a power of two.
         let index = (v as usize) & (self.shards.len() - 1);
-        self.shards.get(index).ok_or(StoreError::Poisoned)
+        // `ok_or_else`: an error made eagerly would be dropped on every call.
+        self.shards.get(index).ok_or_else(|| StoreError::Poisoned)
     }
 
     /// Every shard that is not poisoned, locked in turn.

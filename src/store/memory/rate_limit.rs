@@ -1,15 +1,16 @@
 //! Rate limiting in the in-process store, with the same semantics as the rate-limit scripts.
 
 use std::{
-    collections::VecDeque,
+    collections::{hash_map::Entry, HashMap, VecDeque},
     future::{ready, Ready},
+    hash::{BuildHasher, Hash, Hasher},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use portable_atomic::AtomicU128;
 
-use super::{Map, MemoryStore, SWEEP_EVERY_US};
+use super::{MemoryStore, SWEEP_EVERY_US};
 use crate::{
     store::{
         Decision, Override, RateCheck, RateLimitStore, RateSettlement, Rule, RuleState, RuleStates,
@@ -18,11 +19,141 @@ use crate::{
     StoreKey,
 };
 
-type SlotKey = (StoreKey, u8, u64, u64, u64);
+/// Where the state of one rule for one key lives: the key, and the rule's kind and numbers in
+/// wire form (see `Rule::encode`), so that a changed rule starts from fresh state. Kind 0 is the
+/// key's override (see [`override_slot`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct SlotKey {
+    key: StoreKey,
+    kind: u8,
+    a: u64,
+    b: u64,
+    c: u64,
+}
+
+impl SlotKey {
+    /// The slot of `rule` for `key`.
+    #[inline]
+    fn new(key: &StoreKey, rule: &Rule) -> Self {
+        let (a, b, c) = rule.encode();
+        Self {
+            key: *key,
+            kind: rule.kind(),
+            a,
+            b,
+            c,
+        }
+    }
+
+    /// The rule's period, in µs.
+    fn period_us(&self) -> u64 {
+        self.b * 1000
+    }
+}
+
+/// A slot key gives its hasher one 128-bit word: the key's 128 bits, the high half mixed with a
+/// fingerprint of the rule (see [`SlotHasher`]).
+impl Hash for SlotKey {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let [k0, k1] = key_words(&self.key);
+        // Any mix that tells a key's few rules apart serves: the rules come from the
+        // configuration, not from clients. Multiplying by odd constants keeps every bit.
+        let rule = (self.a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.b)
+            .wrapping_mul(0xbf58_476d_1ce4_e5b9)
+            ^ self.c.rotate_left(32)
+            ^ u64::from(self.kind);
+        state.write_u128(u128::from(k0) | (u128::from(k1 ^ rule) << 64));
+    }
+}
+
+/// The two 64-bit halves of a key.
+#[inline]
+fn key_words(key: &StoreKey) -> [u64; 2] {
+    let b = key.as_bytes();
+    [
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// The hash of the slot map: one folded multiply (the 128-bit product's halves XORed) of the
+/// two words of a [`SlotKey`], each XORed with a seed drawn at random for each map.
+///
+/// The keys are already hashes, 128 bits of them, but they cannot be used as they are: a store
+/// fed SHA-256 keys (the fallback of a layer whose main store is Redis) hashes with no secret,
+/// so a client could grind, offline, keys that all fall in one bucket of the map and make every
+/// lookup slow (HashDoS). The seeds make where a key falls unknowable outside the process, and
+/// the fold costs a few instructions where a general-purpose hasher (several writes, a finish)
+/// costs a few dozen on the hot path of every decision.
+#[derive(Clone, Copy)]
+struct SlotHash {
+    seeds: [u64; 2],
+}
+
+impl Default for SlotHash {
+    fn default() -> Self {
+        Self {
+            seeds: [rand::random(), rand::random()],
+        }
+    }
+}
+
+impl BuildHasher for SlotHash {
+    type Hasher = SlotHasher;
+
+    #[inline]
+    fn build_hasher(&self) -> SlotHasher {
+        SlotHasher {
+            seeds: self.seeds,
+            hash: 0,
+        }
+    }
+}
+
+/// The hasher of [`SlotHash`].
+struct SlotHasher {
+    seeds: [u64; 2],
+    hash: u64,
+}
+
+impl Hasher for SlotHasher {
+    #[inline]
+    fn write_u128(&mut self, word: u128) {
+        // Truncations intended: the low and the high 64 bits.
+        let (lo, hi) = (word as u64, (word >> 64) as u64);
+        self.hash = fold(self.hash ^ lo ^ self.seeds[0], hi ^ self.seeds[1]);
+    }
+
+    /// Any other input (a [`SlotKey`] writes one `u128`), eight bytes at a time.
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u128(u128::from(u64::from_le_bytes(word)));
+        }
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
+/// The 128-bit product of `a` and `b`, its halves XORed.
+#[inline]
+fn fold(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    // Truncations intended: the low and the high 64 bits.
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+/// The slots of a shard, by [`SlotKey`].
+type Slots = HashMap<SlotKey, Slot, SlotHash>;
 
 #[derive(Default)]
 pub(super) struct Shard {
-    map: Map<SlotKey, Slot>,
+    map: Slots,
     /// How many override slots `map` holds (expired ones not yet swept included): while none
     /// does, which is the usual case, a check does not look for its key's override.
     overrides: usize,
@@ -44,13 +175,16 @@ impl Slot {
     fn live(&self, now: u64) -> bool {
         self.expires_at > now
             || match &self.state {
-                State::Tat(t) => t.load(Ordering::Acquire) > now,
+                State::Tat { tat, .. } => tat.load(Ordering::Acquire) > now,
                 State::Bucket { full_at, .. } => full_at.load(Ordering::Acquire) > now,
                 _ => false,
             }
     }
 }
 
+/// A byte of tag of its own (`repr(u8)`), rather than one hidden in a niche of the log's
+/// fields: telling a GCRA cell from the others is then one compare on the hot path.
+#[repr(u8)]
 enum State {
     Counter(u64),
     Log {
@@ -68,8 +202,13 @@ enum State {
         cell: AtomicU128,
         full_at: AtomicU64,
     },
-    /// GCRA's theoretical arrival time: a lock-free cell (see [`MemoryStore::decide_gcra`]).
-    Tat(AtomicU64),
+    /// GCRA's theoretical arrival time: a lock-free cell (see [`MemoryStore::decide_cell`]),
+    /// with the pace of the slot's rule, worked out once when the cell is made rather than on
+    /// every decision.
+    Tat {
+        tat: AtomicU64,
+        pace: Pace,
+    },
     /// A calendar counter: the first day of its period (days since the epoch) and units used.
     Period {
         first: i64,
@@ -88,11 +227,15 @@ impl MemoryStore {
                 rule.strategy(),
                 Strategy::Gcra { .. } | Strategy::TokenBucket { .. }
             ) {
-                if let Some(decision) = self.decide_cell(check, rule) {
-                    return decision;
-                }
+                return self.decide_cell(check, rule);
             }
         }
+        self.decide_locked(check)
+    }
+
+    /// A check under the shard's exclusive lock: any but [`MemoryStore::decide_cell`]'s.
+    #[inline(never)]
+    fn decide_locked(&self, check: &RateCheck<'_>) -> Result<Decision, StoreError> {
         let mut shard = self.inner.rate_limit.lock(check.key)?;
         let now = self.now_us();
         let wall = self.inner.clock.wall_us(now);
@@ -104,16 +247,23 @@ impl MemoryStore {
             Some(Ok(())) => 0,
             None => check.cost,
         };
+        if let [rule] = check.rules {
+            return Ok(decide_one(
+                &mut shard.map,
+                check.key,
+                rule,
+                (now, wall),
+                cost,
+            ));
+        }
         let mut states = RuleStates::new();
         let mut allowed = true;
         let mut denied_by = None;
         let mut wait = 0.0_f64;
-        // One rule (the common case): decide and write in one pass.
-        let mut single_plan = None;
         for (i, rule) in check.rules.iter().enumerate() {
-            let slot_key = slot_key(check.key, rule);
+            let slot_key = SlotKey::new(check.key, rule);
             let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
-            let eval = evaluate(rule, slot, now, wall, cost);
+            let eval = evaluate(rule, &slot_key, slot, now, wall, cost);
             if !eval.ok {
                 allowed = false;
                 if denied_by.is_none() || eval.retry > wait {
@@ -124,30 +274,23 @@ impl MemoryStore {
             states.push(RuleState {
                 // Several rules take nothing unless all admit: until then, a rule that admits
                 // reports what it has now (its cost is taken below, when every rule admitted).
-                remaining: if eval.ok && check.rules.len() > 1 {
+                remaining: if eval.ok {
                     eval.remaining + cost
                 } else {
                     eval.remaining
                 },
                 reset: us_to_duration(eval.reset),
             });
-            if check.rules.len() == 1 {
-                single_plan = Some((slot_key, eval.plan));
-            }
         }
         if allowed && cost > 0 {
-            if let Some((slot_key, plan)) = single_plan {
-                apply(&mut shard.map, slot_key, plan, now, cost);
-            } else {
-                // Several rules: every one allowed, so evaluate each again (the state did not
-                // change under the lock) and write it. No list of plans is kept.
-                for (rule, state) in check.rules.iter().zip(states.iter_mut()) {
-                    let slot_key = slot_key(check.key, rule);
-                    let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
-                    let eval = evaluate(rule, slot, now, wall, cost);
-                    state.remaining = eval.remaining;
-                    apply(&mut shard.map, slot_key, eval.plan, now, cost);
-                }
+            // Every rule allowed, so evaluate each again (the state did not change under the
+            // lock) and write it. No list of plans is kept.
+            for (rule, state) in check.rules.iter().zip(states.iter_mut()) {
+                let slot_key = SlotKey::new(check.key, rule);
+                let slot = shard.map.get(&slot_key).filter(|s| s.live(now));
+                let eval = evaluate(rule, &slot_key, slot, now, wall, cost);
+                state.remaining = eval.remaining;
+                apply(&mut shard.map, slot_key, eval.plan, now, cost);
             }
         }
         Ok(Decision {
@@ -167,49 +310,50 @@ impl MemoryStore {
     /// A single GCRA or token-bucket rule on a key that has its cell already: decided under the
     /// shard's shared lock, the cell (GCRA's TAT, the bucket's tokens and time) moved with a
     /// compare-and-swap (retried if another thread moved it first), so threads deciding for one
-    /// hot key never wait for each other. `None` when the key has no cell yet: the caller
-    /// decides under the exclusive lock, which creates it.
-    fn decide_cell(
-        &self,
-        check: &RateCheck<'_>,
-        rule: &Rule,
-    ) -> Option<Result<Decision, StoreError>> {
-        let shard = match self.inner.rate_limit.read(check.key) {
-            Ok(shard) => shard,
-            Err(e) => return Some(Err(e)),
-        };
+    /// hot key never wait for each other. When the key has no cell yet, it is decided under the
+    /// exclusive lock ([`MemoryStore::decide_locked`]), which creates the cell.
+    ///
+    /// It answers in place (no `Option` of an answer for the caller to unwrap): the decision is
+    /// written once, into the caller's return slot.
+    #[inline]
+    fn decide_cell(&self, check: &RateCheck<'_>, rule: &Rule) -> Result<Decision, StoreError> {
+        let shard = self.inner.rate_limit.read(check.key)?;
         let now = self.now_us();
         let cost = match overridden(&shard, check.key, now) {
-            Some(Err(left)) => return Some(Ok(blocked(1, left))),
+            Some(Err(left)) => return Ok(blocked(1, left)),
             Some(Ok(())) => 0,
             None => check.cost,
         };
-        let slot = shard.map.get(&slot_key(check.key, rule))?;
-        let (a, period_ms, c) = rule.encode();
+        let slot_key = SlotKey::new(check.key, rule);
+        let Some(slot) = shard.map.get(&slot_key) else {
+            drop(shard);
+            return self.decide_locked(check);
+        };
         let input = Input {
             slot: None,
-            a,
-            c,
-            period: period_ms * 1000,
+            a: slot_key.a,
+            c: slot_key.c,
+            period: slot_key.period_us(),
             now,
             wall: 0,
             cost,
         };
-        let cell = match &slot.state {
-            State::Tat(cell) => cell,
-            State::Bucket { cell, full_at } => {
-                return Some(Ok(bucket_cell(cell, full_at, input)));
+        let (cell, pace) = match &slot.state {
+            State::Tat { tat, pace } => (tat, *pace),
+            State::Bucket { cell, full_at } => return Ok(bucket_cell(cell, full_at, input)),
+            _ => {
+                drop(shard);
+                return self.decide_locked(check);
             }
-            _ => return None,
         };
         let mut tat = cell.load(Ordering::Acquire);
         loop {
-            let g = gcra_answer(&input, Some(tat));
+            let g = gcra_answer(&input, pace, Some(tat));
             if !g.ok || cost == 0 {
-                return Some(Ok(decided(g.ok, g.remaining, g.reset, g.retry)));
+                return Ok(decided(g.ok, g.remaining, g.reset, g.retry));
             }
             match cell.compare_exchange_weak(tat, g.tat, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(Ok(decided(true, g.remaining, g.reset, 0.0))),
+                Ok(_) => return Ok(decided(true, g.remaining, g.reset, 0.0)),
                 Err(actual) => tat = actual,
             }
         }
@@ -225,18 +369,15 @@ fn bucket_cell(cell: &AtomicU128, full_at: &AtomicU64, mut input: Input<'_>) -> 
         // Another thread may have counted the tokens a little later than this one read the
         // clock: count from its time, never back (which would refill the same time twice).
         input.now = now.max(ts);
-        let eval = token_bucket_at(&input, Some((tokens, ts)));
-        let (new, until) = match &eval.plan {
-            Some(Plan::Replace(Slot {
-                state: State::Bucket { cell, .. },
-                expires_at,
-            })) if eval.ok && input.cost > 0 => (cell.load(Ordering::Relaxed), *expires_at),
-            _ => return single(eval),
-        };
+        let b = bucket_answer(&input, Some((tokens, ts)));
+        if !b.ok || input.cost == 0 {
+            return decided(b.ok, b.remaining, b.reset, b.retry);
+        }
+        let new = pack(b.left, input.now);
         match cell.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
-                full_at.fetch_max(until, Ordering::AcqRel);
-                return single(eval);
+                full_at.fetch_max(b.expires_at, Ordering::AcqRel);
+                return decided(true, b.remaining, b.reset, 0.0);
             }
             Err(actual) => current = actual,
         }
@@ -269,11 +410,6 @@ fn bucket_of(state: Option<&State>) -> Option<(f64, u64)> {
         Some(State::Bucket { cell, .. }) => Some(unpack(cell.load(Ordering::Acquire))),
         _ => None,
     }
-}
-
-/// The decision of a single rule's evaluation.
-fn single(eval: Eval) -> Decision {
-    decided(eval.ok, eval.remaining, eval.reset, eval.retry)
 }
 
 /// The decision of a single rule: admitted (or not), with so many units left, full again in
@@ -355,12 +491,42 @@ impl Shard {
     }
 }
 
-fn slot_key(key: &StoreKey, rule: &Rule) -> SlotKey {
-    let (a, b, c) = rule.encode();
-    (*key, rule.kind(), a, b, c)
+/// A single rule under the exclusive lock: its slot looked up once (an entry of the map),
+/// decided, and written in place. The same answer as the loop over several rules gives for
+/// one.
+fn decide_one(
+    map: &mut Slots,
+    key: &StoreKey,
+    rule: &Rule,
+    (now, wall): (u64, u64),
+    cost: u64,
+) -> Decision {
+    let slot_key = SlotKey::new(key, rule);
+    let entry = map.entry(slot_key);
+    let slot = match &entry {
+        Entry::Occupied(occupied) => Some(occupied.get()).filter(|s| s.live(now)),
+        Entry::Vacant(_) => None,
+    };
+    let eval = evaluate(rule, &slot_key, slot, now, wall, cost);
+    let decision = decided(eval.ok, eval.remaining, eval.reset, eval.retry);
+    if eval.ok && cost > 0 {
+        match (eval.plan, entry) {
+            (Some(Plan::Replace(slot)), Entry::Occupied(mut occupied)) => {
+                occupied.insert(slot);
+            }
+            (Some(Plan::Replace(slot)), Entry::Vacant(vacant)) => {
+                vacant.insert(slot);
+            }
+            (Some(Plan::LogPush { period }), entry) => {
+                push_log_to(entry.or_insert_with(empty_log), now, cost, period);
+            }
+            (None, _) => {}
+        }
+    }
+    decision
 }
 
-fn apply(map: &mut Map<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
+fn apply(map: &mut Slots, key: SlotKey, plan: Option<Plan>, now: u64, cost: u64) {
     match plan {
         Some(Plan::Replace(slot)) => {
             map.insert(key, slot);
@@ -370,14 +536,23 @@ fn apply(map: &mut Map<SlotKey, Slot>, key: SlotKey, plan: Option<Plan>, now: u6
     }
 }
 
-fn push_log(map: &mut Map<SlotKey, Slot>, key: SlotKey, now: u64, cost: u64, period: u64) {
-    let slot = map.entry(key).or_insert_with(|| Slot {
+fn push_log(map: &mut Slots, key: SlotKey, now: u64, cost: u64, period: u64) {
+    push_log_to(map.entry(key).or_insert_with(empty_log), now, cost, period);
+}
+
+/// A sliding log with no entries, as good as absent.
+fn empty_log() -> Slot {
+    Slot {
         state: State::Log {
             entries: VecDeque::new(),
             total: 0,
         },
         expires_at: 0,
-    });
+    }
+}
+
+/// Logs `cost` units at `now` in `slot` (made a log afresh unless it is a live one).
+fn push_log_to(slot: &mut Slot, now: u64, cost: u64, period: u64) {
     if slot.expires_at <= now || !matches!(slot.state, State::Log { .. }) {
         slot.state = State::Log {
             entries: VecDeque::new(),
@@ -475,13 +650,20 @@ impl Input<'_> {
     }
 }
 
-fn evaluate(rule: &Rule, slot: Option<&Slot>, now: u64, wall: u64, cost: u64) -> Eval {
-    let (a, period_ms, c) = rule.encode();
+/// Evaluates `rule`, whose slot key is `key`, on its `slot`.
+fn evaluate(
+    rule: &Rule,
+    key: &SlotKey,
+    slot: Option<&Slot>,
+    now: u64,
+    wall: u64,
+    cost: u64,
+) -> Eval {
     let input = Input {
         slot,
-        a,
-        c,
-        period: period_ms * 1000,
+        a: key.a,
+        c: key.c,
+        period: key.period_us(),
         now,
         wall,
         cost,
@@ -598,48 +780,110 @@ fn token_bucket(i: &Input<'_>) -> Eval {
 
 /// A token bucket from its stored tokens and time (`None`: no state, a full bucket).
 fn token_bucket_at(i: &Input<'_>, state: Option<(f64, u64)>) -> Eval {
-    let (capacity, costf) = (i.a as f64, i.cost as f64);
-    let per_us = i.c as f64 / i.pf();
+    let b = bucket_answer(i, state);
+    if b.ok {
+        let plan = replace(bucket(b.left, i.now, b.expires_at), b.expires_at);
+        return Eval::allow(b.remaining, b.reset, plan);
+    }
+    Eval::deny(b.remaining, b.reset, b.retry)
+}
+
+/// A token bucket's answer, before anything is written: what [`token_bucket_at`] plans, and
+/// what the lock-free cell ([`bucket_cell`]) swaps in (see [`Gcra`]).
+struct Bucket {
+    ok: bool,
+    /// The tokens left (admitted: after this call), counted at the input's time.
+    left: f64,
+    /// Admitted: when the bucket is full again, its expiry.
+    expires_at: u64,
+    remaining: u64,
+    reset: f64,
+    retry: f64,
+}
+
+/// `floor_u64(x)` stands for `x.floor() as u64`, and `ceil_u64(x)` for `x.ceil() as u64`: the
+/// same values, without a call to `floor` or `ceil` (see [`ceil_u64`]).
+// Always inlined: the hot path of the lock-free cell (see `gcra_answer`).
+#[inline(always)]
+fn bucket_answer(i: &Input<'_>, state: Option<(f64, u64)>) -> Bucket {
+    let (capacity, costf) = (to_f64(i.a), to_f64(i.cost));
+    let per_us = to_f64(i.c) / to_f64(i.period);
     let tokens = match state {
-        Some((tokens, ts)) => capacity.min(tokens + i.now.saturating_sub(ts) as f64 * per_us),
+        Some((tokens, ts)) => capacity.min(tokens + to_f64(i.now.saturating_sub(ts)) * per_us),
         None => capacity,
     };
     if tokens >= costf {
         let left = tokens - costf;
         let full = (capacity - left) / per_us;
-        let expires_at = i.now + (full.ceil() as u64).max(1000);
-        let plan = replace(bucket(left, i.now, expires_at), expires_at);
-        return Eval::allow(left.floor() as u64, full, plan);
+        return Bucket {
+            ok: true,
+            left,
+            expires_at: i.now + ceil_u64(full).max(1000),
+            remaining: floor_u64(left),
+            reset: full,
+            retry: 0.0,
+        };
     }
     let retry = if i.over_limit(i.a) {
         i.pf()
     } else {
         (costf - tokens) / per_us
     };
-    Eval::deny(tokens.floor() as u64, (capacity - tokens) / per_us, retry)
+    Bucket {
+        ok: false,
+        left: tokens,
+        expires_at: 0,
+        remaining: floor_u64(tokens),
+        reset: (capacity - tokens) / per_us,
+        retry,
+    }
 }
 
 /// GCRA: the theoretical arrival time.
 fn gcra(i: &Input<'_>) -> Eval {
     let tat = match i.state() {
-        Some(State::Tat(t)) => Some(t.load(Ordering::Acquire)),
+        Some(State::Tat { tat, .. }) => Some(tat.load(Ordering::Acquire)),
         _ => None,
     };
-    gcra_at(i, tat)
-}
-
-/// GCRA from a stored TAT (`None`: no state).
-fn gcra_at(i: &Input<'_>, tat: Option<u64>) -> Eval {
-    let g = gcra_answer(i, tat);
+    let pace = Pace::of(i.period, i.a, i.c);
+    let g = gcra_answer(i, pace, tat);
     if g.ok {
-        let plan = replace(State::Tat(AtomicU64::new(g.tat)), g.tat.max(i.now + 1000));
+        let plan = replace(gcra_cell(g.tat, pace), g.tat.max(i.now + 1000));
         return Eval::allow(g.remaining, g.reset, plan);
     }
     Eval::deny(g.remaining, g.reset, g.retry)
 }
 
-/// GCRA's answer for a TAT (`None`: no state), before anything is written: what
-/// [`gcra_at`] plans, and what the lock-free cell ([`MemoryStore::decide_cell`]) swaps in.
+/// A GCRA rule's pace: its emission interval (the period over the rate) and its burst
+/// tolerance (the burst times the interval), in µs.
+#[derive(Clone, Copy)]
+struct Pace {
+    interval: f64,
+    burst: f64,
+}
+
+impl Pace {
+    /// The pace of a rule of `rate` per `period` µs, with `burst`.
+    #[inline]
+    fn of(period: u64, rate: u64, burst: u64) -> Self {
+        let interval = to_f64(period) / to_f64(rate);
+        Self {
+            interval,
+            burst: to_f64(burst) * interval,
+        }
+    }
+}
+
+/// A GCRA cell at `tat`, for a rule of `pace`.
+fn gcra_cell(tat: u64, pace: Pace) -> State {
+    State::Tat {
+        tat: AtomicU64::new(tat),
+        pace,
+    }
+}
+
+/// GCRA's answer for a TAT (`None`: no state), before anything is written: what [`gcra`]
+/// plans, and what the lock-free cell ([`MemoryStore::decide_cell`]) swaps in.
 struct Gcra {
     ok: bool,
     /// The TAT to store when admitted.
@@ -649,12 +893,20 @@ struct Gcra {
     retry: f64,
 }
 
-fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
-    let now = i.now as f64;
-    let interval = i.pf() / i.a as f64;
-    let burst = i.c as f64 * interval;
-    let tat = tat.map_or(now, |t| (t as f64).max(now));
-    let new_tat = tat + i.cost as f64 * interval;
+// Always inlined: the hot path of the lock-free cell (the compiler outlines it otherwise).
+#[inline(always)]
+fn gcra_answer(i: &Input<'_>, Pace { interval, burst }: Pace, tat: Option<u64>) -> Gcra {
+    let now = to_f64(i.now);
+    // `max` without its NaN handling: neither is NaN.
+    let tat = tat.map_or(now, |t| {
+        let t = to_f64(t);
+        if t > now {
+            t
+        } else {
+            now
+        }
+    });
+    let new_tat = tat + to_f64(i.cost) * interval;
     let allow_at = new_tat - burst;
     if allow_at <= now {
         return Gcra {
@@ -662,7 +914,7 @@ fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
             tat: ceil_u64(new_tat),
             // A cast to `u64` truncates (saturating, 0 below 0): the floor of what is not
             // negative.
-            remaining: ((now - allow_at) / interval) as u64,
+            remaining: trunc_u64((now - allow_at) / interval),
             reset: new_tat - now,
             retry: 0.0,
         };
@@ -675,7 +927,7 @@ fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
     Gcra {
         ok: false,
         tat: 0,
-        remaining: ((now - (tat - burst)) / interval) as u64,
+        remaining: trunc_u64((now - (tat - burst)) / interval),
         reset: tat - now,
         retry,
     }
@@ -685,6 +937,22 @@ fn gcra_answer(i: &Input<'_>, tat: Option<u64>) -> Gcra {
 /// for it): the same for every `x`, NaN and negative values (0) and the saturation included.
 #[inline]
 fn ceil_u64(x: f64) -> u64 {
+    if x > -1.0 && x < I64_END {
+        // The usual case, in signed conversions (one instruction each way; the unsigned ones
+        // take several): `t` is `x` rounded toward zero, and `t + 1` does not overflow.
+        let t = x as i64;
+        let t = if (t as f64) < x { t + 1 } else { t };
+        // Not negative: the same value.
+        return t as u64;
+    }
+    ceil_u64_out_of_i64(x)
+}
+
+/// [`ceil_u64`] out of the `i64` range, out of line (else the compiler computes both ways
+/// and picks one, on every call).
+#[cold]
+#[inline(never)]
+fn ceil_u64_out_of_i64(x: f64) -> u64 {
     let t = x as u64;
     if (t as f64) < x {
         t.saturating_add(1)
@@ -692,6 +960,53 @@ fn ceil_u64(x: f64) -> u64 {
         t
     }
 }
+
+/// `x as u64` (rounded toward zero; NaN and negative values 0, saturated above), in a signed
+/// conversion when `x` is in range (see [`ceil_u64`]).
+#[inline]
+fn trunc_u64(x: f64) -> u64 {
+    if (0.0..I64_END).contains(&x) {
+        // Not negative: the same value.
+        x as i64 as u64
+    } else {
+        trunc_u64_out_of_i64(x)
+    }
+}
+
+/// [`trunc_u64`] out of the `i64` range (see [`ceil_u64_out_of_i64`]).
+#[cold]
+#[inline(never)]
+fn trunc_u64_out_of_i64(x: f64) -> u64 {
+    x as u64
+}
+
+/// `x as f64`, in a signed conversion (one instruction; the unsigned one takes several) when
+/// `x` is below 2^63: the same value.
+#[inline]
+fn to_f64(x: u64) -> f64 {
+    match i64::try_from(x) {
+        Ok(x) => x as f64,
+        // Out of line, or the compiler merges both branches back into the unsigned conversion.
+        Err(_) => to_f64_above_i64(x),
+    }
+}
+
+/// [`to_f64`] from 2^63 on.
+#[cold]
+#[inline(never)]
+fn to_f64_above_i64(x: u64) -> f64 {
+    x as f64
+}
+
+/// `x.floor() as u64`: the same as [`trunc_u64`] (they differ only below zero, where both
+/// casts give 0), without a call to `floor`.
+#[inline]
+fn floor_u64(x: f64) -> u64 {
+    trunc_u64(x)
+}
+
+/// 2^63, the first `f64` above the `i64` range.
+const I64_END: f64 = 9_223_372_036_854_775_808.0;
 
 /// A calendar period: a counter of the period that holds the civil time, expiring at its end.
 fn calendar(i: &Input<'_>) -> Eval {
@@ -790,7 +1105,7 @@ impl MemoryStore {
         let wall = self.inner.clock.wall_us(now);
         let age = u64::try_from(settlement.age.as_micros()).unwrap_or(u64::MAX);
         for rule in settlement.rules {
-            let key = slot_key(settlement.key, rule);
+            let key = SlotKey::new(settlement.key, rule);
             let slot = shard.map.get(&key).filter(|s| s.live(now));
             match settle(rule, slot, (now, wall), age, settlement.delta) {
                 Settled::Keep => {}
@@ -867,9 +1182,10 @@ fn settle(
             })
         }
         Strategy::Gcra { .. } => {
-            let interval = period as f64 / a as f64;
+            let pace = Pace::of(period, a, c);
+            let interval = pace.interval;
             let tat = match slot.map(|s| &s.state) {
-                Some(State::Tat(t)) => t.load(Ordering::Acquire).max(now),
+                Some(State::Tat { tat, .. }) => tat.load(Ordering::Acquire).max(now),
                 _ => now,
             };
             let moved = (tat as f64 + deltaf * interval).ceil();
@@ -878,7 +1194,7 @@ fn settle(
             }
             let stored = moved as u64;
             Settled::Set(Slot {
-                state: State::Tat(AtomicU64::new(stored)),
+                state: gcra_cell(stored, pace),
                 expires_at: stored.max(now + 1000),
             })
         }
@@ -914,20 +1230,33 @@ fn settle(
 
 /// Where the override of `key` lives: a slot of kind 0, which no rule has.
 fn override_slot(key: &StoreKey) -> SlotKey {
-    (*key, 0, 0, 0, 0)
+    SlotKey {
+        key: *key,
+        kind: 0,
+        a: 0,
+        b: 0,
+        c: 0,
+    }
 }
 
 /// Whether `slot` is where an override lives (see [`override_slot`]).
 fn is_override(slot: &SlotKey) -> bool {
-    slot.1 == 0
+    slot.kind == 0
 }
 
 /// The override of `key` now: admitted without consuming (`Ok`), or blocked for so many more
 /// microseconds (`Err`).
+#[inline]
 fn overridden(shard: &Shard, key: &StoreKey, now: u64) -> Option<Result<(), u64>> {
     if shard.overrides == 0 {
         return None;
     }
+    override_of(shard, key, now)
+}
+
+/// [`overridden`], once the shard is known to hold overrides.
+#[inline(never)]
+fn override_of(shard: &Shard, key: &StoreKey, now: u64) -> Option<Result<(), u64>> {
     let slot = shard.map.get(&override_slot(key))?;
     match slot.state {
         _ if slot.expires_at <= now => None,
@@ -959,7 +1288,7 @@ impl MemoryStore {
     fn reset_key(&self, key: &StoreKey, rules: &[Rule]) -> Result<(), StoreError> {
         let mut shard = self.inner.rate_limit.lock(key)?;
         for rule in rules {
-            shard.map.remove(&slot_key(key, rule));
+            shard.map.remove(&SlotKey::new(key, rule));
         }
         Ok(())
     }
@@ -1143,6 +1472,81 @@ mod tests {
         // The wire form: unit * 10000 + offset minutes + 1440.
         assert_eq!(day(-480).encode(), (1, 86_400_000, 10_960));
         assert_eq!(Rule::calendar(7, Calendar::Month).encode().2, 31_440);
+    }
+
+    /// The fast conversions give what the plain casts give, at every edge.
+    #[test]
+    fn conversions_match_the_casts() {
+        let floats = [
+            f64::NAN,
+            f64::NEG_INFINITY,
+            -1e300,
+            -1.0,
+            -0.999,
+            -0.5,
+            -0.0,
+            0.0,
+            0.25,
+            1.0,
+            1.5,
+            4_503_599_627_370_495.5,
+            9_007_199_254_740_993.0,
+            I64_END - 1024.0,
+            I64_END,
+            I64_END + 4096.0,
+            18_446_744_073_709_549_568.0,
+            18_446_744_073_709_551_616.0,
+            1e300,
+            f64::INFINITY,
+        ];
+        for x in floats {
+            let ceil = x.ceil() as u64;
+            assert_eq!(ceil_u64(x), ceil, "ceil of {x}");
+            assert_eq!(trunc_u64(x), x as u64, "truncation of {x}");
+            let floor = x.floor() as u64;
+            assert_eq!(floor_u64(x), floor, "floor of {x}");
+        }
+        for x in [
+            0,
+            1,
+            (1 << 53) + 1,
+            i64::MAX as u64,
+            1 << 63,
+            (1 << 63) + 1025,
+            u64::MAX,
+        ] {
+            assert_eq!(to_f64(x).to_bits(), (x as f64).to_bits(), "{x} as f64");
+        }
+    }
+
+    /// A key's slots for different rules, and one rule's slots for different keys, are apart;
+    /// the hash of a slot key is the same for every hasher of one map, and differs by map.
+    #[test]
+    fn slot_keys_hash_with_the_seeds_of_their_map() {
+        let key = StoreKey::from_parts([b"k".as_slice()]);
+        let other = StoreKey::from_parts([b"l".as_slice()]);
+        let second = Duration::from_secs(1);
+        let rules = [
+            Rule::gcra(10, second, 10),
+            Rule::gcra(10, second, 11),
+            Rule::token_bucket(10, 10, second),
+            Rule::fixed_window(10, second),
+        ];
+        let mut map = HashMap::with_hasher(SlotHash::default());
+        for (i, rule) in rules.iter().enumerate() {
+            map.insert(SlotKey::new(&key, rule), i);
+            map.insert(SlotKey::new(&other, rule), i + 10);
+        }
+        map.insert(override_slot(&key), 99);
+        assert_eq!(map.len(), 9);
+        for (i, rule) in rules.iter().enumerate() {
+            assert_eq!(map.get(&SlotKey::new(&key, rule)), Some(&i));
+            assert_eq!(map.get(&SlotKey::new(&other, rule)), Some(&(i + 10)));
+        }
+        let slot = SlotKey::new(&key, &rules[0]);
+        let (one, two) = (SlotHash::default(), SlotHash::default());
+        assert_eq!(one.hash_one(slot), one.hash_one(slot));
+        assert_ne!(one.hash_one(slot), two.hash_one(slot));
     }
 
     #[test]
