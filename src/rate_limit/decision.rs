@@ -22,11 +22,12 @@ pub(crate) const TARGET: &str = "tower_redis_layers::rate_limit";
 
 /// What the layer does with a request.
 pub(crate) enum Answer {
-    /// Call the inner service, then add these fields to its response.
-    Admit(Option<HeaderMap>),
+    /// Call the inner service, then add these fields to its response (boxed: rarely there, and
+    /// the answer is moved on its way to the response future).
+    Admit(Option<Box<HeaderMap>>),
     /// As [`Answer::Admit`], and the request's cost was taken from the store's counters (or,
     /// [`Taken::Local`], the local fallback's): where a metered cost is settled.
-    Taken(Option<HeaderMap>, Taken),
+    Taken(Option<Box<HeaderMap>>, Taken),
     /// Answer with this response; the inner service is not called.
     Reject(Response<Bytes>),
 }
@@ -128,7 +129,7 @@ impl Check {
                 let mut h = HeaderMap::new();
                 let which = config.denial_fields();
                 policy.fields.insert_state(&mut h, &decision, which);
-                Answer::Admit(Some(h))
+                Answer::Admit(Some(Box::new(h)))
             }
             Ok(decision) => self.denied(shared, policy, &decision),
         }
@@ -243,7 +244,7 @@ fn admitted(
     let mut h = HeaderMap::new();
     let which = config.admission_fields();
     policy.fields.insert_state(&mut h, decision, which);
-    Answer::Taken(Some(h), taken)
+    Answer::Taken(Some(Box::new(h)), taken)
 }
 
 /// The `429` that the local deny cache answers for rule `rule` of `policy`, `wait` before the
@@ -366,8 +367,9 @@ pub(crate) const DEFAULT_BODIES: [(StatusCode, &str, &str); 2] = [
 ];
 
 /// Counts a decision by outcome (feature `metrics`). Each outcome's metric key is a `static`
-/// (the label is a literal): counting allocates nothing.
-#[inline]
+/// (the label is a literal): counting allocates nothing. Always inlined: each caller passes a
+/// literal, so the match on it is decided when compiling, not on every request.
+#[inline(always)]
 fn count(outcome: &'static str) {
     #[cfg(feature = "metrics")]
     {

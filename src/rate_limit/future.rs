@@ -86,12 +86,12 @@ where
     /// `reservation` with it).
     pub(crate) fn running(
         future: S::Future,
-        headers: Option<HeaderMap>,
+        headers: Option<Box<HeaderMap>>,
         reservation: Option<Reservation<B>>,
     ) -> Self {
         Self {
             state: State::Running { future },
-            headers: headers.map(Box::new),
+            headers,
             reservation,
             kind: PhantomData,
         }
@@ -171,7 +171,7 @@ where
                             let Some((mut service, request)) = call.take() else {
                                 return Poll::Pending;
                             };
-                            *this.headers = headers.map(Box::new);
+                            *this.headers = headers;
                             this.state.set(State::Running {
                                 future: service.call(request),
                             });

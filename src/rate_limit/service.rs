@@ -116,7 +116,7 @@ where
 enum Step<B: RateLimitStore> {
     /// Call the inner service, then add these fields to its response (and settle the
     /// reservation, already taken, with it).
-    Call(Option<HeaderMap>, Option<Reservation<B>>),
+    Call(Option<Box<HeaderMap>>, Option<Reservation<B>>),
     /// Answer with this response; the inner service is not called.
     Reject(Response<Bytes>),
     /// Wait for a remote store's answer (boxed: the other steps are the common ones).

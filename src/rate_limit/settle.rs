@@ -78,7 +78,13 @@ pub struct ActualCost(pub u64);
 /// What the layer knows of a metered request until it is settled: whose estimate was taken,
 /// and where. Dropped unsettled (the inner service failed, or the response future was dropped),
 /// it refunds the estimate.
-pub(crate) struct Reservation<B: RateLimitStore> {
+///
+/// Boxed: only a metered layer has one, and the response future of every layer holds room
+/// for it.
+pub(crate) struct Reservation<B: RateLimitStore>(Box<Held<B>>);
+
+/// A [`Reservation`]'s state.
+struct Held<B: RateLimitStore> {
     shared: Arc<Shared<B>>,
     /// The policy the estimate was taken under, as it was then: a settlement goes to the same
     /// counters even if the layer's policies changed since.
@@ -100,24 +106,30 @@ impl<B: RateLimitStore> Reservation<B> {
         estimate: u64,
     ) -> Option<Self> {
         shared.config.settlement.as_ref()?;
-        Some(Self {
+        Some(Self(Box::new(Held {
             shared: Arc::clone(shared),
             policy: Arc::clone(policy),
             key,
             estimate,
             taken: None,
-        })
+        })))
     }
 
     /// Notes that the estimate was taken, from the store or the local fallback, now.
     pub(crate) fn taken(mut self, taken: Taken) -> Self {
-        self.taken = Some((taken, Instant::now()));
+        self.0.taken = Some((taken, Instant::now()));
         self
     }
 
     /// Settles with what `response` says the request cost; keeps the estimate when it says
     /// nothing.
     pub(crate) fn settle<T>(mut self, response: &Response<T>) {
+        self.0.settle(response);
+    }
+}
+
+impl<B: RateLimitStore> Held<B> {
+    fn settle<T>(&mut self, response: &Response<T>) {
         let actual = (self.shared.config.settlement.as_ref()).and_then(|s| s.actual(response));
         match actual {
             Some(actual) => {
@@ -187,7 +199,7 @@ impl<B: RateLimitStore> Reservation<B> {
     }
 }
 
-impl<B: RateLimitStore> Drop for Reservation<B> {
+impl<B: RateLimitStore> Drop for Held<B> {
     /// Refunds the estimate of a request that has no response: the inner service failed, or
     /// the response future was dropped before it finished.
     fn drop(&mut self) {

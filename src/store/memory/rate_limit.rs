@@ -353,7 +353,8 @@ impl MemoryStore {
                 return Ok(decided(g.ok, g.remaining, g.reset, g.retry));
             }
             match cell.compare_exchange_weak(tat, g.tat, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(decided(true, g.remaining, g.reset, 0.0)),
+                Ok(_) if check.want_state => return Ok(decided(true, g.remaining, g.reset, 0.0)),
+                Ok(_) => return Ok(admitted_without_state()),
                 Err(actual) => tat = actual,
             }
         }
@@ -409,6 +410,20 @@ fn bucket_of(state: Option<&State>) -> Option<(f64, u64)> {
     match state {
         Some(State::Bucket { cell, .. }) => Some(unpack(cell.load(Ordering::Acquire))),
         _ => None,
+    }
+}
+
+/// A single rule's admission when the check does not want the rule's state (`RateCheck`'s
+/// `want_state`): its fields are zero, as the trait allows.
+fn admitted_without_state() -> Decision {
+    Decision {
+        allowed: true,
+        denied_by: None,
+        retry_after: Duration::ZERO,
+        rules: RuleStates::one(RuleState {
+            remaining: 0,
+            reset: Duration::ZERO,
+        }),
     }
 }
 
