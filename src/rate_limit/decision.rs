@@ -88,7 +88,26 @@ impl<B> Pending<B> {
 
 impl Check {
     /// The answer to the request under `policy`, given the store's reply.
+    ///
+    /// Inlined for the usual reply of an in-process store (an admission, nothing to count
+    /// locally or to time); everything else is [`answer_any`](Self::answer_any).
+    #[inline]
     pub(crate) fn answer<B>(
+        self,
+        shared: &Shared<B>,
+        policy: &CompiledPolicy,
+        result: Result<Decision, StoreError>,
+    ) -> Answer {
+        match result {
+            Ok(decision) if decision.allowed && !self.remote => {
+                admitted(&shared.config, policy, &self.key, &decision, Taken::Store)
+            }
+            result => self.answer_any(shared, policy, result),
+        }
+    }
+
+    /// [`answer`](Self::answer), for any reply.
+    fn answer_any<B>(
         self,
         shared: &Shared<B>,
         policy: &CompiledPolicy,
@@ -226,6 +245,7 @@ impl Check {
     }
 }
 
+#[inline]
 fn admitted(
     config: &Config,
     policy: &CompiledPolicy,
