@@ -66,7 +66,7 @@ pin_project! {
 pin_project! {
     /// A request waiting for a remote store: the store's call, the inner service and request to
     /// call once it admits, and what the answer is made with.
-    struct Checking<B, S, R>
+    pub(crate) struct Checking<B, S, R>
     where
         B: RateLimitStore,
     {
@@ -108,29 +108,40 @@ where
         }
     }
 
-    /// Waits for `check`, then calls `service` or rejects; `reservation` (not yet taken) is
-    /// taken when the store's answer says the cost was.
+    /// Waits for the store's call in `checking` (see [`checking`]), then calls `service` with
+    /// `request` or rejects; `reservation` (not yet taken) is taken when the store's answer
+    /// says the cost was.
     pub(crate) fn checking(
-        check: B::Future,
-        timeout: Option<Duration>,
+        mut checking: Pin<Box<Checking<B, S, Request<ReqBody>>>>,
         service: S,
         request: Request<ReqBody>,
-        pending: Pending<B>,
         reservation: Option<Reservation<B>>,
     ) -> Self {
+        *checking.as_mut().project().call = Some((service, request));
         Self {
-            state: State::Checking {
-                checking: Box::pin(Checking {
-                    check: crate::store::bounded(timeout, check),
-                    call: Some((service, request)),
-                    pending: Some(pending),
-                }),
-            },
+            state: State::Checking { checking },
             headers: None,
             reservation,
             kind: PhantomData,
         }
     }
+}
+
+/// The wait for a remote store's `check` (bounded by `timeout`), boxed once where the call is
+/// made: the inner service and the request are put in by [`ResponseFuture::checking`].
+pub(crate) fn checking<B, S, R>(
+    check: B::Future,
+    timeout: Option<Duration>,
+    pending: Pending<B>,
+) -> Pin<Box<Checking<B, S, R>>>
+where
+    B: RateLimitStore,
+{
+    Box::pin(Checking {
+        check: crate::store::bounded(timeout, check),
+        call: None,
+        pending: Some(pending),
+    })
 }
 
 impl<S, B, ReqBody, ResBody, K> Future for ResponseFuture<S, B, ReqBody, K>

@@ -1,8 +1,8 @@
 use std::{
     marker::PhantomData,
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::{
     decision::{self, Answer, Check, Pending, TARGET},
-    future::ResponseFuture,
+    future::{checking, Checking, ResponseFuture},
     head::Head,
     layer::{Config, Shared},
     policy::{CompiledPolicy, METERED_STRATEGIES},
@@ -97,40 +97,28 @@ where
                 ResponseFuture::running(self.inner.call(req), headers, reservation)
             }
             Step::Reject(response) => ResponseFuture::rejected(response),
-            Step::Wait(wait) => {
-                let Wait {
-                    check,
-                    timeout,
-                    pending,
-                    reservation,
-                } = *wait;
+            Step::Wait(checking, reservation) => {
                 let ready = self.take_ready();
-                ResponseFuture::checking(check, timeout, ready, req, pending, reservation)
+                ResponseFuture::checking(checking, ready, req, reservation)
             }
         }
     }
 }
 
-/// What the service does with a request, as [`step`] decides it from the request's head.
-enum Step<B: RateLimitStore> {
+/// What the service does with a request, as [`step`] decides it from the request's head (`S`
+/// and `R`: the inner service and the request a wait hands over).
+enum Step<B: RateLimitStore, S, R> {
     /// Call the inner service, then add these fields to its response (and settle the
     /// reservation, already taken, with it).
     Call(Option<Box<HeaderMap>>, Option<Reservation<B>>),
     /// Answer with this response; the inner service is not called.
     Reject(Response<Bytes>),
-    /// Wait for a remote store's answer (boxed: the other steps are the common ones).
-    Wait(Box<Wait<B>>),
+    /// Wait for a remote store's answer (the wait boxed once, here), with the request's
+    /// reservation, not yet taken.
+    Wait(Pin<Box<Checking<B, S, R>>>, Option<Reservation<B>>),
 }
 
-/// A request's call to a remote store, and what its answer is made with.
-struct Wait<B: RateLimitStore> {
-    check: B::Future,
-    timeout: Option<Duration>,
-    pending: Pending<B>,
-    reservation: Option<Reservation<B>>,
-}
-
-impl<B: RateLimitStore> Step<B> {
+impl<B: RateLimitStore, S, R> Step<B, S, R> {
     /// The step of `answer`; a metered request's `reservation` is taken when the answer took
     /// its cost.
     #[inline]
@@ -149,7 +137,7 @@ impl<B: RateLimitStore> Step<B> {
 /// policy the resolver picks, or the default one), its key and cost, and the store's answer
 /// when the store answers at once (in process, or from a leased batch), as a synchronous
 /// limiter would (no clone of the inner service, no state machine around the check).
-fn step<B: RateLimitStore>(shared: &Arc<Shared<B>>, head: Head<'_>) -> Step<B> {
+fn step<B: RateLimitStore, S, R>(shared: &Arc<Shared<B>>, head: Head<'_>) -> Step<B, S, R> {
     let config = &shared.config;
     // The layer's policies as they are now: a lock-free read, held until the step is decided
     // (a request waiting for the store holds its policy itself).
@@ -198,12 +186,10 @@ fn step<B: RateLimitStore>(shared: &Arc<Shared<B>>, head: Head<'_>) -> Step<B> {
     if let Some(result) = shared.store.check_now(rate_check) {
         return Step::of(check.answer(shared, policy, result), reservation);
     }
-    Step::Wait(Box::new(Wait {
-        check: shared.store.check(rate_check),
-        timeout: remote.then_some(config.store_timeout),
-        pending: Pending::new(shared, policy, check),
-        reservation,
-    }))
+    let check_future = shared.store.check(rate_check);
+    let pending = Pending::new(shared, policy, check);
+    let timeout = remote.then_some(config.store_timeout);
+    Step::Wait(checking(check_future, timeout, pending), reservation)
 }
 
 /// The store key of a request, or the answer when the store is not asked.
