@@ -50,7 +50,10 @@ use tower_redis_layers::{
     rate_limit::{
         KeyExtractor, Lease, LeaseStats, Leased, MissingKey, Policy, RateLimitLayer, Rule,
     },
-    store::{FredStore, MemoryStore, RateCheck, RateLimitStore, RedisStore},
+    store::{
+        Decision, FredStore, MemoryStore, RateCheck, RateLimitStore, RedisStore, RuleState,
+        RuleStates, StoreError,
+    },
     StoreKey,
 };
 
@@ -117,6 +120,42 @@ struct Hand {
 
 async fn ok() -> &'static str {
     "ok"
+}
+
+/// A store that admits every request at once and keeps nothing (row 2c): the layer's own
+/// cost, apart from any store's.
+#[derive(Clone)]
+struct AdmitAll;
+
+impl AdmitAll {
+    fn decision(check: &RateCheck<'_>) -> Decision {
+        let state = RuleState {
+            remaining: 0,
+            reset: Duration::ZERO,
+        };
+        Decision {
+            allowed: true,
+            denied_by: None,
+            retry_after: Duration::ZERO,
+            rules: RuleStates::repeat(state, check.rules.len()),
+        }
+    }
+}
+
+impl RateLimitStore for AdmitAll {
+    type Future = std::future::Ready<Result<Decision, StoreError>>;
+
+    fn check(&self, check: RateCheck<'_>) -> Self::Future {
+        std::future::ready(Ok(Self::decision(&check)))
+    }
+
+    fn check_now(&self, check: RateCheck<'_>) -> Option<Result<Decision, StoreError>> {
+        Some(Ok(Self::decision(&check)))
+    }
+
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// The name a row shows for a client's route segment (`redis` is redis-rs).
@@ -342,6 +381,16 @@ async fn app(redis: &RedisServer, limited: &[Limited]) -> Router {
                 RateLimitLayer::new(
                     memory.clone(),
                     Policy::new("memory", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
+                )
+                .inner_body(),
+            ),
+        )
+        .route(
+            "/admit-all",
+            get(ok).layer(
+                RateLimitLayer::new(
+                    AdmitAll,
+                    Policy::new("admit-all", Rule::gcra(HUGE, Duration::from_secs(1), HUGE)),
                 )
                 .inner_body(),
             ),
@@ -1114,7 +1163,7 @@ fn chart(
             BLACK.mix(0.6)
         } else if label.contains("ceiling") {
             RED.mix(0.6)
-        } else if label.contains("memory") || label.contains("governor") {
+        } else if label.contains("memory") || label.contains("governor") || label.starts_with("2") {
             GREEN.mix(0.6)
         } else if label.contains("hand-written") || label.contains("blog") {
             BLUE.mix(0.35)
@@ -1327,7 +1376,7 @@ fn main() {
     if serve {
         // For profiling: the server and Redis stay up, to be driven by hand.
         println!(
-            "serving on http://127.0.0.1:{port} (routes /bare, /memory, /memory-wrapped, /governor, /blog, \
+            "serving on http://127.0.0.1:{port} (routes /bare, /memory, /memory-wrapped, /admit-all, /governor, /blog, \
              /redis/<strategy>, /fred/<strategy>, /evalsha/<strategy>, /evalsha-fred/<strategy>, \
              ...), Redis at {}; stops when standard input closes (Enter)",
             redis.url()
@@ -1354,6 +1403,10 @@ fn main() {
         config(
             "2b. the same, default body (ResponseBody, boxed again by axum)",
             "/memory-wrapped",
+        ),
+        config(
+            "2c. RateLimitLayer over a store that admits at once (the layer's own cost)",
+            "/admit-all",
         ),
         config("3. tower_governor (GCRA, in memory)", "/governor"),
         config(
@@ -1595,6 +1648,20 @@ fn main() {
         ratio(
             "2b. the same, default body (ResponseBody, boxed again by axum)",
             "3. tower_governor (GCRA, in memory)"
+        )
+    );
+    println!(
+        "| layer over a store that admits at once / tower_governor | {:.2} | reported |",
+        ratio(
+            "2c. RateLimitLayer over a store that admits at once (the layer's own cost)",
+            "3. tower_governor (GCRA, in memory)"
+        )
+    );
+    println!(
+        "| memory store / layer over a store that admits at once | {:.2} | reported |",
+        ratio(
+            memory,
+            "2c. RateLimitLayer over a store that admits at once (the layer's own cost)"
         )
     );
     for name in names {
