@@ -4,7 +4,10 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use arc_swap::ArcSwap;
@@ -176,6 +179,12 @@ pub struct PolicySet {
 
 struct Inner {
     current: ArcSwap<Policies>,
+    /// The policies the set was made with, which requests read directly (without arc-swap's
+    /// bookkeeping) until the set first changes ([`PolicySet::unchanged`]).
+    first: Arc<Policies>,
+    /// Whether a writer has changed the set since it was made (set after its change is
+    /// published, never cleared).
+    changed: AtomicBool,
     context: Context,
     /// The name of the layer's default policy.
     default_name: Option<String>,
@@ -191,9 +200,12 @@ impl PolicySet {
     }
 
     fn of(policies: Policies, context: Context, default_name: Option<String>) -> Self {
+        let first = Arc::new(policies);
         Self {
             inner: Arc::new(Inner {
-                current: ArcSwap::from_pointee(policies),
+                current: ArcSwap::new(Arc::clone(&first)),
+                first,
+                changed: AtomicBool::new(false),
                 context,
                 default_name,
                 writer: Mutex::new(()),
@@ -205,6 +217,16 @@ impl PolicySet {
     #[inline]
     pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Policies>> {
         self.inner.current.load()
+    }
+
+    /// The policies the set was made with, while no writer has changed them (most layers' sets
+    /// never change): a request reads them as a plain reference, without the two atomic
+    /// read-modify-writes of [`load`](Self::load). `None` once the set has changed.
+    #[inline]
+    pub(crate) fn unchanged(&self) -> Option<&Policies> {
+        // `SeqCst` on both sides: a request that starts after a change returned (on any
+        // thread) sees it. On x86 such a load is a plain load.
+        (!self.inner.changed.load(Ordering::SeqCst)).then_some(&*self.inner.first)
     }
 
     /// A new set for a layer being configured: this set's policies compiled under `context`,
@@ -341,6 +363,8 @@ impl PolicySet {
         let mut policies = Policies::clone(&self.load());
         change(&mut policies, self.inner.default_name.as_deref());
         self.inner.current.store(Arc::new(policies));
+        // After the store: a request that still reads `first` started before the change.
+        self.inner.changed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -397,6 +421,29 @@ mod tests {
             replicas,
             metered: false,
         }
+    }
+
+    #[test]
+    fn requests_read_the_first_policies_until_the_set_changes() {
+        let set =
+            PolicySet::empty().configured(Context::default(), Some((policy("free", 1), true)));
+        let minute = Duration::from_secs(60);
+        let first = set
+            .unchanged()
+            .map(|p| p.get("free").map(|p| p.rules.clone()));
+        assert_eq!(first, Some(Some(vec![Rule::fixed_window(1, minute)])));
+        set.insert(policy("free", 2)).unwrap();
+        assert!(
+            set.unchanged().is_none(),
+            "a changed set is read through `load`"
+        );
+        let now = set.load().get("free").map(|p| p.rules.clone());
+        assert_eq!(now, Some(vec![Rule::fixed_window(2, minute)]));
+        // A failed change changes nothing.
+        let other =
+            PolicySet::empty().configured(Context::default(), Some((policy("free", 1), true)));
+        assert!(other.insert(policy("bad", 0)).is_err());
+        assert!(other.unchanged().is_some());
     }
 
     #[test]

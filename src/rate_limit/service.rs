@@ -141,11 +141,17 @@ fn step<B: RateLimitStore, S, R>(shared: &Arc<Shared<B>>, head: Head<'_>) -> Ste
     let config = &shared.config;
     // The layer's policies as they are now: a lock-free read, held until the step is decided
     // (a request waiting for the store holds its policy itself).
-    let named;
+    let loaded;
     let policy = match config.route(head) {
         Some(policy) => policy,
         None => {
-            named = config.policies.load();
+            let named = match config.policies.unchanged() {
+                Some(first) => first,
+                None => {
+                    loaded = config.policies.load();
+                    &**loaded
+                }
+            };
             match named.select(config.resolver.as_deref(), head) {
                 Some(policy) => policy,
                 None => return Step::Call(None, None),
